@@ -1,0 +1,111 @@
+"""What every asset does around its core call: code versions, lineage rows, output hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from resources.lineage import LineageRecord, LineageStore
+
+_HASH_CHUNK = 1 << 20
+
+
+def code_version(*module_names: str) -> str:
+    """Hash of the source files of the modules an asset's result depends on.
+
+    Dagster marks an asset stale when this changes, and lineage records it per row.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(module_names):
+        module = importlib.import_module(name)
+        digest.update(name.encode())
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def sha256_path(path: Path) -> str:
+    """sha256 of a file, or of a directory's relative file names and contents."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode())
+        with file.open("rb") as handle:
+            while chunk := handle.read(_HASH_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def upstream_data_versions(context: dg.AssetExecutionContext) -> dict[str, Any]:
+    """Upstream asset keys with the data versions this materialization read."""
+    asset_graph = context.repository_def.asset_graph
+    versions: dict[str, Any] = {}
+    for dep_key in sorted(context.assets_def.asset_deps[context.asset_key], key=lambda k: k.to_user_string()):
+        dep_partitioned = asset_graph.get(dep_key).partitions_def is not None
+        partition = context.partition_key if dep_partitioned and context.has_partition_key else None
+        record = context.instance.get_latest_data_version_record(dep_key, partition_key=partition)
+        version = None
+        if record is not None and record.asset_materialization is not None:
+            version = record.asset_materialization.tags.get("dagster/data_version")
+        versions[dep_key.to_user_string()] = {"partition": partition, "data_version": version}
+    return versions
+
+
+class LineageTracker:
+    """Collects one materialization's inputs, outputs and metrics; writes its `lineage` row."""
+
+    def __init__(self, context: dg.AssetExecutionContext, lineage: LineageStore):
+        self.context = context
+        self.lineage = lineage
+        self.started_at = datetime.now(timezone.utc)
+        self.inputs = upstream_data_versions(context)
+        self.outputs: dict[str, Any] = {}
+
+    def add_file(self, label: str, path: Path) -> str:
+        sha = sha256_path(path)
+        self.outputs[label] = {"path": str(path), "sha256": sha}
+        return sha
+
+    def add_table(self, table: str, version: str, **info: Any) -> None:
+        self.outputs[f"table:{table}"] = {"version": version, **info}
+
+    def data_version(self) -> str:
+        return hashlib.sha256(json.dumps(self.outputs, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    def finish(self, metrics: dict[str, Any]) -> dg.DataVersion:
+        """Write the lineage row and return the data version to attach to the result."""
+        version = self.data_version()
+        context = self.context
+        self.lineage.record(
+            LineageRecord(
+                run_id=context.run_id,
+                asset_key=context.asset_key.to_user_string(),
+                partition_key=context.partition_key if context.has_partition_key else None,
+                code_version=context.assets_def.code_versions_by_key.get(context.asset_key),
+                started_at=self.started_at,
+                finished_at=datetime.now(timezone.utc),
+                inputs=self.inputs,
+                outputs={**self.outputs, "data_version": version},
+                metrics=metrics,
+            )
+        )
+        return dg.DataVersion(version)
+
+
+def markdown_table(rows: list[dict[str, Any]], max_rows: int = 20) -> str:
+    if not rows:
+        return "_none_"
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows[:max_rows]:
+        cells = [str(row[c]).replace("|", "\\|").replace("\n", " ")[:120] for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    if len(rows) > max_rows:
+        lines.append(f"\n_{len(rows) - max_rows} more rows not shown_")
+    return "\n".join(lines)

@@ -1,0 +1,378 @@
+"""Sharded, memory-mapped store of projected gradient features, and the loop filling it.
+
+One store = one directory holding the features of one (model, checkpoint, kind,
+projector) combination; ``store_directory`` derives a canonical location under a root.
+
+Layout::
+
+    manifest.json          identity: model fingerprint, checkpoint, kind, projector
+                           fingerprint (mode, dim, seed, input dim, parameter names)
+    shard-00000.npy        float16 [rows, dim], L2-normalized rows (np.load mmap_mode="r")
+    shard-00000.json       {"ids": [...], "sha256": <of the .npy>}: the commit record
+
+A shard is written to a temporary file and renamed, then its commit record likewise;
+a shard without its record (a killed run) does not exist and is rewritten. Shard
+contents depend only on the ordered ids that go in them (shards are cut every
+``shard_size`` not-yet-computed ids in input order, and batches are formed inside a
+shard), so a resumed run writes the same bytes as an uninterrupted one on the same
+device type. Opening a store whose manifest differs in anything (another model,
+checkpoint, dim, seed, projection mode ...) is a ValueError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from selection.gradients import AdamMoments, PerExampleGradients
+from selection.projection import Projector
+from selection.tokenization import TokenizedExample, collate, length_sorted_batches
+
+KINDS = ("train", "target")
+MANIFEST_FILE = "manifest.json"
+STORE_FORMAT = 1
+INDEX_TABLE = "feature_index"
+
+
+def fingerprint_of(value: Any) -> str:
+    """Short stable hash of a JSON-able value (e.g. a model spec dict)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def store_directory(root: str | Path, model_fingerprint: str, checkpoint: str, kind: str, projector: Projector) -> Path:
+    """Canonical place of a store: ``root/<model>/<checkpoint>/<kind>/<mode>-d<dim>-s<seed>-<hash>``."""
+    name = f"{projector.mode}-d{projector.dim}-s{projector.seed}-{projector.fingerprint_hash()}"
+    return Path(root) / model_fingerprint / checkpoint / kind / name
+
+
+@dataclass(frozen=True)
+class IndexRow:
+    example_id: str
+    shard: int
+    row: int
+
+
+class FeatureStore:
+    """Features of one (model, checkpoint, kind, projector); see the module docstring."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        model_fingerprint: str,
+        checkpoint: str,
+        kind: str,
+        projector: Projector | Mapping[str, Any],
+        shard_size: int = 512,
+    ) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if not model_fingerprint or not checkpoint:
+            raise ValueError("model_fingerprint and checkpoint must be non-empty strings")
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        projection = projector.fingerprint() if isinstance(projector, Projector) else dict(projector)
+        self.directory = Path(directory)
+        self.shard_size = shard_size
+        self.manifest = {
+            "format": STORE_FORMAT,
+            "model": model_fingerprint,
+            "checkpoint": checkpoint,
+            "kind": kind,
+            "projection": projection,
+            "dtype": "float16",
+            "normalized": "l2",
+        }
+        self.directory.mkdir(parents=True, exist_ok=True)
+        manifest_path = self.directory / MANIFEST_FILE
+        if manifest_path.is_file():
+            existing = json.loads(manifest_path.read_text())
+            if existing != self.manifest:
+                raise ValueError(
+                    f"feature store {self.directory} holds other features: {describe_mismatch(existing, self.manifest)}; "
+                    "refusing to mix them (use another directory, e.g. store_directory(...))"
+                )
+        else:
+            _atomic_write_bytes(manifest_path, json.dumps(self.manifest, indent=1, sort_keys=True).encode())
+        self._shards: list[list[str]] = self._read_committed_shards()
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["projection"]["dim"])
+
+    @property
+    def kind(self) -> str:
+        return str(self.manifest["kind"])
+
+    @property
+    def store_id(self) -> str:
+        return fingerprint_of(self.manifest)
+
+    def _shard_paths(self, shard: int) -> tuple[Path, Path]:
+        return self.directory / f"shard-{shard:05d}.npy", self.directory / f"shard-{shard:05d}.json"
+
+    def _read_committed_shards(self) -> list[list[str]]:
+        shards: list[list[str]] = []
+        while True:
+            array_path, record_path = self._shard_paths(len(shards))
+            if not record_path.is_file():
+                return shards
+            if not array_path.is_file():
+                raise ValueError(f"{record_path} is committed but {array_path.name} is missing; store is damaged")
+            shards.append(json.loads(record_path.read_text())["ids"])
+
+    @property
+    def n_shards(self) -> int:
+        return len(self._shards)
+
+    def ids(self) -> list[str]:
+        return [example_id for shard in self._shards for example_id in shard]
+
+    def __len__(self) -> int:
+        return sum(len(shard) for shard in self._shards)
+
+    def __contains__(self, example_id: str) -> bool:
+        return any(example_id in shard for shard in self._shards)
+
+    def write_shard(self, ids: Sequence[str], features: np.ndarray) -> int:
+        """Append one shard (float16 ``[len(ids), dim]``); returns its number."""
+        if features.dtype != np.float16 or features.shape != (len(ids), self.dim):
+            raise ValueError(f"expected float16 [{len(ids)}, {self.dim}], got {features.dtype} {features.shape}")
+        present = set(self.ids())
+        duplicates = [example_id for example_id in ids if example_id in present]
+        if duplicates or len(set(ids)) != len(ids):
+            raise ValueError(f"ids already stored or repeated: {duplicates[:3] or 'repeated within the shard'}")
+        shard = len(self._shards)
+        array_path, record_path = self._shard_paths(shard)
+        temporary = array_path.with_name(f".{array_path.name}.tmp-{os.getpid()}.npy")
+        np.save(temporary, np.ascontiguousarray(features))
+        digest = hashlib.sha256(temporary.read_bytes()).hexdigest()
+        os.replace(temporary, array_path)
+        _atomic_write_bytes(record_path, json.dumps({"ids": list(ids), "sha256": digest}).encode())
+        self._shards.append(list(ids))
+        return shard
+
+    def shard(self, shard: int) -> np.ndarray:
+        """Memory-mapped float16 ``[rows, dim]`` of one committed shard."""
+        if not 0 <= shard < len(self._shards):
+            raise ValueError(f"shard {shard} does not exist (store has {len(self._shards)})")
+        return np.load(self._shard_paths(shard)[0], mmap_mode="r")
+
+    def iter_shards(self) -> Iterator[tuple[list[str], np.ndarray]]:
+        for shard, ids in enumerate(self._shards):
+            yield ids, self.shard(shard)
+
+    def index_rows(self) -> list[IndexRow]:
+        return [IndexRow(example_id, shard, row) for shard, ids in enumerate(self._shards) for row, example_id in enumerate(ids)]
+
+    def features(self, ids: Sequence[str] | None = None) -> np.ndarray:
+        """Float16 ``[len(ids), dim]`` in the order of ``ids`` (default: storage order)."""
+        if ids is None:
+            parts = [np.asarray(array) for _, array in self.iter_shards()]
+            return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float16)
+        where = {row.example_id: row for row in self.index_rows()}
+        missing = [example_id for example_id in ids if example_id not in where]
+        if missing:
+            raise ValueError(f"{len(missing)} ids have no features in {self.directory}, e.g. {missing[:3]}")
+        out = np.empty((len(ids), self.dim), np.float16)
+        shards = [self.shard(shard) for shard in range(self.n_shards)]
+        for position, example_id in enumerate(ids):
+            out[position] = shards[where[example_id].shard][where[example_id].row]
+        return out
+
+
+def describe_mismatch(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> str:
+    differences = []
+    for key in sorted(set(a) | set(b)):
+        left, right = a.get(key), b.get(key)
+        if isinstance(left, Mapping) and isinstance(right, Mapping):
+            inner = describe_mismatch(left, right, f"{prefix}{key}.")
+            if inner:
+                differences.append(inner)
+        elif left != right:
+            differences.append(f"{prefix}{key} {left!r} != {right!r}")
+    return "; ".join(differences)
+
+
+def check_compatible(train: FeatureStore, target: FeatureStore) -> None:
+    """Train and target features may be compared only if all but ``kind`` agree."""
+    if train.kind != "train" or target.kind != "target":
+        raise ValueError(f"expected a train and a target store, got {train.kind!r} and {target.kind!r}")
+    left = {key: value for key, value in train.manifest.items() if key != "kind"}
+    right = {key: value for key, value in target.manifest.items() if key != "kind"}
+    if left != right:
+        raise ValueError(f"train and target features are not comparable: {describe_mismatch(left, right)}")
+
+
+def write_index(con: Any, store: FeatureStore, table: str = INDEX_TABLE) -> int:
+    """Replace ``store``'s rows in the DuckDB table ``table`` (created if missing)."""
+    import pandas as pd
+
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {table} (store_id VARCHAR, model VARCHAR, checkpoint VARCHAR, kind VARCHAR, "
+        "mode VARCHAR, dim INTEGER, seed BIGINT, directory VARCHAR, example_id VARCHAR, shard INTEGER, row_in_shard INTEGER)"
+    )
+    con.execute(f"DELETE FROM {table} WHERE store_id = ?", [store.store_id])
+    projection = store.manifest["projection"]
+    rows = pd.DataFrame(
+        [
+            (store.store_id, store.manifest["model"], store.manifest["checkpoint"], store.kind, projection["mode"],
+             projection["dim"], projection["seed"], str(store.directory), row.example_id, row.shard, row.row)
+            for row in store.index_rows()
+        ],
+        columns=["store_id", "model", "checkpoint", "kind", "mode", "dim", "seed", "directory", "example_id",
+                 "shard", "row_in_shard"],
+    )
+    if len(rows):
+        con.register("_feature_index_rows", rows)
+        con.execute(f"INSERT INTO {table} SELECT * FROM _feature_index_rows")
+        con.unregister("_feature_index_rows")
+    return len(rows)
+
+
+def read_index(con: Any, store: FeatureStore, table: str = INDEX_TABLE) -> dict[str, tuple[int, int]]:
+    result = con.execute(
+        f"SELECT example_id, shard, row_in_shard FROM {table} WHERE store_id = ? ORDER BY shard, row_in_shard",
+        [store.store_id],
+    ).fetchall()
+    return {example_id: (shard, row) for example_id, shard, row in result}
+
+
+@dataclass(frozen=True)
+class Progress:
+    done: int  # examples computed in this call
+    total: int  # examples this call has to compute (already stored ones excluded)
+    skipped: int  # already stored, not recomputed
+    examples_per_s: float
+    eta_s: float
+
+
+def _l2_normalize_fp16(features: torch.Tensor) -> np.ndarray:
+    norms = features.norm(dim=1, keepdim=True)
+    if bool((norms == 0).any()) or not bool(torch.isfinite(features).all()):
+        raise ValueError("a projected gradient is zero or not finite; cannot L2-normalize it")
+    return (features / norms).to(torch.float16).cpu().numpy()
+
+
+def compute_features(
+    model: torch.nn.Module,
+    examples: Sequence[tuple[str, TokenizedExample]],
+    projector: Projector | Sequence[Projector],
+    store: FeatureStore | Sequence[FeatureStore],
+    *,
+    exp_avg: Mapping[str, torch.Tensor] | None = None,
+    exp_avg_sq: Mapping[str, torch.Tensor] | None = None,
+    pad_token_id: int,
+    max_batch_size: int = 8,
+    max_tokens: int | None = None,
+    exact_group_size: int = 256,
+    progress_cb: Callable[[Progress], None] | None = None,
+) -> int:
+    """Fill ``store`` with features of the ``(example_id, tokenized)`` pairs it lacks.
+
+    ``model`` is the peft model already holding the checkpoint's adapter. Train stores
+    need that checkpoint's Adam moments (``exp_avg``/``exp_avg_sq`` keyed by parameter
+    name) and get Adam features (``adam_feature``); target stores take plain gradients
+    and refuse moments. Several ``(projector, store)`` pairs (e.g. several dims) share
+    one gradient pass. ``exact`` projections are applied to groups of up to
+    ``exact_group_size`` examples so that each dense block is generated once per group.
+    Returns the number of examples computed.
+    """
+    projectors = [projector] if isinstance(projector, Projector) else list(projector)
+    stores = [store] if isinstance(store, FeatureStore) else list(store)
+    if len(projectors) != len(stores) or not stores:
+        raise ValueError(f"need one store per projector, got {len(projectors)} projectors and {len(stores)} stores")
+    engine = PerExampleGradients(model)
+    for proj, st in zip(projectors, stores):
+        if st.manifest["projection"] != proj.fingerprint():
+            raise ValueError(f"projector does not match store {st.directory}: "
+                             f"{describe_mismatch(st.manifest['projection'], proj.fingerprint())}")
+        if proj.input_dim != engine.dim or proj.names_hash != engine.names_hash:
+            raise ValueError(f"projector was built for {proj.input_dim} inputs / names {proj.names_hash}, "
+                             f"the model has {engine.dim} / {engine.names_hash}")
+    kinds = {st.kind for st in stores}
+    if len(kinds) != 1:
+        raise ValueError(f"all stores must be of one kind, got {sorted(kinds)}")
+    kind = kinds.pop()
+    if kind == "train":
+        if exp_avg is None or exp_avg_sq is None:
+            raise ValueError("train features need the checkpoint's Adam moments (exp_avg and exp_avg_sq)")
+        moments: AdamMoments | None = AdamMoments.from_named(exp_avg, exp_avg_sq, engine.slots)
+    else:
+        if exp_avg is not None or exp_avg_sq is not None:
+            raise ValueError("target features are plain gradients; do not pass Adam moments")
+        moments = None
+    done_sets = [set(st.ids()) for st in stores]
+    if any(done != done_sets[0] for done in done_sets[1:]):
+        raise ValueError("the stores hold different example sets; fill them one at a time")
+    seen: set[str] = set()
+    todo: list[tuple[str, TokenizedExample]] = []
+    for example_id, example in examples:
+        if example_id in seen:
+            raise ValueError(f"example id {example_id!r} appears twice")
+        seen.add(example_id)
+        if example_id in done_sets[0]:
+            continue
+        if example.n_target_tokens == 0:
+            raise ValueError(f"example {example_id!r} has no target tokens; drop it before computing features")
+        todo.append((example_id, example))
+    skipped = len(seen) - len(todo)
+    shard_size = stores[0].shard_size
+    # Dense blocks are costly to generate: apply exact projectors to groups, not batches.
+    group_size = exact_group_size if any(proj.mode == "exact" for proj in projectors) else 1
+    started = time.perf_counter()
+    done = 0
+    for shard_start in range(0, len(todo), shard_size):
+        chunk = todo[shard_start : shard_start + shard_size]
+        chunk_examples = [example for _, example in chunk]
+        outputs = [torch.empty(len(chunk), proj.dim) for proj in projectors]
+        pending_rows: list[int] = []
+        pending_grads: list[torch.Tensor] = []
+
+        def flush() -> None:
+            grads = torch.cat(pending_grads)
+            for proj, out in zip(projectors, outputs):
+                out[pending_rows] = proj.project(grads).cpu()
+            pending_rows.clear()
+            pending_grads.clear()
+
+        for batch_rows in length_sorted_batches(chunk_examples, max_batch_size, max_tokens):
+            grads = engine(collate([chunk_examples[row] for row in batch_rows], pad_token_id))
+            pending_grads.append(moments.transform(grads) if moments is not None else grads)
+            pending_rows.extend(batch_rows)
+            if len(pending_rows) >= group_size:
+                flush()
+            done += len(batch_rows)
+            if progress_cb is not None:
+                elapsed = time.perf_counter() - started
+                rate = done / elapsed if elapsed > 0 else 0.0
+                progress_cb(Progress(done, len(todo), skipped, rate, (len(todo) - done) / rate if rate else float("inf")))
+        if pending_rows:
+            flush()
+        ids = [example_id for example_id, _ in chunk]
+        for st, out in zip(stores, outputs):
+            st.write_shard(ids, _l2_normalize_fp16(out))
+    return len(todo)
+
+
+def target_scores(train: FeatureStore, target: FeatureStore, train_ids: Sequence[str] | None = None) -> np.ndarray:
+    """Cosine similarities ``[n_train, n_target]`` (features are unit-norm), in float32."""
+    check_compatible(train, target)
+    return train.features(train_ids).astype(np.float32) @ target.features().astype(np.float32).T

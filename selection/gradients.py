@@ -1,0 +1,253 @@
+"""Per-example LoRA gradients in batches, and LESS's Adam feature transform.
+
+Why batched works: examples in a batch do not interact (eval mode, no batch norm,
+right padding under a causal mask), so the gradient of ``sum_i loss_i`` with respect
+to a LoRA module's *output* at example ``i``'s positions is exactly ``d loss_i / d out``.
+A Linear weight gradient is a sum over tokens of outer products, so for example ``i``
+
+    grad W = sum_t  d_out[i, t]^T  x[i, t]          (lora_A: [r, in], lora_B: [out, r])
+
+One forward, one ``torch.autograd.grad`` for the module outputs (LoRA weight gradients
+summed over the batch are never formed) and one ``bmm`` per module give all ``B``
+per-example gradients. Pad positions get exactly zero output gradient (no loss on them
+and nothing attends to them), so padding does not change any example's gradient.
+
+Loss (LESS): per example, the mean token cross-entropy over its own target tokens
+(labels != -100, shifted as Hugging Face causal LMs do). Logits are computed only at
+target positions (the prompt's logits are never needed), which saves much of the
+``lm_head`` cost.
+
+Parameter order (the flattened feature layout, stable for a given model + LoRA config):
+the trainable parameters in ``model.named_parameters()`` order, each flattened
+row-major. Every trainable parameter must be the weight of a LoRA ``lora_A``/``lora_B``
+Linear; anything else (biases, ``modules_to_save``, DoRA magnitudes) is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+IGNORE_INDEX = -100
+LESS_BETA1 = 0.9
+LESS_BETA2 = 0.999
+LESS_EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class LoraSlot:
+    """One trainable LoRA weight and where its gradient lives in the flat vector."""
+
+    name: str  # as in model.named_parameters()
+    module: nn.Linear
+    shape: tuple[int, int]  # (out_features, in_features) of that Linear
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+def lora_slots(model: nn.Module) -> list[LoraSlot]:
+    """The trainable LoRA weights in ``named_parameters`` order (the flat layout)."""
+    owner_of = {}
+    for module_name, module in model.named_modules():
+        parts = module_name.split(".")
+        # peft: <...>.lora_A.<adapter> / <...>.lora_B.<adapter> are plain nn.Linear.
+        if isinstance(module, nn.Linear) and len(parts) >= 2 and parts[-2] in ("lora_A", "lora_B"):
+            owner_of[f"{module_name}.weight"] = module
+    slots: list[LoraSlot] = []
+    offset = 0
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        module = owner_of.get(name)
+        if module is None:
+            raise ValueError(
+                f"trainable parameter {name!r} is not a LoRA lora_A/lora_B Linear weight; per-example "
+                "gradients cover LoRA weights only (freeze it, or drop bias/modules_to_save/DoRA)"
+            )
+        if module.bias is not None and module.bias.requires_grad:
+            raise ValueError(f"LoRA module of {name!r} has a trainable bias; not supported")
+        slot = LoraSlot(name=name, module=module, shape=tuple(parameter.shape), offset=offset)
+        slots.append(slot)
+        offset += slot.numel
+    if not slots:
+        raise ValueError("model has no trainable LoRA weights (is it a peft LoRA model with adapters active?)")
+    return slots
+
+
+def param_names_hash(names: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+
+
+def _split_model(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
+    """(decoder body returning hidden states, lm_head, logit soft-cap) of a causal LM."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(base, "get_decoder") or base.get_output_embeddings() is None:
+        raise ValueError(f"{type(base).__name__} is not a decoder-only causal LM with an lm_head")
+    config = base.config
+    for unsupported in ("logit_scale", "output_multiplier_scale"):
+        if getattr(config, unsupported, None) not in (None, 1, 1.0):
+            raise ValueError(f"{type(base).__name__} scales logits ({unsupported}); not supported")
+    return base.get_decoder(), base.get_output_embeddings(), getattr(config, "final_logit_softcapping", None)
+
+
+def _target_weights(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Positions predicting a target token, their labels, and 1/n_i loss weights."""
+    shifted = labels[:, 1:]
+    is_target = shifted != IGNORE_INDEX
+    n_targets = is_target.sum(dim=1)
+    if bool((n_targets == 0).any()):
+        empty = torch.nonzero(n_targets == 0).flatten().tolist()
+        raise ValueError(f"batch rows {empty} have no target tokens (all labels -100); drop them first")
+    rows, cols = torch.nonzero(is_target, as_tuple=True)
+    weights = 1.0 / n_targets[rows].to(torch.float32)
+    return torch.stack([rows, cols]), shifted[rows, cols], weights
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def sum_of_example_losses(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """sum_i (mean CE over example i's target tokens), logits only at target positions."""
+    body, lm_head, softcap = _split_model(model)
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    (rows, cols), targets, weights = _target_weights(batch["labels"])
+    logits = lm_head(hidden[rows, cols]).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    token_losses = F.cross_entropy(logits, targets, reduction="none")
+    return (token_losses * weights).sum()
+
+
+class PerExampleGradients:
+    """Batched per-example gradients of a peft LoRA model, flattened to ``[B, dim]``.
+
+    >>> engine = PerExampleGradients(model)
+    >>> grads = engine(collate(examples, pad_id))   # float32 [B, engine.dim]
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.slots = lora_slots(model)
+        self.names = [slot.name for slot in self.slots]
+        self.dim = sum(slot.numel for slot in self.slots)
+        self.names_hash = param_names_hash(self.names)
+        _split_model(model)  # validate once, early
+
+    def __call__(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        batch = {key: batch[key].to(device) for key in ("input_ids", "attention_mask", "labels")}
+        captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def capture(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if id(module) in captured:
+                raise ValueError("a LoRA module ran twice in one forward pass; per-example capture assumes once")
+            captured[id(module)] = (inputs[0].detach(), output)
+
+        handles = [slot.module.register_forward_hook(capture) for slot in self.slots]
+        try:
+            with _eval_mode(self.model), torch.enable_grad():
+                loss = sum_of_example_losses(self.model, batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = [slot.name for slot in self.slots if id(slot.module) not in captured]
+        if missing:
+            raise ValueError(f"LoRA modules not reached by the forward pass (disabled adapters?): {missing[:3]}")
+        outputs = [captured[id(slot.module)][1] for slot in self.slots]
+        output_grads = torch.autograd.grad(loss, outputs)
+        batch_size = batch["input_ids"].shape[0]
+        flat = torch.empty(batch_size, self.dim, dtype=torch.float32, device=device)
+        for slot, output_grad in zip(self.slots, output_grads):
+            layer_input = captured[id(slot.module)][0]
+            # [B, T, out]^T @ [B, T, in] -> [B, out, in]: sum over tokens of outer products.
+            per_example = torch.bmm(output_grad.transpose(1, 2).float(), layer_input.float())
+            flat[:, slot.offset : slot.offset + slot.numel] = per_example.reshape(batch_size, -1)
+        return flat
+
+
+def _adapter_free_name(name: str) -> str:
+    """peft names carry the adapter (``lora_A.default.weight``); saved states may not."""
+    parts = name.split(".")
+    for index, part in enumerate(parts[:-2]):
+        if part in ("lora_A", "lora_B"):
+            return ".".join(parts[: index + 1] + parts[index + 2 :])
+    return name
+
+
+def flatten_named(state: Mapping[str, torch.Tensor], slots: Sequence[LoraSlot], what: str) -> torch.Tensor:
+    """Concatenate per-parameter tensors (keyed by parameter name) in the flat layout.
+
+    Keys may be the full ``named_parameters`` names or the same without the adapter name.
+    """
+    by_short = {_adapter_free_name(key): value for key, value in state.items()}
+    pieces: list[torch.Tensor] = []
+    missing: list[str] = []
+    for slot in slots:
+        value = state.get(slot.name)
+        if value is None:
+            value = by_short.get(_adapter_free_name(slot.name))
+        if value is None:
+            missing.append(slot.name)
+            continue
+        if tuple(value.shape) != slot.shape:
+            raise ValueError(f"{what}[{slot.name!r}] has shape {tuple(value.shape)}, expected {slot.shape}")
+        pieces.append(value.reshape(-1).float())
+    if missing:
+        raise ValueError(f"{what} lacks {len(missing)} LoRA parameters, e.g. {missing[:3]}")
+    return torch.cat(pieces)
+
+
+def adam_feature(
+    g: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    beta1: float = LESS_BETA1,
+    beta2: float = LESS_BETA2,
+    eps: float = LESS_EPS,
+) -> torch.Tensor:
+    """LESS's Adam-preconditioned gradient: one hypothetical Adam step from (m, v) with g.
+
+    m' = b1*m + (1-b1)*g,  v' = b2*v + (1-b2)*g^2,  feature = m' / sqrt(v' + eps).
+    Deliberately as LESS (``obtain_gradients_with_adam``): no bias correction and eps
+    *inside* the square root (torch's Adam adds eps outside). ``g`` is ``[B, D]`` or
+    ``[D]``; the moments are ``[D]`` and broadcast over the batch.
+    """
+    if exp_avg.shape != exp_avg_sq.shape or g.shape[-1] != exp_avg.shape[-1]:
+        raise ValueError(f"shape mismatch: g {tuple(g.shape)}, exp_avg {tuple(exp_avg.shape)}, "
+                         f"exp_avg_sq {tuple(exp_avg_sq.shape)}")
+    m = exp_avg.to(g) * beta1 + g * (1 - beta1)
+    v = exp_avg_sq.to(g) * beta2 + g.square() * (1 - beta2)
+    return m / torch.sqrt(v + eps)
+
+
+@dataclass(frozen=True)
+class AdamMoments:
+    """Flat Adam moments of one checkpoint, in the engine's parameter order."""
+
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+
+    @classmethod
+    def from_named(
+        cls, exp_avg: Mapping[str, torch.Tensor], exp_avg_sq: Mapping[str, torch.Tensor], slots: Sequence[LoraSlot]
+    ) -> AdamMoments:
+        return cls(flatten_named(exp_avg, slots, "exp_avg"), flatten_named(exp_avg_sq, slots, "exp_avg_sq"))
+
+    def transform(self, grads: torch.Tensor) -> torch.Tensor:
+        return adam_feature(grads, self.exp_avg, self.exp_avg_sq)

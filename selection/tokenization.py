@@ -1,0 +1,279 @@
+"""Render conversations to token ids with labels on assistant content only.
+
+A conversation is a list of ``{"role": "system"|"user"|"assistant", "content": str}``.
+It is rendered with the tokenizer's chat template when it has one, otherwise with the
+Tulu / open-instruct format LESS uses::
+
+    <|system|>\\n{system}\\n<|user|>\\n{user}\\n<|assistant|>\\n{answer}{eos}\\n
+
+Labels are ``-100`` everywhere except on assistant content and the assistant turn's
+end-of-turn token (``<|im_end|>``, ``eos`` ...). Labels are *not* shifted: Hugging Face
+causal LMs shift internally, so ``labels[i]`` is the target for position ``i``.
+
+Assistant spans are found by rendering prefixes incrementally: for assistant turn ``i``
+the template renders ``messages[:i]`` with the generation prompt (text ``P``) and
+``messages[:i+1]`` (text ``Q``); ``Q[len(P):]`` is exactly what the model must produce
+for that turn. Both must be prefixes of the full rendering, otherwise the template is
+not prefix-stable and we refuse (ValueError) rather than guess. The span is mapped to
+tokens with the fast tokenizer's offsets mapping; trailing whitespace after the
+end-of-turn token (the template's ``\\n`` separator) stays unlabelled.
+
+Truncation keeps the first ``max_length`` tokens and is always flagged; callers get
+the counts from :func:`tokenize_many` and decide what to do with examples left with
+no target tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+VALID_ROLES = ("system", "user", "assistant")
+
+# The open-instruct / Tulu chat template as Jinja, for tokenizers that should render
+# Tulu-style through apply_chat_template (identical output to the built-in fallback).
+TULU_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endif %}"
+    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    "{% endfor %}"
+)
+_TULU_ROLE_HEADER = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX on every token that is not assistant content
+    truncated: bool  # True if the rendering was longer than max_length and cut
+    n_target_tokens: int  # number of labels != IGNORE_INDEX (after truncation)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass(frozen=True)
+class TruncationStats:
+    """What tokenization did to a batch of conversations (outputs stay aligned 1:1)."""
+
+    n_examples: int
+    truncated_indices: tuple[int, ...] = field(default=())
+    # Examples with zero target tokens (no assistant turn left after truncation).
+    no_target_indices: tuple[int, ...] = field(default=())
+    # Subset of no_target_indices whose targets were all cut away by truncation.
+    no_target_after_truncation_indices: tuple[int, ...] = field(default=())
+    n_tokens: int = 0
+    n_target_tokens: int = 0
+
+    @property
+    def n_truncated(self) -> int:
+        return len(self.truncated_indices)
+
+    @property
+    def n_no_target(self) -> int:
+        return len(self.no_target_indices)
+
+    def usable_indices(self) -> list[int]:
+        """Indices of examples with at least one target token (the ones to train on)."""
+        skip = set(self.no_target_indices)
+        return [i for i in range(self.n_examples) if i not in skip]
+
+    def as_metrics(self) -> dict[str, int]:
+        return {
+            "n_examples": self.n_examples,
+            "n_truncated": self.n_truncated,
+            "n_no_target": self.n_no_target,
+            "n_no_target_after_truncation": len(self.no_target_after_truncation_indices),
+            "n_tokens": self.n_tokens,
+            "n_target_tokens": self.n_target_tokens,
+        }
+
+
+def _validate_messages(messages: Sequence[dict]) -> None:
+    if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+    for position, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"message {position} must be a dict with 'role' and 'content'")
+        if message["role"] not in VALID_ROLES:
+            raise ValueError(f"message {position} has role {message['role']!r}; expected one of {VALID_ROLES}")
+        if not isinstance(message["content"], str):
+            raise ValueError(f"message {position} content must be str, got {type(message['content']).__name__}")
+    roles = [message["role"] for message in messages]
+    if "assistant" in roles and ("user" not in roles or roles.index("assistant") < roles.index("user")):
+        raise ValueError("an assistant turn must follow a user turn (the first non-system turn is assistant)")
+
+
+def _render_with_chat_template(tokenizer: Any, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
+    def render(prefix: Sequence[dict], add_generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(
+            list(prefix), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    full_text = render(messages, add_generation_prompt=False)
+    spans: list[tuple[int, int]] = []
+    for turn, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt_text = render(messages[:turn], add_generation_prompt=True)
+        turn_text = render(messages[: turn + 1], add_generation_prompt=False)
+        if not turn_text.startswith(prompt_text) or not full_text.startswith(turn_text):
+            raise ValueError(
+                f"chat template is not prefix-stable at assistant turn {turn}: rendering a prefix of the "
+                "conversation does not produce a prefix of the full rendering, so assistant tokens cannot "
+                "be located; use a different template (e.g. selection.tokenization.TULU_CHAT_TEMPLATE)"
+            )
+        spans.append((len(prompt_text), len(turn_text)))
+    return full_text, spans
+
+
+def _render_tulu(tokenizer: Any, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
+    if tokenizer.eos_token is None:
+        raise ValueError("the Tulu fallback template needs tokenizer.eos_token to end assistant turns; set one")
+    # open-instruct tokenizes with add_special_tokens=True, i.e. a leading BOS when the model has one.
+    parts: list[str] = [tokenizer.bos_token] if tokenizer.bos_token else []
+    spans: list[tuple[int, int]] = []
+    cursor = len(parts[0]) if parts else 0
+    for message in messages:
+        header = _TULU_ROLE_HEADER[message["role"]]
+        if message["role"] == "assistant":
+            body = message["content"] + tokenizer.eos_token
+            spans.append((cursor + len(header), cursor + len(header) + len(body)))
+        else:
+            body = message["content"]
+        segment = header + body + "\n"
+        parts.append(segment)
+        cursor += len(segment)
+    return "".join(parts), spans
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_conversation(tokenizer: Any, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """Return the rendered text and the character spans ``[start, end)`` to label."""
+    _validate_messages(messages)
+    if has_chat_template(tokenizer):
+        text, spans = _render_with_chat_template(tokenizer, messages)
+    else:
+        text, spans = _render_tulu(tokenizer, messages)
+    # Leave whitespace after the end-of-turn token (template separators) unlabelled.
+    trimmed = [(start, start + len(text[start:end].rstrip())) for start, end in spans]
+    return text, [(start, end) for start, end in trimmed if end > start]
+
+
+def tokenize_conversation(tokenizer: Any, messages: list[dict], max_length: int) -> TokenizedExample:
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("a fast (tokenizers-backed) tokenizer is required: label spans use its offsets mapping")
+    text, spans = render_conversation(tokenizer, messages)
+    # The rendered text already carries BOS/special tokens where the template wants them.
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids: list[int] = list(encoding["input_ids"])
+    labels = [IGNORE_INDEX] * len(input_ids)
+    span_index = 0
+    for position, (token_start, token_end) in enumerate(encoding["offset_mapping"]):
+        # A token belongs to the span it starts in (tokens straddling the span start are prompt).
+        while span_index < len(spans) and token_start >= spans[span_index][1]:
+            span_index += 1
+        if span_index == len(spans):
+            break
+        span_start, span_end = spans[span_index]
+        if span_start <= token_start < span_end and token_end > token_start:
+            labels[position] = input_ids[position]
+    truncated = len(input_ids) > max_length
+    if truncated:
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    n_target = sum(1 for label in labels if label != IGNORE_INDEX)
+    return TokenizedExample(input_ids=input_ids, labels=labels, truncated=truncated, n_target_tokens=n_target)
+
+
+def tokenize_many(
+    tokenizer: Any, conversations: Iterable[list[dict]], max_length: int
+) -> tuple[list[TokenizedExample], TruncationStats]:
+    """Tokenize every conversation; the output list is aligned 1:1 with the input.
+
+    Nothing is dropped here: examples without target tokens are listed in the stats
+    (``no_target_indices``) so the caller can drop and report them.
+    """
+    examples: list[TokenizedExample] = []
+    truncated: list[int] = []
+    no_target: list[int] = []
+    no_target_after_truncation: list[int] = []
+    for index, messages in enumerate(conversations):
+        example = tokenize_conversation(tokenizer, messages, max_length)
+        examples.append(example)
+        if example.truncated:
+            truncated.append(index)
+        if example.n_target_tokens == 0:
+            no_target.append(index)
+            if example.truncated and any(m["role"] == "assistant" for m in messages):
+                no_target_after_truncation.append(index)
+    stats = TruncationStats(
+        n_examples=len(examples),
+        truncated_indices=tuple(truncated),
+        no_target_indices=tuple(no_target),
+        no_target_after_truncation_indices=tuple(no_target_after_truncation),
+        n_tokens=sum(len(e.input_ids) for e in examples),
+        n_target_tokens=sum(e.n_target_tokens for e in examples),
+    )
+    return examples, stats
+
+
+def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: input_ids, attention_mask, labels (-100 on pads)."""
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    if pad_token_id is None:
+        raise ValueError("pad_token_id is None; set a pad token on the tokenizer first")
+    longest = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    for row, example in enumerate(examples):
+        length = len(example.input_ids)
+        input_ids[row, :length] = torch.tensor(example.input_ids, dtype=torch.long)
+        labels[row, :length] = torch.tensor(example.labels, dtype=torch.long)
+        attention_mask[row, :length] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def length_sorted_batches(
+    examples: Sequence[TokenizedExample], max_batch_size: int, max_tokens: int | None = None
+) -> list[list[int]]:
+    """Group example indices into batches of similar length, longest first.
+
+    Each batch holds at most ``max_batch_size`` examples and, when ``max_tokens`` is
+    given, at most ``max_tokens`` padded tokens (rows x longest row); an example longer
+    than ``max_tokens`` gets a batch of its own. Longest first so memory peaks early.
+    Ties keep input order, so the result is deterministic.
+    """
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1 or None, got {max_tokens}")
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        # Sorted descending, so the batch's first element is its longest row.
+        longest = len(examples[current[0]].input_ids) if current else len(examples[index].input_ids)
+        too_many_rows = len(current) + 1 > max_batch_size
+        too_many_tokens = max_tokens is not None and (len(current) + 1) * longest > max_tokens
+        if current and (too_many_rows or too_many_tokens):
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches

@@ -1,0 +1,137 @@
+"""Feature store: compute, skip, resume to identical bytes, refuse mixes, DuckDB index."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+import torch
+
+from selection.datastore import (
+    FeatureStore,
+    Progress,
+    check_compatible,
+    compute_features,
+    read_index,
+    store_directory,
+    target_scores,
+    write_index,
+)
+from selection.gradients import PerExampleGradients, lora_slots
+from selection.projection import make_projector
+from test_gradients import random_examples, tiny_lora_model
+
+PAD = 2
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return tiny_lora_model()
+
+
+@pytest.fixture(scope="module")
+def examples() -> list:
+    tokenized = random_examples([8, 15, 6, 11, 15, 9, 13], seed=1)
+    return [(f"ex{i}", example) for i, example in enumerate(tokenized)]
+
+
+def make_store(directory: Path, model: torch.nn.Module, kind: str = "target", mode: str = "fast",
+               dim: int = 32, seed: int = 0, checkpoint: str = "epoch_1", shard_size: int = 3) -> tuple:
+    engine = PerExampleGradients(model)
+    projector = make_projector(mode, engine.dim, dim, seed, engine.names_hash)
+    return projector, FeatureStore(directory, "tiny-model", checkpoint, kind, projector, shard_size=shard_size)
+
+
+def moments(model: torch.nn.Module) -> tuple[dict, dict]:
+    slots = lora_slots(model)
+    exp_avg = {slot.name: torch.full(slot.shape, 1e-3) for slot in slots}
+    exp_avg_sq = {slot.name: torch.full(slot.shape, 1e-4) for slot in slots}
+    return exp_avg, exp_avg_sq
+
+
+def shard_bytes(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.glob("shard-*"))}
+
+
+def test_compute_skip_and_resume_give_identical_bytes(tmp_path: Path, model, examples) -> None:
+    projector, store = make_store(tmp_path / "full", model)
+    reports: list[Progress] = []
+    assert compute_features(model, examples, projector, store, pad_token_id=PAD, max_batch_size=2,
+                            progress_cb=reports.append) == len(examples)
+    assert reports[-1].done == reports[-1].total == len(examples) and reports[-1].eta_s == 0
+    features = store.features()
+    assert features.dtype == np.float16 and features.shape == (7, 32)
+    np.testing.assert_allclose(np.linalg.norm(features.astype(np.float32), axis=1), 1, atol=1e-3)
+    assert store.ids() == [example_id for example_id, _ in examples]
+    # Everything is stored: a rerun computes nothing.
+    assert compute_features(model, examples, projector, store, pad_token_id=PAD, max_batch_size=2) == 0
+
+    # A killed run: first 4 examples (one committed shard + one shard never committed).
+    projector, partial = make_store(tmp_path / "resumed", model)
+    compute_features(model, examples[:3], projector, partial, pad_token_id=PAD, max_batch_size=2)
+    (tmp_path / "resumed" / "shard-00001.npy").write_bytes(b"half-written garbage")
+    projector, reopened = make_store(tmp_path / "resumed", model)
+    assert len(reopened) == 3
+    assert compute_features(model, examples, projector, reopened, pad_token_id=PAD, max_batch_size=2) == 4
+    assert shard_bytes(tmp_path / "resumed") == shard_bytes(tmp_path / "full")
+
+
+def test_shards_and_batching_do_not_change_features(tmp_path: Path, model, examples) -> None:
+    projector, one = make_store(tmp_path / "one", model, shard_size=100)
+    compute_features(model, examples, projector, one, pad_token_id=PAD, max_batch_size=8)
+    projector, many = make_store(tmp_path / "many", model, shard_size=2)
+    compute_features(model, examples, projector, many, pad_token_id=PAD, max_batch_size=1)
+    assert many.n_shards == 4
+    ids = [example_id for example_id, _ in examples]
+    np.testing.assert_allclose(one.features(ids).astype(np.float32), many.features(ids).astype(np.float32),
+                               atol=2e-3)
+
+
+def test_refuses_mixing_other_features(tmp_path: Path, model) -> None:
+    directory = tmp_path / "store"
+    make_store(directory, model)
+    for change, match in [({"dim": 64}, "dim 32 != 64"), ({"seed": 1}, "seed 0 != 1"),
+                          ({"mode": "exact"}, "mode 'fast' != 'exact'"),
+                          ({"checkpoint": "epoch_2"}, "checkpoint"), ({"kind": "train"}, "kind")]:
+        with pytest.raises(ValueError, match=match):
+            make_store(directory, model, **change)
+    engine = PerExampleGradients(model)
+    projector = make_projector("fast", engine.dim, 32, 0, engine.names_hash)
+    with pytest.raises(ValueError, match="model 'tiny-model' != 'other-model'"):
+        FeatureStore(directory, "other-model", "epoch_1", "target", projector)
+
+
+def test_train_needs_moments_and_stores_must_match(tmp_path: Path, model, examples) -> None:
+    projector, train = make_store(tmp_path / "train", model, kind="train")
+    with pytest.raises(ValueError, match="Adam moments"):
+        compute_features(model, examples, projector, train, pad_token_id=PAD)
+    exp_avg, exp_avg_sq = moments(model)
+    compute_features(model, examples[:4], projector, train, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, pad_token_id=PAD)
+    _, target = make_store(tmp_path / "target", model, kind="target")
+    with pytest.raises(ValueError, match="plain gradients"):
+        compute_features(model, examples, projector, target, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+                         pad_token_id=PAD)
+    compute_features(model, examples[4:], projector, target, pad_token_id=PAD)
+    assert target_scores(train, target).shape == (4, 3)
+    _, other_seed = make_store(tmp_path / "target2", model, kind="target", seed=5)
+    with pytest.raises(ValueError, match="not comparable: projection.seed"):
+        check_compatible(train, other_seed)
+    wrong_projector = make_projector("fast", projector.input_dim, 32, 9, projector.names_hash)
+    with pytest.raises(ValueError, match="projector does not match store"):
+        compute_features(model, examples, wrong_projector, target, pad_token_id=PAD)
+
+
+def test_duckdb_index_round_trip_and_canonical_directory(tmp_path: Path, model, examples) -> None:
+    projector, _ = make_store(tmp_path / "unused", model)
+    directory = store_directory(tmp_path, "tiny-model", "epoch_1", "target", projector)
+    store = FeatureStore(directory, "tiny-model", "epoch_1", "target", projector, shard_size=3)
+    compute_features(model, examples, projector, store, pad_token_id=PAD)
+    con = duckdb.connect()
+    assert write_index(con, store) == len(examples)
+    assert write_index(con, store) == len(examples)  # replaces, never duplicates
+    index = read_index(con, store)
+    assert con.execute("SELECT count(*) FROM feature_index").fetchone()[0] == len(examples)
+    assert index["ex4"] == (1, 1)
+    np.testing.assert_array_equal(store.shard(1)[1], store.features(["ex4"])[0])
