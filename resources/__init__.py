@@ -1,0 +1,24 @@
+"""Resources chosen by environment (`INSTRUCT_SELECT_ENV`: `local` default, `ci` for tests)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from resources.lineage import LineageStore
+from resources.settings import StorageSettings, default_home
+
+ENV_VAR = "INSTRUCT_SELECT_ENV"
+
+
+def build_resources(home: str | None = None, env: str | None = None) -> dict[str, Any]:
+    """The resource set for an environment; tests inject fakes through `resources=` instead."""
+    env = env or os.environ.get(ENV_VAR, "local")
+    if env not in {"local", "ci"}:
+        raise ValueError(f"{ENV_VAR}={env!r} is not a known environment; use 'local' or 'ci'")
+    settings = StorageSettings(home=home or default_home())
+    return {
+        "settings": settings,
+        "lineage": LineageStore(db_path=str(Path(settings.home) / "lineage.duckdb")),
+    }

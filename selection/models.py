@@ -271,9 +271,17 @@ def load_model_and_tokenizer(
     else:
         offline = _hub_offline() if local_files_only is None else local_files_only
         try:
-            model, tokenizer = _load_pretrained(spec.source, dtype, local_files_only=offline)
+            if offline:
+                # transformers still probes the Hub (with retries) under local_files_only, so
+                # resolve the cached snapshot ourselves and load it as a plain folder.
+                from huggingface_hub import snapshot_download
+
+                folder = snapshot_download(spec.source, local_files_only=True)
+                model, tokenizer = _load_pretrained(folder, dtype, local_files_only=True)
+            else:
+                model, tokenizer = _load_pretrained(spec.source, dtype, local_files_only=False)
         except OSError as error:
-            mode = "offline (HF_HUB_OFFLINE set or local_files_only)" if offline else "online"
+            mode = "offline (HF_HUB_OFFLINE set or local_files_only) and not in the Hub cache" if offline else "online"
             raise ModelLoadError(
                 f"could not load Hub model {spec.source!r} ({mode}): {error}. On a machine without Hub "
                 "access, point the spec at a local folder or a .gguf file instead."

@@ -175,14 +175,20 @@ def _hash_sorted_ids(con: duckdb.DuckDBPyConnection, query: str) -> str:
     return digest.hexdigest()
 
 
+def _first_row(con: duckdb.DuckDBPyConnection, query: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+    # fetchall, not fetchone: DuckDB refuses further work on a connection with a half-read result.
+    found = con.execute(query, list(params)).fetchall()
+    return found[0] if found else None
+
+
 def latest_pool_version(con: duckdb.DuckDBPyConnection) -> tuple[str, int] | None:
     """(version, seq) of the newest pool version, or None before the first ingest."""
-    row = con.execute("SELECT pool_version, seq FROM pool_versions ORDER BY seq DESC LIMIT 1").fetchone()
+    row = _first_row(con, "SELECT pool_version, seq FROM pool_versions ORDER BY seq DESC LIMIT 1")
     return (row[0], row[1]) if row else None
 
 
 def _version_seq(con: duckdb.DuckDBPyConnection, version: str) -> int:
-    row = con.execute("SELECT seq FROM pool_versions WHERE pool_version = ?", [version]).fetchone()
+    row = _first_row(con, "SELECT seq FROM pool_versions WHERE pool_version = ?", [version])
     if row is None:
         raise ValueError(f"unknown pool version {version!r}")
     return row[0]
@@ -287,8 +293,8 @@ def _stage_source(stager: _Stager, spec: Source, report: SourceReport, max_chars
 
 
 def _is_unchanged(con: duckdb.DuckDBPyConnection, report: SourceReport) -> bool:
-    row = con.execute("SELECT 1 FROM pool_sources WHERE source = ? AND format = ? AND fingerprint = ? LIMIT 1",
-                      [report.source, report.format, report.fingerprint]).fetchone()
+    row = _first_row(con, "SELECT 1 FROM pool_sources WHERE source = ? AND format = ? AND fingerprint = ? LIMIT 1",
+                     [report.source, report.format, report.fingerprint])
     return row is not None
 
 
@@ -338,8 +344,7 @@ def _ingest_in_transaction(con: duckdb.DuckDBPyConnection, specs: Sequence[Sourc
         SELECT example_id, min(ord) AS ord FROM {_STAGE_ACCEPTED} s
         WHERE NOT EXISTS (SELECT 1 FROM pool p WHERE p.example_id = s.example_id)
         GROUP BY example_id""")
-    n_new = con.execute(f"SELECT count(*) FROM {_STAGE_NEW}").fetchone()[0]
-    n_before = con.execute("SELECT count(*) FROM pool").fetchone()[0]
+    n_new, n_before = _first_row(con, f"SELECT (SELECT count(*) FROM {_STAGE_NEW}), (SELECT count(*) FROM pool)")
     if n_new or parent_version is None:
         version = _hash_sorted_ids(con, f"SELECT example_id FROM pool UNION ALL SELECT example_id FROM {_STAGE_NEW}")
         seq = parent_seq + 1

@@ -1,0 +1,133 @@
+"""Raw pool and target tasks: ingest files into DuckDB, with every record accounted for."""
+
+
+import dagster as dg
+from pydantic import Field
+
+from assets.common import LineageTracker, code_version, markdown_table
+from resources.lineage import LineageStore
+from resources.settings import StorageSettings
+from selection import default_data, pool_store, target_store, targets
+from selection.ingest import SourceSpec
+
+
+class PoolSource(dg.Config):
+    path: str = Field(description="JSONL, JSON array, Parquet file, or a `datasets.save_to_disk` folder")
+    name: str | None = Field(default=None, description="Source label; defaults to the file or folder name")
+    format: str = Field(default="auto", description="auto | messages | alpaca | sharegpt | prompt_completion")
+
+
+class RawPoolConfig(dg.Config):
+    sources: list[PoolSource] = Field(
+        default_factory=list, description="Files to add to the pool; empty uses the built-in packaged sample pool"
+    )
+    default_pool_size: int = Field(
+        default=default_data.DEFAULT_POOL_SIZE, description="Size of the built-in pool when no sources are given"
+    )
+
+
+class TargetFileConfig(dg.Config):
+    path: str
+    task: str | None = Field(default=None, description="Overrides each record's `task`")
+
+
+class TargetTasksConfig(dg.Config):
+    files: list[TargetFileConfig] = Field(
+        default_factory=list, description="Target JSONL files; empty uses the built-in MMLU/code/math targets"
+    )
+    n_val: int = Field(default=targets.DEFAULT_N_VAL, description="Val (few-shot target) examples per subtask")
+    max_test_per_task: int | None = Field(
+        default=targets.DEFAULT_TEST_PER_TASK, description="Cap on held-out test examples per task"
+    )
+
+
+@dg.asset(
+    group_name="pool",
+    code_version=code_version("selection.formats", "selection.ingest", "selection.pool_store", "selection.default_data"),
+    description="Instruction pool in DuckDB (`pool`, `pool_rejects`, `pool_duplicates`), append-only and versioned.",
+)
+def raw_pool(
+    context: dg.AssetExecutionContext, config: RawPoolConfig, settings: StorageSettings, lineage: LineageStore
+) -> dg.MaterializeResult:
+    tracker = LineageTracker(context, lineage)
+    if config.sources:
+        specs = [SourceSpec(path=s.path, name=s.name, format=s.format) for s in config.sources]
+    else:
+        builtin = default_data.write_default_pool(settings.subdir("builtin", "pool"), size=config.default_pool_size)
+        specs = [SourceSpec(**spec) for spec in builtin]
+        context.log.info(f"No sources configured: using the built-in pool ({len(specs)} packaged sources)")
+    with lineage.connect() as con:
+        report = pool_store.ingest_sources(con, specs)
+    for source in report.sources:
+        context.log.info(
+            f"{source.source}: {source.status}, read {source.n_read} = accepted {source.n_accepted} "
+            f"+ rejected {source.n_rejected} + duplicates {source.n_duplicates}"
+        )
+    tracker.add_table("pool", report.pool_version, n_total=report.n_total, n_new=report.n_new)
+    per_source = [
+        {
+            "source": s.source, "status": s.status, "read": s.n_read, "accepted": s.n_accepted,
+            "rejected": s.n_rejected, "duplicates": s.n_duplicates,
+        }
+        for s in report.sources
+    ]
+    metrics = {
+        "pool_version": report.pool_version, "n_total": report.n_total, "n_new": report.n_new,
+        "n_read": report.n_read, "n_rejected": report.n_rejected, "n_duplicates": report.n_duplicates,
+        "rejects_by_reason": report.rejects_by_reason, "records_per_s": report.records_per_s,
+        "sources": per_source,
+    }
+    data_version = tracker.finish(metrics)
+    return dg.MaterializeResult(
+        data_version=data_version,
+        metadata={
+            "pool_version": report.pool_version,
+            "parent_version": report.parent_version or "",
+            "n_total": dg.MetadataValue.int(report.n_total),
+            "n_new": dg.MetadataValue.int(report.n_new),
+            "n_read": dg.MetadataValue.int(report.n_read),
+            "n_rejected": dg.MetadataValue.int(report.n_rejected),
+            "n_duplicates": dg.MetadataValue.int(report.n_duplicates),
+            "records_per_s": dg.MetadataValue.float(float(report.records_per_s)),
+            "rejects_by_reason": dg.MetadataValue.json(report.rejects_by_reason),
+            "sources": dg.MetadataValue.md(markdown_table(per_source)),
+        },
+    )
+
+
+@dg.asset(
+    group_name="pool",
+    code_version=code_version("selection.targets", "selection.target_store", "selection.default_data"),
+    description="Target tasks (`targets` table): few `val` examples define each target, `test` is held out.",
+)
+def target_tasks(
+    context: dg.AssetExecutionContext, config: TargetTasksConfig, settings: StorageSettings, lineage: LineageStore
+) -> dg.MaterializeResult:
+    tracker = LineageTracker(context, lineage)
+    if config.files:
+        files = [targets.TargetFile(path=f.path, task=f.task) for f in config.files]
+    else:
+        builtin = targets.write_default_targets(
+            settings.subdir("builtin", "targets"), n_val=config.n_val, test_per_task=config.max_test_per_task
+        )
+        files = [targets.TargetFile(**spec) for spec in builtin]
+        context.log.info(f"No target files configured: using the built-in targets ({len(files)} tasks)")
+    target_set = targets.build_targets(files, n_val=config.n_val, max_test_per_task=config.max_test_per_task)
+    for warning in target_set.warnings:
+        context.log.warning(warning)
+    with lineage.connect() as con:
+        summary = target_store.write_targets(con, target_set.rows, target_set.rejects, target_set.warnings)
+    tracker.add_table("targets", summary["targets_version"], n_targets=summary["n_targets"])
+    data_version = tracker.finish(summary)
+    per_task = [{"task": task, **counts} for task, counts in summary["tasks"].items()]
+    return dg.MaterializeResult(
+        data_version=data_version,
+        metadata={
+            "targets_version": summary["targets_version"],
+            "n_val": dg.MetadataValue.int(summary["n_val"]),
+            "n_test": dg.MetadataValue.int(summary["n_test"]),
+            "n_rejects": dg.MetadataValue.int(summary["n_rejects"]),
+            "rejects_by_reason": dg.MetadataValue.json(summary["rejects_by_reason"]),
+            "tasks": dg.MetadataValue.md(markdown_table(per_task)),
+        },
+    )

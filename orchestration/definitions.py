@@ -1,0 +1,13 @@
+"""The one Definitions object: `dagster dev` and `dagster asset materialize -m orchestration.definitions`."""
+
+import dagster as dg
+
+from assets import pool
+from orchestration.jobs import all_jobs
+from resources import build_resources
+
+defs = dg.Definitions(
+    assets=dg.load_assets_from_modules([pool]),
+    jobs=all_jobs,
+    resources=build_resources(),
+)

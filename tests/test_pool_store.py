@@ -1,0 +1,217 @@
+"""DuckDB pool: accounting invariant, duplicates, versions, refresh, atomicity."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from selection.formats import canonicalize, example_id
+from selection.ingest import RecordsSource, SourceSpec
+from selection.pool_store import (
+    IngestReport,
+    ensure_pool_tables,
+    ingest_sources,
+    latest_pool_version,
+    new_ids_since,
+    pool_ids_for_version,
+    pool_version_of_ids,
+)
+
+CONTRACT_COLUMNS = {
+    "pool": {"example_id", "source", "messages", "line_no", "n_turns", "n_chars", "first_seen_version", "first_seen_seq"},
+    "pool_rejects": {"source", "line_no", "reason", "raw", "pool_version"},
+    "pool_duplicates": {"source", "line_no", "example_id", "pool_version"},
+    "pool_versions": {"pool_version", "seq", "created_at", "n_examples", "n_new", "parent_version"},
+    "pool_sources": {"source", "path", "format", "fingerprint", "pool_version", "n_read", "n_accepted",
+                     "n_rejected", "n_duplicates"},
+}
+
+
+def qa(i: int) -> dict[str, Any]:
+    return {"instruction": f"Question {i}?", "output": f"Answer {i}."}
+
+
+def as_messages(i: int) -> dict[str, Any]:
+    return {"messages": canonicalize(qa(i))}
+
+
+def write_jsonl(path: Path, records: list[Any]) -> SourceSpec:
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    return SourceSpec(path)
+
+
+@pytest.fixture
+def con(tmp_path: Path) -> duckdb.DuckDBPyConnection:
+    connection = duckdb.connect(str(tmp_path / "x.duckdb"))
+    yield connection
+    connection.close()
+
+
+def rows(con: duckdb.DuckDBPyConnection, query: str) -> list[tuple]:
+    return con.execute(query).fetchall()
+
+
+def source_counts(report: IngestReport) -> dict[str, tuple[int, int, int, int]]:
+    return {s.source: (s.n_read, s.n_accepted, s.n_rejected, s.n_duplicates) for s in report.sources}
+
+
+def test_tables_have_contract_columns(con: duckdb.DuckDBPyConnection) -> None:
+    ensure_pool_tables(con)
+    ensure_pool_tables(con)  # idempotent
+    for table, needed in CONTRACT_COLUMNS.items():
+        columns = {row[0] for row in rows(con, f"DESCRIBE {table}")}
+        assert needed <= columns, (table, needed - columns)
+
+
+def test_first_ingest_accounts_for_every_record(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
+    first = write_jsonl(tmp_path / "first.jsonl", [qa(1), qa(2), "", "{oops", as_messages(1), qa(3), {"text": "?"}, qa(2)])
+    second = write_jsonl(tmp_path / "second.jsonl", [as_messages(3), qa(4), [1], qa(4)])
+    report = ingest_sources(con, [first, second], batch_rows=2)
+
+    assert source_counts(report) == {"first": (7, 3, 2, 2), "second": (4, 1, 1, 2)}
+    assert (report.n_new, report.n_total, report.n_read, report.n_rejected, report.n_duplicates) == (4, 4, 11, 3, 4)
+    assert report.rejects_by_reason == {"malformed_json": 1, "not_object": 1, "unknown_schema": 1}
+    assert report.sources[0].formats == {"alpaca": 4, "messages": 1}
+    json.dumps(report.to_dict())  # usable as Dagster metadata
+
+    ids = {i: example_id(canonicalize(qa(i))) for i in range(1, 5)}
+    assert rows(con, "SELECT example_id, source, line_no FROM pool ORDER BY line_no, source") == [
+        (ids[1], "first", 1), (ids[2], "first", 2), (ids[4], "second", 2), (ids[3], "first", 5)]
+    # Within a source (messages form of qa(1), repeated qa(2)) and across sources (qa(3)).
+    assert rows(con, "SELECT source, line_no, example_id FROM pool_duplicates ORDER BY source, line_no") == [
+        ("first", 4, ids[1]), ("first", 7, ids[2]), ("second", 1, ids[3]), ("second", 4, ids[4])]
+    assert rows(con, "SELECT source, line_no, reason_code, raw FROM pool_rejects ORDER BY source, line_no") == [
+        ("first", 3, "malformed_json", "{oops"), ("first", 6, "unknown_schema", '{"text": "?"}'),
+        ("second", 3, "not_object", "[1]")]
+    assert rows(con, "SELECT count(*) FROM pool_rejects WHERE reason = '' OR reason IS NULL") == [(0,)]
+    stored = rows(con, "SELECT source, n_read, n_accepted + n_rejected + n_duplicates FROM pool_sources ORDER BY source")
+    assert stored == [("first", 7, 7), ("second", 4, 4)]
+
+
+def test_messages_column_is_the_hashed_canonical_json(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
+    ingest_sources(con, [write_jsonl(tmp_path / "a.jsonl", [qa(1)])])
+    ((eid, messages, n_turns, n_chars, fmt),) = rows(con, "SELECT example_id, messages, n_turns, n_chars, format FROM pool")
+    assert eid == hashlib.sha256(messages.encode()).hexdigest()[:32]
+    assert json.loads(messages) == canonicalize(qa(1))
+    assert (n_turns, n_chars, fmt) == (2, len("Question 1?") + len("Answer 1."), "alpaca")
+
+
+def test_refresh_adds_rows_and_skips_unchanged(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
+    first = write_jsonl(tmp_path / "first.jsonl", [qa(1), qa(2)])
+    v1 = ingest_sources(con, [first])
+    assert (v1.seq, v1.parent_version, v1.n_new) == (1, None, 2)
+
+    second = write_jsonl(tmp_path / "second.jsonl", [qa(2), qa(3), "bad"])
+    v2 = ingest_sources(con, [first, second])
+    assert [s.status for s in v2.sources] == ["unchanged", "ingested"]
+    assert source_counts(v2)["second"] == (3, 1, 1, 1)  # qa(2) duplicates the pool
+    assert (v2.seq, v2.parent_version, v2.n_new, v2.n_total) == (2, v1.pool_version, 1, 3)
+    assert rows(con, "SELECT source, line_no, pool_version FROM pool_duplicates") == [("second", 1, v2.pool_version)]
+
+    ids = {i: example_id(canonicalize(qa(i))) for i in range(1, 5)}
+    assert rows(con, "SELECT example_id, first_seen_version, first_seen_seq FROM pool ORDER BY first_seen_seq, line_no") == [
+        (ids[1], v1.pool_version, 1), (ids[2], v1.pool_version, 1), (ids[3], v2.pool_version, 2)]
+    assert new_ids_since(con, v1.pool_version) == [ids[3]]
+    assert new_ids_since(con, v2.pool_version) == []
+    assert new_ids_since(con, None) == sorted(ids[i] for i in (1, 2, 3))
+    assert pool_ids_for_version(con, v1.pool_version) == sorted([ids[1], ids[2]])
+    assert pool_ids_for_version(con, v2.pool_version) == sorted(ids[i] for i in (1, 2, 3))
+    with pytest.raises(ValueError, match="unknown pool version"):
+        new_ids_since(con, "nope")
+
+    # A changed source is read again in full; what it already contributed is now duplicates.
+    write_jsonl(tmp_path / "first.jsonl", [qa(1), qa(2), qa(4)])
+    v3 = ingest_sources(con, [first, second])
+    assert [s.status for s in v3.sources] == ["ingested", "unchanged"]
+    assert source_counts(v3)["first"] == (3, 1, 0, 2)
+    assert (v3.seq, v3.n_new, v3.n_total) == (3, 1, 4)
+    assert rows(con, "SELECT pool_version, seq, n_examples, n_new, parent_version FROM pool_versions ORDER BY seq") == [
+        (v1.pool_version, 1, 2, 2, None), (v2.pool_version, 2, 3, 1, v1.pool_version),
+        (v3.pool_version, 3, 4, 1, v2.pool_version)]
+    assert latest_pool_version(con) == (v3.pool_version, 3)
+
+
+def test_ingest_without_new_ids_keeps_the_version(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
+    v1 = ingest_sources(con, [write_jsonl(tmp_path / "a.jsonl", [qa(1)])])
+    again = ingest_sources(con, [write_jsonl(tmp_path / "b.jsonl", [as_messages(1), "nope"])])
+    assert (again.pool_version, again.seq, again.n_new, again.n_total) == (v1.pool_version, 1, 0, 1)
+    assert rows(con, "SELECT count(*) FROM pool_versions") == [(1,)]
+    assert rows(con, "SELECT pool_version FROM pool_rejects") == [(v1.pool_version,)]
+
+
+def test_pool_version_is_the_hash_of_sorted_ids_whatever_the_order(tmp_path: Path) -> None:
+    records = [qa(i) for i in range(10)]
+    one = duckdb.connect(str(tmp_path / "one.duckdb"))
+    report_one = ingest_sources(one, [write_jsonl(tmp_path / "all.jsonl", records)])
+    two = duckdb.connect(str(tmp_path / "two.duckdb"))
+    ingest_sources(two, [write_jsonl(tmp_path / "tail.jsonl", records[5:][::-1])])
+    report_two = ingest_sources(two, [write_jsonl(tmp_path / "head.jsonl", [as_messages(i) for i in range(5)])])
+    expected = pool_version_of_ids(example_id(canonicalize(r)) for r in records)
+    assert report_one.pool_version == report_two.pool_version == expected
+    assert expected == hashlib.sha256("".join(f"{i}\n" for i in sorted(
+        example_id(canonicalize(r)) for r in records)).encode()).hexdigest()
+    one.close()
+    two.close()
+
+
+def test_failed_ingest_leaves_nothing_behind(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
+    v1 = ingest_sources(con, [write_jsonl(tmp_path / "a.jsonl", [qa(1)])])
+    good = write_jsonl(tmp_path / "b.jsonl", [qa(2), "bad"])
+    with pytest.raises(FileNotFoundError):
+        ingest_sources(con, [good, SourceSpec(tmp_path / "missing.jsonl")])
+    for table, count in [("pool", 1), ("pool_rejects", 0), ("pool_duplicates", 0), ("pool_versions", 1), ("pool_sources", 1)]:
+        assert rows(con, f"SELECT count(*) FROM {table}") == [(count,)], table
+    assert latest_pool_version(con) == (v1.pool_version, 1)
+    # The connection is usable again and the good source was not marked as ingested.
+    assert ingest_sources(con, [good]).n_new == 1
+
+
+def test_generator_failure_mid_source_rolls_back(con: duckdb.DuckDBPyConnection) -> None:
+    def records() -> Any:
+        yield qa(1)
+        raise RuntimeError("generator broke")
+
+    with pytest.raises(RuntimeError, match="generator broke"):
+        ingest_sources(con, [RecordsSource("gen", records(), fingerprint="v1")], batch_rows=1)
+    assert rows(con, "SELECT count(*) FROM pool") == [(0,)]
+
+
+def test_records_source_skipped_when_fingerprint_unchanged(con: duckdb.DuckDBPyConnection) -> None:
+    first = ingest_sources(con, [RecordsSource("gen", [qa(1), qa(2)], fingerprint="size=2")])
+    again = ingest_sources(con, [RecordsSource("gen", [qa(1), qa(2)], fingerprint="size=2")])
+    grown = ingest_sources(con, [RecordsSource("gen", [qa(1), qa(2), qa(3)], fingerprint="size=3")])
+    assert (first.n_new, again.sources[0].status, grown.n_new) == (2, "unchanged", 1)
+    assert rows(con, "SELECT file_type, path FROM pool_sources LIMIT 1") == [("records", "")]
+
+
+def test_empty_first_ingest_records_the_empty_version(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
+    report = ingest_sources(con, [write_jsonl(tmp_path / "junk.jsonl", ["{", "[]"])])
+    assert (report.pool_version, report.seq, report.n_total) == (hashlib.sha256(b"").hexdigest(), 1, 0)
+    assert source_counts(report) == {"junk": (2, 0, 2, 0)}
+
+
+def test_source_names_must_be_unique(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
+    spec = write_jsonl(tmp_path / "a.jsonl", [qa(1)])
+    with pytest.raises(ValueError, match="unique"):
+        ingest_sources(con, [spec, SourceSpec(tmp_path / "b" / "a.jsonl")])
+    # The same file under another name is allowed: everything in it is a duplicate.
+    report = ingest_sources(con, [spec, SourceSpec(spec.path, name="copy")])
+    assert source_counts(report)["copy"] == (1, 0, 0, 1)
+
+
+def test_parquet_and_hf_sources_ingest(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
+    from test_ingest import write_hf_dataset  # tests/ is on sys.path (pytest's default rootdir import)
+
+    pq.write_table(pa.Table.from_pylist([qa(1), qa(2)]), tmp_path / "p.parquet")
+    write_hf_dataset(tmp_path / "hf", [{"messages": canonicalize(qa(2))}, {"messages": canonicalize(qa(3))}], shards=2)
+    report = ingest_sources(con, [SourceSpec(tmp_path / "p.parquet"), SourceSpec(tmp_path / "hf")])
+    assert source_counts(report) == {"p": (2, 2, 0, 0), "hf": (2, 1, 0, 1)}
+    assert [s.file_type for s in report.sources] == ["parquet", "hf_dataset"]
+    assert ingest_sources(con, [SourceSpec(tmp_path / "hf")]).sources[0].status == "unchanged"
