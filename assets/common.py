@@ -44,10 +44,11 @@ def sha256_path(path: Path) -> str:
 
 def upstream_data_versions(context: dg.AssetExecutionContext) -> dict[str, Any]:
     """Upstream asset keys with the data versions this materialization read."""
-    asset_graph = context.repository_def.asset_graph
+    # job_def works both in a code location and under dg.materialize (which has no repository).
+    asset_graph = context.job_def.asset_layer.asset_graph
     versions: dict[str, Any] = {}
     for dep_key in sorted(context.assets_def.asset_deps[context.asset_key], key=lambda k: k.to_user_string()):
-        dep_partitioned = asset_graph.get(dep_key).partitions_def is not None
+        dep_partitioned = asset_graph.has(dep_key) and asset_graph.get(dep_key).partitions_def is not None
         partition = context.partition_key if dep_partitioned and context.has_partition_key else None
         record = context.instance.get_latest_data_version_record(dep_key, partition_key=partition)
         version = None
@@ -109,3 +110,34 @@ def markdown_table(rows: list[dict[str, Any]], max_rows: int = 20) -> str:
     if len(rows) > max_rows:
         lines.append(f"\n_{len(rows) - max_rows} more rows not shown_")
     return "\n".join(lines)
+
+
+def read_pool(con) -> tuple[str, list[str], list[list[dict]]]:
+    """(pool_version, ids, conversations) of the current pool, in first-seen then id order."""
+    from selection import pool_store
+
+    latest = pool_store.latest_pool_version(con)
+    if latest is None:
+        raise ValueError("the pool is empty; materialize raw_pool first")
+    rows = con.execute("SELECT example_id, messages FROM pool ORDER BY first_seen_seq, example_id").fetchall()
+    return latest[0], [r[0] for r in rows], [json.loads(r[1]) for r in rows]
+
+
+def read_targets(con, split: str = "val") -> list[tuple[str, str, str, list[dict]]]:
+    """(task, subtask, example_id, messages) of one split, in a stable order."""
+    rows = con.execute(
+        "SELECT task, subtask, example_id, messages FROM targets WHERE split = ? ORDER BY task, subtask, split_rank",
+        [split],
+    ).fetchall()
+    if not rows:
+        raise ValueError(f"no `{split}` targets; materialize target_tasks first")
+    return [(task, subtask, example_id, json.loads(messages)) for task, subtask, example_id, messages in rows]
+
+
+def stable_fraction_sample(ids: list[str], fraction: float, seed: int) -> list[str]:
+    """A seeded subset whose membership depends on each id alone (pool refreshes barely move it)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    count = max(1, round(fraction * len(ids)))
+    ranked = sorted(ids, key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())
+    return sorted(ranked[:count])

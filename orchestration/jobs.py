@@ -2,6 +2,19 @@
 
 import dagster as dg
 
-pool_job = dg.define_asset_job("pool_job", selection=dg.AssetSelection.groups("pool"), description="Ingest pool and targets")
+from orchestration.partitions import model_partitions
 
-all_jobs = [pool_job]
+DEMO_JOB_NAME = "demo_job"
+
+pool_job = dg.define_asset_job(
+    "pool_job", selection=dg.AssetSelection.groups("pool"), description="Ingest the pool and the target tasks"
+)
+
+demo_job = dg.define_asset_job(
+    DEMO_JOB_NAME,
+    selection=dg.AssetSelection.all(),
+    partitions_def=model_partitions,
+    description="The whole graph for one model partition: pool -> warmup -> gradients -> influence -> selections",
+)
+
+all_jobs = [pool_job, demo_job]

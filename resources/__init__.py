@@ -7,18 +7,25 @@ from pathlib import Path
 from typing import Any
 
 from resources.lineage import LineageStore
+from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings, default_home
 
 ENV_VAR = "INSTRUCT_SELECT_ENV"
 
 
 def build_resources(home: str | None = None, env: str | None = None) -> dict[str, Any]:
-    """The resource set for an environment; tests inject fakes through `resources=` instead."""
+    """The resource set for an environment; tests inject fakes through `resources=` instead.
+
+    `ci` pins the CPU and one thread per process so parallel test workers do not fight over cores.
+    """
     env = env or os.environ.get(ENV_VAR, "local")
     if env not in {"local", "ci"}:
         raise ValueError(f"{ENV_VAR}={env!r} is not a known environment; use 'local' or 'ci'")
     settings = StorageSettings(home=home or default_home())
+    root = Path(settings.home)
     return {
         "settings": settings,
-        "lineage": LineageStore(db_path=str(Path(settings.home) / "lineage.duckdb")),
+        "lineage": LineageStore(db_path=str(root / "lineage.duckdb")),
+        "model_store": ModelStore(cache_dir=str(root / "model_cache")),
+        "device": DeviceSettings(device="cpu") if env == "ci" else DeviceSettings(),
     }

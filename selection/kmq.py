@@ -134,6 +134,28 @@ def cluster(
     return labels.astype(np.int64), model.cluster_centers_
 
 
+def _silhouette_search(
+    X: np.ndarray, candidates: Sequence[int], seed: int, sample_size: int, minibatch_above: int
+) -> tuple[int, dict[int, float], dict[int, np.ndarray]]:
+    arr = _check_embeddings(X)
+    ks = sorted({_as_count(k, "candidate k") for k in candidates})
+    if not ks:
+        raise ValueError("need at least one candidate k")
+    if ks[0] < 2 or ks[-1] >= arr.shape[0]:
+        raise ValueError(f"silhouette needs 2 <= k < n_rows={arr.shape[0]}, got candidates {ks}")
+    curve: dict[int, float] = {}
+    labels_of: dict[int, np.ndarray] = {}
+    for k in ks:
+        labels, _ = cluster(arr, k, seed, minibatch_above)
+        if np.unique(labels).size < 2:
+            raise ValueError(f"k-means with k={k} produced a single non-empty cluster")
+        sample = sample_size if arr.shape[0] > sample_size else None
+        curve[k] = float(silhouette_score(arr, labels, sample_size=sample, random_state=seed))
+        labels_of[k] = labels
+    best = max(ks, key=lambda k: (curve[k], -k))
+    return best, curve, labels_of
+
+
 def choose_k_by_silhouette(
     X: np.ndarray,
     candidates: Sequence[int],
@@ -144,20 +166,7 @@ def choose_k_by_silhouette(
     """Cluster with each candidate k and keep the best silhouette score (ties to the
     smaller k). The silhouette is computed on `sample_size` random rows (seeded)
     when the pool is larger, since it is quadratic in the number of rows."""
-    arr = _check_embeddings(X)
-    ks = sorted({_as_count(k, "candidate k") for k in candidates})
-    if not ks:
-        raise ValueError("need at least one candidate k")
-    if ks[0] < 2 or ks[-1] >= arr.shape[0]:
-        raise ValueError(f"silhouette needs 2 <= k < n_rows={arr.shape[0]}, got candidates {ks}")
-    curve: dict[int, float] = {}
-    for k in ks:
-        labels, _ = cluster(arr, k, seed, minibatch_above)
-        if np.unique(labels).size < 2:
-            raise ValueError(f"k-means with k={k} produced a single non-empty cluster")
-        sample = sample_size if arr.shape[0] > sample_size else None
-        curve[k] = float(silhouette_score(arr, labels, sample_size=sample, random_state=seed))
-    best = max(ks, key=lambda k: (curve[k], -k))
+    best, curve, _ = _silhouette_search(X, candidates, seed, sample_size, minibatch_above)
     return best, curve
 
 
@@ -246,8 +255,11 @@ def kmq_select(
     if labels is None:
         if k is None:
             valid = [c for c in k_candidates if 2 <= c < len(embeddings)]
-            k, curve = choose_k_by_silhouette(embeddings, valid, seed, silhouette_sample)
-        lab, _ = cluster(embeddings, k, seed)
+            # reuse the winning candidate's clustering instead of fitting it again
+            k, curve, labels_of = _silhouette_search(embeddings, valid, seed, silhouette_sample, MINIBATCH_ABOVE)
+            lab = labels_of[k]
+        else:
+            lab, _ = cluster(embeddings, k, seed)
     else:
         lab = _as_int_vector(labels, "labels")
     n_clusters = int(lab.max()) + 1 if k is None else int(k)

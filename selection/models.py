@@ -24,8 +24,11 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
+import socket
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -161,6 +164,13 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+_TEMP_PREFIX = ".tmp-"
+
+
+def _temp_owner_tag() -> str:
+    return f"{socket.gethostname()}.{os.getpid()}"
+
+
 @contextlib.contextmanager
 def atomic_directory(final_path: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success rename it to ``final_path``.
@@ -168,10 +178,11 @@ def atomic_directory(final_path: Path) -> Iterator[Path]:
     The rename is atomic, so a reader never sees a half-written folder: it either
     exists complete or not at all. On error the temporary folder is removed. If another
     process completed ``final_path`` first, its copy wins and ours is discarded.
+    The temporary name carries host and pid so cleanup never touches a live writer's.
     """
     final_path = Path(final_path)
     final_path.parent.mkdir(parents=True, exist_ok=True)
-    temp_path = final_path.parent / f".tmp-{final_path.name}-{uuid.uuid4().hex[:8]}"
+    temp_path = final_path.parent / f"{_TEMP_PREFIX}{final_path.name}-{_temp_owner_tag()}-{uuid.uuid4().hex[:8]}"
     temp_path.mkdir()
     try:
         yield temp_path
@@ -186,10 +197,26 @@ def atomic_directory(final_path: Path) -> Iterator[Path]:
         raise
 
 
+def _writer_is_alive(temp_name: str) -> bool:
+    """False only for temp folders this host's exited processes (or unknown writers) left."""
+    own_host = re.search(rf"-{re.escape(socket.gethostname())}\.(\d+)-[0-9a-f]{{8}}$", temp_name)
+    if own_host is None:
+        # Another host's writer (shared storage) may be alive; a name without a tag is not ours.
+        return re.search(r"\.\d+-[0-9a-f]{8}$", temp_name) is not None
+    try:
+        os.kill(int(own_host.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def remove_stale_temp_dirs(parent: Path) -> list[Path]:
-    """Delete ``.tmp-*`` folders left by killed writers under ``parent``; return them."""
+    """Delete temp folders under ``parent`` left by killed writers (not live ones)."""
     parent = Path(parent)
-    stale = sorted(parent.glob(".tmp-*")) if parent.is_dir() else []
+    candidates = sorted(parent.glob(f"{_TEMP_PREFIX}*")) if parent.is_dir() else []
+    stale = [path for path in candidates if path.is_dir() and not _writer_is_alive(path.name)]
     for path in stale:
         shutil.rmtree(path)
     return stale
@@ -330,11 +357,14 @@ def add_lora(model: Any, spec: ModelSpec, seed: int | None = 0) -> Any:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    if seed is None:
-        return get_peft_model(model, config)
-    with torch.random.fork_rng(devices=_cuda_devices()):
-        torch.manual_seed(seed)
-        return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft 0.21 probes transformers' deprecated `is_gradient_checkpointing` alias.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        if seed is None:
+            return get_peft_model(model, config)
+        with torch.random.fork_rng(devices=_cuda_devices()):
+            torch.manual_seed(seed)
+            return get_peft_model(model, config)
 
 
 def trainable_parameter_names(model: torch.nn.Module) -> list[str]:

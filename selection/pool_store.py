@@ -24,6 +24,7 @@ duplicate. Everything happens in one transaction, so a failure leaves no partial
 from __future__ import annotations
 
 import hashlib
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -34,6 +35,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from selection.formats import DEFAULT_MAX_CHARS, reason_code
 from selection.ingest import (
@@ -103,10 +105,7 @@ _DDL = (
     )""",
 )
 
-# Staging tables live only for one ingest (temporary: never written to the database file).
-_STAGE_ACCEPTED = "_ingest_stage_accepted"
-_STAGE_REJECTS = "_ingest_stage_rejects"
-_STAGE_NEW = "_ingest_stage_new"
+_STAGE_NEW = "_ingest_new_ids"
 _STAGE_ACCEPTED_SCHEMA = pa.schema([
     ("ord", pa.int64()), ("source", pa.string()), ("line_no", pa.int64()), ("example_id", pa.string()),
     ("messages", pa.string()), ("n_turns", pa.int32()), ("n_chars", pa.int64()), ("format", pa.string()),
@@ -225,56 +224,59 @@ def source_fingerprint(spec: Source) -> tuple[str, str]:
     return file_type, f"sha256:{digest.hexdigest()}"
 
 
-class _Stager:
-    """Buffers outcomes of one ingest and appends them to the staging tables in batches."""
+class _StageFile:
+    """Rows buffered in Python and appended to a Parquet file every ``batch_rows`` rows.
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, batch_rows: int) -> None:
-        self.con = con
+    Staging goes to disk rather than to DuckDB temporary tables because those live in memory
+    (up to DuckDB's memory_limit) and DuckDB keeps registered Arrow batches alive until the
+    transaction commits: on disk, memory stays flat however long the sources are.
+    """
+
+    def __init__(self, path: Path, schema: pa.Schema, batch_rows: int) -> None:
+        self.path = path
+        self.schema = schema
         self.batch_rows = batch_rows
+        self.columns: dict[str, list[Any]] = {name: [] for name in schema.names}
+        self.writer = pq.ParquetWriter(path, schema, compression="zstd")
+
+    def add(self, *values: Any) -> None:
+        for column, value in zip(self.columns.values(), values):
+            column.append(value)
+        if len(self.columns[self.schema.names[0]]) >= self.batch_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.columns[self.schema.names[0]]:
+            self.writer.write_table(pa.table(self.columns, schema=self.schema))
+            for column in self.columns.values():
+                column.clear()
+
+    def close(self) -> str:
+        """Flush, close, and return the file as a DuckDB ``read_parquet`` expression."""
+        self.flush()
+        self.writer.close()
+        return "read_parquet('" + str(self.path).replace("'", "''") + "')"
+
+
+class _Stager:
+    """Numbers accepted records in ingest order (``ord``) and stages them with the rejects."""
+
+    def __init__(self, folder: Path, batch_rows: int) -> None:
         self.ord = 0
-        self.accepted: dict[str, list[Any]] = {name: [] for name in _STAGE_ACCEPTED_SCHEMA.names}
-        self.rejects: dict[str, list[Any]] = {name: [] for name in _STAGE_REJECTS_SCHEMA.names}
-        con.execute(f"CREATE OR REPLACE TEMP TABLE {_STAGE_ACCEPTED} (ord BIGINT, source VARCHAR, line_no BIGINT, "
-                    "example_id VARCHAR, messages VARCHAR, n_turns INTEGER, n_chars BIGINT, format VARCHAR)")
-        con.execute(f"CREATE OR REPLACE TEMP TABLE {_STAGE_REJECTS} (source VARCHAR, line_no BIGINT, reason VARCHAR, "
-                    "reason_code VARCHAR, raw VARCHAR)")
+        self.accepted = _StageFile(folder / "accepted.parquet", _STAGE_ACCEPTED_SCHEMA, batch_rows)
+        self.rejects = _StageFile(folder / "rejects.parquet", _STAGE_REJECTS_SCHEMA, batch_rows)
 
     def add_accepted(self, outcome: Accepted) -> None:
         self.ord += 1
-        columns = self.accepted
-        columns["ord"].append(self.ord)
-        columns["source"].append(outcome.source)
-        columns["line_no"].append(outcome.line_no)
-        columns["example_id"].append(outcome.example_id)
-        columns["messages"].append(outcome.messages_json)
-        columns["n_turns"].append(len(outcome.messages))
-        columns["n_chars"].append(sum(len(turn["content"]) for turn in outcome.messages))
-        columns["format"].append(outcome.format)
-        if len(columns["ord"]) >= self.batch_rows:
-            self._flush(_STAGE_ACCEPTED, _STAGE_ACCEPTED_SCHEMA, columns)
+        n_chars = sum(len(turn["content"]) for turn in outcome.messages)
+        self.accepted.add(self.ord, outcome.source, outcome.line_no, outcome.example_id, outcome.messages_json,
+                          len(outcome.messages), n_chars, outcome.format)
 
     def add_rejected(self, source: str, line_no: int, reason: str, raw: str) -> None:
-        columns = self.rejects
-        for name, value in zip(_STAGE_REJECTS_SCHEMA.names, (source, line_no, reason, reason_code(reason), raw)):
-            columns[name].append(value)
-        if len(columns["source"]) >= self.batch_rows:
-            self._flush(_STAGE_REJECTS, _STAGE_REJECTS_SCHEMA, columns)
+        self.rejects.add(source, line_no, reason, reason_code(reason), raw)
 
-    def flush(self) -> None:
-        self._flush(_STAGE_ACCEPTED, _STAGE_ACCEPTED_SCHEMA, self.accepted)
-        self._flush(_STAGE_REJECTS, _STAGE_REJECTS_SCHEMA, self.rejects)
-
-    def _flush(self, table: str, schema: pa.Schema, columns: dict[str, list[Any]]) -> None:
-        if not columns[schema.names[0]]:
-            return
-        batch = pa.table(columns, schema=schema)
-        self.con.register("_ingest_batch", batch)
-        try:
-            self.con.execute(f"INSERT INTO {table} SELECT * FROM _ingest_batch")
-        finally:
-            self.con.unregister("_ingest_batch")
-        for values in columns.values():
-            values.clear()
+    def close(self) -> tuple[str, str]:
+        return self.accepted.close(), self.rejects.close()
 
 
 def _stage_source(stager: _Stager, spec: Source, report: SourceReport, max_chars: int) -> None:
@@ -302,9 +304,22 @@ def _count_by_source(con: duckdb.DuckDBPyConnection, query: str) -> dict[str, in
     return dict(con.execute(f"SELECT source, count(*) FROM ({query}) GROUP BY source").fetchall())
 
 
+def _staging_parent(con: duckdb.DuckDBPyConnection) -> str | None:
+    """The folder of the database file (so staging stays under the storage root), None if in memory."""
+    row = _first_row(con, "SELECT path FROM duckdb_databases() WHERE database_name = current_database()")
+    return str(Path(row[0]).resolve().parent) if row and row[0] else None
+
+
 def ingest_sources(con: duckdb.DuckDBPyConnection, specs: Sequence[Source], *,
-                   max_chars: int = DEFAULT_MAX_CHARS, batch_rows: int = BATCH_ROWS) -> IngestReport:
-    """Read ``specs`` into the pool in one transaction (the connection must not be in one)."""
+                   max_chars: int = DEFAULT_MAX_CHARS, batch_rows: int = BATCH_ROWS,
+                   staging_dir: str | Path | None = None) -> IngestReport:
+    """Read ``specs`` into the pool in one transaction (the connection must not be in one).
+
+    Records are staged in Parquet files in a temporary folder under ``staging_dir``
+    (default: the database file's folder), removed afterwards. Python memory is flat in the
+    number of records; DuckDB's own memory is bounded by its ``memory_limit`` setting
+    (default 80% of RAM, which it will use as cache: set it on the connection to bound it).
+    """
     names = [spec.source_name for spec in specs]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
@@ -312,21 +327,22 @@ def ingest_sources(con: duckdb.DuckDBPyConnection, specs: Sequence[Source], *,
     started = time.perf_counter()
     ingest_id = uuid.uuid4().hex
     ensure_pool_tables(con)
-    con.begin()
-    try:
-        report = _ingest_in_transaction(con, specs, ingest_id, max_chars, batch_rows, started)
-        con.commit()
-    except BaseException:
-        con.rollback()
-        raise
+    parent = staging_dir if staging_dir is not None else _staging_parent(con)
+    with tempfile.TemporaryDirectory(prefix=".ingest-", dir=parent) as scratch:
+        con.begin()
+        try:
+            report = _ingest_in_transaction(con, specs, ingest_id, max_chars, _Stager(Path(scratch), batch_rows), started)
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
     return report
 
 
 def _ingest_in_transaction(con: duckdb.DuckDBPyConnection, specs: Sequence[Source], ingest_id: str,
-                           max_chars: int, batch_rows: int, started: float) -> IngestReport:
+                           max_chars: int, stager: _Stager, started: float) -> IngestReport:
     parent = latest_pool_version(con)
     parent_version, parent_seq = parent if parent else (None, 0)
-    stager = _Stager(con, batch_rows)
     reports: list[SourceReport] = []
     for spec in specs:
         file_type, fingerprint = source_fingerprint(spec)
@@ -337,11 +353,11 @@ def _ingest_in_transaction(con: duckdb.DuckDBPyConnection, specs: Sequence[Sourc
             report.status = "unchanged"
             continue
         _stage_source(stager, spec, report, max_chars)
-    stager.flush()
+    accepted_rows, reject_rows = stager.close()
 
     # First occurrence (lowest ord) of every id not already pooled.
     con.execute(f"""CREATE OR REPLACE TEMP TABLE {_STAGE_NEW} AS
-        SELECT example_id, min(ord) AS ord FROM {_STAGE_ACCEPTED} s
+        SELECT example_id, min(ord) AS ord FROM {accepted_rows} s
         WHERE NOT EXISTS (SELECT 1 FROM pool p WHERE p.example_id = s.example_id)
         GROUP BY example_id""")
     n_new, n_before = _first_row(con, f"SELECT (SELECT count(*) FROM {_STAGE_NEW}), (SELECT count(*) FROM pool)")
@@ -353,16 +369,17 @@ def _ingest_in_transaction(con: duckdb.DuckDBPyConnection, specs: Sequence[Sourc
 
     con.execute(f"""INSERT INTO pool
         SELECT s.example_id, s.source, s.line_no, s.messages, s.n_turns, s.n_chars, s.format, ?, ?
-        FROM {_STAGE_ACCEPTED} s JOIN {_STAGE_NEW} n ON s.ord = n.ord ORDER BY s.ord""", [version, seq])
+        FROM {accepted_rows} s SEMI JOIN {_STAGE_NEW} n ON s.ord = n.ord""", [version, seq])
     con.execute(f"""INSERT INTO pool_duplicates
-        SELECT s.source, s.line_no, s.example_id, ?, ? FROM {_STAGE_ACCEPTED} s
-        ANTI JOIN {_STAGE_NEW} n ON s.ord = n.ord ORDER BY s.ord""", [version, ingest_id])
-    con.execute(f"INSERT INTO pool_rejects SELECT source, line_no, reason, reason_code, raw, ?, ? FROM {_STAGE_REJECTS}",
+        SELECT s.source, s.line_no, s.example_id, ?, ? FROM {accepted_rows} s
+        ANTI JOIN {_STAGE_NEW} n ON s.ord = n.ord""", [version, ingest_id])
+    con.execute(f"INSERT INTO pool_rejects SELECT source, line_no, reason, reason_code, raw, ?, ? FROM {reject_rows}",
                 [version, ingest_id])
 
-    accepted = _count_by_source(con, f"SELECT s.source FROM {_STAGE_ACCEPTED} s JOIN {_STAGE_NEW} n ON s.ord = n.ord")
-    staged = _count_by_source(con, f"SELECT source FROM {_STAGE_ACCEPTED}")
-    rejected = _count_by_source(con, f"SELECT source FROM {_STAGE_REJECTS}")
+    accepted = _count_by_source(con, f"SELECT s.source FROM {accepted_rows} s SEMI JOIN {_STAGE_NEW} n ON s.ord = n.ord")
+    staged = _count_by_source(con, f"SELECT source FROM {accepted_rows}")
+    rejected = _count_by_source(con, f"SELECT source FROM {reject_rows}")
+    con.execute(f"DROP TABLE {_STAGE_NEW}")
     for report in reports:
         if report.status == "unchanged":
             continue
@@ -380,8 +397,6 @@ def _ingest_in_transaction(con: duckdb.DuckDBPyConnection, specs: Sequence[Sourc
     if seq != parent_seq:
         con.execute("INSERT INTO pool_versions VALUES (?, ?, now(), ?, ?, ?, ?)",
                     [version, seq, n_total, n_new, parent_version, ingest_id])
-    for table in (_STAGE_ACCEPTED, _STAGE_REJECTS, _STAGE_NEW):
-        con.execute(f"DROP TABLE {table}")
 
     elapsed = time.perf_counter() - started
     n_read = sum(report.n_read for report in reports)

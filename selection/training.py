@@ -179,6 +179,8 @@ def _per_example_mean_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor
 
 
 def _named_trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    if not hasattr(model, "peft_config"):
+        raise ValueError("train_lora expects a peft model; wrap it with selection.models.add_lora first")
     named = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
     if not named:
         raise ValueError("model has no trainable parameters; wrap it with selection.models.add_lora first")
@@ -240,20 +242,22 @@ def _save_epoch(
     return final
 
 
-def _restore_epoch(
+def _load_adapter_weights(path: Path, model: Any) -> None:
+    from peft.utils import set_peft_model_state_dict
+
+    weights = load_file(str(path / ADAPTER_DIR / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, weights)
+    if result.unexpected_keys:
+        raise ValueError(f"adapter in {path} has keys the model lacks: {result.unexpected_keys[:3]}")
+
+
+def _restore_training_state(
     path: Path,
-    model: Any,
     named: list[tuple[str, torch.nn.Parameter]],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> None:
-    from peft.utils import set_peft_model_state_dict
-
-    adapter_path, exp_avg, exp_avg_sq, _ = load_checkpoint(path, expected_names=[name for name, _ in named])
-    adapter_weights = load_file(str(Path(adapter_path) / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(model, adapter_weights)
-    if result.unexpected_keys:
-        raise ValueError(f"adapter in {path} has keys the model lacks: {result.unexpected_keys[:3]}")
+    _, exp_avg, exp_avg_sq, _ = load_checkpoint(path, expected_names=[name for name, _ in named])
     saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     device = named[0][1].device
     optimizer_state = saved["optimizer"]
@@ -311,12 +315,15 @@ def train_lora(
     if len(done) > config.epochs:
         raise ValueError(f"{out_dir} holds {len(done)} epochs but the config asks for {config.epochs}")
     start_epoch = len(done)
+    if start_epoch == 0:
+        _seed_everything(config.seed)
+    else:
+        # Continue from (or, when finished, return) the last complete epoch's weights.
+        _load_adapter_weights(out_dir / f"epoch_{start_epoch}", model)
     if 0 < start_epoch < config.epochs:
         if not save_moments:
             raise ValueError(f"{out_dir} holds a partial run saved without moments; it cannot be resumed")
-        _restore_epoch(out_dir / f"epoch_{start_epoch}", model, named, optimizer, scheduler)
-    elif start_epoch == 0:
-        _seed_everything(config.seed)
+        _restore_training_state(out_dir / f"epoch_{start_epoch}", named, optimizer, scheduler)
 
     started = time.perf_counter()
     global_step = start_epoch * steps_per_epoch

@@ -32,6 +32,15 @@ SAMPLE_CONVERSATION = [
 ]
 
 
+_DEFAULT_TORCH_THREADS = torch.get_num_threads()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tiny-model tests run single-threaded: on a small shared CPU, intra-op threads make
+    them ~10-25x slower (thread contention); slow tests with real models keep all threads."""
+    torch.set_num_threads(_DEFAULT_TORCH_THREADS if item.get_closest_marker("slow") else 1)
+
+
 def make_tiny_tokenizer(chat_template: str | None = None, with_pad: bool = True) -> PreTrainedTokenizerFast:
     byte_vocab = list(pre_tokenizers.ByteLevel.alphabet())
     vocab = {token: index for index, token in enumerate(TINY_SPECIAL_TOKENS + sorted(byte_vocab))}

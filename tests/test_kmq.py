@@ -59,15 +59,15 @@ def test_allocate_budget_errors():
 
 
 def test_silhouette_picks_planted_k():
-    X, _ = make_blobs(n_samples=600, centers=5, n_features=8, cluster_std=0.6, random_state=0)
-    best, curve = choose_k_by_silhouette(X, [2, 3, 4, 5, 6, 8], seed=0)
-    assert best == 5 and set(curve) == {2, 3, 4, 5, 6, 8}
+    X, _ = make_blobs(n_samples=300, centers=5, n_features=8, cluster_std=0.6, random_state=0)
+    best, curve = choose_k_by_silhouette(X, [2, 3, 5, 7], seed=0)
+    assert best == 5 and set(curve) == {2, 3, 5, 7}
     assert curve[5] == max(curve.values())
 
 
 def test_silhouette_picks_planted_k_with_minibatch_and_sampling():
-    X, _ = make_blobs(n_samples=3000, centers=4, n_features=16, cluster_std=1.0, random_state=1)
-    best, _ = choose_k_by_silhouette(X, [3, 4, 6], seed=0, sample_size=800, minibatch_above=1000)
+    X, _ = make_blobs(n_samples=1500, centers=4, n_features=16, cluster_std=1.0, random_state=1)
+    best, _ = choose_k_by_silhouette(X, [3, 4, 6], seed=0, sample_size=500, minibatch_above=1000)
     assert best == 4
     with pytest.raises(ValueError, match="2 <= k"):
         choose_k_by_silhouette(X, [1, 4], seed=0)

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import math
+import os
+import socket
 import time
 
 import pytest
 import torch
-from conftest import SAMPLE_CONVERSATION, make_tiny_tokenizer
+from tests.conftest import SAMPLE_CONVERSATION, make_tiny_tokenizer
 
 from selection.models import (
     ModelLoadError,
@@ -15,6 +17,7 @@ from selection.models import (
     build_tiny_llama,
     default_model_spec,
     load_model_and_tokenizer,
+    remove_stale_temp_dirs,
     resolve_gguf_path,
     trainable_parameter_names,
 )
@@ -108,6 +111,18 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
     with atomic_directory(tmp_path / "out") as temp:
         (temp / "whole.bin").write_bytes(b"x")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_stale_temp_cleanup_spares_live_writers(tmp_path):
+    host = socket.gethostname()
+    live = tmp_path / f".tmp-out-{host}.{os.getpid()}-0123abcd"
+    dead = tmp_path / f".tmp-out-{host}.{2**22 + 12345}-0123abcd"  # above Linux's pid_max
+    foreign = tmp_path / ".tmp-out-otherhost.1-0123abcd"
+    untagged = tmp_path / ".tmp-out-junk"
+    for path in (live, dead, foreign, untagged):
+        path.mkdir()
+    assert remove_stale_temp_dirs(tmp_path) == sorted([dead, untagged])
+    assert sorted(tmp_path.iterdir()) == sorted([live, foreign])
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -207,7 +208,11 @@ def test_source_names_must_be_unique(con: duckdb.DuckDBPyConnection, tmp_path: P
 
 
 def test_parquet_and_hf_sources_ingest(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
-    from test_ingest import write_hf_dataset  # tests/ is on sys.path (pytest's default rootdir import)
+    # tests/ is not a package: load the layout writer from its file.
+    spec = importlib.util.spec_from_file_location("_ingest_tests", Path(__file__).with_name("test_ingest.py"))
+    ingest_tests = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ingest_tests)
+    write_hf_dataset = ingest_tests.write_hf_dataset
 
     pq.write_table(pa.Table.from_pylist([qa(1), qa(2)]), tmp_path / "p.parquet")
     write_hf_dataset(tmp_path / "hf", [{"messages": canonicalize(qa(2))}, {"messages": canonicalize(qa(3))}], shards=2)

@@ -1,0 +1,157 @@
+"""Influence-based selections (LESS, BIDS) and baselines (random, task-wise round robin).
+
+One asset per method, built by one factory; each writes the `selections` table, the
+"why was this chosen" explanations, a JSONL export, and has the same asset checks.
+"""
+
+import json
+from collections.abc import Callable
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from assets.common import LineageTracker, code_version, markdown_table
+from assets.influence import latest_influence
+from orchestration.partitions import model_partitions
+from resources.lineage import LineageStore
+from resources.settings import StorageSettings
+from selection import influence, pool_store, selection_store, selectors
+from selection.plots import bar_chart_markdown
+
+SELECTION_CODE = code_version("selection.selectors", "selection.less", "selection.bids", "selection.baselines")
+
+
+class SelectionConfig(dg.Config):
+    budget: float = Field(default=0.05, description="A count (>= 1, whole) or a fraction of the pool (< 1)")
+    seed: int = Field(default=0, description="Seed for methods that sample (random)")
+
+
+Chooser = Callable[[np.ndarray, list[dict], int, int], list[selectors.RankedPicks]]
+
+CHOOSERS: dict[str, tuple[Chooser, str]] = {
+    "less": (
+        lambda scores, columns, budget, seed: selectors.less_selections(scores, columns, budget),
+        "LESS (Xia et al. 2024): top-k by target score per task, and multi-target (`all`: max over tasks).",
+    ),
+    "bids": (
+        lambda scores, columns, budget, seed: selectors.bids_selection(scores, budget),
+        "BIDS (Dai et al. 2025): per-target z-scores, iterative pick for the most underrepresented target.",
+    ),
+    "round_robin": (
+        lambda scores, columns, budget, seed: selectors.round_robin_selection(scores, columns, budget),
+        "Baseline: task-wise round robin over the LESS per-task rankings.",
+    ),
+    "random": (
+        lambda scores, columns, budget, seed: selectors.random_selection(scores.shape[0], budget, seed),
+        "Baseline: uniform random sample of the scored pool (seeded).",
+    ),
+}
+
+
+def export_jsonl(path, example_ids: list[str], con) -> None:
+    """Selected conversations in selection order, in the pool's canonical `messages` format."""
+    frame = pd.DataFrame({"example_id": example_ids, "rank": range(len(example_ids))})
+    rows = con.execute(
+        "SELECT f.example_id, p.source, p.messages FROM frame f JOIN pool p USING (example_id) ORDER BY f.rank"
+    ).fetchall()
+    with open(path, "w", encoding="utf-8") as handle:
+        for example_id, source, messages in rows:
+            handle.write(json.dumps({"id": example_id, "source": source, "messages": json.loads(messages)},
+                                    ensure_ascii=False) + "\n")
+
+
+def build_selection_asset(method: str) -> dg.AssetsDefinition:
+    chooser, description = CHOOSERS[method]
+
+    @dg.asset(
+        name=f"{method}_selection",
+        partitions_def=model_partitions,
+        deps=["influence_scores", "raw_pool"],
+        group_name="selections",
+        code_version=SELECTION_CODE,
+        description=description,
+    )
+    def _selection(
+        context: dg.AssetExecutionContext, config: SelectionConfig, settings: StorageSettings, lineage: LineageStore
+    ) -> dg.MaterializeResult:
+        tracker = LineageTracker(context, lineage)
+        model = context.partition_key
+        with lineage.connect() as con:
+            run = latest_influence(con, model)
+            pool_version = pool_store.latest_pool_version(con)[0]
+        scores, train_ids = influence.load_scores(run["scores_dir"])
+        columns = run["columns"]
+        budget = selectors.resolve_budget_setting(config.budget, len(train_ids))
+        picks = chooser(scores, columns, budget, config.seed)
+        selections, explained = [], []
+        for pick in picks:
+            ids = [train_ids[i] for i in pick.indices]
+            selections.append(
+                selection_store.Selection(model, method, pick.target, ids, [float(s) for s in pick.scores], pool_version)
+            )
+            why = selectors.explanations(scores, columns, pick)
+            why["example_id"] = [train_ids[r] for r in why["row"]]
+            explained.append(why.assign(model=model, method=method, target=pick.target, budget=budget))
+        export_dir = settings.subdir("selections", model, method)
+        with lineage.connect() as con:
+            n_rows = selection_store.write_selections(
+                con, selections, pd.concat(explained, ignore_index=True), context.run_id,
+                context.assets_def.code_versions_by_key.get(context.asset_key),
+            )
+            for selection in selections:
+                path = export_dir / f"{selection.target}-{budget}.jsonl"
+                export_jsonl(path, selection.example_ids, con)
+                tracker.add_file(f"export/{selection.target}", path)
+        tracker.add_table("selections", f"{model}/{method}/{budget}", rows=n_rows)
+        overall = next(p for p in picks if p.target == selectors.ALL_TARGETS) if any(
+            p.target == selectors.ALL_TARGETS for p in picks) else picks[0]
+        balance = selectors.task_balance(scores, columns, overall.indices)
+        tasks_of = {c["val_example_id"]: c["task"] for c in columns}
+        top = explained[picks.index(overall)]
+        share = top[top["reason_rank"] == 0]["val_task"].value_counts(normalize=True).round(3).to_dict()
+        preview = [
+            {"rank": r, "example_id": train_ids[i], "score": f"{s:.4f}" if np.isfinite(s) else ""}
+            for r, (i, s) in enumerate(zip(overall.indices[:10], overall.scores[:10]))
+        ]
+        metrics = {
+            "budget": budget, "pool_version": pool_version, "targets": [p.target for p in picks],
+            "task_share_by_top_reason": share, "mean_normalized_influence_by_task": balance,
+            "n_val_tasks": len(set(tasks_of.values())),
+        }
+        data_version = tracker.finish(metrics)
+        return dg.MaterializeResult(
+            data_version=data_version,
+            metadata={
+                "budget": dg.MetadataValue.int(budget),
+                "pool_version": pool_version,
+                "targets": dg.MetadataValue.json([p.target for p in picks]),
+                "task_share": dg.MetadataValue.json(share),
+                "balance": dg.MetadataValue.md(bar_chart_markdown(balance, "mean normalized influence by task")),
+                "top_examples": dg.MetadataValue.md(markdown_table(preview)),
+                "export_dir": dg.MetadataValue.path(str(export_dir)),
+            },
+        )
+
+    @dg.asset_check(asset=_selection, name=f"{method}_selection_is_valid", blocking=True)
+    def _check(lineage: LineageStore) -> dg.AssetCheckResult:
+        with lineage.connect() as con:
+            models = [r[0] for r in con.execute(
+                "SELECT DISTINCT model FROM selections WHERE method = ?", [method]).fetchall()] if con.execute(
+                "SELECT count(*) FROM information_schema.tables WHERE table_name = 'selections'").fetchone()[0] else []
+            problems = [p for model in models for p in selection_store.selection_problems(con, model, method)]
+        return dg.AssetCheckResult(
+            passed=not problems,
+            description="size equals budget, no duplicate ids, every id in the pool version it was selected from",
+            metadata={"problems": dg.MetadataValue.json(problems)},
+        )
+
+    return _selection, _check
+
+
+less_selection, less_selection_check = build_selection_asset("less")
+bids_selection, bids_selection_check = build_selection_asset("bids")
+round_robin_selection, round_robin_selection_check = build_selection_asset("round_robin")
+random_selection, random_selection_check = build_selection_asset("random")
+selection_checks = [less_selection_check, bids_selection_check, round_robin_selection_check, random_selection_check]

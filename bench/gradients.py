@@ -1,0 +1,362 @@
+"""Gradient-feature benchmark: LESS-style loop vs ours vs the plain forward+backward floor.
+
+Default (no arguments; ../shared/CONTRACT.md "Benchmarks"): SmolLM2-135M-Instruct, LoRA
+r=8 on q/k/v/o, 32 default-pool examples of 128-256 tokens, 8192 dims, CPU, all three
+side by side in one process on the same examples:
+
+(a) LESS-style loop: batch 1, HF loss, autograd, flatten the LoRA gradient, Adam
+    transform, dense Rademacher projection of every 16 examples with LESS's CPU
+    projector procedure (TRAK ``BasicProjector``: the grad_dim x 128 matrix of each
+    column block regenerated with ``bernoulli_`` on every call). fp32.
+(b) ours: ``selection.datastore.compute_features`` (batched per-example gradients, Adam
+    transform, ``fast`` SJLT projection, L2 normalization, fp16 shards on disk).
+(c) floor: plain HF forward (with labels) + backward on the same length-sorted batches.
+
+(b) and (c) are repeated ``--repeats`` times interleaved; medians are reported. The
+Adam moments come from a few AdamW warmup steps on other pool examples (a stand-in for
+a warmup checkpoint). ``spearman_vs_exact`` compares LESS target scores (mean cosine to
+the target examples' SGD features) from ``fast`` against the ``exact`` dense projection.
+
+``--fidelity`` instead runs the issue's fidelity check: >= 200 pool examples, fast vs
+exact (plus exact with another seed as the noise floor of any JL projection), Spearman
+and top-5% overlap; it passes at Spearman >= 0.95 and overlap >= 0.9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from selection.datastore import FeatureStore, compute_features  # noqa: E402
+from selection.default_data import pool_side, target_side  # noqa: E402
+from selection.gradients import AdamMoments, PerExampleGradients, sum_of_example_losses  # noqa: E402
+from selection.models import add_lora, default_model_spec, load_model_and_tokenizer  # noqa: E402
+from selection.projection import make_projector  # noqa: E402
+from selection.tokenization import TokenizedExample, collate, length_sorted_batches, tokenize_conversation  # noqa: E402
+
+POOL_SOURCES = ("alpaca_eval", "arena_hard", "mmlu", "humaneval", "champ")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def pool_examples(tokenizer, count: int, min_tokens: int, max_tokens: int, skip: int = 0) -> list[tuple[str, TokenizedExample]]:
+    """Round-robin over the default pool sources, keeping untruncated examples in range."""
+    iterators = [iter(pool_side(source)) for source in POOL_SOURCES]
+    chosen: list[tuple[str, TokenizedExample]] = []
+    seen = 0
+    while len(chosen) < count and iterators:
+        for iterator in list(iterators):
+            item = next(iterator, None)
+            if item is None:
+                iterators.remove(iterator)
+                continue
+            example = tokenize_conversation(tokenizer, item.messages, max_tokens)
+            if example.truncated or len(example) < min_tokens or example.n_target_tokens == 0:
+                continue
+            seen += 1
+            if seen > skip and len(chosen) < count:
+                chosen.append((item.example_id, example))
+    if len(chosen) < count:
+        raise ValueError(f"only {len(chosen)} pool examples of {min_tokens}-{max_tokens} tokens; asked for {count}")
+    return chosen
+
+
+def target_examples(tokenizer, count: int, max_tokens: int) -> list[tuple[str, TokenizedExample]]:
+    items = [item for item in target_side("mmlu")][: count * 4]
+    tokenized = [(item.example_id, tokenize_conversation(tokenizer, item.messages, max_tokens)) for item in items]
+    return [(i, e) for i, e in tokenized if not e.truncated and e.n_target_tokens > 0][:count]
+
+
+def warmup_moments(model, examples, pad_id: int, steps: int, lr: float) -> tuple[dict, dict]:
+    """AdamW steps (batch = 4, per-example mean losses averaged) -> moments keyed by name."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=0.0)
+    model.eval()
+    for step in range(steps):
+        batch = [e for _, e in examples[step * 4 : step * 4 + 4]]
+        optimizer.zero_grad(set_to_none=True)
+        (sum_of_example_losses(model, collate(batch, pad_id)) / len(batch)).backward()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    state = optimizer.state
+    return ({n: state[p]["exp_avg"].clone() for n, p in named}, {n: state[p]["exp_avg_sq"].clone() for n, p in named})
+
+
+class TrakBasicProjector:
+    """LESS's CPU projector (TRAK BasicProjector, rademacher): regenerates each column
+    block's grad_dim x block_size matrix with bernoulli_ on every project() call."""
+
+    def __init__(self, grad_dim: int, proj_dim: int, seed: int = 0, block_size: int = 128) -> None:
+        self.grad_dim, self.proj_dim, self.block_size = grad_dim, proj_dim, min(block_size, proj_dim)
+        self.matrix = torch.empty(grad_dim, self.block_size)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.states = []
+        for _ in range(math.ceil(proj_dim / self.block_size)):
+            self.states.append(self.generator.get_state())
+            self.generator.manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.generator)))
+
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        sketch = torch.zeros(grads.shape[0], self.proj_dim)
+        for index, state in enumerate(self.states):
+            self.generator.set_state(state)
+            self.matrix.bernoulli_(p=0.5, generator=self.generator)
+            self.matrix *= 2.0
+            self.matrix -= 1.0
+            start = index * self.block_size
+            end = min(start + self.block_size, self.proj_dim)
+            sketch[:, start:end] = grads @ self.matrix[:, : end - start]
+        return sketch
+
+
+def less_loop(model, examples, moments: AdamMoments, projector, project_every: int) -> tuple[float, float, torch.Tensor]:
+    """(seconds total, seconds in projection, the Adam features [n, D] before projection)."""
+    model.eval()
+    names = [p for _, p in model.named_parameters() if p.requires_grad]
+    features, pending = [], []
+    projection_seconds = 0.0
+    started = time.perf_counter()
+    for position, (_, example) in enumerate(examples):
+        model.zero_grad(set_to_none=True)
+        output = model(input_ids=torch.tensor([example.input_ids]), labels=torch.tensor([example.labels]))
+        output.loss.backward()
+        flat = torch.cat([p.grad.reshape(-1) for p in names])
+        pending.append(moments.transform(flat[None])[0])
+        if len(pending) == project_every or position == len(examples) - 1:
+            stacked = torch.stack(pending)
+            project_started = time.perf_counter()
+            projector.project(stacked)
+            projection_seconds += time.perf_counter() - project_started
+            features.append(stacked)
+            pending = []
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - started, projection_seconds, torch.cat(features)
+
+
+def floor_pass(model, examples, pad_id: int, batch_size: int) -> float:
+    model.eval()
+    tokenized = [e for _, e in examples]
+    started = time.perf_counter()
+    for rows in length_sorted_batches(tokenized, batch_size):
+        model.zero_grad(set_to_none=True)
+        model(**collate([tokenized[r] for r in rows], pad_id)).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - started
+
+
+def ours_pass(model, examples, projector, pad_id: int, batch_size: int, exp_avg, exp_avg_sq, root: Path, tag: str) -> tuple[float, FeatureStore]:
+    store = FeatureStore(root / tag, "bench-smollm2", "warmup", "train", projector, shard_size=max(len(examples), 1))
+    started = time.perf_counter()
+    compute_features(model, examples, projector, store, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+                     pad_token_id=pad_id, max_batch_size=batch_size)
+    return time.perf_counter() - started, store
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x.float(), dim=1)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    rank = lambda x: np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(np.float64)
+    return float(np.corrcoef(rank(a), rank(b))[0, 1])
+
+
+def top_overlap(a: np.ndarray, b: np.ndarray, fraction: float = 0.05) -> float:
+    k = max(1, math.ceil(fraction * len(a)))
+    return len(set(np.argsort(-a)[:k]) & set(np.argsort(-b)[:k])) / k
+
+
+def less_scores(train: np.ndarray, target: np.ndarray) -> np.ndarray:
+    return (train.astype(np.float32) @ target.astype(np.float32).T).mean(axis=1)
+
+
+def load(args):
+    home = Path(os.environ.get("INSTRUCT_SELECT_HOME", Path(__file__).resolve().parents[1] / "storage"))
+    spec = default_model_spec()
+    started = time.perf_counter()
+    model, tokenizer = load_model_and_tokenizer(spec, cache_dir=home / "models", device="cpu")
+    model = add_lora(model, spec, seed=args.seed)
+    log(f"model {spec.name} (LoRA r={spec.lora_r} on {','.join(spec.lora_target_modules)}) loaded in "
+        f"{time.perf_counter() - started:.1f}s")
+    return model, tokenizer
+
+
+def fidelity(args) -> dict:
+    model, tokenizer = load(args)
+    pad = tokenizer.pad_token_id
+    warm = pool_examples(tokenizer, 4 * args.warmup_steps, 16, args.max_tokens)
+    train = pool_examples(tokenizer, args.fidelity_examples, 16, args.max_tokens, skip=4 * args.warmup_steps)
+    targets = target_examples(tokenizer, args.n_targets, args.max_tokens)
+    exp_avg, exp_avg_sq = warmup_moments(model, warm, pad, args.warmup_steps, args.warmup_lr)
+    engine = PerExampleGradients(model)
+    configs = {"fast": ("fast", args.seed), "exact": ("exact", args.seed), "exact_seed+1": ("exact", args.seed + 1)}
+    projectors = {name: make_projector(mode, engine.dim, args.dim, seed, engine.names_hash)
+                  for name, (mode, seed) in configs.items()}
+    features = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind, examples, moments in (("train", train, (exp_avg, exp_avg_sq)), ("target", targets, (None, None))):
+            stores = [FeatureStore(Path(tmp) / kind / name, "bench", "warmup", kind, p, shard_size=10**6)
+                      for name, p in projectors.items()]
+            started = time.perf_counter()
+            compute_features(model, examples, list(projectors.values()), stores, exp_avg=moments[0],
+                             exp_avg_sq=moments[1], pad_token_id=pad, max_batch_size=args.batch_size,
+                             exact_group_size=10**6,
+                             progress_cb=lambda p: p.done % 64 == 0 and log(f"  {kind}: {p.done}/{p.total} "
+                                                                              f"{p.examples_per_s:.2f} ex/s"))
+            log(f"{kind}: {len(examples)} examples, 3 projections, {time.perf_counter() - started:.0f}s")
+            for name, store in zip(projectors, stores):
+                features[(kind, name)] = store.features()
+    scores = {name: less_scores(features[("train", name)], features[("target", name)]) for name in projectors}
+    result = {
+        "fidelity_n_train": len(train),
+        "fidelity_n_targets": len(targets),
+        "fidelity_spearman_fast_vs_exact": spearman(scores["fast"], scores["exact"]),
+        "fidelity_top5pct_overlap_fast_vs_exact": top_overlap(scores["fast"], scores["exact"]),
+        "fidelity_spearman_exact_vs_exact_other_seed": spearman(scores["exact_seed+1"], scores["exact"]),
+        "fidelity_top5pct_overlap_exact_vs_exact_other_seed": top_overlap(scores["exact_seed+1"], scores["exact"]),
+        "score_std_exact": float(scores["exact"].std()),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    result["fidelity_pass"] = (result["fidelity_spearman_fast_vs_exact"] >= 0.95
+                               and result["fidelity_top5pct_overlap_fast_vs_exact"] >= 0.9)
+    return result
+
+
+def benchmark(args) -> dict:
+    model, tokenizer = load(args)
+    pad = tokenizer.pad_token_id
+    warm = pool_examples(tokenizer, 4 * args.warmup_steps, args.min_tokens, args.max_tokens)
+    examples = pool_examples(tokenizer, args.n_examples, args.min_tokens, args.max_tokens,
+                             skip=4 * args.warmup_steps)
+    targets = target_examples(tokenizer, args.n_targets, args.max_tokens)
+    n_tokens = sum(len(e) for _, e in examples)
+    log(f"{len(examples)} examples, {n_tokens} tokens ({min(len(e) for _, e in examples)}-"
+        f"{max(len(e) for _, e in examples)} each), {len(targets)} MMLU targets, dim {args.dim}, "
+        f"batch {args.batch_size}, {torch.get_num_threads()} threads")
+    exp_avg, exp_avg_sq = warmup_moments(model, warm, pad, args.warmup_steps, args.warmup_lr)
+    engine = PerExampleGradients(model)
+    moments = AdamMoments.from_named(exp_avg, exp_avg_sq, engine.slots)
+    fast = make_projector("fast", engine.dim, args.dim, args.seed, engine.names_hash)
+    floor_pass(model, examples[:2], pad, 2)  # untimed: first-call allocations and thread start-up
+    floor_times, ours_times = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):
+            floor_times.append(floor_pass(model, examples, pad, args.batch_size))
+            seconds, ours_store = ours_pass(model, examples, fast, pad, args.batch_size, exp_avg, exp_avg_sq,
+                                            Path(tmp), f"ours{repeat}")
+            ours_times.append(seconds)
+            gc.collect()
+            log(f"repeat {repeat}: floor {floor_times[-1]:.1f}s, ours {ours_times[-1]:.1f}s")
+        fast_train = ours_store.features([i for i, _ in examples])
+        target_store = FeatureStore(Path(tmp) / "target", "bench-smollm2", "warmup", "target", fast, shard_size=10**6)
+        compute_features(model, targets, fast, target_store, pad_token_id=pad, max_batch_size=args.batch_size)
+        fast_target = target_store.features([i for i, _ in targets])
+    rss_after_ours = peak_rss_mb()
+    if args.less_projector == "trak":
+        less_projector = TrakBasicProjector(engine.dim, args.dim, args.seed)
+    else:
+        less_projector = make_projector("exact", engine.dim, args.dim, args.seed, engine.names_hash, cache_bytes=0)
+    less_seconds, less_projection_seconds, less_features = less_loop(model, examples, moments, less_projector,
+                                                                     args.project_every)
+    log(f"LESS-style loop ({args.less_projector} projector): {less_seconds:.1f}s, of which projection "
+        f"{less_projection_seconds:.1f}s")
+    # The exact oracle on the same Adam features (and the targets' SGD gradients), one call.
+    target_grads = torch.cat([engine(collate([e], pad)) for _, e in targets])
+    exact = make_projector("exact", engine.dim, args.dim, args.seed, engine.names_hash, cache_bytes=0)
+    started = time.perf_counter()
+    exact_all = unit_rows(exact.project(torch.cat([less_features, target_grads]))).half().numpy()
+    exact_seconds = time.perf_counter() - started
+    exact_train, exact_target = exact_all[: len(examples)], exact_all[len(examples) :]
+    fast_scores, exact_scores = less_scores(fast_train, fast_target), less_scores(exact_train, exact_target)
+    n = len(examples)
+    ours_s, floor_s = statistics.median(ours_times), statistics.median(floor_times)
+    less_no_projection_s = less_seconds - less_projection_seconds
+    calls = math.ceil(n / args.project_every)
+    result = {
+        "ours_examples_per_s": n / ours_s,
+        "less_loop_examples_per_s": n / less_seconds,
+        "floor_examples_per_s": n / floor_s,
+        "speedup_vs_less_loop": less_seconds / ours_s,
+        "time_vs_floor": ours_s / floor_s,
+        "spearman_vs_exact": spearman(fast_scores, exact_scores),
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb_after_ours": rss_after_ours,
+        "less_loop_projector": args.less_projector,
+        "less_loop_projection_s_per_example": less_projection_seconds / n,
+        "less_loop_without_projection_examples_per_s": n / less_no_projection_s,
+        # LESS loop if its projector were our exact one (one dense regeneration per 16 examples).
+        "less_loop_with_our_exact_projector_examples_per_s_est": n / (less_no_projection_s + calls * exact_seconds),
+        "exact_projection_call_s": exact_seconds,
+        "n_examples": n,
+        "n_tokens": n_tokens,
+        "n_targets": len(targets),
+        "dim": args.dim,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "ours_s_runs": ours_times,
+        "floor_s_runs": floor_times,
+        "threads": torch.get_num_threads(),
+    }
+    log(f"examples/s: ours {result['ours_examples_per_s']:.3f}, LESS-style {result['less_loop_examples_per_s']:.3f}, "
+        f"floor {result['floor_examples_per_s']:.3f}")
+    log(f"ours vs LESS-style: {result['speedup_vs_less_loop']:.1f}x faster (target >= 6x); ours/floor time "
+        f"{result['time_vs_floor']:.2f} (target <= 1.2); spearman fast vs exact {result['spearman_vs_exact']:.3f}; "
+        f"peak RSS {result['peak_rss_mb']:.0f} MB")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n-examples", type=int, default=32)
+    parser.add_argument("--min-tokens", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--n-targets", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=8192)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of ours and the floor (median)")
+    parser.add_argument("--project-every", type=int, default=16)
+    parser.add_argument("--less-projector", choices=("trak", "exact"), default="trak",
+                        help="trak: LESS's CPU projector procedure; exact: our dense oracle (faster RNG)")
+    parser.add_argument("--warmup-steps", type=int, default=4)
+    parser.add_argument("--warmup-lr", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fidelity", action="store_true", help="run the fast-vs-exact fidelity check instead")
+    parser.add_argument("--fidelity-examples", type=int, default=240)
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    if args.fidelity:
+        if args.n_targets == 4:
+            args.n_targets = 8
+        result = fidelity(args)
+        log(f"fidelity fast vs exact on {result['fidelity_n_train']} examples: spearman "
+            f"{result['fidelity_spearman_fast_vs_exact']:.3f} (>= 0.95), top-5% overlap "
+            f"{result['fidelity_top5pct_overlap_fast_vs_exact']:.2f} (>= 0.9) -> "
+            f"{'PASS' if result['fidelity_pass'] else 'FAIL'}; exact vs exact(other seed): spearman "
+            f"{result['fidelity_spearman_exact_vs_exact_other_seed']:.3f}, overlap "
+            f"{result['fidelity_top5pct_overlap_exact_vs_exact_other_seed']:.2f}")
+    else:
+        result = benchmark(args)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Which examples trained which LoRA checkpoint, and loading a checkpoint's adapter back."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+import torch
+
+from selection.training import ADAPTER_DIR
+
+CHECKPOINT_TABLES = (
+    """CREATE TABLE IF NOT EXISTS checkpoints (
+        model VARCHAR NOT NULL, stage VARCHAR NOT NULL, run_key VARCHAR NOT NULL, epoch INTEGER NOT NULL,
+        path VARCHAR NOT NULL, avg_lr DOUBLE, mean_loss DOUBLE, n_examples INTEGER, pool_version VARCHAR,
+        method VARCHAR, target VARCHAR, budget INTEGER, config JSON, created_at TIMESTAMPTZ
+    )""",
+    """CREATE TABLE IF NOT EXISTS checkpoint_examples (
+        model VARCHAR NOT NULL, stage VARCHAR NOT NULL, run_key VARCHAR NOT NULL, example_id VARCHAR NOT NULL
+    )""",
+)
+
+
+@dataclass(frozen=True)
+class CheckpointRow:
+    model: str
+    stage: str  # "warmup" or "finetune"
+    run_key: str
+    epoch: int
+    path: str
+    avg_lr: float
+    mean_loss: float
+    n_examples: int
+    pool_version: str
+    method: str | None = None
+    target: str | None = None
+    budget: int | None = None
+    config: dict[str, Any] | None = None
+
+
+def training_run_key(model_fingerprint: str, config: dict[str, Any], example_ids: Sequence[str]) -> str:
+    """Identity of a training run: the model, the training config and the exact examples."""
+    payload = json.dumps([model_fingerprint, config, sorted(example_ids)], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def record_training_run(
+    con: duckdb.DuckDBPyConnection, rows: Sequence[CheckpointRow], example_ids: Sequence[str]
+) -> None:
+    """Replace the rows of this (model, stage, run_key) atomically: checkpoints and their examples."""
+    if not rows:
+        raise ValueError("a training run without checkpoints cannot be recorded")
+    keys = {(r.model, r.stage, r.run_key) for r in rows}
+    if len(keys) != 1:
+        raise ValueError(f"rows of several runs given at once: {sorted(keys)}")
+    model, stage, run_key = keys.pop()
+    for ddl in CHECKPOINT_TABLES:
+        con.execute(ddl)
+    now = datetime.now(timezone.utc)
+    checkpoint_frame = pd.DataFrame(
+        [
+            (r.model, r.stage, r.run_key, r.epoch, r.path, r.avg_lr, r.mean_loss, r.n_examples, r.pool_version,
+             r.method, r.target, r.budget, json.dumps(r.config or {}, sort_keys=True), now)
+            for r in rows
+        ],
+        columns=["model", "stage", "run_key", "epoch", "path", "avg_lr", "mean_loss", "n_examples",
+                 "pool_version", "method", "target", "budget", "config", "created_at"],
+    )
+    example_frame = pd.DataFrame({"model": model, "stage": stage, "run_key": run_key, "example_id": list(example_ids)})
+    con.begin()
+    try:
+        where = "WHERE model = ? AND stage = ? AND run_key = ?"
+        con.execute(f"DELETE FROM checkpoints {where}", [model, stage, run_key])
+        con.execute(f"DELETE FROM checkpoint_examples {where}", [model, stage, run_key])
+        con.execute("INSERT INTO checkpoints SELECT * FROM checkpoint_frame")
+        con.execute("INSERT INTO checkpoint_examples SELECT * FROM example_frame")
+        con.commit()
+    except BaseException:
+        con.rollback()
+        raise
+
+
+def latest_run_checkpoints(con: duckdb.DuckDBPyConnection, model: str, stage: str) -> pd.DataFrame:
+    """Checkpoints of the most recently recorded run of `stage` for `model`, by epoch."""
+    for ddl in CHECKPOINT_TABLES:
+        con.execute(ddl)
+    frame = con.execute(
+        """SELECT * FROM checkpoints WHERE model = ? AND stage = ? AND run_key = (
+               SELECT run_key FROM checkpoints WHERE model = ? AND stage = ? ORDER BY created_at DESC LIMIT 1)
+           ORDER BY epoch""",
+        [model, stage, model, stage],
+    ).df()
+    if frame.empty:
+        raise ValueError(f"no {stage} checkpoints recorded for model {model!r}; materialize warmup_checkpoints first")
+    return frame
+
+
+def load_adapter_weights(peft_model: torch.nn.Module, checkpoint_dir: str | Path) -> None:
+    """Put a saved epoch's adapter weights into `peft_model` (same LoRA config), keeping them trainable."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights_path = Path(checkpoint_dir) / ADAPTER_DIR / "adapter_model.safetensors"
+    if not weights_path.is_file():
+        raise ValueError(f"{checkpoint_dir} has no adapter weights at {weights_path}")
+    result = set_peft_model_state_dict(peft_model, load_file(str(weights_path)))
+    missing_lora = [key for key in result.missing_keys if "lora_" in key]
+    if missing_lora or result.unexpected_keys:
+        raise ValueError(
+            f"adapter at {weights_path} does not fit the model: missing {missing_lora[:3]}, "
+            f"unexpected {list(result.unexpected_keys)[:3]}"
+        )

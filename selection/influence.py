@@ -1,0 +1,114 @@
+"""LESS influence over the gradient datastore: row-aligned views of sharded stores, scores on disk."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from selection import less
+from selection.datastore import FeatureStore, check_compatible
+
+
+class ShardedRows:
+    """A read-only `[n_rows, dim]` view over a store's memory-mapped shards, in storage order.
+
+    Supports what the chunked influence loop needs (`shape`, `ndim`, row slices) without
+    concatenating the shards in memory.
+    """
+
+    def __init__(self, store: FeatureStore) -> None:
+        self.store = store
+        self._shards = [store.shard(i) for i in range(store.n_shards)]
+        self._starts = np.cumsum([0] + [len(s) for s in self._shards])
+        self.shape = (int(self._starts[-1]), store.dim)
+        self.ndim = 2
+        self.dtype = np.float16
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("ShardedRows supports contiguous row slices only")
+        start, stop, _ = rows.indices(self.shape[0])
+        parts = []
+        first = int(np.searchsorted(self._starts, start, side="right") - 1)
+        for shard in range(max(first, 0), len(self._shards)):
+            lo, hi = self._starts[shard], self._starts[shard + 1]
+            if lo >= stop:
+                break
+            parts.append(self._shards[shard][max(start - lo, 0) : min(stop, hi) - lo])
+        return np.concatenate(parts) if parts else np.zeros((0, self.shape[1]), np.float16)
+
+
+@dataclass(frozen=True)
+class InfluenceResult:
+    scores_path: Path
+    train_ids: list[str]
+    n_val: int
+
+
+def compute_influence(
+    train_stores: Sequence[FeatureStore],
+    target_stores: Sequence[FeatureStore],
+    avg_lrs: Sequence[float],
+    val_ids: Sequence[str],
+    out_dir: str | Path,
+    chunk_rows: int = 8192,
+) -> InfluenceResult:
+    """Scores `[n_train, n_val]` = sum_c w_c cos(train_c, val_c), w_c = avg lr normalized (LESS).
+
+    One (train, target) store pair per checkpoint. Train rows are read shard by shard
+    from disk; the score matrix is a float32 .npy memmap in `out_dir` with the row ids
+    beside it (`train_ids.json`).
+    """
+    if not train_stores or len(train_stores) != len(target_stores) or len(avg_lrs) != len(train_stores):
+        raise ValueError(
+            f"need one train store, target store and avg lr per checkpoint; got {len(train_stores)}, "
+            f"{len(target_stores)}, {len(avg_lrs)}"
+        )
+    for train, target in zip(train_stores, target_stores):
+        check_compatible(train, target)
+    train_ids = train_stores[0].ids()
+    for c, store in enumerate(train_stores[1:], start=1):
+        if store.ids() != train_ids:
+            raise ValueError(
+                f"train features of checkpoint {c} ({store.directory}) hold other ids or another order than "
+                f"checkpoint 0 ({train_stores[0].directory}); rematerialize train_gradients"
+            )
+    if not train_ids:
+        raise ValueError("the train gradient stores are empty")
+    weights = less.checkpoint_weights(avg_lrs)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scores_path = out_dir / "influence.npy"
+    less.influence_scores(
+        [ShardedRows(s) for s in train_stores],
+        [s.features(list(val_ids)) for s in target_stores],
+        weights,
+        scores_path,
+        chunk_rows=chunk_rows,
+    )
+    (out_dir / "train_ids.json").write_text(json.dumps(train_ids))
+    return InfluenceResult(scores_path=scores_path, train_ids=train_ids, n_val=len(val_ids))
+
+
+def load_scores(out_dir: str | Path) -> tuple[np.ndarray, list[str]]:
+    """The memory-mapped score matrix and its row ids."""
+    out_dir = Path(out_dir)
+    return np.load(out_dir / "influence.npy", mmap_mode="r"), json.loads((out_dir / "train_ids.json").read_text())
+
+
+def open_store(directory: str | Path) -> FeatureStore:
+    """Reopen an existing store from its manifest (its identity is re-checked on open)."""
+    from selection.datastore import MANIFEST_FILE
+
+    manifest_path = Path(directory) / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise ValueError(f"{directory} is not a feature store: {MANIFEST_FILE} is missing")
+    manifest = json.loads(manifest_path.read_text())
+    return FeatureStore(directory, manifest["model"], manifest["checkpoint"], manifest["kind"], manifest["projection"])

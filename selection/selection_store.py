@@ -1,0 +1,118 @@
+"""The `selections` table (CONTRACT.md) and per-example explanations, written atomically per selection."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+SELECTION_DDL = (
+    """CREATE TABLE IF NOT EXISTS selections (
+        model VARCHAR NOT NULL, method VARCHAR NOT NULL, target VARCHAR NOT NULL, budget INTEGER NOT NULL,
+        example_id VARCHAR NOT NULL, rank INTEGER NOT NULL, score DOUBLE,
+        pool_version VARCHAR NOT NULL, run_id VARCHAR, code_version VARCHAR, created_at TIMESTAMPTZ
+    )""",
+    """CREATE TABLE IF NOT EXISTS selection_explanations (
+        model VARCHAR NOT NULL, method VARCHAR NOT NULL, target VARCHAR NOT NULL, budget INTEGER NOT NULL,
+        example_id VARCHAR NOT NULL, reason_rank INTEGER NOT NULL, val_example_id VARCHAR, val_task VARCHAR,
+        val_subtask VARCHAR, normalized_influence DOUBLE
+    )""",
+)
+
+
+@dataclass(frozen=True)
+class Selection:
+    model: str
+    method: str
+    target: str  # a task name, or "all" for multi-target methods
+    example_ids: list[str]  # in selection order
+    scores: list[float | None]
+    pool_version: str
+
+    def __post_init__(self) -> None:
+        if len(self.example_ids) != len(self.scores):
+            raise ValueError("one score per selected example is required (None where a method has none)")
+        if len(set(self.example_ids)) != len(self.example_ids):
+            raise ValueError(f"selection {self.method}/{self.target} repeats examples")
+        if not self.example_ids:
+            raise ValueError(f"selection {self.method}/{self.target} is empty")
+
+    @property
+    def budget(self) -> int:
+        return len(self.example_ids)
+
+
+def ensure_selection_tables(con: duckdb.DuckDBPyConnection) -> None:
+    for ddl in SELECTION_DDL:
+        con.execute(ddl)
+
+
+def write_selections(
+    con: duckdb.DuckDBPyConnection,
+    selections: Sequence[Selection],
+    explanations: pd.DataFrame | None = None,
+    run_id: str | None = None,
+    code_version: str | None = None,
+) -> int:
+    """Replace each (model, method, target, budget) selection with the new one, in one transaction."""
+    ensure_selection_tables(con)
+    now = datetime.now(timezone.utc)
+    frame = pd.DataFrame(
+        [
+            (s.model, s.method, s.target, s.budget, example_id, rank,
+             None if score is None or not np.isfinite(score) else float(score), s.pool_version, run_id, code_version, now)
+            for s in selections
+            for rank, (example_id, score) in enumerate(zip(s.example_ids, s.scores))
+        ],
+        columns=["model", "method", "target", "budget", "example_id", "rank", "score", "pool_version", "run_id",
+                 "code_version", "created_at"],
+    )
+    keys = pd.DataFrame(
+        [(s.model, s.method, s.target, s.budget) for s in selections], columns=["model", "method", "target", "budget"]
+    )
+    con.begin()
+    try:
+        for table in ("selections", "selection_explanations"):
+            con.execute(
+                f"DELETE FROM {table} t WHERE EXISTS (SELECT 1 FROM keys k WHERE k.model = t.model "
+                "AND k.method = t.method AND k.target = t.target AND k.budget = t.budget)"
+            )
+        con.execute("INSERT INTO selections SELECT * FROM frame")
+        if explanations is not None and len(explanations):
+            con.execute(
+                "INSERT INTO selection_explanations SELECT model, method, target, budget, example_id, reason_rank, "
+                "val_example_id, val_task, val_subtask, normalized_influence FROM explanations"
+            )
+        con.commit()
+    except BaseException:
+        con.rollback()
+        raise
+    return len(frame)
+
+
+def selection_problems(con: duckdb.DuckDBPyConnection, model: str, method: str) -> list[str]:
+    """What is wrong with the stored selections of (model, method): the asset checks' findings."""
+    ensure_selection_tables(con)
+    problems = []
+    for target, budget, n_rows, n_distinct in con.execute(
+        "SELECT target, budget, count(*), count(DISTINCT example_id) FROM selections "
+        "WHERE model = ? AND method = ? GROUP BY target, budget",
+        [model, method],
+    ).fetchall():
+        if n_rows != budget:
+            problems.append(f"{target}: {n_rows} rows for budget {budget}")
+        if n_distinct != n_rows:
+            problems.append(f"{target}: {n_rows - n_distinct} duplicate example ids")
+    (missing,) = con.execute(
+        """SELECT count(*) FROM selections s WHERE s.model = ? AND s.method = ? AND NOT EXISTS (
+               SELECT 1 FROM pool p JOIN pool_versions v ON v.pool_version = s.pool_version
+               WHERE p.example_id = s.example_id AND p.first_seen_seq <= v.seq)""",
+        [model, method],
+    ).fetchone()
+    if missing:
+        problems.append(f"{missing} selected ids are not in the pool version they were selected from")
+    return problems

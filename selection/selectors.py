@@ -1,0 +1,105 @@
+"""Influence-based selections (LESS per task and multi-target, BIDS) and the baselines, on one score matrix.
+
+`columns` describes the score matrix's columns: one dict per target val example with
+`task`, `subtask` and `val_example_id`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from selection import baselines, bids, less
+
+ALL_TARGETS = "all"
+
+
+@dataclass(frozen=True)
+class RankedPicks:
+    target: str
+    indices: np.ndarray  # rows of the score matrix, in selection order
+    scores: np.ndarray  # the method's score for each pick (NaN where it has none)
+
+
+def resolve_budget_setting(budget: float, n_pool: int) -> int:
+    """Config budgets: a value >= 1 is a count (must be whole), a value in (0, 1) a fraction of the pool."""
+    if budget >= 1:
+        if budget != int(budget):
+            raise ValueError(f"a budget >= 1 is a count of examples and must be whole, got {budget}")
+        return less.resolve_budget(int(budget), n_pool)
+    return less.resolve_budget(float(budget), n_pool)
+
+
+def task_columns(columns: Sequence[Mapping[str, str]]) -> dict[str, list[int]]:
+    by_task: dict[str, list[int]] = {}
+    for index, column in enumerate(columns):
+        by_task.setdefault(column["task"], []).append(index)
+    return dict(sorted(by_task.items()))
+
+
+def per_task_less_scores(scores: np.ndarray, columns: Sequence[Mapping[str, str]]) -> dict[str, np.ndarray]:
+    """LESS target score of every row for each task (mean per subtask, max over subtasks)."""
+    return {
+        task: less.aggregate_target_scores(np.asarray(scores[:, cols]), [columns[c]["subtask"] for c in cols])
+        for task, cols in task_columns(columns).items()
+    }
+
+
+def less_selections(scores: np.ndarray, columns: Sequence[Mapping[str, str]], budget: int) -> list[RankedPicks]:
+    """Top-`budget` per task, plus the multi-target variant (`all`: max over tasks of the task scores)."""
+    per_task = per_task_less_scores(scores, columns)
+    picks = [RankedPicks(task, less.top_k(s, budget), s[less.top_k(s, budget)]) for task, s in per_task.items()]
+    combined, _ = less.multi_target_scores(per_task)
+    chosen = less.top_k(combined, budget)
+    return picks + [RankedPicks(ALL_TARGETS, chosen, combined[chosen])]
+
+
+def bids_selection(scores: np.ndarray, budget: int) -> list[RankedPicks]:
+    chosen, gains = bids.bids_select_with_gains(np.asarray(scores), budget)
+    return [RankedPicks(ALL_TARGETS, chosen, gains)]
+
+
+def round_robin_selection(scores: np.ndarray, columns: Sequence[Mapping[str, str]], budget: int) -> list[RankedPicks]:
+    per_task = per_task_less_scores(scores, columns)
+    rankings = {task: np.argsort(-s, kind="stable") for task, s in per_task.items()}
+    chosen = baselines.round_robin_select(rankings, budget)
+    combined, _ = less.multi_target_scores(per_task)
+    return [RankedPicks(ALL_TARGETS, chosen, combined[chosen])]
+
+
+def random_selection(n_pool: int, budget: int, seed: int) -> list[RankedPicks]:
+    chosen = baselines.random_select(n_pool, budget, seed)
+    return [RankedPicks(ALL_TARGETS, chosen, np.full(len(chosen), np.nan))]
+
+
+def explanations(
+    scores: np.ndarray, columns: Sequence[Mapping[str, str]], picks: RankedPicks, top: int = 3
+) -> pd.DataFrame:
+    """For each pick, the `top` val examples with the highest normalized influence on it, and their tasks."""
+    matrix = np.asarray(scores)
+    records = bids.explain_selection(matrix, picks.indices, list(range(matrix.shape[1])), top=top)
+    return pd.DataFrame(
+        [
+            {
+                "row": r["row"], "reason_rank": r["rank"], "val_example_id": columns[r["column"]]["val_example_id"],
+                "val_task": columns[r["column"]]["task"], "val_subtask": columns[r["column"]]["subtask"],
+                "normalized_influence": r["score"],
+            }
+            for r in records
+        ],
+        columns=["row", "reason_rank", "val_example_id", "val_task", "val_subtask", "normalized_influence"],
+    )
+
+
+def task_balance(scores: np.ndarray, columns: Sequence[Mapping[str, str]], rows: np.ndarray) -> dict[str, float]:
+    """Mean z-scored influence of the selected rows on each task's val examples (the BIDS balance picture)."""
+    normalized, kept = bids.normalize_columns(np.asarray(scores))
+    kept_columns = [columns[c] for c in kept]
+    selected = normalized[rows]
+    balance: dict[str, list[float]] = {}
+    for local, column in enumerate(kept_columns):
+        balance.setdefault(column["task"], []).append(float(selected[:, local].mean()))
+    return {task: float(np.mean(values)) for task, values in sorted(balance.items())}
