@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from selection.less import checkpoint_weights, influence_scores
 
@@ -62,7 +63,13 @@ def main() -> None:
     ap.add_argument("--chunk-rows", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--tmp-dir", default=None, help="where to write the synthetic features")
+    ap.add_argument("--threads", type=int, default=None, help="cap BLAS threads (default: all cores)")
     args = ap.parse_args()
+    with threadpool_limits(limits=args.threads):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_influence_", dir=args.tmp_dir))
     try:
@@ -102,7 +109,7 @@ def main() -> None:
     print(f"fp32 BLAS matmul floor (in RAM, extrapolated): {floor_s:.2f} s -> ours / floor = {ours_s / floor_s:.2f}")
     print(f"max |error| vs float64 on 64 rows: {max_abs_err:.2e}")
     print(json.dumps({
-        "n_train": args.n_train, "dim": args.dim, "n_val": args.n_val, "checkpoints": args.checkpoints,
+        "threads": args.threads, "n_train": args.n_train, "dim": args.dim, "n_val": args.n_val, "checkpoints": args.checkpoints,
         "chunk_rows": args.chunk_rows, "seconds_per_checkpoint": round(per_ckpt, 3),
         "seconds_total": round(ours_s, 3), "blas_floor_seconds": round(floor_s, 3),
         "time_vs_floor": round(ours_s / floor_s, 3), "max_abs_err_vs_float64": max_abs_err,

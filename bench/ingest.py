@@ -10,7 +10,7 @@ conversation in another format). Then, each in a fresh child process so peak RSS
   ratio of peak RSS (and of growth over the post-import baseline) big/small should stay
   near 1 when memory does not grow with the file.
 
-Usage: .venv/bin/python bench/ingest.py [--lines 200000] [--small 50000] [--keep DIR]
+Usage: .venv/bin/python bench/ingest.py [--lines 200000] [--small 50000] [--memory-limit 512MB] [--keep DIR]
 The last line printed is one JSON object.
 """
 
@@ -87,7 +87,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def child(mode: str, path: str, db: str, batch_rows: int) -> None:
+def child(mode: str, path: str, db: str, batch_rows: int, memory_limit: str) -> None:
     sys.path.insert(0, str(ROOT))
     import duckdb
 
@@ -104,6 +104,8 @@ def child(mode: str, path: str, db: str, batch_rows: int) -> None:
         extra: dict[str, Any] = {"n_accepted_before_dedup": n_accepted}
     else:
         con = duckdb.connect(db)
+        if memory_limit != "none":
+            con.execute(f"SET memory_limit = '{memory_limit}'")
         report = ingest_sources(con, [SourceSpec(path)], batch_rows=batch_rows)
         con.close()
         n_read = report.n_read
@@ -113,9 +115,9 @@ def child(mode: str, path: str, db: str, batch_rows: int) -> None:
                       "baseline_rss_mb": baseline, "peak_rss_mb": _peak_rss_mb(), **extra}))
 
 
-def run_child(mode: str, path: Path, db: Path, batch_rows: int) -> dict[str, Any]:
+def run_child(mode: str, path: Path, db: Path, batch_rows: int, memory_limit: str) -> dict[str, Any]:
     command = [sys.executable, __file__, "--child", mode, "--path", str(path), "--db", str(db),
-               "--batch-rows", str(batch_rows)]
+               "--batch-rows", str(batch_rows), "--memory-limit", memory_limit]
     result = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -126,13 +128,15 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=50_000, help="size of the comparison run for memory flatness")
     parser.add_argument("--batch-rows", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--keep", type=Path, help="write the files here and keep them")
+    parser.add_argument("--memory-limit", default="512MB",
+                        help="DuckDB memory_limit for the ingest ('none': DuckDB's default, 80%% of RAM, used as cache)")
+    parser.add_argument("--keep", type=Path, help="write the files here and keep them (reused by later runs)")
     parser.add_argument("--child", choices=("parse", "ingest"), help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--db", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.path, args.db, args.batch_rows)
+        child(args.child, args.path, args.db, args.batch_rows, args.memory_limit)
         return
     if not 0 < args.small < args.lines:
         parser.error("--small must be between 0 and --lines")
@@ -142,15 +146,18 @@ def main() -> None:
         folder.mkdir(parents=True, exist_ok=True)
         results: dict[str, dict[str, Any]] = {}
         for label, n_lines in (("small", args.small), ("big", args.lines)):
-            path = folder / f"mixed_{n_lines}.jsonl"
-            started = time.perf_counter()
-            mix = generate(path, n_lines, seed=args.seed)
-            print(f"generated {n_lines:,} lines ({path.stat().st_size / 2**20:.1f} MiB, {mix}) "
-                  f"in {time.perf_counter() - started:.1f} s", flush=True)
+            path = folder / f"mixed_{n_lines}_seed{args.seed}.jsonl"
+            if path.exists() and args.keep:
+                print(f"reusing {path}", flush=True)
+            else:
+                started = time.perf_counter()
+                mix = generate(path, n_lines, seed=args.seed)
+                print(f"generated {n_lines:,} lines ({path.stat().st_size / 2**20:.1f} MiB, {mix}) "
+                      f"in {time.perf_counter() - started:.1f} s", flush=True)
             for mode in ("parse", "ingest"):
                 db = folder / f"pool_{n_lines}.duckdb"
                 db.unlink(missing_ok=True)
-                results[f"{mode}_{label}"] = outcome = run_child(mode, path, db, args.batch_rows)
+                results[f"{mode}_{label}"] = outcome = run_child(mode, path, db, args.batch_rows, args.memory_limit)
                 print(f"  {mode:6s} {n_lines:>9,} lines: {outcome['records_per_s']:>9,.0f} records/s, "
                       f"{outcome['seconds']:.1f} s, peak RSS {outcome['peak_rss_mb']:.0f} MB "
                       f"(after imports {outcome['baseline_rss_mb']:.0f} MB)", flush=True)
@@ -168,7 +175,7 @@ def main() -> None:
           f"{ingest['peak_rss_mb']:.0f} MB = {ratio_peak:.2f}x; growth over imports {ratio_growth:.2f}x; "
           f"parse-only growth {parse_ratio_growth:.2f}x")
     print(json.dumps({
-        "lines": args.lines, "small_lines": args.small,
+        "lines": args.lines, "small_lines": args.small, "duckdb_memory_limit": args.memory_limit,
         "parse_records_per_s": round(parse["records_per_s"], 1),
         "ingest_records_per_s": round(ingest["records_per_s"], 1),
         "ingest_seconds": round(ingest["seconds"], 2),

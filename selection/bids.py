@@ -21,14 +21,19 @@ to sort, then O(m) per step -- against O(budget * n * m) naive.
 
 Exactness. Floating-point subtraction is monotone in its first argument, so
 fl(colmax_j - ref[j]) equals the largest fl(A[i, j] - ref[j]) over unselected i,
-i.e. the step's best value is bit-identical to the naive one. Rows tying for it
-are found by scanning each winning column from its pointer while fl(A - ref)
-still equals the best value, and the lowest row index wins, as in the definition.
+i.e. the step's best value is bit-identical to the naive one. Ties: columns are
+sorted by (value descending, row index ascending), so a column's pointer row is
+its lowest-index unselected row among those with the top value; the winner is
+the lowest such row over all columns reaching the best value. A row with a
+smaller value can only reach the same fl(A - ref) through rounding; that is
+checked against the column's next smaller value, and in that rare case the
+column is scanned in full. Heavily tied inputs (integer scores) stay fast.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 from numbers import Integral
 
 import numpy as np
@@ -83,25 +88,53 @@ def _prepare(scores: np.ndarray, budget: int, normalize: bool) -> tuple[np.ndarr
     return matrix, _resolve_count(budget, matrix.shape[0])
 
 
-def _top_rows_per_column(matrix: np.ndarray, depth: int) -> np.ndarray:
-    """[m, depth] row indices: for each column its `depth` largest values, descending."""
+@dataclass
+class _ColumnIndex:
+    """Per column j, its top `depth` rows by (value descending, row index ascending)."""
+
+    order: np.ndarray  # [m, depth] row ids
+    run_end: np.ndarray  # [m, depth] first position holding a strictly smaller value (depth if none)
+    below: np.ndarray  # [m] largest value of the column below the last listed value (-inf if none)
+
+
+def _index_columns(matrix: np.ndarray, depth: int) -> _ColumnIndex:
     n, m = matrix.shape
-    out = np.empty((m, depth), dtype=np.int64)
+    id_type = np.int32 if n < 2**31 else np.int64
+    order = np.empty((m, depth), dtype=id_type)
+    run_end = np.empty((m, depth), dtype=id_type)
+    below = np.full(m, -np.inf)
+    positions = np.arange(depth)
     for j in range(m):
-        col = -np.ascontiguousarray(matrix[:, j])
-        cand = np.argpartition(col, depth - 1)[:depth] if depth < n else np.arange(n)
-        # Order among equal values is irrelevant: ties are resolved by scanning (see _lowest_tied_row).
-        out[j] = cand[np.argsort(col[cand])]
-    return out
+        col = np.ascontiguousarray(matrix[:, j])
+        if depth < n:
+            cand = np.argpartition(-col, depth - 1)[:depth]
+            edge = col[cand].min()
+            # Rows equal to the boundary value are cut arbitrarily by argpartition:
+            # keep the lowest row ids among them, so in-list ties are the first in index order.
+            above = cand[col[cand] > edge]
+            cand = np.concatenate([above, np.flatnonzero(col == edge)[: depth - above.size]])
+            lower = col[col < edge]
+            below[j] = lower.max() if lower.size else -np.inf
+        else:
+            cand = np.arange(n)
+        cand = cand[np.lexsort((cand, -col[cand]))]
+        values = col[cand]
+        order[j] = cand
+        # run_end[p]: start of the next run of a smaller value; computed right to left
+        starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
+        next_start = np.r_[starts[1:], depth]
+        run_end[j] = next_start[np.searchsorted(starts, positions, side="right") - 1]
+    return _ColumnIndex(order, run_end, below)
 
 
 def _greedy(matrix: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
     n, m = matrix.shape
-    depth = budget  # pointers never pass more than budget - 1 selected rows
-    order = _top_rows_per_column(matrix, depth)
+    depth = budget  # a pointer passes only selected rows, at most budget - 1 of them
+    index = _index_columns(matrix, depth)
+    order, run_end = index.order, index.run_end
     cols = np.arange(m)
     ptr = np.zeros(m, dtype=np.int64)
-    top_row = order[:, 0].copy()
+    top_row = order[:, 0].astype(np.int64)
     colmax = matrix[top_row, cols]
     selected = np.zeros(n, dtype=bool)
     total = np.zeros(m, dtype=np.float64)
@@ -112,9 +145,20 @@ def _greedy(matrix: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
     for step in range(budget):
         vals = colmax - ref
         best = vals.max()
-        winner = n
-        for j in np.flatnonzero(vals == best):
-            winner = min(winner, _lowest_tied_row(matrix, order[j], int(ptr[j]), j, ref[j], best, selected))
+        tied_cols = np.flatnonzero(vals == best)
+        # Each column's top row is its lowest-index unselected row with that value.
+        # A lower-valued row can only tie through rounding of fl(A - ref); check the
+        # column's next smaller value and scan the whole column in that (rare) case.
+        ends = run_end[tied_cols, ptr[tied_cols]]
+        next_vals = np.where(
+            ends < depth,
+            matrix[order[tied_cols, np.minimum(ends, depth - 1)], tied_cols],
+            index.below[tied_cols],
+        )
+        winner = int(top_row[tied_cols].min())
+        for j in tied_cols[(next_vals - ref[tied_cols]) == best]:
+            tied = np.flatnonzero(((matrix[:, j] - ref[j]) == best) & ~selected)
+            winner = min(winner, int(tied[0]))
         picks[step], gains[step] = winner, best
         selected[winner] = True
         total += matrix[winner]
@@ -129,31 +173,6 @@ def _greedy(matrix: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
             moving = moving[selected[top_row[moving]]]
         colmax[stale] = matrix[top_row[stale], stale]
     return picks, gains
-
-
-def _lowest_tied_row(
-    matrix: np.ndarray,
-    column_order: np.ndarray,
-    start: int,
-    j: int,
-    ref_j: float,
-    best: float,
-    selected: np.ndarray,
-) -> int:
-    """Lowest unselected row i with fl(matrix[i, j] - ref_j) == best, given that
-    column_order[start] is the column's top unselected row and achieves it."""
-    lowest = int(column_order[start])
-    for pos in range(start + 1, column_order.size):
-        row = int(column_order[pos])
-        if matrix[row, j] - ref_j < best:
-            return lowest
-        if not selected[row]:
-            lowest = min(lowest, row)
-    if column_order.size == matrix.shape[0]:
-        return lowest
-    # Ties run past the partial sort (rare): fall back to a full column scan.
-    tied = np.flatnonzero(((matrix[:, j] - ref_j) == best) & ~selected)
-    return int(tied[0])
 
 
 def bids_select_with_gains(

@@ -88,9 +88,28 @@ def _masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Te
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
 
-def _length_order(lengths: Sequence[int]) -> list[int]:
+def length_order(lengths: Sequence[int]) -> list[int]:
     """Indices longest first (ties in input order): batches of similar length pad little."""
     return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+
+
+def pad_token_batch(
+    sequences: Sequence[Sequence[int]], pad_token_id: int, side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` long tensors, padded to the longest sequence on ``side``
+    (``"left"`` for batched generation, so every row ends where new tokens start)."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    if not sequences:
+        raise ValueError("cannot pad an empty batch")
+    longest = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        span = slice(longest - len(ids), longest) if side == "left" else slice(0, len(ids))
+        input_ids[row, span] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[row, span] = 1
+    return input_ids, attention_mask
 
 
 def _sha256_of_files(paths: Sequence[Path]) -> str:
@@ -172,8 +191,8 @@ class SentenceEncoder:
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
-        lengths = [len(ids) for ids in self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]]
-        order = _length_order(lengths)
+        encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        order = length_order([len(ids) for ids in encoded])
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             batch = self.tokenizer(
@@ -256,17 +275,11 @@ def embed_with_causal_lm(
     device = _model_device(model)
     encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
     out = np.empty((len(texts), int(model.config.hidden_size)), dtype=np.float32)
-    order = _length_order([len(ids) for ids in encoded])
+    order = length_order([len(ids) for ids in encoded])
     with eval_mode(model):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            longest = max(len(encoded[i]) for i in rows)
-            input_ids = torch.full((len(rows), longest), tokenizer.pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
-            for row, index in enumerate(rows):
-                ids = encoded[index]
-                input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-                attention_mask[row, : len(ids)] = 1
+            input_ids, attention_mask = pad_token_batch([encoded[i] for i in rows], tokenizer.pad_token_id)
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
             hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
             pooled = _masked_mean(hidden, attention_mask)

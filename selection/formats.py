@@ -96,15 +96,15 @@ def reason_code(reason: str) -> str:
     return reason.split(":", 1)[0]
 
 
-def _present_keys(record: Mapping[str, Any]) -> list[str]:
-    return sorted(str(key) for key, value in record.items() if value is not None)
+def _is_mapping(value: Any) -> bool:
+    return type(value) is dict or isinstance(value, Mapping)  # exact-type check first: ABC checks are slow
 
 
 def detect_format(record: Any) -> str:
     """Which format a record is in, from its (non-null) keys; rejects if none or several match."""
-    if not isinstance(record, Mapping):
+    if not _is_mapping(record):
         raise RecordRejected(NOT_OBJECT, f"record is a JSON {_json_type(record)}, expected an object")
-    keys = set(_present_keys(record))
+    keys = {str(key) for key, value in record.items() if value is not None}
     strong = [fmt for fmt, needed in _STRONG_KEYS.items() if all(key in keys for key in needed)]
     if len(strong) == 1:
         return strong[0]
@@ -122,7 +122,7 @@ def canonicalize(record: Any, fmt: str = "auto", max_chars: int = DEFAULT_MAX_CH
     """The canonical conversation of ``record`` in format ``fmt``; raises :class:`RecordRejected`."""
     if fmt != "auto" and fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected 'auto' or one of {list(FORMATS)}")
-    if not isinstance(record, Mapping):
+    if not _is_mapping(record):
         raise RecordRejected(NOT_OBJECT, f"record is a JSON {_json_type(record)}, expected an object")
     if fmt == "auto":
         fmt = detect_format(record)
@@ -196,7 +196,7 @@ def _role_content_turns(turns: list[Any], field: str, role_key: str, content_key
     out: list[Turn] = []
     for index, turn in enumerate(turns):
         where = f"{field}[{index}]"
-        if not isinstance(turn, Mapping):
+        if not _is_mapping(turn):
             raise RecordRejected(WRONG_TYPE, f"{where} is a {_json_type(turn)}, expected an object")
         keys = (role_key, content_key)
         if role_map is not None and role_key not in turn and "role" in turn:

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from selection.embeddings import eval_mode
+from selection.embeddings import eval_mode, length_order, pad_token_batch
 from selection.quality import Conversation, LogLikelihoodScorer, ResponseScorer
 from selection.tokenization import has_chat_template, render_conversation
 
@@ -73,7 +73,8 @@ def end_of_turn_token_ids(tokenizer: Any, model: torch.nn.Module | None = None) 
     if configured is not None:
         stop.update(int(i) for i in (configured if isinstance(configured, (list, tuple)) else [configured]))
     marker = "ANSWER"
-    text, spans = render_conversation(tokenizer, [{"role": "user", "content": "Q"}, {"role": "assistant", "content": marker}])
+    one_turn = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": marker}]
+    text, spans = render_conversation(tokenizer, one_turn)
     start, end = spans[-1]
     suffix = text[start:end]
     if suffix.startswith(marker) and len(suffix) > len(marker):
@@ -107,16 +108,12 @@ def _generate_from_token_ids(
     )
     device = next(model.parameters()).device
     outputs: list[str] = [""] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    order = length_order([len(ids) for ids in prompts])
     with eval_mode(model):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            longest = max(len(prompts[i]) for i in rows)
-            input_ids = torch.full((len(rows), longest), tokenizer.pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
-            for row, index in enumerate(rows):  # left padding: every row ends where generation starts
-                input_ids[row, longest - len(prompts[index]) :] = torch.tensor(prompts[index], dtype=torch.long)
-                attention_mask[row, longest - len(prompts[index]) :] = 1
+            input_ids, attention_mask = pad_token_batch([prompts[i] for i in rows], tokenizer.pad_token_id, "left")
+            longest = input_ids.shape[1]
             generated = model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
             )

@@ -4,7 +4,8 @@ Source file types (detected from the path, see :func:`detect_file_type`):
 
 - ``jsonl``: ``.jsonl`` / ``.ndjson`` (optionally ``.gz``), and ``.json`` files whose first
   non-blank line is a complete JSON value. One record per non-blank line; blank lines are
-  skipped and not counted, so ``line_no`` is the 1-based number of the non-blank line.
+  skipped and not counted, so ``line_no`` is the 1-based number of the non-blank line. A line
+  over ``MAX_LINE_BYTES`` is rejected (``too_large``) without being held in memory.
 - ``json``: other ``.json`` (optionally ``.gz``) files: a top-level array of records, or a
   sequence of whitespace-separated JSON values (e.g. one pretty-printed object). Parsed
   incrementally with ``json.JSONDecoder.raw_decode`` over chunks, never loaded whole;
@@ -39,6 +40,7 @@ from selection.formats import (
     FORMATS,
     INVALID_UTF8,
     MALFORMED_JSON,
+    TOO_LARGE,
     RecordRejected,
     canonical_json,
     canonicalize,
@@ -50,8 +52,15 @@ RAW_LIMIT = 2000  # characters of offending text kept with a reject
 ROW_BATCH = 2048  # rows per Arrow/Parquet batch
 JSON_CHUNK = 1 << 20  # characters read per step by the streaming JSON reader
 MAX_JSON_ELEMENT = 64 << 20  # a JSON element larger than this cannot be resynchronised past
+MAX_LINE_BYTES = 64 << 20  # a JSON line longer than this is rejected without being held in memory
+_SNIFF_BYTES = 1 << 20  # how much of a .json file's first line is read to tell JSON lines from a document
 FILE_TYPES = ("jsonl", "json", "parquet", "arrow", "hf_dataset")
 _LINE_SUFFIXES = {".jsonl", ".ndjson"}
+
+
+def _check_format(fmt: str, source: str) -> None:
+    if fmt != "auto" and fmt not in FORMATS:
+        raise ValueError(f"source {source}: unknown format {fmt!r}; expected 'auto' or one of {list(FORMATS)}")
 
 
 @dataclass(frozen=True)
@@ -63,8 +72,7 @@ class SourceSpec:
     format: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.format != "auto" and self.format not in FORMATS:
-            raise ValueError(f"source {self.path}: unknown format {self.format!r}; expected 'auto' or one of {list(FORMATS)}")
+        _check_format(self.format, str(self.path))
         if self.name is None:
             object.__setattr__(self, "name", _stem(Path(self.path)))
         if not self.name:
@@ -91,8 +99,7 @@ class RecordsSource:
     path: str = ""
 
     def __post_init__(self) -> None:
-        if self.format != "auto" and self.format not in FORMATS:
-            raise ValueError(f"source {self.name}: unknown format {self.format!r}; expected 'auto' or one of {list(FORMATS)}")
+        _check_format(self.format, self.name)
         if not self.name:
             raise ValueError("RecordsSource needs a non-empty name")
 
@@ -184,44 +191,61 @@ def _open_binary(path: Path) -> IO[bytes]:
 
 
 def _first_line_is_json(path: Path) -> bool:
-    """Whether the first non-blank line parses alone: then the file is JSON lines."""
+    """Whether the first non-blank line parses alone: then the file is JSON lines.
+
+    Reads at most ``_SNIFF_BYTES`` of that line, so a minified one-line array is not loaded.
+    A longer first line is read as a JSON document (whose reader also accepts JSON lines).
+    """
     with _open_binary(path) as handle:
-        for line in handle:
-            text = line.strip()
-            if not text:
-                continue
-            if text.startswith(b"["):
-                return False
-            try:
-                json.loads(text.decode("utf-8-sig"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                # An object spread over lines (or a malformed first line): read as one JSON document.
-                return not text.startswith(b"{") or text.endswith(b"}")
-            return True
-    return True  # empty file: no records either way
+        line = handle.readline(_SNIFF_BYTES)
+        if line.startswith(codecs.BOM_UTF8):
+            line = line[len(codecs.BOM_UTF8):]
+        while line and not line.strip():
+            line = handle.readline(_SNIFF_BYTES)
+    text = line.strip()
+    if not text:
+        return True  # empty file: no records either way
+    if text.startswith(b"[") or (len(line) >= _SNIFF_BYTES and not line.endswith(b"\n")):
+        return False
+    try:
+        json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        # An object spread over lines (or a malformed first line): read as one JSON document.
+        return not text.startswith(b"{") or text.endswith(b"}")
+    return True
 
 
-def read_jsonl(path: Path) -> Iterator[RawRecord]:
+def read_jsonl(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[RawRecord]:
     line_no = 0
     with _open_binary(path) as handle:
-        for line in handle:
+        line = handle.readline(max_line_bytes)
+        if line.startswith(codecs.BOM_UTF8):
+            line = line[len(codecs.BOM_UTF8):]
+        while line:
             if not line.strip():
+                line = handle.readline(max_line_bytes)
                 continue
             line_no += 1
-            if line_no == 1 and line.startswith(codecs.BOM_UTF8):
-                line = line[len(codecs.BOM_UTF8):]
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as error:
-                yield RawRecord(line_no, line.decode("utf-8", "replace").strip()[:RAW_LIMIT],
-                                parse_error=f"{INVALID_UTF8}: byte {error.start} of the line is not valid UTF-8 ({error.reason})")
-                continue
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as error:
-                yield RawRecord(line_no, text.strip()[:RAW_LIMIT], parse_error=f"{MALFORMED_JSON}: {error.msg} at column {error.colno}")
-                continue
-            yield RawRecord(line_no, text[:RAW_LIMIT].strip(), value)
+            yield _parse_line(handle, line, line_no, max_line_bytes)
+            line = handle.readline(max_line_bytes)
+
+
+def _parse_line(handle: IO[bytes], line: bytes, line_no: int, max_line_bytes: int) -> RawRecord:
+    if len(line) >= max_line_bytes and not line.endswith(b"\n"):
+        head = line[:RAW_LIMIT].decode("utf-8", "replace")
+        while line and not line.endswith(b"\n"):  # skip the rest of the line without holding it
+            line = handle.readline(max_line_bytes)
+        return RawRecord(line_no, head, parse_error=f"{TOO_LARGE}: the line is longer than {max_line_bytes} bytes")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return RawRecord(line_no, line.decode("utf-8", "replace").strip()[:RAW_LIMIT],
+                         parse_error=f"{INVALID_UTF8}: byte {error.start} of the line is not valid UTF-8 ({error.reason})")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        return RawRecord(line_no, text.strip()[:RAW_LIMIT], parse_error=f"{MALFORMED_JSON}: {error.msg} at column {error.colno}")
+    return RawRecord(line_no, text[:RAW_LIMIT].strip(), value)
 
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")

@@ -23,9 +23,10 @@ from numbers import Integral
 import numpy as np
 from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.metrics import silhouette_score
+from threadpoolctl import threadpool_limits
 
 MINIBATCH_ABOVE = 20_000  # rows; full KMeans below, MiniBatchKMeans above
-DEFAULT_SILHOUETTE_SAMPLE = 10_000
+DEFAULT_SILHOUETTE_SAMPLE = 5_000  # silhouette is quadratic in the rows it sees
 DEFAULT_WEIGHT_FLOOR = 1e-6
 
 SeedLike = int | np.random.Generator
@@ -118,24 +119,33 @@ def _check_embeddings(X: np.ndarray) -> np.ndarray:
 
 
 def cluster(
-    X: np.ndarray, k: int, seed: int, minibatch_above: int = MINIBATCH_ABOVE
+    X: np.ndarray, k: int, seed: int, minibatch_above: int = MINIBATCH_ABOVE, n_threads: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """k-means labels `[n]` and centers `[k, d]`; MiniBatchKMeans for more than
-    `minibatch_above` rows (full k-means is too slow there on a small CPU)."""
+    """k-means labels `[n]` and centers `[k, d]`, k-means++ init with one run
+    (scikit-learn's default); MiniBatchKMeans for more than `minibatch_above`
+    rows (full Lloyd k-means is too slow there on a small CPU). `n_threads` caps
+    the OpenMP/BLAS threads: on cores shared with other work, 1 thread can be
+    several times faster than spin-waiting OpenMP threads."""
     arr = _check_embeddings(X)
     k = _as_count(k, "k")
     if not 1 <= k <= arr.shape[0]:
         raise ValueError(f"k must be in [1, {arr.shape[0]}], got {k}")
     if arr.shape[0] > minibatch_above:
-        model = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=4096, n_init=3)
+        model = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=4096, n_init=1)
     else:
-        model = KMeans(n_clusters=k, random_state=seed, n_init=3)
-    labels = model.fit_predict(arr)
+        model = KMeans(n_clusters=k, random_state=seed, n_init=1)
+    with threadpool_limits(limits=n_threads):
+        labels = model.fit_predict(arr)
     return labels.astype(np.int64), model.cluster_centers_
 
 
 def _silhouette_search(
-    X: np.ndarray, candidates: Sequence[int], seed: int, sample_size: int, minibatch_above: int
+    X: np.ndarray,
+    candidates: Sequence[int],
+    seed: int,
+    sample_size: int,
+    minibatch_above: int,
+    n_threads: int | None,
 ) -> tuple[int, dict[int, float], dict[int, np.ndarray]]:
     arr = _check_embeddings(X)
     ks = sorted({_as_count(k, "candidate k") for k in candidates})
@@ -146,11 +156,12 @@ def _silhouette_search(
     curve: dict[int, float] = {}
     labels_of: dict[int, np.ndarray] = {}
     for k in ks:
-        labels, _ = cluster(arr, k, seed, minibatch_above)
+        labels, _ = cluster(arr, k, seed, minibatch_above, n_threads)
         if np.unique(labels).size < 2:
             raise ValueError(f"k-means with k={k} produced a single non-empty cluster")
         sample = sample_size if arr.shape[0] > sample_size else None
-        curve[k] = float(silhouette_score(arr, labels, sample_size=sample, random_state=seed))
+        with threadpool_limits(limits=n_threads):
+            curve[k] = float(silhouette_score(arr, labels, sample_size=sample, random_state=seed))
         labels_of[k] = labels
     best = max(ks, key=lambda k: (curve[k], -k))
     return best, curve, labels_of
@@ -162,11 +173,12 @@ def choose_k_by_silhouette(
     seed: int,
     sample_size: int = DEFAULT_SILHOUETTE_SAMPLE,
     minibatch_above: int = MINIBATCH_ABOVE,
+    n_threads: int | None = None,
 ) -> tuple[int, dict[int, float]]:
     """Cluster with each candidate k and keep the best silhouette score (ties to the
     smaller k). The silhouette is computed on `sample_size` random rows (seeded)
     when the pool is larger, since it is quadratic in the number of rows."""
-    best, curve, _ = _silhouette_search(X, candidates, seed, sample_size, minibatch_above)
+    best, curve, _ = _silhouette_search(X, candidates, seed, sample_size, minibatch_above, n_threads)
     return best, curve
 
 
@@ -217,7 +229,10 @@ def sample_within_clusters(
     if short.size:
         j = int(short[0])
         raise ValueError(f"cluster {j} has {int(have[j])} available rows but a budget of {int(want[j])}")
-    keys = q / temperature + _rng(seed).gumbel(size=lab.size)
+    scaled = q / temperature
+    if not np.all(np.isfinite(scaled)):
+        raise ValueError(f"quality / temperature overflows; temperature {temperature} is too small")
+    keys = scaled + _rng(seed).gumbel(size=lab.size)
     rows = np.flatnonzero(available)
     order = rows[np.lexsort((-keys[rows], lab[rows]))]  # by cluster, then key descending
     starts = np.searchsorted(lab[order], np.arange(want.size))
@@ -246,6 +261,7 @@ def kmq_select(
     seed: int = 0,
     temperature: float = 1.0,
     silhouette_sample: int = DEFAULT_SILHOUETTE_SAMPLE,
+    n_threads: int | None = None,
 ) -> KMQResult:
     """One-shot kMQ. Give either cluster `labels`, or `embeddings` to cluster
     (with `k`, or k chosen by silhouette over `k_candidates`)."""
@@ -256,10 +272,12 @@ def kmq_select(
         if k is None:
             valid = [c for c in k_candidates if 2 <= c < len(embeddings)]
             # reuse the winning candidate's clustering instead of fitting it again
-            k, curve, labels_of = _silhouette_search(embeddings, valid, seed, silhouette_sample, MINIBATCH_ABOVE)
+            k, curve, labels_of = _silhouette_search(
+                embeddings, valid, seed, silhouette_sample, MINIBATCH_ABOVE, n_threads
+            )
             lab = labels_of[k]
         else:
-            lab, _ = cluster(embeddings, k, seed)
+            lab, _ = cluster(embeddings, k, seed, n_threads=n_threads)
     else:
         lab = _as_int_vector(labels, "labels")
     n_clusters = int(lab.max()) + 1 if k is None else int(k)

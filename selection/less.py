@@ -28,19 +28,17 @@ def checkpoint_weights(avg_lrs: Sequence[float]) -> np.ndarray:
     return lrs / lrs.sum()
 
 
-def _unit_rows(x: np.ndarray, what: str, row_offset: int = 0) -> np.ndarray:
-    """fp32 copy of `x` with L2-normalized rows. Zero or non-finite rows have no
-    direction, so cosine similarity is undefined for them: raise instead of guessing."""
-    x32 = np.asarray(x, dtype=np.float32)
-    norms = np.sqrt(np.einsum("ij,ij->i", x32, x32, dtype=np.float64))
+def _checked_row_norms(x32: np.ndarray, what: str, row_offset: int = 0) -> np.ndarray:
+    """L2 norms of the rows of a float32 array. A zero or non-finite row has no
+    direction, so cosine similarity is undefined for it: raise instead of guessing."""
+    norms = np.sqrt(np.einsum("ij,ij->i", x32, x32))
     bad = np.flatnonzero(~np.isfinite(norms) | (norms == 0))
     if bad.size:
-        rows = (bad[:5] + row_offset).tolist()
         raise ValueError(
-            f"{what}: {bad.size} row(s) have zero or non-finite norm (first rows {rows}); "
-            "cosine influence is undefined for them"
+            f"{what}: {bad.size} row(s) have zero or non-finite norm (first rows "
+            f"{(bad[:5] + row_offset).tolist()}); cosine influence is undefined for them"
         )
-    return x32 / norms.astype(np.float32)[:, None]
+    return norms
 
 
 def _open_output(out: np.ndarray | str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
@@ -100,10 +98,11 @@ def influence_scores(
         raise ValueError("need at least one validation example")
 
     # Fold the checkpoint weight into the (small) val matrix once: w * (x @ v.T) == x @ (w * v).T
-    val_t = [
-        np.ascontiguousarray((_unit_rows(va, f"val features, checkpoint {c}") * np.float32(w[c])).T)
-        for c, va in enumerate(val_features)
-    ]
+    val_t = []
+    for c, va in enumerate(val_features):
+        va32 = np.asarray(va, dtype=np.float32)
+        scale = np.float32(w[c]) / _checked_row_norms(va32, f"val features, checkpoint {c}")
+        val_t.append(np.ascontiguousarray((va32 * scale[:, None]).T))
     result = _open_output(out, (n_train, n_val))
     # Reused buffers: fresh 100+ MB allocations per chunk cost more in page faults than the cast.
     max_dim = max(tr.shape[1] for tr in train_feature_mmaps)
@@ -117,13 +116,7 @@ def influence_scores(
         for c, tr in enumerate(train_feature_mmaps):
             chunk = upcast[: rows * tr.shape[1]].reshape(rows, tr.shape[1])  # contiguous for BLAS
             np.copyto(chunk, tr[start:stop], casting="unsafe")
-            norms = np.sqrt(np.einsum("ij,ij->i", chunk, chunk))
-            bad = np.flatnonzero(~np.isfinite(norms) | (norms == 0))
-            if bad.size:
-                raise ValueError(
-                    f"train features, checkpoint {c}: {bad.size} row(s) have zero or non-finite "
-                    f"norm (first rows {(bad[:5] + start).tolist()}); cosine influence is undefined"
-                )
+            norms = _checked_row_norms(chunk, f"train features, checkpoint {c}", start)
             target = acc[:rows] if c == 0 else prod[:rows]
             np.matmul(chunk, val_t[c], out=target)
             target /= norms[:, None]

@@ -237,7 +237,9 @@ class _StageFile:
         self.schema = schema
         self.batch_rows = batch_rows
         self.columns: dict[str, list[Any]] = {name: [] for name in schema.names}
-        self.writer = pq.ParquetWriter(path, schema, compression="zstd")
+        # Only the low-cardinality columns are worth dictionary-encoding.
+        self.writer = pq.ParquetWriter(path, schema, compression="zstd", write_statistics=False,
+                                       use_dictionary=["source", "format", "reason_code"])
 
     def add(self, *values: Any) -> None:
         for column, value in zip(self.columns.values(), values):
@@ -346,7 +348,7 @@ def _ingest_in_transaction(con: duckdb.DuckDBPyConnection, specs: Sequence[Sourc
     reports: list[SourceReport] = []
     for spec in specs:
         file_type, fingerprint = source_fingerprint(spec)
-        path = str(spec.path) if isinstance(spec, SourceSpec) else spec.path
+        path = str(Path(spec.path).resolve()) if isinstance(spec, SourceSpec) else spec.path
         report = SourceReport(spec.source_name, path, spec.format, file_type, fingerprint, "ingested")
         reports.append(report)
         if _is_unchanged(con, report):

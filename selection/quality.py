@@ -27,7 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from selection.embeddings import eval_mode
+from selection.embeddings import eval_mode, length_order, pad_token_batch
 from selection.models import ensure_pad_token, resolve_device, resolve_dtype
 from selection.tokenization import (
     IGNORE_INDEX,
@@ -283,16 +283,10 @@ class RewardModelScorer:
         encoded = [ids[-self.max_length :] for ids in encoded]
         values = np.full(len(encoded), np.nan, dtype=np.float64)
         device = next(self.model.parameters()).device
-        pad_id = self.tokenizer.pad_token_id
-        order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
+        order = length_order([len(ids) for ids in encoded])
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
-            longest = max(len(encoded[i]) for i in rows)
-            input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
-            for row, index in enumerate(rows):
-                input_ids[row, : len(encoded[index])] = torch.tensor(encoded[index], dtype=torch.long)
-                attention_mask[row, : len(encoded[index])] = 1
+            input_ids, attention_mask = pad_token_batch([encoded[i] for i in rows], self.tokenizer.pad_token_id)
             logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
             values[rows] = logits[:, self.label_index].double().cpu().numpy()
         return values

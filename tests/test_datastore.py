@@ -21,7 +21,7 @@ from selection.datastore import (
 )
 from selection.gradients import PerExampleGradients, lora_slots
 from selection.projection import make_projector
-from test_gradients import random_examples, tiny_lora_model
+from tests.test_gradients import random_examples, tiny_lora_model
 
 PAD = 2
 

@@ -21,6 +21,7 @@ from selection.ingest import (
     detect_file_type,
     iter_outcomes,
     read_json,
+    read_jsonl,
     read_records,
 )
 
@@ -280,3 +281,37 @@ def test_arrow_stream_file(tmp_path: Path) -> None:
 def test_records_source() -> None:
     source = RecordsSource("generated", iter(RECORDS + [{"text": "x"}]), fingerprint="v1")
     assert summary(list(iter_outcomes(source))) == [(1, "ok"), (2, "ok"), (3, "ok"), (4, "ok"), (5, "unknown_schema")]
+
+
+def test_overlong_jsonl_line_is_rejected_without_stopping(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "long.jsonl", [json.dumps(RECORDS[0]), json.dumps({"prompt": "p" * 500}), json.dumps(RECORDS[1])])
+    records = list(read_jsonl(path, max_line_bytes=128))
+    assert [(r.line_no, r.value is not None) for r in records] == [(1, True), (2, False), (3, True)]
+    assert records[1].parse_error == "too_large: the line is longer than 128 bytes"
+
+
+def test_bom_then_blank_line_and_minified_array(tmp_path: Path) -> None:
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf\n" + json.dumps(RECORDS[0]).encode() + b"\n")
+    assert summary(outcomes(path)) == [(1, "ok")]
+    minified = tmp_path / "min.json"
+    minified.write_text(json.dumps(RECORDS * 3), encoding="utf-8")
+    assert detect_file_type(minified) == "json"
+    assert summary(outcomes(minified)) == [(i, "ok") for i in range(1, 13)]
+
+
+def test_json_array_reader_holds_a_bounded_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from selection import ingest
+
+    path = tmp_path / "many.json"
+    path.write_text(json.dumps(RECORDS * 500), encoding="utf-8")  # ~75 KB
+    buffer_sizes: list[int] = []
+    original_fill = ingest._JsonStream.fill
+
+    def recording_fill(self: Any, need: int) -> None:
+        original_fill(self, need)
+        buffer_sizes.append(len(self.buf))
+
+    monkeypatch.setattr(ingest._JsonStream, "fill", recording_fill)
+    assert sum(1 for _ in read_json(path, chunk=1024)) == 2000
+    assert path.stat().st_size > 50_000 and max(buffer_sizes) <= 2 * 1024

@@ -141,6 +141,10 @@ def test_real_smollm2_from_gguf_cache(pytestconfig):
     assert example.input_ids == list(templated_ids)
     runs = tokenizer.decode([t for t, l in zip(example.input_ids, example.labels) if l != IGNORE_INDEX])
     assert runs == "4.<|im_end|>6, of course.<|im_end|>"
+    # Without a system turn the template injects its default one; still only the answer is labelled.
+    no_system = tokenize_conversation(tokenizer, SAMPLE_CONVERSATION[1:3], max_length=256)
+    assert tokenizer.decode([t for t, l in zip(no_system.input_ids, no_system.labels) if l != IGNORE_INDEX]) == "4.<|im_end|>"
+    assert "You are a helpful AI assistant" in tokenizer.decode(no_system.input_ids)
 
     batch = collate([example], tokenizer.pad_token_id)
     with torch.no_grad():

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import CHATML_TEMPLATE, SAMPLE_CONVERSATION, make_tiny_tokenizer
+from tests.conftest import SAMPLE_CONVERSATION, make_tiny_tokenizer
 
 from selection.tokenization import (
     IGNORE_INDEX,
