@@ -1,0 +1,6 @@
+"""Asset families, one module each; `orchestration.definitions` loads them all."""
+
+from assets import diversity, gradients, influence, pool, selections, warmup
+
+ASSET_MODULES = [pool, warmup, gradients, influence, selections, diversity]
+ALL_CHECKS = [*selections.selection_checks, *diversity.diversity_checks]

@@ -62,6 +62,24 @@ def export_jsonl(path, example_ids: list[str], con) -> None:
                                     ensure_ascii=False) + "\n")
 
 
+def build_selection_check(asset: dg.AssetsDefinition, method: str) -> dg.AssetChecksDefinition:
+    """Blocking check shared by every selection asset."""
+
+    @dg.asset_check(asset=asset, name=f"{method}_selection_is_valid", blocking=True)
+    def _check(lineage: LineageStore) -> dg.AssetCheckResult:
+        with lineage.connect() as con:
+            selection_store.ensure_selection_tables(con)
+            models = [r[0] for r in con.execute("SELECT DISTINCT model FROM selections WHERE method = ?", [method]).fetchall()]
+            problems = [p for model in models for p in selection_store.selection_problems(con, model, method)]
+        return dg.AssetCheckResult(
+            passed=bool(models) and not problems,
+            description="size equals budget, no duplicate ids, every id in the pool version it was selected from",
+            metadata={"problems": dg.MetadataValue.json(problems or ([] if models else ["no selection stored"]))},
+        )
+
+    return _check
+
+
 def build_selection_asset(method: str) -> dg.AssetsDefinition:
     chooser, description = CHOOSERS[method]
 
@@ -134,20 +152,7 @@ def build_selection_asset(method: str) -> dg.AssetsDefinition:
             },
         )
 
-    @dg.asset_check(asset=_selection, name=f"{method}_selection_is_valid", blocking=True)
-    def _check(lineage: LineageStore) -> dg.AssetCheckResult:
-        with lineage.connect() as con:
-            models = [r[0] for r in con.execute(
-                "SELECT DISTINCT model FROM selections WHERE method = ?", [method]).fetchall()] if con.execute(
-                "SELECT count(*) FROM information_schema.tables WHERE table_name = 'selections'").fetchone()[0] else []
-            problems = [p for model in models for p in selection_store.selection_problems(con, model, method)]
-        return dg.AssetCheckResult(
-            passed=not problems,
-            description="size equals budget, no duplicate ids, every id in the pool version it was selected from",
-            metadata={"problems": dg.MetadataValue.json(problems)},
-        )
-
-    return _selection, _check
+    return _selection, build_selection_check(_selection, method)
 
 
 less_selection, less_selection_check = build_selection_asset("less")

@@ -2,13 +2,13 @@
 
 import dagster as dg
 
-from assets import gradients, influence, pool, selections, warmup
+from assets import ASSET_MODULES, ALL_CHECKS
 from orchestration.jobs import all_jobs
 from resources import build_resources
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([pool, warmup, gradients, influence, selections]),
-    asset_checks=list(selections.selection_checks),
+    assets=dg.load_assets_from_modules(ASSET_MODULES),
+    asset_checks=ALL_CHECKS,
     jobs=all_jobs,
     resources=build_resources(),
 )

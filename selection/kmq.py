@@ -336,13 +336,19 @@ def update_cluster_weights(
 def cluster_mean_scores(
     labels: np.ndarray, indices: np.ndarray, scores: np.ndarray, n_clusters: int
 ) -> np.ndarray:
-    """Mean score per cluster over `indices` (NaN for clusters with none)."""
+    """Mean score per cluster over `indices` (NaN for clusters with none).
+
+    A NaN score means "no feedback for this example" (e.g. its prompt left no room to
+    generate); it is left out of its cluster's mean rather than counted as zero.
+    """
     s = np.asarray(scores, dtype=np.float64)
     idx = np.asarray(indices, dtype=np.int64)
     if s.shape != idx.shape:
         raise ValueError(f"got {s.size} scores for {idx.size} selected examples")
-    if not np.all(np.isfinite(s)):
-        raise ValueError("feedback scores contain NaN or infinite values")
+    if np.any(np.isinf(s)):
+        raise ValueError("feedback scores contain infinite values")
+    observed = ~np.isnan(s)
+    idx, s = idx[observed], s[observed]
     lab = np.asarray(labels)[idx]
     counts = np.bincount(lab, minlength=n_clusters)
     sums = np.bincount(lab, weights=s, minlength=n_clusters)

@@ -9,7 +9,7 @@ import dagster as dg
 import duckdb
 import pytest
 
-from assets import gradients, influence, pool, selections, warmup
+from assets import ALL_CHECKS, ASSET_MODULES
 from orchestration.partitions import DEFAULT_MODEL
 from resources import build_resources
 from tests.fakes import TinyModelStore
@@ -51,7 +51,9 @@ def run_config(tmp_path: Path) -> dict:
             "train_gradients": {"config": grad},
             "target_gradients": {"config": grad},
             "influence_scores": {"config": {"dim": DIM, "mode": "fast", "seed": 0}},
-            **{f"{m}_selection": {"config": {"budget": 5}} for m in ("less", "bids", "round_robin", "random")},
+            **{f"{m}_selection": {"config": {"budget": 5}} for m in ("less", "bids", "round_robin", "random", "kmq")},
+            "clusters": {"config": {"k_candidates": [2, 3, 4]}},
+            "kmq_iterative_selection": {"config": {"budget": 6, "n_rounds": 3, "max_new_tokens": 4}},
         }
     }
 
@@ -59,10 +61,10 @@ def run_config(tmp_path: Path) -> dict:
 def test_tiny_pipeline_end_to_end(tmp_path: Path, run_config: dict) -> None:
     resources = {**build_resources(home=str(tmp_path / "home"), env="ci"),
                  "model_store": TinyModelStore(cache_dir=str(tmp_path / "cache"))}
-    all_assets = dg.load_assets_from_modules([pool, warmup, gradients, influence, selections])
+    all_assets = dg.load_assets_from_modules(ASSET_MODULES)
     with dg.instance_for_test() as instance:
         result = dg.materialize(
-            [*all_assets, *selections.selection_checks], resources=resources, run_config=run_config,
+            [*all_assets, *ALL_CHECKS], resources=resources, run_config=run_config,
             partition_key=DEFAULT_MODEL, instance=instance,
         )
         assert result.success
@@ -70,7 +72,7 @@ def test_tiny_pipeline_end_to_end(tmp_path: Path, run_config: dict) -> None:
         assert checks and all(c.passed for c in checks)
         # A second run reuses stored checkpoints and features.
         again = dg.materialize(
-            [*all_assets, *selections.selection_checks], resources=resources, run_config=run_config,
+            [*all_assets, *ALL_CHECKS], resources=resources, run_config=run_config,
             partition_key=DEFAULT_MODEL, instance=instance,
         )
     assert again.success
@@ -81,13 +83,16 @@ def test_tiny_pipeline_end_to_end(tmp_path: Path, run_config: dict) -> None:
             "SELECT method || '/' || target, count(*) FROM selections GROUP BY ALL").fetchall())
         why = con.execute("SELECT count(*), count(DISTINCT val_task) FROM selection_explanations").fetchone()
         lineage_assets = {r[0] for r in con.execute("SELECT DISTINCT asset_key FROM lineage").fetchall()}
+        rounds = con.execute("SELECT round, json_array_length(new_example_ids) FROM kmq_rounds ORDER BY round").fetchall()
         trained = con.execute("SELECT count(*) FROM checkpoint_examples").fetchone()[0]
         inputs = json.loads(con.execute(
             "SELECT inputs FROM lineage WHERE asset_key = 'influence_scores' ORDER BY finished_at LIMIT 1").fetchone()[0])
     assert by_method == {
         "less/math": 5, "less/writing": 5, "less/all": 5, "bids/all": 5, "round_robin/all": 5, "random/all": 5,
+        "kmq/all": 5, "kmq_iterative/all": 6,
     }
     assert why[0] > 0 and why[1] == 2
     assert {"raw_pool", "warmup_checkpoints", "train_gradients", "influence_scores", "bids_selection"} <= lineage_assets
+    assert rounds == [(0, 2), (1, 2), (2, 2)]
     assert trained == 12  # 40% of 30 warmup examples
     assert inputs["train_gradients"]["data_version"] is not None
