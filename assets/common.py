@@ -85,7 +85,7 @@ class LineageTracker:
         context = self.context
         self.lineage.record(
             LineageRecord(
-                run_id=context.run_id,
+                run_id=context.run.run_id,
                 asset_key=context.asset_key.to_user_string(),
                 partition_key=context.partition_key if context.has_partition_key else None,
                 code_version=context.assets_def.code_versions_by_key.get(context.asset_key),

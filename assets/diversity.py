@@ -203,7 +203,7 @@ def _write_kmq(context, lineage, model_name, method, pool_version, chosen_ids, c
     selection = selection_store.Selection(model_name, method, selectors.ALL_TARGETS, chosen_ids,
                                           [float(s) for s in chosen_scores], pool_version)
     with lineage.connect() as con:
-        selection_store.write_selections(con, [selection], None, context.run_id,
+        selection_store.write_selections(con, [selection], None, context.run.run_id,
                                          context.assets_def.code_versions_by_key.get(context.asset_key))
     tracker.add_table("selections", f"{model_name}/{method}/{selection.budget}", rows=selection.budget)
     data_version = tracker.finish(metrics)
@@ -268,7 +268,7 @@ def kmq_iterative_selection(
         examples, stats = tokenization.tokenize_many(tokenizer, chosen, spec.max_length)
         usable = stats.usable_indices()
         peft_model = models.add_lora(model, spec, seed=config.seed)
-        round_dir = settings.subdir("models", spec.name, "kmq_feedback", f"{context.run_id}-{len(feedback_log)}")
+        round_dir = settings.subdir("models", spec.name, "kmq_feedback", f"{context.run.run_id}-{len(feedback_log)}")
         training.train_lora(peft_model, [examples[i] for i in usable], train_config, round_dir,
                             tokenizer.pad_token_id, save_moments=False)
         result = generation.compute_feedback(peft_model, tokenizer, chosen, max_new_tokens=config.max_new_tokens,
@@ -295,7 +295,7 @@ def kmq_iterative_selection(
                  json.dumps(None if record.updated_weights is None else record.updated_weights.tolist()),
                  json.dumps([ids[scored[i]] for i in record.new_indices]),
                  json.dumps(feedback_log[record.round] if record.round < len(feedback_log) else None, default=str),
-                 context.run_id],
+                 context.run.run_id],
             )
     final = records[-1].updated_weights if records[-1].updated_weights is not None else records[-1].weights
     rounds_table = [{"round": r.round, "new": len(r.new_indices),

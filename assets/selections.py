@@ -115,7 +115,7 @@ def build_selection_asset(method: str) -> dg.AssetsDefinition:
         export_dir = settings.subdir("selections", model, method)
         with lineage.connect() as con:
             n_rows = selection_store.write_selections(
-                con, selections, pd.concat(explained, ignore_index=True), context.run_id,
+                con, selections, pd.concat(explained, ignore_index=True), context.run.run_id,
                 context.assets_def.code_versions_by_key.get(context.asset_key),
             )
             for selection in selections:

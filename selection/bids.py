@@ -50,9 +50,34 @@ def _checked_matrix(scores: np.ndarray) -> np.ndarray:
     return arr
 
 
+def _as_fortran64(
+    arr: np.ndarray, kept: np.ndarray, shift: np.ndarray | None = None, scale: np.ndarray | None = None
+) -> np.ndarray:
+    """float64 column-major copy of arr[:, kept], optionally (x - shift) / scale.
+
+    Column-major so that each column is contiguous for the per-column sort; built
+    in row blocks because a whole-matrix transposing copy is several times slower.
+    """
+    n = arr.shape[0]
+    subset = kept.size != arr.shape[1]
+    out = np.empty((n, kept.size), dtype=np.float64, order="F")
+    for r0 in range(0, n, 4096):
+        block = arr[r0 : r0 + 4096]
+        block = (block[:, kept] if subset else block).astype(np.float64)
+        if shift is not None:
+            block -= shift
+            block /= scale
+        out[r0 : r0 + 4096] = block
+    return out
+
+
 def normalize_columns(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-column z-score (sample std, ddof=1) as float64, dropping columns whose
-    values are all identical. Returns (normalized matrix, kept column indices)."""
+    values are all identical. Returns (normalized matrix, kept column indices).
+
+    The values equal `(x - x.mean(0)) / x.std(0, ddof=1)` on `x = scores.astype(float64)`
+    bit for bit; the result is column-major (Fortran order).
+    """
     arr = _checked_matrix(scores)
     if arr.shape[0] < 2:
         raise ValueError("z-scoring with ddof=1 needs at least 2 rows")
@@ -61,13 +86,13 @@ def normalize_columns(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     kept = np.flatnonzero(arr.max(axis=0) != arr.min(axis=0))
     if kept.size == 0:
         raise ValueError("every score column has zero variance; nothing to normalize against")
-    # Fancy column indexing is slow on a large C-order matrix; skip it when nothing is dropped.
-    z = arr.astype(np.float64) if kept.size == arr.shape[1] else arr[:, kept].astype(np.float64)
-    mean = z.mean(axis=0)
-    std = z.std(axis=0, ddof=1)
-    z -= mean
-    z /= std
-    return z, kept
+    # Column statistics are independent per column, so computing them on all
+    # columns and indexing is the same as computing them on the kept ones.
+    mean = arr.mean(axis=0, dtype=np.float64)[kept]
+    std = arr.std(axis=0, ddof=1, dtype=np.float64)[kept]
+    if not np.all(np.isfinite(std) & (std > 0)):
+        raise ValueError("a non-constant score column has a standard deviation that underflows to 0")
+    return _as_fortran64(arr, kept, mean, std), kept
 
 
 def _resolve_count(budget: int, n_rows: int) -> int:
@@ -84,7 +109,8 @@ def _prepare(scores: np.ndarray, budget: int, normalize: bool) -> tuple[np.ndarr
     if normalize:
         matrix, _ = normalize_columns(scores)
     else:
-        matrix = _checked_matrix(scores).astype(np.float64)
+        arr = _checked_matrix(scores)
+        matrix = _as_fortran64(arr, np.arange(arr.shape[1]))
     return matrix, _resolve_count(budget, matrix.shape[0])
 
 
@@ -97,41 +123,38 @@ class _ColumnIndex:
     below: np.ndarray  # [m] largest value of the column below the last listed value (-inf if none)
 
 
-def _index_columns(matrix: np.ndarray, depth: int, block: int = 16) -> _ColumnIndex:
+def _index_columns(matrix: np.ndarray, depth: int) -> _ColumnIndex:
     n, m = matrix.shape
     id_type = np.int32 if n < 2**31 else np.int64
     order = np.empty((m, depth), dtype=id_type)
     run_end = np.empty((m, depth), dtype=id_type)
     below = np.full(m, -np.inf)
     positions = np.arange(depth)
-    for j0 in range(0, m, block):
-        # Transposing a block of columns at once is much kinder to the cache than one strided column.
-        columns = np.ascontiguousarray(matrix[:, j0 : j0 + block].T)
-        for offset, col in enumerate(columns):
-            j = j0 + offset
-            if depth < n:
-                cut = n - depth
-                part = np.argpartition(col, (cut - 1, cut))
-                cand, edge, below[j] = part[cut:], col[part[cut]], col[part[cut - 1]]
-                if below[j] == edge:
-                    # Equal values straddle the cut, which argpartition makes arbitrarily: keep
-                    # the lowest row ids among them so in-list ties come first in index order.
-                    above = cand[col[cand] > edge]
-                    cand = np.concatenate([above, np.flatnonzero(col == edge)[: depth - above.size]])
-                    below[j] = np.max(col, where=col < edge, initial=-np.inf)
-            else:
-                cand = np.arange(n)
-            values = col[cand]
-            by_value = np.argsort(-values)
-            cand, values = cand[by_value], values[by_value]
-            if np.any(values[1:] == values[:-1]):
-                by_value_then_id = np.lexsort((cand, -values))
-                cand, values = cand[by_value_then_id], values[by_value_then_id]
-                starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
-                run_end[j] = np.r_[starts[1:], depth][np.searchsorted(starts, positions, side="right") - 1]
-            else:
-                run_end[j] = positions + 1
-            order[j] = cand
+    for j in range(m):
+        col = np.ascontiguousarray(matrix[:, j])  # no copy for the column-major matrix
+        if depth < n:
+            cut = n - depth
+            cand = np.argpartition(col, cut)[cut:]
+            edge = col[cand[0]]  # argpartition puts the depth-th largest value at `cut`
+            below[j] = np.max(col, where=col < edge, initial=-np.inf)
+            if np.count_nonzero(col == edge) > np.count_nonzero(col[cand] == edge):
+                # Equal values straddle the cut, which argpartition makes arbitrarily: keep
+                # the lowest row ids among them so in-list ties come first in index order.
+                above = cand[col[cand] > edge]
+                cand = np.concatenate([above, np.flatnonzero(col == edge)[: depth - above.size]])
+        else:
+            cand = np.arange(n)
+        values = col[cand]
+        by_value = np.argsort(-values)
+        cand, values = cand[by_value], values[by_value]
+        if np.any(values[1:] == values[:-1]):
+            by_value_then_id = np.lexsort((cand, -values))
+            cand, values = cand[by_value_then_id], values[by_value_then_id]
+            starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
+            run_end[j] = np.r_[starts[1:], depth][np.searchsorted(starts, positions, side="right") - 1]
+        else:
+            run_end[j] = positions + 1
+        order[j] = cand
     return _ColumnIndex(order, run_end, below)
 
 
