@@ -134,14 +134,17 @@ def _index_columns(matrix: np.ndarray, depth: int) -> _ColumnIndex:
         col = np.ascontiguousarray(matrix[:, j])  # no copy for the column-major matrix
         if depth < n:
             cut = n - depth
-            cand = np.argpartition(col, cut)[cut:]
+            part = np.argpartition(col, cut)
+            cand = part[cut:]
             edge = col[cand[0]]  # argpartition puts the depth-th largest value at `cut`
-            below[j] = np.max(col, where=col < edge, initial=-np.inf)
             if np.count_nonzero(col == edge) > np.count_nonzero(col[cand] == edge):
                 # Equal values straddle the cut, which argpartition makes arbitrarily: keep
                 # the lowest row ids among them so in-list ties come first in index order.
                 above = cand[col[cand] > edge]
                 cand = np.concatenate([above, np.flatnonzero(col == edge)[: depth - above.size]])
+                below[j] = np.max(col, where=col < edge, initial=-np.inf)
+            else:
+                below[j] = col[part[:cut]].max()  # all rows left out are strictly below edge
         else:
             cand = np.arange(n)
         values = col[cand]

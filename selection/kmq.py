@@ -40,8 +40,11 @@ def _as_count(value: int, what: str) -> int:
 
 def _as_int_vector(values: Sequence[int] | np.ndarray, what: str) -> np.ndarray:
     arr = np.asarray(values)
-    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-        raise ValueError(f"{what} must be a 1-D integer array, got dtype {arr.dtype}, shape {arr.shape}")
+    integral = np.issubdtype(arr.dtype, np.integer) or (
+        np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))
+    )
+    if arr.ndim != 1 or (arr.size and not integral):
+        raise ValueError(f"{what} must be a 1-D array of integers, got dtype {arr.dtype}, shape {arr.shape}")
     if np.any(arr < 0):
         raise ValueError(f"{what} must be non-negative")
     return arr.astype(np.int64)
@@ -338,8 +341,9 @@ def cluster_mean_scores(
 ) -> np.ndarray:
     """Mean score per cluster over `indices` (NaN for clusters with none).
 
-    A NaN score means "no feedback for this example" (e.g. its prompt left no room to
-    generate); it is left out of its cluster's mean rather than counted as zero.
+    A NaN score marks an example whose generation could not be scored
+    (`selection.generation` lists them as unscored): it is left out of its
+    cluster's mean. Infinite scores are an error.
     """
     s = np.asarray(scores, dtype=np.float64)
     idx = np.asarray(indices, dtype=np.int64)
@@ -347,11 +351,10 @@ def cluster_mean_scores(
         raise ValueError(f"got {s.size} scores for {idx.size} selected examples")
     if np.any(np.isinf(s)):
         raise ValueError("feedback scores contain infinite values")
-    observed = ~np.isnan(s)
-    idx, s = idx[observed], s[observed]
-    lab = np.asarray(labels)[idx]
+    scored = ~np.isnan(s)
+    lab = np.asarray(labels)[idx[scored]]
     counts = np.bincount(lab, minlength=n_clusters)
-    sums = np.bincount(lab, weights=s, minlength=n_clusters)
+    sums = np.bincount(lab, weights=s[scored], minlength=n_clusters)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 

@@ -188,3 +188,8 @@ def test_cluster_mean_scores():
     labels = np.array([0, 0, 1, 2])
     means = cluster_mean_scores(labels, np.array([0, 1, 2]), np.array([1.0, 3.0, 5.0]), 3)
     np.testing.assert_allclose(means, [2.0, 5.0, np.nan])
+    # unscored (NaN) examples are left out of their cluster's mean
+    means = cluster_mean_scores(labels, np.array([0, 1, 2, 3]), np.array([np.nan, 3.0, np.nan, 4.0]), 3)
+    np.testing.assert_allclose(means, [3.0, np.nan, 4.0])
+    with pytest.raises(ValueError, match="infinite"):
+        cluster_mean_scores(labels, np.array([0]), np.array([np.inf]), 3)

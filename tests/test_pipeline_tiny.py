@@ -53,6 +53,8 @@ def run_config(tmp_path: Path) -> dict:
             "influence_scores": {"config": {"dim": DIM, "mode": "fast", "seed": 0}},
             **{f"{m}_selection": {"config": {"budget": 5}} for m in ("less", "bids", "round_robin", "random", "kmq")},
             "clusters": {"config": {"k_candidates": [2, 3, 4]}},
+            "finetuned_checkpoints": {"config": {"epochs": 1, "batch_size": 4}},
+            "evaluation": {"config": {"max_test_per_task": 3}},
             "kmq_iterative_selection": {"config": {"budget": 6, "n_rounds": 3, "max_new_tokens": 4}},
         }
     }
@@ -84,6 +86,10 @@ def test_tiny_pipeline_end_to_end(tmp_path: Path, run_config: dict) -> None:
         why = con.execute("SELECT count(*), count(DISTINCT val_task) FROM selection_explanations").fetchone()
         lineage_assets = {r[0] for r in con.execute("SELECT DISTINCT asset_key FROM lineage").fetchall()}
         rounds = con.execute("SELECT round, json_array_length(new_example_ids) FROM kmq_rounds ORDER BY round").fetchall()
+        finetuned = dict(con.execute(
+            "SELECT c.method || '/' || c.target, count(*) FROM checkpoints c JOIN checkpoint_examples e "
+            "USING (model, stage, run_key) WHERE c.stage = 'finetune' GROUP BY ALL").fetchall())
+        compared = con.execute("SELECT count(*) FROM comparison").fetchone()[0]
         trained = con.execute("SELECT count(*) FROM checkpoint_examples").fetchone()[0]
         inputs = json.loads(con.execute(
             "SELECT inputs FROM lineage WHERE asset_key = 'influence_scores' ORDER BY finished_at LIMIT 1").fetchone()[0])
@@ -94,5 +100,8 @@ def test_tiny_pipeline_end_to_end(tmp_path: Path, run_config: dict) -> None:
     assert why[0] > 0 and why[1] == 2
     assert {"raw_pool", "warmup_checkpoints", "train_gradients", "influence_scores", "bids_selection"} <= lineage_assets
     assert rounds == [(0, 2), (1, 2), (2, 2)]
-    assert trained == 12  # 40% of 30 warmup examples
+    assert finetuned == {"less/all": 5, "bids/all": 5, "round_robin/all": 5, "random/all": 5, "kmq/all": 5,
+                         "kmq_iterative/all": 6}
+    assert compared >= 7 * 2  # base + six finetuned checkpoints, two tasks
+    assert trained == 12 + 31  # 40% of 30 warmup examples, and the finetuned selections
     assert inputs["train_gradients"]["data_version"] is not None

@@ -1,0 +1,105 @@
+"""Finetuned LoRA checkpoints: one per stored selection, with the exact examples recorded per checkpoint."""
+
+import time
+
+import dagster as dg
+from pydantic import Field
+
+from assets.common import LineageTracker, code_version, markdown_table, read_pool
+from orchestration.partitions import model_partitions
+from resources.lineage import LineageStore
+from resources.model_store import DeviceSettings, ModelStore
+from resources.settings import StorageSettings
+from selection import checkpoints, models, selection_store, tokenization, training
+
+SELECTION_ASSETS = [
+    "less_selection", "bids_selection", "round_robin_selection", "random_selection", "kmq_selection",
+    "kmq_iterative_selection",
+]
+
+
+class FinetuneConfig(dg.Config):
+    targets: list[str] = Field(default=["all"], description="Which selection targets to finetune on ('all' = multi-target)")
+    methods: list[str] | None = Field(default=None, description="Methods to finetune; default every stored method")
+    epochs: int = 2
+    learning_rate: float = 1e-4
+    batch_size: int = 8
+    seed: int = 0
+
+
+def latest_selections(con, model: str, targets: list[str], methods: list[str] | None) -> list[tuple[str, str, int, str]]:
+    """(method, target, budget, pool_version) of the most recent selection per (method, target)."""
+    selection_store.ensure_selection_tables(con)
+    rows = con.execute(
+        """SELECT method, target, budget, any_value(pool_version) FROM selections WHERE model = ?
+           GROUP BY method, target, budget
+           QUALIFY row_number() OVER (PARTITION BY method, target ORDER BY max(created_at) DESC) = 1
+           ORDER BY method, target""",
+        [model],
+    ).fetchall()
+    return [r for r in rows if r[1] in targets and (methods is None or r[0] in methods)]
+
+
+@dg.asset(
+    partitions_def=model_partitions,
+    deps=SELECTION_ASSETS,
+    group_name="evaluation",
+    pool="accelerator",
+    code_version=code_version("selection.training", "selection.checkpoints", "selection.tokenization"),
+    description="A LoRA finetuned on each selection; `checkpoints`/`checkpoint_examples` say which data trained it.",
+)
+def finetuned_checkpoints(
+    context: dg.AssetExecutionContext, config: FinetuneConfig, settings: StorageSettings, lineage: LineageStore,
+    model_store: ModelStore, device: DeviceSettings,
+) -> dg.MaterializeResult:
+    tracker = LineageTracker(context, lineage)
+    spec = model_store.spec(context.partition_key)
+    with lineage.connect() as con:
+        _, ids, conversations = read_pool(con)
+        wanted = latest_selections(con, spec.name, config.targets, config.methods)
+        chosen = {
+            (m, t, b): [r[0] for r in con.execute(
+                "SELECT example_id FROM selections WHERE model = ? AND method = ? AND target = ? AND budget = ? "
+                "ORDER BY rank", [spec.name, m, t, b]).fetchall()]
+            for m, t, b, _ in wanted
+        }
+    if not wanted:
+        raise ValueError(f"no selections stored for model {spec.name!r} and targets {config.targets}")
+    by_id = dict(zip(ids, conversations))
+    model, tokenizer = model_store.load(spec, device.resolve())
+    train_config = training.TrainingConfig(
+        epochs=config.epochs, learning_rate=config.learning_rate, batch_size=config.batch_size,
+        micro_batch_size=min(config.batch_size, device.batch_size), seed=config.seed,
+    )
+    summary = []
+    for method, target, budget, pool_version in wanted:
+        example_ids = chosen[(method, target, budget)]
+        examples, stats = tokenization.tokenize_many(tokenizer, [by_id[i] for i in example_ids], spec.max_length)
+        usable = stats.usable_indices()
+        trained_ids = [example_ids[i] for i in usable]
+        run_key = checkpoints.training_run_key(spec.fingerprint(), train_config.to_dict(), trained_ids)
+        out_dir = settings.subdir("models", spec.name, "finetune", f"{method}-{target}-{budget}-{run_key}")
+        started = time.perf_counter()
+        peft_model = models.add_lora(model, spec, seed=config.seed)
+        result = training.train_lora(peft_model, [examples[i] for i in usable], train_config, out_dir,
+                                     tokenizer.pad_token_id, save_moments=False)
+        peft_model.unload()
+        final = result.checkpoints[-1]
+        row = checkpoints.CheckpointRow(
+            model=spec.name, stage="finetune", run_key=run_key, epoch=final.epoch, path=str(final.path),
+            avg_lr=final.avg_lr, mean_loss=final.mean_loss, n_examples=len(trained_ids), pool_version=pool_version,
+            method=method, target=target, budget=budget, config={"training": train_config.to_dict()},
+        )
+        with lineage.connect() as con:
+            checkpoints.record_training_run(con, [row], trained_ids)
+        tracker.add_file(f"{method}/{target}/{budget}", final.path)
+        summary.append({"method": method, "target": target, "budget": budget, "trained": len(trained_ids),
+                        "skipped_no_target": len(example_ids) - len(trained_ids), "final_loss": round(final.mean_loss, 4),
+                        "seconds": round(time.perf_counter() - started, 1), "run_key": run_key})
+        context.log.info(f"finetuned on {method}/{target} ({len(trained_ids)} examples): loss {final.mean_loss:.4f}")
+    data_version = tracker.finish({"finetuned": summary, "training": train_config.to_dict()})
+    return dg.MaterializeResult(
+        data_version=data_version,
+        metadata={"n_checkpoints": dg.MetadataValue.int(len(summary)),
+                  "checkpoints": dg.MetadataValue.md(markdown_table(summary))},
+    )

@@ -1,0 +1,253 @@
+"""Evaluation core: choice parsing, likelihood-ranked accuracy, NLL, NaN rows, comparison table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from selection import evaluation
+from selection.default_data import render_mmlu
+from selection.evaluation import (
+    ChoiceParseError,
+    ChoiceRow,
+    EvalResult,
+    RowResult,
+    comparison_table,
+    evaluate_model,
+    markdown_report,
+    parse_choices,
+    plan_choice_row,
+)
+from selection.quality import LikelihoodResult, response_log_likelihood
+from selection.tokenization import TruncationStats
+
+CHOICES = ("one", "two", "three", "four")
+
+
+def mmlu_row(example_id: str, letter: str, choices: tuple[str, str, str, str] = CHOICES, question: str = "2+2?",
+             task: str = "stem", subtask: str = "math") -> dict[str, Any]:
+    user, answer = render_mmlu(question, choices, letter, "math")
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    return {"task": task, "subtask": subtask, "example_id": example_id, "messages": messages}
+
+
+def plain_row(example_id: str, answer: str = "def f(): pass", task: str = "code") -> dict[str, Any]:
+    messages = [{"role": "user", "content": "Write f."}, {"role": "assistant", "content": answer}]
+    return {"task": task, "subtask": task, "example_id": example_id, "messages": messages}
+
+
+# ------------------------------------------------------------------ parsing
+
+
+def test_parse_choices_reads_render_mmlu_back_even_with_lettered_lines_in_question() -> None:
+    question = "Which is right?\nA. a decoy line\nB. another decoy"
+    choices = ("first\nspanning two lines", "second", "third", "fourth")
+    user, answer = render_mmlu(question, choices, "C", "logic")
+    assert parse_choices(user) == choices
+    plan = plan_choice_row([{"role": "user", "content": user}, {"role": "assistant", "content": answer}])
+    assert isinstance(plan, ChoiceRow) and plan.gold_index == 2 and plan.choices == choices
+    # Without the closing instruction, choice D ends at the first blank line.
+    assert parse_choices("Q?\nA. w\nB. x\nC. y\nD. z\n\nAnswer:") == ("w", "x", "y", "z")
+
+
+@pytest.mark.parametrize(("prompt", "gold", "reason"), [
+    ("Q?\nA. w\nB. x\nD. z", "A. w", "no line starting with 'C. '"),
+    ("Q?\nA. w\nB. \nC. y\nD. z", "A. w", "choice(s) B have no text"),
+    ("Q?\nA. w\nB. x\nC. y\nD. z", "B. not x", "is not choice B as parsed"),
+])
+def test_malformed_choice_rows_get_a_reject_reason(prompt: str, gold: str, reason: str) -> None:
+    plan = plan_choice_row([{"role": "user", "content": prompt}, {"role": "assistant", "content": gold}])
+    assert isinstance(plan, str) and reason in plan
+    assert plan_choice_row([{"role": "user", "content": prompt}, {"role": "assistant", "content": "42"}]) is None
+    with pytest.raises(ChoiceParseError):
+        parse_choices("no choices here")
+
+
+@pytest.mark.slow
+def test_real_default_mmlu_targets_parse_without_rejects() -> None:
+    from selection.targets import MMLU_GROUPS, default_target_examples
+
+    mmlu = [example for example in default_target_examples() if example.task in MMLU_GROUPS][:50]
+    assert len(mmlu) == 50
+    plans = [plan_choice_row(example.messages) for example in mmlu]
+    assert [p for p in plans if not isinstance(p, ChoiceRow)] == []
+
+
+# ------------------------------------------------------------------ accuracy with a controlled scorer
+
+
+def fake_scorer(preferred: dict[str, float]) -> Any:
+    """Scores a conversation by its final answer: ``preferred`` values, else -2.0."""
+
+    def score(model: Any, tokenizer: Any, conversations: Sequence[Any], **_: Any) -> LikelihoodResult:
+        values = np.array([preferred.get(c[-1]["content"], -2.0) for c in conversations], dtype=np.float64)
+        return LikelihoodResult(values, TruncationStats(n_examples=len(values)), ())
+
+    return score
+
+
+def test_accuracy_counts_gold_with_strictly_highest_likelihood(monkeypatch: pytest.MonkeyPatch) -> None:
+    # "B. two" is always the most likely answer; "C. three" ties with it in the last row's variant.
+    tie_choices = ("one", "two", "deuce", "four")
+    monkeypatch.setattr(evaluation, "score_response_likelihoods",
+                        fake_scorer({"B. two": -0.5, "C. deuce": -0.5, "D. four": -1.0}))
+    rows = [mmlu_row("r1", "B"), mmlu_row("r2", "D", subtask="algebra"), mmlu_row("r3", "C", tie_choices),
+            plain_row("c1")]
+    result = evaluate_model(torch.nn.Linear(1, 1), None, rows)
+    by_id = {row.example_id: row for row in result.rows}
+    assert [by_id[i].correct for i in ("r1", "r2", "r3", "c1")] == [True, False, False, None]
+    assert by_id["r2"].predicted_letter == "B" and by_id["r2"].nll == pytest.approx(1.0)
+    assert by_id["r3"].predicted_letter == "B"  # a tie is not a win for the gold letter
+    assert by_id["r1"].choice_log_likelihoods == (-2.0, -0.5, -2.0, -1.0)
+    stem = result.per_task["stem"]
+    assert (stem.n, stem.n_choice, stem.n_correct, stem.n_choice_rejects) == (3, 3, 1, 0)
+    assert stem.accuracy == pytest.approx(1 / 3)
+    assert result.per_subtask[("stem", "algebra")].accuracy == 0.0
+    assert math.isnan(result.per_task["code"].accuracy) and result.per_task["code"].n_choice == 0
+    assert result.settings["n_scored_conversations"] == 4 + 3 * 3  # golds + 3 alternates per choice row
+
+
+def test_generation_is_off_by_default_and_matches_first_letter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(evaluation, "score_response_likelihoods", fake_scorer({}))
+    calls: list[int] = []
+
+    def fake_generate(model: Any, tokenizer: Any, prompts: Sequence[Any], **_: Any) -> list[str]:
+        calls.append(len(prompts))
+        return [" B. two", "b"][: len(prompts)]
+
+    monkeypatch.setattr(evaluation, "generate_greedy", fake_generate)
+    rows = [mmlu_row("r1", "B"), mmlu_row("r2", "B"), plain_row("c1")]
+    assert all(row.generation is None for row in evaluate_model(torch.nn.Linear(1, 1), None, rows).rows)
+    result = evaluate_model(torch.nn.Linear(1, 1), None, rows, generate=True)
+    assert calls == [2]  # choice rows only
+    assert [row.generation_correct for row in result.rows] == [True, False, None]
+    assert result.per_task["stem"].generation_accuracy == 0.5
+    with pytest.raises(ValueError, match="cannot generate for"):
+        evaluate_model(torch.nn.Linear(1, 1), None, rows, generate=True, generate_for=("code",))
+
+
+# ------------------------------------------------------------------ tiny Llama
+
+
+def test_nll_and_choice_scores_agree_with_quality(tiny_llama: torch.nn.Module, tiny_tokenizer: Any) -> None:
+    rows = [mmlu_row("r1", "A"), mmlu_row("r2", "C", ("red", "green", "blue", "cyan")), plain_row("c1")]
+    result = evaluate_model(tiny_llama, tiny_tokenizer, rows, max_length=256, batch_size=4)
+    expected = -response_log_likelihood(tiny_llama, tiny_tokenizer, [r["messages"] for r in rows],
+                                        max_length=256, final_turn_only=True)
+    np.testing.assert_allclose([row.nll for row in result.rows], expected, rtol=1e-5)
+    for row, source in zip(result.rows[:2], rows[:2]):
+        plan = plan_choice_row(source["messages"])
+        assert isinstance(plan, ChoiceRow)
+        direct = response_log_likelihood(tiny_llama, tiny_tokenizer, [plan.candidate(i) for i in range(4)],
+                                         max_length=256, final_turn_only=True)
+        np.testing.assert_allclose(row.choice_log_likelihoods, direct, rtol=1e-5)
+        assert row.choice_log_likelihoods[plan.gold_index] == pytest.approx(-row.nll, rel=1e-6)
+        assert row.correct == (int(np.argmax(direct)) == plan.gold_index)
+        assert row.predicted_letter == "ABCD"[int(np.argmax(direct))]
+    one_by_one = evaluate_model(tiny_llama, tiny_tokenizer, rows, max_length=256, batch_size=1)
+    assert [r.correct for r in one_by_one.rows] == [r.correct for r in result.rows]
+    np.testing.assert_allclose([r.nll for r in one_by_one.rows], [r.nll for r in result.rows], rtol=1e-5)
+    assert result.per_task["stem"].perplexity == pytest.approx(math.exp(np.mean(expected[:2])))
+    generated = evaluate_model(tiny_llama, tiny_tokenizer, rows, max_length=256, generate=True, max_new_tokens=2)
+    assert [isinstance(r.generation, str) for r in generated.rows] == [True, True, False]
+    assert [r.generation_correct for r in generated.rows][2] is None
+    assert generated.per_task["stem"].n_generated == 2
+    frame = result.metrics_frame()
+    assert list(frame["subtask"]) == ["", "", "code", "math"] and list(frame["task"]) == ["code", "stem"] * 2
+
+
+def test_unscorable_rows_are_nan_counted_and_rejected(tiny_llama: torch.nn.Module, tiny_tokenizer: Any) -> None:
+    long_prompt = dict(plain_row("c-long"), messages=[{"role": "user", "content": "x" * 300},
+                                                      {"role": "assistant", "content": "ok"}])
+    cut_answer = plain_row("c-cut", answer="z" * 300)
+    # Every candidate of "r-cut" fits except the long choice D (scored on a prefix only).
+    cut_choice = mmlu_row("r-cut", "A", ("a", "b", "c", "d" * 20), question="y" * 8)
+    rows = [plain_row("c1"), long_prompt, cut_answer, mmlu_row("r1", "A"), cut_choice]
+    result = evaluate_model(tiny_llama, tiny_tokenizer, rows, max_length=200, batch_size=4)
+    by_id = {row.example_id: row for row in result.rows}
+    assert math.isfinite(by_id["c1"].nll) and math.isnan(by_id["c-long"].nll) and by_id["c-long"].truncated
+    assert math.isfinite(by_id["c-cut"].nll) and by_id["c-cut"].truncated
+    code = result.per_task["code"]
+    assert (code.n, code.n_unscored, code.n_truncated) == (3, 1, 2)
+    assert code.mean_nll == pytest.approx(np.mean([by_id["c1"].nll, by_id["c-cut"].nll]))
+    assert by_id["r-cut"].correct is None and "candidate(s) D do not fit" in by_id["r-cut"].reject_reason
+    assert math.isfinite(by_id["r-cut"].nll) and not by_id["r-cut"].truncated  # the gold answer A fits
+    stem = result.per_task["stem"]
+    assert (stem.n_choice, stem.n_choice_rejects, stem.n_unscored) == (2, 1, 0)
+    assert stem.accuracy == float(by_id["r1"].correct)
+    malformed = dict(plain_row("bad", answer="B. x"), task="stem")
+    rejected = evaluate_model(tiny_llama, tiny_tokenizer, [malformed], max_length=64).rows[0]
+    assert rejected.correct is None and "choices not parsable" in rejected.reject_reason
+    assert math.isfinite(rejected.nll)  # the loss is still measured
+
+
+def test_bad_test_rows_raise() -> None:
+    model = torch.nn.Linear(1, 1)
+    with pytest.raises(ValueError, match="lacks"):
+        evaluate_model(model, None, [{"task": "t", "messages": []}])
+    no_answer = dict(plain_row("c1"), messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(ValueError, match="does not end with an assistant turn"):
+        evaluate_model(model, None, [no_answer])
+    with pytest.raises(ValueError, match="no test rows"):
+        evaluate_model(model, None, [])
+
+
+# ------------------------------------------------------------------ comparison
+
+
+def synthetic(nll: float, correct: Sequence[bool], code_nll: float) -> EvalResult:
+    rows = [RowResult(f"m{i}", "stem", "math", nll, correct=c, gold_letter="A") for i, c in enumerate(correct)]
+    rows += [RowResult("c0", "code", "code", code_nll), RowResult("c1", "code", "code", math.nan)]
+    return EvalResult(tuple(rows))
+
+
+def test_comparison_table_deltas_ranks_and_report() -> None:
+    results = {
+        "base": synthetic(2.0, [True, False, False, False], 3.0),
+        "random": synthetic(1.5, [True, True, False, False], 2.0),
+        "less": synthetic(1.0, [True, True, True, False], 2.5),
+    }
+    table = comparison_table(results, baseline="base")
+    row = table.set_index(["method", "task"])
+    assert row.loc[("less", "stem"), "delta_accuracy"] == pytest.approx(0.5)
+    assert row.loc[("less", "stem"), "delta_nll"] == pytest.approx(-1.0)
+    assert row.loc[("base", "code"), "delta_nll"] == 0.0
+    assert row.loc[("random", "code"), "n_unscored"] == 1 and row.loc[("random", "code"), "mean_nll"] == 2.0
+    assert set(table.loc[table["task"] == "stem", "primary_metric"]) == {"accuracy"}
+    assert set(table.loc[table["task"] == "code", "primary_metric"]) == {"mean_nll"}
+    ranks = {(m, t): r for m, t, r in zip(table["method"], table["task"], table["rank"])}
+    assert ranks == {("less", "stem"): 1, ("random", "stem"): 2, ("base", "stem"): 3,
+                     ("random", "code"): 1, ("less", "code"): 2, ("base", "code"): 3}
+    report = markdown_report(table)
+    assert "Baseline: `base`" in report
+    assert "| stem | accuracy | less | 0.75 | 0.5 |" in report
+    assert "| code | mean_nll | random | 2 | -1 |" in report
+    assert "| less | 1.5 | 2 |" in report and "| random | 1.5 | 2 |" in report and "| base | 3 | 2 |" in report
+    assert "## Gaps" in report
+    no_baseline = comparison_table(results, baseline=None)
+    assert no_baseline["delta_nll"].isna().all() and no_baseline.attrs["baseline"] is None
+
+
+def test_comparison_table_refuses_unknown_baseline_and_different_rows() -> None:
+    results = {"a": synthetic(1.0, [True], 1.0)}
+    with pytest.raises(ValueError, match="baseline 'base' is not among"):
+        comparison_table(results, baseline="base")
+    results["b"] = synthetic(1.0, [True, False], 1.0)
+    with pytest.raises(ValueError, match="different rows"):
+        comparison_table(results)
+
+
+def test_eval_result_round_trips_through_dict() -> None:
+    result = EvalResult((RowResult("m0", "stem", "s", math.nan, gold_letter="A", reject_reason="cut",
+                                   choice_log_likelihoods=(math.nan, -1.0, -2.0, -3.0)),
+                         RowResult("c0", "code", "code", 1.25)), {"max_length": 8})
+    back = EvalResult.from_dict(result.to_dict())
+    assert back.to_dict() == result.to_dict() and back.to_dict()["rows"][0]["nll"] is None
+    assert back.summary()["stem"]["n_choice_rejects"] == 1 and back.summary()["stem"]["mean_nll"] is None
+    with pytest.raises(ValueError, match="appears twice"):
+        EvalResult((RowResult("c0", "code", "code", 1.0), RowResult("c0", "code", "code", 2.0)))
