@@ -10,7 +10,7 @@ conversation in another format). Then, each in a fresh child process so peak RSS
   ratio of peak RSS (and of growth over the post-import baseline) big/small should stay
   near 1 when memory does not grow with the file.
 
-Usage: .venv/bin/python bench/ingest.py [--lines 200000] [--small 50000] [--memory-limit 512MB] [--keep DIR]
+Usage: .venv/bin/python bench/ingest.py [--lines 200000] [--small 50000] [--memory-limit 256MB] [--keep DIR]
 The last line printed is one JSON object.
 """
 
@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=50_000, help="size of the comparison run for memory flatness")
     parser.add_argument("--batch-rows", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--memory-limit", default="512MB",
+    parser.add_argument("--memory-limit", default="256MB",
                         help="DuckDB memory_limit for the ingest ('none': DuckDB's default, 80%% of RAM, used as cache)")
     parser.add_argument("--keep", type=Path, help="write the files here and keep them (reused by later runs)")
     parser.add_argument("--child", choices=("parse", "ingest"), help=argparse.SUPPRESS)

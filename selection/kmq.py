@@ -411,7 +411,8 @@ def run_iterative_kmq(
     """Iterative kMQ driver. Starts from w = 1/k; each round adds
     `iterative_round_budget` new examples, then calls
     `feedback_fn(selected_so_far)` -> one S score per selected example (train on
-    them, generate, score gold minus generated), averages it per cluster and
+    them, generate, score gold minus generated; NaN = could not be scored, left
+    out), averages it per cluster and
     updates the weights. The feedback after the last round would only move
     weights nobody uses, so it is skipped unless `feedback_on_last_round`.
     Round r uses seed (seed, r). Returns (all indices in selection order, records).
