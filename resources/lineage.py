@@ -100,11 +100,14 @@ class LineageStore(dg.ConfigurableResource):
 
     db_path: str
     lock_timeout_s: float = 600.0
+    # DuckDB's default cache is 80% of RAM; a cap keeps large ingests memory-flat.
+    memory_limit: str = "1GB"
 
     @contextlib.contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         Path(self.db_path).parent.mkdir(parents=True, exist_ok=True)
         with connect_with_retry(self.db_path, read_only=read_only, timeout_s=self.lock_timeout_s) as con:
+            con.execute(f"SET memory_limit = '{self.memory_limit}'")
             yield con
 
     def record(self, record: LineageRecord) -> None:
