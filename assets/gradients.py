@@ -140,52 +140,50 @@ def _result(tracker: LineageTracker, metrics: dict) -> dg.MaterializeResult:
     )
 
 
-@dg.asset(
-    partitions_def=model_partitions,
-    deps=["warmup_checkpoints", "raw_pool"],
-    group_name="less",
-    pool="accelerator",
-    code_version=GRADIENT_CODE,
-    description="Adam-preconditioned per-example LoRA gradients of the pool at every warmup checkpoint, projected.",
-)
-def train_gradients(
-    context: dg.AssetExecutionContext,
-    config: GradientConfig,
-    settings: StorageSettings,
-    lineage: LineageStore,
-    model_store: ModelStore,
-    device: DeviceSettings,
-) -> dg.MaterializeResult:
-    tracker = LineageTracker(context, lineage)
+def _pool_examples(lineage: LineageStore) -> tuple[list[str], list[list[dict]], dict]:
     with lineage.connect() as con:
         pool_version, ids, conversations = read_pool(con)
-    metrics = _gradient_features(context, "train", ids, conversations, config, settings, lineage, model_store, device, tracker)
-    metrics["pool_version"] = pool_version
-    return _result(tracker, metrics)
+    return ids, conversations, {"pool_version": pool_version}
 
 
-@dg.asset(
-    partitions_def=model_partitions,
-    deps=["warmup_checkpoints", "target_tasks"],
-    group_name="less",
-    pool="accelerator",
-    code_version=GRADIENT_CODE,
-    description="Plain (SGD) per-example LoRA gradients of the target val examples at every warmup checkpoint.",
-)
-def target_gradients(
-    context: dg.AssetExecutionContext,
-    config: GradientConfig,
-    settings: StorageSettings,
-    lineage: LineageStore,
-    model_store: ModelStore,
-    device: DeviceSettings,
-) -> dg.MaterializeResult:
-    tracker = LineageTracker(context, lineage)
+def _target_val_examples(lineage: LineageStore) -> tuple[list[str], list[list[dict]], dict]:
     with lineage.connect() as con:
         rows = read_targets(con, "val")
     # The same example may define several tasks; its gradient is computed once.
     unique = dict((example_id, messages) for _, _, example_id, messages in rows)
-    metrics = _gradient_features(
-        context, "target", list(unique), list(unique.values()), config, settings, lineage, model_store, device, tracker
+    return list(unique), list(unique.values()), {"n_val_rows": len(rows)}
+
+
+def build_gradient_asset(kind: str, upstream: str, examples_of, description: str) -> dg.AssetsDefinition:
+    """`train_gradients` (Adam features of the pool) and `target_gradients` (SGD features of val targets)."""
+
+    @dg.asset(
+        name=f"{kind}_gradients",
+        partitions_def=model_partitions,
+        deps=["warmup_checkpoints", upstream],
+        group_name="less",
+        pool="accelerator",
+        code_version=GRADIENT_CODE,
+        description=description,
     )
-    return _result(tracker, metrics)
+    def _gradients(
+        context: dg.AssetExecutionContext, config: GradientConfig, settings: StorageSettings, lineage: LineageStore,
+        model_store: ModelStore, device: DeviceSettings,
+    ) -> dg.MaterializeResult:
+        tracker = LineageTracker(context, lineage)
+        ids, conversations, extra = examples_of(lineage)
+        metrics = _gradient_features(context, kind, ids, conversations, config, settings, lineage, model_store,
+                                     device, tracker)
+        return _result(tracker, {**metrics, **extra})
+
+    return _gradients
+
+
+train_gradients = build_gradient_asset(
+    "train", "raw_pool", _pool_examples,
+    "Adam-preconditioned per-example LoRA gradients of the pool at every warmup checkpoint, projected.",
+)
+target_gradients = build_gradient_asset(
+    "target", "target_tasks", _target_val_examples,
+    "Plain (SGD) per-example LoRA gradients of the target val examples at every warmup checkpoint, projected.",
+)
