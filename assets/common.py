@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -141,3 +143,21 @@ def stable_fraction_sample(ids: list[str], fraction: float, seed: int) -> list[s
     count = max(1, round(fraction * len(ids)))
     ranked = sorted(ids, key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())
     return sorted(ranked[:count])
+
+
+@contextlib.contextmanager
+def transaction(con):
+    """All-or-nothing for a multi-statement write (a failed replace never leaves half a table)."""
+    con.begin()
+    try:
+        yield con
+        con.commit()
+    except BaseException:
+        con.rollback()
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(text)
+    os.replace(temporary, path)

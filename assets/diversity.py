@@ -8,13 +8,15 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from assets.common import LineageTracker, code_version, markdown_table, read_pool
+from assets.common import LineageTracker, atomic_write_text, code_version, markdown_table, read_pool, transaction
 from assets.selections import build_selection_check
 from orchestration.partitions import model_partitions
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings
-from selection import embeddings, generation, kmq, models, quality, selection_store, selectors, tokenization, training
+from selection import (
+    checkpoints, embeddings, generation, kmq, models, quality, selection_store, selectors, tokenization, training,
+)
 from selection.plots import bar_chart_markdown
 
 EMBEDDING_RUNS_DDL = """CREATE TABLE IF NOT EXISTS embedding_runs (
@@ -136,6 +138,7 @@ def clusters(
                           "example_id": ids, "cluster": labels.astype(int)})
     with lineage.connect() as con:
         con.execute(CLUSTERS_DDL)
+    with lineage.connect() as con, transaction(con):
         con.execute("DELETE FROM clusters WHERE pool_version = ?", [pool_version])
         con.execute("INSERT INTO clusters SELECT * FROM frame")
     sizes = np.bincount(labels, minlength=k)
@@ -264,19 +267,31 @@ def kmq_iterative_selection(
 
     def feedback(selected_local: np.ndarray) -> np.ndarray:
         """Train a fresh LoRA for one epoch on the selection so far, then score gold vs greedy generations."""
+        chosen_ids = [ids[scored[i]] for i in selected_local]
         chosen = [conversations[scored[i]] for i in selected_local]
+        # Keyed by what determines the feedback, so a rerun reuses trained adapters and scores.
+        round_key = checkpoints.training_run_key(
+            spec.fingerprint(), {**train_config.to_dict(), "max_new_tokens": config.max_new_tokens}, chosen_ids)
+        round_dir = settings.subdir("models", spec.name, "kmq_feedback", round_key)
+        cached = round_dir / "feedback.json"
+        if cached.is_file():
+            stored = json.loads(cached.read_text())
+            feedback_log.append({**stored["log"], "reused": True})
+            return np.array([np.nan if s is None else s for s in stored["scores"]], dtype=np.float64)
         examples, stats = tokenization.tokenize_many(tokenizer, chosen, spec.max_length)
         usable = stats.usable_indices()
         peft_model = models.add_lora(model, spec, seed=config.seed)
-        round_dir = settings.subdir("models", spec.name, "kmq_feedback", f"{context.run.run_id}-{len(feedback_log)}")
-        training.train_lora(peft_model, [examples[i] for i in usable], train_config, round_dir,
+        training.train_lora(peft_model, [examples[i] for i in usable], train_config, round_dir / "adapter_run",
                             tokenizer.pad_token_id, save_moments=False)
         result = generation.compute_feedback(peft_model, tokenizer, chosen, max_new_tokens=config.max_new_tokens,
                                              max_length=spec.max_length, batch_size=device.batch_size,
-                                             model_fingerprint=f"{spec.fingerprint()}-round{len(feedback_log)}")
+                                             model_fingerprint=f"{spec.fingerprint()}-{round_key}")
         peft_model.unload()  # back to the plain base model for the next round
-        feedback_log.append({"round": len(feedback_log), "n_scored": int(np.isfinite(result.scores).sum()),
-                             "n_unscored": len(result.unscored_indices), "scorer": result.scorer})
+        log = {"round": len(feedback_log), "round_key": round_key, "n_scored": int(np.isfinite(result.scores).sum()),
+               "n_unscored": len(result.unscored_indices), "scorer": result.scorer}
+        atomic_write_text(cached, json.dumps(
+            {"log": log, "scores": [None if np.isnan(s) else float(s) for s in result.scores]}, default=str))
+        feedback_log.append(log)
         context.log.info(f"feedback round {len(feedback_log)}: mean S {np.nanmean(result.scores):.4f}")
         return result.scores
 
@@ -285,6 +300,7 @@ def kmq_iterative_selection(
     chosen = scored[selected]
     with lineage.connect() as con:
         con.execute(ROUNDS_DDL)
+    with lineage.connect() as con, transaction(con):
         con.execute("DELETE FROM kmq_rounds WHERE model = ? AND budget = ?", [spec.name, budget])
         for record in records:
             con.execute(

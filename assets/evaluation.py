@@ -1,5 +1,6 @@
 """Evaluation of the base model and every finetuned checkpoint on the held-out `test` targets, and the report."""
 
+import hashlib
 import json
 import time
 
@@ -7,11 +8,12 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from assets.common import LineageTracker, code_version, markdown_table, read_targets
+from assets.common import LineageTracker, atomic_write_text, code_version, markdown_table, read_targets, transaction
 from orchestration.partitions import model_partitions
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings
+from assets.finetune import latest_selections
 from selection import checkpoints, evaluation, models
 
 BASE = "base"
@@ -29,14 +31,17 @@ class ReportConfig(dg.Config):
     baseline: str = Field(default="random/all", description="Name deltas are computed against ('base' = no finetuning)")
 
 
-def latest_finetunes(con, model: str) -> pd.DataFrame:
-    """The most recent finetuned checkpoint per (method, target, budget)."""
+def current_finetunes(con, model: str) -> pd.DataFrame:
+    """The most recent finetuned checkpoint of each current selection (one budget per method and target)."""
     for ddl in checkpoints.CHECKPOINT_TABLES:
         con.execute(ddl)
+    current = pd.DataFrame(latest_selections(con, model, ["all"], None) or [], columns=["method", "target", "budget", "pv"])
+    current = current[["method", "target", "budget"]]
     return con.execute(
-        """SELECT * FROM checkpoints WHERE model = ? AND stage = 'finetune'
-           QUALIFY row_number() OVER (PARTITION BY method, target, budget ORDER BY created_at DESC, epoch DESC) = 1
-           ORDER BY method, target, budget""",
+        """SELECT c.* FROM checkpoints c JOIN current USING (method, target, budget)
+           WHERE c.model = ? AND c.stage = 'finetune'
+           QUALIFY row_number() OVER (PARTITION BY c.method, c.target ORDER BY c.created_at DESC, c.epoch DESC) = 1
+           ORDER BY c.method, c.target""",
         [model],
     ).df()
 
@@ -48,6 +53,21 @@ def _capped_test_rows(rows: list, cap: int | None) -> list[dict]:
         if cap is None or per_task[task] <= cap:
             kept.append({"task": task, "subtask": subtask, "example_id": example_id, "messages": messages})
     return kept
+
+
+def _evaluate(model, tokenizer, spec, row, test_rows: list[dict], config: EvaluationConfig) -> evaluation.EvalResult:
+    """The base model (row None) or the model with a finetuned adapter loaded."""
+    if row is None:
+        return evaluation.evaluate_model(model, tokenizer, test_rows, max_length=spec.max_length,
+                                         batch_size=config.batch_size)
+    evaluated = models.add_lora(model, spec)
+    checkpoints.load_adapter_weights(evaluated, row.path)
+    evaluated.eval()  # new LoRA dropout modules start in training mode
+    try:
+        return evaluation.evaluate_model(evaluated, tokenizer, test_rows, max_length=spec.max_length,
+                                         batch_size=config.batch_size)
+    finally:
+        evaluated.unload()
 
 
 @dg.asset(
@@ -67,23 +87,25 @@ def evaluation_asset(
     spec = model_store.spec(context.partition_key)
     with lineage.connect() as con:
         test_rows = _capped_test_rows(read_targets(con, "test"), config.max_test_per_task)
-        finetunes = latest_finetunes(con, spec.name)
+        finetunes = current_finetunes(con, spec.name)
     model, tokenizer = model_store.load(spec, device.resolve())
     out_dir = settings.subdir("evaluation", spec.name)
     candidates = [(BASE, None)] + [(f"{r.method}/{r.target}", r) for r in finetunes.itertuples()]
     summary = []
+    rows_key = hashlib.sha256(json.dumps([[r["task"], r["example_id"]] for r in test_rows]).encode()).hexdigest()[:12]
     for name, row in candidates:
         started = time.perf_counter()
-        evaluated = model
-        if row is not None:
-            evaluated = models.add_lora(model, spec)
-            checkpoints.load_adapter_weights(evaluated, row.path)
-        result = evaluation.evaluate_model(evaluated, tokenizer, test_rows, max_length=spec.max_length,
-                                           batch_size=config.batch_size)
-        if row is not None:
-            evaluated.unload()
-        path = out_dir / f"{name.replace('/', '-')}.json"
-        path.write_text(json.dumps(result.to_dict()))
+        # Results are reused when the checkpoint, the test rows and the settings are unchanged.
+        result_key = hashlib.sha256(json.dumps(
+            [spec.fingerprint(), "base" if row is None else row.run_key, rows_key, config.batch_size]).encode()
+        ).hexdigest()[:16]
+        path = out_dir / f"{name.replace('/', '-')}-{result_key}.json"
+        if path.is_file():
+            result = evaluation.EvalResult.from_dict(json.loads(path.read_text()))
+            context.log.info(f"{name}: reusing {path.name}")
+        else:
+            result = _evaluate(model, tokenizer, spec, row, test_rows, config)
+            atomic_write_text(path, json.dumps(result.to_dict()))
         tracker.add_file(name, path)
         with lineage.connect() as con:
             con.execute(EVALUATION_DDL)
@@ -121,9 +143,10 @@ def comparison_report(
     with lineage.connect() as con:
         con.execute(EVALUATION_DDL)
         runs = con.execute(
-            """SELECT name, result_path FROM evaluation_runs WHERE model = ?
-               QUALIFY row_number() OVER (PARTITION BY name ORDER BY created_at DESC) = 1 ORDER BY name""",
-            [model],
+            """SELECT name, result_path FROM evaluation_runs WHERE model = ? AND run_id = (
+                   SELECT run_id FROM evaluation_runs WHERE model = ? ORDER BY created_at DESC LIMIT 1)
+               ORDER BY name""",
+            [model, model],
         ).fetchall()
     if not runs:
         raise ValueError(f"no evaluation results for model {model!r}; materialize evaluation first")
@@ -137,6 +160,7 @@ def comparison_report(
     comparison_frame.to_csv(out_dir / "comparison.csv", index=False)
     with lineage.connect() as con:
         con.execute("CREATE TABLE IF NOT EXISTS comparison AS SELECT ''::VARCHAR AS model, * FROM comparison_frame LIMIT 0")
+    with lineage.connect() as con, transaction(con):
         con.execute("DELETE FROM comparison WHERE model = ?", [model])
         con.execute("INSERT INTO comparison BY NAME SELECT ? AS model, * FROM comparison_frame", [model])
     tracker.add_file("report", out_dir / "comparison.md")

@@ -77,7 +77,9 @@ def finetuned_checkpoints(
         examples, stats = tokenization.tokenize_many(tokenizer, [by_id[i] for i in example_ids], spec.max_length)
         usable = stats.usable_indices()
         trained_ids = [example_ids[i] for i in usable]
-        run_key = checkpoints.training_run_key(spec.fingerprint(), train_config.to_dict(), trained_ids)
+        # The selection's identity is part of the key: two methods may pick the same examples.
+        run_key = checkpoints.training_run_key(
+            spec.fingerprint(), {**train_config.to_dict(), "selection": [method, target, budget]}, trained_ids)
         out_dir = settings.subdir("models", spec.name, "finetune", f"{method}-{target}-{budget}-{run_key}")
         started = time.perf_counter()
         peft_model = models.add_lora(model, spec, seed=config.seed)

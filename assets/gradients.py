@@ -6,7 +6,7 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from assets.common import LineageTracker, code_version, markdown_table, read_pool, read_targets
+from assets.common import LineageTracker, code_version, markdown_table, read_pool, read_targets, transaction
 from orchestration.partitions import model_partitions
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
@@ -107,7 +107,7 @@ def _gradient_features(
             pad_token_id=tokenizer.pad_token_id, max_batch_size=device.batch_size,
             max_tokens=device.max_tokens_per_batch, progress_cb=log_progress,
         )
-        with lineage.connect() as con:
+        with lineage.connect() as con, transaction(con):
             _store_rows(con, spec.name, kind, run_key, int(row.epoch), float(row.avg_lr), stores)
         for store in stores:
             tracker.add_file(f"{kind}/epoch_{row.epoch}/d{store.dim}", store.directory)

@@ -16,7 +16,7 @@ from selection import checkpoints, influence, projection
 
 INFLUENCE_DDL = """CREATE TABLE IF NOT EXISTS influence_runs (
     model VARCHAR, scores_dir VARCHAR, warmup_run_key VARCHAR, mode VARCHAR, dim INTEGER, seed BIGINT,
-    n_train INTEGER, n_val INTEGER, columns JSON, weights JSON, created_at TIMESTAMPTZ
+    n_train INTEGER, n_val INTEGER, columns JSON, weights JSON, pool_version VARCHAR, created_at TIMESTAMPTZ
 )"""
 
 
@@ -30,12 +30,23 @@ def latest_influence(con, model: str) -> dict:
     """The most recent influence run of a model, with its score columns (task, subtask, val id)."""
     con.execute(INFLUENCE_DDL)
     row = con.execute(
-        "SELECT scores_dir, columns, n_train, n_val FROM influence_runs WHERE model = ? ORDER BY created_at DESC LIMIT 1",
+        "SELECT scores_dir, columns, n_train, n_val, pool_version FROM influence_runs WHERE model = ? "
+        "ORDER BY created_at DESC LIMIT 1",
         [model],
     ).fetchone()
     if row is None:
         raise ValueError(f"no influence scores for model {model!r}; materialize influence_scores first")
-    return {"scores_dir": row[0], "columns": json.loads(row[1]), "n_train": row[2], "n_val": row[3]}
+    return {"scores_dir": row[0], "columns": json.loads(row[1]), "n_train": row[2], "n_val": row[3],
+            "pool_version": row[4]}
+
+
+def pool_version_containing(con, example_ids: list[str]) -> str:
+    """The earliest pool version that holds every given id: the version these scores were computed from."""
+    frame = pd.DataFrame({"example_id": example_ids})
+    (seq,) = con.execute(
+        "SELECT max(p.first_seen_seq) FROM frame f JOIN pool p USING (example_id)").fetchall()[0]
+    (version,) = con.execute("SELECT pool_version FROM pool_versions WHERE seq = ?", [seq]).fetchall()[0]
+    return version
 
 
 def _stores(con, model: str, run_key: str, kind: str, config: InfluenceConfig) -> pd.DataFrame:
@@ -81,10 +92,19 @@ def influence_scores(
             f"target {list(target['epoch'])}; rematerialize the gradient assets"
         )
     columns = [{"task": t, "subtask": s, "val_example_id": i} for t, s, i, _ in val_rows]
+    target_stores = [influence.open_store(d) for d in target["directory"]]
+    with_features = set(target_stores[0].ids())
+    dropped = [c for c in columns if c["val_example_id"] not in with_features]
+    if dropped:
+        context.log.warning(f"{len(dropped)} val examples have no gradient features (no target tokens after "
+                            f"truncation) and are left out: {[c['val_example_id'] for c in dropped][:10]}")
+        columns = [c for c in columns if c["val_example_id"] in with_features]
+    if not columns:
+        raise ValueError("no target val example has gradient features; check target_gradients' skipped examples")
     out_dir = settings.subdir("scores", spec.name, f"{run_key}-{config.mode}-d{config.dim}-s{config.seed}")
     result = influence.compute_influence(
         [influence.open_store(d) for d in train["directory"]],
-        [influence.open_store(d) for d in target["directory"]],
+        target_stores,
         list(train["avg_lr"]),
         [c["val_example_id"] for c in columns],
         out_dir,
@@ -92,11 +112,12 @@ def influence_scores(
     scores, _ = influence.load_scores(out_dir)
     weights = [float(w) for w in np.asarray(train["avg_lr"]) / np.sum(train["avg_lr"])]
     with lineage.connect() as con:
+        pool_version = pool_version_containing(con, result.train_ids)
         con.execute(INFLUENCE_DDL)
         con.execute(
-            "INSERT INTO influence_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
+            "INSERT INTO influence_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
             [spec.name, str(out_dir), run_key, config.mode, config.dim, config.seed, len(result.train_ids),
-             result.n_val, json.dumps(columns), json.dumps(weights)],
+             result.n_val, json.dumps(columns), json.dumps(weights), pool_version],
         )
     tracker.add_file("scores", result.scores_path)
     per_task = (
@@ -105,6 +126,7 @@ def influence_scores(
     )
     metrics = {
         "warmup_run_key": run_key, "n_train": len(result.train_ids), "n_val": result.n_val, "checkpoint_weights": weights,
+        "pool_version": pool_version, "dropped_val_examples": [c["val_example_id"] for c in dropped],
         "scores_dir": str(out_dir), "mean_influence_by_task": dict(zip(per_task["task"], per_task["mean_influence"])),
     }
     data_version = tracker.finish(metrics)

@@ -17,7 +17,7 @@ from assets.influence import latest_influence
 from orchestration.partitions import model_partitions
 from resources.lineage import LineageStore
 from resources.settings import StorageSettings
-from selection import influence, pool_store, selection_store, selectors
+from selection import influence, selection_store, selectors
 from selection.plots import bar_chart_markdown
 
 SELECTION_CODE = code_version("selection.selectors", "selection.less", "selection.bids", "selection.baselines")
@@ -98,10 +98,13 @@ def build_selection_asset(method: str) -> dg.AssetsDefinition:
         model = context.partition_key
         with lineage.connect() as con:
             run = latest_influence(con, model)
-            pool_version = pool_store.latest_pool_version(con)[0]
+            pool_size = con.execute("SELECT n_examples FROM pool_versions WHERE pool_version = ?",
+                                    [run["pool_version"]]).fetchall()[0][0]
+        pool_version = run["pool_version"]
         scores, train_ids = influence.load_scores(run["scores_dir"])
         columns = run["columns"]
-        budget = selectors.resolve_budget_setting(config.budget, len(train_ids))
+        # Every method's budget is a share of the same pool version (not of the scored subset).
+        budget = selectors.resolve_budget_setting(config.budget, pool_size)
         picks = chooser(scores, columns, budget, config.seed)
         selections, explained = [], []
         for pick in picks:
@@ -134,7 +137,8 @@ def build_selection_asset(method: str) -> dg.AssetsDefinition:
             for r, (i, s) in enumerate(zip(overall.indices[:10], overall.scores[:10]))
         ]
         metrics = {
-            "budget": budget, "pool_version": pool_version, "targets": [p.target for p in picks],
+            "budget": budget, "pool_version": pool_version, "scores_dir": run["scores_dir"],
+            "targets": [p.target for p in picks],
             "task_share_by_top_reason": share, "mean_normalized_influence_by_task": balance,
             "n_val_tasks": len(set(tasks_of.values())),
         }

@@ -23,6 +23,11 @@ class WarmupConfig(dg.Config):
     batch_size: int = training.DEMO_TRAINING_CONFIG.batch_size
     warmup_ratio: float = training.DEMO_TRAINING_CONFIG.warmup_ratio
     seed: int = 0
+    resample: bool = Field(
+        default=False,
+        description="Draw a new warmup sample from the current pool. By default a pool refresh keeps the earlier "
+        "sample (same settings), so checkpoints and every stored gradient stay valid and only new ids are computed.",
+    )
 
 
 @dg.asset(
@@ -43,24 +48,29 @@ def warmup_checkpoints(
 ) -> dg.MaterializeResult:
     tracker = LineageTracker(context, lineage)
     spec = model_store.spec(context.partition_key)
-    with lineage.connect() as con:
-        pool_version, ids, conversations = read_pool(con)
-    warmup_ids = stable_fraction_sample(ids, config.fraction, config.seed)
-    by_id = dict(zip(ids, conversations))
     train_config = training.TrainingConfig(
         epochs=config.epochs, learning_rate=config.learning_rate, batch_size=config.batch_size,
         micro_batch_size=min(config.batch_size, device.batch_size), max_tokens_per_micro_batch=device.max_tokens_per_batch,
         warmup_ratio=config.warmup_ratio, seed=config.seed,
     )
-    run_key = checkpoints.training_run_key(spec.fingerprint(), train_config.to_dict(), warmup_ids)
-    out_dir = settings.subdir("models", spec.name, "warmup", run_key)
-
+    config_key = checkpoints.training_run_key(spec.fingerprint(), train_config.to_dict(), [config.fraction, config.seed])
+    with lineage.connect() as con:
+        pool_version, ids, conversations = read_pool(con)
+        previous = None if config.resample else checkpoints.examples_of_latest_run(con, spec.name, "warmup", config_key)
+    by_id = dict(zip(ids, conversations))
+    if previous is not None:
+        warmup_ids = previous
+        context.log.info(f"reusing the earlier warmup sample ({len(previous)} examples); set resample=true to redraw")
+    else:
+        warmup_ids = stable_fraction_sample(ids, config.fraction, config.seed)
     model, tokenizer = model_store.load(spec, device.resolve())
     examples, stats = tokenization.tokenize_many(tokenizer, [by_id[i] for i in warmup_ids], spec.max_length)
     usable = stats.usable_indices()
     if len(usable) < len(examples):
         context.log.warning(f"{len(examples) - len(usable)} warmup examples have no target tokens and are skipped")
     trained_ids = [warmup_ids[i] for i in usable]
+    run_key = checkpoints.training_run_key(spec.fingerprint(), train_config.to_dict(), trained_ids)
+    out_dir = settings.subdir("models", spec.name, "warmup", run_key)
     peft_model = models.add_lora(model, spec, seed=config.seed)
     started = time.perf_counter()
 
@@ -77,7 +87,8 @@ def warmup_checkpoints(
         checkpoints.CheckpointRow(
             model=spec.name, stage="warmup", run_key=run_key, epoch=c.epoch, path=str(c.path), avg_lr=c.avg_lr,
             mean_loss=c.mean_loss, n_examples=len(trained_ids), pool_version=pool_version,
-            config={"training": train_config.to_dict(), "model": spec.to_dict()},
+            config={"training": train_config.to_dict(), "model": spec.to_dict(), "config_key": config_key,
+                    "fraction": config.fraction, "seed": config.seed},
         )
         for c in result.checkpoints
     ]

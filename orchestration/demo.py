@@ -18,6 +18,36 @@ from orchestration.partitions import DEFAULT_MODEL
 from resources.settings import default_home
 
 
+LAUNCHER_TAG = "instruct_select/launcher"
+PID_TAG = "instruct_select/pid"
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def release_interrupted_demo_runs(instance: dg.DagsterInstance) -> list[str]:
+    """A demo killed mid-run (Ctrl-C, closed terminal) leaves its run STARTED, holding the
+    `accelerator` pool slot. Only runs launched by `make demo` whose process is gone are released."""
+    started = instance.get_runs(
+        filters=dg.RunsFilter(
+            job_name=DEMO_JOB_NAME, tags={LAUNCHER_TAG: "make-demo"},
+            statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING],
+        )
+    )
+    stale = [run for run in started if not process_alive(int(run.tags.get(PID_TAG, "0") or 0))]
+    for run in stale:
+        instance.report_run_failed(run, "a later `make demo` found this in-process run interrupted")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+    return [run.run_id for run in stale]
+
+
 def main() -> int:
     if not os.environ.get("DAGSTER_HOME"):
         print("DAGSTER_HOME is not set; run through `make demo`, which points it at ./dagster_home", file=sys.stderr)
@@ -25,7 +55,12 @@ def main() -> int:
     started = time.perf_counter()
     job = defs.resolve_job_def(DEMO_JOB_NAME)
     with dg.DagsterInstance.get() as instance:
-        result = job.execute_in_process(instance=instance, partition_key=DEFAULT_MODEL, raise_on_error=False)
+        for run_id in release_interrupted_demo_runs(instance):
+            print(f"released interrupted demo run {run_id}")
+        result = job.execute_in_process(
+            instance=instance, partition_key=DEFAULT_MODEL, raise_on_error=False,
+            tags={LAUNCHER_TAG: "make-demo", PID_TAG: str(os.getpid())},
+        )
     elapsed = time.perf_counter() - started
     print(f"\nDemo {'succeeded' if result.success else 'FAILED'} in {elapsed:.0f} s; storage root: {default_home()}")
     if result.success:

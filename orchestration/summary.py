@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import duckdb
+from resources.lineage import connect_with_retry
 
 SUMMARY_QUERIES = {
     "pool by source": "SELECT source, count(*) AS examples FROM pool GROUP BY source ORDER BY source",
@@ -25,7 +25,7 @@ SUMMARY_QUERIES = {
 
 def print_summary(home: str) -> None:
     db_path = Path(home) / "lineage.duckdb"
-    with duckdb.connect(str(db_path)) as con:
+    with connect_with_retry(db_path) as con:
         tables = {row[0] for row in con.execute("SHOW TABLES").fetchall()}
         for title, sql in SUMMARY_QUERIES.items():
             table = sql.split(" FROM ")[1].split()[0]

@@ -16,7 +16,7 @@ ENV_VAR = "INSTRUCT_SELECT_ENV"
 def build_resources(home: str | None = None, env: str | None = None) -> dict[str, Any]:
     """The resource set for an environment; tests inject fakes through `resources=` instead.
 
-    `ci` pins the CPU and one thread per process so parallel test workers do not fight over cores.
+    `ci` pins the device to the CPU so tests behave the same on a machine with a GPU.
     """
     env = env or os.environ.get(ENV_VAR, "local")
     if env not in {"local", "ci"}:

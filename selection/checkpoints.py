@@ -87,6 +87,24 @@ def record_training_run(
         raise
 
 
+def examples_of_latest_run(con: duckdb.DuckDBPyConnection, model: str, stage: str, config_key: str) -> list[str] | None:
+    """Example ids of the latest recorded run of (model, stage) whose config carries `config_key`, if any."""
+    for ddl in CHECKPOINT_TABLES:
+        con.execute(ddl)
+    rows = con.execute(
+        """SELECT run_key FROM checkpoints WHERE model = ? AND stage = ? AND json_extract_string(config, '$.config_key') = ?
+           ORDER BY created_at DESC LIMIT 1""",
+        [model, stage, config_key],
+    ).fetchall()
+    if not rows:
+        return None
+    ids = con.execute(
+        "SELECT example_id FROM checkpoint_examples WHERE model = ? AND stage = ? AND run_key = ? ORDER BY example_id",
+        [model, stage, rows[0][0]],
+    ).fetchall()
+    return [r[0] for r in ids]
+
+
 def latest_run_checkpoints(con: duckdb.DuckDBPyConnection, model: str, stage: str) -> pd.DataFrame:
     """Checkpoints of the most recently recorded run of `stage` for `model`, by epoch."""
     for ddl in CHECKPOINT_TABLES:

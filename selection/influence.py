@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +13,10 @@ import numpy as np
 
 from selection import less
 from selection.datastore import FeatureStore, check_compatible
+
+
+SCORES_FILE = "influence.npy"
+IDS_FILE = "train_ids.json"
 
 
 class ShardedRows:
@@ -84,23 +90,34 @@ def compute_influence(
         raise ValueError("the train gradient stores are empty")
     weights = less.checkpoint_weights(avg_lrs)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    scores_path = out_dir / "influence.npy"
+    # Scores and their row ids are written side by side in a temporary folder and swapped in
+    # together, so a reader never pairs new scores with old ids.
+    staging = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
     less.influence_scores(
         [ShardedRows(s) for s in train_stores],
         [s.features(list(val_ids)) for s in target_stores],
         weights,
-        scores_path,
+        staging / SCORES_FILE,
         chunk_rows=chunk_rows,
     )
-    (out_dir / "train_ids.json").write_text(json.dumps(train_ids))
-    return InfluenceResult(scores_path=scores_path, train_ids=train_ids, n_val=len(val_ids))
+    (staging / IDS_FILE).write_text(json.dumps(train_ids))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(staging, out_dir)
+    return InfluenceResult(scores_path=out_dir / SCORES_FILE, train_ids=train_ids, n_val=len(val_ids))
 
 
 def load_scores(out_dir: str | Path) -> tuple[np.ndarray, list[str]]:
-    """The memory-mapped score matrix and its row ids."""
+    """The memory-mapped score matrix and its row ids (checked to agree)."""
     out_dir = Path(out_dir)
-    return np.load(out_dir / "influence.npy", mmap_mode="r"), json.loads((out_dir / "train_ids.json").read_text())
+    scores = np.load(out_dir / SCORES_FILE, mmap_mode="r")
+    ids = json.loads((out_dir / IDS_FILE).read_text())
+    if scores.ndim != 2 or scores.shape[0] != len(ids):
+        raise ValueError(f"{out_dir}: score matrix {scores.shape} does not match {len(ids)} row ids")
+    return scores, ids
 
 
 def open_store(directory: str | Path) -> FeatureStore:
