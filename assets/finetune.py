@@ -14,7 +14,7 @@ from selection import checkpoints, models, selection_store, tokenization, traini
 
 SELECTION_ASSETS = [
     "less_selection", "bids_selection", "round_robin_selection", "random_selection", "kmq_selection",
-    "kmq_iterative_selection",
+    "kmq_iterative_selection", "rds_selection", "full_selection",
 ]
 
 

@@ -17,7 +17,7 @@ from assets.influence import latest_influence
 from orchestration.partitions import model_partitions
 from resources.lineage import LineageStore
 from resources.settings import StorageSettings
-from selection import influence, selection_store, selectors
+from selection import export, influence, selection_store, selectors
 from selection.plots import bar_chart_markdown
 
 SELECTION_CODE = code_version("selection.selectors", "selection.less", "selection.bids", "selection.baselines")
@@ -51,15 +51,89 @@ CHOOSERS: dict[str, tuple[Chooser, str]] = {
 
 
 def export_jsonl(path, example_ids: list[str], con) -> None:
-    """Selected conversations in selection order, in the pool's canonical `messages` format."""
+    """Selected examples in selection order, each in its source's own format, with id and source."""
     frame = pd.DataFrame({"example_id": example_ids, "rank": range(len(example_ids))})
     rows = con.execute(
-        "SELECT f.example_id, p.source, p.messages FROM frame f JOIN pool p USING (example_id) ORDER BY f.rank"
+        "SELECT f.example_id, p.source, p.format, p.messages FROM frame f JOIN pool p USING (example_id) ORDER BY f.rank"
     ).fetchall()
+    if len(rows) != len(example_ids):
+        raise ValueError(f"{len(example_ids) - len(rows)} selected ids are missing from the pool; cannot export")
     with open(path, "w", encoding="utf-8") as handle:
-        for example_id, source, messages in rows:
-            handle.write(json.dumps({"id": example_id, "source": source, "messages": json.loads(messages)},
-                                    ensure_ascii=False) + "\n")
+        for example_id, source, fmt, messages in rows:
+            record = export.to_source_format(json.loads(messages), fmt)
+            handle.write(json.dumps({"id": example_id, "source": source, **record}, ensure_ascii=False) + "\n")
+
+
+def score_histogram(scores: np.ndarray, bins: int = 10) -> dict[str, float]:
+    finite = scores[np.isfinite(scores)]
+    if finite.size == 0:
+        return {}
+    counts, edges = np.histogram(finite, bins=bins)
+    return {f"{lo:.3g}..{hi:.3g}": float(c) for lo, hi, c in zip(edges[:-1], edges[1:], counts)}
+
+
+def record_picks(
+    context: dg.AssetExecutionContext, tracker: LineageTracker, lineage: LineageStore, settings: StorageSettings,
+    method: str, picks: list[selectors.RankedPicks], row_ids: list[str], pool_version: str, budget: int,
+    scores: np.ndarray | None = None, columns: list[dict] | None = None, extra_metrics: dict | None = None,
+) -> dg.MaterializeResult:
+    """Write selections (+ explanations when a score matrix is given), exports, lineage and metadata."""
+    model = context.partition_key
+    selections, explained = [], []
+    for pick in picks:
+        ids = [row_ids[i] for i in pick.indices]
+        selections.append(
+            selection_store.Selection(model, method, pick.target, ids, [float(s) for s in pick.scores], pool_version)
+        )
+        if scores is not None:
+            why = selectors.explanations(scores, columns, pick)
+            why["example_id"] = [row_ids[r] for r in why["row"]]
+            explained.append(why.assign(model=model, method=method, target=pick.target, budget=budget))
+    export_dir = settings.subdir("selections", model, method)
+    with lineage.connect() as con:
+        n_rows = selection_store.write_selections(
+            con, selections, pd.concat(explained, ignore_index=True) if explained else None, context.run.run_id,
+            context.assets_def.code_versions_by_key.get(context.asset_key),
+        )
+        for selection in selections:
+            path = export_dir / f"{selection.target}-{budget}.jsonl"
+            export_jsonl(path, selection.example_ids, con)
+            tracker.add_file(f"export/{selection.target}", path)
+    tracker.add_table("selections", f"{model}/{method}/{budget}", rows=n_rows)
+    overall = next((p for p in picks if p.target == selectors.ALL_TARGETS), picks[0])
+    metadata: dict = {}
+    metrics = {"budget": budget, "pool_version": pool_version, "targets": [p.target for p in picks],
+               **(extra_metrics or {})}
+    if scores is not None:
+        balance = selectors.task_balance(scores, columns, overall.indices)
+        top = explained[picks.index(overall)]
+        share = top[top["reason_rank"] == 0]["val_task"].value_counts(normalize=True).round(3).to_dict()
+        metrics.update({"task_share_by_top_reason": share, "mean_normalized_influence_by_task": balance})
+        metadata["task_share"] = dg.MetadataValue.md(bar_chart_markdown(share, "share of picks by the task that drove them"))
+        metadata["balance"] = dg.MetadataValue.md(bar_chart_markdown(balance, "mean normalized influence by task"))
+    histogram = score_histogram(np.asarray(overall.scores, dtype=np.float64))
+    if histogram:
+        metadata["score_histogram"] = dg.MetadataValue.md(bar_chart_markdown(histogram, "scores of the picks"))
+    preview = [
+        {"rank": r, "example_id": row_ids[i], "score": f"{s:.4f}" if np.isfinite(s) else ""}
+        for r, (i, s) in enumerate(zip(overall.indices[:10], overall.scores[:10]))
+    ]
+    data_version = tracker.finish(metrics)
+    return dg.MaterializeResult(
+        data_version=data_version,
+        metadata={
+            "budget": dg.MetadataValue.int(budget),
+            "pool_version": pool_version,
+            "targets": dg.MetadataValue.json([p.target for p in picks]),
+            "top_examples": dg.MetadataValue.md(markdown_table(preview)),
+            "export_dir": dg.MetadataValue.path(str(export_dir)),
+            **metadata,
+        },
+    )
+
+
+def pool_size_of(con, pool_version: str) -> int:
+    return con.execute("SELECT n_examples FROM pool_versions WHERE pool_version = ?", [pool_version]).fetchall()[0][0]
 
 
 def build_selection_check(asset: dg.AssetsDefinition, method: str) -> dg.AssetChecksDefinition:
@@ -95,66 +169,15 @@ def build_selection_asset(method: str) -> dg.AssetsDefinition:
         context: dg.AssetExecutionContext, config: SelectionConfig, settings: StorageSettings, lineage: LineageStore
     ) -> dg.MaterializeResult:
         tracker = LineageTracker(context, lineage)
-        model = context.partition_key
         with lineage.connect() as con:
-            run = latest_influence(con, model)
-            pool_size = con.execute("SELECT n_examples FROM pool_versions WHERE pool_version = ?",
-                                    [run["pool_version"]]).fetchall()[0][0]
-        pool_version = run["pool_version"]
+            run = latest_influence(con, context.partition_key)
+            pool_size = pool_size_of(con, run["pool_version"])
         scores, train_ids = influence.load_scores(run["scores_dir"])
-        columns = run["columns"]
         # Every method's budget is a share of the same pool version (not of the scored subset).
         budget = selectors.resolve_budget_setting(config.budget, pool_size)
-        picks = chooser(scores, columns, budget, config.seed)
-        selections, explained = [], []
-        for pick in picks:
-            ids = [train_ids[i] for i in pick.indices]
-            selections.append(
-                selection_store.Selection(model, method, pick.target, ids, [float(s) for s in pick.scores], pool_version)
-            )
-            why = selectors.explanations(scores, columns, pick)
-            why["example_id"] = [train_ids[r] for r in why["row"]]
-            explained.append(why.assign(model=model, method=method, target=pick.target, budget=budget))
-        export_dir = settings.subdir("selections", model, method)
-        with lineage.connect() as con:
-            n_rows = selection_store.write_selections(
-                con, selections, pd.concat(explained, ignore_index=True), context.run.run_id,
-                context.assets_def.code_versions_by_key.get(context.asset_key),
-            )
-            for selection in selections:
-                path = export_dir / f"{selection.target}-{budget}.jsonl"
-                export_jsonl(path, selection.example_ids, con)
-                tracker.add_file(f"export/{selection.target}", path)
-        tracker.add_table("selections", f"{model}/{method}/{budget}", rows=n_rows)
-        overall = next(p for p in picks if p.target == selectors.ALL_TARGETS) if any(
-            p.target == selectors.ALL_TARGETS for p in picks) else picks[0]
-        balance = selectors.task_balance(scores, columns, overall.indices)
-        tasks_of = {c["val_example_id"]: c["task"] for c in columns}
-        top = explained[picks.index(overall)]
-        share = top[top["reason_rank"] == 0]["val_task"].value_counts(normalize=True).round(3).to_dict()
-        preview = [
-            {"rank": r, "example_id": train_ids[i], "score": f"{s:.4f}" if np.isfinite(s) else ""}
-            for r, (i, s) in enumerate(zip(overall.indices[:10], overall.scores[:10]))
-        ]
-        metrics = {
-            "budget": budget, "pool_version": pool_version, "scores_dir": run["scores_dir"],
-            "targets": [p.target for p in picks],
-            "task_share_by_top_reason": share, "mean_normalized_influence_by_task": balance,
-            "n_val_tasks": len(set(tasks_of.values())),
-        }
-        data_version = tracker.finish(metrics)
-        return dg.MaterializeResult(
-            data_version=data_version,
-            metadata={
-                "budget": dg.MetadataValue.int(budget),
-                "pool_version": pool_version,
-                "targets": dg.MetadataValue.json([p.target for p in picks]),
-                "task_share": dg.MetadataValue.json(share),
-                "balance": dg.MetadataValue.md(bar_chart_markdown(balance, "mean normalized influence by task")),
-                "top_examples": dg.MetadataValue.md(markdown_table(preview)),
-                "export_dir": dg.MetadataValue.path(str(export_dir)),
-            },
-        )
+        picks = chooser(scores, run["columns"], budget, config.seed)
+        return record_picks(context, tracker, lineage, settings, method, picks, train_ids, run["pool_version"], budget,
+                            scores, run["columns"], {"scores_dir": run["scores_dir"]})
 
     return _selection, build_selection_check(_selection, method)
 

@@ -51,7 +51,7 @@ def run_config(tmp_path: Path) -> dict:
             "train_gradients": {"config": grad},
             "target_gradients": {"config": grad},
             "influence_scores": {"config": {"dim": DIM, "mode": "fast", "seed": 0}},
-            **{f"{m}_selection": {"config": {"budget": 5}} for m in ("less", "bids", "round_robin", "random", "kmq")},
+            **{f"{m}_selection": {"config": {"budget": 5}} for m in ("less", "bids", "round_robin", "random", "kmq", "rds")},
             "clusters": {"config": {"k_candidates": [2, 3, 4]}},
             "finetuned_checkpoints": {"config": {"epochs": 1, "batch_size": 4}},
             "evaluation": {"config": {"max_test_per_task": 3}},
@@ -95,13 +95,13 @@ def test_tiny_pipeline_end_to_end(tmp_path: Path, run_config: dict) -> None:
             "SELECT inputs FROM lineage WHERE asset_key = 'influence_scores' ORDER BY finished_at LIMIT 1").fetchone()[0])
     assert by_method == {
         "less/math": 5, "less/writing": 5, "less/all": 5, "bids/all": 5, "round_robin/all": 5, "random/all": 5,
-        "kmq/all": 5, "kmq_iterative/all": 6,
+        "kmq/all": 5, "kmq_iterative/all": 6, "rds/math": 5, "rds/writing": 5, "rds/all": 5, "full/all": 30,
     }
     assert why[0] > 0 and why[1] == 2
     assert {"raw_pool", "warmup_checkpoints", "train_gradients", "influence_scores", "bids_selection"} <= lineage_assets
     assert rounds == [(0, 2), (1, 2), (2, 2)]
     assert finetuned == {"less/all": 5, "bids/all": 5, "round_robin/all": 5, "random/all": 5, "kmq/all": 5,
-                         "kmq_iterative/all": 6}
-    assert compared >= 7 * 2  # base + six finetuned checkpoints, two tasks
-    assert trained == 12 + 31  # 40% of 30 warmup examples, and the finetuned selections
+                         "kmq_iterative/all": 6, "rds/all": 5, "full/all": 30}
+    assert compared == 9 * 2  # base + eight finetuned checkpoints, two tasks
+    assert trained == 12 + 66  # 40% of 30 warmup examples, and the finetuned selections
     assert inputs["train_gradients"]["data_version"] is not None
