@@ -35,7 +35,10 @@ import torch
 
 MODES = ("exact", "fast")
 DEFAULT_DIM = 8192
-DEFAULT_MODE = "fast"
+# `fast` is the default only if it passes the fidelity bar against `exact` on a real run
+# (bench/gradients.py --fidelity: Spearman >= 0.95 and top-5% overlap >= 0.9). Measured on
+# SmolLM2, 240 pool examples, 8192 dims: Spearman 0.990 but overlap 0.83, so `exact` it is.
+DEFAULT_MODE = "exact"
 FORMAT_VERSION = 1
 _BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
 
