@@ -70,6 +70,7 @@ def _latest_embeddings(con) -> tuple[str, str, str, int]:
     name="embeddings",
     deps=["raw_pool"],
     group_name="diversity",
+    pool="accelerator",
     code_version=code_version("selection.embeddings"),
     description="Sentence embeddings of the pool, cached by example id and encoder (a refresh embeds only new ids).",
 )
@@ -221,6 +222,7 @@ def _write_kmq(context, lineage, model_name, method, pool_version, chosen_ids, c
     partitions_def=model_partitions,
     deps=["clusters", "raw_pool"],
     group_name="selections",
+    pool="accelerator",
     code_version=code_version("selection.kmq", "selection.quality"),
     description="kMQ: budget per cluster proportional to its size, quality-weighted sampling within clusters.",
 )

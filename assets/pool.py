@@ -63,7 +63,8 @@ def raw_pool(
             f"{source.source}: {source.status}, read {source.n_read} = accepted {source.n_accepted} "
             f"+ rejected {source.n_rejected} + duplicates {source.n_duplicates}"
         )
-    tracker.add_table("pool", report.pool_version, n_total=report.n_total, n_new=report.n_new)
+    # The data version depends on the pool content only, so an unchanged re-ingest keeps downstream fresh.
+    tracker.add_table("pool", report.pool_version, n_total=report.n_total)
     per_source = [
         {
             "source": s.source, "status": s.status, "read": s.n_read, "accepted": s.n_accepted,
