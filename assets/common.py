@@ -44,6 +44,10 @@ def sha256_path(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _is_partitioned(context: dg.AssetExecutionContext) -> bool:
+    return context.assets_def.partitions_def is not None and context.has_partition_key
+
+
 def upstream_data_versions(context: dg.AssetExecutionContext) -> dict[str, Any]:
     """Upstream asset keys with the data versions this materialization read."""
     # job_def works both in a code location and under dg.materialize (which has no repository).
@@ -51,7 +55,7 @@ def upstream_data_versions(context: dg.AssetExecutionContext) -> dict[str, Any]:
     versions: dict[str, Any] = {}
     for dep_key in sorted(context.assets_def.asset_deps[context.asset_key], key=lambda k: k.to_user_string()):
         dep_partitioned = asset_graph.has(dep_key) and asset_graph.get(dep_key).partitions_def is not None
-        partition = context.partition_key if dep_partitioned and context.has_partition_key else None
+        partition = context.partition_key if dep_partitioned and _is_partitioned(context) else None
         record = context.instance.get_latest_data_version_record(dep_key, partition_key=partition)
         version = None
         if record is not None and record.asset_materialization is not None:
@@ -89,7 +93,8 @@ class LineageTracker:
             LineageRecord(
                 run_id=context.run.run_id,
                 asset_key=context.asset_key.to_user_string(),
-                partition_key=context.partition_key if context.has_partition_key else None,
+                # An unpartitioned asset run inside a partitioned job still sees the run's key.
+                partition_key=context.partition_key if _is_partitioned(context) else None,
                 code_version=context.assets_def.code_versions_by_key.get(context.asset_key),
                 started_at=self.started_at,
                 finished_at=datetime.now(timezone.utc),
