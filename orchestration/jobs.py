@@ -6,7 +6,7 @@ from orchestration.partitions import model_partitions
 
 DEMO_JOB_NAME = "demo_job"
 
-# The demo is sized for a 2-core CPU (30-40 minutes): a 300-example built-in pool, 2 target
+# The demo is sized for a 2-core CPU (about 40 minutes): a 300-example built-in pool, 2 target
 # val examples per subtask instead of LESS's 5, 2 warmup epochs instead of 4, 1 finetuning
 # epoch, 10 test rows per task. Every value is a normal run config field; the launchpad
 # shows and edits them, and a plain `dagster asset materialize` uses the full defaults.
