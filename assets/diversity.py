@@ -139,9 +139,9 @@ def clusters(
                           "example_id": ids, "cluster": labels.astype(int)})
     with lineage.connect() as con:
         con.execute(CLUSTERS_DDL)
-    with lineage.connect() as con, transaction(con):
-        con.execute("DELETE FROM clusters WHERE pool_version = ?", [pool_version])
-        con.execute("INSERT INTO clusters SELECT * FROM frame")
+        with transaction(con):
+            con.execute("DELETE FROM clusters WHERE pool_version = ?", [pool_version])
+            con.execute("INSERT INTO clusters SELECT * FROM frame")
     sizes = np.bincount(labels, minlength=k)
     tracker.add_table("clusters", f"{pool_version}/k{k}", k=k)
     metrics = {"k": int(k), "silhouette": {str(c): float(v) for c, v in curve.items()}, "sizes": sizes.tolist()}
@@ -302,19 +302,19 @@ def kmq_iterative_selection(
     chosen = scored[selected]
     with lineage.connect() as con:
         con.execute(ROUNDS_DDL)
-    with lineage.connect() as con, transaction(con):
-        con.execute("DELETE FROM kmq_rounds WHERE model = ? AND budget = ?", [spec.name, budget])
-        for record in records:
-            con.execute(
-                "INSERT INTO kmq_rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
-                [spec.name, budget, record.round, json.dumps(record.weights.tolist()),
-                 json.dumps(None if record.cluster_scores is None else
-                            [None if np.isnan(v) else float(v) for v in record.cluster_scores]),
-                 json.dumps(None if record.updated_weights is None else record.updated_weights.tolist()),
-                 json.dumps([ids[scored[i]] for i in record.new_indices]),
-                 json.dumps(feedback_log[record.round] if record.round < len(feedback_log) else None, default=str),
-                 context.run.run_id],
-            )
+        with transaction(con):
+            con.execute("DELETE FROM kmq_rounds WHERE model = ? AND budget = ?", [spec.name, budget])
+            for record in records:
+                con.execute(
+                    "INSERT INTO kmq_rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
+                    [spec.name, budget, record.round, json.dumps(record.weights.tolist()),
+                     json.dumps(None if record.cluster_scores is None else
+                                [None if np.isnan(v) else float(v) for v in record.cluster_scores]),
+                     json.dumps(None if record.updated_weights is None else record.updated_weights.tolist()),
+                     json.dumps([ids[scored[i]] for i in record.new_indices]),
+                     json.dumps(feedback_log[record.round] if record.round < len(feedback_log) else None, default=str),
+                     context.run.run_id],
+                )
     final = records[-1].updated_weights if records[-1].updated_weights is not None else records[-1].weights
     rounds_table = [{"round": r.round, "new": len(r.new_indices),
                      "weights": ", ".join(f"{w:.3f}" for w in r.weights)} for r in records]

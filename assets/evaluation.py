@@ -160,9 +160,9 @@ def comparison_report(
     comparison_frame.to_csv(out_dir / "comparison.csv", index=False)
     with lineage.connect() as con:
         con.execute("CREATE TABLE IF NOT EXISTS comparison AS SELECT ''::VARCHAR AS model, * FROM comparison_frame LIMIT 0")
-    with lineage.connect() as con, transaction(con):
-        con.execute("DELETE FROM comparison WHERE model = ?", [model])
-        con.execute("INSERT INTO comparison BY NAME SELECT ? AS model, * FROM comparison_frame", [model])
+        with transaction(con):
+            con.execute("DELETE FROM comparison WHERE model = ?", [model])
+            con.execute("INSERT INTO comparison BY NAME SELECT ? AS model, * FROM comparison_frame", [model])
     tracker.add_file("report", out_dir / "comparison.md")
     ranks = evaluation.average_ranks(comparison_frame)
     data_version = tracker.finish({"baseline": config.baseline, "average_ranks": ranks.to_dict("records")})

@@ -113,7 +113,3 @@ class LineageStore(dg.ConfigurableResource):
     def record(self, record: LineageRecord) -> None:
         with self.connect() as con:
             write_lineage(con, record)
-
-    def query_df(self, sql: str, params: list[Any] | None = None):
-        with self.connect(read_only=False) as con:
-            return con.execute(sql, params or []).df()

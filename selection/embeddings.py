@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from selection.models import resolve_device
+from selection.models import eval_mode, resolve_device
 
 EMBEDDING_MODES = ("user_turns", "conversation")
 DEFAULT_EMBEDDING_MODE = "user_turns"
@@ -229,17 +229,6 @@ def embed_texts(
 
 def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Evaluate without dropout (e.g. LoRA dropout right after training); restore the mode after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _decoder_of(model: torch.nn.Module) -> torch.nn.Module:

@@ -41,7 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from selection.embeddings import eval_mode, length_order, pad_token_batch
+from selection.embeddings import length_order, pad_token_batch
+from selection.models import eval_mode
 from selection.quality import Conversation, LogLikelihoodScorer, ResponseScorer
 from selection.tokenization import has_chat_template, render_conversation
 

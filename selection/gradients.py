@@ -26,13 +26,14 @@ Linear; anything else (biases, ``modules_to_save``, DoRA magnitudes) is refused.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from selection.models import eval_mode
 
 IGNORE_INDEX = -100
 LESS_BETA1 = 0.9
@@ -112,16 +113,6 @@ def _target_weights(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return torch.stack([rows, cols]), shifted[rows, cols], weights
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def sum_of_example_losses(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """sum_i (mean CE over example i's target tokens), logits only at target positions."""
     body, lm_head, softcap = _split_model(model)
@@ -161,7 +152,7 @@ class PerExampleGradients:
 
         handles = [slot.module.register_forward_hook(capture) for slot in self.slots]
         try:
-            with _eval_mode(self.model), torch.enable_grad():
+            with eval_mode(self.model), torch.enable_grad():
                 loss = sum_of_example_losses(self.model, batch)
         finally:
             for handle in handles:

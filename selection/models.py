@@ -322,6 +322,17 @@ def _cuda_devices() -> list[int]:
     return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Evaluate without dropout (e.g. LoRA dropout right after training); restore the mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def build_tiny_llama(seed: int = 0, vocab_size: int = 128, num_hidden_layers: int = 2) -> Any:
     """A random LlamaForCausalLM small enough for unit tests (fp32, eval mode)."""
     from transformers import LlamaConfig, LlamaForCausalLM

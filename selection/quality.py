@@ -27,8 +27,9 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from selection.embeddings import eval_mode, length_order, pad_token_batch
-from selection.models import ensure_pad_token, resolve_device, resolve_dtype
+from selection.embeddings import length_order, pad_token_batch
+from selection.models import ensure_pad_token, eval_mode, resolve_device, resolve_dtype
+from selection.training import token_losses
 from selection.tokenization import (
     IGNORE_INDEX,
     TokenizedExample,
@@ -113,17 +114,8 @@ def _predictable_targets(example: TokenizedExample) -> int:
 
 def _batch_log_likelihoods(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
     """(sum of target-token log-probs, number of target tokens) per row."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    shifted_logits = logits[:, :-1, :].float()
-    shifted_labels = batch["labels"][:, 1:]
-    token_nll = torch.nn.functional.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.size(-1)),
-        shifted_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(shifted_labels.shape)
+    token_nll, counts = token_losses(model, batch)
     sums = -token_nll.double().sum(dim=1)
-    counts = (shifted_labels != IGNORE_INDEX).sum(dim=1)
     return sums.cpu().numpy(), counts.cpu().numpy()
 
 

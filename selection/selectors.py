@@ -51,7 +51,10 @@ def per_task_less_scores(scores: np.ndarray, columns: Sequence[Mapping[str, str]
 def less_selections(scores: np.ndarray, columns: Sequence[Mapping[str, str]], budget: int) -> list[RankedPicks]:
     """Top-`budget` per task, plus the multi-target variant (`all`: max over tasks of the task scores)."""
     per_task = per_task_less_scores(scores, columns)
-    picks = [RankedPicks(task, less.top_k(s, budget), s[less.top_k(s, budget)]) for task, s in per_task.items()]
+    picks = []
+    for task, task_scores in per_task.items():
+        chosen = less.top_k(task_scores, budget)
+        picks.append(RankedPicks(task, chosen, task_scores[chosen]))
     combined, _ = less.multi_target_scores(per_task)
     chosen = less.top_k(combined, budget)
     return picks + [RankedPicks(ALL_TARGETS, chosen, combined[chosen])]

@@ -163,8 +163,11 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _per_example_mean_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean token loss of each row over its own target tokens -> shape [rows]."""
+def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of every predicted token ([rows, T-1], 0 off target) and target counts per row.
+
+    Labels are shifted by one here, as inside Hugging Face causal LMs.
+    """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     shifted_logits = logits[:, :-1, :].float()
     shifted_labels = batch["labels"][:, 1:]
@@ -174,7 +177,12 @@ def _per_example_mean_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor
         ignore_index=IGNORE_INDEX,
         reduction="none",
     ).view(shifted_labels.shape)
-    n_tokens = (shifted_labels != IGNORE_INDEX).sum(dim=1)
+    return token_loss, (shifted_labels != IGNORE_INDEX).sum(dim=1)
+
+
+def _per_example_mean_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean token loss of each row over its own target tokens -> shape [rows]."""
+    token_loss, n_tokens = token_losses(model, batch)
     return token_loss.sum(dim=1) / n_tokens
 
 
