@@ -21,13 +21,8 @@ from selection.embeddings import (
     text_for_embedding,
 )
 
-SAMPLE_CONVERSATION = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "What is 2+2?"},
-    {"role": "assistant", "content": "4."},
-    {"role": "user", "content": "And 3+3?"},
-    {"role": "assistant", "content": "6, of course."},
-]
+from tests.conftest import SAMPLE_CONVERSATION
+
 TEXTS = ["short", "a somewhat longer sentence here", "mid length text", "x", "another one of middling size"]
 
 
