@@ -17,6 +17,13 @@ Adam moments come from a few AdamW warmup steps on other pool examples (a stand-
 a warmup checkpoint). ``spearman_vs_exact`` compares LESS target scores (mean cosine to
 the target examples' SGD features) from ``fast`` against the ``exact`` dense projection.
 
+On a GPU (``--device cuda``), the LESS-style loop's projector is generated on the device
+(``bernoulli_`` with a CUDA generator, standing in for TRAK's CUDA projector) and
+timings synchronize the device. A GPU machine without the model/data packages takes
+``--examples-file`` (written here with ``--export-examples``) and ``--random-weights``
+with ``--model-config`` (the cached model folder's config.json: same architecture and
+cost, random values; fidelity needs the real weights and is measured on the CPU).
+
 ``--fidelity`` instead runs the issue's fidelity check: >= 200 pool examples, fast vs
 exact (plus exact with another seed as the noise floor of any JL projection), Spearman
 and top-5% overlap; it passes at Spearman >= 0.95 and overlap >= 0.9.
@@ -55,6 +62,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def sync(device: torch.device) -> None:
+    """GPU kernels run asynchronously: wait for them before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def on(device: torch.device, batch: dict) -> dict:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
 def log(message: str) -> None:
     print(message, flush=True)
 
@@ -87,7 +104,7 @@ def target_examples(tokenizer, count: int, max_tokens: int) -> list[tuple[str, T
     return [(i, e) for i, e in tokenized if not e.truncated and e.n_target_tokens > 0][:count]
 
 
-def warmup_moments(model, examples, pad_id: int, steps: int, lr: float) -> tuple[dict, dict]:
+def warmup_moments(model, examples, pad_id: int, steps: int, lr: float, device: torch.device) -> tuple[dict, dict]:
     """AdamW steps (batch = 4, per-example mean losses averaged) -> moments keyed by name."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=0.0)
@@ -95,7 +112,7 @@ def warmup_moments(model, examples, pad_id: int, steps: int, lr: float) -> tuple
     for step in range(steps):
         batch = [e for _, e in examples[step * 4 : step * 4 + 4]]
         optimizer.zero_grad(set_to_none=True)
-        (sum_of_example_losses(model, collate(batch, pad_id)) / len(batch)).backward()
+        (sum_of_example_losses(model, on(device, collate(batch, pad_id))) / len(batch)).backward()
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     state = optimizer.state
@@ -106,17 +123,19 @@ class TrakBasicProjector:
     """LESS's CPU projector (TRAK BasicProjector, rademacher): regenerates each column
     block's grad_dim x block_size matrix with bernoulli_ on every project() call."""
 
-    def __init__(self, grad_dim: int, proj_dim: int, seed: int = 0, block_size: int = 128) -> None:
+    def __init__(self, grad_dim: int, proj_dim: int, seed: int = 0, block_size: int = 128,
+                 device: torch.device = torch.device("cpu")) -> None:
         self.grad_dim, self.proj_dim, self.block_size = grad_dim, proj_dim, min(block_size, proj_dim)
-        self.matrix = torch.empty(grad_dim, self.block_size)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.device = device
+        self.matrix = torch.empty(grad_dim, self.block_size, device=device)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
         self.states = []
         for _ in range(math.ceil(proj_dim / self.block_size)):
             self.states.append(self.generator.get_state())
-            self.generator.manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.generator)))
+            self.generator.manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.generator, device=device)))
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
-        sketch = torch.zeros(grads.shape[0], self.proj_dim)
+        sketch = torch.zeros(grads.shape[0], self.proj_dim, device=self.device)
         for index, state in enumerate(self.states):
             self.generator.set_state(state)
             self.matrix.bernoulli_(p=0.5, generator=self.generator)
@@ -128,38 +147,46 @@ class TrakBasicProjector:
         return sketch
 
 
-def less_loop(model, examples, moments: AdamMoments, projector, project_every: int) -> tuple[float, float, torch.Tensor]:
+def less_loop(model, examples, moments: AdamMoments, projector, project_every: int,
+              device: torch.device) -> tuple[float, float, torch.Tensor]:
     """(seconds total, seconds in projection, the Adam features [n, D] before projection)."""
     model.eval()
+    sync(device)
     names = [p for _, p in model.named_parameters() if p.requires_grad]
     features, pending = [], []
     projection_seconds = 0.0
     started = time.perf_counter()
     for position, (_, example) in enumerate(examples):
         model.zero_grad(set_to_none=True)
-        output = model(input_ids=torch.tensor([example.input_ids]), labels=torch.tensor([example.labels]))
+        output = model(input_ids=torch.tensor([example.input_ids], device=device),
+                       labels=torch.tensor([example.labels], device=device))
         output.loss.backward()
         flat = torch.cat([p.grad.reshape(-1) for p in names])
         pending.append(moments.transform(flat[None])[0])
         if len(pending) == project_every or position == len(examples) - 1:
             stacked = torch.stack(pending)
+            sync(device)
             project_started = time.perf_counter()
             projector.project(stacked)
+            sync(device)
             projection_seconds += time.perf_counter() - project_started
             features.append(stacked)
             pending = []
     model.zero_grad(set_to_none=True)
+    sync(device)
     return time.perf_counter() - started, projection_seconds, torch.cat(features)
 
 
-def floor_pass(model, examples, pad_id: int, batch_size: int) -> float:
+def floor_pass(model, examples, pad_id: int, batch_size: int, device: torch.device) -> float:
     model.eval()
     tokenized = [e for _, e in examples]
+    sync(device)
     started = time.perf_counter()
     for rows in length_sorted_batches(tokenized, batch_size):
         model.zero_grad(set_to_none=True)
-        model(**collate([tokenized[r] for r in rows], pad_id)).loss.backward()
+        model(**on(device, collate([tokenized[r] for r in rows], pad_id))).loss.backward()
     model.zero_grad(set_to_none=True)
+    sync(device)
     return time.perf_counter() - started
 
 
@@ -190,14 +217,62 @@ def less_scores(train: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 def load(args):
-    home = Path(os.environ.get("INSTRUCT_SELECT_HOME", Path(__file__).resolve().parents[1] / "storage"))
+    """(peft model on args.device, tokenizer or None with --random-weights)."""
     spec = default_model_spec()
     started = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer(spec, cache_dir=home / "models", device="cpu")
-    model = add_lora(model, spec, seed=args.seed)
-    log(f"model {spec.name} (LoRA r={spec.lora_r} on {','.join(spec.lora_target_modules)}) loaded in "
-        f"{time.perf_counter() - started:.1f}s")
+    if args.random_weights:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        if not args.model_config:
+            raise SystemExit("--random-weights needs --model-config (a folder holding the model's config.json)")
+        torch.manual_seed(args.seed)
+        model, tokenizer = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model_config)), None
+        weights = "random weights"
+    else:
+        home = Path(os.environ.get("INSTRUCT_SELECT_HOME", Path(__file__).resolve().parents[1] / "storage"))
+        model, tokenizer = load_model_and_tokenizer(spec, cache_dir=home / "models", device="cpu")
+        weights = "real weights"
+    model = add_lora(model.float(), spec, seed=args.seed).to(args.device)
+    log(f"model {spec.name} ({weights}, LoRA r={spec.lora_r} on {','.join(spec.lora_target_modules)}) on "
+        f"{args.device} in {time.perf_counter() - started:.1f}s")
     return model, tokenizer
+
+
+def write_examples(path: Path, sections: dict[str, list[tuple[str, TokenizedExample]]], pad_id: int) -> None:
+    with open(path, "w") as handle:
+        handle.write(json.dumps({"pad_token_id": pad_id}) + "\n")
+        for section, examples in sections.items():
+            for example_id, e in examples:
+                handle.write(json.dumps({"section": section, "id": example_id, "input_ids": e.input_ids,
+                                         "labels": e.labels, "n_target_tokens": e.n_target_tokens}) + "\n")
+
+
+def read_examples(path: Path) -> tuple[dict[str, list[tuple[str, TokenizedExample]]], int]:
+    with open(path) as handle:
+        pad_id = json.loads(handle.readline())["pad_token_id"]
+        sections: dict[str, list[tuple[str, TokenizedExample]]] = {}
+        for line in handle:
+            row = json.loads(line)
+            example = TokenizedExample(row["input_ids"], row["labels"], False, row["n_target_tokens"])
+            sections.setdefault(row["section"], []).append((row["id"], example))
+    return sections, pad_id
+
+
+def benchmark_examples(args, tokenizer) -> tuple[dict[str, list[tuple[str, TokenizedExample]]], int]:
+    """warm / train / target examples: from --examples-file, else tokenized from the default pool."""
+    if args.examples_file:
+        sections, pad = read_examples(Path(args.examples_file))
+        sizes = {"warm": 4 * args.warmup_steps, "train": args.n_examples, "target": args.n_targets}
+        short = {name: len(sections.get(name, [])) for name, size in sizes.items() if len(sections.get(name, [])) < size}
+        if short:
+            raise SystemExit(f"{args.examples_file} has too few examples for the flags: {short} (need {sizes})")
+        return {name: sections[name][:size] for name, size in sizes.items()}, pad
+    if tokenizer is None:
+        raise SystemExit("--random-weights has no tokenizer: pass --examples-file (see --export-examples)")
+    warm = pool_examples(tokenizer, 4 * args.warmup_steps, args.min_tokens, args.max_tokens)
+    train = pool_examples(tokenizer, args.n_examples, args.min_tokens, args.max_tokens, skip=4 * args.warmup_steps)
+    return {"warm": warm, "train": train, "target": target_examples(tokenizer, args.n_targets, args.max_tokens)}, \
+        tokenizer.pad_token_id
 
 
 def fidelity(args) -> dict:
@@ -206,7 +281,7 @@ def fidelity(args) -> dict:
     warm = pool_examples(tokenizer, 4 * args.warmup_steps, 16, args.max_tokens)
     train = pool_examples(tokenizer, args.fidelity_examples, 16, args.max_tokens, skip=4 * args.warmup_steps)
     targets = target_examples(tokenizer, args.n_targets, args.max_tokens)
-    exp_avg, exp_avg_sq = warmup_moments(model, warm, pad, args.warmup_steps, args.warmup_lr)
+    exp_avg, exp_avg_sq = warmup_moments(model, warm, pad, args.warmup_steps, args.warmup_lr, args.device)
     engine = PerExampleGradients(model)
     # Another seed of the same mode shows the noise floor of any 'dim'-dim JL projection.
     other = ("exact", args.seed + 1) if args.exact_noise_baseline else ("fast", args.seed + 1)
@@ -246,27 +321,37 @@ def fidelity(args) -> dict:
 
 def benchmark(args) -> dict:
     model, tokenizer = load(args)
-    pad = tokenizer.pad_token_id
-    warm = pool_examples(tokenizer, 4 * args.warmup_steps, args.min_tokens, args.max_tokens)
-    examples = pool_examples(tokenizer, args.n_examples, args.min_tokens, args.max_tokens,
-                             skip=4 * args.warmup_steps)
-    targets = target_examples(tokenizer, args.n_targets, args.max_tokens)
+    sections, pad = benchmark_examples(args, tokenizer)
+    if args.export_examples:
+        write_examples(Path(args.export_examples), sections, pad)
+        log(f"wrote {sum(map(len, sections.values()))} tokenized examples to {args.export_examples}")
+        return {"exported": args.export_examples, **{name: len(rows) for name, rows in sections.items()}}
+    warm, examples, targets = sections["warm"], sections["train"], sections["target"]
+    device = args.device
     n_tokens = sum(len(e) for _, e in examples)
     log(f"{len(examples)} examples, {n_tokens} tokens ({min(len(e) for _, e in examples)}-"
         f"{max(len(e) for _, e in examples)} each), {len(targets)} MMLU targets, dim {args.dim}, "
-        f"batch {args.batch_size}, {torch.get_num_threads()} threads")
-    exp_avg, exp_avg_sq = warmup_moments(model, warm, pad, args.warmup_steps, args.warmup_lr)
+        f"batch {args.batch_size}, {torch.get_num_threads()} threads, device {device}")
+    exp_avg, exp_avg_sq = warmup_moments(model, warm, pad, args.warmup_steps, args.warmup_lr, device)
     engine = PerExampleGradients(model)
     moments = AdamMoments.from_named(exp_avg, exp_avg_sq, engine.slots)
-    fast = make_projector("fast", engine.dim, args.dim, args.seed, engine.names_hash)
-    floor_pass(model, examples[:2], pad, 2)  # untimed: first-call allocations and thread start-up
-    floor_times, ours_times = [], []
+    fast = make_projector("fast", engine.dim, args.dim, args.seed, engine.names_hash, device)
+    floor_pass(model, examples[:2], pad, 2, device)  # untimed: first-call allocations and thread start-up
+    floor_times, ours_times, ours_exact_times = [], [], []
+    # On a GPU the whole exact matrix can stay in device memory after its first generation.
+    exact_cached = (make_projector("exact", engine.dim, args.dim, args.seed, engine.names_hash, device,
+                                   cache_bytes=int(args.ours_exact_cache_gb * 2**30))
+                    if args.ours_exact_cache_gb > 0 else None)
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
-            floor_times.append(floor_pass(model, examples, pad, args.batch_size))
+            floor_times.append(floor_pass(model, examples, pad, args.batch_size, device))
             seconds, ours_store = ours_pass(model, examples, fast, pad, args.batch_size, exp_avg, exp_avg_sq,
                                             Path(tmp), f"ours{repeat}")
             ours_times.append(seconds)
+            if exact_cached is not None:
+                ours_exact_times.append(ours_pass(model, examples, exact_cached, pad, args.batch_size, exp_avg,
+                                                  exp_avg_sq, Path(tmp), f"exact{repeat}")[0])
+                log(f"repeat {repeat}: ours exact (matrix cached on {device}) {ours_exact_times[-1]:.1f}s")
             gc.collect()
             log(f"repeat {repeat}: floor {floor_times[-1]:.1f}s, ours {ours_times[-1]:.1f}s")
         fast_train = ours_store.features([i for i, _ in examples])
@@ -274,19 +359,23 @@ def benchmark(args) -> dict:
         compute_features(model, targets, fast, target_store, pad_token_id=pad, max_batch_size=args.batch_size)
         fast_target = target_store.features([i for i, _ in targets])
     rss_after_ours = peak_rss_mb()
+    gpu_peak_after_ours = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    del exact_cached
     if args.less_projector == "trak":
-        less_projector = TrakBasicProjector(engine.dim, args.dim, args.seed)
+        less_projector = TrakBasicProjector(engine.dim, args.dim, args.seed, device=device)
     else:
-        less_projector = make_projector("exact", engine.dim, args.dim, args.seed, engine.names_hash, cache_bytes=0)
+        less_projector = make_projector("exact", engine.dim, args.dim, args.seed, engine.names_hash, device,
+                                        cache_bytes=0)
     less_seconds, less_projection_seconds, less_features = less_loop(model, examples, moments, less_projector,
-                                                                     args.project_every)
+                                                                     args.project_every, device)
     log(f"LESS-style loop ({args.less_projector} projector): {less_seconds:.1f}s, of which projection "
         f"{less_projection_seconds:.1f}s")
     # The exact oracle on the same Adam features (and the targets' SGD gradients), one call.
     target_grads = torch.cat([engine(collate([e], pad)) for _, e in targets])
-    exact = make_projector("exact", engine.dim, args.dim, args.seed, engine.names_hash, cache_bytes=0)
+    exact = make_projector("exact", engine.dim, args.dim, args.seed, engine.names_hash, device, cache_bytes=0)
+    sync(device)
     started = time.perf_counter()
-    exact_all = unit_rows(exact.project(torch.cat([less_features, target_grads]))).half().numpy()
+    exact_all = unit_rows(exact.project(torch.cat([less_features, target_grads]))).half().cpu().numpy()
     exact_seconds = time.perf_counter() - started
     exact_train, exact_target = exact_all[: len(examples)], exact_all[len(examples) :]
     fast_scores, exact_scores = less_scores(fast_train, fast_target), less_scores(exact_train, exact_target)
@@ -318,7 +407,17 @@ def benchmark(args) -> dict:
         "ours_s_runs": ours_times,
         "floor_s_runs": floor_times,
         "threads": torch.get_num_threads(),
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "weights": "random" if args.random_weights else "real",
     }
+    if device.type == "cuda":
+        result["gpu_peak_mb_after_ours"] = gpu_peak_after_ours
+        result["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if ours_exact_times:
+        # The first run includes generating the matrix on the CPU once; later runs reuse it.
+        result["ours_exact_cached_s_runs"] = ours_exact_times
+        result["ours_exact_cached_examples_per_s"] = n / statistics.median(ours_exact_times[1:] or ours_exact_times)
+        result["ours_exact_cached_time_vs_floor"] = statistics.median(ours_exact_times[1:] or ours_exact_times) / floor_s
     log(f"examples/s: ours {result['ours_examples_per_s']:.3f}, LESS-style {result['less_loop_examples_per_s']:.3f}, "
         f"floor {result['floor_examples_per_s']:.3f}")
     log(f"ours vs LESS-style: {result['speedup_vs_less_loop']:.1f}x faster (target >= 6x); ours/floor time "
@@ -342,6 +441,14 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=4)
     parser.add_argument("--warmup-lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", type=torch.device, default=torch.device("cpu"), help="cpu or cuda")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="random weights from --model-config (same architecture and cost; no model package needed)")
+    parser.add_argument("--model-config", help="folder with the model's config.json (for --random-weights)")
+    parser.add_argument("--examples-file", help="tokenized warm/train/target examples written by --export-examples")
+    parser.add_argument("--export-examples", help="write the tokenized examples to this JSONL file and stop")
+    parser.add_argument("--ours-exact-cache-gb", type=float, default=0.0,
+                        help="also time ours in exact mode with the dense matrix cached up to this size (GPU)")
     parser.add_argument("--fidelity", action="store_true", help="run the fast-vs-exact fidelity check instead")
     parser.add_argument("--fidelity-examples", type=int, default=240)
     parser.add_argument("--exact-noise-baseline", action="store_true",
