@@ -13,6 +13,7 @@ from typing import Any
 
 import dagster as dg
 
+from orchestration.partitions import MODEL_DIMENSION
 from resources.lineage import LineageRecord, LineageStore
 
 _HASH_CHUNK = 1 << 20
@@ -48,19 +49,46 @@ def _is_partitioned(context: dg.AssetExecutionContext) -> bool:
     return context.assets_def.partitions_def is not None and context.has_partition_key
 
 
+def _dep_partitions(context: dg.AssetExecutionContext, dep_partitions_def) -> list[str] | None:
+    """The upstream partitions this partition reads (None: the dep is read whole).
+
+    Same partitioning: the same key. A (model, shard) partition reads its model's partition
+    of a per-model dep; a per-model partition reads every shard of its model."""
+    if dep_partitions_def is None or not _is_partitioned(context):
+        return None
+    own = context.partition_key
+    if dep_partitions_def == context.assets_def.partitions_def:
+        return [own]
+    if isinstance(own, dg.MultiPartitionKey):
+        return [own.keys_by_dimension[MODEL_DIMENSION]]
+    return [key for key in dep_partitions_def.get_partition_keys()
+            if isinstance(key, dg.MultiPartitionKey) and key.keys_by_dimension[MODEL_DIMENSION] == own]
+
+
+def _data_version(context: dg.AssetExecutionContext, dep_key: dg.AssetKey, partition: str | None) -> str | None:
+    record = context.instance.get_latest_data_version_record(dep_key, partition_key=partition)
+    if record is None or record.asset_materialization is None:
+        return None
+    return record.asset_materialization.tags.get("dagster/data_version")
+
+
 def upstream_data_versions(context: dg.AssetExecutionContext) -> dict[str, Any]:
-    """Upstream asset keys with the data versions this materialization read."""
+    """Upstream asset keys with the data versions this materialization read (per partition read)."""
     # job_def works both in a code location and under dg.materialize (which has no repository).
     asset_graph = context.job_def.asset_layer.asset_graph
     versions: dict[str, Any] = {}
     for dep_key in sorted(context.assets_def.asset_deps[context.asset_key], key=lambda k: k.to_user_string()):
-        dep_partitioned = asset_graph.has(dep_key) and asset_graph.get(dep_key).partitions_def is not None
-        partition = context.partition_key if dep_partitioned and _is_partitioned(context) else None
-        record = context.instance.get_latest_data_version_record(dep_key, partition_key=partition)
-        version = None
-        if record is not None and record.asset_materialization is not None:
-            version = record.asset_materialization.tags.get("dagster/data_version")
-        versions[dep_key.to_user_string()] = {"partition": partition, "data_version": version}
+        partitions_def = asset_graph.get(dep_key).partitions_def if asset_graph.has(dep_key) else None
+        partitions = _dep_partitions(context, partitions_def)
+        if partitions is None or len(partitions) == 1:
+            partition = partitions[0] if partitions else None
+            versions[dep_key.to_user_string()] = {"partition": partition,
+                                                  "data_version": _data_version(context, dep_key, partition)}
+        else:
+            versions[dep_key.to_user_string()] = {
+                "partitions": list(map(str, partitions)),
+                "data_version": {str(p): _data_version(context, dep_key, p) for p in partitions},
+            }
     return versions
 
 

@@ -1,60 +1,103 @@
-"""LESS step 2: the gradient datastore (projected, L2-normalized fp16 features in memory-mapped shards)."""
+"""LESS step 2: the gradient datastore (projected, L2-normalized fp16 features in memory-mapped shards).
+
+`train_gradients` is partitioned by (model, shard): each partition computes the pool examples
+whose id hashes to its shard (`selection.datastore.shard_of`), so a run launcher or executor
+can spread shards over machines. It streams the pool in chunks of `shard_size` examples
+(read, tokenize, compute, write), so its memory does not grow with the pool.
+`target_gradients` (a few val examples) is partitioned by model only.
+"""
 
 import time
+from collections.abc import Callable, Sequence
 
 import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from assets.common import LineageTracker, code_version, markdown_table, read_pool, read_targets, transaction
-from orchestration.partitions import model_partitions
+from assets.common import LineageTracker, code_version, markdown_table, read_targets, transaction
+from orchestration.partitions import MODEL_DIMENSION, SHARD_DIMENSION, model_partitions, model_shard_partitions
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings
-from selection import checkpoints, datastore, models, projection, tokenization, training
+from selection import checkpoints, datastore, models, pool_store, projection, tokenization, training
 from selection.gradients import PerExampleGradients
 
 STORE_TABLE_DDL = """CREATE TABLE IF NOT EXISTS gradient_stores (
     model VARCHAR, kind VARCHAR, warmup_run_key VARCHAR, epoch INTEGER, avg_lr DOUBLE, store_id VARCHAR,
-    directory VARCHAR, mode VARCHAR, dim INTEGER, seed BIGINT, n_rows INTEGER, created_at TIMESTAMPTZ
+    directory VARCHAR, mode VARCHAR, dim INTEGER, seed BIGINT, n_rows INTEGER, created_at TIMESTAMPTZ,
+    part VARCHAR, n_excluded INTEGER
 )"""
+# Tables made before stores had parts.
+STORE_TABLE_MIGRATIONS = (
+    "ALTER TABLE gradient_stores ADD COLUMN IF NOT EXISTS part VARCHAR",
+    "ALTER TABLE gradient_stores ADD COLUMN IF NOT EXISTS n_excluded INTEGER",
+)
 
 GRADIENT_CODE = code_version(
     "selection.gradients", "selection.projection", "selection.datastore", "selection.tokenization", "selection.checkpoints"
 )
+PROGRESS_LOG_SECONDS = 30.0
+
+# Conversations of the given ids, keyed by id (ids not found are missing from the dict).
+ConversationLoader = Callable[[Sequence[str]], dict[str, list[dict]]]
 
 
 class GradientConfig(dg.Config):
     dims: list[int] = Field(default=[projection.DEFAULT_DIM], description="Projection dims (one pass fills all)")
-    mode: str = Field(default=projection.DEFAULT_MODE, description="'fast' (sparse sign) or 'exact' (dense Rademacher)")
+    mode: str = Field(default=projection.DEFAULT_MODE, description="'exact' (dense Rademacher) or 'fast' (sparse sign)")
     seed: int = Field(default=0, description="Projection seed; stores of different seeds never mix")
-    shard_size: int = Field(default=512, description="Rows per memory-mapped shard")
+    shard_size: int = Field(default=512, description="Examples per chunk read from the pool and per file on disk")
 
 
 def _store_rows(con, spec_name: str, kind: str, run_key: str, epoch: int, avg_lr: float, stores) -> None:
     con.execute(STORE_TABLE_DDL)
+    for migration in STORE_TABLE_MIGRATIONS:
+        con.execute(migration)
     frame = pd.DataFrame(
         [
             (spec_name, kind, run_key, epoch, avg_lr, s.store_id, str(s.directory), s.manifest["projection"]["mode"],
-             s.dim, s.manifest["projection"]["seed"], len(s.ids()), pd.Timestamp.now(tz="UTC"))
+             s.dim, s.manifest["projection"]["seed"], len(s), pd.Timestamp.now(tz="UTC"), s.part, len(s.excluded()))
             for s in stores
         ],
         columns=["model", "kind", "warmup_run_key", "epoch", "avg_lr", "store_id", "directory", "mode", "dim", "seed",
-                 "n_rows", "created_at"],
+                 "n_rows", "created_at", "part", "n_excluded"],
     )
-    con.execute(
-        "DELETE FROM gradient_stores WHERE store_id IN (SELECT store_id FROM frame)"
-    )
-    con.execute("INSERT INTO gradient_stores SELECT * FROM frame")
+    con.execute("DELETE FROM gradient_stores WHERE store_id IN (SELECT store_id FROM frame)")
+    con.execute("INSERT INTO gradient_stores BY NAME SELECT * FROM frame")
     for store in stores:
         datastore.write_index(con, store)
+
+
+class _ProgressLog:
+    """Examples done / total, rate and ETA over a whole checkpoint, at most every 30 s."""
+
+    def __init__(self, context: dg.AssetExecutionContext, label: str, total: int) -> None:
+        self.context, self.label, self.total = context, label, total
+        self.started = self.last = time.perf_counter()
+        self.done_before = 0
+
+    def __call__(self, progress: datastore.Progress, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self.last < PROGRESS_LOG_SECONDS:
+            return
+        self.last = now
+        done = self.done_before + progress.done
+        rate = done / (now - self.started) if now > self.started else 0.0
+        eta = (self.total - done) / rate if rate else float("inf")
+        self.context.log.info(f"{self.label}: {done}/{self.total} examples, {rate:.2f} examples/s, ETA {eta:.0f} s")
+
+    def chunk_done(self, n: int) -> None:
+        self.done_before += n
+        self(datastore.Progress(0, self.total, 0, 0.0, 0.0), force=True)
 
 
 def _gradient_features(
     context: dg.AssetExecutionContext,
     kind: str,
-    example_ids: list[str],
-    conversations: list[list[dict]],
+    model_name: str,
+    example_ids: Sequence[str],
+    load_conversations: ConversationLoader,
+    part: str | None,
     config: GradientConfig,
     settings: StorageSettings,
     lineage: LineageStore,
@@ -62,64 +105,76 @@ def _gradient_features(
     device: DeviceSettings,
     tracker: LineageTracker,
 ) -> dict:
-    """Fill one store per (checkpoint, dim) with `kind` features of the given examples (skipping stored ids)."""
-    spec = model_store.spec(context.partition_key)
+    """Fill one store per (checkpoint, dim) with `kind` features of `example_ids`, streaming them
+    in chunks of `shard_size`; ids a store already covers (stored or excluded) are skipped."""
+    spec = model_store.spec(model_name)
     with lineage.connect() as con:
         warmup = checkpoints.latest_run_checkpoints(con, spec.name, "warmup")
     run_key = str(warmup["run_key"].iloc[0])
     model, tokenizer = model_store.load(spec, device.resolve())
     peft_model = models.add_lora(model, spec)
     engine = PerExampleGradients(peft_model)
-    tokenized, stats = tokenization.tokenize_many(tokenizer, conversations, spec.max_length)
-    usable = stats.usable_indices()
-    skipped_ids = sorted(set(example_ids) - {example_ids[i] for i in usable})
-    if skipped_ids:
-        context.log.warning(f"{len(skipped_ids)} examples have no target tokens after truncation; no features")
-    pairs = [(example_ids[i], tokenized[i]) for i in usable]
+    model_fingerprint = f"{spec.name}-{spec.fingerprint()}"
+    token_counts: dict[str, int] = {}
     per_checkpoint = []
     started = time.perf_counter()
     for row in warmup.itertuples():
-        checkpoints.load_adapter_weights(peft_model, row.path)
-        exp_avg = exp_avg_sq = None
-        if kind == "train":
-            _, exp_avg, exp_avg_sq, _ = training.load_checkpoint(row.path, expected_names=engine.names)
+        checkpoint = f"{run_key}-epoch_{row.epoch}"
         projectors = [
             projection.make_projector(config.mode, engine.dim, dim, config.seed, engine.names_hash, device.resolve())
             for dim in config.dims
         ]
         stores = [
             datastore.FeatureStore(
-                datastore.store_directory(settings.subdir("gradients"), f"{spec.name}-{spec.fingerprint()}",
-                                          f"{run_key}-epoch_{row.epoch}", kind, p),
-                f"{spec.name}-{spec.fingerprint()}", f"{run_key}-epoch_{row.epoch}", kind, p, shard_size=config.shard_size,
+                datastore.store_directory(settings.subdir("gradients"), model_fingerprint, checkpoint, kind, p, part),
+                model_fingerprint, checkpoint, kind, p, shard_size=config.shard_size, part=part,
             )
             for p in projectors
         ]
-
-        def log_progress(progress: datastore.Progress, epoch: int = row.epoch) -> None:
-            context.log.info(
-                f"{kind} epoch {epoch}: {progress.done}/{progress.total} examples ({progress.skipped} already stored), "
-                f"{progress.examples_per_s:.2f} examples/s, ETA {progress.eta_s:.0f} s"
-            )
-
-        computed = datastore.compute_features(
-            peft_model, pairs, projectors, stores, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
-            pad_token_id=tokenizer.pad_token_id, max_batch_size=device.batch_size,
-            max_tokens=device.max_tokens_per_batch, progress_cb=log_progress,
-        )
+        covered = stores[0].covered()
+        todo = [example_id for example_id in example_ids if example_id not in covered]
+        computed = 0
+        if todo:
+            checkpoints.load_adapter_weights(peft_model, row.path)
+            exp_avg = exp_avg_sq = None
+            if kind == "train":
+                _, exp_avg, exp_avg_sq, _ = training.load_checkpoint(row.path, expected_names=engine.names)
+            progress = _ProgressLog(context, f"{kind}{f' {part}' if part else ''} epoch {row.epoch}", len(todo))
+            for start in range(0, len(todo), config.shard_size):
+                chunk = todo[start : start + config.shard_size]
+                conversations = load_conversations(chunk)
+                missing = [example_id for example_id in chunk if example_id not in conversations]
+                if missing:
+                    raise ValueError(f"{len(missing)} {kind} examples vanished while computing features, e.g. "
+                                     f"{missing[:3]}; rematerialize {kind}_gradients")
+                tokenized, stats = tokenization.tokenize_many(tokenizer, [conversations[i] for i in chunk],
+                                                              spec.max_length)
+                for key, value in stats.as_metrics().items():
+                    token_counts[key] = token_counts.get(key, 0) + value
+                computed += datastore.compute_features(
+                    peft_model, list(zip(chunk, tokenized)), projectors, stores, exp_avg=exp_avg,
+                    exp_avg_sq=exp_avg_sq, pad_token_id=tokenizer.pad_token_id, max_batch_size=device.batch_size,
+                    max_tokens=device.max_tokens_per_batch, progress_cb=progress,
+                )
+                progress.chunk_done(len(chunk))
         with lineage.connect() as con, transaction(con):
             _store_rows(con, spec.name, kind, run_key, int(row.epoch), float(row.avg_lr), stores)
         for store in stores:
             tracker.add_file(f"{kind}/epoch_{row.epoch}/d{store.dim}", store.directory)
-        per_checkpoint.append({"epoch": int(row.epoch), "computed": computed, "stored": len(stores[0].ids())})
+        per_checkpoint.append({"epoch": int(row.epoch), "computed": computed, "stored": len(stores[0]),
+                               "excluded": len(stores[0].excluded())})
     seconds = time.perf_counter() - started
     n_computed = sum(c["computed"] for c in per_checkpoint)
+    excluded = stores[0].excluded()
+    if excluded:
+        context.log.warning(f"{len(excluded)} {kind} examples have no target tokens after truncation and get no "
+                            f"features (recorded in the store), e.g. {sorted(excluded)[:5]}")
     return {
-        "warmup_run_key": run_key, "kind": kind, "mode": config.mode, "dims": list(config.dims), "seed": config.seed,
-        "n_examples": len(pairs), "n_skipped_no_target": len(skipped_ids), "skipped_ids": skipped_ids[:50],
-        "n_computed": n_computed, "seconds": seconds,
-        "examples_per_s": n_computed / seconds if seconds > 0 and n_computed else None,
-        "tokenization": stats.as_metrics(), "checkpoints": per_checkpoint,
+        "warmup_run_key": run_key, "kind": kind, "part": part, "mode": config.mode, "dims": list(config.dims),
+        "seed": config.seed, "n_examples": len(example_ids), "n_stored": len(stores[0]),
+        "n_skipped_no_target": len(excluded), "skipped_ids": sorted(excluded)[:50], "n_computed": n_computed,
+        "seconds": seconds, "examples_per_s": n_computed / seconds if seconds > 0 and n_computed else None,
+        "tokenization_this_run": token_counts, "checkpoints": per_checkpoint,
     }
 
 
@@ -129,9 +184,11 @@ def _result(tracker: LineageTracker, metrics: dict) -> dg.MaterializeResult:
         data_version=data_version,
         metadata={
             "warmup_run_key": metrics["warmup_run_key"],
+            "part": metrics["part"] or "all",
             "mode": metrics["mode"],
             "dims": dg.MetadataValue.json(metrics["dims"]),
             "n_examples": dg.MetadataValue.int(metrics["n_examples"]),
+            "n_stored": dg.MetadataValue.int(metrics["n_stored"]),
             "n_computed": dg.MetadataValue.int(metrics["n_computed"]),
             "n_skipped_no_target": dg.MetadataValue.int(metrics["n_skipped_no_target"]),
             "examples_per_s": dg.MetadataValue.float(float(metrics["examples_per_s"] or 0.0)),
@@ -140,50 +197,68 @@ def _result(tracker: LineageTracker, metrics: dict) -> dg.MaterializeResult:
     )
 
 
-def _pool_examples(lineage: LineageStore) -> tuple[list[str], list[list[dict]], dict]:
+def _load_pool_conversations(lineage: LineageStore) -> ConversationLoader:
+    def load(example_ids: Sequence[str]) -> dict[str, list[dict]]:
+        with lineage.connect() as con:
+            return pool_store.pool_conversations(con, example_ids)
+
+    return load
+
+
+def pool_shard_ids(lineage: LineageStore, shard: str) -> tuple[list[str], dict]:
+    """Ids of the current pool that fall in `shard` ("03-of-08"), in first-seen order."""
+    index, count = datastore.parse_shard_key(shard)
     with lineage.connect() as con:
-        pool_version, ids, conversations = read_pool(con)
-    return ids, conversations, {"pool_version": pool_version}
+        latest = pool_store.latest_pool_version(con)
+        if latest is None:
+            raise ValueError("the pool is empty; materialize raw_pool first")
+        ids = pool_store.pool_ids(con)
+    mine = [example_id for example_id in ids if datastore.shard_of(example_id, count) == index]
+    return mine, {"pool_version": latest[0], "pool_size": len(ids)}
 
 
-def _target_val_examples(lineage: LineageStore) -> tuple[list[str], list[list[dict]], dict]:
+@dg.asset(
+    partitions_def=model_shard_partitions,
+    deps=["warmup_checkpoints", "raw_pool"],
+    group_name="less",
+    pool="accelerator",
+    code_version=GRADIENT_CODE,
+    description="Adam-preconditioned per-example LoRA gradients of one shard of the pool at every warmup "
+                "checkpoint, projected. One partition per (model, shard).",
+)
+def train_gradients(
+    context: dg.AssetExecutionContext, config: GradientConfig, settings: StorageSettings, lineage: LineageStore,
+    model_store: ModelStore, device: DeviceSettings,
+) -> dg.MaterializeResult:
+    tracker = LineageTracker(context, lineage)
+    keys = context.partition_key.keys_by_dimension
+    ids, extra = pool_shard_ids(lineage, keys[SHARD_DIMENSION])
+    metrics = _gradient_features(context, "train", keys[MODEL_DIMENSION], ids, _load_pool_conversations(lineage),
+                                 keys[SHARD_DIMENSION], config, settings, lineage, model_store, device, tracker)
+    return _result(tracker, {**metrics, **extra})
+
+
+@dg.asset(
+    partitions_def=model_partitions,
+    deps=["warmup_checkpoints", "target_tasks"],
+    group_name="less",
+    pool="accelerator",
+    code_version=GRADIENT_CODE,
+    description="Plain (SGD) per-example LoRA gradients of the target val examples at every warmup checkpoint, "
+                "projected.",
+)
+def target_gradients(
+    context: dg.AssetExecutionContext, config: GradientConfig, settings: StorageSettings, lineage: LineageStore,
+    model_store: ModelStore, device: DeviceSettings,
+) -> dg.MaterializeResult:
+    tracker = LineageTracker(context, lineage)
     with lineage.connect() as con:
         rows = read_targets(con, "val")
     # The same example may define several tasks; its gradient is computed once.
-    unique = dict((example_id, messages) for _, _, example_id, messages in rows)
-    return list(unique), list(unique.values()), {"n_val_rows": len(rows)}
-
-
-def build_gradient_asset(kind: str, upstream: str, examples_of, description: str) -> dg.AssetsDefinition:
-    """`train_gradients` (Adam features of the pool) and `target_gradients` (SGD features of val targets)."""
-
-    @dg.asset(
-        name=f"{kind}_gradients",
-        partitions_def=model_partitions,
-        deps=["warmup_checkpoints", upstream],
-        group_name="less",
-        pool="accelerator",
-        code_version=GRADIENT_CODE,
-        description=description,
+    conversations = dict((example_id, messages) for _, _, example_id, messages in rows)
+    metrics = _gradient_features(
+        context, "target", context.partition_key, list(conversations),
+        lambda ids: {i: conversations[i] for i in ids if i in conversations}, None, config, settings, lineage,
+        model_store, device, tracker,
     )
-    def _gradients(
-        context: dg.AssetExecutionContext, config: GradientConfig, settings: StorageSettings, lineage: LineageStore,
-        model_store: ModelStore, device: DeviceSettings,
-    ) -> dg.MaterializeResult:
-        tracker = LineageTracker(context, lineage)
-        ids, conversations, extra = examples_of(lineage)
-        metrics = _gradient_features(context, kind, ids, conversations, config, settings, lineage, model_store,
-                                     device, tracker)
-        return _result(tracker, {**metrics, **extra})
-
-    return _gradients
-
-
-train_gradients = build_gradient_asset(
-    "train", "raw_pool", _pool_examples,
-    "Adam-preconditioned per-example LoRA gradients of the pool at every warmup checkpoint, projected.",
-)
-target_gradients = build_gradient_asset(
-    "target", "target_tasks", _target_val_examples,
-    "Plain (SGD) per-example LoRA gradients of the target val examples at every warmup checkpoint, projected.",
-)
+    return _result(tracker, {**metrics, "n_val_rows": len(rows)})

@@ -8,11 +8,13 @@ import pandas as pd
 from pydantic import Field
 
 from assets.common import LineageTracker, code_version, markdown_table, read_targets
-from orchestration.partitions import model_partitions
+from assets import gradients as gradient_assets
+from orchestration.partitions import MODEL_DIMENSION, model_partitions, shard_partitions
 from resources.lineage import LineageStore
 from resources.model_store import ModelStore
 from resources.settings import StorageSettings
-from selection import checkpoints, influence, projection
+from selection import checkpoints, datastore, influence, pool_store, projection
+from selection.datastore import FeatureStore
 
 INFLUENCE_DDL = """CREATE TABLE IF NOT EXISTS influence_runs (
     model VARCHAR, scores_dir VARCHAR, warmup_run_key VARCHAR, mode VARCHAR, dim INTEGER, seed BIGINT,
@@ -50,10 +52,15 @@ def pool_version_containing(con, example_ids: list[str]) -> str:
 
 
 def _stores(con, model: str, run_key: str, kind: str, config: InfluenceConfig) -> pd.DataFrame:
+    """Latest store per (epoch, part) of the given settings; part is '' for unsharded stores."""
+    con.execute(gradient_assets.STORE_TABLE_DDL)
+    for migration in gradient_assets.STORE_TABLE_MIGRATIONS:
+        con.execute(migration)
     frame = con.execute(
-        """SELECT epoch, avg_lr, directory FROM gradient_stores WHERE model = ? AND warmup_run_key = ? AND kind = ?
-           AND mode = ? AND dim = ? AND seed = ? QUALIFY row_number() OVER (PARTITION BY epoch ORDER BY created_at DESC) = 1
-           ORDER BY epoch""",
+        """SELECT epoch, coalesce(part, '') AS part, avg_lr, directory FROM gradient_stores
+           WHERE model = ? AND warmup_run_key = ? AND kind = ? AND mode = ? AND dim = ? AND seed = ?
+           QUALIFY row_number() OVER (PARTITION BY epoch, coalesce(part, '') ORDER BY created_at DESC) = 1
+           ORDER BY epoch, part""",
         [model, run_key, kind, config.mode, config.dim, config.seed],
     ).df()
     if frame.empty:
@@ -64,9 +71,43 @@ def _stores(con, model: str, run_key: str, kind: str, config: InfluenceConfig) -
     return frame
 
 
+def _train_parts(frame: pd.DataFrame, model: str, epochs: list[int]) -> list[list[str]]:
+    """Per epoch, the directories of every shard of the current shard layout, in shard order."""
+    shards = shard_partitions.get_partition_keys()
+    have = {(int(e), p): d for e, p, d in frame[["epoch", "part", "directory"]].itertuples(index=False)}
+    missing = sorted({shard for epoch in epochs for shard in shards if (epoch, shard) not in have})
+    if missing:
+        raise ValueError(
+            f"train_gradients of model {model!r} lack shards {missing} for the latest warmup run; materialize them, "
+            f"e.g. dagster asset materialize -m orchestration.definitions --select train_gradients "
+            f"--partition '{model}|{missing[0]}'"
+        )
+    return [[have[(epoch, shard)] for shard in shards] for epoch in epochs]
+
+
+def _check_pool_covered(con, parts: list[FeatureStore]) -> None:
+    """Every current pool example has features or a recorded reason for having none."""
+    covered: set[str] = set()
+    for part in parts:
+        covered |= part.covered()
+    uncovered = [example_id for example_id in pool_store.pool_ids(con) if example_id not in covered]
+    if uncovered:
+        _, count = datastore.parse_shard_key(parts[0].part)
+        shards = sorted({datastore.shard_key(datastore.shard_of(i, count), count) for i in uncovered})
+        raise ValueError(
+            f"{len(uncovered)} pool examples have no gradient features yet (the pool grew after their shards ran), "
+            f"e.g. {uncovered[:3]}; rematerialize train_gradients for shards {shards}"
+        )
+
+
 @dg.asset(
     partitions_def=model_partitions,
-    deps=["train_gradients", "target_gradients", "target_tasks"],
+    deps=[
+        # Every shard of this model's train features.
+        dg.AssetDep("train_gradients",
+                    partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=MODEL_DIMENSION)),
+        "target_gradients", "target_tasks",
+    ],
     group_name="less",
     code_version=code_version("selection.influence", "selection.less"),
     description="Score matrix [n_train, n_val] on disk (float32 memmap): sum over checkpoints of lr-weighted cosine.",
@@ -86,11 +127,17 @@ def influence_scores(
         train = _stores(con, spec.name, run_key, "train", config)
         target = _stores(con, spec.name, run_key, "target", config)
         val_rows = read_targets(con, "val")
-    if list(train["epoch"]) != list(target["epoch"]) or list(train["epoch"]) != list(warmup["epoch"]):
-        raise ValueError(
-            f"checkpoints differ: warmup {list(warmup['epoch'])}, train {list(train['epoch'])}, "
-            f"target {list(target['epoch'])}; rematerialize the gradient assets"
-        )
+        epochs = [int(e) for e in warmup["epoch"]]
+        train_epochs = sorted(set(int(e) for e in train["epoch"]))
+        if train_epochs != epochs or [int(e) for e in target["epoch"]] != epochs:
+            raise ValueError(
+                f"checkpoints differ: warmup {epochs}, train {train_epochs}, target {list(target['epoch'])}; "
+                "rematerialize the gradient assets"
+            )
+        train_parts = [[influence.open_store(d) for d in directories]
+                       for directories in _train_parts(train, spec.name, epochs)]
+        _check_pool_covered(con, train_parts[0])
+        avg_lrs = [float(train[train["epoch"] == epoch]["avg_lr"].iloc[0]) for epoch in epochs]
     columns = [{"task": t, "subtask": s, "val_example_id": i} for t, s, i, _ in val_rows]
     target_stores = [influence.open_store(d) for d in target["directory"]]
     with_features = set(target_stores[0].ids())
@@ -103,14 +150,14 @@ def influence_scores(
         raise ValueError("no target val example has gradient features; check target_gradients' skipped examples")
     out_dir = settings.subdir("scores", spec.name, f"{run_key}-{config.mode}-d{config.dim}-s{config.seed}")
     result = influence.compute_influence(
-        [influence.open_store(d) for d in train["directory"]],
+        train_parts,
         target_stores,
-        list(train["avg_lr"]),
+        avg_lrs,
         [c["val_example_id"] for c in columns],
         out_dir,
     )
     scores, _ = influence.load_scores(out_dir)
-    weights = [float(w) for w in np.asarray(train["avg_lr"]) / np.sum(train["avg_lr"])]
+    weights = [float(w) for w in np.asarray(avg_lrs) / np.sum(avg_lrs)]
     with lineage.connect() as con:
         pool_version = pool_version_containing(con, result.train_ids)
         con.execute(INFLUENCE_DDL)

@@ -1,5 +1,8 @@
 """`make demo`: materialize the default asset graph on the embedded default, then print a summary.
 
+The graph runs as its three refresh jobs (orchestration/jobs.py): prepare_job, then one
+train_gradients_job run per shard, then select_and_evaluate_job, each in this process.
+
 Idempotent: assets reuse what is stored (unchanged pool sources are skipped, completed
 training epochs and computed gradient rows are reused), so a second run is quick.
 """
@@ -13,8 +16,13 @@ import time
 import dagster as dg
 
 from orchestration.definitions import defs
-from orchestration.jobs import DEMO_JOB_NAME
-from orchestration.partitions import DEFAULT_MODEL
+from orchestration.jobs import (
+    DEMO_RUN_CONFIG,
+    PREPARE_JOB_NAME,
+    SELECT_AND_EVALUATE_JOB_NAME,
+    TRAIN_GRADIENTS_JOB_NAME,
+)
+from orchestration.partitions import DEFAULT_MODEL, model_shard_keys
 from resources.settings import default_home
 
 
@@ -37,8 +45,7 @@ def release_interrupted_demo_runs(instance: dg.DagsterInstance) -> list[str]:
     `accelerator` pool slot. Only runs launched by `make demo` whose process is gone are released."""
     started = instance.get_runs(
         filters=dg.RunsFilter(
-            job_name=DEMO_JOB_NAME, tags={LAUNCHER_TAG: "make-demo"},
-            statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING],
+            tags={LAUNCHER_TAG: "make-demo"}, statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING],
         )
     )
     stale = [run for run in started if not process_alive(int(run.tags.get(PID_TAG, "0") or 0))]
@@ -53,21 +60,31 @@ def main() -> int:
         print("DAGSTER_HOME is not set; run through `make demo`, which points it at ./dagster_home", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    job = defs.resolve_job_def(DEMO_JOB_NAME)
+    steps = [(PREPARE_JOB_NAME, DEFAULT_MODEL)]
+    steps += [(TRAIN_GRADIENTS_JOB_NAME, key) for key in model_shard_keys(DEFAULT_MODEL)]
+    steps += [(SELECT_AND_EVALUATE_JOB_NAME, DEFAULT_MODEL)]
+    success = True
     with dg.DagsterInstance.get() as instance:
         for run_id in release_interrupted_demo_runs(instance):
             print(f"released interrupted demo run {run_id}")
-        result = job.execute_in_process(
-            instance=instance, partition_key=DEFAULT_MODEL, raise_on_error=False,
-            tags={LAUNCHER_TAG: "make-demo", PID_TAG: str(os.getpid())},
-        )
+        for job_name, partition_key in steps:
+            step_started = time.perf_counter()
+            result = defs.resolve_job_def(job_name).execute_in_process(
+                instance=instance, partition_key=partition_key, run_config=DEMO_RUN_CONFIG[job_name],
+                raise_on_error=False, tags={LAUNCHER_TAG: "make-demo", PID_TAG: str(os.getpid())},
+            )
+            print(f"{job_name} [{partition_key}]: {'ok' if result.success else 'FAILED'} "
+                  f"in {time.perf_counter() - step_started:.0f} s", flush=True)
+            if not result.success:
+                success = False
+                break
     elapsed = time.perf_counter() - started
-    print(f"\nDemo {'succeeded' if result.success else 'FAILED'} in {elapsed:.0f} s; storage root: {default_home()}")
-    if result.success:
+    print(f"\nDemo {'succeeded' if success else 'FAILED'} in {elapsed:.0f} s; storage root: {default_home()}")
+    if success:
         from orchestration.summary import print_summary
 
         print_summary(default_home())
-    return 0 if result.success else 1
+    return 0 if success else 1
 
 
 if __name__ == "__main__":

@@ -1,24 +1,51 @@
-"""Jobs users launch from the UI, the CLI, or a schedule."""
+"""Jobs users launch from the UI, the CLI, a schedule or a sensor.
+
+A model refresh is three jobs, because `train_gradients` is partitioned by (model, shard)
+while everything else per model is partitioned by model alone:
+
+1. `prepare_job` (partition: model): pool, targets, warmup, target gradients, embeddings,
+   clusters and the selections that need no influence scores (kMQ, RDS, random, ...).
+2. `train_gradients_job` (partition: model|shard), one run per shard; a run launcher or
+   executor can put each on its own machine (README, "Running shards in parallel").
+3. `select_and_evaluate_job` (partition: model): influence scores, LESS/BIDS selections,
+   finetuning, evaluation and the comparison report.
+
+`make demo` runs them in this order; the `gradient_shards_after_prepare` and
+`select_after_gradient_shards` sensors chain them in a deployment.
+"""
 
 import dagster as dg
 
-from orchestration.partitions import model_partitions
+TRAIN_GRADIENTS = dg.AssetSelection.assets("train_gradients")
+AFTER_TRAIN_GRADIENTS = TRAIN_GRADIENTS.downstream(include_self=False)
+BEFORE_TRAIN_GRADIENTS = dg.AssetSelection.all() - TRAIN_GRADIENTS - AFTER_TRAIN_GRADIENTS
 
-DEMO_JOB_NAME = "demo_job"
+PREPARE_JOB_NAME = "prepare_job"
+TRAIN_GRADIENTS_JOB_NAME = "train_gradients_job"
+SELECT_AND_EVALUATE_JOB_NAME = "select_and_evaluate_job"
+REFRESH_JOB_NAMES = (PREPARE_JOB_NAME, TRAIN_GRADIENTS_JOB_NAME, SELECT_AND_EVALUATE_JOB_NAME)
 
 # The demo is sized for a 2-core CPU (about 40 minutes): a 300-example built-in pool, 2 target
 # val examples per subtask instead of LESS's 5, 2 warmup epochs instead of 4, 1 finetuning
-# epoch, 10 test rows per task. Every value is a normal run config field; the launchpad
-# shows and edits them, and a plain `dagster asset materialize` uses the full defaults.
+# epoch, 10 test rows per task. Every value is a normal run config field (the launchpad
+# shows and edits them); a plain `dagster asset materialize` uses the full defaults.
+# Keyed by job, since a job accepts config only for its own assets.
 DEMO_RUN_CONFIG = {
-    "ops": {
-        "raw_pool": {"config": {"default_pool_size": 300}},
-        "target_tasks": {"config": {"n_val": 2}},
-        "warmup_checkpoints": {"config": {"epochs": 2}},
-        "finetuned_checkpoints": {"config": {"epochs": 1}},
-        "kmq_iterative_selection": {"config": {"max_new_tokens": 32}},
-        "evaluation": {"config": {"max_test_per_task": 10}},
-    }
+    PREPARE_JOB_NAME: {
+        "ops": {
+            "raw_pool": {"config": {"default_pool_size": 300}},
+            "target_tasks": {"config": {"n_val": 2}},
+            "warmup_checkpoints": {"config": {"epochs": 2}},
+            "kmq_iterative_selection": {"config": {"max_new_tokens": 32}},
+        }
+    },
+    TRAIN_GRADIENTS_JOB_NAME: {},
+    SELECT_AND_EVALUATE_JOB_NAME: {
+        "ops": {
+            "finetuned_checkpoints": {"config": {"epochs": 1}},
+            "evaluation": {"config": {"max_test_per_task": 10}},
+        }
+    },
 }
 
 pool_job = dg.define_asset_job(
@@ -29,12 +56,22 @@ ingest_job = dg.define_asset_job(
     "ingest_job", selection=dg.AssetSelection.assets("raw_pool"), description="Add files to the pool"
 )
 
-demo_job = dg.define_asset_job(
-    DEMO_JOB_NAME,
-    selection=dg.AssetSelection.all(),
-    partitions_def=model_partitions,
-    config=DEMO_RUN_CONFIG,
-    description="The whole graph for one model partition, sized for a CPU demo (see DEMO_RUN_CONFIG)",
+prepare_job = dg.define_asset_job(
+    PREPARE_JOB_NAME,
+    selection=BEFORE_TRAIN_GRADIENTS,
+    description="Step 1 of a model refresh: everything that does not need the pool's gradient features",
 )
 
-all_jobs = [pool_job, ingest_job, demo_job]
+train_gradients_job = dg.define_asset_job(
+    TRAIN_GRADIENTS_JOB_NAME,
+    selection=TRAIN_GRADIENTS,
+    description="Step 2 of a model refresh: the pool's gradient features, one run per (model, shard)",
+)
+
+select_and_evaluate_job = dg.define_asset_job(
+    SELECT_AND_EVALUATE_JOB_NAME,
+    selection=AFTER_TRAIN_GRADIENTS,
+    description="Step 3 of a model refresh: influence, LESS/BIDS, finetuning, evaluation, comparison report",
+)
+
+all_jobs = [pool_job, ingest_job, prepare_job, train_gradients_job, select_and_evaluate_job]

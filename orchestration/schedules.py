@@ -1,20 +1,68 @@
-"""Schedules and sensors. Both start stopped: a user turns them on in the UI."""
+"""Schedules and sensors. All start stopped: a user turns them on in the UI.
 
+A weekly refresh is `weekly_refresh` (prepare_job) -> `gradient_shards_after_prepare` (one
+train_gradients_job run per shard) -> `select_after_gradient_shards` (select_and_evaluate_job
+once every shard is newer than the model's warmup checkpoints); turn the three on together.
+"""
+
+import hashlib
 from pathlib import Path
 
 import dagster as dg
 
-from orchestration.jobs import demo_job, ingest_job
-from orchestration.partitions import DEFAULT_MODEL
+from orchestration.jobs import ingest_job, prepare_job, select_and_evaluate_job, train_gradients_job
+from orchestration.partitions import DEFAULT_MODEL, MODEL_DIMENSION, model_shard_keys
 from resources.settings import default_home
 
 INCOMING_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".jsonl.gz", ".json.gz")
 
 
-@dg.schedule(job=demo_job, cron_schedule="0 3 * * 0", default_status=dg.DefaultScheduleStatus.STOPPED)
+@dg.schedule(job=prepare_job, cron_schedule="0 3 * * 0", default_status=dg.DefaultScheduleStatus.STOPPED)
 def weekly_refresh(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
-    """Weekly rerun of the whole graph for the default model; unchanged inputs are reused."""
+    """Weekly refresh of the default model, step 1 (the sensors below run steps 2 and 3);
+    unchanged inputs are reused."""
     return dg.RunRequest(partition_key=DEFAULT_MODEL, run_key=None)
+
+
+@dg.run_status_sensor(
+    run_status=dg.DagsterRunStatus.SUCCESS, monitored_jobs=[prepare_job], request_job=train_gradients_job,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+)
+def gradient_shards_after_prepare(context: dg.RunStatusSensorContext):
+    """After a model's prepare_job succeeds, one train_gradients_job run per shard of that model."""
+    model = context.dagster_run.tags.get("dagster/partition")
+    if not model:
+        return dg.SkipReason(f"run {context.dagster_run.run_id} has no model partition")
+    return [dg.RunRequest(run_key=f"{context.dagster_run.run_id}:{key}", partition_key=key)
+            for key in model_shard_keys(model)]
+
+
+def latest_materialization_ids(instance: dg.DagsterInstance, asset: str, partitions: list[str]) -> list[int | None]:
+    """Storage id of each partition's latest materialization (None where there is none)."""
+    ids = []
+    for partition in partitions:
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1).records
+        ids.append(records[0].storage_id if records else None)
+    return ids
+
+
+@dg.run_status_sensor(
+    run_status=dg.DagsterRunStatus.SUCCESS, monitored_jobs=[train_gradients_job], request_job=select_and_evaluate_job,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+)
+def select_after_gradient_shards(context: dg.RunStatusSensorContext):
+    """Once every shard of a model has train features newer than its warmup checkpoints, run
+    select_and_evaluate_job for it (once per such set of shard materializations)."""
+    model = context.dagster_run.tags.get(f"dagster/partition/{MODEL_DIMENSION}")
+    if not model:
+        return dg.SkipReason(f"run {context.dagster_run.run_id} has no model partition")
+    (warmup,) = latest_materialization_ids(context.instance, "warmup_checkpoints", [model])
+    shards = latest_materialization_ids(context.instance, "train_gradients", [str(k) for k in model_shard_keys(model)])
+    if warmup is None or any(shard is None or shard < warmup for shard in shards):
+        return dg.SkipReason(f"not every shard of {model} has features newer than its warmup checkpoints yet")
+    run_key = hashlib.sha256(f"{model}:{shards}".encode()).hexdigest()[:16]
+    return dg.RunRequest(run_key=run_key, partition_key=model)
 
 
 def incoming_files(folder: Path) -> list[Path]:
@@ -37,4 +85,4 @@ def incoming_pool_files(context: dg.SensorEvaluationContext):
 
 
 all_schedules = [weekly_refresh]
-all_sensors = [incoming_pool_files]
+all_sensors = [incoming_pool_files, gradient_shards_after_prepare, select_after_gradient_shards]

@@ -35,3 +35,21 @@ class StorageSettings(dg.ConfigurableResource):
         path = self.root.joinpath(*parts)
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+GRADIENT_SHARDS_ENV_VAR = "INSTRUCT_SELECT_GRADIENT_SHARDS"
+DEFAULT_GRADIENT_SHARDS = 4
+
+
+def gradient_shard_count() -> int:
+    """How many parts `train_gradients` cuts the pool into (`$INSTRUCT_SELECT_GRADIENT_SHARDS`, default 4).
+
+    Each part is one partition, so a run launcher or executor can compute them in parallel
+    on separate machines. Changing the count makes new partition keys; stored features are
+    per example and per part, so a recut recomputes nothing already stored in the same part
+    layout and nothing is mixed across layouts.
+    """
+    raw = os.environ.get(GRADIENT_SHARDS_ENV_VAR, str(DEFAULT_GRADIENT_SHARDS))
+    if not raw.isdigit() or not 1 <= int(raw) <= 999:
+        raise ValueError(f"{GRADIENT_SHARDS_ENV_VAR}={raw!r}: expected a whole number from 1 to 999")
+    return int(raw)

@@ -8,7 +8,14 @@ Layout::
     manifest.json          identity: model fingerprint, checkpoint, kind, projector
                            fingerprint (mode, dim, seed, input dim, parameter names)
     shard-00000.npy        float16 [rows, dim], L2-normalized rows (np.load mmap_mode="r")
-    shard-00000.json       {"ids": [...], "sha256": <of the .npy>}: the commit record
+    shard-00000.json       {"ids": [...], "sha256": <of the .npy>, "excluded": {id: reason}}:
+                           the commit record; ``excluded`` lists the examples of that chunk
+                           that have no features (no target tokens), so that no id is lost
+                           silently and a rerun need not look at them again
+
+A store may hold one *part* of a pool (``part="03-of-08"``: the ids with
+``shard_of(id, 8) == 3``), so that parts are computed by separate processes or machines
+(Dagster partitions) and read together.
 
 A shard is written to a temporary file and renamed, then its commit record likewise;
 a shard without its record (a killed run) does not exist and is rewritten. Shard
@@ -57,10 +64,35 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
-def store_directory(root: str | Path, model_fingerprint: str, checkpoint: str, kind: str, projector: Projector) -> Path:
-    """Canonical place of a store: ``root/<model>/<checkpoint>/<kind>/<mode>-d<dim>-s<seed>-<hash>``."""
+def store_directory(
+    root: str | Path, model_fingerprint: str, checkpoint: str, kind: str, projector: Projector, part: str | None = None
+) -> Path:
+    """Canonical place of a store: ``root/<model>/<checkpoint>/<kind>/<mode>-d<dim>-s<seed>-<hash>[/<part>]``."""
     name = f"{projector.mode}-d{projector.dim}-s{projector.seed}-{projector.fingerprint_hash()}"
-    return Path(root) / model_fingerprint / checkpoint / kind / name
+    directory = Path(root) / model_fingerprint / checkpoint / kind / name
+    return directory / part if part is not None else directory
+
+
+def shard_of(example_id: str, n_shards: int) -> int:
+    """The pool part an example belongs to: a hash of its id alone, so parts stay put as the pool grows."""
+    if n_shards < 1:
+        raise ValueError(f"n_shards must be >= 1, got {n_shards}")
+    return int.from_bytes(hashlib.sha256(example_id.encode()).digest()[:8], "little") % n_shards
+
+
+def shard_key(index: int, n_shards: int) -> str:
+    """Partition key of one part, e.g. ``03-of-08`` (the count is in the key: recutting makes new keys)."""
+    if not 0 <= index < n_shards:
+        raise ValueError(f"shard index {index} is not in [0, {n_shards})")
+    return f"{index:02d}-of-{n_shards:02d}"
+
+
+def parse_shard_key(key: str) -> tuple[int, int]:
+    """``"03-of-08"`` -> ``(3, 8)``; anything else is a ValueError."""
+    index, sep, count = key.partition("-of-")
+    if not sep or not index.isdigit() or not count.isdigit() or not 0 <= int(index) < int(count):
+        raise ValueError(f"not a shard key: {key!r} (expected e.g. '03-of-08')")
+    return int(index), int(count)
 
 
 @dataclass(frozen=True)
@@ -81,6 +113,7 @@ class FeatureStore:
         kind: str,
         projector: Projector | Mapping[str, Any],
         shard_size: int = 512,
+        part: str | None = None,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -100,6 +133,9 @@ class FeatureStore:
             "dtype": "float16",
             "normalized": "l2",
         }
+        if part is not None:
+            parse_shard_key(part)
+            self.manifest["part"] = part
         self.directory.mkdir(parents=True, exist_ok=True)
         manifest_path = self.directory / MANIFEST_FILE
         if manifest_path.is_file():
@@ -111,6 +147,7 @@ class FeatureStore:
                 )
         else:
             _atomic_write_bytes(manifest_path, json.dumps(self.manifest, indent=1, sort_keys=True).encode())
+        self._excluded: dict[str, str] = {}
         self._shards: list[list[str]] = self._read_committed_shards()
 
     @property
@@ -120,6 +157,10 @@ class FeatureStore:
     @property
     def kind(self) -> str:
         return str(self.manifest["kind"])
+
+    @property
+    def part(self) -> str | None:
+        return self.manifest.get("part")
 
     @property
     def store_id(self) -> str:
@@ -136,7 +177,9 @@ class FeatureStore:
                 return shards
             if not array_path.is_file():
                 raise ValueError(f"{record_path} is committed but {array_path.name} is missing; store is damaged")
-            shards.append(json.loads(record_path.read_text())["ids"])
+            record = json.loads(record_path.read_text())
+            shards.append(record["ids"])
+            self._excluded.update(record.get("excluded", {}))
 
     @property
     def n_shards(self) -> int:
@@ -148,16 +191,29 @@ class FeatureStore:
     def __len__(self) -> int:
         return sum(len(shard) for shard in self._shards)
 
+    def excluded(self) -> dict[str, str]:
+        """Ids this store was given but holds no features for, with the reason."""
+        return dict(self._excluded)
+
+    def covered(self) -> set[str]:
+        """Every id already dealt with: stored or excluded."""
+        return set(self.ids()) | set(self._excluded)
+
     def __contains__(self, example_id: str) -> bool:
         return any(example_id in shard for shard in self._shards)
 
-    def write_shard(self, ids: Sequence[str], features: np.ndarray) -> int:
-        """Append one shard (float16 ``[len(ids), dim]``); returns its number."""
+    def write_shard(self, ids: Sequence[str], features: np.ndarray, excluded: Mapping[str, str] | None = None) -> int:
+        """Append one shard (float16 ``[len(ids), dim]``, possibly empty) and the ids of its
+        chunk that have no features (``excluded``: id -> reason); returns its number."""
+        excluded = dict(excluded or {})
         if features.dtype != np.float16 or features.shape != (len(ids), self.dim):
             raise ValueError(f"expected float16 [{len(ids)}, {self.dim}], got {features.dtype} {features.shape}")
-        present = set(self.ids())
-        duplicates = [example_id for example_id in ids if example_id in present]
-        if duplicates or len(set(ids)) != len(ids):
+        if not ids and not excluded:
+            raise ValueError("a shard needs at least one stored or excluded id")
+        present = self.covered()
+        incoming = list(ids) + list(excluded)
+        duplicates = [example_id for example_id in incoming if example_id in present]
+        if duplicates or len(set(incoming)) != len(incoming):
             raise ValueError(f"ids already stored or repeated: {duplicates[:3] or 'repeated within the shard'}")
         shard = len(self._shards)
         array_path, record_path = self._shard_paths(shard)
@@ -165,8 +221,12 @@ class FeatureStore:
         np.save(temporary, np.ascontiguousarray(features))
         digest = hashlib.sha256(temporary.read_bytes()).hexdigest()
         os.replace(temporary, array_path)
-        _atomic_write_bytes(record_path, json.dumps({"ids": list(ids), "sha256": digest}).encode())
+        record: dict[str, Any] = {"ids": list(ids), "sha256": digest}
+        if excluded:
+            record["excluded"] = excluded
+        _atomic_write_bytes(record_path, json.dumps(record).encode())
         self._shards.append(list(ids))
+        self._excluded.update(excluded)
         return shard
 
     def shard(self, shard: int) -> np.ndarray:
@@ -215,36 +275,47 @@ def check_compatible(train: FeatureStore, target: FeatureStore) -> None:
     """Train and target features may be compared only if all but ``kind`` agree."""
     if train.kind != "train" or target.kind != "target":
         raise ValueError(f"expected a train and a target store, got {train.kind!r} and {target.kind!r}")
-    left = {key: value for key, value in train.manifest.items() if key != "kind"}
-    right = {key: value for key, value in target.manifest.items() if key != "kind"}
+    # Train features may be cut into parts; targets are not.
+    left = {key: value for key, value in train.manifest.items() if key not in ("kind", "part")}
+    right = {key: value for key, value in target.manifest.items() if key not in ("kind", "part")}
     if left != right:
         raise ValueError(f"train and target features are not comparable: {describe_mismatch(left, right)}")
 
 
 def write_index(con: Any, store: FeatureStore, table: str = INDEX_TABLE) -> int:
-    """Replace ``store``'s rows in the DuckDB table ``table`` (created if missing)."""
+    """Bring ``store``'s rows in the DuckDB table ``table`` (created if missing) up to date.
+
+    Shards are append-only, so only shards not yet indexed are inserted (a rerun over a
+    large store writes nothing). Returns the number of rows indexed for the store.
+    """
     import pandas as pd
 
     con.execute(
         f"CREATE TABLE IF NOT EXISTS {table} (store_id VARCHAR, model VARCHAR, checkpoint VARCHAR, kind VARCHAR, "
-        "mode VARCHAR, dim INTEGER, seed BIGINT, directory VARCHAR, example_id VARCHAR, shard INTEGER, row_in_shard INTEGER)"
+        "mode VARCHAR, dim INTEGER, seed BIGINT, directory VARCHAR, example_id VARCHAR, shard INTEGER, "
+        "row_in_shard INTEGER, part VARCHAR)"
     )
-    con.execute(f"DELETE FROM {table} WHERE store_id = ?", [store.store_id])
+    con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS part VARCHAR")  # tables made before parts existed
+    con.execute(f"DELETE FROM {table} WHERE store_id = ? AND shard >= ?", [store.store_id, store.n_shards])
+    indexed = {shard for (shard,) in con.execute(
+        f"SELECT DISTINCT shard FROM {table} WHERE store_id = ?", [store.store_id]).fetchall()}
     projection = store.manifest["projection"]
     rows = pd.DataFrame(
         [
             (store.store_id, store.manifest["model"], store.manifest["checkpoint"], store.kind, projection["mode"],
-             projection["dim"], projection["seed"], str(store.directory), row.example_id, row.shard, row.row)
-            for row in store.index_rows()
+             projection["dim"], projection["seed"], str(store.directory), row.example_id, row.shard, row.row,
+             store.part)
+            for row in store.index_rows() if row.shard not in indexed
         ],
         columns=["store_id", "model", "checkpoint", "kind", "mode", "dim", "seed", "directory", "example_id",
-                 "shard", "row_in_shard"],
+                 "shard", "row_in_shard", "part"],
     )
     if len(rows):
         con.register("_feature_index_rows", rows)
-        con.execute(f"INSERT INTO {table} SELECT * FROM _feature_index_rows")
+        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _feature_index_rows")
         con.unregister("_feature_index_rows")
-    return len(rows)
+    (count,) = con.execute(f"SELECT count(*) FROM {table} WHERE store_id = ?", [store.store_id]).fetchone()
+    return int(count)
 
 
 def read_index(con: Any, store: FeatureStore, table: str = INDEX_TABLE) -> dict[str, tuple[int, int]]:
@@ -285,7 +356,10 @@ def compute_features(
     exact_group_size: int = 256,
     progress_cb: Callable[[Progress], None] | None = None,
 ) -> int:
-    """Fill ``store`` with features of the ``(example_id, tokenized)`` pairs it lacks.
+    """Fill ``store`` with features of the ``(example_id, tokenized)`` pairs it has not covered.
+
+    Examples without target tokens get no features; they are recorded in the store as
+    excluded, with the reason, in the commit record of the shard their chunk went to.
 
     ``model`` is the peft model already holding the checkpoint's adapter. Train stores
     need that checkpoint's Adam moments (``exp_avg``/``exp_avg_sq`` keyed by parameter
@@ -293,7 +367,7 @@ def compute_features(
     and refuse moments. Several ``(projector, store)`` pairs (e.g. several dims) share
     one gradient pass. ``exact`` projections are applied to groups of up to
     ``exact_group_size`` examples so that each dense block is generated once per group.
-    Returns the number of examples computed.
+    Returns the number of examples whose features were computed (excluded ones not counted).
     """
     projectors = [projector] if isinstance(projector, Projector) else list(projector)
     stores = [store] if isinstance(store, FeatureStore) else list(store)
@@ -319,7 +393,7 @@ def compute_features(
         if exp_avg is not None or exp_avg_sq is not None:
             raise ValueError("target features are plain gradients; do not pass Adam moments")
         moments = None
-    done_sets = [set(st.ids()) for st in stores]
+    done_sets = [st.covered() for st in stores]
     if any(done != done_sets[0] for done in done_sets[1:]):
         raise ValueError("the stores hold different example sets; fill them one at a time")
     seen: set[str] = set()
@@ -330,17 +404,19 @@ def compute_features(
         seen.add(example_id)
         if example_id in done_sets[0]:
             continue
-        if example.n_target_tokens == 0:
-            raise ValueError(f"example {example_id!r} has no target tokens; drop it before computing features")
         todo.append((example_id, example))
     skipped = len(seen) - len(todo)
     shard_size = stores[0].shard_size
     # Dense blocks are costly to generate: apply exact projectors to groups, not batches.
     group_size = exact_group_size if any(proj.mode == "exact" for proj in projectors) else 1
     started = time.perf_counter()
-    done = 0
+    done = n_excluded = 0
     for shard_start in range(0, len(todo), shard_size):
-        chunk = todo[shard_start : shard_start + shard_size]
+        excluded = {
+            example_id: f"no_target_tokens: no assistant token {'left after truncation' if e.truncated else 'to learn'}"
+            for example_id, e in todo[shard_start : shard_start + shard_size] if e.n_target_tokens == 0
+        }
+        chunk = [(i, e) for i, e in todo[shard_start : shard_start + shard_size] if i not in excluded]
         chunk_examples = [example for _, example in chunk]
         outputs = [torch.empty(len(chunk), proj.dim) for proj in projectors]
         pending_rows: list[int] = []
@@ -368,8 +444,11 @@ def compute_features(
             flush()
         ids = [example_id for example_id, _ in chunk]
         for st, out in zip(stores, outputs):
-            st.write_shard(ids, _l2_normalize_fp16(out))
-    return len(todo)
+            features = _l2_normalize_fp16(out) if ids else np.zeros((0, st.dim), np.float16)
+            st.write_shard(ids, features, excluded)
+        done += len(excluded)
+        n_excluded += len(excluded)
+    return len(todo) - n_excluded
 
 
 def target_scores(train: FeatureStore, target: FeatureStore, train_ids: Sequence[str] | None = None) -> np.ndarray:

@@ -20,17 +20,21 @@ IDS_FILE = "train_ids.json"
 
 
 class ShardedRows:
-    """A read-only `[n_rows, dim]` view over a store's memory-mapped shards, in storage order.
+    """A read-only `[n_rows, dim]` view over the memory-mapped shards of one store, or of
+    several parts of one store read one after another, in storage order.
 
     Supports what the chunked influence loop needs (`shape`, `ndim`, row slices) without
     concatenating the shards in memory.
     """
 
-    def __init__(self, store: FeatureStore) -> None:
-        self.store = store
-        self._shards = [store.shard(i) for i in range(store.n_shards)]
+    def __init__(self, stores: FeatureStore | Sequence[FeatureStore]) -> None:
+        stores = [stores] if isinstance(stores, FeatureStore) else list(stores)
+        if not stores or len({store.dim for store in stores}) != 1:
+            raise ValueError("need at least one store, all of one dim")
+        self.stores = stores
+        self._shards = [store.shard(i) for store in stores for i in range(store.n_shards)]
         self._starts = np.cumsum([0] + [len(s) for s in self._shards])
-        self.shape = (int(self._starts[-1]), store.dim)
+        self.shape = (int(self._starts[-1]), stores[0].dim)
         self.ndim = 2
         self.dtype = np.float16
 
@@ -58,8 +62,12 @@ class InfluenceResult:
     n_val: int
 
 
+def _parts(stores: FeatureStore | Sequence[FeatureStore]) -> list[FeatureStore]:
+    return [stores] if isinstance(stores, FeatureStore) else list(stores)
+
+
 def compute_influence(
-    train_stores: Sequence[FeatureStore],
+    train_stores: Sequence[FeatureStore | Sequence[FeatureStore]],
     target_stores: Sequence[FeatureStore],
     avg_lrs: Sequence[float],
     val_ids: Sequence[str],
@@ -68,8 +76,8 @@ def compute_influence(
 ) -> InfluenceResult:
     """Scores `[n_train, n_val]` = sum_c w_c cos(train_c, val_c), w_c = avg lr normalized (LESS).
 
-    One (train, target) store pair per checkpoint. Train rows are read shard by shard
-    from disk; the score matrix is a float32 .npy memmap in `out_dir` with the row ids
+    One train store (or the list of its parts, read in that order) and one target store per
+    checkpoint. Train rows are read shard by shard from disk; the score matrix is a float32 .npy memmap in `out_dir` with the row ids
     beside it (`train_ids.json`).
     """
     if not train_stores or len(train_stores) != len(target_stores) or len(avg_lrs) != len(train_stores):
@@ -77,14 +85,16 @@ def compute_influence(
             f"need one train store, target store and avg lr per checkpoint; got {len(train_stores)}, "
             f"{len(target_stores)}, {len(avg_lrs)}"
         )
-    for train, target in zip(train_stores, target_stores):
-        check_compatible(train, target)
-    train_ids = train_stores[0].ids()
-    for c, store in enumerate(train_stores[1:], start=1):
-        if store.ids() != train_ids:
+    parts = [_parts(stores) for stores in train_stores]
+    for train, target in zip(parts, target_stores):
+        for part in train:
+            check_compatible(part, target)
+    train_ids = [example_id for part in parts[0] for example_id in part.ids()]
+    for c, checkpoint_parts in enumerate(parts[1:], start=1):
+        if [example_id for part in checkpoint_parts for example_id in part.ids()] != train_ids:
             raise ValueError(
-                f"train features of checkpoint {c} ({store.directory}) hold other ids or another order than "
-                f"checkpoint 0 ({train_stores[0].directory}); rematerialize train_gradients"
+                f"train features of checkpoint {c} ({[str(p.directory) for p in checkpoint_parts]}) hold other ids or "
+                f"another order than checkpoint 0; rematerialize train_gradients"
             )
     if not train_ids:
         raise ValueError("the train gradient stores are empty")
@@ -97,7 +107,7 @@ def compute_influence(
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     less.influence_scores(
-        [ShardedRows(s) for s in train_stores],
+        [ShardedRows(p) for p in parts],
         [s.features(list(val_ids)) for s in target_stores],
         weights,
         staging / SCORES_FILE,
@@ -128,4 +138,5 @@ def open_store(directory: str | Path) -> FeatureStore:
     if not manifest_path.is_file():
         raise ValueError(f"{directory} is not a feature store: {MANIFEST_FILE} is missing")
     manifest = json.loads(manifest_path.read_text())
-    return FeatureStore(directory, manifest["model"], manifest["checkpoint"], manifest["kind"], manifest["projection"])
+    return FeatureStore(directory, manifest["model"], manifest["checkpoint"], manifest["kind"], manifest["projection"],
+                        part=manifest.get("part"))

@@ -24,6 +24,7 @@ duplicate. Everything happens in one transaction, so a failure leaves no partial
 from __future__ import annotations
 
 import hashlib
+import json
 import tempfile
 import time
 import uuid
@@ -198,6 +199,25 @@ def pool_ids_for_version(con: duckdb.DuckDBPyConnection, version: str) -> list[s
     seq = _version_seq(con, version)
     rows = con.execute("SELECT example_id FROM pool WHERE first_seen_seq <= ? ORDER BY example_id", [seq]).fetchall()
     return [row[0] for row in rows]
+
+
+def pool_ids(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Every id of the current pool, in first-seen then id order (stable as the pool grows)."""
+    ensure_pool_tables(con)
+    return [row[0] for row in con.execute("SELECT example_id FROM pool ORDER BY first_seen_seq, example_id").fetchall()]
+
+
+def pool_conversations(con: duckdb.DuckDBPyConnection, example_ids: Sequence[str]) -> dict[str, list[dict]]:
+    """Messages of the given ids (one query; ids not in the pool are absent from the result)."""
+    ensure_pool_tables(con)
+    wanted = pa.table({"example_id": pa.array(list(example_ids), pa.string())})
+    con.register("_wanted_ids", wanted)
+    try:
+        rows = con.execute(
+            "SELECT p.example_id, p.messages FROM pool p JOIN _wanted_ids w USING (example_id)").fetchall()
+    finally:
+        con.unregister("_wanted_ids")
+    return {example_id: json.loads(messages) for example_id, messages in rows}
 
 
 def new_ids_since(con: duckdb.DuckDBPyConnection, version: str | None) -> list[str]:

@@ -7,6 +7,7 @@ from pathlib import Path
 import dagster as dg
 
 from orchestration.definitions import defs
+from orchestration.partitions import model_partitions, model_shard_partitions
 from orchestration.schedules import incoming_pool_files
 
 CONTRACT_ASSETS = {
@@ -20,7 +21,9 @@ def test_definitions_load_with_contract_assets() -> None:
     keys = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
     assert CONTRACT_ASSETS <= keys
     assert {"less_selection", "bids_selection", "kmq_selection", "kmq_iterative_selection"} <= keys
-    assert defs.resolve_job_def("demo_job").partitions_def is not None
+    for job in ("prepare_job", "select_and_evaluate_job"):
+        assert defs.resolve_job_def(job).partitions_def == model_partitions
+    assert defs.resolve_job_def("train_gradients_job").partitions_def == model_shard_partitions
 
 
 def test_incoming_sensor_requests_one_run_per_new_file(tmp_path: Path, monkeypatch) -> None:

@@ -10,7 +10,8 @@ import duckdb
 import pytest
 
 from assets import ALL_CHECKS, ASSET_MODULES
-from orchestration.partitions import DEFAULT_MODEL
+from orchestration.jobs import AFTER_TRAIN_GRADIENTS, BEFORE_TRAIN_GRADIENTS, TRAIN_GRADIENTS
+from orchestration.partitions import DEFAULT_MODEL, model_shard_keys
 from resources import build_resources
 from tests.fakes import TinyModelStore
 
@@ -60,26 +61,38 @@ def run_config(tmp_path: Path) -> dict:
     }
 
 
+def materialize_refresh(assets: list, resources: dict, run_config: dict, instance) -> list[dg.ExecuteInProcessResult]:
+    """The three refresh jobs of orchestration/jobs.py, each with its share of the run config:
+    per model, then one run per (model, shard), then per model."""
+    asset_graph = dg.Definitions(assets=assets, resources=resources).resolve_asset_graph()
+    results = []
+    for selection, keys in ((BEFORE_TRAIN_GRADIENTS, [DEFAULT_MODEL]), (TRAIN_GRADIENTS, model_shard_keys(DEFAULT_MODEL)),
+                            (AFTER_TRAIN_GRADIENTS, [DEFAULT_MODEL])):
+        names = {key.to_user_string() for key in selection.resolve(asset_graph)}
+        config = {"ops": {name: value for name, value in run_config["ops"].items() if name in names}}
+        for key in keys:
+            result = dg.materialize(assets, selection=selection, resources=resources, run_config=config,
+                                    partition_key=key, instance=instance)
+            assert result.success, (selection, key)
+            results.append(result)
+    return results
+
+
 def test_tiny_pipeline_end_to_end(tmp_path: Path, run_config: dict) -> None:
     resources = {**build_resources(home=str(tmp_path / "home"), env="ci"),
                  "model_store": TinyModelStore(cache_dir=str(tmp_path / "cache"))}
-    all_assets = dg.load_assets_from_modules(ASSET_MODULES)
+    assets = [*dg.load_assets_from_modules(ASSET_MODULES), *ALL_CHECKS]
     with dg.instance_for_test() as instance:
-        result = dg.materialize(
-            [*all_assets, *ALL_CHECKS], resources=resources, run_config=run_config,
-            partition_key=DEFAULT_MODEL, instance=instance,
-        )
-        assert result.success
-        checks = result.get_asset_check_evaluations()
+        first = materialize_refresh(assets, resources, run_config, instance)
+        checks = [c for result in first for c in result.get_asset_check_evaluations()]
         assert checks and all(c.passed for c in checks)
-        # A second run reuses stored checkpoints and features.
-        again = dg.materialize(
-            [*all_assets, *ALL_CHECKS], resources=resources, run_config=run_config,
-            partition_key=DEFAULT_MODEL, instance=instance,
-        )
-    assert again.success
-    grads = again.asset_materializations_for_node("train_gradients")[0].metadata
-    assert grads["n_computed"].value == 0
+        shards = [r.asset_materializations_for_node("train_gradients")[0].metadata for r in first[1:-1]]
+        assert sum(m["n_stored"].value + m["n_skipped_no_target"].value for m in shards) == 30
+        assert all(m["n_examples"].value < 30 for m in shards)  # each shard holds only its part of the pool
+        # A second refresh reuses stored checkpoints and features.
+        again = materialize_refresh(assets, resources, run_config, instance)
+    for result in again[1:-1]:
+        assert result.asset_materializations_for_node("train_gradients")[0].metadata["n_computed"].value == 0
     with duckdb.connect(resources["lineage"].db_path) as con:
         by_method = dict(con.execute(
             "SELECT method || '/' || target, count(*) FROM selections GROUP BY ALL").fetchall())
