@@ -14,13 +14,17 @@ from selection.datastore import (
     Progress,
     check_compatible,
     compute_features,
+    parse_shard_key,
     read_index,
+    shard_key,
+    shard_of,
     store_directory,
     target_scores,
     write_index,
 )
 from selection.gradients import PerExampleGradients, lora_slots
 from selection.projection import make_projector
+from selection.tokenization import IGNORE_INDEX, TokenizedExample
 from tests.test_gradients import random_examples, tiny_lora_model
 
 PAD = 2
@@ -135,3 +139,60 @@ def test_duckdb_index_round_trip_and_canonical_directory(tmp_path: Path, model, 
     assert con.execute("SELECT count(*) FROM feature_index").fetchone()[0] == len(examples)
     assert index["ex4"] == (1, 1)
     np.testing.assert_array_equal(store.shard(1)[1], store.features(["ex4"])[0])
+
+
+def test_shard_of_is_stable_balanced_and_keys_round_trip() -> None:
+    ids = [f"example-{i}" for i in range(4000)]
+    shards = [shard_of(i, 8) for i in ids]
+    assert shards == [shard_of(i, 8) for i in ids]  # a function of the id alone
+    counts = np.bincount(shards, minlength=8)
+    assert counts.min() > 400 and counts.max() < 600  # about 500 each
+    assert parse_shard_key(shard_key(3, 8)) == (3, 8) and shard_key(3, 8) == "03-of-08"
+    for bad in ("3", "08-of-08", "a-of-2", "-of-4"):
+        with pytest.raises(ValueError, match="not a shard key"):
+            parse_shard_key(bad)
+    with pytest.raises(ValueError):
+        shard_of("x", 0)
+
+
+def test_parts_are_part_of_the_identity_but_still_match_targets(tmp_path: Path, model) -> None:
+    engine = PerExampleGradients(model)
+    projector = make_projector("fast", engine.dim, 32, 0, engine.names_hash)
+    directory = store_directory(tmp_path, "tiny-model", "epoch_1", "train", projector, part="01-of-04")
+    assert directory.name == "01-of-04"
+    part = FeatureStore(directory, "tiny-model", "epoch_1", "train", projector, part="01-of-04")
+    assert part.part == "01-of-04"
+    with pytest.raises(ValueError, match="part"):
+        FeatureStore(directory, "tiny-model", "epoch_1", "train", projector, part="02-of-04")
+    with pytest.raises(ValueError, match="not a shard key"):
+        FeatureStore(tmp_path / "bad", "tiny-model", "epoch_1", "train", projector, part="first")
+    target = FeatureStore(tmp_path / "target", "tiny-model", "epoch_1", "target", projector)
+    check_compatible(part, target)  # parts of train features compare with unsharded targets
+
+
+def test_examples_without_targets_are_recorded_and_not_revisited(tmp_path: Path, model, examples) -> None:
+    no_target = TokenizedExample([5, 6, 7], [IGNORE_INDEX] * 3, True, 0)
+    mixed = examples[:2] + [("empty", no_target)] + examples[2:]
+    projector, store = make_store(tmp_path / "s", model, shard_size=3)
+    assert compute_features(model, mixed, projector, store, pad_token_id=PAD) == len(examples)
+    assert "empty" not in store.ids() and store.ids() == [i for i, _ in examples]
+    assert store.excluded() == {"empty": "no_target_tokens: no assistant token left after truncation"}
+    reopened = FeatureStore(tmp_path / "s", "tiny-model", "epoch_1", "target", projector, shard_size=3)
+    assert reopened.excluded() == store.excluded() and "empty" in reopened.covered()
+    assert compute_features(model, mixed, projector, reopened, pad_token_id=PAD) == 0
+    # A chunk with nothing but excluded ids still commits a (zero-row) shard recording them.
+    _, alone = make_store(tmp_path / "alone", model)
+    assert compute_features(model, [("empty", no_target)], projector, alone, pad_token_id=PAD) == 0
+    assert alone.n_shards == 1 and len(alone) == 0 and alone.shard(0).shape == (0, 32)
+
+
+def test_index_is_incremental_per_shard(tmp_path: Path, model, examples) -> None:
+    projector, store = make_store(tmp_path / "s", model, shard_size=3)
+    con = duckdb.connect()
+    compute_features(model, examples[:3], projector, store, pad_token_id=PAD)
+    assert write_index(con, store) == 3
+    compute_features(model, examples, projector, store, pad_token_id=PAD)
+    con.execute("UPDATE feature_index SET row_in_shard = -1 WHERE shard = 0")  # mark the rows already there
+    assert write_index(con, store) == len(examples)
+    assert con.execute("SELECT count(*) FROM feature_index WHERE row_in_shard = -1").fetchone()[0] == 3
+    assert con.execute("SELECT DISTINCT part FROM feature_index").fetchall() == [(None,)]

@@ -91,8 +91,22 @@ def test_tiny_pipeline_end_to_end(tmp_path: Path, run_config: dict) -> None:
         assert all(m["n_examples"].value < 30 for m in shards)  # each shard holds only its part of the pool
         # A second refresh reuses stored checkpoints and features.
         again = materialize_refresh(assets, resources, run_config, instance)
-    for result in again[1:-1]:
-        assert result.asset_materializations_for_node("train_gradients")[0].metadata["n_computed"].value == 0
+        for result in again[1:-1]:
+            assert result.asset_materializations_for_node("train_gradients")[0].metadata["n_computed"].value == 0
+        # The pool grows: influence refuses to score a pool its shards have not seen, names the shards to rerun.
+        grown = {"ops": {"raw_pool": {"config": {"sources": [
+            run_config["ops"]["raw_pool"]["config"]["sources"][0], {"path": str(_pool_file(tmp_path / "more.jsonl", 34))},
+        ]}}}}
+        assert dg.materialize(assets, selection=dg.AssetSelection.assets("raw_pool"), resources=resources,
+                              run_config=grown, instance=instance).success
+        stale = dg.materialize(assets, selection=dg.AssetSelection.assets("influence_scores"), resources=resources,
+                               run_config={"ops": {"influence_scores": run_config["ops"]["influence_scores"]}},
+                               partition_key=DEFAULT_MODEL, instance=instance, raise_on_error=False)
+        assert not stale.success
+        error = next(e for e in stale.all_events if e.event_type_value == "STEP_FAILURE").step_failure_data.error
+        message = error.message + (error.cause.message if error.cause else "")
+        assert "4 pool examples have no gradient features yet" in message
+        assert "rematerialize train_gradients for shards" in message
     with duckdb.connect(resources["lineage"].db_path) as con:
         by_method = dict(con.execute(
             "SELECT method || '/' || target, count(*) FROM selections GROUP BY ALL").fetchall())
