@@ -111,7 +111,11 @@ def _gradient_features(
     with lineage.connect() as con:
         warmup = checkpoints.latest_run_checkpoints(con, spec.name, "warmup")
     run_key = str(warmup["run_key"].iloc[0])
-    model, tokenizer = model_store.load(spec, device.resolve())
+    resolved = device.resolve()
+    model, tokenizer = model_store.load(spec, resolved)
+    # Exact projectors share the cache for the dense matrix (no effect on the numbers, only on speed).
+    projection_options = ({"cache_bytes": device.projection_cache_bytes(resolved) // len(config.dims)}
+                          if config.mode == "exact" else {})
     peft_model = models.add_lora(model, spec)
     engine = PerExampleGradients(peft_model)
     model_fingerprint = f"{spec.name}-{spec.fingerprint()}"
@@ -121,7 +125,8 @@ def _gradient_features(
     for row in warmup.itertuples():
         checkpoint = f"{run_key}-epoch_{row.epoch}"
         projectors = [
-            projection.make_projector(config.mode, engine.dim, dim, config.seed, engine.names_hash, device.resolve())
+            projection.make_projector(config.mode, engine.dim, dim, config.seed, engine.names_hash, resolved,
+                                      **projection_options)
             for dim in config.dims
         ]
         stores = [

@@ -54,13 +54,33 @@ class ModelStore(dg.ConfigurableResource):
         return load_model_and_tokenizer(spec, Path(self.cache_dir), device=device)
 
 
+CPU_PROJECTION_CACHE_BYTES = 256 * 2**20
+
+
 class DeviceSettings(dg.ConfigurableResource):
-    """Where and how big: `auto` picks CUDA when present. GPU assets also declare the `gpu` pool."""
+    """Where and how big: `auto` picks CUDA when present. Assets that use it also declare the
+    Dagster pool `accelerator`, so two runs never share one GPU by accident."""
 
     device: str = "auto"
     batch_size: int = 8
     max_tokens_per_batch: int = 4096
     num_threads: int | None = None
+    # The dense `exact` projection matrix is regenerated for every group of examples unless it
+    # fits here (SmolLM2-135M, r=8, 8192 dims: 28 GiB). Default: 256 MiB on the CPU, half of
+    # the free memory on a GPU, where keeping it makes exact mode as fast as the floor.
+    projection_cache_gb: float | None = None
+
+    def projection_cache_bytes(self, device: str) -> int:
+        if self.projection_cache_gb is not None:
+            if self.projection_cache_gb < 0:
+                raise ValueError(f"projection_cache_gb must be >= 0, got {self.projection_cache_gb}")
+            return int(self.projection_cache_gb * 2**30)
+        if device.startswith("cuda"):
+            import torch
+
+            free, _ = torch.cuda.mem_get_info(torch.device(device))
+            return free // 2
+        return CPU_PROJECTION_CACHE_BYTES
 
     def resolve(self) -> str:
         import torch

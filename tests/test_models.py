@@ -150,3 +150,15 @@ def test_real_smollm2_from_gguf_cache(pytestconfig):
     with torch.no_grad():
         loss = model(**batch).loss.item()
     assert math.isfinite(loss) and 0.0 < loss < 10.0, (loss, load_seconds)
+
+
+def test_device_settings_resolve_and_projection_cache() -> None:
+    from resources.model_store import CPU_PROJECTION_CACHE_BYTES, DeviceSettings
+
+    assert DeviceSettings(device="cpu").resolve() == "cpu"
+    with pytest.raises(ValueError, match="device must be"):
+        DeviceSettings(device="tpu").resolve()
+    assert DeviceSettings().projection_cache_bytes("cpu") == CPU_PROJECTION_CACHE_BYTES
+    assert DeviceSettings(projection_cache_gb=2).projection_cache_bytes("cpu") == 2 * 2**30
+    with pytest.raises(ValueError, match="projection_cache_gb"):
+        DeviceSettings(projection_cache_gb=-1).projection_cache_bytes("cpu")
