@@ -9,6 +9,7 @@ can spread shards over machines. It streams the pool in chunks of `shard_size` e
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import dagster as dg
 import pandas as pd
@@ -222,48 +223,68 @@ def pool_shard_ids(lineage: LineageStore, shard: str) -> tuple[list[str], dict]:
     return mine, {"pool_version": latest[0], "pool_size": len(ids)}
 
 
-@dg.asset(
-    partitions_def=model_shard_partitions,
-    deps=["warmup_checkpoints", "raw_pool"],
-    group_name="less",
-    pool="accelerator",
-    code_version=GRADIENT_CODE,
-    description="Adam-preconditioned per-example LoRA gradients of one shard of the pool at every warmup "
-                "checkpoint, projected. One partition per (model, shard).",
-)
-def train_gradients(
-    context: dg.AssetExecutionContext, config: GradientConfig, settings: StorageSettings, lineage: LineageStore,
-    model_store: ModelStore, device: DeviceSettings,
-) -> dg.MaterializeResult:
-    tracker = LineageTracker(context, lineage)
+@dataclass(frozen=True)
+class GradientExamples:
+    """What one partition of a gradient asset computes."""
+
+    model: str
+    example_ids: list[str]
+    load_conversations: ConversationLoader
+    part: str | None
+    metrics: dict
+
+
+def _pool_shard(context: dg.AssetExecutionContext, lineage: LineageStore) -> GradientExamples:
     keys = context.partition_key.keys_by_dimension
-    ids, extra = pool_shard_ids(lineage, keys[SHARD_DIMENSION])
-    metrics = _gradient_features(context, "train", keys[MODEL_DIMENSION], ids, _load_pool_conversations(lineage),
-                                 keys[SHARD_DIMENSION], config, settings, lineage, model_store, device, tracker)
-    return _result(tracker, {**metrics, **extra})
+    ids, metrics = pool_shard_ids(lineage, keys[SHARD_DIMENSION])
+    return GradientExamples(keys[MODEL_DIMENSION], ids, _load_pool_conversations(lineage), keys[SHARD_DIMENSION],
+                            metrics)
 
 
-@dg.asset(
-    partitions_def=model_partitions,
-    deps=["warmup_checkpoints", "target_tasks"],
-    group_name="less",
-    pool="accelerator",
-    code_version=GRADIENT_CODE,
-    description="Plain (SGD) per-example LoRA gradients of the target val examples at every warmup checkpoint, "
-                "projected.",
-)
-def target_gradients(
-    context: dg.AssetExecutionContext, config: GradientConfig, settings: StorageSettings, lineage: LineageStore,
-    model_store: ModelStore, device: DeviceSettings,
-) -> dg.MaterializeResult:
-    tracker = LineageTracker(context, lineage)
+def _target_val(context: dg.AssetExecutionContext, lineage: LineageStore) -> GradientExamples:
     with lineage.connect() as con:
         rows = read_targets(con, "val")
     # The same example may define several tasks; its gradient is computed once.
     conversations = dict((example_id, messages) for _, _, example_id, messages in rows)
-    metrics = _gradient_features(
-        context, "target", context.partition_key, list(conversations),
-        lambda ids: {i: conversations[i] for i in ids if i in conversations}, None, config, settings, lineage,
-        model_store, device, tracker,
+    return GradientExamples(context.partition_key, list(conversations),
+                            lambda ids: {i: conversations[i] for i in ids if i in conversations}, None,
+                            {"n_val_rows": len(rows)})
+
+
+def build_gradient_asset(
+    kind: str, partitions_def: dg.PartitionsDefinition, upstream: str,
+    examples_of: Callable[[dg.AssetExecutionContext, LineageStore], GradientExamples], description: str,
+) -> dg.AssetsDefinition:
+    """`train_gradients` (Adam features of one pool shard) and `target_gradients` (SGD features of val targets)."""
+
+    @dg.asset(
+        name=f"{kind}_gradients",
+        partitions_def=partitions_def,
+        deps=["warmup_checkpoints", upstream],
+        group_name="less",
+        pool="accelerator",
+        code_version=GRADIENT_CODE,
+        description=description,
     )
-    return _result(tracker, {**metrics, "n_val_rows": len(rows)})
+    def _gradients(
+        context: dg.AssetExecutionContext, config: GradientConfig, settings: StorageSettings, lineage: LineageStore,
+        model_store: ModelStore, device: DeviceSettings,
+    ) -> dg.MaterializeResult:
+        tracker = LineageTracker(context, lineage)
+        examples = examples_of(context, lineage)
+        metrics = _gradient_features(context, kind, examples.model, examples.example_ids, examples.load_conversations,
+                                     examples.part, config, settings, lineage, model_store, device, tracker)
+        return _result(tracker, {**metrics, **examples.metrics})
+
+    return _gradients
+
+
+train_gradients = build_gradient_asset(
+    "train", model_shard_partitions, "raw_pool", _pool_shard,
+    "Adam-preconditioned per-example LoRA gradients of one shard of the pool at every warmup checkpoint, "
+    "projected. One partition per (model, shard).",
+)
+target_gradients = build_gradient_asset(
+    "target", model_partitions, "target_tasks", _target_val,
+    "Plain (SGD) per-example LoRA gradients of the target val examples at every warmup checkpoint, projected.",
+)
