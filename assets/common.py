@@ -61,8 +61,12 @@ def _dep_partitions(context: dg.AssetExecutionContext, dep_partitions_def) -> li
         return [own]
     if isinstance(own, dg.MultiPartitionKey):
         return [own.keys_by_dimension[MODEL_DIMENSION]]
-    return [key for key in dep_partitions_def.get_partition_keys()
-            if isinstance(key, dg.MultiPartitionKey) and key.keys_by_dimension[MODEL_DIMENSION] == own]
+    shards = [key for key in dep_partitions_def.get_partition_keys()
+              if isinstance(key, dg.MultiPartitionKey) and key.keys_by_dimension.get(MODEL_DIMENSION) == own]
+    if not shards:
+        raise ValueError(f"no rule maps partition {own!r} of {context.asset_key.to_user_string()} onto its dep's "
+                         f"partitions {dep_partitions_def}; extend assets.common._dep_partitions")
+    return shards
 
 
 def _data_version(context: dg.AssetExecutionContext, dep_key: dg.AssetKey, partition: str | None) -> str | None:

@@ -7,6 +7,7 @@ can spread shards over machines. It streams the pool in chunks of `shard_size` e
 `target_gradients` (a few val examples) is partitioned by model only.
 """
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -123,13 +124,14 @@ def _gradient_features(
     token_counts: dict[str, int] = {}
     per_checkpoint = []
     started = time.perf_counter()
+    # Built once: a cached dense `exact` matrix then serves every checkpoint.
+    projectors = [
+        projection.make_projector(config.mode, engine.dim, dim, config.seed, engine.names_hash, resolved,
+                                  **projection_options)
+        for dim in config.dims
+    ]
     for row in warmup.itertuples():
         checkpoint = f"{run_key}-epoch_{row.epoch}"
-        projectors = [
-            projection.make_projector(config.mode, engine.dim, dim, config.seed, engine.names_hash, resolved,
-                                      **projection_options)
-            for dim in config.dims
-        ]
         stores = [
             datastore.FeatureStore(
                 datastore.store_directory(settings.subdir("gradients"), model_fingerprint, checkpoint, kind, p, part),
@@ -137,15 +139,22 @@ def _gradient_features(
             )
             for p in projectors
         ]
-        covered = stores[0].covered()
-        todo = [example_id for example_id in example_ids if example_id not in covered]
-        computed = 0
-        if todo:
-            checkpoints.load_adapter_weights(peft_model, row.path)
-            exp_avg = exp_avg_sq = None
-            if kind == "train":
-                _, exp_avg, exp_avg_sq, _ = training.load_checkpoint(row.path, expected_names=engine.names)
-            progress = _ProgressLog(context, f"{kind}{f' {part}' if part else ''} epoch {row.epoch}", len(todo))
+        with contextlib.ExitStack() as locks:
+            for store in stores:
+                locks.enter_context(store.exclusive())
+            dropped = datastore.align_stores(stores)
+            if dropped:
+                context.log.warning(f"dropped {dropped} shard(s) a killed run committed to only some dims; "
+                                    "recomputing them")
+            covered = stores[0].covered()
+            todo = [example_id for example_id in example_ids if example_id not in covered]
+            computed = 0
+            if todo:
+                checkpoints.load_adapter_weights(peft_model, row.path)
+                exp_avg = exp_avg_sq = None
+                if kind == "train":
+                    _, exp_avg, exp_avg_sq, _ = training.load_checkpoint(row.path, expected_names=engine.names)
+                progress = _ProgressLog(context, f"{kind}{f' {part}' if part else ''} epoch {row.epoch}", len(todo))
             for start in range(0, len(todo), config.shard_size):
                 chunk = todo[start : start + config.shard_size]
                 conversations = load_conversations(chunk)
@@ -180,7 +189,8 @@ def _gradient_features(
         "seed": config.seed, "n_examples": len(example_ids), "n_stored": len(stores[0]),
         "n_skipped_no_target": len(excluded), "skipped_ids": sorted(excluded)[:50], "n_computed": n_computed,
         "seconds": seconds, "examples_per_s": n_computed / seconds if seconds > 0 and n_computed else None,
-        "tokenization_this_run": token_counts, "checkpoints": per_checkpoint,
+        # Summed over the checkpoints that had work (each tokenizes its chunks again).
+        "tokenization_this_run_all_checkpoints": token_counts, "checkpoints": per_checkpoint,
     }
 
 

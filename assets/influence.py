@@ -85,8 +85,8 @@ def _train_parts(frame: pd.DataFrame, model: str, epochs: list[int]) -> list[lis
     return [[have[(epoch, shard)] for shard in shards] for epoch in epochs]
 
 
-def _check_pool_covered(con, parts: list[FeatureStore]) -> None:
-    """Every current pool example has features or a recorded reason for having none."""
+def _check_pool_covered(con, parts: list[FeatureStore]) -> set[str]:
+    """Every current pool example has features or a recorded reason for having none; returns those ids."""
     covered: set[str] = set()
     for part in parts:
         covered |= part.covered()
@@ -98,6 +98,7 @@ def _check_pool_covered(con, parts: list[FeatureStore]) -> None:
             f"{len(uncovered)} pool examples have no gradient features yet (the pool grew after their shards ran), "
             f"e.g. {uncovered[:3]}; rematerialize train_gradients for shards {shards}"
         )
+    return covered
 
 
 @dg.asset(
@@ -136,7 +137,7 @@ def influence_scores(
             )
         train_parts = [[influence.open_store(d) for d in directories]
                        for directories in _train_parts(train, spec.name, epochs)]
-        _check_pool_covered(con, train_parts[0])
+        covered = _check_pool_covered(con, train_parts[0])
         avg_lrs = [float(train[train["epoch"] == epoch]["avg_lr"].iloc[0]) for epoch in epochs]
     columns = [{"task": t, "subtask": s, "val_example_id": i} for t, s, i, _ in val_rows]
     target_stores = [influence.open_store(d) for d in target["directory"]]
@@ -159,7 +160,8 @@ def influence_scores(
     scores, _ = influence.load_scores(out_dir)
     weights = [float(w) for w in np.asarray(avg_lrs) / np.sum(avg_lrs)]
     with lineage.connect() as con:
-        pool_version = pool_version_containing(con, result.train_ids)
+        # Excluded examples count too: the scores cover the pool version that holds all of them.
+        pool_version = pool_version_containing(con, sorted(covered))
         con.execute(INFLUENCE_DDL)
         con.execute(
             "INSERT INTO influence_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",

@@ -28,6 +28,8 @@ checkpoint, dim, seed, projection mode ...) is a ValueError.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -48,6 +50,7 @@ KINDS = ("train", "target")
 MANIFEST_FILE = "manifest.json"
 STORE_FORMAT = 1
 INDEX_TABLE = "feature_index"
+LOCK_FILE = ".writer.lock"
 
 
 def fingerprint_of(value: Any) -> str:
@@ -100,6 +103,10 @@ class IndexRow:
     example_id: str
     shard: int
     row: int
+
+
+class StoreBusyError(RuntimeError):
+    """Another process holds the store's writer lock."""
 
 
 class FeatureStore:
@@ -229,6 +236,33 @@ class FeatureStore:
         self._excluded.update(excluded)
         return shard
 
+    def truncate(self, n_shards: int) -> None:
+        """Forget the shards from ``n_shards`` on (records first, so a kill midway leaves a valid store)."""
+        for shard in range(len(self._shards) - 1, n_shards - 1, -1):
+            array_path, record_path = self._shard_paths(shard)
+            record_path.unlink()
+            array_path.unlink(missing_ok=True)
+        del self._shards[n_shards:]
+        self._excluded = {}
+        for shard in range(len(self._shards)):
+            self._excluded.update(json.loads(self._shard_paths(shard)[1].read_text()).get("excluded", {}))
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the store's writer lock; a second writer (another run of the same partition) is refused."""
+        with open(self.directory / LOCK_FILE, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as error:
+                raise StoreBusyError(
+                    f"another process is filling {self.directory}; wait for it (two runs of the same partition "
+                    "must not overlap)"
+                ) from error
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def shard(self, shard: int) -> np.ndarray:
         """Memory-mapped float16 ``[rows, dim]`` of one committed shard."""
         if not 0 <= shard < len(self._shards):
@@ -256,6 +290,30 @@ class FeatureStore:
         for position, example_id in enumerate(ids):
             out[position] = shards[where[example_id].shard][where[example_id].row]
         return out
+
+
+def align_stores(stores: Sequence[FeatureStore]) -> int:
+    """Make stores that are filled together (one per projection dim) hold the same shards.
+
+    They commit each chunk one store after the other, so a run killed between two commits
+    leaves some stores one shard ahead; those extra shards are dropped (the resumed run
+    recomputes them to the same bytes). Stores that differ in any shared shard (e.g. a dim
+    added to an existing datastore) are refused. Returns the number of shards dropped.
+    """
+    common = min(store.n_shards for store in stores)
+    reference = stores[0]._shards[:common]
+    for store in stores:
+        # A kill between commits leaves a store at most one shard ahead; more means it was filled alone.
+        if store.n_shards > common + 1 or store._shards[:common] != reference:
+            raise ValueError(
+                f"{store.directory} and {stores[0].directory} hold different examples; stores of several dims are "
+                "filled together from the start: compute a new dim with a fresh seed or a fresh warmup run"
+            )
+    dropped = 0
+    for store in stores:
+        dropped += store.n_shards - common
+        store.truncate(common)
+    return dropped
 
 
 def describe_mismatch(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> str:

@@ -11,6 +11,8 @@ import torch
 
 from selection.datastore import (
     FeatureStore,
+    StoreBusyError,
+    align_stores,
     Progress,
     check_compatible,
     compute_features,
@@ -196,3 +198,41 @@ def test_index_is_incremental_per_shard(tmp_path: Path, model, examples) -> None
     assert write_index(con, store) == len(examples)
     assert con.execute("SELECT count(*) FROM feature_index WHERE row_in_shard = -1").fetchone()[0] == 3
     assert con.execute("SELECT DISTINCT part FROM feature_index").fetchall() == [(None,)]
+
+
+def test_align_stores_drops_a_half_committed_chunk_and_refuses_a_late_dim(tmp_path: Path, model, examples) -> None:
+    engine = PerExampleGradients(model)
+    projectors = [make_projector("fast", engine.dim, dim, 0, engine.names_hash) for dim in (16, 32)]
+
+    def stores(tag: str) -> list[FeatureStore]:
+        return [FeatureStore(tmp_path / tag / str(p.dim), "tiny-model", "epoch_1", "target", p, shard_size=3)
+                for p in projectors]
+
+    reference = stores("reference")
+    compute_features(model, examples, projectors, reference, pad_token_id=PAD)
+    killed = stores("killed")
+    compute_features(model, examples[:3], projectors, killed, pad_token_id=PAD)
+    compute_features(model, examples[3:6], projectors[1], killed[1], pad_token_id=PAD)  # the kill: dim 32 only
+    with pytest.raises(ValueError, match="different example sets"):
+        compute_features(model, examples, projectors, killed, pad_token_id=PAD)
+    assert align_stores(killed) == 1 and [s.n_shards for s in killed] == [1, 1]
+    compute_features(model, examples, projectors, killed, pad_token_id=PAD)
+    for done, expected in zip(killed, reference):
+        assert shard_bytes(done.directory) == shard_bytes(expected.directory)
+
+    late = stores("late")
+    compute_features(model, examples, projectors[0], late[0], pad_token_id=PAD)  # 3 shards, the other dim none
+    with pytest.raises(ValueError, match="hold different examples"):
+        align_stores(late)
+    assert late[0].n_shards == 3  # nothing was dropped
+
+
+def test_one_writer_per_store(tmp_path: Path, model) -> None:
+    _, store = make_store(tmp_path / "s", model)
+    with store.exclusive():
+        with pytest.raises(StoreBusyError, match="another process is filling"):
+            with FeatureStore(store.directory, "tiny-model", "epoch_1", "target", store.manifest["projection"],
+                              shard_size=3).exclusive():
+                pass
+    with store.exclusive():  # released
+        pass

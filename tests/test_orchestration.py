@@ -9,7 +9,6 @@ import dagster as dg
 from orchestration.definitions import defs
 from orchestration.partitions import (
     DEFAULT_MODEL,
-    MODEL_DIMENSION,
     model_partitions,
     model_shard_keys,
     model_shard_partitions,
@@ -45,18 +44,19 @@ def test_incoming_sensor_requests_one_run_per_new_file(tmp_path: Path, monkeypat
     assert requests[0].run_config["ops"]["raw_pool"]["config"]["sources"][0]["path"].endswith("new.jsonl")
 
 
-@dg.op
-def _noop() -> None:
+@dg.asset(name="warmup_checkpoints", partitions_def=model_partitions)
+def _warmup_stand_in() -> None:
     pass
 
 
-@dg.job
-def _finished_job() -> None:
-    _noop()
+@dg.asset(name="train_gradients", partitions_def=model_shard_partitions)
+def _shard_stand_in() -> None:
+    pass
 
 
-def _success_context(instance: dg.DagsterInstance, sensor_name: str, tags: dict[str, str]):
-    run_id = _finished_job.execute_in_process(instance=instance, tags=tags).run_id
+def _success_context(instance: dg.DagsterInstance, sensor_name: str, asset, partition: str):
+    """A finished run that materialized `asset` for `partition`, as the sensor sees it."""
+    run_id = dg.materialize([asset], partition_key=partition, instance=instance).run_id
     (event,) = instance.all_logs(run_id, of_type=dg.DagsterEventType.RUN_SUCCESS)
     return dg.build_run_status_sensor_context(
         sensor_name=sensor_name, dagster_event=event.dagster_event, dagster_instance=instance,
@@ -67,21 +67,23 @@ def _success_context(instance: dg.DagsterInstance, sensor_name: str, tags: dict[
 def test_refresh_sensors_chain_prepare_shards_and_selection() -> None:
     shard_keys = [str(key) for key in model_shard_keys(DEFAULT_MODEL)]
     with dg.instance_for_test() as instance:
-        context = _success_context(instance, "gradient_shards_after_prepare", {"dagster/partition": DEFAULT_MODEL})
-        requests = gradient_shards_after_prepare(context)
-        assert [r.partition_key for r in requests] == shard_keys and len({r.run_key for r in requests}) == len(shard_keys)
+        shard_done = _success_context(instance, "select_after_gradient_shards", _shard_stand_in, shard_keys[0])
+        assert isinstance(select_after_gradient_shards(shard_done), dg.SkipReason)  # no warmup yet
+        assert isinstance(gradient_shards_after_prepare(shard_done), dg.SkipReason)  # materialized no warmup
 
-        done = _success_context(instance, "select_after_gradient_shards",
-                                {f"dagster/partition/{MODEL_DIMENSION}": DEFAULT_MODEL})
-        assert isinstance(select_after_gradient_shards(done), dg.SkipReason)  # no warmup yet
-        instance.report_runless_asset_event(dg.AssetMaterialization("warmup_checkpoints", partition=DEFAULT_MODEL))
+        prepared = _success_context(instance, "gradient_shards_after_prepare", _warmup_stand_in, DEFAULT_MODEL)
+        requests = gradient_shards_after_prepare(prepared)
+        assert [r.partition_key for r in requests] == shard_keys and len({r.run_key for r in requests}) == len(shard_keys)
+        assert isinstance(select_after_gradient_shards(prepared), dg.SkipReason)  # materialized no shard
+
         for key in shard_keys[:-1]:
-            instance.report_runless_asset_event(dg.AssetMaterialization("train_gradients", partition=key))
-        assert isinstance(select_after_gradient_shards(done), dg.SkipReason)  # one shard missing
-        instance.report_runless_asset_event(dg.AssetMaterialization("train_gradients", partition=shard_keys[-1]))
-        request = select_after_gradient_shards(done)
+            done = _success_context(instance, "select_after_gradient_shards", _shard_stand_in, key)
+            skip = select_after_gradient_shards(done)
+            assert isinstance(skip, dg.SkipReason) and DEFAULT_MODEL in skip.skip_message  # a shard is missing
+        done = _success_context(instance, "select_after_gradient_shards", _shard_stand_in, shard_keys[-1])
+        (request,) = select_after_gradient_shards(done)
         assert request.partition_key == DEFAULT_MODEL
-        assert select_after_gradient_shards(done).run_key == request.run_key  # same shards: deduplicated
+        assert select_after_gradient_shards(done)[0].run_key == request.run_key  # same shards: deduplicated
         # New warmup checkpoints make every shard stale again.
-        instance.report_runless_asset_event(dg.AssetMaterialization("warmup_checkpoints", partition=DEFAULT_MODEL))
+        _success_context(instance, "gradient_shards_after_prepare", _warmup_stand_in, DEFAULT_MODEL)
         assert isinstance(select_after_gradient_shards(done), dg.SkipReason)
