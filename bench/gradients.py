@@ -319,6 +319,40 @@ def fidelity(args) -> dict:
     return result
 
 
+def exact_cost(args) -> dict:
+    """The default `exact` mode against the floor (and `fast`) on the same batches, interleaved.
+
+    Exact projections are applied per group of up to 256 examples and the dense matrix is
+    generated once per group (it does not fit in memory here), so its cost per example
+    falls as groups fill: run with --n-examples 256 to see a full group.
+    """
+    model, tokenizer = load(args)
+    sections, pad = benchmark_examples(args, tokenizer)
+    examples, device = sections["train"], args.device
+    exp_avg, exp_avg_sq = warmup_moments(model, sections["warm"], pad, args.warmup_steps, args.warmup_lr, device)
+    engine = PerExampleGradients(model)
+    projectors = {mode: make_projector(mode, engine.dim, args.dim, args.seed, engine.names_hash, device)
+                  for mode in ("exact", "fast")}
+    floor_pass(model, examples[:2], pad, 2, device)
+    times: dict[str, list[float]] = {"floor": [], "exact": [], "fast": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):
+            times["floor"].append(floor_pass(model, examples, pad, args.batch_size, device))
+            for mode, projector in projectors.items():
+                times[mode].append(ours_pass(model, examples, projector, pad, args.batch_size, exp_avg, exp_avg_sq,
+                                             Path(tmp), f"{mode}{repeat}")[0])
+            log(f"repeat {repeat}: " + ", ".join(f"{name} {runs[-1]:.1f}s" for name, runs in times.items()))
+    median = {name: statistics.median(runs) for name, runs in times.items()}
+    n = len(examples)
+    return {
+        "n_examples": n, "batch_size": args.batch_size, "dim": args.dim, "repeats": args.repeats,
+        "floor_examples_per_s": n / median["floor"], "ours_exact_examples_per_s": n / median["exact"],
+        "ours_fast_examples_per_s": n / median["fast"],
+        "exact_time_vs_floor": median["exact"] / median["floor"], "fast_time_vs_floor": median["fast"] / median["floor"],
+        "runs_s": times, "peak_rss_mb": peak_rss_mb(), "device": str(device),
+    }
+
+
 def benchmark(args) -> dict:
     model, tokenizer = load(args)
     sections, pad = benchmark_examples(args, tokenizer)
@@ -450,6 +484,8 @@ def main() -> None:
     parser.add_argument("--ours-exact-cache-gb", type=float, default=0.0,
                         help="also time ours in exact mode with the dense matrix cached up to this size (GPU)")
     parser.add_argument("--fidelity", action="store_true", help="run the fast-vs-exact fidelity check instead")
+    parser.add_argument("--exact-cost", action="store_true",
+                        help="instead time ours in exact (the default) and fast mode against the floor only")
     parser.add_argument("--fidelity-examples", type=int, default=240)
     parser.add_argument("--exact-noise-baseline", action="store_true",
                         help="noise baseline from exact with another seed (slow) instead of fast with another seed")
@@ -465,6 +501,10 @@ def main() -> None:
             f"{'PASS' if result['fidelity_pass'] else 'FAIL'}; noise baseline ({result['noise_baseline']}): "
             f"spearman {result['fidelity_spearman_other_seed']:.3f}, overlap "
             f"{result['fidelity_top5pct_overlap_other_seed']:.2f}")
+    elif args.exact_cost:
+        result = exact_cost(args)
+        log(f"{result['n_examples']} examples: exact {result['exact_time_vs_floor']:.2f}x the floor's time, "
+            f"fast {result['fast_time_vs_floor']:.2f}x")
     else:
         result = benchmark(args)
     print(json.dumps(result))
