@@ -25,7 +25,7 @@ TRAIN_GRADIENTS_JOB_NAME = "train_gradients_job"
 SELECT_AND_EVALUATE_JOB_NAME = "select_and_evaluate_job"
 REFRESH_JOB_NAMES = (PREPARE_JOB_NAME, TRAIN_GRADIENTS_JOB_NAME, SELECT_AND_EVALUATE_JOB_NAME)
 
-# The demo is sized for a 2-core CPU (about 40 minutes): a 300-example built-in pool, 2 target
+# The demo is sized for a 2-core CPU (about 50 minutes): a 300-example built-in pool, 2 target
 # val examples per subtask instead of LESS's 5, 2 warmup epochs instead of 4, 1 finetuning
 # epoch, 10 test rows per task. Every value is a normal run config field (the launchpad
 # shows and edits them); a plain `dagster asset materialize` uses the full defaults.
