@@ -236,3 +236,14 @@ def test_one_writer_per_store(tmp_path: Path, model) -> None:
                 pass
     with store.exclusive():  # released
         pass
+
+
+def test_index_written_by_older_code_is_migrated(tmp_path: Path, model, examples) -> None:
+    projector, store = make_store(tmp_path / "s", model)
+    compute_features(model, examples[:3], projector, store, pad_token_id=PAD)
+    con = duckdb.connect()
+    con.execute(  # the table as the code before shards created it: no `part` column
+        "CREATE TABLE feature_index (store_id VARCHAR, model VARCHAR, checkpoint VARCHAR, kind VARCHAR, mode VARCHAR, "
+        "dim INTEGER, seed BIGINT, directory VARCHAR, example_id VARCHAR, shard INTEGER, row_in_shard INTEGER)")
+    assert write_index(con, store) == 3
+    assert con.execute("SELECT count(*) FROM feature_index WHERE part IS NULL").fetchone()[0] == 3
