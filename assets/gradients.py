@@ -51,10 +51,15 @@ class GradientConfig(dg.Config):
     shard_size: int = Field(default=512, description="Examples per chunk read from the pool and per file on disk")
 
 
-def _store_rows(con, spec_name: str, kind: str, run_key: str, epoch: int, avg_lr: float, stores) -> None:
+def ensure_store_table(con) -> None:
+    """`gradient_stores`, created or brought up to the current columns."""
     con.execute(STORE_TABLE_DDL)
     for migration in STORE_TABLE_MIGRATIONS:
         con.execute(migration)
+
+
+def _store_rows(con, spec_name: str, kind: str, run_key: str, epoch: int, avg_lr: float, stores) -> None:
+    ensure_store_table(con)
     frame = pd.DataFrame(
         [
             (spec_name, kind, run_key, epoch, avg_lr, s.store_id, str(s.directory), s.manifest["projection"]["mode"],

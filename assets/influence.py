@@ -8,7 +8,7 @@ import pandas as pd
 from pydantic import Field
 
 from assets.common import LineageTracker, code_version, markdown_table, read_targets
-from assets import gradients as gradient_assets
+from assets.gradients import ensure_store_table
 from orchestration.partitions import MODEL_DIMENSION, model_partitions, shard_partitions
 from resources.lineage import LineageStore
 from resources.model_store import ModelStore
@@ -53,9 +53,7 @@ def pool_version_containing(con, example_ids: list[str]) -> str:
 
 def _stores(con, model: str, run_key: str, kind: str, config: InfluenceConfig) -> pd.DataFrame:
     """Latest store per (epoch, part) of the given settings; part is '' for unsharded stores."""
-    con.execute(gradient_assets.STORE_TABLE_DDL)
-    for migration in gradient_assets.STORE_TABLE_MIGRATIONS:
-        con.execute(migration)
+    ensure_store_table(con)
     frame = con.execute(
         """SELECT epoch, coalesce(part, '') AS part, avg_lr, directory FROM gradient_stores
            WHERE model = ? AND warmup_run_key = ? AND kind = ? AND mode = ? AND dim = ? AND seed = ?

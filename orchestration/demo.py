@@ -16,13 +16,8 @@ import time
 import dagster as dg
 
 from orchestration.definitions import defs
-from orchestration.jobs import (
-    DEMO_RUN_CONFIG,
-    PREPARE_JOB_NAME,
-    SELECT_AND_EVALUATE_JOB_NAME,
-    TRAIN_GRADIENTS_JOB_NAME,
-)
-from orchestration.partitions import DEFAULT_MODEL, model_shard_keys
+from orchestration.jobs import DEMO_RUN_CONFIG, refresh_steps
+from orchestration.partitions import DEFAULT_MODEL
 from resources.settings import default_home
 
 
@@ -60,14 +55,11 @@ def main() -> int:
         print("DAGSTER_HOME is not set; run through `make demo`, which points it at ./dagster_home", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    steps = [(PREPARE_JOB_NAME, DEFAULT_MODEL)]
-    steps += [(TRAIN_GRADIENTS_JOB_NAME, key) for key in model_shard_keys(DEFAULT_MODEL)]
-    steps += [(SELECT_AND_EVALUATE_JOB_NAME, DEFAULT_MODEL)]
     success = True
     with dg.DagsterInstance.get() as instance:
         for run_id in release_interrupted_demo_runs(instance):
             print(f"released interrupted demo run {run_id}")
-        for job_name, partition_key in steps:
+        for job_name, _, partition_key in refresh_steps(DEFAULT_MODEL):
             step_started = time.perf_counter()
             result = defs.resolve_job_def(job_name).execute_in_process(
                 instance=instance, partition_key=partition_key, run_config=DEMO_RUN_CONFIG[job_name],

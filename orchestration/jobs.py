@@ -16,6 +16,8 @@ while everything else per model is partitioned by model alone:
 
 import dagster as dg
 
+from orchestration.partitions import model_shard_keys
+
 TRAIN_GRADIENTS = dg.AssetSelection.assets("train_gradients")
 AFTER_TRAIN_GRADIENTS = TRAIN_GRADIENTS.downstream(include_self=False)
 BEFORE_TRAIN_GRADIENTS = dg.AssetSelection.all() - TRAIN_GRADIENTS - AFTER_TRAIN_GRADIENTS
@@ -23,7 +25,6 @@ BEFORE_TRAIN_GRADIENTS = dg.AssetSelection.all() - TRAIN_GRADIENTS - AFTER_TRAIN
 PREPARE_JOB_NAME = "prepare_job"
 TRAIN_GRADIENTS_JOB_NAME = "train_gradients_job"
 SELECT_AND_EVALUATE_JOB_NAME = "select_and_evaluate_job"
-REFRESH_JOB_NAMES = (PREPARE_JOB_NAME, TRAIN_GRADIENTS_JOB_NAME, SELECT_AND_EVALUATE_JOB_NAME)
 
 # The demo is sized for a 2-core CPU (about 50 minutes): a 300-example built-in pool, 2 target
 # val examples per subtask instead of LESS's 5, 2 warmup epochs instead of 4, 1 finetuning
@@ -73,5 +74,14 @@ select_and_evaluate_job = dg.define_asset_job(
     selection=AFTER_TRAIN_GRADIENTS,
     description="Step 3 of a model refresh: influence, LESS/BIDS, finetuning, evaluation, comparison report",
 )
+
+def refresh_steps(model: str) -> list[tuple[str, dg.AssetSelection, str]]:
+    """One model refresh in order: (job name, its asset selection, partition key) of each run."""
+    return [
+        (PREPARE_JOB_NAME, BEFORE_TRAIN_GRADIENTS, model),
+        *[(TRAIN_GRADIENTS_JOB_NAME, TRAIN_GRADIENTS, str(key)) for key in model_shard_keys(model)],
+        (SELECT_AND_EVALUATE_JOB_NAME, AFTER_TRAIN_GRADIENTS, model),
+    ]
+
 
 all_jobs = [pool_job, ingest_job, prepare_job, train_gradients_job, select_and_evaluate_job]

@@ -45,9 +45,8 @@ def gradient_shard_count() -> int:
     """How many parts `train_gradients` cuts the pool into (`$INSTRUCT_SELECT_GRADIENT_SHARDS`, default 4).
 
     Each part is one partition, so a run launcher or executor can compute them in parallel
-    on separate machines. Changing the count makes new partition keys; stored features are
-    per example and per part, so a recut recomputes nothing already stored in the same part
-    layout and nothing is mixed across layouts.
+    on separate machines. Changing the count makes new partition keys and new store folders:
+    features stored under the old layout are not reused, and layouts are never mixed.
     """
     raw = os.environ.get(GRADIENT_SHARDS_ENV_VAR, str(DEFAULT_GRADIENT_SHARDS))
     if not raw.isdigit() or not 1 <= int(raw) <= 999:

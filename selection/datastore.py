@@ -242,10 +242,8 @@ class FeatureStore:
             array_path, record_path = self._shard_paths(shard)
             record_path.unlink()
             array_path.unlink(missing_ok=True)
-        del self._shards[n_shards:]
         self._excluded = {}
-        for shard in range(len(self._shards)):
-            self._excluded.update(json.loads(self._shard_paths(shard)[1].read_text()).get("excluded", {}))
+        self._shards = self._read_committed_shards()
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:

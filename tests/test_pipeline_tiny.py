@@ -10,8 +10,8 @@ import duckdb
 import pytest
 
 from assets import ALL_CHECKS, ASSET_MODULES
-from orchestration.jobs import AFTER_TRAIN_GRADIENTS, BEFORE_TRAIN_GRADIENTS, TRAIN_GRADIENTS
-from orchestration.partitions import DEFAULT_MODEL, model_shard_keys
+from orchestration.jobs import refresh_steps
+from orchestration.partitions import DEFAULT_MODEL
 from resources import build_resources
 from tests.fakes import TinyModelStore
 
@@ -66,15 +66,13 @@ def materialize_refresh(assets: list, resources: dict, run_config: dict, instanc
     per model, then one run per (model, shard), then per model."""
     asset_graph = dg.Definitions(assets=assets, resources=resources).resolve_asset_graph()
     results = []
-    for selection, keys in ((BEFORE_TRAIN_GRADIENTS, [DEFAULT_MODEL]), (TRAIN_GRADIENTS, model_shard_keys(DEFAULT_MODEL)),
-                            (AFTER_TRAIN_GRADIENTS, [DEFAULT_MODEL])):
-        names = {key.to_user_string() for key in selection.resolve(asset_graph)}
+    for _, selection, key in refresh_steps(DEFAULT_MODEL):
+        names = {asset_key.to_user_string() for asset_key in selection.resolve(asset_graph)}
         config = {"ops": {name: value for name, value in run_config["ops"].items() if name in names}}
-        for key in keys:
-            result = dg.materialize(assets, selection=selection, resources=resources, run_config=config,
-                                    partition_key=key, instance=instance)
-            assert result.success, (selection, key)
-            results.append(result)
+        result = dg.materialize(assets, selection=selection, resources=resources, run_config=config,
+                                partition_key=key, instance=instance)
+        assert result.success, (selection, key)
+        results.append(result)
     return results
 
 
