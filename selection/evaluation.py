@@ -23,8 +23,11 @@ the gold answer is the final assistant turn):
   prompt greedily and the row is correct when the first character of the answer is the
   gold letter.
 
-:func:`comparison_table` lines several :class:`EvalResult` up per (method, task) with
-deltas against a baseline and per-task ranks; :func:`markdown_report` renders it.
+:func:`stratified_test_rows` picks the test rows: per task, round robin over its subtasks,
+so a cap never leaves a subtask out. :func:`comparison_table` lines several
+:class:`EvalResult` (one per finetuning seed) up per (method, task) with paired deltas
+against a baseline, their bootstrap intervals and per-task ranks; :func:`worst_tasks`
+gives each method's weakest task; :func:`markdown_report` renders them.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from selection import stats
 from selection.default_data import MMLU_LETTERS
 from selection.generation import generate_greedy, split_final_turn
 from selection.quality import Conversation, score_response_likelihoods
@@ -383,57 +387,183 @@ def _judge_choices(plan: ChoiceRow, scores: np.ndarray, cut: np.ndarray, max_len
     return record
 
 
+# ------------------------------------------------------------------ test rows
+
+
+@dataclass(frozen=True)
+class TaskCoverage:
+    """How :func:`stratified_test_rows` chose one task's test rows."""
+
+    task: str
+    n_available: int
+    n_subtasks: int
+    n_rows: int  # rows kept
+    cap: int | None  # the cap applied: the requested one, raised to n_subtasks when below it
+    cap_raised: bool
+
+
+def stratified_test_rows(
+    rows: Iterable[Mapping[str, Any]], cap: int | None
+) -> tuple[list[dict[str, Any]], list[TaskCoverage]]:
+    """Up to ``cap`` test rows per task, round robin over its subtasks.
+
+    Subtasks are visited in name order and each subtask's rows in the order given (the
+    targets' split order), so the k-th row of every subtask comes before the (k+1)-th of
+    any. A cap below a task's number of subtasks is raised to that number, so that every
+    subtask is represented (``cap_raised`` says so); ``None`` keeps every row. Returns the
+    rows (tasks in name order) and one :class:`TaskCoverage` per task.
+    """
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise ValueError(f"the test row cap must be a positive integer or None, got {cap!r}")
+    by_task: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        by_task[str(row["task"])][str(row["subtask"])].append(dict(row))
+    kept: list[dict[str, Any]] = []
+    coverage = []
+    for task in sorted(by_task):
+        subtasks = [by_task[task][name] for name in sorted(by_task[task])]
+        depth = max(len(members) for members in subtasks)
+        interleaved = [members[k] for k in range(depth) for members in subtasks if k < len(members)]
+        applied = None if cap is None else max(cap, len(subtasks))
+        chosen = interleaved if applied is None else interleaved[:applied]
+        kept.extend(chosen)
+        coverage.append(TaskCoverage(task, len(interleaved), len(subtasks), len(chosen), applied,
+                                     cap is not None and applied != cap))
+    return kept, coverage
+
+
 # ------------------------------------------------------------------ comparison
 
-# Per-task GroupMetrics fields carried into the comparison table.
 _GROUP_COLUMNS = ("task", "n", "n_unscored", "n_truncated", "mean_nll", "perplexity", "n_choice",
                   "n_choice_rejects", "accuracy", "generation_accuracy")
-TABLE_COLUMNS = ("method", *_GROUP_COLUMNS, "delta_nll", "delta_accuracy", "primary_metric", "rank")
+_INTERVAL_COLUMNS = tuple(f"delta_{metric}_{part}" for metric in ("nll", "accuracy")
+                          for part in ("ci_low", "ci_high", "significant"))
+TABLE_COLUMNS = ("method", *_GROUP_COLUMNS, "delta_nll", "delta_accuracy", "primary_metric", "rank",
+                 "n_seeds", *_INTERVAL_COLUMNS, "ci_low", "ci_high", "significant")
+
+Results = Mapping[str, "EvalResult | Sequence[EvalResult]"]
 
 
-def _check_same_rows(results: Mapping[str, EvalResult]) -> None:
-    """Methods are only comparable on a task when they were evaluated on the same rows."""
+def _seed_results(results: Results) -> dict[str, tuple[EvalResult, ...]]:
+    """Each method's results, one per finetuning seed (a bare EvalResult is one seed)."""
+    by_method = {}
+    for method, value in results.items():
+        seeds = (value,) if isinstance(value, EvalResult) else tuple(value)
+        if not seeds or not all(isinstance(seed, EvalResult) for seed in seeds):
+            raise ValueError(f"{method!r}: expected an EvalResult or a non-empty sequence of them (one per seed)")
+        by_method[method] = seeds
+    return by_method
+
+
+def _check_same_rows(results: Mapping[str, Sequence[EvalResult]]) -> None:
+    """Methods (and seeds) are only comparable on a task when evaluated on the same rows."""
     reference: dict[str, tuple[str, frozenset[str]]] = {}
-    for method, result in results.items():
-        for task in result.per_task:
-            ids = result.example_ids(task)
-            first = reference.setdefault(task, (method, ids))
-            if first[1] != ids:
-                raise ValueError(f"task {task!r}: {method!r} was evaluated on different rows than {first[0]!r} "
-                                 f"({len(ids ^ first[1])} ids differ); compare results on the same test rows")
+    for method, seeds in results.items():
+        for result in seeds:
+            for task in result.per_task:
+                ids = result.example_ids(task)
+                first = reference.setdefault(task, (method, ids))
+                if first[1] != ids:
+                    raise ValueError(f"task {task!r}: {method!r} was evaluated on different rows than {first[0]!r} "
+                                     f"({len(ids ^ first[1])} ids differ); compare results on the same test rows")
 
 
-def comparison_table(results: Mapping[str, EvalResult], baseline: str | None = None) -> pd.DataFrame:
+def _nan_mean(values: np.ndarray, axis: int) -> np.ndarray:
+    """Mean over finite entries; NaN where there are none (without numpy's empty-slice warning)."""
+    finite = np.isfinite(values)
+    counts = finite.sum(axis=axis)
+    totals = np.where(finite, values, 0.0).sum(axis=axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, totals / np.maximum(counts, 1), np.nan)
+
+
+def _row_values(seeds: Sequence[EvalResult], task: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per row (in ``ids`` order): NLL and correctness (1/0, NaN when not judged), averaged over seeds."""
+    nll = np.full((len(seeds), len(ids)), np.nan)
+    correct = np.full((len(seeds), len(ids)), np.nan)
+    for s, result in enumerate(seeds):
+        by_id = {row.example_id: row for row in result.rows if row.task == task}
+        for j, example_id in enumerate(ids):
+            row = by_id[example_id]
+            nll[s, j] = row.nll
+            if row.correct is not None:
+                correct[s, j] = float(row.correct)
+    return {"nll": _nan_mean(nll, axis=0), "accuracy": _nan_mean(correct, axis=0)}
+
+
+def comparison_table(
+    results: Results, baseline: str | None = None, n_resamples: int = stats.DEFAULT_RESAMPLES,
+    confidence: float = stats.DEFAULT_CONFIDENCE, seed: int = 0,
+) -> pd.DataFrame:
     """One row per (method, task), sorted by task then method.
 
-    ``delta_nll`` / ``delta_accuracy`` are the method's value minus the baseline's on the
-    same task (lower NLL / higher accuracy is better; NaN without a baseline or where the
-    baseline lacks the task). ``rank`` (1 = best, ties averaged) orders methods within a
-    task by ``primary_metric``: accuracy when every method has one on that task, else mean
-    NLL. ``table.attrs["baseline"]`` keeps the baseline's name.
+    ``results`` maps a method to its :class:`EvalResult`, or to one result per finetuning
+    seed. With several seeds each row's NLL and correctness are first averaged over the
+    seeds; ``mean_nll`` / ``accuracy`` are the means of these per-row values over the rows
+    that have one (the counting columns come from the first seed: they depend on the rows
+    and ``max_length`` only), ``generation_accuracy`` the mean over seeds.
+
+    ``delta_nll`` / ``delta_accuracy``: mean over the rows scored for both of (method minus
+    baseline) on that row (lower NLL / higher accuracy is better; NaN without a baseline or
+    where the baseline lacks the task), with a paired percentile bootstrap interval
+    (:func:`selection.stats.paired_bootstrap`: ``n_resamples`` resamples of those rows,
+    ``seed``) in ``delta_<metric>_ci_low/_ci_high``; ``delta_<metric>_significant`` when it
+    excludes zero. The interval covers the sampling of test rows only: not the variance
+    between finetuning seeds (seeds are averaged, not resampled), nor the randomness of
+    the selection. ``ci_low``/``ci_high``/``significant`` repeat those of ``primary_metric``.
+
+    ``rank`` (1 = best, ties averaged) orders methods within a task by ``primary_metric``:
+    accuracy when every method has one on that task, else mean NLL.
+    ``table.attrs`` keeps ``baseline`` and ``bootstrap`` (resamples, confidence, seed).
     """
     if not results:
         raise ValueError("no evaluation results to compare")
     if baseline is not None and baseline not in results:
         raise ValueError(f"baseline {baseline!r} is not among the results {sorted(results)}")
-    _check_same_rows(results)
-    records = [
-        {"method": method, **{column: getattr(group, column) for column in _GROUP_COLUMNS}}
-        for method, result in results.items() for group in result.per_task.values()
-    ]
-    table = pd.DataFrame.from_records(records, columns=list(TABLE_COLUMNS[:11]))
-    by_key = table.set_index(["method", "task"])
-    for metric in ("nll", "accuracy"):
-        column = "mean_nll" if metric == "nll" else "accuracy"
-        base = (by_key.loc[baseline, column] if baseline is not None else pd.Series(dtype=float))
-        table[f"delta_{metric}"] = table[column] - table["task"].map(base).astype(float)
+    by_method = _seed_results(results)
+    _check_same_rows(by_method)
+    records = []
+    for method, seeds in by_method.items():
+        for task, group in seeds[0].per_task.items():
+            ids = sorted(seeds[0].example_ids(task))
+            values = _row_values(seeds, task, ids)
+            record: dict[str, Any] = {"method": method, **{column: getattr(group, column) for column in _GROUP_COLUMNS}}
+            record["mean_nll"] = _nan_mean(values["nll"], axis=0).item()
+            with np.errstate(over="ignore"):
+                record["perplexity"] = float(np.exp(record["mean_nll"]))
+            record["accuracy"] = _nan_mean(values["accuracy"], axis=0).item()
+            record["generation_accuracy"] = _nan_mean(
+                np.array([result.per_task[task].generation_accuracy for result in seeds]), axis=0).item()
+            record["n_seeds"] = len(seeds)
+            if baseline is not None and task in by_method[baseline][0].per_task:
+                base_values = _row_values(by_method[baseline], task, ids)
+            else:
+                base_values = None
+            for metric in ("nll", "accuracy"):
+                prefix = f"delta_{metric}"
+                if base_values is None:
+                    interval = stats.BootstrapInterval(math.nan, math.nan, math.nan, 0)
+                else:
+                    difference = values[metric] - base_values[metric]
+                    interval = stats.paired_bootstrap(difference[np.isfinite(difference)], n_resamples,
+                                                      confidence, seed)
+                record[prefix] = interval.mean
+                record[f"{prefix}_ci_low"], record[f"{prefix}_ci_high"] = interval.low, interval.high
+                record[f"{prefix}_significant"] = interval.significant
+            records.append(record)
+    table = pd.DataFrame.from_records(records)
     has_accuracy = table.groupby("task")["accuracy"].transform(lambda values: bool(values.notna().all()))
     table["primary_metric"] = np.where(has_accuracy, "accuracy", "mean_nll")
     # Rank on a "higher is better" key so one ranking serves both metrics.
     goodness = np.where(has_accuracy, table["accuracy"], -table["mean_nll"])
     table["rank"] = pd.Series(goodness, index=table.index).groupby(table["task"]).rank(ascending=False)
-    table = table.sort_values(["task", "method"], kind="stable").reset_index(drop=True)
+    primary = np.where(has_accuracy, "delta_accuracy", "delta_nll")
+    for part in ("ci_low", "ci_high", "significant"):
+        table[part] = [table.at[index, f"{prefix}_{part}"] for index, prefix in zip(table.index, primary)]
+    table["significant"] = table["significant"].astype(bool)
+    table = table[list(TABLE_COLUMNS)].sort_values(["task", "method"], kind="stable").reset_index(drop=True)
     table.attrs["baseline"] = baseline
+    table.attrs["bootstrap"] = {"n_resamples": n_resamples, "confidence": confidence, "seed": seed}
     return table
 
 
@@ -444,10 +574,70 @@ def average_ranks(table: pd.DataFrame) -> pd.DataFrame:
     return ranked.sort_values(["average_rank", "method"], kind="stable").reset_index(drop=True)
 
 
+WORST_COLUMNS = ("method", "worst_loss_task", "worst_delta_nll", "worst_delta_nll_ci_low", "worst_delta_nll_ci_high",
+                 "worst_delta_nll_significant", "worst_accuracy_task", "worst_accuracy", "worst_delta_accuracy",
+                 "worst_delta_accuracy_ci_low", "worst_delta_accuracy_ci_high", "worst_delta_accuracy_significant")
+
+
+def worst_tasks(table: pd.DataFrame) -> pd.DataFrame:
+    """Per method, its weakest task: a balanced method has no task far behind the baseline.
+
+    ``worst_loss_task``: the task with the highest ``delta_nll`` (the largest loss increase,
+    or the smallest decrease, against the baseline; deltas make tasks with different loss
+    scales comparable). ``worst_accuracy_task``: the task with the lowest accuracy. Each
+    comes with its delta and interval; NaN/None where no task has the value. Ties go to
+    the task that sorts first.
+    """
+    records = []
+    for method, group in table.sort_values(["method", "task"], kind="stable").groupby("method", sort=True):
+        record: dict[str, Any] = {"method": method}
+        by_loss = group.dropna(subset=["delta_nll"])
+        worst = by_loss.loc[by_loss["delta_nll"].idxmax()] if not by_loss.empty else None
+        record["worst_loss_task"] = None if worst is None else worst["task"]
+        for part in ("", "_ci_low", "_ci_high", "_significant"):
+            record[f"worst_delta_nll{part}"] = (False if part == "_significant" else math.nan) if worst is None \
+                else worst[f"delta_nll{part}"]
+        by_accuracy = group.dropna(subset=["accuracy"])
+        worst = by_accuracy.loc[by_accuracy["accuracy"].idxmin()] if not by_accuracy.empty else None
+        record["worst_accuracy_task"] = None if worst is None else worst["task"]
+        record["worst_accuracy"] = math.nan if worst is None else worst["accuracy"]
+        for part in ("", "_ci_low", "_ci_high", "_significant"):
+            record[f"worst_delta_accuracy{part}"] = (False if part == "_significant" else math.nan) \
+                if worst is None else worst[f"delta_accuracy{part}"]
+        records.append(record)
+    return pd.DataFrame.from_records(records, columns=list(WORST_COLUMNS))
+
+
+def intervals_note(table: pd.DataFrame) -> str:
+    """What the intervals of a :func:`comparison_table` cover, in plain words."""
+    settings = table.attrs.get("bootstrap") or {}
+    seeds = sorted({int(n) for n in table["n_seeds"]}) if "n_seeds" in table else [1]
+    seed_text = ("one finetuning seed per method" if seeds == [1]
+                 else f"{'/'.join(map(str, seeds))} finetuning seeds per method (each row's value is averaged over "
+                      "the seeds before resampling)")
+    return (
+        f"Intervals: {100 * settings.get('confidence', stats.DEFAULT_CONFIDENCE):g}% paired percentile bootstrap of "
+        f"the delta over the test rows ({settings.get('n_resamples', stats.DEFAULT_RESAMPLES)} resamples, seed "
+        f"{settings.get('seed', 0)}; every method is evaluated on the same rows), with {seed_text}. "
+        "`*` marks an interval that excludes zero. They cover which test rows were drawn, and nothing else: "
+        "not the variance between finetuning seeds (seeds are not resampled, so a seed's effect on all rows "
+        "at once is not in the interval), not the randomness of the selection itself (each method selected "
+        "once: random draws, k-means, kMQ sampling), and not multiple comparisons (at 95%, about one in twenty "
+        "differences that are really zero is still marked)."
+    )
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, (float, np.floating)):
         return "n/a" if math.isnan(value) else f"{value:.4g}"
     return str(value)
+
+
+def _delta_cell(delta: float, low: float, high: float, significant: bool) -> str:
+    if math.isnan(delta):
+        return "n/a"
+    interval = "" if math.isnan(low) else f" [{low:.3g}, {high:.3g}]"
+    return f"{delta:.3g}{interval}{' *' if significant else ''}"
 
 
 def _markdown(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
@@ -457,7 +647,8 @@ def _markdown(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]
 
 
 def markdown_report(table: pd.DataFrame, title: str = "Evaluation comparison") -> str:
-    """Compact markdown: best method per task, average rank, and the full table.
+    """Compact markdown: best method per task, average rank, worst task per method, the full
+    table with intervals, and what the intervals cover.
 
     ``table`` is a :func:`comparison_table`; unscored rows and multiple-choice rejects
     are listed so that no gap in the numbers goes unnoticed.
@@ -465,24 +656,46 @@ def markdown_report(table: pd.DataFrame, title: str = "Evaluation comparison") -
     baseline = table.attrs.get("baseline")
     lines = [f"# {title}", ""]
     if baseline is not None:
-        lines += [f"Baseline: `{baseline}` (deltas are method minus baseline; "
-                  "lower NLL, higher accuracy = better).", ""]
+        lines += [f"Baseline: `{baseline}` (deltas are method minus baseline on the same test rows; "
+                  "lower NLL, higher accuracy = better).", "", intervals_note(table), ""]
+
+    def delta(row: Any, metric: str) -> str:
+        prefix = f"delta_{metric}"
+        return _delta_cell(row[prefix], row[f"{prefix}_ci_low"], row[f"{prefix}_ci_high"],
+                           bool(row[f"{prefix}_significant"]))
+
     best_rows = []
     for task, group in table.groupby("task", sort=True):
         ranked = group.dropna(subset=["rank"])
         if ranked.empty:
-            best_rows.append((task, group["primary_metric"].iloc[0], "n/a", math.nan, math.nan))
+            best_rows.append((task, group["primary_metric"].iloc[0], "n/a", math.nan, "n/a"))
             continue
         best = ranked.sort_values(["rank", "method"], kind="stable").iloc[0]
-        delta = best["delta_accuracy"] if best["primary_metric"] == "accuracy" else best["delta_nll"]
-        best_rows.append((task, best["primary_metric"], best["method"], best[best["primary_metric"]], delta))
+        metric = best["primary_metric"]
+        best_rows.append((task, metric, best["method"], best[metric],
+                          delta(best, "accuracy" if metric == "accuracy" else "nll")))
     lines += ["## Best method per task", ""]
-    lines += _markdown(["task", "metric", "best", "value", "delta vs baseline"], best_rows)
+    lines += _markdown(["task", "metric", "best", "value", "delta vs baseline [CI]"], best_rows)
     lines += ["", "## Average rank across tasks (1 = best)", ""]
     lines += _markdown(["method", "average rank", "tasks"], average_ranks(table).itertuples(index=False))
-    detail_columns = ["method", "task", "n", "mean_nll", "perplexity", "accuracy", "delta_nll", "delta_accuracy"]
+    worst = worst_tasks(table)
+    lines += ["", "## Worst task per method", ""]
+    worst_rows = [
+        (row["method"], row["worst_loss_task"] or "n/a",
+         _delta_cell(row["worst_delta_nll"], row["worst_delta_nll_ci_low"], row["worst_delta_nll_ci_high"],
+                     bool(row["worst_delta_nll_significant"])),
+         row["worst_accuracy_task"] or "n/a", row["worst_accuracy"],
+         _delta_cell(row["worst_delta_accuracy"], row["worst_delta_accuracy_ci_low"],
+                     row["worst_delta_accuracy_ci_high"], bool(row["worst_delta_accuracy_significant"])))
+        for _, row in worst.iterrows()
+    ]
+    lines += _markdown(["method", "highest loss delta: task", "delta NLL [CI]", "lowest accuracy: task", "accuracy",
+                        "delta accuracy [CI]"], worst_rows)
     lines += ["", "## All results", ""]
-    lines += _markdown(detail_columns, table[detail_columns].itertuples(index=False))
+    detail_rows = [(row["method"], row["task"], row["n_seeds"], row["n"], row["mean_nll"], row["perplexity"],
+                    row["accuracy"], delta(row, "nll"), delta(row, "accuracy")) for _, row in table.iterrows()]
+    lines += _markdown(["method", "task", "seeds", "n", "mean_nll", "perplexity", "accuracy", "delta_nll [CI]",
+                        "delta_accuracy [CI]"], detail_rows)
     gap_columns = ["method", "task", "n_unscored", "n_truncated", "n_choice_rejects"]
     gaps = table[(table[gap_columns[2:]] > 0).any(axis=1)]
     if not gaps.empty:

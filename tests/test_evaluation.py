@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from selection import evaluation
+from selection import evaluation, stats
 from selection.default_data import render_mmlu
 from selection.evaluation import (
     ChoiceParseError,
@@ -22,6 +22,8 @@ from selection.evaluation import (
     markdown_report,
     parse_choices,
     plan_choice_row,
+    stratified_test_rows,
+    worst_tasks,
 )
 from selection.quality import LikelihoodResult, response_log_likelihood
 from selection.tokenization import TruncationStats
@@ -170,11 +172,12 @@ def test_unscorable_rows_are_nan_counted_and_rejected(tiny_llama: torch.nn.Modul
     rows = [plain_row("c1"), long_prompt, cut_answer, mmlu_row("r1", "A"), cut_choice]
     result = evaluate_model(tiny_llama, tiny_tokenizer, rows, max_length=200, batch_size=4)
     by_id = {row.example_id: row for row in result.rows}
-    assert math.isfinite(by_id["c1"].nll) and math.isnan(by_id["c-long"].nll) and by_id["c-long"].truncated
+    # A long prompt is cut before its answer, which is still scored (and flagged).
+    assert math.isfinite(by_id["c1"].nll) and math.isfinite(by_id["c-long"].nll) and by_id["c-long"].truncated
     assert math.isfinite(by_id["c-cut"].nll) and by_id["c-cut"].truncated
     code = result.per_task["code"]
-    assert (code.n, code.n_unscored, code.n_truncated) == (3, 1, 2)
-    assert code.mean_nll == pytest.approx(np.mean([by_id["c1"].nll, by_id["c-cut"].nll]))
+    assert (code.n, code.n_unscored, code.n_truncated) == (3, 0, 2)
+    assert code.mean_nll == pytest.approx(np.mean([by_id["c1"].nll, by_id["c-long"].nll, by_id["c-cut"].nll]))
     assert by_id["r-cut"].correct is None and "candidate(s) D do not fit" in by_id["r-cut"].reject_reason
     assert math.isfinite(by_id["r-cut"].nll) and not by_id["r-cut"].truncated  # the gold answer A fits
     stem = result.per_task["stem"]
@@ -225,8 +228,8 @@ def test_comparison_table_deltas_ranks_and_report() -> None:
                      ("random", "code"): 1, ("less", "code"): 2, ("base", "code"): 3}
     report = markdown_report(table)
     assert "Baseline: `base`" in report
-    assert "| stem | accuracy | less | 0.75 | 0.5 |" in report
-    assert "| code | mean_nll | random | 2 | -1 |" in report
+    assert "| stem | accuracy | less | 0.75 | 0.5 [0, 1] |" in report
+    assert "| code | mean_nll | random | 2 | -1 |" in report  # one scored row: no interval
     assert "| less | 1.5 | 2 |" in report and "| random | 1.5 | 2 |" in report and "| base | 3 | 2 |" in report
     assert "## Gaps" in report
     no_baseline = comparison_table(results, baseline=None)
@@ -251,3 +254,123 @@ def test_eval_result_round_trips_through_dict() -> None:
     assert back.summary()["stem"]["n_choice_rejects"] == 1 and back.summary()["stem"]["mean_nll"] is None
     with pytest.raises(ValueError, match="appears twice"):
         EvalResult((RowResult("c0", "code", "code", 1.0), RowResult("c0", "code", "code", 2.0)))
+
+
+# ------------------------------------------------------------------ test rows, intervals, seeds
+
+
+def stored_rows(sizes: dict[str, int], task: str = "stem") -> list[dict[str, Any]]:
+    """Test rows as `read_targets` returns them: by subtask, each subtask in split order."""
+    return [{"task": task, "subtask": subtask, "example_id": f"{subtask}-{k}", "messages": []}
+            for subtask in sorted(sizes) for k in range(sizes[subtask])]
+
+
+def test_stratified_rows_go_round_robin_over_subtasks() -> None:
+    rows = stored_rows({"b": 3, "a": 1, "c": 2}) + stored_rows({"x": 2}, task="code")
+    kept, coverage = stratified_test_rows(rows, cap=4)
+    assert [r["example_id"] for r in kept if r["task"] == "stem"] == ["a-0", "b-0", "c-0", "b-1"]
+    assert [r["example_id"] for r in kept if r["task"] == "code"] == ["x-0", "x-1"]
+    assert [(c.task, c.n_available, c.n_subtasks, c.n_rows, c.cap, c.cap_raised) for c in coverage] == [
+        ("code", 2, 1, 2, 4, False), ("stem", 6, 3, 4, 4, False)]
+    everything, _ = stratified_test_rows(rows, cap=None)
+    assert len(everything) == 8 and [r["example_id"] for r in everything][-1] == "b-2"
+    with pytest.raises(ValueError, match="positive integer"):
+        stratified_test_rows(rows, cap=0)
+
+
+def test_a_cap_below_the_subtask_count_is_raised_to_cover_every_subtask() -> None:
+    # MMLU STEM: 18 subjects of 22 test rows each; the first 10 rows in (task, subtask) order cover one subject.
+    subjects = {f"subject_{i:02d}": 22 for i in range(18)}
+    rows = stored_rows(subjects)
+    assert len({r["subtask"] for r in rows[:10]}) == 1
+    kept, (coverage,) = stratified_test_rows(rows, cap=10)
+    assert {r["subtask"] for r in kept} == set(subjects) and len(kept) == 18
+    assert (coverage.cap, coverage.cap_raised, coverage.n_rows) == (18, True, 18)
+    kept, (coverage,) = stratified_test_rows(rows, cap=20)
+    assert {r["subtask"] for r in kept} == set(subjects) and len(kept) == 20 and not coverage.cap_raised
+
+
+def nll_result(task_values: dict[str, Sequence[float]], correct: Sequence[bool] | None = None) -> EvalResult:
+    rows = []
+    for task, values in task_values.items():
+        for i, nll in enumerate(values):
+            judged = None if correct is None or task != "stem" else correct[i]
+            rows.append(RowResult(f"{task}{i}", task, task, nll, correct=judged,
+                                  gold_letter="A" if judged is not None else None))
+    return EvalResult(tuple(rows))
+
+
+def test_seed_averaged_paired_deltas_and_intervals_match_an_independent_computation() -> None:
+    rng = np.random.default_rng(4)
+    base_nll = rng.uniform(1.0, 3.0, size=(2, 30))  # [seed, row]
+    better_nll = base_nll - rng.uniform(0.2, 0.6, size=(2, 30))  # lower on every row of every seed
+    mixed_nll = base_nll + rng.normal(0.0, 0.5, size=(2, 30))
+    results = {name: [nll_result({"code": values[s]}) for s in range(2)]
+               for name, values in (("random/all", base_nll), ("bids/all", better_nll), ("kmq/all", mixed_nll))}
+    results["base"] = nll_result({"code": base_nll[0] + 1.0})  # one seed only, paired with two-seed methods
+    table = comparison_table(results, baseline="random/all", n_resamples=1000, seed=9).set_index("method")
+    for name, values in (("bids/all", better_nll), ("kmq/all", mixed_nll)):
+        # Row order inside the table is by example id; the ids "code0".."code29" sort as strings.
+        order = np.argsort([f"code{i}" for i in range(30)])
+        differences = (values.mean(axis=0) - base_nll.mean(axis=0))[order]
+        indices = np.random.default_rng(9).integers(0, 30, size=(1000, 30))
+        low, high = np.percentile(differences[indices].mean(axis=1), [2.5, 97.5])
+        row = table.loc[name]
+        assert row["delta_nll"] == pytest.approx(differences.mean())
+        assert (row["delta_nll_ci_low"], row["delta_nll_ci_high"]) == pytest.approx((low, high))
+        assert (row["ci_low"], row["ci_high"]) == pytest.approx((low, high))  # mean NLL is the primary metric
+        assert row["mean_nll"] == pytest.approx(values.mean())
+        assert row["n_seeds"] == 2
+    assert table.loc["bids/all", "delta_nll_significant"] and table.loc["bids/all", "significant"]
+    assert table.loc["bids/all", "delta_nll_ci_high"] < 0
+    assert table.loc["base", "n_seeds"] == 1
+    assert table.loc["base", "delta_nll"] == pytest.approx(np.mean(base_nll[0] + 1.0 - base_nll.mean(axis=0)))
+    baseline = table.loc["random/all"]
+    assert (baseline["delta_nll"], baseline["ci_low"], baseline["ci_high"]) == (0.0, 0.0, 0.0)
+    assert not baseline["significant"]
+    assert table.attrs["bootstrap"] == {"n_resamples": 1000, "confidence": 0.95, "seed": 9}
+    report = markdown_report(comparison_table(results, baseline="random/all", n_resamples=1000, seed=9))
+    bids = table.loc["bids/all"]
+    assert f"{bids['delta_nll']:.3g} [{bids['delta_nll_ci_low']:.3g}, {bids['delta_nll_ci_high']:.3g}] *" in report
+    assert "1/2 finetuning seeds per method" in report and "not the variance between finetuning seeds" in report
+    assert "not the randomness of the selection itself" in report
+
+
+def test_accuracy_delta_is_paired_on_rows_both_sides_judged() -> None:
+    base = nll_result({"stem": [1.0] * 6}, correct=[False] * 6)
+    method = nll_result({"stem": [1.0] * 6}, correct=[True] * 6)
+    # A row rejected for one side (correct=None) leaves the paired accuracy difference.
+    rows = list(method.rows)
+    rows[0] = RowResult("stem0", "stem", "stem", 1.0, gold_letter="A", reject_reason="cut")
+    table = comparison_table({"base": base, "less": EvalResult(tuple(rows))}, baseline="base")
+    less = table.set_index("method").loc["less"]
+    assert less["primary_metric"] == "accuracy" and less["delta_accuracy"] == 1.0
+    assert (less["ci_low"], less["ci_high"], less["significant"]) == (1.0, 1.0, True)
+    assert less["delta_nll"] == 0.0 and not less["delta_nll_significant"]
+
+
+def test_worst_task_per_method() -> None:
+    base = nll_result({"code": [2.0, 2.0], "math": [2.0, 2.0], "stem": [2.0, 2.0]}, correct=[True, False])
+    bids = nll_result({"code": [1.9, 1.9], "math": [1.8, 1.6], "stem": [1.0, 1.2]}, correct=[True, True])
+    less = nll_result({"code": [1.0, 1.2], "math": [2.5, 2.3], "stem": [1.5, 1.5]}, correct=[False, False])
+    worst = worst_tasks(comparison_table({"base": base, "bids": bids, "less": less}, baseline="base"))
+    worst = worst.set_index("method")
+    assert worst.loc["bids", "worst_loss_task"] == "code"
+    assert worst.loc["bids", "worst_delta_nll"] == pytest.approx(-0.1)
+    assert worst.loc["less", "worst_loss_task"] == "math" and worst.loc["less", "worst_delta_nll"] == pytest.approx(0.4)
+    assert worst.loc["less", "worst_delta_nll_significant"]  # +0.5 and +0.3: every resample is above zero
+    assert worst.loc["less", "worst_accuracy_task"] == "stem" and worst.loc["less", "worst_accuracy"] == 0.0
+    assert worst.loc["less", "worst_delta_accuracy"] == -0.5
+    assert worst.loc["base", "worst_loss_task"] == "code"  # all deltas 0: the first task
+    report = markdown_report(comparison_table({"base": base, "bids": bids, "less": less}, baseline="base"))
+    assert "## Worst task per method" in report and "| less | math | 0.4 [0.3, 0.5] * | stem | 0 |" in report
+
+
+def test_seeds_must_share_the_rows() -> None:
+    one = nll_result({"code": [1.0, 2.0]})
+    other = EvalResult((RowResult("code0", "code", "code", 1.0), RowResult("codeX", "code", "code", 1.0)))
+    with pytest.raises(ValueError, match="different rows"):
+        comparison_table({"a": [one, other]})
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        comparison_table({"a": []})
+    assert stats.DEFAULT_RESAMPLES == 2000
