@@ -18,9 +18,29 @@ not prefix-stable and we refuse (ValueError) rather than guess. The span is mapp
 tokens with the fast tokenizer's offsets mapping; trailing whitespace after the
 end-of-turn token (the template's ``\\n`` separator) stays unlabelled.
 
-Truncation keeps the first ``max_length`` tokens and is always flagged; callers get
-the counts from :func:`tokenize_many` and decide what to do with examples left with
-no target tokens.
+Truncation (rule ``TRUNCATION_RULE``) never costs an example its response. The *focus*
+is the last assistant turn with content; ``P`` tokens precede its content (everything
+before it, ending with the template's structure: the end of the previous turn and the
+assistant header), ``R`` are its content tokens, anything after is the tail. When the
+rendering is longer than ``max_length``:
+
+- ``P + R`` fits: only the tail is cut.
+- otherwise the response keeps its first ``max(max_length - P, min(R, max(1, max_length // 2)))``
+  tokens (at most ``R``): all the room the prompt leaves, and never less than half of
+  ``max_length`` when the response is that long;
+- the prompt gets the rest, cut in the middle: its first tokens (BOS, system, the start
+  of the conversation) are kept, then the template structure tokens right before the
+  response (the end of the previous turn and the assistant header) are kept whole, so
+  the response always follows its header. With less room than that structure, its
+  last tokens are kept. Earlier assistant turns are prompt: their tokens that survive
+  keep their labels.
+
+So every conversation whose last assistant turn renders to at least one labelled token
+keeps at least one, and the focus turn's start is always its last labelled run. Each
+example says whether its prompt and/or response were cut; :func:`tokenize_many` lists
+them, and :class:`TruncationTally` counts them per source. The rule's id is part of
+``ModelSpec.fingerprint``, so everything computed from tokenized examples (checkpoints,
+gradient features, scores) is recomputed when it changes.
 """
 
 from __future__ import annotations
@@ -33,6 +53,8 @@ import torch
 
 IGNORE_INDEX = -100
 VALID_ROLES = ("system", "user", "assistant")
+# Identity of the truncation rule above: change it whenever tokenized outputs change.
+TRUNCATION_RULE = "keep-response-start-v1"
 
 # The open-instruct / Tulu chat template as Jinja, for tokenizers that should render
 # Tulu-style through apply_chat_template (identical output to the built-in fallback).
@@ -55,6 +77,8 @@ class TokenizedExample:
     labels: list[int]  # IGNORE_INDEX on every token that is not assistant content
     truncated: bool  # True if the rendering was longer than max_length and cut
     n_target_tokens: int  # number of labels != IGNORE_INDEX (after truncation)
+    prompt_truncated: bool = False  # tokens before the last assistant turn's content were cut
+    response_truncated: bool = False  # the last assistant turn's content was cut short
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -70,6 +94,8 @@ class TruncationStats:
     no_target_indices: tuple[int, ...] = field(default=())
     # Subset of no_target_indices whose targets were all cut away by truncation.
     no_target_after_truncation_indices: tuple[int, ...] = field(default=())
+    prompt_truncated_indices: tuple[int, ...] = field(default=())
+    response_truncated_indices: tuple[int, ...] = field(default=())
     n_tokens: int = 0
     n_target_tokens: int = 0
 
@@ -92,6 +118,8 @@ class TruncationStats:
             "n_truncated": self.n_truncated,
             "n_no_target": self.n_no_target,
             "n_no_target_after_truncation": len(self.no_target_after_truncation_indices),
+            "n_prompt_truncated": len(self.prompt_truncated_indices),
+            "n_response_truncated": len(self.response_truncated_indices),
             "n_tokens": self.n_tokens,
             "n_target_tokens": self.n_target_tokens,
         }
@@ -112,41 +140,44 @@ def _validate_messages(messages: Sequence[dict]) -> None:
         raise ValueError("an assistant turn must follow a user turn (the first non-system turn is assistant)")
 
 
-def _render_with_chat_template(tokenizer: Any, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
-    def render(prefix: Sequence[dict], add_generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(
-            list(prefix), tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+def _apply_template(tokenizer: Any, messages: Sequence[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
 
-    full_text = render(messages, add_generation_prompt=False)
-    spans: list[tuple[int, int]] = []
+
+# A rendering: the text and, per assistant turn, the character span [start, end) to label and the turn's index.
+_Spans = list[tuple[int, int, int]]
+
+
+def _render_with_chat_template(tokenizer: Any, messages: Sequence[dict]) -> tuple[str, _Spans]:
+    full_text = _apply_template(tokenizer, messages, add_generation_prompt=False)
+    spans: _Spans = []
     for turn, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt_text = render(messages[:turn], add_generation_prompt=True)
-        turn_text = render(messages[: turn + 1], add_generation_prompt=False)
+        prompt_text = _apply_template(tokenizer, messages[:turn], add_generation_prompt=True)
+        turn_text = _apply_template(tokenizer, messages[: turn + 1], add_generation_prompt=False)
         if not turn_text.startswith(prompt_text) or not full_text.startswith(turn_text):
             raise ValueError(
                 f"chat template is not prefix-stable at assistant turn {turn}: rendering a prefix of the "
                 "conversation does not produce a prefix of the full rendering, so assistant tokens cannot "
                 "be located; use a different template (e.g. selection.tokenization.TULU_CHAT_TEMPLATE)"
             )
-        spans.append((len(prompt_text), len(turn_text)))
+        spans.append((len(prompt_text), len(turn_text), turn))
     return full_text, spans
 
 
-def _render_tulu(tokenizer: Any, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
+def _render_tulu(tokenizer: Any, messages: Sequence[dict]) -> tuple[str, _Spans]:
     if tokenizer.eos_token is None:
         raise ValueError("the Tulu fallback template needs tokenizer.eos_token to end assistant turns; set one")
     # open-instruct tokenizes with add_special_tokens=True, i.e. a leading BOS when the model has one.
     parts: list[str] = [tokenizer.bos_token] if tokenizer.bos_token else []
-    spans: list[tuple[int, int]] = []
+    spans: _Spans = []
     cursor = len(parts[0]) if parts else 0
-    for message in messages:
+    for turn, message in enumerate(messages):
         header = _TULU_ROLE_HEADER[message["role"]]
         if message["role"] == "assistant":
             body = message["content"] + tokenizer.eos_token
-            spans.append((cursor + len(header), cursor + len(header) + len(body)))
+            spans.append((cursor + len(header), cursor + len(header) + len(body), turn))
         else:
             body = message["content"]
         segment = header + body + "\n"
@@ -159,16 +190,89 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def render_conversation(tokenizer: Any, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """Return the rendered text and the character spans ``[start, end)`` to label."""
+def _render(tokenizer: Any, messages: Sequence[dict]) -> tuple[str, _Spans]:
     _validate_messages(messages)
     if has_chat_template(tokenizer):
         text, spans = _render_with_chat_template(tokenizer, messages)
     else:
         text, spans = _render_tulu(tokenizer, messages)
     # Leave whitespace after the end-of-turn token (template separators) unlabelled.
-    trimmed = [(start, start + len(text[start:end].rstrip())) for start, end in spans]
-    return text, [(start, end) for start, end in trimmed if end > start]
+    trimmed = [(start, start + len(text[start:end].rstrip()), turn) for start, end, turn in spans]
+    return text, [(start, end, turn) for start, end, turn in trimmed if end > start]
+
+
+def render_conversation(tokenizer: Any, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """Return the rendered text and the character spans ``[start, end)`` to label."""
+    text, spans = _render(tokenizer, messages)
+    return text, [(start, end) for start, end, _ in spans]
+
+
+def _structure_start(tokenizer: Any, messages: Sequence[dict], turn: int, content_start: int) -> int:
+    """Character where the template structure before assistant turn ``turn``'s content begins:
+    the end of the previous message's content (its end-of-turn marker and the assistant header follow)."""
+    if not has_chat_template(tokenizer):
+        # Tulu: "{previous content}\n<|assistant|>\n{answer}".
+        return content_start - len(_TULU_ROLE_HEADER["assistant"]) - 1
+    prompt_text = _apply_template(tokenizer, messages[:turn], add_generation_prompt=True)
+    without_header = _apply_template(tokenizer, messages[:turn], add_generation_prompt=False)
+    header_start = len(without_header) if prompt_text.startswith(without_header) else content_start
+    previous = messages[turn - 1]
+    if not previous["content"]:
+        return header_start
+    try:
+        blank = _apply_template(tokenizer, [*messages[: turn - 1], {**previous, "content": ""}], True)
+    except Exception:  # noqa: BLE001 - a template may refuse an empty message; the header alone is then kept
+        return header_start
+    # The content sits where the two renderings differ; what follows it is template structure.
+    prefix = 0
+    while prefix < min(len(prompt_text), len(blank)) and prompt_text[prefix] == blank[prefix]:
+        prefix += 1
+    suffix = 0
+    while suffix < min(len(prompt_text), len(blank)) - prefix and prompt_text[-1 - suffix] == blank[-1 - suffix]:
+        suffix += 1
+    content_end = len(prompt_text) - suffix
+    return content_end if content_end <= header_start else header_start
+
+
+def _fit(
+    tokenizer: Any, messages: Sequence[dict], input_ids: list[int], labels: list[int],
+    offsets: Sequence[tuple[int, int]], spans: _Spans, max_length: int,
+) -> TokenizedExample:
+    """Cut a rendering longer than ``max_length`` by the rule in the module docstring."""
+    focus = spans[-1] if spans else None
+    labelled = [] if focus is None else [
+        i for i, (start, _) in enumerate(offsets) if labels[i] != IGNORE_INDEX and focus[0] <= start < focus[1]]
+    if not labelled:  # no response to protect: keep the start
+        ids, kept_labels = input_ids[:max_length], labels[:max_length]
+        n_target = sum(1 for label in kept_labels if label != IGNORE_INDEX)
+        return TokenizedExample(ids, kept_labels, True, n_target, prompt_truncated=True, response_truncated=False)
+    response_start, response_end = labelled[0], labelled[-1] + 1
+    prompt_len, response_len = response_start, response_end - response_start
+    if prompt_len + response_len <= max_length:  # only the tail (separators, trailing turns) is cut
+        keep = list(range(max_length))
+        prompt_cut = response_cut = False
+    else:
+        half = min(response_len, max(1, max_length // 2))
+        response_keep = min(response_len, max_length, max(max_length - prompt_len, half))
+        prompt_keep = max_length - response_keep
+        structure_char = _structure_start(tokenizer, messages, focus[2], focus[0])
+        structure = response_start
+        while structure > 0 and offsets[structure - 1][0] >= structure_char:
+            structure -= 1
+        structure_len = response_start - structure
+        if prompt_keep >= prompt_len:
+            prompt = list(range(prompt_len))
+        elif prompt_keep >= structure_len:
+            prompt = list(range(prompt_keep - structure_len)) + list(range(structure, response_start))
+        else:
+            prompt = list(range(response_start - prompt_keep, response_start))
+        keep = prompt + list(range(response_start, response_start + response_keep))
+        prompt_cut, response_cut = prompt_keep < prompt_len, response_keep < response_len
+    ids = [input_ids[i] for i in keep]
+    kept_labels = [labels[i] for i in keep]
+    n_target = sum(1 for label in kept_labels if label != IGNORE_INDEX)
+    return TokenizedExample(ids, kept_labels, True, n_target, prompt_truncated=prompt_cut,
+                            response_truncated=response_cut)
 
 
 def tokenize_conversation(tokenizer: Any, messages: list[dict], max_length: int) -> TokenizedExample:
@@ -176,26 +280,26 @@ def tokenize_conversation(tokenizer: Any, messages: list[dict], max_length: int)
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("a fast (tokenizers-backed) tokenizer is required: label spans use its offsets mapping")
-    text, spans = render_conversation(tokenizer, messages)
+    text, spans = _render(tokenizer, messages)
     # The rendered text already carries BOS/special tokens where the template wants them.
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids: list[int] = list(encoding["input_ids"])
+    offsets = encoding["offset_mapping"]
     labels = [IGNORE_INDEX] * len(input_ids)
     span_index = 0
-    for position, (token_start, token_end) in enumerate(encoding["offset_mapping"]):
+    for position, (token_start, token_end) in enumerate(offsets):
         # A token belongs to the span it starts in (tokens straddling the span start are prompt).
         while span_index < len(spans) and token_start >= spans[span_index][1]:
             span_index += 1
         if span_index == len(spans):
             break
-        span_start, span_end = spans[span_index]
+        span_start, span_end, _ = spans[span_index]
         if span_start <= token_start < span_end and token_end > token_start:
             labels[position] = input_ids[position]
-    truncated = len(input_ids) > max_length
-    if truncated:
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    if len(input_ids) > max_length:
+        return _fit(tokenizer, messages, input_ids, labels, offsets, spans, max_length)
     n_target = sum(1 for label in labels if label != IGNORE_INDEX)
-    return TokenizedExample(input_ids=input_ids, labels=labels, truncated=truncated, n_target_tokens=n_target)
+    return TokenizedExample(input_ids=input_ids, labels=labels, truncated=False, n_target_tokens=n_target)
 
 
 def tokenize_many(
@@ -224,10 +328,39 @@ def tokenize_many(
         truncated_indices=tuple(truncated),
         no_target_indices=tuple(no_target),
         no_target_after_truncation_indices=tuple(no_target_after_truncation),
+        prompt_truncated_indices=tuple(i for i in truncated if examples[i].prompt_truncated),
+        response_truncated_indices=tuple(i for i in truncated if examples[i].response_truncated),
         n_tokens=sum(len(e.input_ids) for e in examples),
         n_target_tokens=sum(e.n_target_tokens for e in examples),
     )
     return examples, stats
+
+
+class TruncationTally:
+    """What truncation did, per group (e.g. pool source or target task), each example id counted once
+    (a gradient run tokenizes the same examples again for every checkpoint)."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, tuple[str, TokenizedExample]] = {}
+
+    def add(self, example_ids: Sequence[str], groups: Sequence[str], examples: Sequence[TokenizedExample]) -> None:
+        if not len(example_ids) == len(groups) == len(examples):
+            raise ValueError(f"ids, groups and examples differ in length: {len(example_ids)}, {len(groups)}, "
+                             f"{len(examples)}")
+        for example_id, group, example in zip(example_ids, groups, examples):
+            self._by_id[example_id] = (group, example)
+
+    def rows(self, group_label: str = "source") -> list[dict[str, Any]]:
+        """One row per group (sorted): examples, cut at all, prompt cut, response cut, no response token left."""
+        counts: dict[str, list[int]] = {}
+        for group, example in self._by_id.values():
+            row = counts.setdefault(group, [0, 0, 0, 0, 0])
+            flags = (True, example.truncated, example.prompt_truncated, example.response_truncated,
+                     example.n_target_tokens == 0)
+            for column, flag in enumerate(flags):
+                row[column] += int(flag)
+        names = ("examples", "truncated", "prompt_truncated", "response_truncated", "no_response_left")
+        return [{group_label: group, **dict(zip(names, row))} for group, row in sorted(counts.items())]
 
 
 def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:

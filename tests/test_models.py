@@ -28,8 +28,8 @@ TINY_SPEC = ModelSpec(name="tiny", source="unused", lora_r=4, lora_alpha=8, lora
 
 def test_fingerprint_is_stable_and_sensitive():
     spec = ModelSpec(name="m", source="/models/m")
-    # Pinned: a change here silently invalidates every stored lineage record.
-    assert spec.fingerprint() == ModelSpec(name="m", source="/models/m").fingerprint() == "a94293d0424e873d"
+    # Pinned: a change here invalidates every stored checkpoint and feature (last: the truncation rule joined it).
+    assert spec.fingerprint() == ModelSpec(name="m", source="/models/m").fingerprint() == "d3666736a39c4196"
     assert ModelSpec.from_dict(spec.to_dict()) == spec
     as_list = dict(spec.to_dict(), lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     assert ModelSpec.from_dict(as_list).fingerprint() == spec.fingerprint()

@@ -59,10 +59,16 @@ def test_final_turn_only_scores_the_last_answer(tiny_llama: torch.nn.Module, cha
     labels = [IGNORE_INDEX] * len(first_turn_end.input_ids) + example.labels[len(first_turn_end.input_ids):]
     assert sum(label != IGNORE_INDEX for label in labels) > 0
     assert got == pytest.approx(_manual_mean_log_likelihood(tiny_llama, example.input_ids, labels), rel=1e-4)
-    # Truncation inside the first answer cuts the final one away entirely: NaN, not the first turn's score.
+    # Truncation cuts the prompt, not the final answer: its start is still what gets scored.
     cut = len(first_turn_end.input_ids) - 2
     result = score_response_likelihoods(tiny_llama, chatml_tokenizer, [multi], max_length=cut, final_turn_only=True)
-    assert np.isnan(result.values[0]) and result.unscored_indices == (0,)
+    short = tokenize_conversation(chatml_tokenizer, multi, max_length=cut)
+    runs = [i for i, label in enumerate(short.labels) if label != IGNORE_INDEX]
+    final_start = max(i for i in runs if i - 1 not in runs)
+    final_labels = [IGNORE_INDEX] * final_start + short.labels[final_start:]
+    assert short.prompt_truncated and result.unscored_indices == ()
+    assert result.values[0] == pytest.approx(_manual_mean_log_likelihood(tiny_llama, short.input_ids, final_labels),
+                                             rel=1e-4)
 
 
 def test_no_target_examples_are_nan_and_counted(tiny_llama: torch.nn.Module, tiny_tokenizer: Any) -> None:
@@ -70,10 +76,11 @@ def test_no_target_examples_are_nan_and_counted(tiny_llama: torch.nn.Module, tin
     no_answer = [{"role": "user", "content": "Anyone there?"}]
     conversations = [CONVERSATIONS[0], long_prompt, no_answer, CONVERSATIONS[3]]
     result = score_response_likelihoods(tiny_llama, tiny_tokenizer, conversations, max_length=64, batch_size=2)
-    assert result.unscored_indices == (1, 2) and result.n_unscored == 2
-    assert np.isnan(result.values[[1, 2]]).all() and np.isfinite(result.values[[0, 3]]).all()
-    assert result.stats.truncated_indices == (1,)
-    assert np.all(result.values[[0, 3]] < 0)
+    # The long prompt is cut before its answer, so only the conversation without an answer is unscored.
+    assert result.unscored_indices == (2,) and result.n_unscored == 1
+    assert np.isnan(result.values[2]) and np.isfinite(result.values[[0, 1, 3]]).all()
+    assert result.stats.truncated_indices == (1,) and result.stats.prompt_truncated_indices == (1,)
+    assert np.all(result.values[[0, 1, 3]] < 0)
 
 
 def test_log_likelihood_scorer_protocol_and_fingerprint(tiny_llama: torch.nn.Module, tiny_tokenizer: Any) -> None:

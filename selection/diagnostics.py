@@ -1,0 +1,159 @@
+"""Is a gradient feature matrix informative? Cheap summary statistics of stored features.
+
+Cosine influence only ranks examples when their features point in different directions.
+When the warmup checkpoint is barely trained (a few optimizer steps, so Adam's second
+moment is tiny and ``m / sqrt(v)`` saturates) every example's feature ends up close to
+one shared direction: scores then mostly reflect that direction, not the example. The
+statistics, computed on the L2-normalized rows:
+
+- ``mean_feature_norm``: norm of the mean row over all rows. Isotropic features give
+  about ``1 / sqrt(n_rows)``; features sharing one direction give close to 1.
+- ``mean_pairwise_cosine``: mean cosine over distinct pairs of a seeded sample of at
+  most ``sample_size`` rows (about 0 when isotropic).
+- ``saturated_share``: share of coordinates within 10% of their row's largest absolute
+  value, averaged over the sample (1 for sign-like rows, near 0 for Gaussian-like ones).
+
+``collapsed``: ``mean_feature_norm > COLLAPSE_MEAN_NORM`` with at least
+``MIN_ROWS_TO_JUDGE`` rows (with fewer, even isotropic rows have a large mean).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+COLLAPSE_MEAN_NORM = 0.5
+# Isotropic rows have E|mean|^2 = 1 / n: at 16 rows that is 0.25, far below the threshold's 0.5^2.
+MIN_ROWS_TO_JUDGE = 16
+SATURATION_FRACTION = 0.9
+DEFAULT_SAMPLE_SIZE = 512
+_CHUNK_ROWS = 4096
+
+
+@dataclass(frozen=True)
+class FeatureDiagnostics:
+    n_rows: int
+    dim: int
+    mean_feature_norm: float | None  # None without rows
+    mean_pairwise_cosine: float | None  # None with fewer than two rows
+    saturated_share: float | None
+    n_sampled: int
+    collapsed: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        """One line for logs and metadata."""
+        if self.mean_feature_norm is None:
+            return "no rows"
+        cosine = "n/a" if self.mean_pairwise_cosine is None else f"{self.mean_pairwise_cosine:.2f}"
+        return (f"mean-feature norm {self.mean_feature_norm:.2f} over {self.n_rows} rows, mean pairwise cosine "
+                f"{cosine} ({self.n_sampled} sampled), saturated share {self.saturated_share:.2f}")
+
+
+def _unit_rows(rows: np.ndarray) -> np.ndarray:
+    rows = np.asarray(rows, dtype=np.float32)
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return np.divide(rows, norms, out=np.zeros_like(rows), where=norms > 0)
+
+
+def feature_diagnostics(
+    blocks: np.ndarray | Iterable[np.ndarray], sample_size: int = DEFAULT_SAMPLE_SIZE, seed: int = 0
+) -> FeatureDiagnostics:
+    """Diagnostics of a ``[n, dim]`` feature matrix given whole or as row blocks (e.g. the
+    memory-mapped shards of a store, read one at a time); see the module docstring."""
+    if sample_size < 2:
+        raise ValueError(f"sample_size must be >= 2, got {sample_size}")
+    parts: Sequence[np.ndarray] = [blocks] if isinstance(blocks, np.ndarray) else list(blocks)
+    if any(part.ndim != 2 for part in parts):
+        raise ValueError("features must be 2-d [rows, dim] arrays")
+    dims = {part.shape[1] for part in parts}
+    if len(dims) > 1:
+        raise ValueError(f"feature blocks differ in dim: {sorted(dims)}")
+    dim = dims.pop() if dims else 0
+    n_rows = sum(part.shape[0] for part in parts)
+    if n_rows == 0:
+        return FeatureDiagnostics(0, dim, None, None, None, 0, False)
+    total = np.zeros(dim, dtype=np.float64)
+    for part in parts:
+        for start in range(0, part.shape[0], _CHUNK_ROWS):
+            total += _unit_rows(part[start : start + _CHUNK_ROWS]).sum(axis=0, dtype=np.float64)
+    mean_norm = float(np.linalg.norm(total / n_rows))
+
+    chosen = np.sort(np.random.default_rng(seed).choice(n_rows, size=min(n_rows, sample_size), replace=False))
+    offsets = np.cumsum([0] + [part.shape[0] for part in parts])
+    sample = _unit_rows(np.concatenate([
+        np.asarray(part[chosen[(chosen >= lo) & (chosen < hi)] - lo])
+        for part, lo, hi in zip(parts, offsets[:-1], offsets[1:])
+    ]))
+    m = sample.shape[0]
+    # Sum of all pairwise cosines from the norm of the sum: no m x m matrix.
+    summed = sample.sum(axis=0, dtype=np.float64)
+    self_similarity = float(np.sum(np.einsum("ij,ij->i", sample, sample, dtype=np.float64)))
+    cosine = float((summed @ summed - self_similarity) / (m * (m - 1))) if m > 1 else None
+    magnitude = np.abs(sample)
+    row_max = magnitude.max(axis=1, keepdims=True)
+    nonzero = row_max[:, 0] > 0
+    saturated = (magnitude >= SATURATION_FRACTION * row_max).mean(axis=1)
+    saturated_share = float(saturated[nonzero].mean()) if nonzero.any() else 0.0
+    collapsed = n_rows >= MIN_ROWS_TO_JUDGE and mean_norm > COLLAPSE_MEAN_NORM
+    return FeatureDiagnostics(n_rows, dim, mean_norm, cosine, saturated_share, m, collapsed)
+
+
+# ---------------------------------------------------------------- lineage table
+
+DIAGNOSTICS_DDL = """CREATE TABLE IF NOT EXISTS feature_diagnostics (
+    store_id VARCHAR, model VARCHAR, kind VARCHAR, warmup_run_key VARCHAR, epoch INTEGER, part VARCHAR,
+    mode VARCHAR, dim INTEGER, seed BIGINT, warmup_steps INTEGER, n_rows INTEGER, mean_feature_norm DOUBLE,
+    mean_pairwise_cosine DOUBLE, saturated_share DOUBLE, collapsed BOOLEAN, created_at TIMESTAMPTZ
+)"""
+
+
+def record_diagnostics(con: Any, rows: Sequence[dict[str, Any]]) -> None:
+    """Replace the diagnostics of the given stores (``store_id`` plus the table's other columns but ``created_at``)."""
+    con.execute(DIAGNOSTICS_DDL)
+    for row in rows:
+        con.execute("DELETE FROM feature_diagnostics WHERE store_id = ?", [row["store_id"]])
+        con.execute(
+            "INSERT INTO feature_diagnostics VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
+            [row["store_id"], row["model"], row["kind"], row["warmup_run_key"], row["epoch"], row["part"],
+             row["mode"], row["dim"], row["seed"], row["warmup_steps"], row["n_rows"], row["mean_feature_norm"],
+             row["mean_pairwise_cosine"], row["saturated_share"], row["collapsed"]],
+        )
+
+
+def collapsed_feature_reason(
+    con: Any, model: str, warmup_run_key: str, mode: str, dim: int, seed: int
+) -> tuple[bool | None, str]:
+    """Whether the features behind an influence run are informative, with a reason.
+
+    ``(False, why)`` when any stored train or target feature set of that (model, warmup run,
+    mode, dim, seed) collapsed; ``(True, ...)`` when all were checked and none did; ``(None, ...)``
+    when no diagnostics were recorded (stores written before diagnostics existed)."""
+    con.execute(DIAGNOSTICS_DDL)
+    rows = con.execute(
+        """SELECT kind, epoch, coalesce(part, '') AS part, warmup_steps, n_rows, mean_feature_norm,
+                  mean_pairwise_cosine, collapsed FROM feature_diagnostics
+           WHERE model = ? AND warmup_run_key = ? AND mode = ? AND dim = ? AND seed = ?
+           QUALIFY row_number() OVER (PARTITION BY kind, epoch, coalesce(part, '') ORDER BY created_at DESC) = 1
+           ORDER BY kind DESC, epoch, part""",
+        [model, warmup_run_key, mode, dim, seed],
+    ).fetchall()
+    if not rows:
+        return None, "no feature diagnostics recorded for these features; rematerialize train_gradients"
+    bad = [row for row in rows if row[7]]
+    if not bad:
+        return True, f"none of {len(rows)} feature sets collapsed"
+    kind, epoch, part, steps, n_rows, norm, cosine, _ = bad[0]
+    where = f"{kind} features of epoch {epoch}{f' shard {part}' if part else ''}"
+    cosine_text = "n/a" if cosine is None else f"{cosine:.2f}"
+    return False, (
+        f"{len(bad)} of {len(rows)} feature sets collapsed onto one direction, e.g. {where}: mean-feature norm "
+        f"{norm:.2f} (> {COLLAPSE_MEAN_NORM}), mean pairwise cosine {cosine_text} over {n_rows} rows after "
+        f"{steps} warmup optimizer steps; scores then rank mostly by that shared direction. Train the warmup "
+        "longer (more examples, epochs or a smaller batch_size) and recompute the features"
+    )

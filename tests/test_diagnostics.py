@@ -1,0 +1,90 @@
+"""Feature diagnostics: collapsed gradient features are flagged, isotropic ones are not."""
+
+from __future__ import annotations
+
+import duckdb
+import numpy as np
+import pytest
+
+from selection.diagnostics import (
+    COLLAPSE_MEAN_NORM,
+    collapsed_feature_reason,
+    feature_diagnostics,
+    record_diagnostics,
+)
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float16)
+
+
+def collapsed_features(n: int = 800, dim: int = 256, noise: float = 0.7, seed: int = 0) -> np.ndarray:
+    """Every row = one shared direction plus small isotropic noise (as stored: unit fp16)."""
+    rng = np.random.default_rng(seed)
+    shared = rng.standard_normal(dim)
+    shared /= np.linalg.norm(shared)
+    return unit(shared + noise * rng.standard_normal((n, dim)) / np.sqrt(dim))
+
+
+def test_collapsed_features_trip_the_flag():
+    result = feature_diagnostics(collapsed_features())
+    assert result.collapsed and result.mean_feature_norm > 0.8 and result.mean_pairwise_cosine > 0.6
+    assert result.n_rows == 800 and result.n_sampled == 512 and result.dim == 256
+    assert f"mean-feature norm {result.mean_feature_norm:.2f} over 800 rows" in result.describe()
+
+
+def test_isotropic_features_do_not():
+    rows = unit(np.random.default_rng(1).standard_normal((800, 256)))
+    result = feature_diagnostics(rows)
+    assert not result.collapsed
+    assert result.mean_feature_norm == pytest.approx(1 / np.sqrt(800), rel=0.2)
+    assert abs(result.mean_pairwise_cosine) < 0.01
+    assert result.saturated_share < 0.05
+
+
+def test_blocks_give_the_same_numbers_as_the_whole_matrix():
+    rows = collapsed_features(n=700, seed=3)
+    whole = feature_diagnostics(rows, sample_size=100, seed=5)
+    blocks = feature_diagnostics([rows[:250], rows[250:251], rows[251:]], sample_size=100, seed=5)
+    assert blocks == whole
+    # The pairwise mean matches an explicit computation on the same rows when all are sampled.
+    small = rows[:40].astype(np.float32)
+    small /= np.linalg.norm(small, axis=1, keepdims=True)
+    gram = small @ small.T
+    explicit = (gram.sum() - np.trace(gram)) / (40 * 39)
+    assert feature_diagnostics(rows[:40], sample_size=64).mean_pairwise_cosine == pytest.approx(explicit, abs=1e-5)
+
+
+def test_few_rows_are_not_judged_and_sign_like_rows_are_saturated():
+    few = unit(np.random.default_rng(2).standard_normal((3, 64)))
+    result = feature_diagnostics(few)
+    assert result.mean_feature_norm > COLLAPSE_MEAN_NORM - 0.2 and not result.collapsed  # 3 rows: too few to judge
+    signs = unit(np.sign(np.random.default_rng(4).standard_normal((50, 64))))
+    assert feature_diagnostics(signs).saturated_share == 1.0
+    empty = feature_diagnostics(np.zeros((0, 8), np.float16))
+    assert empty.n_rows == 0 and empty.mean_feature_norm is None and not empty.collapsed
+    with pytest.raises(ValueError, match="differ in dim"):
+        feature_diagnostics([np.zeros((2, 4)), np.zeros((2, 5))])
+
+
+def _row(store_id: str, kind: str, epoch: int, collapsed: bool, part: str | None = None) -> dict:
+    return {"store_id": store_id, "model": "m", "kind": kind, "warmup_run_key": "run", "epoch": epoch, "part": part,
+            "mode": "fast", "dim": 64, "seed": 0, "warmup_steps": 3, "n_rows": 100,
+            "mean_feature_norm": 0.83 if collapsed else 0.1, "mean_pairwise_cosine": 0.69 if collapsed else 0.0,
+            "saturated_share": 0.0, "collapsed": collapsed}
+
+
+def test_selections_learn_whether_their_features_collapsed():
+    con = duckdb.connect()
+    assert collapsed_feature_reason(con, "m", "run", "fast", 64, 0)[0] is None
+    record_diagnostics(con, [_row("a", "train", 1, False, "00-of-02"), _row("b", "train", 1, False, "01-of-02"),
+                             _row("t", "target", 1, False)])
+    informative, reason = collapsed_feature_reason(con, "m", "run", "fast", 64, 0)
+    assert informative is True and "none of 3" in reason
+    record_diagnostics(con, [_row("b", "train", 1, True, "01-of-02")])  # the shard was recomputed: replaced
+    informative, reason = collapsed_feature_reason(con, "m", "run", "fast", 64, 0)
+    assert informative is False
+    assert "1 of 3 feature sets collapsed" in reason and "train features of epoch 1 shard 01-of-02" in reason
+    assert "0.83" in reason and "3 warmup optimizer steps" in reason
+    # Other settings are not affected.
+    assert collapsed_feature_reason(con, "m", "run", "fast", 128, 0)[0] is None
