@@ -14,17 +14,19 @@ import duckdb
 import pandas as pd
 import torch
 
-from selection.training import ADAPTER_DIR
+from selection.training import ADAPTER_DIR, WARMUP_ASSET, verify_checkpoint
 
 CHECKPOINT_TABLES = (
     """CREATE TABLE IF NOT EXISTS checkpoints (
         model VARCHAR NOT NULL, stage VARCHAR NOT NULL, run_key VARCHAR NOT NULL, epoch INTEGER NOT NULL,
         path VARCHAR NOT NULL, avg_lr DOUBLE, mean_loss DOUBLE, n_examples INTEGER, pool_version VARCHAR,
-        method VARCHAR, target VARCHAR, budget INTEGER, config JSON, created_at TIMESTAMPTZ
+        method VARCHAR, target VARCHAR, budget INTEGER, config JSON, created_at TIMESTAMPTZ, seed INTEGER
     )""",
     """CREATE TABLE IF NOT EXISTS checkpoint_examples (
         model VARCHAR NOT NULL, stage VARCHAR NOT NULL, run_key VARCHAR NOT NULL, example_id VARCHAR NOT NULL
     )""",
+    # Tables made before finetuning recorded its seed (rows from then read NULL).
+    "ALTER TABLE checkpoints ADD COLUMN IF NOT EXISTS seed INTEGER",
 )
 
 
@@ -43,6 +45,7 @@ class CheckpointRow:
     target: str | None = None
     budget: int | None = None
     config: dict[str, Any] | None = None
+    seed: int | None = None  # the training seed (finetuning records it; one checkpoint per seed)
 
 
 def training_run_key(model_fingerprint: str, config: dict[str, Any], example_ids: Sequence[str]) -> str:
@@ -67,19 +70,20 @@ def record_training_run(
     checkpoint_frame = pd.DataFrame(
         [
             (r.model, r.stage, r.run_key, r.epoch, r.path, r.avg_lr, r.mean_loss, r.n_examples, r.pool_version,
-             r.method, r.target, r.budget, json.dumps(r.config or {}, sort_keys=True), now)
+             r.method, r.target, r.budget, json.dumps(r.config or {}, sort_keys=True), now, r.seed)
             for r in rows
         ],
         columns=["model", "stage", "run_key", "epoch", "path", "avg_lr", "mean_loss", "n_examples",
-                 "pool_version", "method", "target", "budget", "config", "created_at"],
+                 "pool_version", "method", "target", "budget", "config", "created_at", "seed"],
     )
+    checkpoint_frame["seed"] = checkpoint_frame["seed"].astype("Int64")  # all-None would otherwise be an object column
     example_frame = pd.DataFrame({"model": model, "stage": stage, "run_key": run_key, "example_id": list(example_ids)})
     con.begin()
     try:
         where = "WHERE model = ? AND stage = ? AND run_key = ?"
         con.execute(f"DELETE FROM checkpoints {where}", [model, stage, run_key])
         con.execute(f"DELETE FROM checkpoint_examples {where}", [model, stage, run_key])
-        con.execute("INSERT INTO checkpoints SELECT * FROM checkpoint_frame")
+        con.execute("INSERT INTO checkpoints BY NAME SELECT * FROM checkpoint_frame")
         con.execute("INSERT INTO checkpoint_examples SELECT * FROM example_frame")
         con.commit()
     except BaseException:
@@ -120,14 +124,20 @@ def latest_run_checkpoints(con: duckdb.DuckDBPyConnection, model: str, stage: st
     return frame
 
 
-def load_adapter_weights(peft_model: torch.nn.Module, checkpoint_dir: str | Path) -> None:
-    """Put a saved epoch's adapter weights into `peft_model` (same LoRA config), keeping them trainable."""
+def load_adapter_weights(
+    peft_model: torch.nn.Module, checkpoint_dir: str | Path, asset: str = WARMUP_ASSET
+) -> None:
+    """Put a saved epoch's adapter weights into `peft_model` (same LoRA config), keeping them trainable.
+
+    The folder is first checked against its commit record (`ArtifactIntegrityError` naming the file
+    and `asset`, the asset that wrote it, if anything changed since)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     weights_path = Path(checkpoint_dir) / ADAPTER_DIR / "adapter_model.safetensors"
     if not weights_path.is_file():
         raise ValueError(f"{checkpoint_dir} has no adapter weights at {weights_path}")
+    verify_checkpoint(checkpoint_dir, asset)
     result = set_peft_model_state_dict(peft_model, load_file(str(weights_path)))
     missing_lora = [key for key in result.missing_keys if "lora_" in key]
     if missing_lora or result.unexpected_keys:

@@ -6,9 +6,10 @@ projector) combination; ``store_directory`` derives a canonical location under a
 Layout::
 
     manifest.json          identity: model fingerprint, checkpoint, kind, projector
-                           fingerprint (mode, dim, seed, input dim, parameter names)
+                           fingerprint (mode, dim, seed, input dim, parameter names) and, for
+                           train stores, the train-feature transform (``adam``, ``sgd``, ...)
     shard-00000.npy        float16 [rows, dim], L2-normalized rows (np.load mmap_mode="r")
-    shard-00000.json       {"ids": [...], "sha256": <of the .npy>, "excluded": {id: reason}}:
+    shard-00000.json       {"ids": [...], "sha256": <of the .npy>, "size": <bytes>, "excluded": {id: reason}}:
                            the commit record; ``excluded`` lists the examples of that chunk
                            that have no features (no target tokens), so that no id is lost
                            silently and a rerun need not look at them again
@@ -23,7 +24,12 @@ contents depend only on the ordered ids that go in them (shards are cut every
 ``shard_size`` not-yet-computed ids in input order, and batches are formed inside a
 shard), so a resumed run writes the same bytes as an uninterrupted one on the same
 device type. Opening a store whose manifest differs in anything (another model,
-checkpoint, dim, seed, projection mode ...) is a ValueError.
+checkpoint, dim, seed, projection mode, transform ...) is a ValueError.
+
+Every read of a shard checks it against its commit record (size, .npy header, sha256;
+``selection.integrity``) and raises ``ArtifactIntegrityError`` naming the file. A writer
+rerun repairs instead (``repair_stores``): the first damaged shard and every later one are
+dropped and recomputed, since shards are numbered in commit order.
 """
 
 from __future__ import annotations
@@ -42,7 +48,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from selection.gradients import AdamMoments, PerExampleGradients
+from selection import integrity
+from selection.gradients import LITERAL_LESS_TRANSFORM, AdamMoments, PerExampleGradients, check_train_transform
+from selection.names import check_identifier
 from selection.projection import Projector
 from selection.tokenization import TokenizedExample, collate, length_sorted_batches
 
@@ -67,11 +75,28 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
+def _store_transform(kind: str, transform: str | None) -> str | None:
+    """The transform a store of ``kind`` records: train stores always name one (LESS's own when
+    not given), target stores none (their features are always plain gradients)."""
+    if kind == "target":
+        if transform not in (None, "sgd"):
+            raise ValueError(f"target features are plain gradients; transform {transform!r} does not apply")
+        return None
+    return check_train_transform(transform or LITERAL_LESS_TRANSFORM)
+
+
 def store_directory(
-    root: str | Path, model_fingerprint: str, checkpoint: str, kind: str, projector: Projector, part: str | None = None
+    root: str | Path, model_fingerprint: str, checkpoint: str, kind: str, projector: Projector, part: str | None = None,
+    transform: str | None = None,
 ) -> Path:
-    """Canonical place of a store: ``root/<model>/<checkpoint>/<kind>/<mode>-d<dim>-s<seed>-<hash>[/<part>]``."""
+    """Canonical place of a store: ``root/<model>/<checkpoint>/<kind>/[<transform>-]<mode>-d<dim>-s<seed>-<hash>[/<part>]``.
+
+    Train stores of a transform other than LESS's own ``adam`` carry it in the folder name, so
+    switching transforms opens a new store (``adam`` keeps the folder it always had)."""
+    transform = _store_transform(kind, transform)
     name = f"{projector.mode}-d{projector.dim}-s{projector.seed}-{projector.fingerprint_hash()}"
+    if transform is not None and transform != LITERAL_LESS_TRANSFORM:
+        name = f"{transform}-{name}"
     directory = Path(root) / model_fingerprint / checkpoint / kind / name
     return directory / part if part is not None else directory
 
@@ -121,9 +146,11 @@ class FeatureStore:
         projector: Projector | Mapping[str, Any],
         shard_size: int = 512,
         part: str | None = None,
+        transform: str | None = None,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        transform = _store_transform(kind, transform)
         if not model_fingerprint or not checkpoint:
             raise ValueError("model_fingerprint and checkpoint must be non-empty strings")
         if shard_size < 1:
@@ -143,10 +170,15 @@ class FeatureStore:
         if part is not None:
             parse_shard_key(part)
             self.manifest["part"] = part
+        if transform is not None:
+            self.manifest["transform"] = transform
         self.directory.mkdir(parents=True, exist_ok=True)
         manifest_path = self.directory / MANIFEST_FILE
         if manifest_path.is_file():
             existing = json.loads(manifest_path.read_text())
+            if existing.get("kind") == "train":
+                # Train stores written before the transform was recorded all hold LESS's own.
+                existing.setdefault("transform", LITERAL_LESS_TRANSFORM)
             if existing != self.manifest:
                 raise ValueError(
                     f"feature store {self.directory} holds other features: {describe_mismatch(existing, self.manifest)}; "
@@ -155,6 +187,7 @@ class FeatureStore:
         else:
             _atomic_write_bytes(manifest_path, json.dumps(self.manifest, indent=1, sort_keys=True).encode())
         self._excluded: dict[str, str] = {}
+        self._records: list[dict[str, Any]] = []  # per shard: sha256 and (newer records) size
         self._shards: list[list[str]] = self._read_committed_shards()
 
     @property
@@ -170,22 +203,40 @@ class FeatureStore:
         return self.manifest.get("part")
 
     @property
+    def transform(self) -> str | None:
+        """The train-feature transform (``selection.gradients.train_feature``); None for target stores."""
+        return self.manifest.get("transform")
+
+    @property
     def store_id(self) -> str:
         return fingerprint_of(self.manifest)
+
+    @property
+    def asset(self) -> str:
+        """What to rematerialize to rewrite this store (named in integrity errors)."""
+        return f"{self.kind}_gradients" + (f" (shard {self.part})" if self.part else "")
 
     def _shard_paths(self, shard: int) -> tuple[Path, Path]:
         return self.directory / f"shard-{shard:05d}.npy", self.directory / f"shard-{shard:05d}.json"
 
     def _read_committed_shards(self) -> list[list[str]]:
         shards: list[list[str]] = []
+        self._records = []
         while True:
             array_path, record_path = self._shard_paths(len(shards))
             if not record_path.is_file():
                 return shards
             if not array_path.is_file():
                 raise ValueError(f"{record_path} is committed but {array_path.name} is missing; store is damaged")
-            record = json.loads(record_path.read_text())
-            shards.append(record["ids"])
+            try:
+                record = json.loads(record_path.read_text())
+                ids = list(record["ids"])
+            except (ValueError, KeyError, TypeError) as error:
+                raise integrity.ArtifactIntegrityError(
+                    record_path, f"commit record is unreadable ({error}); delete it and the shards after it",
+                    self.asset) from error
+            shards.append(ids)
+            self._records.append({"sha256": record.get("sha256"), "size": record.get("size")})
             self._excluded.update(record.get("excluded", {}))
 
     @property
@@ -226,13 +277,16 @@ class FeatureStore:
         array_path, record_path = self._shard_paths(shard)
         temporary = array_path.with_name(f".{array_path.name}.tmp-{os.getpid()}.npy")
         np.save(temporary, np.ascontiguousarray(features))
-        digest = hashlib.sha256(temporary.read_bytes()).hexdigest()
+        content = temporary.read_bytes()
+        digest = hashlib.sha256(content).hexdigest()
         os.replace(temporary, array_path)
-        record: dict[str, Any] = {"ids": list(ids), "sha256": digest}
+        integrity.remember_digest(array_path, digest)
+        record: dict[str, Any] = {"ids": list(ids), "sha256": digest, "size": len(content)}
         if excluded:
             record["excluded"] = excluded
         _atomic_write_bytes(record_path, json.dumps(record).encode())
         self._shards.append(list(ids))
+        self._records.append({"sha256": digest, "size": len(content)})
         self._excluded.update(excluded)
         return shard
 
@@ -262,10 +316,26 @@ class FeatureStore:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def shard(self, shard: int) -> np.ndarray:
-        """Memory-mapped float16 ``[rows, dim]`` of one committed shard."""
+        """Memory-mapped float16 ``[rows, dim]`` of one committed shard, checked against its commit
+        record (``ArtifactIntegrityError`` naming the file if it was truncated or changed)."""
         if not 0 <= shard < len(self._shards):
             raise ValueError(f"shard {shard} does not exist (store has {len(self._shards)})")
-        return np.load(self._shard_paths(shard)[0], mmap_mode="r")
+        path = self._shard_paths(shard)[0]
+        record = self._records[shard]
+        array = integrity.open_npy(path, asset=self.asset, sha256=record["sha256"], size=record["size"])
+        expected = (len(self._shards[shard]), self.dim)
+        if array.shape != expected or array.dtype != np.float16:
+            raise integrity.ArtifactIntegrityError(
+                path, f"holds {array.dtype} {array.shape}, its commit record says float16 {expected}", self.asset)
+        return array
+
+    def first_damaged_shard(self) -> tuple[int, str] | None:
+        """``(shard, problem)`` of the first shard that fails its check, or None (reads every shard once)."""
+        for shard in range(self.n_shards):
+            problem = integrity.first_problem(lambda shard=shard: self.shard(shard))
+            if problem is not None:
+                return shard, problem
+        return None
 
     def iter_shards(self) -> Iterator[tuple[list[str], np.ndarray]]:
         for shard, ids in enumerate(self._shards):
@@ -314,6 +384,17 @@ def align_stores(stores: Sequence[FeatureStore]) -> int:
     return dropped
 
 
+def repair_stores(stores: Sequence[FeatureStore]) -> list[str]:
+    """Drop, in stores filled together, the first shard any of them fails to verify and every later
+    shard (shard numbers follow commit order), so the writer recomputes them. Returns the problems found."""
+    damaged = [found for found in (store.first_damaged_shard() for store in stores) if found is not None]
+    if damaged:
+        first = min(shard for shard, _ in damaged)
+        for store in stores:
+            store.truncate(min(first, store.n_shards))
+    return [problem for _, problem in damaged]
+
+
 def describe_mismatch(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> str:
     differences = []
     for key in sorted(set(a) | set(b)):
@@ -331,9 +412,9 @@ def check_compatible(train: FeatureStore, target: FeatureStore) -> None:
     """Train and target features may be compared only if all but ``kind`` agree."""
     if train.kind != "train" or target.kind != "target":
         raise ValueError(f"expected a train and a target store, got {train.kind!r} and {target.kind!r}")
-    # Train features may be cut into parts; targets are not.
-    left = {key: value for key, value in train.manifest.items() if key not in ("kind", "part")}
-    right = {key: value for key, value in target.manifest.items() if key not in ("kind", "part")}
+    # Train features may be cut into parts and transformed; targets are neither.
+    left = {key: value for key, value in train.manifest.items() if key not in ("kind", "part", "transform")}
+    right = {key: value for key, value in target.manifest.items() if key not in ("kind", "part", "transform")}
     if left != right:
         raise ValueError(f"train and target features are not comparable: {describe_mismatch(left, right)}")
 
@@ -346,6 +427,7 @@ def write_index(con: Any, store: FeatureStore, table: str = INDEX_TABLE) -> int:
     """
     import pandas as pd
 
+    table = check_identifier(table, "feature index table")  # interpolated into the SQL below
     con.execute(
         f"CREATE TABLE IF NOT EXISTS {table} (store_id VARCHAR, model VARCHAR, checkpoint VARCHAR, kind VARCHAR, "
         "mode VARCHAR, dim INTEGER, seed BIGINT, directory VARCHAR, example_id VARCHAR, shard INTEGER, "
@@ -375,6 +457,7 @@ def write_index(con: Any, store: FeatureStore, table: str = INDEX_TABLE) -> int:
 
 
 def read_index(con: Any, store: FeatureStore, table: str = INDEX_TABLE) -> dict[str, tuple[int, int]]:
+    table = check_identifier(table, "feature index table")
     result = con.execute(
         f"SELECT example_id, shard, row_in_shard FROM {table} WHERE store_id = ? ORDER BY shard, row_in_shard",
         [store.store_id],
@@ -406,6 +489,7 @@ def compute_features(
     *,
     exp_avg: Mapping[str, torch.Tensor] | None = None,
     exp_avg_sq: Mapping[str, torch.Tensor] | None = None,
+    adam_step: int | None = None,
     pad_token_id: int,
     max_batch_size: int = 8,
     max_tokens: int | None = None,
@@ -419,8 +503,9 @@ def compute_features(
 
     ``model`` is the peft model already holding the checkpoint's adapter. Train stores
     need that checkpoint's Adam moments (``exp_avg``/``exp_avg_sq`` keyed by parameter
-    name) and get Adam features (``adam_feature``); target stores take plain gradients
-    and refuse moments. Several ``(projector, store)`` pairs (e.g. several dims) share
+    name, and ``adam_step``, its optimizer step count, for ``adam_bias_corrected``) and
+    get the features of the transform their manifest records (``train_feature``); target
+    stores take plain gradients and refuse moments. Several ``(projector, store)`` pairs (e.g. several dims) share
     one gradient pass. ``exact`` projections are applied to groups of up to
     ``exact_group_size`` examples so that each dense block is generated once per group.
     Returns the number of examples whose features were computed (excluded ones not counted).
@@ -444,7 +529,13 @@ def compute_features(
     if kind == "train":
         if exp_avg is None or exp_avg_sq is None:
             raise ValueError("train features need the checkpoint's Adam moments (exp_avg and exp_avg_sq)")
-        moments: AdamMoments | None = AdamMoments.from_named(exp_avg, exp_avg_sq, engine.slots)
+        transforms = {st.transform for st in stores}
+        if len(transforms) != 1:
+            raise ValueError(f"stores filled together must share one transform, got {sorted(transforms)}")
+        transform = transforms.pop()
+        if transform == "adam_bias_corrected" and adam_step is None:
+            raise ValueError("adam_bias_corrected features need the checkpoint's optimizer step count (adam_step)")
+        moments: AdamMoments | None = AdamMoments.from_named(exp_avg, exp_avg_sq, engine.slots, adam_step)
     else:
         if exp_avg is not None or exp_avg_sq is not None:
             raise ValueError("target features are plain gradients; do not pass Adam moments")
@@ -487,7 +578,7 @@ def compute_features(
 
         for batch_rows in length_sorted_batches(chunk_examples, max_batch_size, max_tokens):
             grads = engine(collate([chunk_examples[row] for row in batch_rows], pad_token_id))
-            pending_grads.append(moments.transform(grads) if moments is not None else grads)
+            pending_grads.append(moments.transform(grads, transform) if moments is not None else grads)
             pending_rows.extend(batch_rows)
             if len(pending_rows) >= group_size:
                 flush()

@@ -20,7 +20,10 @@ append-only float32 ``.npy`` shards, a ``.ids`` text file per shard and
 ``manifest.json``. Adding writes new shard files and then atomically replaces the
 manifest (the commit point), under a file lock; existing shards are never rewritten, so a
 pool refresh only embeds and writes the new ids and memory stays bounded by one shard.
-Reads memory-map the shards and gather only the requested rows.
+Reads memory-map the shards and gather only the requested rows. The manifest records the
+sha256 and size of each shard's two files; reads check them (``ArtifactIntegrityError``
+naming the file) and :func:`fill_cache` first drops damaged shards so their ids are
+embedded again (:meth:`EmbeddingCache.repair`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from selection import integrity
 from selection.models import eval_mode, resolve_device
 
 EMBEDDING_MODES = ("user_turns", "conversation")
@@ -292,6 +296,14 @@ class EmbeddingCacheMismatch(ValueError):
 class _Shard:
     name: str  # vectors in <name>.npy, ids in <name>.ids (one per line)
     rows: int
+    # {"npy": {"sha256", "size"}, "ids": {...}} from the commit; None for shards written before records.
+    records: dict[str, dict[str, Any]] | None = None
+
+    def manifest_entry(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"name": self.name, "rows": self.rows}
+        if self.records is not None:
+            entry["records"] = self.records
+        return entry
 
 
 def cache_dir_for(root: str | Path, model_fingerprint: str, mode: str, dim: int) -> Path:
@@ -317,10 +329,11 @@ class EmbeddingCache:
 
     ``EmbeddingCache(path, model_fingerprint, mode, dim)`` opens or creates the cache;
     opening one built with a different key raises :class:`EmbeddingCacheMismatch`.
+    ``asset`` is the asset that fills it, named in integrity errors.
     """
 
     def __init__(self, path: str | Path, model_fingerprint: str, mode: str, dim: int,
-                 shard_rows: int = DEFAULT_SHARD_ROWS) -> None:
+                 shard_rows: int = DEFAULT_SHARD_ROWS, asset: str = "embeddings") -> None:
         if not model_fingerprint:
             raise ValueError("model_fingerprint must be non-empty")
         if mode not in EMBEDDING_MODES:
@@ -331,9 +344,13 @@ class EmbeddingCache:
         self.key = {"model_fingerprint": model_fingerprint, "mode": mode, "dim": int(dim)}
         self.dim = int(dim)
         self.shard_rows = shard_rows
+        self.asset = asset
         self.path.mkdir(parents=True, exist_ok=True)
         self._shards: list[_Shard] = []
         self._where: dict[str, tuple[int, int]] = {}  # id -> (shard index, row)
+        # Shards whose ids file fails its record: left out of the index (so their ids read as
+        # missing to a writer, which re-embeds them) and named when a reader asks for them.
+        self._damaged: dict[str, str] = {}
         self._reload()
 
     # -- reading --------------------------------------------------------------
@@ -359,10 +376,21 @@ class EmbeddingCache:
 
     def _reload(self) -> None:
         manifest = self._read_manifest()
-        shards = [_Shard(s["name"], int(s["rows"])) for s in manifest["shards"]] if manifest else []
+        listed = [_Shard(s["name"], int(s["rows"]), s.get("records")) for s in manifest["shards"]] if manifest else []
         where: dict[str, tuple[int, int]] = {}
-        for shard_index, shard in enumerate(shards):
-            ids = (self.path / f"{shard.name}.ids").read_text(encoding="utf-8").split("\n")[:-1]
+        shards: list[_Shard] = []
+        damaged: dict[str, str] = {}
+        for shard in listed:
+            ids_path = self.path / f"{shard.name}.ids"
+            record = (shard.records or {}).get("ids", {})
+            problem = integrity.first_problem(lambda: integrity.verify_file(
+                ids_path, sha256=record.get("sha256"), size=record.get("size"), asset=self.asset))
+            if problem is not None:
+                damaged[shard.name] = problem
+                continue
+            shard_index = len(shards)
+            shards.append(shard)
+            ids = ids_path.read_text(encoding="utf-8").split("\n")[:-1]
             if len(ids) != shard.rows:
                 raise ValueError(f"embedding cache {self.path}: shard {shard.name} lists {len(ids)} ids, "
                                  f"manifest says {shard.rows}")
@@ -370,7 +398,7 @@ class EmbeddingCache:
                 if example_id in where:
                     raise ValueError(f"embedding cache {self.path}: id {example_id!r} stored twice")
                 where[example_id] = (shard_index, row)
-        self._shards, self._where = shards, where
+        self._shards, self._where, self._damaged = shards, where, damaged
 
     def __len__(self) -> int:
         return len(self._where)
@@ -394,15 +422,38 @@ class EmbeddingCache:
 
     def _open_shard(self, shard_index: int) -> np.ndarray:
         shard = self._shards[shard_index]
-        array = np.load(self.path / f"{shard.name}.npy", mmap_mode="r")
+        path = self.path / f"{shard.name}.npy"
+        record = (shard.records or {}).get("npy", {})
+        array = integrity.open_npy(path, asset=self.asset, sha256=record.get("sha256"), size=record.get("size"))
         if array.shape != (shard.rows, self.dim) or array.dtype != np.float32:
-            raise ValueError(f"embedding cache {self.path}: shard {shard.name} has shape {array.shape} "
-                             f"{array.dtype}, expected ({shard.rows}, {self.dim}) float32")
+            raise integrity.ArtifactIntegrityError(
+                path, f"has shape {array.shape} {array.dtype}, expected ({shard.rows}, {self.dim}) float32", self.asset)
         return array
+
+    def repair(self) -> dict[str, str]:
+        """Drop the shards whose files fail their commit record from the manifest (and their files), so
+        their ids are missing again and get re-embedded. Returns {shard name: problem}; reads every shard."""
+        with self._locked():
+            self._reload()
+            damaged = dict(self._damaged)
+            for index, shard in enumerate(self._shards):
+                problem = integrity.first_problem(lambda index=index: self._open_shard(index))
+                if problem is not None:
+                    damaged[shard.name] = problem
+            if damaged:
+                self._write_manifest([s for s in self._shards if s.name not in damaged])
+                self._reload()
+                self._remove_orphans()
+        return damaged
 
     def load(self, ids: Sequence[str]) -> np.ndarray:
         """``[len(ids), dim]`` float32 in the requested order; KeyError if any id is missing."""
         absent = [example_id for example_id in ids if example_id not in self._where]
+        if absent and self._damaged:
+            name, problem = next(iter(self._damaged.items()))
+            raise integrity.ArtifactIntegrityError(
+                self.path / f"{name}.ids", f"{len(absent)} requested ids may be in a damaged shard: {problem}",
+                self.asset)
         if absent:
             raise KeyError(f"{len(absent)} of {len(ids)} ids are not in the embedding cache {self.path} "
                            f"(first: {absent[0]!r}); embed them first (missing() + add())")
@@ -467,23 +518,28 @@ class EmbeddingCache:
             new_shards: list[_Shard] = []
             for start in range(0, len(ids), self.shard_rows):
                 block_ids = ids[start : start + self.shard_rows]
-                shard = _Shard(f"shard-{uuid.uuid4().hex}", len(block_ids))
+                name = f"shard-{uuid.uuid4().hex}"
                 block = array[start : start + self.shard_rows]
-                _atomic_write(self.path / f"{shard.name}.npy", lambda handle, b=block: np.save(handle, b))
+                _atomic_write(self.path / f"{name}.npy", lambda handle, b=block: np.save(handle, b))
                 text = "".join(f"{example_id}\n" for example_id in block_ids).encode("utf-8")
-                _atomic_write(self.path / f"{shard.name}.ids", lambda handle, t=text: handle.write(t))
-                new_shards.append(shard)
-            shards = self._shards + new_shards
-            manifest = {
-                "format_version": _FORMAT_VERSION,
-                **self.key,
-                "dtype": "float32",
-                "n_rows": sum(s.rows for s in shards),
-                "shards": [{"name": s.name, "rows": s.rows} for s in shards],
-            }
-            payload = json.dumps(manifest, indent=1).encode()
-            _atomic_write(self.path / MANIFEST_FILE, lambda handle: handle.write(payload))
+                _atomic_write(self.path / f"{name}.ids", lambda handle, t=text: handle.write(t))
+                records = {suffix: integrity.file_record(self.path / f"{name}.{suffix}") for suffix in ("npy", "ids")}
+                new_shards.append(_Shard(name, len(block_ids), records))
+            # Shards left out by _reload (damaged ids file) are not carried over: their ids are re-added.
+            self._write_manifest(self._shards + new_shards)
             self._reload()
+
+    def _write_manifest(self, shards: list[_Shard]) -> None:
+        """Replace the manifest (the commit point); the caller holds the lock."""
+        manifest = {
+            "format_version": _FORMAT_VERSION,
+            **self.key,
+            "dtype": "float32",
+            "n_rows": sum(s.rows for s in shards),
+            "shards": [s.manifest_entry() for s in shards],
+        }
+        payload = json.dumps(manifest, indent=1).encode()
+        _atomic_write(self.path / MANIFEST_FILE, lambda handle: handle.write(payload))
 
 
 def fill_cache(
@@ -493,15 +549,20 @@ def fill_cache(
     embed: Callable[[Sequence[str]], np.ndarray],
     chunk_size: int = 4096,
     on_chunk: Callable[[int, int], None] | None = None,
+    on_damaged: Callable[[str], None] | None = None,
 ) -> int:
     """Embed the ids the cache lacks, ``chunk_size`` at a time (each chunk committed, so a
     killed run resumes where it stopped). ``texts`` is aligned with ``ids``; ``on_chunk``
-    gets (done, total). Returns how many ids were embedded.
+    gets (done, total). Shards that fail their commit record are dropped first and their ids
+    embedded again; ``on_damaged`` gets each problem. Returns how many ids were embedded.
     """
     if len(ids) != len(texts):
         raise ValueError(f"got {len(ids)} ids but {len(texts)} texts")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    for problem in cache.repair().values():
+        if on_damaged is not None:
+            on_damaged(problem)
     text_of = dict(zip(ids, texts))
     todo = cache.missing(ids)
     for start in range(0, len(todo), chunk_size):

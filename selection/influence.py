@@ -11,12 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from selection import less
+from selection import integrity, less
 from selection.datastore import FeatureStore, check_compatible
 
 
 SCORES_FILE = "influence.npy"
 IDS_FILE = "train_ids.json"
+# sha256 and size of the two files above, written last: the commit record checked by load_scores.
+RECORD_FILE = "integrity.json"
+ASSET = "influence_scores"
 
 
 class ShardedRows:
@@ -77,8 +80,9 @@ def compute_influence(
     """Scores `[n_train, n_val]` = sum_c w_c cos(train_c, val_c), w_c = avg lr normalized (LESS).
 
     One train store (or the list of its parts, read in that order) and one target store per
-    checkpoint. Train rows are read shard by shard from disk; the score matrix is a float32 .npy memmap in `out_dir` with the row ids
-    beside it (`train_ids.json`).
+    checkpoint. Train rows are read shard by shard from disk; the score matrix is a float32 .npy memmap
+    in `out_dir` with the row ids beside it (`train_ids.json`) and their sha256 (`integrity.json`).
+    Every feature shard is verified before anything is written; on failure no staging folder is left.
     """
     if not train_stores or len(train_stores) != len(target_stores) or len(avg_lrs) != len(train_stores):
         raise ValueError(
@@ -99,6 +103,9 @@ def compute_influence(
     if not train_ids:
         raise ValueError("the train gradient stores are empty")
     weights = less.checkpoint_weights(avg_lrs)
+    # Opening verifies every shard against its commit record, before anything is written.
+    train_rows = [ShardedRows(p) for p in parts]
+    val_features = [s.features(list(val_ids)) for s in target_stores]
     out_dir = Path(out_dir)
     # Scores and their row ids are written side by side in a temporary folder and swapped in
     # together, so a reader never pairs new scores with old ids.
@@ -106,24 +113,36 @@ def compute_influence(
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    less.influence_scores(
-        [ShardedRows(p) for p in parts],
-        [s.features(list(val_ids)) for s in target_stores],
-        weights,
-        staging / SCORES_FILE,
-        chunk_rows=chunk_rows,
-    )
-    (staging / IDS_FILE).write_text(json.dumps(train_ids))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(staging, out_dir)
+    try:
+        scores = less.influence_scores(train_rows, val_features, weights, staging / SCORES_FILE, chunk_rows=chunk_rows)
+        if isinstance(scores, np.memmap):
+            scores.flush()
+        del scores
+        (staging / IDS_FILE).write_text(json.dumps(train_ids))
+        record = integrity.directory_record(staging, [SCORES_FILE, IDS_FILE])
+        (staging / RECORD_FILE).write_text(json.dumps(record, indent=1))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for name, entry in record.items():
+        integrity.remember_digest(out_dir / name, entry["sha256"])
     return InfluenceResult(scores_path=out_dir / SCORES_FILE, train_ids=train_ids, n_val=len(val_ids))
 
 
 def load_scores(out_dir: str | Path) -> tuple[np.ndarray, list[str]]:
-    """The memory-mapped score matrix and its row ids (checked to agree)."""
+    """The memory-mapped score matrix and its row ids, verified against their commit record
+    (``ArtifactIntegrityError`` naming the file otherwise) and checked to agree."""
     out_dir = Path(out_dir)
-    scores = np.load(out_dir / SCORES_FILE, mmap_mode="r")
+    record_path = out_dir / RECORD_FILE
+    if not record_path.is_file():
+        raise integrity.ArtifactIntegrityError(
+            record_path, "is missing (scores written without a commit record cannot be checked)", ASSET)
+    record = json.loads(record_path.read_text())
+    integrity.verify_record(out_dir, {IDS_FILE: record[IDS_FILE]}, asset=ASSET)
+    entry = record[SCORES_FILE]
+    scores = integrity.open_npy(out_dir / SCORES_FILE, asset=ASSET, sha256=entry["sha256"], size=entry["size"])
     ids = json.loads((out_dir / IDS_FILE).read_text())
     if scores.ndim != 2 or scores.shape[0] != len(ids):
         raise ValueError(f"{out_dir}: score matrix {scores.shape} does not match {len(ids)} row ids")
@@ -139,4 +158,4 @@ def open_store(directory: str | Path) -> FeatureStore:
         raise ValueError(f"{directory} is not a feature store: {MANIFEST_FILE} is missing")
     manifest = json.loads(manifest_path.read_text())
     return FeatureStore(directory, manifest["model"], manifest["checkpoint"], manifest["kind"], manifest["projection"],
-                        part=manifest.get("part"))
+                        part=manifest.get("part"), transform=manifest.get("transform"))

@@ -19,12 +19,14 @@ to a temporary folder and renamed, so an existing ``epoch_k`` is always complete
 - ``exp_avg.safetensors``, ``exp_avg_sq.safetensors``: Adam moments keyed by the peft
   model's trainable parameter names (``model.named_parameters()``)
 - ``checkpoint.json``: epoch, global step, avg_lr, per-step lrs, mean loss, config,
-  run fingerprint, parameter names
+  run fingerprint, parameter names, and ``files``: sha256 and size of every other file of
+  the folder (its commit record, checked by ``verify_checkpoint`` before any use)
 - ``training_state.pt``: optimizer skeleton (step counts, param groups; the moment
   tensors come from the safetensors files), scheduler and RNG states, for resume.
 
 Resume: ``train_lora`` on an ``out_dir`` that already holds epochs continues after the
-last complete one and ends bit-identical to an uninterrupted run (same device).
+last complete one and ends bit-identical to an uninterrupted run (same device). An epoch
+that no longer matches its recorded sha256 is deleted with every later epoch and retrained.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import json
 import math
 import random
 import re
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -44,6 +47,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from selection import integrity
 from selection.models import atomic_directory, remove_stale_temp_dirs
 from selection.tokenization import IGNORE_INDEX, TokenizedExample, collate, length_sorted_batches
 
@@ -53,6 +57,7 @@ EXP_AVG_FILE = "exp_avg.safetensors"
 EXP_AVG_SQ_FILE = "exp_avg_sq.safetensors"
 CHECKPOINT_FILE = "checkpoint.json"
 STATE_FILE = "training_state.pt"
+WARMUP_ASSET = "warmup_checkpoints"
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,35 @@ def linear_warmup_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: fl
     if step < warmup_steps:
         return peak_lr * step / max(1, warmup_steps)
     return peak_lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+@dataclass(frozen=True)
+class LrSchedule:
+    """Optimizer steps of a run, as ``train_lora`` lays them out (known before training)."""
+
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def lr_schedule(n_examples: int, batch_size: int, epochs: int, warmup_ratio: float) -> LrSchedule:
+    """Steps per epoch, total and warmup steps for ``n_examples`` at ``batch_size`` examples per optimizer step."""
+    steps_per_epoch = math.ceil(n_examples / batch_size)
+    total_steps = steps_per_epoch * epochs
+    return LrSchedule(steps_per_epoch, total_steps, math.ceil(warmup_ratio * total_steps))
+
+
+def epoch_average_lrs(
+    n_examples: int, batch_size: int, epochs: int, warmup_ratio: float, peak_lr: float = 1.0
+) -> list[float]:
+    """Each epoch's ``avg_lr`` (mean lr of its optimizer steps) that ``train_lora`` will record."""
+    schedule = lr_schedule(n_examples, batch_size, epochs, warmup_ratio)
+    per_epoch = schedule.steps_per_epoch
+    return [
+        float(np.mean([linear_warmup_lr(step, schedule.total_steps, schedule.warmup_steps, peak_lr)
+                       for step in range(epoch * per_epoch, (epoch + 1) * per_epoch)]))
+        for epoch in range(epochs)
+    ]
 
 
 def _schedule_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -246,8 +280,45 @@ def _save_epoch(
             },
             temp / STATE_FILE,
         )
-        (temp / CHECKPOINT_FILE).write_text(json.dumps(info, indent=2))
+        _write_info(temp, info)
     return final
+
+
+def _write_info(folder: Path, info: dict[str, Any]) -> None:
+    """Write ``checkpoint.json`` last, with the sha256 and size of every other file: the commit record."""
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != CHECKPOINT_FILE)
+    info = {**info, "files": integrity.directory_record(folder, files)}
+    (folder / CHECKPOINT_FILE).write_text(json.dumps(info, indent=2))
+
+
+def verify_checkpoint(checkpoint_dir: str | Path, asset: str = WARMUP_ASSET) -> None:
+    """Check an ``epoch_k`` folder against the file records in its ``checkpoint.json``.
+
+    Raises ``ArtifactIntegrityError`` naming the first file that is missing, truncated or changed,
+    and ``asset``, the one to rematerialize. Folders written before records existed have none to check.
+    """
+    path = Path(checkpoint_dir)
+    info_path = path / CHECKPOINT_FILE
+    try:
+        info = json.loads(info_path.read_text())
+    except FileNotFoundError:
+        raise integrity.ArtifactIntegrityError(info_path, "is missing; not a checkpoint written by train_lora",
+                                               asset) from None
+    except ValueError as error:
+        raise integrity.ArtifactIntegrityError(info_path, f"is unreadable ({error})", asset) from error
+    integrity.verify_record(path, info.get("files", {}), asset=asset)
+
+
+def _discard_damaged_epochs(out_dir: Path, done: list[int]) -> list[str]:
+    """Delete the first epoch that fails ``verify_checkpoint`` and every later one (last first, so a
+    kill midway still leaves consecutive epochs); they are retrained from the epoch before."""
+    for position, epoch in enumerate(done):
+        problem = integrity.first_problem(lambda epoch=epoch: verify_checkpoint(out_dir / f"epoch_{epoch}"))
+        if problem is not None:
+            for later in reversed(done[position:]):
+                shutil.rmtree(out_dir / f"epoch_{later}")
+            return [problem]
+    return []
 
 
 def _load_adapter_weights(path: Path, model: Any) -> None:
@@ -303,9 +374,8 @@ def train_lora(
         json.dumps([config.to_dict(), examples_fingerprint(examples), names], sort_keys=True).encode()
     ).hexdigest()[:16]
 
-    steps_per_epoch = math.ceil(len(examples) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    warmup_steps = math.ceil(config.warmup_ratio * total_steps)
+    schedule = lr_schedule(len(examples), config.batch_size, config.epochs, config.warmup_ratio)
+    steps_per_epoch, total_steps, warmup_steps = schedule.steps_per_epoch, schedule.total_steps, schedule.warmup_steps
     device = named[0][1].device
     optimizer = torch.optim.AdamW(
         [parameter for _, parameter in named],
@@ -317,6 +387,11 @@ def train_lora(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule_lambda(total_steps, warmup_steps))
 
     done = complete_epochs(out_dir)
+    if done and done == list(range(1, len(done) + 1)):
+        discarded = _discard_damaged_epochs(out_dir, done)
+        done = complete_epochs(out_dir)
+    else:
+        discarded = []
     checkpoints = [_read_epoch_info(out_dir, epoch, run_fingerprint) for epoch in done]
     if done and done != list(range(1, len(done) + 1)):
         raise ValueError(f"{out_dir} holds non-consecutive epochs {done}; remove it to start over")
@@ -382,7 +457,7 @@ def train_lora(
         else:
             with atomic_directory(out_dir / f"epoch_{epoch}") as temp:
                 model.save_pretrained(temp / ADAPTER_DIR)
-                (temp / CHECKPOINT_FILE).write_text(json.dumps(info, indent=2))
+                _write_info(temp, info)
             path = out_dir / f"epoch_{epoch}"
         checkpoints.append(EpochCheckpoint(epoch, path, info["avg_lr"], info["mean_loss"], global_step))
     model.eval()
@@ -399,6 +474,7 @@ def train_lora(
             "warmup_steps": warmup_steps,
             "final_mean_loss": checkpoints[-1].mean_loss,
             "seconds": seconds,
+            "discarded_damaged_epochs": discarded,
         },
     )
 
@@ -422,6 +498,7 @@ def load_checkpoint(
 ) -> tuple[Path, dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
     """Return ``(adapter_path, exp_avg, exp_avg_sq, avg_lr)`` of one ``epoch_k`` folder.
 
+    First checks every file of the folder against its commit record (``verify_checkpoint``).
     Validates that both moment files exist, hold the same parameter names with equal
     shapes, match the names recorded at training time, and (when ``expected_names`` is
     given, e.g. the trainable names of the peft model about to use them) match those.
@@ -440,6 +517,7 @@ def load_checkpoint(
             f"{path} has no Adam moments ({', '.join(missing)} missing); it was saved without them "
             "(e.g. a final finetuning run) and cannot be used for LESS gradient features"
         )
+    verify_checkpoint(path)
     exp_avg = load_file(str(path / EXP_AVG_FILE))
     exp_avg_sq = load_file(str(path / EXP_AVG_SQ_FILE))
     recorded = list(info["parameter_names"])
