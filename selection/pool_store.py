@@ -4,17 +4,34 @@ Tables (created by :func:`ensure_pool_tables`):
 
 - ``pool``: one row per distinct conversation; ``messages`` is the canonical JSON that
   ``example_id`` hashes (``sha256(messages)[:32]``); ``first_seen_version``/``first_seen_seq``
-  name the pool version that added the row.
+  name the pool version that added the row. ``superseded_by`` / ``superseded_at_version`` /
+  ``superseded_at_seq`` are set while the row is superseded (see below); the current pool is
+  the rows where ``superseded_at_seq IS NULL``.
 - ``pool_rejects`` / ``pool_duplicates``: every record that did not become a pool row, with
   the pool version and ``ingest_id`` of the ingest that read it.
-- ``pool_versions``: one row per distinct pool state. The version is
-  :func:`pool_version_of_ids` of all ids in the pool; ``seq`` increases by one per version.
-- ``pool_sources``: one row per source read by an ingest, with its counts and fingerprint.
+- ``pool_versions``: one row per pool state. The version is :func:`pool_version_of_ids` of the
+  current (not superseded) ids; ``seq`` increases by one per version; ``n_examples`` counts the
+  current rows and ``n_superseded`` the superseded ones. A state equal to an earlier version's
+  (an edit reverted) hashes its ids followed by ``seq:<seq>``, since version ids are unique.
+- ``pool_sources``: one row per source read by an ingest, with its counts and fingerprint, and
+  ``n_superseded``: the rows of that source the ingest superseded.
+- ``pool_supersessions``: the history: one row per (row, time it was superseded), with the
+  version that revived it, if any; :func:`pool_ids_for_version` reads it.
 
-Refresh semantics: the pool only grows. A source whose name, record format and content
-fingerprint (sha256 of its bytes) match an earlier ingest is skipped and reported as
+Refresh semantics: rows are never deleted. A source whose name, record format and content
+fingerprint (sha256 of its bytes) match its latest ingest is skipped and reported as
 ``unchanged``; a changed source is read again in full, its already-pooled conversations
-counting as duplicates. An ingest that adds no new conversation keeps the current version.
+counting as duplicates.
+
+Edited records. A source is identified by its name, a record by its content (the id), not by
+its line number, since inserting lines shifts every later one. When a source is read again,
+each current pool row its previous read held (first seen from it, or recorded as its
+duplicate) whose content appears nowhere in the new read is superseded: its line now holds
+other content (an edit; ``superseded_by`` is the id now on the row's first-seen line of that
+source, NULL when that line is now rejected or gone). A row whose content merely moved (lines
+inserted or removed before it) stays, and so does one that another source's latest read still
+holds. A superseded row is revived when its content is read again from any source. An ingest that adds, supersedes or
+revives nothing keeps the current version.
 
 Duplicates are resolved in SQL after staging: a record whose id is already in the pool, or
 appeared earlier in this ingest (sources in the given order, then record order), is a
@@ -63,7 +80,10 @@ _DDL = (
         n_chars BIGINT NOT NULL,
         format VARCHAR NOT NULL,
         first_seen_version VARCHAR NOT NULL,
-        first_seen_seq BIGINT NOT NULL
+        first_seen_seq BIGINT NOT NULL,
+        superseded_by VARCHAR,
+        superseded_at_version VARCHAR,
+        superseded_at_seq BIGINT
     )""",
     """CREATE TABLE IF NOT EXISTS pool_rejects (
         source VARCHAR NOT NULL,
@@ -88,7 +108,8 @@ _DDL = (
         n_examples BIGINT NOT NULL,
         n_new BIGINT NOT NULL,
         parent_version VARCHAR,
-        ingest_id VARCHAR NOT NULL
+        ingest_id VARCHAR NOT NULL,
+        n_superseded BIGINT DEFAULT 0
     )""",
     """CREATE TABLE IF NOT EXISTS pool_sources (
         source VARCHAR NOT NULL,
@@ -102,11 +123,34 @@ _DDL = (
         n_rejected BIGINT NOT NULL,
         n_duplicates BIGINT NOT NULL,
         ingest_id VARCHAR NOT NULL,
-        ingested_at TIMESTAMPTZ NOT NULL
+        ingested_at TIMESTAMPTZ NOT NULL,
+        n_superseded BIGINT DEFAULT 0
+    )""",
+    """CREATE TABLE IF NOT EXISTS pool_supersessions (
+        example_id VARCHAR NOT NULL,
+        source VARCHAR NOT NULL,
+        line_no BIGINT NOT NULL,
+        superseded_by VARCHAR,
+        superseded_version VARCHAR NOT NULL,
+        superseded_seq BIGINT NOT NULL,
+        revived_version VARCHAR,
+        revived_seq BIGINT,
+        ingest_id VARCHAR NOT NULL
     )""",
 )
+# Tables made before rows could be superseded.
+_MIGRATIONS = (
+    "ALTER TABLE pool ADD COLUMN IF NOT EXISTS superseded_by VARCHAR",
+    "ALTER TABLE pool ADD COLUMN IF NOT EXISTS superseded_at_version VARCHAR",
+    "ALTER TABLE pool ADD COLUMN IF NOT EXISTS superseded_at_seq BIGINT",
+    "ALTER TABLE pool_versions ADD COLUMN IF NOT EXISTS n_superseded BIGINT DEFAULT 0",
+    "ALTER TABLE pool_sources ADD COLUMN IF NOT EXISTS n_superseded BIGINT DEFAULT 0",
+)
+CURRENT_POOL_SQL = "SELECT * FROM pool WHERE superseded_at_seq IS NULL"
 
 _STAGE_NEW = "_ingest_new_ids"
+_STAGE_SUPERSEDED = "_ingest_superseded"
+_STAGE_REVIVED = "_ingest_revived"
 _STAGE_ACCEPTED_SCHEMA = pa.schema([
     ("ord", pa.int64()), ("source", pa.string()), ("line_no", pa.int64()), ("example_id", pa.string()),
     ("messages", pa.string()), ("n_turns", pa.int32()), ("n_chars", pa.int64()), ("format", pa.string()),
@@ -129,6 +173,7 @@ class SourceReport:
     n_accepted: int = 0
     n_rejected: int = 0
     n_duplicates: int = 0
+    n_superseded: int = 0  # rows of this source whose content this read no longer holds
     rejects_by_reason: dict[str, int] = field(default_factory=dict)
     formats: dict[str, int] = field(default_factory=dict)  # records read as each format (accepted + duplicates)
 
@@ -148,14 +193,26 @@ class IngestReport:
     records_per_s: float
     rejects_by_reason: dict[str, int]
     sources: list[SourceReport]
+    n_superseded: int = 0  # rows this ingest superseded
+    n_revived: int = 0  # superseded rows whose content this ingest read again
+    n_superseded_total: int = 0  # superseded rows in the pool after this ingest
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def ensure_pool_tables(con: duckdb.DuckDBPyConnection) -> None:
-    for statement in _DDL:
+    """Create the pool tables, or bring tables of an older layout up to the current columns."""
+    for statement in (*_DDL, *_MIGRATIONS):
         con.execute(statement)
+
+
+def member_at_seq_sql(alias: str, seq: str) -> str:
+    """SQL condition: pool row ``alias`` belonged to the pool at version number ``seq`` (an SQL
+    expression), i.e. was added by then and not superseded at that time."""
+    return (f"({alias}.first_seen_seq <= {seq} AND NOT EXISTS (SELECT 1 FROM pool_supersessions h "
+            f"WHERE h.example_id = {alias}.example_id AND h.superseded_seq <= {seq} "
+            f"AND (h.revived_seq IS NULL OR h.revived_seq > {seq})))")
 
 
 def pool_version_of_ids(ids: Iterable[str]) -> str:
@@ -166,12 +223,14 @@ def pool_version_of_ids(ids: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
-def _hash_sorted_ids(con: duckdb.DuckDBPyConnection, query: str) -> str:
-    """:func:`pool_version_of_ids` over the ids ``query`` returns, sorted by DuckDB and streamed."""
+def _hash_sorted_ids(con: duckdb.DuckDBPyConnection, query: str, salt: str = "") -> str:
+    """:func:`pool_version_of_ids` over the ids ``query`` returns, sorted by DuckDB and streamed
+    (``salt`` appended last: only for a state that repeats an earlier version)."""
     digest = hashlib.sha256()
     result = con.execute(f"SELECT example_id FROM ({query}) ORDER BY example_id")
     while rows := result.fetchmany(_FETCH_ROWS):
         digest.update(("\n".join(row[0] for row in rows) + "\n").encode())
+    digest.update(salt.encode())
     return digest.hexdigest()
 
 
@@ -195,16 +254,40 @@ def _version_seq(con: duckdb.DuckDBPyConnection, version: str) -> int:
 
 
 def pool_ids_for_version(con: duckdb.DuckDBPyConnection, version: str) -> list[str]:
-    """Sorted ids of the pool as it was at ``version``."""
+    """Sorted ids of the pool as it was at ``version`` (superseded rows left out)."""
+    ensure_pool_tables(con)
     seq = _version_seq(con, version)
-    rows = con.execute("SELECT example_id FROM pool WHERE first_seen_seq <= ? ORDER BY example_id", [seq]).fetchall()
+    rows = con.execute(f"SELECT example_id FROM pool p WHERE {member_at_seq_sql('p', '$seq')} ORDER BY example_id",
+                       {"seq": seq}).fetchall()
     return [row[0] for row in rows]
 
 
 def pool_ids(con: duckdb.DuckDBPyConnection) -> list[str]:
-    """Every id of the current pool, in first-seen then id order (stable as the pool grows)."""
+    """Every id of the current pool (superseded rows left out), in first-seen then id order."""
     ensure_pool_tables(con)
-    return [row[0] for row in con.execute("SELECT example_id FROM pool ORDER BY first_seen_seq, example_id").fetchall()]
+    return [row[0] for row in con.execute(
+        f"SELECT example_id FROM ({CURRENT_POOL_SQL}) ORDER BY first_seen_seq, example_id").fetchall()]
+
+
+def current_pool_rows(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:
+    """(example_id, messages JSON) of the current pool, in first-seen then id order."""
+    ensure_pool_tables(con)
+    return con.execute(
+        f"SELECT example_id, messages FROM ({CURRENT_POOL_SQL}) ORDER BY first_seen_seq, example_id").fetchall()
+
+
+def superseded_among(con: duckdb.DuckDBPyConnection, example_ids: Sequence[str]) -> list[str]:
+    """Those of ``example_ids`` that are superseded now, in the given order."""
+    ensure_pool_tables(con)
+    wanted = pa.table({"example_id": pa.array(list(example_ids), pa.string())})
+    con.register("_wanted_ids", wanted)
+    try:
+        found = {row[0] for row in con.execute(
+            "SELECT p.example_id FROM pool p JOIN _wanted_ids w USING (example_id) "
+            "WHERE p.superseded_at_seq IS NOT NULL").fetchall()}
+    finally:
+        con.unregister("_wanted_ids")
+    return [example_id for example_id in example_ids if example_id in found]
 
 
 def pool_conversations(con: duckdb.DuckDBPyConnection, example_ids: Sequence[str]) -> dict[str, list[dict]]:
@@ -220,10 +303,24 @@ def pool_conversations(con: duckdb.DuckDBPyConnection, example_ids: Sequence[str
     return {example_id: json.loads(messages) for example_id, messages in rows}
 
 
+def example_sources(con: duckdb.DuckDBPyConnection, example_ids: Sequence[str]) -> dict[str, str]:
+    """Source name of the given ids (ids not in the pool are absent from the result)."""
+    ensure_pool_tables(con)
+    con.register("_wanted_source_ids", pa.table({"example_id": pa.array(list(example_ids), pa.string())}))
+    try:
+        rows = con.execute(
+            "SELECT p.example_id, p.source FROM pool p JOIN _wanted_source_ids w USING (example_id)").fetchall()
+    finally:
+        con.unregister("_wanted_source_ids")
+    return dict(rows)
+
+
 def new_ids_since(con: duckdb.DuckDBPyConnection, version: str | None) -> list[str]:
-    """Sorted ids added after ``version`` (all ids when ``version`` is None)."""
+    """Sorted ids added after ``version`` and current now (all current ids when ``version`` is None)."""
+    ensure_pool_tables(con)
     seq = 0 if version is None else _version_seq(con, version)
-    rows = con.execute("SELECT example_id FROM pool WHERE first_seen_seq > ? ORDER BY example_id", [seq]).fetchall()
+    rows = con.execute(f"SELECT example_id FROM ({CURRENT_POOL_SQL}) WHERE first_seen_seq > ? ORDER BY example_id",
+                       [seq]).fetchall()
     return [row[0] for row in rows]
 
 
@@ -317,9 +414,11 @@ def _stage_source(stager: _Stager, spec: Source, report: SourceReport, max_chars
 
 
 def _is_unchanged(con: duckdb.DuckDBPyConnection, report: SourceReport) -> bool:
-    row = _first_row(con, "SELECT 1 FROM pool_sources WHERE source = ? AND format = ? AND fingerprint = ? LIMIT 1",
-                     [report.source, report.format, report.fingerprint])
-    return row is not None
+    # Against the latest read only: bytes reverted to an older version must be read again
+    # so that the rows of the version in between are superseded.
+    row = _first_row(con, "SELECT format, fingerprint FROM pool_sources WHERE source = ? "
+                          "ORDER BY ingested_at DESC LIMIT 1", [report.source])
+    return row == (report.format, report.fingerprint)
 
 
 def _count_by_source(con: duckdb.DuckDBPyConnection, query: str) -> dict[str, int]:
@@ -382,14 +481,58 @@ def _ingest_in_transaction(con: duckdb.DuckDBPyConnection, specs: Sequence[Sourc
         SELECT example_id, min(ord) AS ord FROM {accepted_rows} s
         WHERE NOT EXISTS (SELECT 1 FROM pool p WHERE p.example_id = s.example_id)
         GROUP BY example_id""")
-    n_new, n_before = _first_row(con, f"SELECT (SELECT count(*) FROM {_STAGE_NEW}), (SELECT count(*) FROM pool)")
-    if n_new or parent_version is None:
-        version = _hash_sorted_ids(con, f"SELECT example_id FROM pool UNION ALL SELECT example_id FROM {_STAGE_NEW}")
+    reread = [report.source for report in reports if report.status == "ingested"]
+    # Current rows that a re-read source held before, that no read of this ingest holds, and that
+    # no other source's latest read holds either (module docstring: edited records). A source's
+    # latest read holds the rows it added (their first_seen_version is that read's version) and
+    # the duplicates recorded with that read's ingest_id.
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE {_STAGE_SUPERSEDED} AS
+        WITH latest AS (SELECT source, arg_max(ingest_id, ingested_at) AS ingest_id,
+                               arg_max(pool_version, ingested_at) AS pool_version FROM pool_sources GROUP BY source),
+        held AS (SELECT d.example_id, d.source FROM pool_duplicates d
+                 JOIN latest l ON l.source = d.source AND l.ingest_id = d.ingest_id)
+        SELECT p.example_id, p.source, p.line_no, l.example_id AS superseded_by
+        FROM pool p LEFT JOIN (SELECT source, line_no, min(example_id) AS example_id FROM {accepted_rows}
+                               GROUP BY source, line_no) l ON l.source = p.source AND l.line_no = p.line_no
+        WHERE p.superseded_at_seq IS NULL
+          AND (list_contains($reread, p.source) OR EXISTS (
+               SELECT 1 FROM held h WHERE h.example_id = p.example_id AND list_contains($reread, h.source)))
+          AND NOT EXISTS (SELECT 1 FROM {accepted_rows} s WHERE s.example_id = p.example_id)
+          AND NOT EXISTS (SELECT 1 FROM held h WHERE h.example_id = p.example_id
+                          AND NOT list_contains($reread, h.source))
+          AND (list_contains($reread, p.source) OR NOT EXISTS (
+               SELECT 1 FROM latest t WHERE t.source = p.source AND t.pool_version = p.first_seen_version))""",
+                {"reread": reread})
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE {_STAGE_REVIVED} AS
+        SELECT p.example_id FROM pool p WHERE p.superseded_at_seq IS NOT NULL
+          AND EXISTS (SELECT 1 FROM {accepted_rows} s WHERE s.example_id = p.example_id)""")
+    n_new, n_superseded, n_revived, n_current, n_old_superseded = _first_row(con, f"""SELECT
+        (SELECT count(*) FROM {_STAGE_NEW}), (SELECT count(*) FROM {_STAGE_SUPERSEDED}),
+        (SELECT count(*) FROM {_STAGE_REVIVED}), (SELECT count(*) FROM pool WHERE superseded_at_seq IS NULL),
+        (SELECT count(*) FROM pool WHERE superseded_at_seq IS NOT NULL)""")
+    if n_new or n_superseded or n_revived or parent_version is None:
         seq = parent_seq + 1
+        ids_after = f"""SELECT example_id FROM pool
+            WHERE (superseded_at_seq IS NULL OR example_id IN (SELECT example_id FROM {_STAGE_REVIVED}))
+              AND example_id NOT IN (SELECT example_id FROM {_STAGE_SUPERSEDED})
+            UNION ALL SELECT example_id FROM {_STAGE_NEW}"""
+        version = _hash_sorted_ids(con, ids_after)
+        if _first_row(con, "SELECT 1 FROM pool_versions WHERE pool_version = ?", [version]) is not None:
+            version = _hash_sorted_ids(con, ids_after, salt=f"seq:{seq}\n")
     else:
         version, seq = parent_version, parent_seq
 
-    con.execute(f"""INSERT INTO pool
+    con.execute(f"""UPDATE pool SET superseded_by = s.superseded_by, superseded_at_version = ?, superseded_at_seq = ?
+        FROM {_STAGE_SUPERSEDED} s WHERE pool.example_id = s.example_id""", [version, seq])
+    con.execute(f"""INSERT INTO pool_supersessions (example_id, source, line_no, superseded_by, superseded_version,
+        superseded_seq, ingest_id) SELECT example_id, source, line_no, superseded_by, ?, ?, ? FROM {_STAGE_SUPERSEDED}""",
+                [version, seq, ingest_id])
+    con.execute(f"""UPDATE pool SET superseded_by = NULL, superseded_at_version = NULL, superseded_at_seq = NULL
+        WHERE example_id IN (SELECT example_id FROM {_STAGE_REVIVED})""")
+    con.execute(f"""UPDATE pool_supersessions SET revived_version = ?, revived_seq = ?
+        WHERE revived_seq IS NULL AND example_id IN (SELECT example_id FROM {_STAGE_REVIVED})""", [version, seq])
+    con.execute(f"""INSERT INTO pool (example_id, source, line_no, messages, n_turns, n_chars, format,
+        first_seen_version, first_seen_seq)
         SELECT s.example_id, s.source, s.line_no, s.messages, s.n_turns, s.n_chars, s.format, ?, ?
         FROM {accepted_rows} s SEMI JOIN {_STAGE_NEW} n ON s.ord = n.ord""", [version, seq])
     con.execute(f"""INSERT INTO pool_duplicates
@@ -401,24 +544,32 @@ def _ingest_in_transaction(con: duckdb.DuckDBPyConnection, specs: Sequence[Sourc
     accepted = _count_by_source(con, f"SELECT s.source FROM {accepted_rows} s SEMI JOIN {_STAGE_NEW} n ON s.ord = n.ord")
     staged = _count_by_source(con, f"SELECT source FROM {accepted_rows}")
     rejected = _count_by_source(con, f"SELECT source FROM {reject_rows}")
-    con.execute(f"DROP TABLE {_STAGE_NEW}")
+    superseded = _count_by_source(con, f"SELECT source FROM {_STAGE_SUPERSEDED}")
+    for table in (_STAGE_NEW, _STAGE_SUPERSEDED, _STAGE_REVIVED):
+        con.execute(f"DROP TABLE {table}")
     for report in reports:
         if report.status == "unchanged":
             continue
         report.n_accepted = accepted.get(report.source, 0)
         report.n_duplicates = staged.get(report.source, 0) - report.n_accepted
         report.n_rejected = rejected.get(report.source, 0)
+        report.n_superseded = superseded.get(report.source, 0)
         if report.n_accepted + report.n_rejected + report.n_duplicates != report.n_read:
             raise RuntimeError(f"source {report.source}: accepted {report.n_accepted} + rejected {report.n_rejected} "
                                f"+ duplicates {report.n_duplicates} != records read {report.n_read}")
-        con.execute("INSERT INTO pool_sources VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
+        con.execute("""INSERT INTO pool_sources (source, path, format, file_type, fingerprint, pool_version, n_read,
+            n_accepted, n_rejected, n_duplicates, ingest_id, ingested_at, n_superseded)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now(), ?)""",
                     [report.source, report.path, report.format, report.file_type, report.fingerprint, version,
-                     report.n_read, report.n_accepted, report.n_rejected, report.n_duplicates, ingest_id])
+                     report.n_read, report.n_accepted, report.n_rejected, report.n_duplicates, ingest_id,
+                     report.n_superseded])
 
-    n_total = n_before + n_new
+    n_total = n_current - n_superseded + n_revived + n_new
+    n_superseded_total = n_old_superseded + n_superseded - n_revived
     if seq != parent_seq:
-        con.execute("INSERT INTO pool_versions VALUES (?, ?, now(), ?, ?, ?, ?)",
-                    [version, seq, n_total, n_new, parent_version, ingest_id])
+        con.execute("""INSERT INTO pool_versions (pool_version, seq, created_at, n_examples, n_new, parent_version,
+            ingest_id, n_superseded) VALUES (?, ?, now(), ?, ?, ?, ?, ?)""",
+                    [version, seq, n_total, n_new, parent_version, ingest_id, n_superseded_total])
 
     elapsed = time.perf_counter() - started
     n_read = sum(report.n_read for report in reports)
@@ -430,5 +581,6 @@ def _ingest_in_transaction(con: duckdb.DuckDBPyConnection, specs: Sequence[Sourc
         n_total=n_total, n_read=n_read, n_rejected=sum(r.n_rejected for r in reports),
         n_duplicates=sum(r.n_duplicates for r in reports), elapsed_s=round(elapsed, 4),
         records_per_s=round(n_read / elapsed, 1) if elapsed > 0 else 0.0,
-        rejects_by_reason=dict(sorted(reasons.items())), sources=reports,
+        rejects_by_reason=dict(sorted(reasons.items())), sources=reports, n_superseded=n_superseded,
+        n_revived=n_revived, n_superseded_total=n_superseded_total,
     )

@@ -10,6 +10,8 @@ import duckdb
 import numpy as np
 import pandas as pd
 
+from selection import pool_store
+
 SELECTION_DDL = (
     """CREATE TABLE IF NOT EXISTS selections (
         model VARCHAR NOT NULL, method VARCHAR NOT NULL, target VARCHAR NOT NULL, budget INTEGER NOT NULL,
@@ -107,10 +109,11 @@ def selection_problems(con: duckdb.DuckDBPyConnection, model: str, method: str) 
             problems.append(f"{target}: {n_rows} rows for budget {budget}")
         if n_distinct != n_rows:
             problems.append(f"{target}: {n_rows - n_distinct} duplicate example ids")
+    pool_store.ensure_pool_tables(con)
     (missing,) = con.execute(
-        """SELECT count(*) FROM selections s WHERE s.model = ? AND s.method = ? AND NOT EXISTS (
+        f"""SELECT count(*) FROM selections s WHERE s.model = ? AND s.method = ? AND NOT EXISTS (
                SELECT 1 FROM pool p JOIN pool_versions v ON v.pool_version = s.pool_version
-               WHERE p.example_id = s.example_id AND p.first_seen_seq <= v.seq)""",
+               WHERE p.example_id = s.example_id AND {pool_store.member_at_seq_sql('p', 'v.seq')})""",
         [model, method],
     ).fetchone()
     if missing:

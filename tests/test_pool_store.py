@@ -21,6 +21,7 @@ from selection.pool_store import (
     ingest_sources,
     latest_pool_version,
     new_ids_since,
+    pool_ids,
     pool_ids_for_version,
     pool_version_of_ids,
 )
@@ -220,3 +221,99 @@ def test_parquet_and_hf_sources_ingest(con: duckdb.DuckDBPyConnection, tmp_path:
     assert source_counts(report) == {"p": (2, 2, 0, 0), "hf": (2, 1, 0, 1)}
     assert [s.file_type for s in report.sources] == ["parquet", "hf_dataset"]
     assert ingest_sources(con, [SourceSpec(tmp_path / "hf")]).sources[0].status == "unchanged"
+
+
+# ---------------------------------------------------------------- edited records (superseded rows)
+
+
+def current(con: duckdb.DuckDBPyConnection) -> set[str]:
+    return {row[0] for row in rows(con, "SELECT example_id FROM pool WHERE superseded_at_seq IS NULL")}
+
+
+def test_edited_record_supersedes_its_old_version(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
+    ids = {i: example_id(canonicalize(qa(i))) for i in range(1, 10)}
+    source = write_jsonl(tmp_path / "s.jsonl", [qa(1), qa(2), qa(3)])
+    v1 = ingest_sources(con, [source])
+    write_jsonl(tmp_path / "s.jsonl", [qa(1), qa(9), qa(3)])  # line 2 edited
+    v2 = ingest_sources(con, [source])
+
+    assert (v2.n_new, v2.n_superseded, v2.n_total, v2.n_superseded_total) == (1, 1, 3, 1)
+    assert source_counts(v2)["s"] == (3, 1, 0, 2) and v2.sources[0].n_superseded == 1  # accounting unchanged
+    assert con.execute("SELECT superseded_by, superseded_at_version, superseded_at_seq FROM pool WHERE example_id = ?",
+                       [ids[2]]).fetchall() == [(ids[9], v2.pool_version, 2)]
+    assert current(con) == {ids[1], ids[3], ids[9]}
+    assert sorted(pool_ids(con)) == sorted(current(con))  # the readers leave superseded rows out
+    # The version hashes the current ids only, and records how many rows are superseded.
+    assert v2.pool_version == pool_version_of_ids([ids[1], ids[3], ids[9]])
+    assert rows(con, "SELECT n_examples, n_superseded FROM pool_versions ORDER BY seq") == [(3, 0), (3, 1)]
+    assert pool_ids_for_version(con, v1.pool_version) == sorted([ids[1], ids[2], ids[3]])
+    assert pool_ids_for_version(con, v2.pool_version) == sorted([ids[1], ids[3], ids[9]])
+    assert rows(con, "SELECT n_superseded FROM pool_sources ORDER BY ingested_at") == [(0,), (1,)]
+
+
+def test_inserted_lines_shift_rows_without_superseding(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "s.jsonl", [qa(1), qa(2), qa(3)])
+    v1 = ingest_sources(con, [source])
+    write_jsonl(tmp_path / "s.jsonl", [qa(7), qa(1), "bad", qa(2), qa(3)])  # every old line moved
+    v2 = ingest_sources(con, [source])
+    assert (v2.n_new, v2.n_superseded, v2.n_total) == (1, 0, 4)
+    assert source_counts(v2)["s"] == (5, 1, 1, 3)
+    assert v2.parent_version == v1.pool_version and len(current(con)) == 4
+
+
+def test_removed_or_broken_lines_supersede_and_reverts_revive(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
+    ids = {i: example_id(canonicalize(qa(i))) for i in range(1, 10)}
+    source = write_jsonl(tmp_path / "s.jsonl", [qa(1), qa(2), qa(3)])
+    v1 = ingest_sources(con, [source])
+    write_jsonl(tmp_path / "s.jsonl", [qa(1), "{broken"])  # line 2 now rejected, line 3 gone
+    v2 = ingest_sources(con, [source])
+    assert (v2.n_superseded, v2.n_total) == (2, 1) and current(con) == {ids[1]}
+    assert rows(con, f"SELECT superseded_by FROM pool WHERE example_id IN ('{ids[2]}', '{ids[3]}')") == [(None,), (None,)]
+
+    # The original bytes again: not skipped as unchanged (v1's fingerprint is not the latest).
+    write_jsonl(tmp_path / "s.jsonl", [qa(1), qa(2), qa(3)])
+    v3 = ingest_sources(con, [source])
+    assert v3.sources[0].status == "ingested"
+    assert (v3.n_new, v3.n_revived, v3.n_superseded_total, v3.n_total) == (0, 2, 0, 3)
+    assert current(con) == {ids[1], ids[2], ids[3]}
+    # Same ids as v1, yet a new version: version ids are unique, the seq salts the hash.
+    assert v3.pool_version not in (v1.pool_version, v2.pool_version) and v3.seq == 3
+    assert pool_ids_for_version(con, v2.pool_version) == [ids[1]]
+    assert pool_ids_for_version(con, v3.pool_version) == sorted(ids[i] for i in (1, 2, 3))
+    assert rows(con, "SELECT superseded_seq, revived_seq FROM pool_supersessions ORDER BY example_id") == [(2, 3)] * 2
+
+
+def test_row_another_source_still_holds_is_not_superseded(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
+    ids = {i: example_id(canonicalize(qa(i))) for i in range(1, 10)}
+    first = write_jsonl(tmp_path / "first.jsonl", [qa(1), qa(2)])
+    second = write_jsonl(tmp_path / "second.jsonl", [qa(2), qa(5)])  # qa(2): a duplicate of first
+    ingest_sources(con, [first, second])
+    write_jsonl(tmp_path / "first.jsonl", [qa(1), qa(8)])
+    report = ingest_sources(con, [first, second])
+    assert [s.status for s in report.sources] == ["ingested", "unchanged"]
+    assert report.n_superseded == 0 and ids[2] in current(con)
+    # Once the other source drops it too, it goes.
+    write_jsonl(tmp_path / "second.jsonl", [qa(5)])
+    assert ingest_sources(con, [first, second]).n_superseded == 1 and ids[2] not in current(con)
+
+
+def test_old_pool_tables_are_migrated(tmp_path: Path) -> None:
+    old = duckdb.connect(str(tmp_path / "old.duckdb"))
+    old.execute("""CREATE TABLE pool (example_id VARCHAR PRIMARY KEY, source VARCHAR NOT NULL, line_no BIGINT NOT NULL,
+        messages JSON NOT NULL, n_turns INTEGER NOT NULL, n_chars BIGINT NOT NULL, format VARCHAR NOT NULL,
+        first_seen_version VARCHAR NOT NULL, first_seen_seq BIGINT NOT NULL)""")
+    old.execute("""CREATE TABLE pool_versions (pool_version VARCHAR PRIMARY KEY, seq BIGINT NOT NULL UNIQUE,
+        created_at TIMESTAMPTZ NOT NULL, n_examples BIGINT NOT NULL, n_new BIGINT NOT NULL, parent_version VARCHAR,
+        ingest_id VARCHAR NOT NULL)""")
+    old.execute("""CREATE TABLE pool_sources (source VARCHAR NOT NULL, path VARCHAR NOT NULL, format VARCHAR NOT NULL,
+        file_type VARCHAR NOT NULL, fingerprint VARCHAR NOT NULL, pool_version VARCHAR NOT NULL, n_read BIGINT NOT NULL,
+        n_accepted BIGINT NOT NULL, n_rejected BIGINT NOT NULL, n_duplicates BIGINT NOT NULL,
+        ingest_id VARCHAR NOT NULL, ingested_at TIMESTAMPTZ NOT NULL)""")
+    source = write_jsonl(tmp_path / "s.jsonl", [qa(1), qa(2)])
+    ingest_sources(old, [source])
+    write_jsonl(tmp_path / "s.jsonl", [qa(1), qa(3)])
+    report = ingest_sources(old, [source])
+    assert (report.n_superseded, report.n_total) == (1, 2)
+    assert {"superseded_by", "superseded_at_version", "superseded_at_seq"} <= {r[0] for r in rows(old, "DESCRIBE pool")}
+    assert rows(old, "SELECT n_superseded FROM pool_versions ORDER BY seq") == [(0,), (1,)]
+    old.close()
