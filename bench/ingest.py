@@ -92,6 +92,7 @@ def child(mode: str, path: str, db: str, batch_rows: int, memory_limit: str) -> 
     import duckdb
 
     from selection.ingest import Accepted, SourceSpec, iter_outcomes
+    from selection.names import check_memory_limit
     from selection.pool_store import ingest_sources
 
     baseline = _peak_rss_mb()
@@ -105,7 +106,7 @@ def child(mode: str, path: str, db: str, batch_rows: int, memory_limit: str) -> 
     else:
         con = duckdb.connect(db)
         if memory_limit != "none":
-            con.execute(f"SET memory_limit = '{memory_limit}'")
+            con.execute("SET memory_limit = ?", [check_memory_limit(memory_limit, "--memory-limit")])
         report = ingest_sources(con, [SourceSpec(path)], batch_rows=batch_rows)
         con.close()
         n_read = report.n_read

@@ -3,12 +3,20 @@
 DuckDB allows one writing process per file. Materializations run in several processes
 (multiprocess executor, concurrent runs), so every access opens a short-lived connection
 and retries with jittered exponential backoff while another process holds the lock.
+
+Creating the file is the one moment that lock does not cover: a process opening the file
+while another is still writing its header gets "not a valid DuckDB database file". So the
+file is created once, with the `lineage` table, under an exclusive lock on a sidecar file
+(`<db>.init.lock`) and moved into place atomically; schema migrations run under the same
+lock. Writers then only insert, and check that their row is there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -19,6 +27,9 @@ from typing import Any
 
 import dagster as dg
 import duckdb
+import pydantic
+
+from selection.names import check_memory_limit
 
 LOCK_ERROR_MARKERS = ("could not set lock", "conflicting lock", "database is locked")
 
@@ -32,9 +43,15 @@ CREATE TABLE IF NOT EXISTS lineage (
     finished_at TIMESTAMPTZ NOT NULL,
     inputs JSON NOT NULL,
     outputs JSON NOT NULL,
-    metrics JSON NOT NULL
+    metrics JSON NOT NULL,
+    status VARCHAR NOT NULL DEFAULT 'success'
 )
 """
+# Files created before a column existed get it here (run once per process, under the init lock).
+LINEAGE_MIGRATIONS = (
+    "ALTER TABLE lineage ADD COLUMN IF NOT EXISTS status VARCHAR DEFAULT 'success'",
+)
+LINEAGE_STATUSES = ("success", "failed")
 
 
 def is_lock_error(error: BaseException) -> bool:
@@ -43,9 +60,14 @@ def is_lock_error(error: BaseException) -> bool:
 
 @contextlib.contextmanager
 def connect_with_retry(
-    path: Path | str, *, read_only: bool = False, timeout_s: float = 600.0, initial_delay_s: float = 0.05
+    path: Path | str, *, read_only: bool = False, timeout_s: float = 600.0, initial_delay_s: float = 0.05,
+    create_missing: bool = True,
 ) -> Iterator[duckdb.DuckDBPyConnection]:
-    """Open `path`, waiting (not failing) while another process holds the write lock."""
+    """Open `path`, waiting (not failing) while another process holds the write lock.
+
+    A missing file is first created whole (see the module docstring), never opened half-written."""
+    if create_missing and not read_only:
+        create_database(path, timeout_s=timeout_s)
     deadline = time.monotonic() + timeout_s
     delay = initial_delay_s
     while True:
@@ -63,6 +85,69 @@ def connect_with_retry(
         con.close()
 
 
+@contextlib.contextmanager
+def init_lock(db_path: Path | str, timeout_s: float = 600.0) -> Iterator[None]:
+    """Exclusive lock on `<db>.init.lock`, which serializes creating and migrating the file."""
+    lock_path = Path(f"{db_path}.init.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout_s
+    with open(lock_path, "a+b") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{lock_path} held by another process for over {timeout_s:.0f} s") from None
+                time.sleep(0.05 * (0.5 + random.random()))
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def create_database(path: Path | str, timeout_s: float = 600.0) -> bool:
+    """Create the DuckDB file with the lineage table if it does not exist; True if this call created it.
+
+    Built under a temporary name and renamed into place, so other processes see either no
+    file or a complete one."""
+    path = Path(path)
+    if path.exists():  # complete: only ever renamed into place
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with init_lock(path, timeout_s):
+        if path.exists():
+            return False
+        temporary = path.with_name(f".{path.name}.creating-{os.getpid()}")
+        temporary.unlink(missing_ok=True)
+        con = duckdb.connect(str(temporary))
+        try:
+            con.execute(LINEAGE_DDL)
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+        Path(f"{temporary}.wal").unlink(missing_ok=True)  # empty after the checkpoint
+        os.replace(temporary, path)
+        return True
+
+
+_SCHEMA_READY: set[tuple[str, int]] = set()
+
+
+def ensure_lineage_schema(path: Path | str, timeout_s: float = 600.0) -> None:
+    """Create the file and the `lineage` table and apply migrations, once per process and file."""
+    path = Path(path).resolve()
+    created = create_database(path, timeout_s)  # a new file already has the current schema
+    if created or (str(path), path.stat().st_ino) in _SCHEMA_READY:
+        _SCHEMA_READY.add((str(path), path.stat().st_ino))
+        return
+    with init_lock(path, timeout_s), connect_with_retry(path, timeout_s=timeout_s, create_missing=False) as con:
+        con.execute(LINEAGE_DDL)
+        for statement in LINEAGE_MIGRATIONS:
+            con.execute(statement)
+    _SCHEMA_READY.add((str(path), path.stat().st_ino))
+
+
 @dataclass
 class LineageRecord:
     run_id: str
@@ -74,13 +159,17 @@ class LineageRecord:
     inputs: dict[str, Any] = field(default_factory=dict)
     outputs: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    status: str = "success"
 
 
 def write_lineage(con: duckdb.DuckDBPyConnection, record: LineageRecord) -> None:
-    con.execute(LINEAGE_DDL)
+    """Insert one row; the table must exist (`ensure_lineage_schema`, done by `LineageStore`)."""
+    if record.status not in LINEAGE_STATUSES:
+        raise ValueError(f"lineage status {record.status!r} is not one of {LINEAGE_STATUSES}")
     finished = record.finished_at or datetime.now(timezone.utc)
     con.execute(
-        "INSERT INTO lineage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO lineage (run_id, asset_key, partition_key, code_version, started_at, finished_at, "
+        "inputs, outputs, metrics, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             record.run_id,
             record.asset_key,
@@ -91,8 +180,19 @@ def write_lineage(con: duckdb.DuckDBPyConnection, record: LineageRecord) -> None
             json.dumps(record.inputs, sort_keys=True, default=str),
             json.dumps(record.outputs, sort_keys=True, default=str),
             json.dumps(record.metrics, sort_keys=True, default=str),
+            record.status,
         ],
     )
+
+
+def lineage_row_count(con: duckdb.DuckDBPyConnection, run_id: str, asset_key: str, partition_key: str | None,
+                      status: str | None = None) -> int:
+    """Rows of one (run, asset, partition), optionally of one status."""
+    return con.execute(
+        "SELECT count(*) FROM lineage WHERE run_id = ? AND asset_key = ? AND partition_key IS NOT DISTINCT FROM ? "
+        "AND (CAST(? AS VARCHAR) IS NULL OR status = ?)",
+        [run_id, asset_key, partition_key, status, status],
+    ).fetchone()[0]
 
 
 class LineageStore(dg.ConfigurableResource):
@@ -103,13 +203,35 @@ class LineageStore(dg.ConfigurableResource):
     # DuckDB's default cache is 80% of RAM; a cap keeps large ingests memory-flat.
     memory_limit: str = "1GB"
 
+    @pydantic.field_validator("memory_limit")
+    @classmethod
+    def _memory_limit_is_a_size(cls, value: str) -> str:
+        # Checked when the resource is built, so a bad value fails the run before anything is written.
+        return check_memory_limit(value, "LineageStore.memory_limit")
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # Every step requires this resource, so this runs at the start of each step process.
+        from resources.process import die_with_parent
+
+        die_with_parent()
+        ensure_lineage_schema(self.db_path, self.lock_timeout_s)
+
     @contextlib.contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         Path(self.db_path).parent.mkdir(parents=True, exist_ok=True)
+        if not read_only:
+            ensure_lineage_schema(self.db_path, self.lock_timeout_s)
         with connect_with_retry(self.db_path, read_only=read_only, timeout_s=self.lock_timeout_s) as con:
-            con.execute(f"SET memory_limit = '{self.memory_limit}'")
+            con.execute("SET memory_limit = ?", [self.memory_limit])
             yield con
 
     def record(self, record: LineageRecord) -> None:
+        """Write one row, then read it back in a new connection: a row is never silently lost."""
         with self.connect() as con:
+            before = lineage_row_count(con, record.run_id, record.asset_key, record.partition_key, record.status)
             write_lineage(con, record)
+        with self.connect() as con:
+            after = lineage_row_count(con, record.run_id, record.asset_key, record.partition_key, record.status)
+        if after != before + 1:
+            raise RuntimeError(f"lineage row of run {record.run_id} ({record.asset_key}, {record.partition_key}) "
+                               f"was not stored in {self.db_path}: {before} rows before, {after} after")

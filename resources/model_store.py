@@ -30,8 +30,11 @@ def registered_models(models_file: str | None = None) -> dict[str, ModelSpec]:
         raise ValueError(f"{MODELS_FILE_ENV}={path}: cannot read a JSON list of model specs: {error}") from error
     if not isinstance(entries, list):
         raise ValueError(f"{MODELS_FILE_ENV}={path}: expected a JSON list of model specs")
-    for entry in entries:
-        spec = ModelSpec.from_dict(entry)
+    for index, entry in enumerate(entries):
+        try:
+            spec = ModelSpec.from_dict(entry)
+        except (TypeError, ValueError) as error:  # bad field names, values or model name
+            raise ValueError(f"{MODELS_FILE_ENV}={path}: entry {index}: {error}") from error
         if spec.name in models:
             raise ValueError(f"{MODELS_FILE_ENV}={path}: model name {spec.name!r} is registered twice")
         models[spec.name] = spec

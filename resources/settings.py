@@ -7,6 +7,8 @@ from pathlib import Path
 
 import dagster as dg
 
+from selection.names import path_under
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 HOME_ENV_VAR = "INSTRUCT_SELECT_HOME"
 
@@ -31,8 +33,13 @@ class StorageSettings(dg.ConfigurableResource):
     def duckdb_path(self) -> Path:
         return self.root / "lineage.duckdb"
 
+    def path(self, *parts: str) -> Path:
+        """`root/parts...`, refused (ValueError) if it would leave the storage root; nothing is created."""
+        return path_under(self.root, *parts)
+
     def subdir(self, *parts: str) -> Path:
-        path = self.root.joinpath(*parts)
+        """The folder `root/parts...`, created; refused if it would leave the storage root."""
+        path = self.path(*parts)
         path.mkdir(parents=True, exist_ok=True)
         return path
 

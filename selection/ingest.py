@@ -27,6 +27,7 @@ import gzip
 import io
 import json
 import re
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ from selection.formats import (
     detect_format,
     example_id_of_json,
 )
+from selection.names import check_name
 
 RAW_LIMIT = 2000  # characters of offending text kept with a reject
 ROW_BATCH = 2048  # rows per Arrow/Parquet batch
@@ -73,10 +75,8 @@ class SourceSpec:
 
     def __post_init__(self) -> None:
         _check_format(self.format, str(self.path))
-        if self.name is None:
-            object.__setattr__(self, "name", _stem(Path(self.path)))
-        if not self.name:
-            raise ValueError(f"source {self.path}: empty source name")
+        name = _stem(Path(self.path)) if self.name is None else self.name
+        object.__setattr__(self, "name", check_name(name, "source", f"source {self.path}"))
 
     @property
     def source_name(self) -> str:
@@ -100,8 +100,7 @@ class RecordsSource:
 
     def __post_init__(self) -> None:
         _check_format(self.format, self.name)
-        if not self.name:
-            raise ValueError("RecordsSource needs a non-empty name")
+        object.__setattr__(self, "name", check_name(self.name, "source", "RecordsSource"))
 
     @property
     def source_name(self) -> str:
@@ -158,6 +157,20 @@ def _stem(path: Path) -> str:
     return Path(name).stem if Path(name).suffix else name
 
 
+# What a file that is not what its name says raises (a fake .gz, random bytes named .parquet):
+# these messages do not say which file, so they are re-raised naming it.
+_UNREADABLE = (OSError, EOFError, zlib.error, pa.ArrowException, json.JSONDecodeError)
+
+
+class SourceReadError(ValueError):
+    """A source file that cannot be read as its type; the message names the file."""
+
+
+def _unreadable(path: Path, file_type: str, error: BaseException, after: int | None = None) -> SourceReadError:
+    where = "" if after is None else f" after {after} record(s)"
+    return SourceReadError(f"source {path}: cannot be read as {file_type}{where}: {type(error).__name__}: {error}")
+
+
 def detect_file_type(path: str | Path) -> str:
     """The reader for ``path`` (one of :data:`FILE_TYPES`); ``ValueError`` if unsupported."""
     path = Path(path)
@@ -175,7 +188,10 @@ def detect_file_type(path: str | Path) -> str:
     if suffix in _LINE_SUFFIXES:
         return "jsonl"
     if suffix == ".json":
-        return "jsonl" if _first_line_is_json(path) else "json"
+        try:
+            return "jsonl" if _first_line_is_json(path) else "json"
+        except _UNREADABLE as error:
+            raise _unreadable(path, "json", error) from error
     if suffix == ".parquet" and not path.name.lower().endswith(".gz"):
         return "parquet"
     if suffix == ".arrow" and not path.name.lower().endswith(".gz"):
@@ -497,12 +513,23 @@ READERS: dict[str, Callable[[Path], Iterator[RawRecord]]] = {
 }
 
 
+def _named_errors(path: Path, file_type: str, records: Iterator[RawRecord]) -> Iterator[RawRecord]:
+    n_read = 0
+    try:
+        for record in records:
+            n_read += 1
+            yield record
+    except _UNREADABLE as error:
+        raise _unreadable(path, file_type, error, n_read or None) from error
+
+
 def read_records(spec: Source) -> Iterator[RawRecord]:
-    """The raw records of a source, streamed."""
+    """The raw records of a source, streamed; an unreadable file raises SourceReadError naming it."""
     if isinstance(spec, RecordsSource):
         return (RawRecord(line_no, None, value) for line_no, value in enumerate(spec.records, start=1))
     path = Path(spec.path)
-    return READERS[detect_file_type(path)](path)
+    file_type = detect_file_type(path)
+    return _named_errors(path, file_type, READERS[file_type](path))
 
 
 def iter_outcomes(spec: Source, max_chars: int = DEFAULT_MAX_CHARS) -> Iterator[Outcome]:

@@ -36,6 +36,9 @@ from typing import Any
 
 import torch
 
+from selection import tokenization
+from selection.names import check_name
+
 PACKAGE_SCHEME = "pkg://"
 LESS_LORA_R = 128
 LESS_LORA_ALPHA = 512
@@ -68,8 +71,10 @@ class ModelSpec:
     lora_target_modules: tuple[str, ...] = field(default=LORA_TARGET_MODULES)
 
     def __post_init__(self) -> None:
-        if not self.name or not self.source:
-            raise ValueError("ModelSpec needs a non-empty name and source")
+        if not self.source:
+            raise ValueError(f"ModelSpec {self.name!r} needs a non-empty source")
+        # The name is a partition key and a folder name under the storage root.
+        object.__setattr__(self, "name", check_name(self.name, "model", "ModelSpec.name"))
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype {self.dtype!r} not supported; use one of {sorted(_DTYPES)}")
         if self.max_length < 1 or self.lora_r < 1 or self.lora_alpha <= 0:
@@ -94,12 +99,16 @@ class ModelSpec:
         return cls(**data)
 
     def fingerprint(self) -> str:
-        """sha256 (hex, 16 chars) of the canonical JSON of all fields; stable across runs.
+        """sha256 (hex, 16 chars) of the canonical JSON of all fields and of the tokenization
+        truncation rule (``selection.tokenization.TRUNCATION_RULE``); stable across runs.
 
         It identifies the spec, not file contents: a local folder edited in place keeps
-        its fingerprint (GGUF conversions are content-keyed separately).
+        its fingerprint (GGUF conversions are content-keyed separately). The truncation rule
+        is in it because everything keyed by it (warmup and finetuned checkpoints, gradient
+        stores, quality and evaluation caches) is computed from tokenized examples.
         """
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        identity = {**self.to_dict(), "truncation_rule": tokenization.TRUNCATION_RULE}
+        canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def with_lora(self, r: int, alpha: int, dropout: float | None = None) -> ModelSpec:

@@ -31,14 +31,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selection import default_data
+from selection import default_data, names
 from selection.formats import (
     INVALID_UTF8,
     MALFORMED_JSON,
@@ -59,9 +58,6 @@ MISSING_TASK = "missing_task"
 BAD_NAME = "bad_name"
 DUPLICATE = "duplicate"
 RAW_LIMIT = 2000
-# Task names become partition keys and file names; `all` is reserved for multi-target selections.
-TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
-RESERVED_TASKS = frozenset({"all"})
 _SPLIT_SALT = "instruct-select/target-split/v1/"
 
 # MMLU subject -> group (the four categories of the MMLU paper's categories.py).
@@ -102,6 +98,11 @@ DEFAULT_TASKS: tuple[str, ...] = (*MMLU_GROUPS, "code", "math")
 class TargetFile:
     path: str
     task: str | None = None  # overrides every record's task
+
+    def __post_init__(self) -> None:
+        # However it is built (run config, code), a task override is checked before any read or write.
+        if self.task is not None:
+            object.__setattr__(self, "task", check_task_name(self.task, f"target file {self.path}"))
 
 
 @dataclass(frozen=True)
@@ -151,12 +152,7 @@ class _LineRejected(ValueError):
 
 def check_task_name(task: Any, where: str) -> str:
     """A valid task name, or ValueError naming `where` it came from."""
-    if not isinstance(task, str) or not TASK_NAME.fullmatch(task.strip()) or task.strip() in RESERVED_TASKS:
-        raise ValueError(
-            f"{where}: task {task!r} must be 1-64 characters of letters, digits, '_', '.', '-' "
-            f"(starting with a letter or digit) and not one of {sorted(RESERVED_TASKS)}"
-        )
-    return task.strip()
+    return names.check_name(task, "task", where)
 
 
 def parse_targets_config(config: Mapping[str, Any]) -> list[TargetFile]:
@@ -197,10 +193,10 @@ def _record_task(record: Mapping[str, Any], override: str | None) -> tuple[str, 
         return task, task
     if not isinstance(subtask, str):
         raise _LineRejected(WRONG_TYPE, f"field 'subtask' is {type(subtask).__name__}, expected a string")
-    if not subtask.strip() or len(subtask) > 200:
-        detail = f"field 'subtask' must be a non-empty string of at most 200 characters, got {subtask[:50]!r}"
-        raise _LineRejected(BAD_NAME, detail)
-    return task, subtask.strip()
+    try:
+        return task, names.check_name(subtask, "subtask", "field 'subtask'")
+    except ValueError as error:
+        raise _LineRejected(BAD_NAME, str(error)) from error
 
 
 def _parse_line(raw: bytes, override: str | None) -> tuple[str, str, Messages]:
