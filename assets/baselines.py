@@ -9,7 +9,7 @@ from orchestration.partitions import model_partitions
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings
-from selection import baselines, embeddings, selectors
+from selection import baselines, embeddings, preflight, selectors
 
 
 def _causal_lm_embeddings(cache_root, spec, model, tokenizer, ids, conversations, batch_size: int) -> np.ndarray:
@@ -17,7 +17,8 @@ def _causal_lm_embeddings(cache_root, spec, model, tokenizer, ids, conversations
     dim = int(model.config.hidden_size)
     fingerprint = f"{spec.fingerprint()}-mean-hidden"
     cache = embeddings.EmbeddingCache(
-        embeddings.cache_dir_for(cache_root, fingerprint, "conversation", dim), fingerprint, "conversation", dim)
+        embeddings.cache_dir_for(cache_root, fingerprint, "conversation", dim), fingerprint, "conversation", dim,
+        asset="rds_selection")
     texts = [embeddings.text_for_embedding(messages, "conversation") for messages in conversations]
     embeddings.fill_cache(cache, ids, texts, lambda batch: embeddings.embed_with_causal_lm(
         batch, model, tokenizer, batch_size=batch_size, max_length=spec.max_length))
@@ -42,6 +43,8 @@ def rds_selection(
     with lineage.connect() as con:
         pool_version, ids, conversations = read_pool(con)
         val_rows = read_targets(con, "val")
+    # Refused before the model is loaded and anything embedded.
+    budget = preflight.resolve_selection_budget(config.budget, len(ids), len(ids), "current pool examples")
     model, tokenizer = model_store.load(spec, device.resolve())
     cache_root = settings.subdir("rds", spec.name)
     pool_emb = _causal_lm_embeddings(cache_root, spec, model, tokenizer, ids, conversations, device.batch_size)
@@ -52,7 +55,6 @@ def rds_selection(
     position = {i: n for n, i in enumerate(val_ids)}
     columns = [{"task": t, "subtask": s, "val_example_id": i} for t, s, i, _ in val_rows]
     similarity = baselines.cosine_similarity_matrix(pool_emb, val_emb[[position[c["val_example_id"]] for c in columns]])
-    budget = selectors.resolve_budget_setting(config.budget, len(ids))
     picks = selectors.less_selections(similarity, columns, budget)
     return record_picks(context, tracker, lineage, settings, "rds", picks, ids, pool_version, budget, similarity,
                         columns, {"embedding": "mean last-layer hidden state, whole conversation"})

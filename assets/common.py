@@ -152,13 +152,15 @@ def markdown_table(rows: list[dict[str, Any]], max_rows: int = 20) -> str:
 
 
 def read_pool(con) -> tuple[str, list[str], list[list[dict]]]:
-    """(pool_version, ids, conversations) of the current pool, in first-seen then id order."""
+    """(pool_version, ids, conversations) of the current pool (superseded rows left out), in
+    first-seen then id order."""
     from selection import pool_store
 
+    pool_store.ensure_pool_tables(con)
     latest = pool_store.latest_pool_version(con)
     if latest is None:
         raise ValueError("the pool is empty; materialize raw_pool first")
-    rows = con.execute("SELECT example_id, messages FROM pool ORDER BY first_seen_seq, example_id").fetchall()
+    rows = pool_store.current_pool_rows(con)
     return latest[0], [r[0] for r in rows], [json.loads(r[1]) for r in rows]
 
 

@@ -1,16 +1,19 @@
 """Finetuned LoRA checkpoints: one per stored selection, with the exact examples recorded per checkpoint."""
 
+import dataclasses
 import time
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from assets.common import LineageTracker, code_version, markdown_table, read_pool
 from orchestration.partitions import model_partitions
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings
-from selection import checkpoints, models, selection_store, tokenization, training
+from selection import checkpoints, models, names, selection_store, selectors, tokenization, training
+
+GPU_DEFAULT_SEEDS = 3
 
 SELECTION_ASSETS = [
     "less_selection", "bids_selection", "round_robin_selection", "random_selection", "kmq_selection",
@@ -25,6 +28,23 @@ class FinetuneConfig(dg.Config):
     learning_rate: float = 1e-4
     batch_size: int = 8
     seed: int = 0
+    seeds: int | None = Field(
+        default=None, ge=1,
+        description="Finetuning runs per selection, with seeds seed, seed+1, ...; the report averages each test "
+                    f"row over them. None = 1 on the CPU, {GPU_DEFAULT_SEEDS} on a GPU",
+    )
+
+    # Targets and methods name checkpoint folders: checked before anything is read or written.
+    @field_validator("targets")
+    @classmethod
+    def _target_names(cls, values: list[str]) -> list[str]:
+        return [v if v == selectors.ALL_TARGETS else names.check_name(v, "task", f"targets[{i}]")
+                for i, v in enumerate(values)]
+
+    @field_validator("methods")
+    @classmethod
+    def _method_names(cls, values: list[str] | None) -> list[str] | None:
+        return None if values is None else [names.check_name(v, "method", f"methods[{i}]") for i, v in enumerate(values)]
 
 
 def latest_selections(con, model: str, targets: list[str], methods: list[str] | None) -> list[tuple[str, str, int, str]]:
@@ -65,24 +85,40 @@ def finetuned_checkpoints(
         }
     if not wanted:
         raise ValueError(f"no selections stored for model {spec.name!r} and targets {config.targets}")
+    # A selection made before a source record was edited may hold its old version: never train on it.
+    current = set(ids)
+    stale = {key: gone for key, picked in chosen.items() if (gone := [i for i in picked if i not in current])}
+    if stale:
+        (method, target, budget), gone = next(iter(stale.items()))
+        raise ValueError(f"{len(stale)} stored selections hold examples superseded or gone from the pool since they "
+                         f"were made, e.g. {method}/{target}/{budget}: {gone[:3]}; rematerialize "
+                         f"{', '.join(sorted({f'{m}_selection' for m, _, _ in stale}))} for {spec.name!r} first")
+    for method, target, budget, _ in wanted:  # stored names: refuse a folder outside the root before training any
+        settings.path("models", spec.name, "finetune", f"{method}-{target}-{budget}")
     by_id = dict(zip(ids, conversations))
-    model, tokenizer = model_store.load(spec, device.resolve())
-    train_config = training.TrainingConfig(
+    device_name = device.resolve()
+    model, tokenizer = model_store.load(spec, device_name)
+    n_seeds = config.seeds or (GPU_DEFAULT_SEEDS if device_name.startswith("cuda") else 1)
+    seeds = list(range(config.seed, config.seed + n_seeds))
+    base_config = training.TrainingConfig(
         epochs=config.epochs, learning_rate=config.learning_rate, batch_size=config.batch_size,
         micro_batch_size=min(config.batch_size, device.batch_size), seed=config.seed,
     )
     summary = []
-    for method, target, budget, pool_version in wanted:
+    runs = [(selection, seed) for selection in wanted for seed in seeds]
+    for (method, target, budget, pool_version), seed in runs:
         example_ids = chosen[(method, target, budget)]
         examples, stats = tokenization.tokenize_many(tokenizer, [by_id[i] for i in example_ids], spec.max_length)
         usable = stats.usable_indices()
         trained_ids = [example_ids[i] for i in usable]
+        # The seed is in the training config, hence in the run key and the folder: one checkpoint per seed.
+        train_config = dataclasses.replace(base_config, seed=seed)
         # The selection's identity is part of the key: two methods may pick the same examples.
         run_key = checkpoints.training_run_key(
             spec.fingerprint(), {**train_config.to_dict(), "selection": [method, target, budget]}, trained_ids)
         out_dir = settings.subdir("models", spec.name, "finetune", f"{method}-{target}-{budget}-{run_key}")
         started = time.perf_counter()
-        peft_model = models.add_lora(model, spec, seed=config.seed)
+        peft_model = models.add_lora(model, spec, seed=seed)
         result = training.train_lora(peft_model, [examples[i] for i in usable], train_config, out_dir,
                                      tokenizer.pad_token_id, save_moments=False)
         peft_model.unload()
@@ -90,18 +126,21 @@ def finetuned_checkpoints(
         row = checkpoints.CheckpointRow(
             model=spec.name, stage="finetune", run_key=run_key, epoch=final.epoch, path=str(final.path),
             avg_lr=final.avg_lr, mean_loss=final.mean_loss, n_examples=len(trained_ids), pool_version=pool_version,
-            method=method, target=target, budget=budget, config={"training": train_config.to_dict()},
+            method=method, target=target, budget=budget, seed=seed,
+            # `seeds` tells evaluation which seeds make up this materialization.
+            config={"training": train_config.to_dict(), "seeds": seeds},
         )
         with lineage.connect() as con:
             checkpoints.record_training_run(con, [row], trained_ids)
-        tracker.add_file(f"{method}/{target}/{budget}", final.path)
-        summary.append({"method": method, "target": target, "budget": budget, "trained": len(trained_ids),
+        tracker.add_file(f"{method}/{target}/{budget}/seed-{seed}", final.path)
+        summary.append({"method": method, "target": target, "budget": budget, "seed": seed, "trained": len(trained_ids),
                         "skipped_no_target": len(example_ids) - len(trained_ids), "final_loss": round(final.mean_loss, 4),
                         "seconds": round(time.perf_counter() - started, 1), "run_key": run_key})
-        context.log.info(f"finetuned on {method}/{target} ({len(trained_ids)} examples): loss {final.mean_loss:.4f}")
-    data_version = tracker.finish({"finetuned": summary, "training": train_config.to_dict()})
+        context.log.info(f"finetuned on {method}/{target} seed {seed} ({len(trained_ids)} examples): "
+                         f"loss {final.mean_loss:.4f}")
+    data_version = tracker.finish({"finetuned": summary, "training": base_config.to_dict(), "seeds": seeds})
     return dg.MaterializeResult(
         data_version=data_version,
         metadata={"n_checkpoints": dg.MetadataValue.int(len(summary)),
-                  "checkpoints": dg.MetadataValue.md(markdown_table(summary))},
+                  "checkpoints": dg.MetadataValue.md(markdown_table(summary, max_rows=100))},
     )

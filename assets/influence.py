@@ -13,8 +13,9 @@ from orchestration.partitions import MODEL_DIMENSION, model_partitions, shard_pa
 from resources.lineage import LineageStore
 from resources.model_store import ModelStore
 from resources.settings import StorageSettings
-from selection import checkpoints, datastore, influence, pool_store, projection
+from selection import checkpoints, datastore, influence, pool_store, preflight, projection
 from selection.datastore import FeatureStore
+from selection.gradients import DEFAULT_TRAIN_TRANSFORM, LITERAL_LESS_TRANSFORM, transform_why
 
 INFLUENCE_DDL = """CREATE TABLE IF NOT EXISTS influence_runs (
     model VARCHAR, scores_dir VARCHAR, warmup_run_key VARCHAR, mode VARCHAR, dim INTEGER, seed BIGINT,
@@ -26,29 +27,23 @@ class InfluenceConfig(dg.Config):
     dim: int = Field(default=projection.DEFAULT_DIM, description="Which projection dim of the datastore to use")
     mode: str = Field(default=projection.DEFAULT_MODE, description="Projection mode of the datastore to use")
     seed: int = Field(default=0, description="Projection seed of the datastore to use")
+    train_transform: str = Field(default=DEFAULT_TRAIN_TRANSFORM,
+                                 description="Train-feature transform of the datastore to use (train_gradients' "
+                                 "train_transform)")
 
 
 def latest_influence(con, model: str) -> dict:
     """The most recent influence run of a model, with its score columns (task, subtask, val id)."""
     con.execute(INFLUENCE_DDL)
     row = con.execute(
-        "SELECT scores_dir, columns, n_train, n_val, pool_version FROM influence_runs WHERE model = ? "
-        "ORDER BY created_at DESC LIMIT 1",
+        "SELECT scores_dir, columns, n_train, n_val, pool_version, warmup_run_key, mode, dim, seed FROM influence_runs "
+        "WHERE model = ? ORDER BY created_at DESC LIMIT 1",
         [model],
     ).fetchone()
     if row is None:
         raise ValueError(f"no influence scores for model {model!r}; materialize influence_scores first")
     return {"scores_dir": row[0], "columns": json.loads(row[1]), "n_train": row[2], "n_val": row[3],
-            "pool_version": row[4]}
-
-
-def pool_version_containing(con, example_ids: list[str]) -> str:
-    """The earliest pool version that holds every given id: the version these scores were computed from."""
-    frame = pd.DataFrame({"example_id": example_ids})
-    (seq,) = con.execute(
-        "SELECT max(p.first_seen_seq) FROM frame f JOIN pool p USING (example_id)").fetchall()[0]
-    (version,) = con.execute("SELECT pool_version FROM pool_versions WHERE seq = ?", [seq]).fetchall()[0]
-    return version
+            "pool_version": row[4], "warmup_run_key": row[5], "mode": row[6], "dim": row[7], "seed": row[8]}
 
 
 def _stores(con, model: str, run_key: str, kind: str, config: InfluenceConfig) -> pd.DataFrame:
@@ -57,14 +52,17 @@ def _stores(con, model: str, run_key: str, kind: str, config: InfluenceConfig) -
     frame = con.execute(
         """SELECT epoch, coalesce(part, '') AS part, avg_lr, directory FROM gradient_stores
            WHERE model = ? AND warmup_run_key = ? AND kind = ? AND mode = ? AND dim = ? AND seed = ?
+             -- train stores of another transform never mix in (NULL: recorded before transforms, LESS's adam)
+             AND (kind <> 'train' OR coalesce(transform, ?) = ?)
            QUALIFY row_number() OVER (PARTITION BY epoch, coalesce(part, '') ORDER BY created_at DESC) = 1
            ORDER BY epoch, part""",
-        [model, run_key, kind, config.mode, config.dim, config.seed],
+        [model, run_key, kind, config.mode, config.dim, config.seed, LITERAL_LESS_TRANSFORM, config.train_transform],
     ).df()
     if frame.empty:
+        transform = f", train transform {config.train_transform}" if kind == "train" else ""
         raise ValueError(
             f"no {kind} gradients for model {model!r}, warmup run {run_key}, mode {config.mode}, dim {config.dim}, "
-            f"seed {config.seed}; materialize {kind}_gradients with the same settings first"
+            f"seed {config.seed}{transform}; materialize {kind}_gradients with the same settings first"
         )
     return frame
 
@@ -135,19 +133,27 @@ def influence_scores(
             )
         train_parts = [[influence.open_store(d) for d in directories]
                        for directories in _train_parts(train, spec.name, epochs)]
-        covered = _check_pool_covered(con, train_parts[0])
+        _check_pool_covered(con, train_parts[0])
+        # Every current example is covered, so the scores cover the latest version (rows superseded
+        # since the shards ran may have scores too; selections leave them out).
+        pool_version = pool_store.latest_pool_version(con)[0]
         avg_lrs = [float(train[train["epoch"] == epoch]["avg_lr"].iloc[0]) for epoch in epochs]
     columns = [{"task": t, "subtask": s, "val_example_id": i} for t, s, i, _ in val_rows]
     target_stores = [influence.open_store(d) for d in target["directory"]]
     with_features = set(target_stores[0].ids())
+    # Refused before any scoring: a task whose val examples all lack features would drop out.
+    preflight.check_val_usable([(c["task"], c["val_example_id"]) for c in columns], with_features,
+                               "none has gradient features in target_gradients")
     dropped = [c for c in columns if c["val_example_id"] not in with_features]
     if dropped:
         context.log.warning(f"{len(dropped)} val examples have no gradient features (no target tokens after "
                             f"truncation) and are left out: {[c['val_example_id'] for c in dropped][:10]}")
         columns = [c for c in columns if c["val_example_id"] in with_features]
-    if not columns:
-        raise ValueError("no target val example has gradient features; check target_gradients' skipped examples")
-    out_dir = settings.subdir("scores", spec.name, f"{run_key}-{config.mode}-d{config.dim}-s{config.seed}")
+    # Only the parent is created here: compute_influence moves the finished folder into place.
+    # LESS's own transform keeps the folder name it always had; others are named in it.
+    transform_tag = "" if config.train_transform == LITERAL_LESS_TRANSFORM else f"{config.train_transform}-"
+    out_dir = (settings.subdir("scores", spec.name)
+               / f"{run_key}-{transform_tag}{config.mode}-d{config.dim}-s{config.seed}")
     result = influence.compute_influence(
         train_parts,
         target_stores,
@@ -158,8 +164,6 @@ def influence_scores(
     scores, _ = influence.load_scores(out_dir)
     weights = [float(w) for w in np.asarray(avg_lrs) / np.sum(avg_lrs)]
     with lineage.connect() as con:
-        # Excluded examples count too: the scores cover the pool version that holds all of them.
-        pool_version = pool_version_containing(con, sorted(covered))
         con.execute(INFLUENCE_DDL)
         con.execute(
             "INSERT INTO influence_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
@@ -172,7 +176,8 @@ def influence_scores(
         .agg(["count", "mean"]).reset_index().rename(columns={"count": "val_examples", "mean": "mean_influence"})
     )
     metrics = {
-        "warmup_run_key": run_key, "n_train": len(result.train_ids), "n_val": result.n_val, "checkpoint_weights": weights,
+        "warmup_run_key": run_key, "train_transform": config.train_transform,
+        "n_train": len(result.train_ids), "n_val": result.n_val, "checkpoint_weights": weights,
         "pool_version": pool_version, "dropped_val_examples": [c["val_example_id"] for c in dropped],
         "scores_dir": str(out_dir), "mean_influence_by_task": dict(zip(per_task["task"], per_task["mean_influence"])),
     }
@@ -180,6 +185,8 @@ def influence_scores(
     return dg.MaterializeResult(
         data_version=data_version,
         metadata={
+            "train_transform": config.train_transform,
+            "train_transform_why": transform_why(config.train_transform) or "as in LESS",
             "n_train": dg.MetadataValue.int(len(result.train_ids)),
             "n_val": dg.MetadataValue.int(result.n_val),
             "checkpoint_weights": dg.MetadataValue.json(weights),

@@ -62,19 +62,22 @@ def raw_pool(
         context.log.info(
             f"{source.source}: {source.status}, read {source.n_read} = accepted {source.n_accepted} "
             f"+ rejected {source.n_rejected} + duplicates {source.n_duplicates}"
+            + (f"; superseded {source.n_superseded} earlier rows (edited records)" if source.n_superseded else "")
         )
     # The data version depends on the pool content only, so an unchanged re-ingest keeps downstream fresh.
     tracker.add_table("pool", report.pool_version, n_total=report.n_total)
     per_source = [
         {
             "source": s.source, "status": s.status, "read": s.n_read, "accepted": s.n_accepted,
-            "rejected": s.n_rejected, "duplicates": s.n_duplicates,
+            "rejected": s.n_rejected, "duplicates": s.n_duplicates, "superseded": s.n_superseded,
         }
         for s in report.sources
     ]
     metrics = {
         "pool_version": report.pool_version, "n_total": report.n_total, "n_new": report.n_new,
         "n_read": report.n_read, "n_rejected": report.n_rejected, "n_duplicates": report.n_duplicates,
+        "n_superseded": report.n_superseded, "n_revived": report.n_revived,
+        "n_superseded_total": report.n_superseded_total,
         "rejects_by_reason": report.rejects_by_reason, "records_per_s": report.records_per_s,
         "sources": per_source,
     }
@@ -89,6 +92,10 @@ def raw_pool(
             "n_read": dg.MetadataValue.int(report.n_read),
             "n_rejected": dg.MetadataValue.int(report.n_rejected),
             "n_duplicates": dg.MetadataValue.int(report.n_duplicates),
+            # Rows this ingest superseded (edited records), revived, and superseded in the pool now.
+            "n_superseded": dg.MetadataValue.int(report.n_superseded),
+            "n_revived": dg.MetadataValue.int(report.n_revived),
+            "n_superseded_total": dg.MetadataValue.int(report.n_superseded_total),
             "records_per_s": dg.MetadataValue.float(float(report.records_per_s)),
             "rejects_by_reason": dg.MetadataValue.json(report.rejects_by_reason),
             "sources": dg.MetadataValue.md(markdown_table(per_source)),

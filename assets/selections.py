@@ -17,10 +17,12 @@ from assets.influence import latest_influence
 from orchestration.partitions import model_partitions
 from resources.lineage import LineageStore
 from resources.settings import StorageSettings
-from selection import export, influence, selection_store, selectors
+from selection import diagnostics, export, influence, pool_store, preflight, selection_store, selectors
 from selection.plots import bar_chart_markdown
 
 SELECTION_CODE = code_version("selection.selectors", "selection.less", "selection.bids", "selection.baselines")
+# Methods whose picks follow the influence scores (random ignores them).
+SCORE_BASED_METHODS = frozenset({"less", "bids", "round_robin"})
 
 
 class SelectionConfig(dg.Config):
@@ -76,6 +78,7 @@ def record_picks(
     context: dg.AssetExecutionContext, tracker: LineageTracker, lineage: LineageStore, settings: StorageSettings,
     method: str, picks: list[selectors.RankedPicks], row_ids: list[str], pool_version: str, budget: int,
     scores: np.ndarray | None = None, columns: list[dict] | None = None, extra_metrics: dict | None = None,
+    extra_metadata: dict | None = None,
 ) -> dg.MaterializeResult:
     """Write selections (+ explanations when a score matrix is given), exports, lineage and metadata."""
     model = context.partition_key
@@ -89,14 +92,15 @@ def record_picks(
             why = selectors.explanations(scores, columns, pick)
             why["example_id"] = [row_ids[r] for r in why["row"]]
             explained.append(why.assign(model=model, method=method, target=pick.target, budget=budget))
+    # Targets are task names: every export path is checked to stay under the root before any write.
+    exports = [settings.path("selections", model, method, f"{s.target}-{budget}.jsonl") for s in selections]
     export_dir = settings.subdir("selections", model, method)
     with lineage.connect() as con:
         n_rows = selection_store.write_selections(
             con, selections, pd.concat(explained, ignore_index=True) if explained else None, context.run.run_id,
             context.assets_def.code_versions_by_key.get(context.asset_key),
         )
-        for selection in selections:
-            path = export_dir / f"{selection.target}-{budget}.jsonl"
+        for selection, path in zip(selections, exports):
             export_jsonl(path, selection.example_ids, con)
             tracker.add_file(f"export/{selection.target}", path)
     tracker.add_table("selections", f"{model}/{method}/{budget}", rows=n_rows)
@@ -128,6 +132,7 @@ def record_picks(
             "top_examples": dg.MetadataValue.md(markdown_table(preview)),
             "export_dir": dg.MetadataValue.path(str(export_dir)),
             **metadata,
+            **(extra_metadata or {}),
         },
     )
 
@@ -172,12 +177,33 @@ def build_selection_asset(method: str) -> dg.AssetsDefinition:
         with lineage.connect() as con:
             run = latest_influence(con, context.partition_key)
             pool_size = pool_size_of(con, run["pool_version"])
+            current = set(pool_store.pool_ids(con))
+            informative, why = (diagnostics.collapsed_feature_reason(
+                con, context.partition_key, run["warmup_run_key"], run["mode"], run["dim"], run["seed"])
+                if method in SCORE_BASED_METHODS else (None, ""))
         scores, train_ids = influence.load_scores(run["scores_dir"])
-        # Every method's budget is a share of the same pool version (not of the scored subset).
-        budget = selectors.resolve_budget_setting(config.budget, pool_size)
+        # Score rows of examples superseded since the scores were computed are never picked.
+        rows = [row for row, example_id in enumerate(train_ids) if example_id in current]
+        # Every method's budget is a share of the same pool version (not of the scored subset),
+        # refused before anything is chosen or written when it is above what can be picked.
+        budget = preflight.resolve_selection_budget(config.budget, pool_size, len(rows),
+                                                    "current examples with influence scores")
+        if len(rows) < len(train_ids):
+            context.log.warning(f"{len(train_ids) - len(rows)} scored examples are superseded or gone from the pool "
+                                "and are left out")
+            scores, train_ids = np.asarray(scores[rows]), [train_ids[row] for row in rows]
         picks = chooser(scores, run["columns"], budget, config.seed)
+        trust: dict = {}
+        if method in SCORE_BASED_METHODS:
+            trust["scores_informative_reason"] = why
+            if informative is not None:
+                trust["scores_informative"] = informative
+            if informative is False:
+                context.log.warning(f"{method} picks follow uninformative influence scores: {why}")
         return record_picks(context, tracker, lineage, settings, method, picks, train_ids, run["pool_version"], budget,
-                            scores, run["columns"], {"scores_dir": run["scores_dir"]})
+                            scores, run["columns"], {"scores_dir": run["scores_dir"], **trust},
+                            {key: dg.MetadataValue.bool(value) if isinstance(value, bool) else value
+                             for key, value in trust.items()})
 
     return _selection, build_selection_check(_selection, method)
 

@@ -10,7 +10,7 @@ from orchestration.partitions import model_partitions
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings
-from selection import checkpoints, models, tokenization, training
+from selection import checkpoints, models, pool_store, preflight, tokenization, training
 
 
 class WarmupConfig(dg.Config):
@@ -59,15 +59,28 @@ def warmup_checkpoints(
         previous = None if config.resample else checkpoints.examples_of_latest_run(con, spec.name, "warmup", config_key)
     by_id = dict(zip(ids, conversations))
     if previous is not None:
-        warmup_ids = previous
-        context.log.info(f"reusing the earlier warmup sample ({len(previous)} examples); set resample=true to redraw")
+        # Rows superseded by an edited source record since are never trained on again.
+        warmup_ids = [example_id for example_id in previous if example_id in by_id]
+        if len(warmup_ids) < len(previous):
+            context.log.warning(f"{len(previous) - len(warmup_ids)} examples of the earlier warmup sample were "
+                                "superseded by edited source records and are dropped from it (retraining)")
+        context.log.info(f"reusing the earlier warmup sample ({len(warmup_ids)} examples); set resample=true to redraw")
     else:
         warmup_ids = stable_fraction_sample(ids, config.fraction, config.seed)
+    # Refused before loading the model (all sampled examples usable), then on the usable count.
+    preflight.check_warmup_schedule(len(warmup_ids), train_config.batch_size, train_config.epochs,
+                                    train_config.warmup_ratio, pool_size=len(ids))
     model, tokenizer = model_store.load(spec, device.resolve())
     examples, stats = tokenization.tokenize_many(tokenizer, [by_id[i] for i in warmup_ids], spec.max_length)
+    with lineage.connect() as con:
+        sources = pool_store.example_sources(con, warmup_ids)
+    truncation = tokenization.TruncationTally()
+    truncation.add(warmup_ids, [sources.get(i, "unknown") for i in warmup_ids], examples)
     usable = stats.usable_indices()
     if len(usable) < len(examples):
         context.log.warning(f"{len(examples) - len(usable)} warmup examples have no target tokens and are skipped")
+    preflight.check_warmup_schedule(len(usable), train_config.batch_size, train_config.epochs,
+                                    train_config.warmup_ratio, pool_size=len(ids))
     trained_ids = [warmup_ids[i] for i in usable]
     run_key = checkpoints.training_run_key(spec.fingerprint(), train_config.to_dict(), trained_ids)
     out_dir = settings.subdir("models", spec.name, "warmup", run_key)
@@ -83,6 +96,8 @@ def warmup_checkpoints(
     result = training.train_lora(
         peft_model, [examples[i] for i in usable], train_config, out_dir, tokenizer.pad_token_id, log_progress
     )
+    for problem in result.metrics["discarded_damaged_epochs"]:
+        context.log.warning(f"damaged warmup epoch deleted and retrained with the epochs after it: {problem}")
     rows = [
         checkpoints.CheckpointRow(
             model=spec.name, stage="warmup", run_key=run_key, epoch=c.epoch, path=str(c.path), avg_lr=c.avg_lr,
@@ -100,7 +115,9 @@ def warmup_checkpoints(
     metrics = {
         "run_key": run_key, "pool_version": pool_version, "model": spec.to_dict(), "training": train_config.to_dict(),
         "n_examples": len(trained_ids), "resumed_from_epoch": result.resumed_from_epoch,
+        "discarded_damaged_epochs": result.metrics["discarded_damaged_epochs"],
         "seconds": time.perf_counter() - started, "tokenization": stats.as_metrics(), "epochs": per_epoch,
+        "truncation_by_source": truncation.rows(),
     }
     data_version = tracker.finish(metrics)
     return dg.MaterializeResult(
@@ -112,6 +129,7 @@ def warmup_checkpoints(
             "n_examples": dg.MetadataValue.int(len(trained_ids)),
             "resumed_from_epoch": dg.MetadataValue.int(result.resumed_from_epoch),
             "tokenization": dg.MetadataValue.json(stats.as_metrics()),
+            "truncation": dg.MetadataValue.md(markdown_table(truncation.rows())),
             "epochs": dg.MetadataValue.md(markdown_table(per_epoch)),
             "checkpoint_dir": dg.MetadataValue.path(str(out_dir)),
         },

@@ -28,8 +28,10 @@ SELECT_AND_EVALUATE_JOB_NAME = "select_and_evaluate_job"
 
 # The demo is sized for a 2-core CPU (about 50 minutes): a 300-example built-in pool, 2 target
 # val examples per subtask instead of LESS's 5, 2 warmup epochs instead of 4, 1 finetuning
-# epoch, 10 test rows per task. Every value is a normal run config field (the launchpad
-# shows and edits them); a plain `dagster asset materialize` uses the full defaults.
+# epoch, one finetuning seed (the CPU default), 20 test rows per task (round robin over subtasks,
+# so each of MMLU STEM's 18 subjects is represented; forward-only scoring, about 360 conversations
+# per checkpoint). Every value is a normal run config field (the launchpad shows and edits them);
+# a plain `dagster asset materialize` uses the full defaults.
 # Keyed by job, since a job accepts config only for its own assets.
 DEMO_RUN_CONFIG = {
     PREPARE_JOB_NAME: {
@@ -44,7 +46,7 @@ DEMO_RUN_CONFIG = {
     SELECT_AND_EVALUATE_JOB_NAME: {
         "ops": {
             "finetuned_checkpoints": {"config": {"epochs": 1}},
-            "evaluation": {"config": {"max_test_per_task": 10}},
+            "evaluation": {"config": {"max_test_per_task": 20}},
         }
     },
 }

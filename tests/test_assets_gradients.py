@@ -1,13 +1,22 @@
-"""Gradient tables written by the code before shards existed still work after an upgrade."""
+"""Gradient tables written by the code before shards existed still work after an upgrade; stores of
+different train-feature transforms never mix."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import dagster as dg
 import duckdb
 import pandas as pd
 import pytest
 
+from assets import ALL_CHECKS, ASSET_MODULES
 from assets.influence import InfluenceConfig, _stores, _train_parts
-from orchestration.partitions import shard_partitions
+from orchestration.partitions import DEFAULT_MODEL, model_shard_keys, shard_partitions
+from resources import build_resources
+from selection.gradients import DEFAULT_TRAIN_TRANSFORM
+from tests.fakes import TinyModelStore
 
 
 def test_old_gradient_stores_table_is_migrated_and_unsharded_train_rows_are_not_used() -> None:
@@ -18,11 +27,71 @@ def test_old_gradient_stores_table_is_migrated_and_unsharded_train_rows_are_not_
         "created_at TIMESTAMPTZ)")
     con.execute("INSERT INTO gradient_stores VALUES ('m', 'train', 'run', 1, 1e-4, 's', '/old', 'exact', 8192, 0, 10, "
                 "now())")
-    frame = _stores(con, "m", "run", "train", InfluenceConfig())
+    frame = _stores(con, "m", "run", "train", InfluenceConfig(train_transform="adam"))
     assert list(frame["part"]) == [""]
+    # Rows from before transforms were recorded hold LESS's adam features: no other transform reads them.
+    with pytest.raises(ValueError, match="train transform adam_no_momentum"):
+        _stores(con, "m", "run", "train", InfluenceConfig(train_transform="adam_no_momentum"))
     # The old single store is not a shard of the current layout: influence asks for the shards instead.
     keys = shard_partitions.get_partition_keys()
     with pytest.raises(ValueError, match=f"lack shards .*--partition 'm\\|{keys[0]}'"):
         _train_parts(frame, "m", [1])
     shards = pd.DataFrame({"epoch": [1] * len(keys), "part": keys, "directory": [f"/new/{k}" for k in keys]})
     assert _train_parts(shards, "m", [1]) == [[f"/new/{k}" for k in keys]]
+
+
+def test_train_gradients_of_another_transform_are_computed_afresh_and_never_mixed(tmp_path: Path) -> None:
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"instruction": f"Question {i} about topic {i % 4}?", "input": "",
+                                        "output": f"Answer {i} " + "y" * (i % 7)}) + "\n" for i in range(16)))
+    targets = tmp_path / "targets.jsonl"
+    targets.write_text("".join(json.dumps({"task": "t", "prompt": f"target question {i}", "completion": f"a {i}"})
+                               + "\n" for i in range(3)))
+    resources = {**build_resources(home=str(tmp_path / "home"), env="ci"),
+                 "model_store": TinyModelStore(cache_dir=str(tmp_path / "cache"))}
+    assets = [*dg.load_assets_from_modules(ASSET_MODULES), *ALL_CHECKS]
+    grad = {"dims": [16], "mode": "fast", "seed": 0}
+
+    def run(names: list[str], ops: dict, key=None) -> dg.ExecuteInProcessResult:
+        result = dg.materialize(assets, selection=dg.AssetSelection.assets(*names), resources=resources,
+                                run_config={"ops": ops}, partition_key=key, instance=instance)
+        assert result.success
+        return result
+
+    def train_gradients(transform: str) -> list[dict]:
+        return [run(["train_gradients"], {"train_gradients": {"config": {**grad, "train_transform": transform}}},
+                    key).asset_materializations_for_node("train_gradients")[0].metadata
+                for key in model_shard_keys(DEFAULT_MODEL)]
+
+    with dg.instance_for_test() as instance:
+        run(["raw_pool"], {"raw_pool": {"config": {"sources": [{"path": str(pool)}]}}})
+        run(["target_tasks"], {"target_tasks": {"config": {"files": [{"path": str(targets)}], "n_val": 2}}})
+        run(["warmup_checkpoints", "target_gradients"],
+            {"warmup_checkpoints": {"config": {"fraction": 0.5, "epochs": 1, "batch_size": 4, "learning_rate": 1e-3}},
+             "target_gradients": {"config": grad}}, DEFAULT_MODEL)
+        literal = train_gradients("adam")
+        assert sum(m["n_computed"].value for m in literal) > 0
+        assert {m["transform"].value for m in literal} == {"adam"}
+        assert {m["transform_why"].value for m in literal} == {"as in LESS"}
+        # Another transform does not reuse the adam stores: every feature is computed again, in other folders.
+        default = train_gradients(DEFAULT_TRAIN_TRANSFORM)
+        assert [m["n_computed"].value for m in default] == [m["n_computed"].value for m in literal]
+        assert {m["transform"].value for m in default} == {DEFAULT_TRAIN_TRANSFORM}
+        assert all("differs from LESS" in m["transform_why"].value for m in default)
+        # ... while the same transform again is reused.
+        assert all(m["n_computed"].value == 0 for m in train_gradients("adam"))
+        with duckdb.connect(resources["lineage"].db_path, read_only=True) as con:
+            stores = con.execute("SELECT transform, directory FROM gradient_stores WHERE kind = 'train'").fetchall()
+        by_transform: dict[str, set[str]] = {}
+        for transform, directory in stores:
+            by_transform.setdefault(transform, set()).add(directory)
+        assert set(by_transform) == {"adam", DEFAULT_TRAIN_TRANSFORM}
+        assert not by_transform["adam"] & by_transform[DEFAULT_TRAIN_TRANSFORM]
+        # Influence reads the stores of the transform it is told (adam was written last, and is not picked).
+        scored = run(["influence_scores"], {"influence_scores": {"config": {"dim": 16, "mode": "fast", "seed": 0}}},
+                     DEFAULT_MODEL).asset_materializations_for_node("influence_scores")[0].metadata
+        assert scored["train_transform"].value == DEFAULT_TRAIN_TRANSFORM
+        with duckdb.connect(resources["lineage"].db_path) as con:
+            frame = _stores(con, DEFAULT_MODEL, con.execute("SELECT max(warmup_run_key) FROM gradient_stores")
+                            .fetchone()[0], "train", InfluenceConfig(dim=16, mode="fast"))
+        assert set(frame["directory"]) == by_transform[DEFAULT_TRAIN_TRANSFORM]

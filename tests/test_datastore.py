@@ -247,3 +247,64 @@ def test_index_written_by_older_code_is_migrated(tmp_path: Path, model, examples
         "dim INTEGER, seed BIGINT, directory VARCHAR, example_id VARCHAR, shard INTEGER, row_in_shard INTEGER)")
     assert write_index(con, store) == 3
     assert con.execute("SELECT count(*) FROM feature_index WHERE part IS NULL").fetchone()[0] == 3
+
+
+def test_train_transform_is_part_of_the_identity_and_of_the_features(tmp_path: Path, model, examples) -> None:
+    engine = PerExampleGradients(model)
+    projector = make_projector("fast", engine.dim, 32, 0, engine.names_hash)
+    exp_avg, exp_avg_sq = moments(model)
+    # Every transform has its own canonical folder (LESS's adam keeps the one it always had).
+    folders = {t: store_directory(tmp_path, "tiny-model", "epoch_1", "train", projector, "00-of-01", transform=t)
+               for t in ("adam", "adam_no_momentum", "sgd")}
+    assert len(set(folders.values())) == 3
+    assert folders["adam"] == store_directory(tmp_path, "tiny-model", "epoch_1", "train", projector, "00-of-01")
+    assert folders["sgd"].parent.name.startswith("sgd-")
+    stores = {t: FeatureStore(folders[t], "tiny-model", "epoch_1", "train", projector, part="00-of-01", transform=t)
+              for t in folders}
+    for store in stores.values():
+        compute_features(model, examples[:4], projector, store, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+                         pad_token_id=PAD)
+    # The features are the store's transform of the plain gradients, projected and normalized.
+    target = FeatureStore(tmp_path / "target", "tiny-model", "epoch_1", "target", projector)
+    compute_features(model, examples[:4], projector, target, pad_token_id=PAD)
+    np.testing.assert_allclose(stores["sgd"].features().astype(np.float32), target.features().astype(np.float32),
+                               atol=2e-3)
+    assert not np.allclose(stores["adam"].features().astype(np.float32),
+                           stores["adam_no_momentum"].features().astype(np.float32), atol=1e-2)
+    # Every transform compares with the same (plain-gradient) target features.
+    for store in stores.values():
+        check_compatible(store, target)
+    # A store never takes features of another transform, nor is it reopened as one.
+    with pytest.raises(ValueError, match="transform 'adam_no_momentum' != 'sgd'"):
+        FeatureStore(folders["adam_no_momentum"], "tiny-model", "epoch_1", "train", projector, part="00-of-01",
+                     transform="sgd")
+    assert stores["adam"].store_id != stores["sgd"].store_id
+    with pytest.raises(ValueError, match="target features are plain gradients"):
+        FeatureStore(tmp_path / "t2", "tiny-model", "epoch_1", "target", projector, transform="adam")
+    with pytest.raises(ValueError, match="unknown train transform"):
+        FeatureStore(tmp_path / "t3", "tiny-model", "epoch_1", "train", projector, transform="adamw")
+
+
+def test_train_store_written_before_transforms_reopens_as_less_adam(tmp_path: Path, model) -> None:
+    import json
+
+    projector, store = make_store(tmp_path / "old", model, kind="train")
+    manifest_path = store.directory / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest.pop("transform") == "adam"
+    manifest_path.write_text(json.dumps(manifest))  # as older code wrote it
+    assert FeatureStore(store.directory, "tiny-model", "epoch_1", "train", projector).transform == "adam"
+    with pytest.raises(ValueError, match="transform"):
+        FeatureStore(store.directory, "tiny-model", "epoch_1", "train", projector, transform="adam_no_momentum")
+
+
+def test_bias_corrected_train_features_need_the_step_count(tmp_path: Path, model, examples) -> None:
+    engine = PerExampleGradients(model)
+    projector = make_projector("fast", engine.dim, 32, 0, engine.names_hash)
+    exp_avg, exp_avg_sq = moments(model)
+    store = FeatureStore(tmp_path / "bc", "tiny-model", "epoch_1", "train", projector, transform="adam_bias_corrected")
+    with pytest.raises(ValueError, match="adam_step"):
+        compute_features(model, examples[:2], projector, store, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+                         pad_token_id=PAD)
+    assert compute_features(model, examples[:2], projector, store, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+                            adam_step=3, pad_token_id=PAD) == 2
