@@ -2,6 +2,8 @@
 
 import json
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import dagster as dg
 import numpy as np
@@ -15,7 +17,8 @@ from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings
 from selection import (
-    checkpoints, embeddings, generation, kmq, models, quality, selection_store, selectors, tokenization, training,
+    checkpoints, embeddings, generation, kmq, models, preflight, quality, selection_store, selectors, tokenization,
+    training,
 )
 from selection.plots import bar_chart_markdown
 
@@ -47,7 +50,13 @@ class KmqConfig(dg.Config):
     budget: float = Field(default=0.05, description="A count (>= 1, whole) or a fraction of the pool (< 1)")
     temperature: float = Field(default=1.0, description="Softmax temperature of the quality weights within a cluster")
     seed: int = 0
-    reward_model_path: str | None = Field(default=None, description="Local reward model folder; default: LM log-likelihood")
+    quality: str | None = Field(
+        default=None,
+        description="Quality signal for sampling within clusters: 'ifd' (instruction-following difficulty under the "
+                    "base model, Li et al. 2024; the default without a reward model), 'log_likelihood' (the base "
+                    "model's mean response log-likelihood) or 'reward_model' (the default when reward_model_path is set)")
+    reward_model_path: str | None = Field(
+        default=None, description="Local reward model folder: the paper's quality score and iterative-kMQ feedback judge")
 
 
 class IterativeKmqConfig(KmqConfig):
@@ -91,6 +100,7 @@ def embeddings_asset(
     n_new = embeddings.fill_cache(
         cache, ids, texts, lambda batch: encoder.encode(batch, config.batch_size),
         on_chunk=lambda done, total: context.log.info(f"embedded {done}/{total} new examples"),
+        on_damaged=lambda problem: context.log.warning(f"damaged embedding shard dropped, re-embedding: {problem}"),
     )
     seconds = time.perf_counter() - started
     with lineage.connect() as con:
@@ -159,10 +169,35 @@ def clusters(
     )
 
 
+QUALITY_KINDS = ("ifd", "log_likelihood", "reward_model")
+ELIGIBLE = "eligible examples (a quality score, and IFD < 1 with quality 'ifd')"
+
+
+def _quality_kind(config: KmqConfig) -> str:
+    kind = config.quality or ("reward_model" if config.reward_model_path else "ifd")
+    if kind not in QUALITY_KINDS:
+        raise ValueError(f"`quality` {kind!r} is not one of {', '.join(QUALITY_KINDS)}")
+    if kind == "reward_model" and not config.reward_model_path:
+        raise ValueError("`quality` 'reward_model' needs `reward_model_path` (a local reward model folder)")
+    return kind
+
+
 def _scorer(config: KmqConfig, model, tokenizer, spec, device: str):
-    if config.reward_model_path:
+    kind = _quality_kind(config)
+    if kind == "reward_model":
         return quality.RewardModelScorer(config.reward_model_path, device=device)
-    return quality.LogLikelihoodScorer(model, tokenizer, spec.fingerprint(), max_length=spec.max_length)
+    if kind == "log_likelihood":
+        return quality.LogLikelihoodScorer(model, tokenizer, spec.fingerprint(), max_length=spec.max_length)
+    return quality.IFDScorer(model, tokenizer, spec.fingerprint(), max_length=spec.max_length)
+
+
+def _feedback_judge(config: KmqConfig, quality_scorer, device: str):
+    """Iterative kMQ's judge: the reward model when configured (the paper), else None (the trained model's surprise)."""
+    if not config.reward_model_path:
+        return None
+    if _quality_kind(config) == "reward_model":
+        return quality_scorer
+    return quality.RewardModelScorer(config.reward_model_path, device=device)
 
 
 def _quality_scores(context, lineage: LineageStore, scorer, ids: list[str], conversations: list) -> np.ndarray:
@@ -184,23 +219,72 @@ def _quality_scores(context, lineage: LineageStore, scorer, ids: list[str], conv
     return np.array([known[i] if known[i] is not None else np.nan for i in ids], dtype=np.float64)
 
 
-def _kmq_inputs(context, config: KmqConfig, lineage: LineageStore, model_store: ModelStore, device: DeviceSettings):
+@dataclass
+class KmqInputs:
+    spec: Any
+    pool_version: str
+    ids: list[str]
+    conversations: list
+    sources: list[str]
+    label_of: dict[str, int]
+    scorer: Any
+    scores: np.ndarray  # the scorer's output (IFD, log-likelihood or reward); NaN = unscored
+    quality: np.ndarray  # what kMQ samples with (quality.sampling_quality); NaN = not eligible
+    eligible: np.ndarray  # indices with a finite quality
+    model: Any
+    tokenizer: Any
+
+    def by_source(self, temperature: float) -> list[dict]:
+        """Per-source score and relative sampling weight (mean 1 over the pool, 0 if not eligible)."""
+        weights = quality.relative_sampling_weights(self.quality, temperature)
+        rows = quality.summarize_by_group(self.sources, {"score": self.scores, "weight": weights})
+        sources = np.asarray(self.sources, dtype=object)
+        n_eligible = {s: int(np.isfinite(self.quality[sources == s]).sum()) for s in set(self.sources)}
+        return [{"source": r["source"], "n": r["n"], "n_eligible": n_eligible[r["source"]],
+                 **{k: v for k, v in r.items() if k not in ("source", "n")}} for r in rows]
+
+
+def _kmq_inputs(context, config: KmqConfig, lineage: LineageStore, model_store: ModelStore,
+                device: DeviceSettings) -> KmqInputs:
     spec = model_store.spec(context.partition_key)
+    _quality_kind(config)  # a bad setting fails before anything is loaded
     with lineage.connect() as con:
         pool_version, ids, conversations = read_pool(con)
+        source_of = dict(con.execute("SELECT example_id, source FROM pool").fetchall())
         con.execute(CLUSTERS_DDL)
         label_of = dict(con.execute("SELECT example_id, cluster FROM clusters WHERE pool_version = ?",
                                     [pool_version]).fetchall())
     if len(label_of) != len(ids):
         raise ValueError(f"clusters cover {len(label_of)} of {len(ids)} pool examples; rematerialize clusters")
+    # Refused before the model is loaded and the pool scored.
+    preflight.resolve_selection_budget(config.budget, len(ids), len(ids), "current pool examples")
     model, tokenizer = model_store.load(spec, device.resolve())
     scorer = _scorer(config, model, tokenizer, spec, device.resolve())
     scores = _quality_scores(context, lineage, scorer, ids, conversations)
-    scored = np.flatnonzero(np.isfinite(scores))
-    if len(scored) < len(ids):
-        context.log.warning(f"{len(ids) - len(scored)} examples have no quality score (no response tokens left "
-                            "after truncation) and are not eligible")
-    return spec, pool_version, ids, conversations, label_of, scorer, scores, scored, model, tokenizer
+    sampling = quality.sampling_quality(scorer, scores)
+    n_unscored = int(np.isnan(scores).sum())
+    n_filtered = int((np.isfinite(scores) & ~np.isfinite(sampling)).sum())
+    if n_unscored:
+        context.log.warning(f"{n_unscored} examples have no quality score (no response token to score) and are "
+                            "not eligible")
+    if n_filtered:
+        context.log.info(f"{n_filtered} examples have IFD >= 1 (the prompt does not help predict the answer) and are "
+                         "not eligible, as in Li et al. 2024")
+    return KmqInputs(spec, pool_version, ids, conversations, [source_of[i] for i in ids], label_of, scorer, scores,
+                     sampling, np.flatnonzero(np.isfinite(sampling)), model, tokenizer)
+
+
+def _quality_report(inputs: KmqInputs, temperature: float) -> tuple[dict, dict]:
+    """(metrics, metadata) on the quality signal: per-source distributions and eligibility counts."""
+    rows = inputs.by_source(temperature)
+    n_unscored = int(np.isnan(inputs.scores).sum())
+    metrics = {"quality_kind": inputs.scorer.describe()["kind"], "quality_by_source": rows,
+               "n_unscored": n_unscored, "n_ineligible": int(len(inputs.ids) - len(inputs.eligible) - n_unscored)}
+    metadata = {"quality_by_source": dg.MetadataValue.md(
+                    "score = the scorer's output; weight = softmax(quality / T) sampling weight relative to the pool "
+                    "mean (1 = average, 0 = not eligible)\n\n" + markdown_table(rows)),
+                "n_ineligible": dg.MetadataValue.int(metrics["n_ineligible"])}
+    return metrics, metadata
 
 
 def _write_kmq(context, lineage, model_name, method, pool_version, chosen_ids, chosen_scores, metrics, tracker, extra_md):
@@ -231,18 +315,23 @@ def kmq_selection(
     device: DeviceSettings,
 ) -> dg.MaterializeResult:
     tracker = LineageTracker(context, lineage)
-    spec, pool_version, ids, _, label_of, scorer, scores, scored, _, _ = _kmq_inputs(
-        context, config, lineage, model_store, device)
+    inputs = _kmq_inputs(context, config, lineage, model_store, device)
+    spec, pool_version, ids, label_of, scorer, scores = (
+        inputs.spec, inputs.pool_version, inputs.ids, inputs.label_of, inputs.scorer, inputs.scores)
+    scored = inputs.eligible
     labels = np.array([label_of[ids[i]] for i in scored])
-    budget = selectors.resolve_budget_setting(config.budget, len(ids))
-    result = kmq.kmq_select(scores[scored], budget, labels=labels, seed=config.seed, temperature=config.temperature)
+    budget = preflight.resolve_selection_budget(config.budget, len(ids), len(scored), ELIGIBLE)
+    result = kmq.kmq_select(inputs.quality[scored], budget, labels=labels, seed=config.seed,
+                            temperature=config.temperature)
     chosen = scored[result.indices]
     per_cluster = {str(c): int(b) for c, b in enumerate(result.per_cluster_budget)}
+    quality_metrics, quality_md = _quality_report(inputs, config.temperature)
     metrics = {"budget": budget, "pool_version": pool_version, "scorer": scorer.describe(), "per_cluster": per_cluster,
-               "n_unscored": int(len(ids) - len(scored))}
+               "temperature": config.temperature, **quality_metrics}
     return _write_kmq(
         context, lineage, spec.name, "kmq", pool_version, [ids[i] for i in chosen], scores[chosen], metrics, tracker,
-        {"per_cluster_budget": dg.MetadataValue.md(bar_chart_markdown(per_cluster, "examples per cluster"))},
+        {"per_cluster_budget": dg.MetadataValue.md(bar_chart_markdown(per_cluster, "examples per cluster")),
+         **quality_md},
     )
 
 
@@ -259,10 +348,14 @@ def kmq_iterative_selection(
     model_store: ModelStore, device: DeviceSettings,
 ) -> dg.MaterializeResult:
     tracker = LineageTracker(context, lineage)
-    spec, pool_version, ids, conversations, label_of, scorer, scores, scored, model, tokenizer = _kmq_inputs(
-        context, config, lineage, model_store, device)
+    inputs = _kmq_inputs(context, config, lineage, model_store, device)
+    spec, pool_version, ids, conversations, label_of, scorer, scores, model, tokenizer = (
+        inputs.spec, inputs.pool_version, inputs.ids, inputs.conversations, inputs.label_of, inputs.scorer,
+        inputs.scores, inputs.model, inputs.tokenizer)
+    scored = inputs.eligible
+    judge = _feedback_judge(config, scorer, device.resolve())
     labels = np.array([label_of[ids[i]] for i in scored])
-    budget = selectors.resolve_budget_setting(config.budget, len(ids))
+    budget = preflight.resolve_selection_budget(config.budget, len(ids), len(scored), ELIGIBLE)
     train_config = training.TrainingConfig(epochs=1, learning_rate=config.learning_rate, batch_size=8,
                                            micro_batch_size=device.batch_size, seed=config.seed)
     feedback_log: list[dict] = []
@@ -273,7 +366,9 @@ def kmq_iterative_selection(
         chosen = [conversations[scored[i]] for i in selected_local]
         # Keyed by what determines the feedback, so a rerun reuses trained adapters and scores.
         round_key = checkpoints.training_run_key(
-            spec.fingerprint(), {**train_config.to_dict(), "max_new_tokens": config.max_new_tokens}, chosen_ids)
+            spec.fingerprint(), {**train_config.to_dict(), "max_new_tokens": config.max_new_tokens,
+                                 "feedback_judge": judge.fingerprint() if judge is not None else "self_likelihood"},
+            chosen_ids)
         round_dir = settings.subdir("models", spec.name, "kmq_feedback", round_key)
         cached = round_dir / "feedback.json"
         if cached.is_file():
@@ -287,7 +382,7 @@ def kmq_iterative_selection(
                             tokenizer.pad_token_id, save_moments=False)
         result = generation.compute_feedback(peft_model, tokenizer, chosen, max_new_tokens=config.max_new_tokens,
                                              max_length=spec.max_length, batch_size=device.batch_size,
-                                             model_fingerprint=f"{spec.fingerprint()}-{round_key}")
+                                             scorer=judge, model_fingerprint=f"{spec.fingerprint()}-{round_key}")
         peft_model.unload()  # back to the plain base model for the next round
         log = {"round": len(feedback_log), "round_key": round_key, "n_scored": int(np.isfinite(result.scores).sum()),
                "n_unscored": len(result.unscored_indices), "scorer": result.scorer}
@@ -297,7 +392,7 @@ def kmq_iterative_selection(
         context.log.info(f"feedback round {len(feedback_log)}: mean S {np.nanmean(result.scores):.4f}")
         return result.scores
 
-    selected, records = kmq.run_iterative_kmq(labels, scores[scored], budget, config.n_rounds, feedback,
+    selected, records = kmq.run_iterative_kmq(labels, inputs.quality[scored], budget, config.n_rounds, feedback,
                                               seed=config.seed, temperature=config.temperature)
     chosen = scored[selected]
     with lineage.connect() as con:
@@ -318,14 +413,17 @@ def kmq_iterative_selection(
     final = records[-1].updated_weights if records[-1].updated_weights is not None else records[-1].weights
     rounds_table = [{"round": r.round, "new": len(r.new_indices),
                      "weights": ", ".join(f"{w:.3f}" for w in r.weights)} for r in records]
+    quality_metrics, quality_md = _quality_report(inputs, config.temperature)
     metrics = {"budget": budget, "pool_version": pool_version, "scorer": scorer.describe(), "n_rounds": config.n_rounds,
-               "final_weights": [float(w) for w in final], "feedback": feedback_log}
+               "temperature": config.temperature, "final_weights": [float(w) for w in final], "feedback": feedback_log,
+               "feedback_judge": judge.describe() if judge is not None else "self_likelihood", **quality_metrics}
     return _write_kmq(
         context, lineage, spec.name, "kmq_iterative", pool_version, [ids[i] for i in chosen], scores[chosen], metrics,
         tracker,
         {"rounds": dg.MetadataValue.md(markdown_table(rounds_table)),
          "final_weights": dg.MetadataValue.md(bar_chart_markdown({str(c): float(w) for c, w in enumerate(final)},
-                                                                 "cluster weights after feedback"))},
+                                                                 "cluster weights after feedback")),
+         **quality_md},
     )
 
 

@@ -1,18 +1,25 @@
 """Quality scores of (prompt, response) pairs for kMQ, with a record of which scorer ran.
 
 kMQ samples within each cluster with probabilities from a quality score (softmax with a
-temperature). Two scorers, both offline:
+temperature). Three scorers, all offline:
 
-- :class:`LogLikelihoodScorer` (default): a causal LM's mean per-token log-likelihood of
-  the assistant response(s) given the prompt (:func:`response_log_likelihood`). Higher
-  means the model finds the response more natural; it needs no extra model.
+- :class:`IFDScorer` (default): instruction-following difficulty under the base model,
+  IFD = PPL(response | prompt) / PPL(response) (Li et al. 2024), mapped to a quality in
+  [0, 1) by :func:`ifd_quality` (IFD >= 1 is not eligible). It asks how much the prompt
+  helps, so an answer's own predictability (code that repeats its prompt, a one-letter
+  MMLU answer) cancels out of the ratio.
+- :class:`LogLikelihoodScorer`: a causal LM's mean per-token log-likelihood of the
+  assistant response(s) given the prompt (:func:`response_log_likelihood`). It measures
+  how predictable an answer is, so it favours copy-heavy, formulaic answers; kept as an
+  option and as iterative kMQ's default feedback judge.
 - :class:`RewardModelScorer`: a local reward model folder
   (``AutoModelForSequenceClassification`` with one output), the score of the whole
   rendered conversation. This is what the Diversify-and-Conquer paper uses.
 
 Every scorer follows :class:`ResponseScorer`: ``score(conversations)`` -> one float per
-conversation, higher = better response, NaN = could not be scored (reported, never 0);
-``fingerprint()`` and ``describe()`` for lineage.
+conversation, NaN = could not be scored (reported, never 0); ``fingerprint()`` and
+``describe()`` for lineage. Higher = better response, except that IFD is returned raw:
+:func:`sampling_quality` turns any scorer's stored scores into kMQ's sampling quality.
 """
 
 from __future__ import annotations
@@ -91,7 +98,7 @@ def _label_runs(labels: Sequence[int]) -> list[tuple[int, int]]:
 
 
 def _keep_final_turn(example: TokenizedExample, messages: Conversation) -> TokenizedExample:
-    """Labels on the last assistant turn only; none if truncation cut that turn away."""
+    """Labels on the last assistant turn only (truncation keeps that turn's start as the last labelled run)."""
     n_assistant = sum(1 for message in messages if message["role"] == "assistant")
     runs = _label_runs(example.labels)
     if len(runs) > n_assistant or (len(runs) < n_assistant and not example.truncated):
@@ -100,7 +107,7 @@ def _keep_final_turn(example: TokenizedExample, messages: Conversation) -> Token
             "does not separate assistant turns, so the final turn cannot be isolated"
         )
     labels = [IGNORE_INDEX] * len(example.labels)
-    if len(runs) == n_assistant and runs:
+    if runs and (len(runs) == n_assistant or example.truncated):
         start, end = runs[-1]
         labels[start:end] = example.labels[start:end]
     n_target = sum(1 for label in labels if label != IGNORE_INDEX)
@@ -133,10 +140,11 @@ def score_response_likelihoods(
     before them, per conversation, in input order.
 
     Tokenization is :func:`selection.tokenization.tokenize_many` (labels on assistant
-    content and end-of-turn tokens, first ``max_length`` tokens kept). With
+    content and end-of-turn tokens; past ``max_length`` the prompt is cut before the last
+    response, which keeps its start). With
     ``final_turn_only`` only the last assistant turn counts (earlier turns are context).
-    Conversations with no predictable target token (no assistant turn, or truncation cut
-    it away) get NaN and are listed in ``unscored_indices``. Batches are length-sorted
+    Conversations with no predictable target token (no assistant turn, or an empty one)
+    get NaN and are listed in ``unscored_indices``. Batches are length-sorted
     (``batch_size`` rows, at most ``max_tokens`` padded tokens); the model runs in eval mode.
     """
     if batch_size < 1:
@@ -218,6 +226,203 @@ class LogLikelihoodScorer:
     def describe(self) -> dict[str, Any]:
         return {**self._settings(), "fingerprint": self.fingerprint(),
                 "meaning": "mean per-token log-likelihood of the response (nats); higher = more likely"}
+
+
+# ------------------------------------------------------------------ instruction-following difficulty
+
+
+@dataclass(frozen=True)
+class IFDResult:
+    """Per-conversation IFD and its two halves, over the same response tokens (input order)."""
+
+    ifd: np.ndarray  # [n] PPL(response | prompt) / PPL(response | empty instruction); NaN = unscored
+    conditioned: np.ndarray  # [n] mean log-likelihood of those tokens given the prompt (nats)
+    unconditioned: np.ndarray  # [n] the same given an empty instruction
+    n_tokens: np.ndarray  # [n] response tokens compared (0 where unscored)
+    stats: TruncationStats  # of the prompted tokenization
+    unscored_indices: tuple[int, ...]
+
+    @property
+    def n_unscored(self) -> int:
+        return len(self.unscored_indices)
+
+
+def _without_instruction(messages: Conversation, index: int) -> Conversation:
+    """The final assistant turn after an empty user turn (templates require a user turn first)."""
+    answers = [m for m in messages if m["role"] == "assistant"]
+    if not answers:
+        raise ValueError(f"conversation {index} has no assistant turn; IFD scores a response")
+    return [{"role": "user", "content": ""}, {"role": "assistant", "content": answers[-1]["content"]}]
+
+
+def _target_ids(example: TokenizedExample) -> list[int]:
+    return [label for label in example.labels[1:] if label != IGNORE_INDEX]
+
+
+@torch.no_grad()
+def _target_log_probs(model: torch.nn.Module, examples: Sequence[TokenizedExample], pad_token_id: int,
+                      batch_size: int, max_tokens: int | None) -> list[np.ndarray]:
+    """Log-probability of every predicted target token, per example, in token order."""
+    out = [np.empty(0, dtype=np.float64) for _ in examples]
+    usable = [i for i, example in enumerate(examples) if _predictable_targets(example) > 0]
+    device = next(model.parameters()).device
+    with eval_mode(model):
+        for batch_rows in length_sorted_batches([examples[i] for i in usable], batch_size, max_tokens):
+            indices = [usable[row] for row in batch_rows]
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in indices], pad_token_id).items()}
+            token_nll, _ = token_losses(model, batch)
+            mask = batch["labels"][:, 1:] != IGNORE_INDEX
+            for row, index in enumerate(indices):
+                out[index] = -token_nll[row][mask[row]].double().cpu().numpy()
+    return out
+
+
+def instruction_following_difficulty(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    conversations: Sequence[Conversation],
+    max_length: int = 256,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+) -> IFDResult:
+    """IFD of each conversation's final response (Li et al. 2024, "From Quantity to Quality"):
+
+        IFD = PPL(y | x) / PPL(y) = exp(mean NLL(y | x) - mean NLL(y))
+
+    ``x`` is everything before the last assistant turn, ``y`` that turn. Chat-format
+    variant: ``PPL(y)`` is taken after an *empty* user turn in the same template (Li et
+    al. score the bare answer text), so both perplexities cover exactly the same
+    response tokens, end-of-turn token included. When truncation to ``max_length`` cuts
+    the prompted response, both means run over its first tokens only. IFD < 1: the
+    prompt helps predict the answer (lower = easier); IFD >= 1: it does not. NaN (listed
+    in ``unscored_indices``): no response token left after truncation.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    prompted, stats = tokenize_many(tokenizer, conversations, max_length)
+    prompted = [_keep_final_turn(example, messages) for example, messages in zip(prompted, conversations)]
+    alone, _ = tokenize_many(tokenizer, [_without_instruction(m, i) for i, m in enumerate(conversations)], max_length)
+    # One pass over both halves: similar lengths share batches.
+    log_probs = _target_log_probs(model, [*prompted, *alone], tokenizer.pad_token_id, batch_size, max_tokens)
+    n = len(conversations)
+    ifd, conditioned, unconditioned = (np.full(n, np.nan) for _ in range(3))
+    n_tokens = np.zeros(n, dtype=np.int64)
+    for i in range(n):
+        with_prompt, without = _target_ids(prompted[i]), _target_ids(alone[i])
+        m = min(len(with_prompt), len(without))
+        if m == 0:
+            continue
+        if with_prompt[:m] != without[:m]:
+            raise ValueError(
+                f"conversation {i}: the response tokenizes differently with and without its prompt, so IFD "
+                "would compare different tokens; use quality='log_likelihood' with this tokenizer"
+            )
+        conditioned[i], unconditioned[i] = log_probs[i][:m].mean(), log_probs[n + i][:m].mean()
+        ifd[i], n_tokens[i] = np.exp(unconditioned[i] - conditioned[i]), m
+    unscored = tuple(int(i) for i in np.flatnonzero(np.isnan(ifd)))
+    return IFDResult(ifd, conditioned, unconditioned, n_tokens, stats, unscored)
+
+
+def ifd_quality(ifd: Sequence[float] | np.ndarray) -> np.ndarray:
+    """kMQ sampling quality from IFD: the IFD itself where it is below 1, NaN (not eligible) otherwise.
+
+    Li et al. rank by IFD (higher = the answer is harder to produce even with the prompt)
+    and discard IFD >= 1 (the prompt does not help: answer and instruction do not
+    match); NaN keeps those out of kMQ's sampling exactly as unscored rows are. Quality
+    lies in [0, 1), so with softmax(quality / T) no example outweighs another in its
+    cluster by more than e^(1/T) (2.7x at the default T = 1), whatever its answer's format.
+    """
+    values = np.asarray(ifd, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return np.where(values < 1.0, values, np.nan)
+
+
+class IFDScorer:
+    """Scorer of instruction-following difficulty under a causal LM (the kMQ offline default).
+
+    ``score`` returns the raw IFD (what is cached; see :func:`instruction_following_difficulty`);
+    :meth:`to_quality` maps it to kMQ's sampling quality (:func:`ifd_quality`). It is a
+    pool-quality scorer, not a feedback judge (IFD is not "higher = better answer" above 1).
+    ``model_fingerprint`` identifies the weights as for :class:`LogLikelihoodScorer`.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, model_fingerprint: str, max_length: int = 256,
+                 batch_size: int = 8, max_tokens: int | None = None) -> None:
+        if not model_fingerprint:
+            raise ValueError("model_fingerprint must be non-empty (it identifies the scorer in lineage)")
+        self.model, self.tokenizer, self.model_fingerprint = model, tokenizer, model_fingerprint
+        self.max_length, self.batch_size, self.max_tokens = max_length, batch_size, max_tokens
+        self.last_result: IFDResult | None = None
+
+    def score(self, conversations: Sequence[Conversation]) -> np.ndarray:
+        self.last_result = instruction_following_difficulty(
+            self.model, self.tokenizer, conversations, self.max_length, self.batch_size, self.max_tokens)
+        return self.last_result.ifd
+
+    @staticmethod
+    def to_quality(scores: Sequence[float] | np.ndarray) -> np.ndarray:
+        return ifd_quality(scores)
+
+    def _settings(self) -> dict[str, Any]:
+        return {"kind": "ifd", "variant": "chat template, empty user turn for PPL(y)",
+                "model": self.model_fingerprint, "max_length": self.max_length}
+
+    def fingerprint(self) -> str:
+        return _fingerprint_of(self._settings())
+
+    def describe(self) -> dict[str, Any]:
+        return {**self._settings(), "fingerprint": self.fingerprint(),
+                "meaning": "IFD = PPL(response | prompt) / PPL(response | empty instruction) (Li et al. 2024)",
+                "quality": "IFD where IFD < 1; IFD >= 1 not eligible"}
+
+
+def sampling_quality(scorer: Any, scores: Sequence[float] | np.ndarray) -> np.ndarray:
+    """kMQ quality (higher = sampled more, NaN = not eligible) from a scorer's stored scores:
+    its ``to_quality`` mapping when it has one (:class:`IFDScorer`), else the scores as they are."""
+    mapping = getattr(scorer, "to_quality", None)
+    return np.asarray(scores if mapping is None else mapping(scores), dtype=np.float64)
+
+
+def relative_sampling_weights(quality: Sequence[float] | np.ndarray, temperature: float) -> np.ndarray:
+    """Each example's softmax(quality / T) weight over the eligible pool, scaled to mean 1; 0 where NaN.
+
+    kMQ normalizes within each cluster, so this is how much more often an example is
+    drawn than an average one competing for the same cluster budget: comparable across
+    sources whatever the clustering.
+    """
+    q = np.asarray(quality, dtype=np.float64)
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    weights = np.zeros(q.shape)
+    eligible = np.isfinite(q)
+    if eligible.any():
+        raw = np.exp((q[eligible] - q[eligible].max()) / temperature)
+        weights[eligible] = raw / raw.mean()
+    return weights
+
+
+def summarize_by_group(groups: Sequence[str], named_values: dict[str, Sequence[float] | np.ndarray],
+                       group_name: str = "source", digits: int = 3) -> list[dict[str, Any]]:
+    """One row per group (sorted): n, then mean/median/p10/p90 of each named value over its
+    finite entries; ``n_<name>`` counts those, in every row, when any value is NaN."""
+    labels = np.asarray(groups, dtype=object)
+    arrays = {name: np.asarray(values, dtype=np.float64) for name, values in named_values.items()}
+    for name, values in arrays.items():
+        if values.shape != labels.shape:
+            raise ValueError(f"{name} has {values.size} values for {labels.size} group labels")
+    rows = []
+    for group in sorted(set(labels.tolist())):
+        mask = labels == group
+        row: dict[str, Any] = {group_name: group, "n": int(mask.sum())}
+        for name, values in arrays.items():
+            v = values[mask]
+            v = v[np.isfinite(v)]
+            if not np.isfinite(values).all():
+                row[f"n_{name}"] = int(len(v))
+            stats = (v.mean(), np.median(v), *np.percentile(v, [10, 90])) if len(v) else (np.nan,) * 4
+            row.update({f"{name}_{k}": round(float(s), digits) for k, s in zip(("mean", "median", "p10", "p90"), stats)})
+        rows.append(row)
+    return rows
 
 
 # ------------------------------------------------------------------ reward model
