@@ -55,6 +55,7 @@ def parse_report(path: Path) -> list[dict]:
             result, observed = "pass", properties.get("observed", "")
         rows.append({
             "scenario": properties.get("scenario") or case.get("name"),
+            "kind": "scenario" if "scenario" in properties else "supporting check",
             "expected": properties.get("expected", ""),
             "observed": observed,
             "result": result,
@@ -70,7 +71,8 @@ def print_table(rows: list[dict]) -> None:
     print(" | ".join(c.ljust(widths.get(c, len(c))) for c in columns))
     print("-+-".join("-" * widths.get(c, len(c)) for c in columns))
     for row in rows:
-        print(" | ".join(str(row[c])[:60].ljust(widths[c]) for c in columns))
+        # One line per scenario: messages may hold newlines.
+        print(" | ".join(" ".join(str(row[c]).split())[:60].ljust(widths[c]) for c in columns))
 
 
 def main() -> int:
@@ -82,7 +84,8 @@ def main() -> int:
     print_table(rows)
     failed = [r["scenario"] for r in rows if r["result"] == "FAIL"]
     summary = {
-        "scenarios": len(rows),
+        "scenarios": sum(r["kind"] == "scenario" for r in rows),
+        "supporting_checks": sum(r["kind"] != "scenario" for r in rows),
         "passed": sum(r["result"] == "pass" for r in rows),
         "failed": len(failed),
         "skipped": sum(r["result"] == "SKIP" for r in rows),

@@ -22,3 +22,31 @@ class TinyModelStore(ModelStore):
         model = build_tiny_llama(seed=0, vocab_size=len(tokenizer))
         model.config.pad_token_id = tokenizer.pad_token_id
         return model.to(device), tokenizer
+
+
+def error_messages(error: BaseException | None) -> list[str]:
+    """The message of an error and of everything that caused it, outermost first (Dagster wraps user errors)."""
+    messages, seen = [], set()
+    while error is not None and id(error) not in seen:  # a context chain can loop back on itself
+        seen.add(id(error))
+        messages.append(str(error))
+        error = error.__cause__ or error.__context__
+    return messages
+
+
+def materialize_error(assets, resources, run_config=None, partition_key=None) -> str:
+    """Every message of the error a materialization raised, joined by " | " ("" when it succeeded)."""
+    import dagster as dg
+
+    try:
+        dg.materialize(assets, resources=resources, run_config=run_config, partition_key=partition_key)
+    except Exception as error:  # noqa: BLE001 - Dagster wraps the user error; its causes are read
+        return " | ".join(error_messages(error))
+    return ""
+
+
+def user_error_text(joined: str, limit: int = 200) -> str:
+    """The user's own message out of `materialize_error`'s text, on one line (for fault tables)."""
+    wrappers = ("Error occurred while executing", "Error executing resource_fn")
+    parts = [p for p in joined.split(" | ") if p and not p.startswith(wrappers)]
+    return " ".join((parts[0] if parts else joined).split())[:limit] or "run succeeded"

@@ -24,7 +24,7 @@ from assets.warmup import warmup_checkpoints
 from orchestration.partitions import DEFAULT_MODEL
 from resources import build_resources
 from selection import tokenization
-from tests.fakes import TinyModelStore
+from tests.fakes import TinyModelStore, materialize_error, user_error_text
 
 pytestmark = pytest.mark.faults
 
@@ -36,21 +36,6 @@ class NoModelStore(TinyModelStore):
         raise AssertionError("the model was loaded before the refusal")
 
 
-def _errors(error: BaseException | None) -> str:
-    messages, seen = [], set()
-    while error is not None and id(error) not in seen:  # a chain can loop back on itself
-        seen.add(id(error))
-        messages.append(str(error))
-        error = error.__cause__ or error.__context__
-    return " | ".join(messages)
-
-
-def _materialize_error(assets, resources, run_config=None, partition_key=None) -> str:
-    try:
-        dg.materialize(assets, resources=resources, run_config=run_config, partition_key=partition_key)
-    except Exception as error:  # noqa: BLE001 - Dagster wraps the user error; its causes are read below
-        return _errors(error)
-    return ""
 
 
 def _write_pool(path: Path, answers: list[str]) -> Path:
@@ -80,10 +65,10 @@ def test_warmup_with_a_zero_lr_epoch_is_refused_before_training(tmp_path: Path, 
     # 5 examples at 8 per step: one step per epoch, epoch 1's step is the warmup step at lr 0.
     config = {"ops": {"warmup_checkpoints": {"config": {"fraction": 0.05, "batch_size": 8, "epochs": 4,
                                                         "warmup_ratio": 0.03}}}}
-    observed = _materialize_error([warmup_checkpoints], resources, config, DEFAULT_MODEL)
+    observed = materialize_error([warmup_checkpoints], resources, config, DEFAULT_MODEL)
     record_property("scenario", "warmup on a 100-example pool: fraction 0.05, batch 8, warmup ratio 0.03")
     record_property("expected", "refused before the model loads, naming fraction / batch_size / warmup_ratio")
-    record_property("observed", observed.split(" | ")[-1][:200] or "run succeeded")
+    record_property("observed", user_error_text(observed, 200))
     assert "average learning rate of 0" in observed
     assert all(f"`{field}`" in observed for field in ("fraction", "batch_size", "warmup_ratio"))
     assert "model was loaded" not in observed
@@ -99,11 +84,11 @@ def test_budget_above_the_pool_is_refused_before_scoring(tmp_path: Path, resourc
                               "example_id": [r[0] for r in con.execute("SELECT example_id FROM pool").fetchall()],
                               "cluster": [0, 1, 0, 1, 0, 1]})
         con.execute("INSERT INTO clusters SELECT * FROM frame")
-    observed = _materialize_error([kmq_selection], resources,
+    observed = materialize_error([kmq_selection], resources,
                                   {"ops": {"kmq_selection": {"config": {"budget": 7}}}}, DEFAULT_MODEL)
     record_property("scenario", "kmq_selection with budget 7 on a 6-example pool")
     record_property("expected", "refused before quality scoring, naming `budget` and its largest valid value")
-    record_property("observed", observed.split(" | ")[-1][:200] or "run succeeded")
+    record_property("observed", user_error_text(observed, 200))
     assert "`budget` 7 is above the pool of 6 current examples; lower `budget` to at most 6" in observed
     assert "model was loaded" not in observed
     assert _count(resources, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'selections'") == 0
@@ -133,10 +118,10 @@ def test_val_task_without_target_tokens_is_refused_before_gradients(tmp_path: Pa
     computed = []
     monkeypatch.setattr("assets.gradients.datastore.compute_features", lambda *a, **k: computed.append(1))
     resources = {**resources, "model_store": TinyModelStore(cache_dir="unused")}  # max_length 96
-    observed = _materialize_error([target_gradients], resources, None, DEFAULT_MODEL)
+    observed = materialize_error([target_gradients], resources, None, DEFAULT_MODEL)
     record_property("scenario", "target task whose only val example has no target tokens within max_length")
     record_property("expected", "target_gradients refused before any gradient, naming the task and max_length")
-    record_property("observed", observed.split(" | ")[-1][:200] or "run succeeded")
+    record_property("observed", user_error_text(observed, 200))
     assert "tasks ['long'] have no usable val example" in observed and "max_length 96" in observed
     assert computed == []
 
@@ -161,7 +146,7 @@ def test_edited_record_is_superseded_and_never_selected(tmp_path: Path, resource
     monkeypatch.setattr("assets.selections.latest_influence", lambda con, model: run)
     monkeypatch.setattr("assets.selections.influence.load_scores",
                         lambda _: (np.arange(len(old_ids), dtype=np.float32)[:, None], old_ids))
-    too_many = _materialize_error([random_selection], resources,
+    too_many = materialize_error([random_selection], resources,
                                   {"ops": {"random_selection": {"config": {"budget": 4}}}}, DEFAULT_MODEL)
     dg.materialize([random_selection], resources=resources,
                    run_config={"ops": {"random_selection": {"config": {"budget": 3}}}}, partition_key=DEFAULT_MODEL)

@@ -30,6 +30,7 @@ from resources.settings import StorageSettings
 from selection import datastore, names, selection_store, targets
 from selection.ingest import SourceSpec
 from selection.pool_store import ingest_sources
+from tests.fakes import materialize_error, user_error_text
 
 pytestmark = pytest.mark.faults
 
@@ -51,15 +52,6 @@ INJECTIONS = [
     "lots",
 ]
 
-
-def _errors(error: BaseException | None) -> str:
-    """The message of an error and of everything that caused it (Dagster wraps user errors)."""
-    messages, seen = [], set()
-    while error is not None and id(error) not in seen:  # contexts can form cycles
-        seen.add(id(error))
-        messages.append(str(error))
-        error = error.__cause__ or error.__context__
-    return " | ".join(messages)
 
 
 def _escaped(tmp_path: Path) -> list[str]:
@@ -93,13 +85,6 @@ def resources(tmp_path: Path) -> dict:
     return build_resources(home=str(tmp_path / "home"), env="ci")
 
 
-def _materialize_error(assets, resources, run_config=None, partition_key=None) -> str:
-    try:
-        dg.materialize(assets, resources=resources, run_config=run_config, partition_key=partition_key)
-    except Exception as error:  # noqa: BLE001 - Dagster wraps the user error; its causes are read below
-        return _errors(error)
-    return ""
-
 
 @pytest.mark.parametrize("label,value", TRAVERSALS, ids=[t[0] for t in TRAVERSALS])
 def test_target_task_from_config_is_refused_before_any_write(
@@ -108,10 +93,10 @@ def test_target_task_from_config_is_refused_before_any_write(
     target_file = tmp_path / "targets.jsonl"
     target_file.write_text(json.dumps({"prompt": "q", "completion": "a"}) + "\n")
     config = {"ops": {"target_tasks": {"config": {"files": [{"path": str(target_file), "task": value}]}}}}
-    observed = _materialize_error([target_tasks], resources, config)
+    observed = materialize_error([target_tasks], resources, config)
     record_property("scenario", f"target_tasks config task = {label} ({value[:24]!r})")
     record_property("expected", "config error naming the task before any write; nothing outside the root")
-    record_property("observed", observed.split(" | ")[-1][:160] or "run succeeded")
+    record_property("observed", user_error_text(observed, 160))
     assert "task" in observed and "must be 1-64 characters" in observed
     assert _escaped(tmp_path) == []
     assert _count(resources["lineage"].db_path, "targets") == 0
@@ -154,10 +139,10 @@ def test_pool_source_name_is_refused_before_any_write(
 ) -> None:
     config = {"ops": {"raw_pool": {"config": {"sources": [{"path": str(_pool_file(tmp_path / "p.jsonl")),
                                                            "name": value}]}}}}
-    observed = _materialize_error([raw_pool], resources, config)
+    observed = materialize_error([raw_pool], resources, config)
     record_property("scenario", f"raw_pool source name = {label} ({value[:24]!r})")
     record_property("expected", "config error naming the source before any write")
-    record_property("observed", observed.split(" | ")[-1][:160] or "run succeeded")
+    record_property("observed", user_error_text(observed, 160))
     assert "source" in observed and "printable characters" in observed
     assert _escaped(tmp_path) == []
     assert _count(resources["lineage"].db_path, "pool") == 0
@@ -182,10 +167,10 @@ def test_memory_limit_injection_fails_before_any_write(tmp_path: Path, value: st
         "ops": {"raw_pool": {"config": {"sources": [{"path": str(_pool_file(tmp_path / "p.jsonl"))}]}}},
         "resources": {"lineage": {"config": {"db_path": db_path, "memory_limit": value}}},
     }
-    observed = _materialize_error([raw_pool], resources, config)
+    observed = materialize_error([raw_pool], resources, config)
     record_property("scenario", f"LineageStore memory_limit = {value[:40]!r}")
     record_property("expected", "resource fails to build: no table created, no file written, pool unchanged")
-    record_property("observed", observed.split(" | ")[-1][:160] or "run succeeded")
+    record_property("observed", user_error_text(observed, 160))
     assert "is not a memory size" in observed
     assert not outside.exists() and _escaped(tmp_path) == []
     assert _tables(db_path) == set()
@@ -235,10 +220,10 @@ def test_finetune_refuses_a_stored_name_that_would_escape(tmp_path: Path, resour
         (version,) = con.execute("SELECT pool_version FROM pool_versions").fetchone()
         selection_store.write_selections(
             con, [selection_store.Selection(DEFAULT_MODEL, f"../../../../{MARK}", "all", ids[:2], [1.0, 0.5], version)])
-    observed = _materialize_error([finetuned_checkpoints], resources, partition_key=DEFAULT_MODEL)
+    observed = materialize_error([finetuned_checkpoints], resources, partition_key=DEFAULT_MODEL)
     record_property("scenario", "a selection stored with a traversal method name, then finetuned_checkpoints")
     record_property("expected", "refused before any training; no folder outside the root")
-    record_property("observed", observed.split(" | ")[-1][:160] or "run succeeded")
+    record_property("observed", user_error_text(observed, 160))
     assert "without '..'" in observed
     assert _escaped(tmp_path) == []
     assert _count(resources["lineage"].db_path, "checkpoints") == 0
@@ -261,10 +246,10 @@ def test_less_export_with_an_escaping_target_writes_nothing(
     monkeypatch.setattr("assets.selections.influence.load_scores",
                         lambda _: (np.linspace(0, 1, len(ids), dtype=np.float32)[:, None], ids))
     config = {"ops": {"less_selection": {"config": {"budget": 2}}}}
-    observed = _materialize_error([less_selection], resources, config, partition_key=DEFAULT_MODEL)
+    observed = materialize_error([less_selection], resources, config, partition_key=DEFAULT_MODEL)
     record_property("scenario", "LESS selection whose target task is '../../../../ESCAPED'")
     record_property("expected", "refused before any write: no export outside the root, no selection rows")
-    record_property("observed", observed.split(" | ")[-1][:160] or "run succeeded")
+    record_property("observed", user_error_text(observed, 160))
     assert "without '..'" in observed
     assert _escaped(tmp_path) == []
     assert _count(resources["lineage"].db_path, "selections") == 0
