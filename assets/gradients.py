@@ -8,9 +8,12 @@ can spread shards over machines. It streams the pool in chunks of `shard_size` e
 """
 
 import contextlib
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pandas as pd
@@ -21,27 +24,34 @@ from orchestration.partitions import MODEL_DIMENSION, SHARD_DIMENSION, model_par
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings
-from selection import checkpoints, datastore, models, pool_store, projection, tokenization, training
-from selection.gradients import PerExampleGradients
+from selection import (
+    checkpoints, datastore, diagnostics, models, pool_store, preflight, projection, tokenization, training,
+)
+from selection.gradients import DEFAULT_TRAIN_TRANSFORM, PerExampleGradients, check_train_transform, transform_why
 
 STORE_TABLE_DDL = """CREATE TABLE IF NOT EXISTS gradient_stores (
     model VARCHAR, kind VARCHAR, warmup_run_key VARCHAR, epoch INTEGER, avg_lr DOUBLE, store_id VARCHAR,
     directory VARCHAR, mode VARCHAR, dim INTEGER, seed BIGINT, n_rows INTEGER, created_at TIMESTAMPTZ,
-    part VARCHAR, n_excluded INTEGER
+    part VARCHAR, n_excluded INTEGER, transform VARCHAR
 )"""
 # Tables made before stores had parts.
 STORE_TABLE_MIGRATIONS = (
     "ALTER TABLE gradient_stores ADD COLUMN IF NOT EXISTS part VARCHAR",
     "ALTER TABLE gradient_stores ADD COLUMN IF NOT EXISTS n_excluded INTEGER",
+    # NULL on rows made before the transform was recorded: those train stores hold LESS's `adam`.
+    "ALTER TABLE gradient_stores ADD COLUMN IF NOT EXISTS transform VARCHAR",
 )
 
 GRADIENT_CODE = code_version(
-    "selection.gradients", "selection.projection", "selection.datastore", "selection.tokenization", "selection.checkpoints"
+    "selection.gradients", "selection.projection", "selection.datastore", "selection.tokenization",
+    "selection.checkpoints", "selection.diagnostics",
 )
 PROGRESS_LOG_SECONDS = 30.0
 
 # Conversations of the given ids, keyed by id (ids not found are missing from the dict).
 ConversationLoader = Callable[[Sequence[str]], dict[str, list[dict]]]
+# The group (pool source, target task) of each given id, for per-group truncation counts.
+GroupLoader = Callable[[Sequence[str]], dict[str, str]]
 
 
 class GradientConfig(dg.Config):
@@ -49,6 +59,13 @@ class GradientConfig(dg.Config):
     mode: str = Field(default=projection.DEFAULT_MODE, description="'exact' (dense Rademacher) or 'fast' (sparse sign)")
     seed: int = Field(default=0, description="Projection seed; stores of different seeds never mix")
     shard_size: int = Field(default=512, description="Examples per chunk read from the pool and per file on disk")
+    train_transform: str = Field(
+        default=DEFAULT_TRAIN_TRANSFORM,
+        description="train_gradients only (target features are always plain gradients): 'adam' (default, "
+        "LESS's literal Adam step), 'adam_no_momentum' (Adam's preconditioner without the shared momentum), "
+        "'adam_bias_corrected' or 'sgd'. Stores of different "
+        "transforms never mix; influence_scores reads the one its own train_transform names.",
+    )
 
 
 def ensure_store_table(con) -> None:
@@ -63,11 +80,12 @@ def _store_rows(con, spec_name: str, kind: str, run_key: str, epoch: int, avg_lr
     frame = pd.DataFrame(
         [
             (spec_name, kind, run_key, epoch, avg_lr, s.store_id, str(s.directory), s.manifest["projection"]["mode"],
-             s.dim, s.manifest["projection"]["seed"], len(s), pd.Timestamp.now(tz="UTC"), s.part, len(s.excluded()))
+             s.dim, s.manifest["projection"]["seed"], len(s), pd.Timestamp.now(tz="UTC"), s.part, len(s.excluded()),
+             s.transform)
             for s in stores
         ],
         columns=["model", "kind", "warmup_run_key", "epoch", "avg_lr", "store_id", "directory", "mode", "dim", "seed",
-                 "n_rows", "created_at", "part", "n_excluded"],
+                 "n_rows", "created_at", "part", "n_excluded", "transform"],
     )
     con.execute("DELETE FROM gradient_stores WHERE store_id IN (SELECT store_id FROM frame)")
     con.execute("INSERT INTO gradient_stores BY NAME SELECT * FROM frame")
@@ -111,15 +129,21 @@ def _gradient_features(
     model_store: ModelStore,
     device: DeviceSettings,
     tracker: LineageTracker,
+    precheck: Callable[[Any, int], None] | None = None,
+    groups_of: GroupLoader | None = None,
+    group_label: str = "source",
 ) -> dict:
     """Fill one store per (checkpoint, dim) with `kind` features of `example_ids`, streaming them
     in chunks of `shard_size`; ids a store already covers (stored or excluded) are skipped."""
     spec = model_store.spec(model_name)
+    transform = check_train_transform(config.train_transform) if kind == "train" else None
     with lineage.connect() as con:
         warmup = checkpoints.latest_run_checkpoints(con, spec.name, "warmup")
     run_key = str(warmup["run_key"].iloc[0])
     resolved = device.resolve()
     model, tokenizer = model_store.load(spec, resolved)
+    if precheck is not None:
+        precheck(tokenizer, spec.max_length)
     # Exact projectors share the cache for the dense matrix (no effect on the numbers, only on speed).
     projection_options = ({"cache_bytes": device.projection_cache_bytes(resolved) // len(config.dims)}
                           if config.mode == "exact" else {})
@@ -127,7 +151,8 @@ def _gradient_features(
     engine = PerExampleGradients(peft_model)
     model_fingerprint = f"{spec.name}-{spec.fingerprint()}"
     token_counts: dict[str, int] = {}
-    per_checkpoint = []
+    truncation = tokenization.TruncationTally()
+    per_checkpoint, checked = [], []
     started = time.perf_counter()
     # Built once: a cached dense `exact` matrix then serves every checkpoint.
     projectors = [
@@ -139,8 +164,9 @@ def _gradient_features(
         checkpoint = f"{run_key}-epoch_{row.epoch}"
         stores = [
             datastore.FeatureStore(
-                datastore.store_directory(settings.subdir("gradients"), model_fingerprint, checkpoint, kind, p, part),
-                model_fingerprint, checkpoint, kind, p, shard_size=config.shard_size, part=part,
+                datastore.store_directory(settings.subdir("gradients"), model_fingerprint, checkpoint, kind, p, part,
+                                          transform=transform),
+                model_fingerprint, checkpoint, kind, p, shard_size=config.shard_size, part=part, transform=transform,
             )
             for p in projectors
         ]
@@ -151,6 +177,8 @@ def _gradient_features(
             if dropped:
                 context.log.warning(f"dropped {dropped} shard(s) a killed run committed to only some dims; "
                                     "recomputing them")
+            for problem in datastore.repair_stores(stores):
+                context.log.warning(f"damaged feature shard dropped with the shards after it, recomputing: {problem}")
             covered = stores[0].covered()
             todo = [example_id for example_id in example_ids if example_id not in covered]
             computed = 0
@@ -171,14 +199,33 @@ def _gradient_features(
                                                               spec.max_length)
                 for key, value in stats.as_metrics().items():
                     token_counts[key] = token_counts.get(key, 0) + value
+                groups = groups_of(chunk) if groups_of is not None else {}
+                truncation.add(chunk, [groups.get(i, "all") for i in chunk], tokenized)
                 computed += datastore.compute_features(
                     peft_model, list(zip(chunk, tokenized)), projectors, stores, exp_avg=exp_avg,
-                    exp_avg_sq=exp_avg_sq, pad_token_id=tokenizer.pad_token_id, max_batch_size=device.batch_size,
+                    exp_avg_sq=exp_avg_sq, adam_step=_warmup_steps(row.path) if kind == "train" else None,
+                    pad_token_id=tokenizer.pad_token_id, max_batch_size=device.batch_size,
                     max_tokens=device.max_tokens_per_batch, progress_cb=progress,
                 )
                 progress.chunk_done(len(chunk))
+        steps = _warmup_steps(row.path)
+        found = [(store, diagnostics.feature_diagnostics([array for _, array in store.iter_shards()]))
+                 for store in stores]
         with lineage.connect() as con, transaction(con):
             _store_rows(con, spec.name, kind, run_key, int(row.epoch), float(row.avg_lr), stores)
+            diagnostics.record_diagnostics(con, [
+                {"store_id": store.store_id, "model": spec.name, "kind": kind, "warmup_run_key": run_key,
+                 "epoch": int(row.epoch), "part": part, "mode": config.mode, "dim": store.dim, "seed": config.seed,
+                 "warmup_steps": steps, **result.as_dict()}
+                for store, result in found
+            ])
+        for store, result in found:
+            checked.append({"epoch": int(row.epoch), "dim": store.dim, "warmup_steps": steps, **result.as_dict()})
+            if result.collapsed:
+                context.log.warning(
+                    f"{kind} features of epoch {row.epoch} (d{store.dim}) collapsed onto one direction: "
+                    f"{result.describe()}, after {steps} warmup optimizer steps. Influence scores from them rank "
+                    "mostly by that direction; train the warmup longer and recompute the features")
         for store in stores:
             tracker.add_file(f"{kind}/epoch_{row.epoch}/d{store.dim}", store.directory)
         per_checkpoint.append({"epoch": int(row.epoch), "computed": computed, "stored": len(stores[0]),
@@ -191,11 +238,15 @@ def _gradient_features(
                             f"features (recorded in the store), e.g. {sorted(excluded)[:5]}")
     return {
         "warmup_run_key": run_key, "kind": kind, "part": part, "mode": config.mode, "dims": list(config.dims),
+        # Target features are plain per-example gradients whatever train_transform says.
+        "transform": transform or "sgd", "transform_why": transform_why(transform) if transform else "",
         "seed": config.seed, "n_examples": len(example_ids), "n_stored": len(stores[0]),
         "n_skipped_no_target": len(excluded), "skipped_ids": sorted(excluded)[:50], "n_computed": n_computed,
         "seconds": seconds, "examples_per_s": n_computed / seconds if seconds > 0 and n_computed else None,
         # Summed over the checkpoints that had work (each tokenizes its chunks again).
         "tokenization_this_run_all_checkpoints": token_counts, "checkpoints": per_checkpoint,
+        "truncation_by_group": truncation.rows(group_label), "feature_diagnostics": checked,
+        "features_collapsed": any(c["collapsed"] for c in checked),
     }
 
 
@@ -207,6 +258,8 @@ def _result(tracker: LineageTracker, metrics: dict) -> dg.MaterializeResult:
             "warmup_run_key": metrics["warmup_run_key"],
             "part": metrics["part"] or "all",
             "mode": metrics["mode"],
+            "transform": metrics["transform"],
+            "transform_why": metrics["transform_why"] or "as in LESS",
             "dims": dg.MetadataValue.json(metrics["dims"]),
             "n_examples": dg.MetadataValue.int(metrics["n_examples"]),
             "n_stored": dg.MetadataValue.int(metrics["n_stored"]),
@@ -214,14 +267,42 @@ def _result(tracker: LineageTracker, metrics: dict) -> dg.MaterializeResult:
             "n_skipped_no_target": dg.MetadataValue.int(metrics["n_skipped_no_target"]),
             "examples_per_s": dg.MetadataValue.float(float(metrics["examples_per_s"] or 0.0)),
             "checkpoints": dg.MetadataValue.md(markdown_table(metrics["checkpoints"])),
+            "features_collapsed": dg.MetadataValue.bool(metrics["features_collapsed"]),
+            "feature_diagnostics": dg.MetadataValue.md(markdown_table([
+                {"epoch": c["epoch"], "dim": c["dim"], "warmup_steps": c["warmup_steps"], "rows": c["n_rows"],
+                 "mean_feature_norm": _rounded(c["mean_feature_norm"]),
+                 "mean_pairwise_cosine": _rounded(c["mean_pairwise_cosine"]),
+                 "saturated_share": _rounded(c["saturated_share"]), "collapsed": c["collapsed"]}
+                for c in metrics["feature_diagnostics"]
+            ])),
+            # Examples tokenized by this run (none when every feature was already stored).
+            "truncation": dg.MetadataValue.md(markdown_table(metrics["truncation_by_group"])),
         },
     )
+
+
+def _rounded(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def _warmup_steps(checkpoint_dir: str) -> int | None:
+    """Optimizer steps the warmup had taken at this checkpoint (None when its record is gone)."""
+    path = Path(checkpoint_dir) / training.CHECKPOINT_FILE
+    return json.loads(path.read_text()).get("global_step") if path.is_file() else None
 
 
 def _load_pool_conversations(lineage: LineageStore) -> ConversationLoader:
     def load(example_ids: Sequence[str]) -> dict[str, list[dict]]:
         with lineage.connect() as con:
             return pool_store.pool_conversations(con, example_ids)
+
+    return load
+
+
+def _load_pool_sources(lineage: LineageStore) -> GroupLoader:
+    def load(example_ids: Sequence[str]) -> dict[str, str]:
+        with lineage.connect() as con:
+            return pool_store.example_sources(con, example_ids)
 
     return load
 
@@ -247,13 +328,17 @@ class GradientExamples:
     load_conversations: ConversationLoader
     part: str | None
     metrics: dict
+    # Called with (tokenizer, max_length) before any gradient is computed; raises to refuse.
+    precheck: Callable[[Any, int], None] | None = None
+    groups_of: GroupLoader | None = None  # per-group truncation counts in the metadata
+    group_label: str = "source"
 
 
 def _pool_shard(context: dg.AssetExecutionContext, lineage: LineageStore) -> GradientExamples:
     keys = context.partition_key.keys_by_dimension
     ids, metrics = pool_shard_ids(lineage, keys[SHARD_DIMENSION])
     return GradientExamples(keys[MODEL_DIMENSION], ids, _load_pool_conversations(lineage), keys[SHARD_DIMENSION],
-                            metrics)
+                            metrics, groups_of=_load_pool_sources(lineage))
 
 
 def _target_val(context: dg.AssetExecutionContext, lineage: LineageStore) -> GradientExamples:
@@ -261,9 +346,22 @@ def _target_val(context: dg.AssetExecutionContext, lineage: LineageStore) -> Gra
         rows = read_targets(con, "val")
     # The same example may define several tasks; its gradient is computed once.
     conversations = dict((example_id, messages) for _, _, example_id, messages in rows)
+    tasks: dict[str, set[str]] = {}
+    for task, _, example_id, _ in rows:
+        tasks.setdefault(example_id, set()).add(task)
+    tasks_of = {example_id: ",".join(sorted(names)) for example_id, names in tasks.items()}
+
+    def check_usable(tokenizer: Any, max_length: int) -> None:
+        ids = list(conversations)
+        _, stats = tokenization.tokenize_many(tokenizer, [conversations[i] for i in ids], max_length)
+        preflight.check_val_usable([(task, example_id) for task, _, example_id, _ in rows],
+                                   {ids[i] for i in stats.usable_indices()},
+                                   f"none has target tokens within max_length {max_length}")
+
     return GradientExamples(context.partition_key, list(conversations),
                             lambda ids: {i: conversations[i] for i in ids if i in conversations}, None,
-                            {"n_val_rows": len(rows)})
+                            {"n_val_rows": len(rows)}, check_usable,
+                            lambda ids: {i: tasks_of[i] for i in ids if i in tasks_of}, "task")
 
 
 def build_gradient_asset(
@@ -288,7 +386,8 @@ def build_gradient_asset(
         tracker = LineageTracker(context, lineage)
         examples = examples_of(context, lineage)
         metrics = _gradient_features(context, kind, examples.model, examples.example_ids, examples.load_conversations,
-                                     examples.part, config, settings, lineage, model_store, device, tracker)
+                                     examples.part, config, settings, lineage, model_store, device, tracker,
+                                     examples.precheck, examples.groups_of, examples.group_label)
         return _result(tracker, {**metrics, **examples.metrics})
 
     return _gradients
@@ -296,8 +395,8 @@ def build_gradient_asset(
 
 train_gradients = build_gradient_asset(
     "train", model_shard_partitions, "raw_pool", _pool_shard,
-    "Adam-preconditioned per-example LoRA gradients of one shard of the pool at every warmup checkpoint, "
-    "projected. One partition per (model, shard).",
+    "Per-example LoRA gradients of one shard of the pool at every warmup checkpoint, transformed by "
+    "`train_transform` (default 'adam': LESS's Adam step), projected. One partition per (model, shard).",
 )
 target_gradients = build_gradient_asset(
     "target", model_partitions, "target_tasks", _target_val,

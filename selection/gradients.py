@@ -1,4 +1,4 @@
-"""Per-example LoRA gradients in batches, and LESS's Adam feature transform.
+"""Per-example LoRA gradients in batches, and the train-feature transforms (LESS's Adam step and variants).
 
 Why batched works: examples in a batch do not interact (eval mode, no batch norm,
 right padding under a causal mask), so the gradient of ``sum_i loss_i`` with respect
@@ -227,18 +227,106 @@ def adam_feature(
     return m / torch.sqrt(v + eps)
 
 
+def adam_no_momentum_feature(
+    g: torch.Tensor, exp_avg_sq: torch.Tensor, beta2: float = LESS_BETA2, eps: float = LESS_EPS
+) -> torch.Tensor:
+    """Adam's preconditioner without the momentum: ``g / sqrt(v' + eps)``, ``v' = b2*v + (1-b2)*g^2``.
+
+    LESS's feature minus its shared part: ``adam_feature`` is ``(b1*m + (1-b1)*g) / sqrt(v'+eps)``,
+    and ``b1*m`` is the same for every example, so after the cosine it mostly measures how small
+    an example's own gradient is next to that shared direction. Dropping it keeps the per-example
+    step direction as Adam would scale it (eps inside the root as in ``adam_feature``).
+    """
+    if g.shape[-1] != exp_avg_sq.shape[-1] or exp_avg_sq.dim() != 1:
+        raise ValueError(f"shape mismatch: g {tuple(g.shape)}, exp_avg_sq {tuple(exp_avg_sq.shape)}")
+    v = exp_avg_sq.to(g) * beta2 + g.square() * (1 - beta2)
+    return g / torch.sqrt(v + eps)
+
+
+def adam_bias_corrected_feature(
+    g: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int,
+    beta1: float = LESS_BETA1,
+    beta2: float = LESS_BETA2,
+    eps: float = LESS_EPS,
+) -> torch.Tensor:
+    """``adam_feature`` with Adam's bias correction: the hypothetical step is optimizer step
+    ``step + 1`` (``step`` = steps the moments have seen), ``m'/(1-b1^(step+1))`` over
+    ``sqrt(v'/(1-b2^(step+1)) + eps)``."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if exp_avg.shape != exp_avg_sq.shape or g.shape[-1] != exp_avg.shape[-1]:
+        raise ValueError(f"shape mismatch: g {tuple(g.shape)}, exp_avg {tuple(exp_avg.shape)}, "
+                         f"exp_avg_sq {tuple(exp_avg_sq.shape)}")
+    m = (exp_avg.to(g) * beta1 + g * (1 - beta1)) / (1 - beta1 ** (step + 1))
+    v = (exp_avg_sq.to(g) * beta2 + g.square() * (1 - beta2)) / (1 - beta2 ** (step + 1))
+    return m / torch.sqrt(v + eps)
+
+
+# Train-feature transforms of ``train_gradients`` (target features are always plain gradients).
+# "adam" is LESS's own; see DEFAULT_TRAIN_TRANSFORM for the default and why.
+TRAIN_TRANSFORMS = ("adam", "adam_no_momentum", "adam_bias_corrected", "sgd")
+LITERAL_LESS_TRANSFORM = "adam"
+# LESS's own step stays the default. bench/feature_transforms.py (800-row planted pool, 1 warmup
+# epoch = 5 steps): adam features are collapsed (mean unit feature norm 0.85, mean pairwise cosine
+# 0.72; adam_no_momentum 0.22 / 0.05) yet planted recall is the same within noise (LESS 2.00x adam,
+# 1.92x adam_no_momentum, 2.00x sgd), so no variant has earned the default.
+DEFAULT_TRAIN_TRANSFORM = LITERAL_LESS_TRANSFORM
+_TRANSFORM_WHY = {
+    "adam": "",
+    "adam_no_momentum": "differs from LESS (adam): the momentum b1*m is shared by every example, so after a short "
+                        "warmup it dominates each feature and features collapse onto one direction; dropping it keeps "
+                        "Adam's per-coordinate scaling of each example's own gradient",
+    "adam_bias_corrected": "differs from LESS (adam): Adam's bias correction at the checkpoint's step count",
+    "sgd": "differs from LESS (adam): the raw per-example gradient, the LESS paper's SGD ablation",
+}
+
+
+def train_feature(
+    transform: str, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int | None = None
+) -> torch.Tensor:
+    """The train feature of per-example gradients ``g`` (``[B, D]`` or ``[D]``) under ``transform``."""
+    if transform == "adam":
+        return adam_feature(g, exp_avg, exp_avg_sq)
+    if transform == "adam_no_momentum":
+        return adam_no_momentum_feature(g, exp_avg_sq)
+    if transform == "adam_bias_corrected":
+        if step is None:
+            raise ValueError("adam_bias_corrected needs the optimizer step count of the checkpoint")
+        return adam_bias_corrected_feature(g, exp_avg, exp_avg_sq, step)
+    if transform == "sgd":
+        return g
+    raise ValueError(f"unknown train transform {transform!r}; expected one of {TRAIN_TRANSFORMS}")
+
+
+def transform_why(transform: str) -> str:
+    """One line on how ``transform`` differs from the LESS paper ("" for LESS's own)."""
+    return _TRANSFORM_WHY[check_train_transform(transform)]
+
+
+def check_train_transform(transform: str) -> str:
+    if transform not in TRAIN_TRANSFORMS:
+        raise ValueError(f"unknown train transform {transform!r}; expected one of {TRAIN_TRANSFORMS}")
+    return transform
+
+
 @dataclass(frozen=True)
 class AdamMoments:
-    """Flat Adam moments of one checkpoint, in the engine's parameter order."""
+    """Flat Adam moments of one checkpoint, in the engine's parameter order, and the number of
+    optimizer steps that produced them (needed only by ``adam_bias_corrected``)."""
 
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
+    step: int | None = None
 
     @classmethod
     def from_named(
-        cls, exp_avg: Mapping[str, torch.Tensor], exp_avg_sq: Mapping[str, torch.Tensor], slots: Sequence[LoraSlot]
+        cls, exp_avg: Mapping[str, torch.Tensor], exp_avg_sq: Mapping[str, torch.Tensor], slots: Sequence[LoraSlot],
+        step: int | None = None,
     ) -> AdamMoments:
-        return cls(flatten_named(exp_avg, slots, "exp_avg"), flatten_named(exp_avg_sq, slots, "exp_avg_sq"))
+        return cls(flatten_named(exp_avg, slots, "exp_avg"), flatten_named(exp_avg_sq, slots, "exp_avg_sq"), step)
 
-    def transform(self, grads: torch.Tensor) -> torch.Tensor:
-        return adam_feature(grads, self.exp_avg, self.exp_avg_sq)
+    def transform(self, grads: torch.Tensor, transform: str = LITERAL_LESS_TRANSFORM) -> torch.Tensor:
+        return train_feature(transform, grads, self.exp_avg, self.exp_avg_sq, self.step)

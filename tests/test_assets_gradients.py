@@ -15,7 +15,6 @@ from assets import ALL_CHECKS, ASSET_MODULES
 from assets.influence import InfluenceConfig, _stores, _train_parts
 from orchestration.partitions import DEFAULT_MODEL, model_shard_keys, shard_partitions
 from resources import build_resources
-from selection.gradients import DEFAULT_TRAIN_TRANSFORM
 from tests.fakes import TinyModelStore
 
 
@@ -29,6 +28,7 @@ def test_old_gradient_stores_table_is_migrated_and_unsharded_train_rows_are_not_
                 "now())")
     frame = _stores(con, "m", "run", "train", InfluenceConfig(train_transform="adam"))
     assert list(frame["part"]) == [""]
+    assert list(_stores(con, "m", "run", "train", InfluenceConfig())["part"]) == [""]  # the default is adam
     # Rows from before transforms were recorded hold LESS's adam features: no other transform reads them.
     with pytest.raises(ValueError, match="train transform adam_no_momentum"):
         _stores(con, "m", "run", "train", InfluenceConfig(train_transform="adam_no_momentum"))
@@ -63,6 +63,7 @@ def test_train_gradients_of_another_transform_are_computed_afresh_and_never_mixe
                     key).asset_materializations_for_node("train_gradients")[0].metadata
                 for key in model_shard_keys(DEFAULT_MODEL)]
 
+    OTHER = "adam_no_momentum"  # noqa: N806
     with dg.instance_for_test() as instance:
         run(["raw_pool"], {"raw_pool": {"config": {"sources": [{"path": str(pool)}]}}})
         run(["target_tasks"], {"target_tasks": {"config": {"files": [{"path": str(targets)}], "n_val": 2}}})
@@ -74,9 +75,9 @@ def test_train_gradients_of_another_transform_are_computed_afresh_and_never_mixe
         assert {m["transform"].value for m in literal} == {"adam"}
         assert {m["transform_why"].value for m in literal} == {"as in LESS"}
         # Another transform does not reuse the adam stores: every feature is computed again, in other folders.
-        default = train_gradients(DEFAULT_TRAIN_TRANSFORM)
+        default = train_gradients(OTHER)
         assert [m["n_computed"].value for m in default] == [m["n_computed"].value for m in literal]
-        assert {m["transform"].value for m in default} == {DEFAULT_TRAIN_TRANSFORM}
+        assert {m["transform"].value for m in default} == {OTHER}
         assert all("differs from LESS" in m["transform_why"].value for m in default)
         # ... while the same transform again is reused.
         assert all(m["n_computed"].value == 0 for m in train_gradients("adam"))
@@ -85,13 +86,15 @@ def test_train_gradients_of_another_transform_are_computed_afresh_and_never_mixe
         by_transform: dict[str, set[str]] = {}
         for transform, directory in stores:
             by_transform.setdefault(transform, set()).add(directory)
-        assert set(by_transform) == {"adam", DEFAULT_TRAIN_TRANSFORM}
-        assert not by_transform["adam"] & by_transform[DEFAULT_TRAIN_TRANSFORM]
-        # Influence reads the stores of the transform it is told (adam was written last, and is not picked).
-        scored = run(["influence_scores"], {"influence_scores": {"config": {"dim": 16, "mode": "fast", "seed": 0}}},
+        assert set(by_transform) == {"adam", OTHER}
+        assert not by_transform["adam"] & by_transform[OTHER]
+        # Influence reads the stores of the transform it is told (adam's rows were written last, and are not picked).
+        scored = run(["influence_scores"], {"influence_scores": {"config": {"dim": 16, "mode": "fast", "seed": 0,
+                                                                            "train_transform": OTHER}}},
                      DEFAULT_MODEL).asset_materializations_for_node("influence_scores")[0].metadata
-        assert scored["train_transform"].value == DEFAULT_TRAIN_TRANSFORM
+        assert scored["train_transform"].value == OTHER
+        assert "differs from LESS" in scored["train_transform_why"].value
         with duckdb.connect(resources["lineage"].db_path) as con:
             frame = _stores(con, DEFAULT_MODEL, con.execute("SELECT max(warmup_run_key) FROM gradient_stores")
-                            .fetchone()[0], "train", InfluenceConfig(dim=16, mode="fast"))
-        assert set(frame["directory"]) == by_transform[DEFAULT_TRAIN_TRANSFORM]
+                            .fetchone()[0], "train", InfluenceConfig(dim=16, mode="fast", train_transform=OTHER))
+        assert set(frame["directory"]) == by_transform[OTHER]

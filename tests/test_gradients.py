@@ -5,7 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selection.gradients import AdamMoments, PerExampleGradients, adam_feature, flatten_named, lora_slots
+from selection.gradients import (
+    DEFAULT_TRAIN_TRANSFORM,
+    TRAIN_TRANSFORMS,
+    AdamMoments,
+    PerExampleGradients,
+    adam_bias_corrected_feature,
+    adam_feature,
+    adam_no_momentum_feature,
+    flatten_named,
+    lora_slots,
+    train_feature,
+    transform_why,
+)
 from selection.models import ModelSpec, add_lora, build_tiny_llama
 from selection.tokenization import IGNORE_INDEX, TokenizedExample, collate
 
@@ -85,6 +97,53 @@ def test_adam_feature_matches_less_formula() -> None:
     assert adam_feature(torch.zeros(1, 2), torch.zeros(2), torch.zeros(2)).abs().max() == 0
     with pytest.raises(ValueError, match="shape mismatch"):
         adam_feature(g, m[:2], v[:2])
+
+
+G = torch.tensor([[0.5, -2.0, 0.0], [0.01, 0.0, 1.0]])
+M = torch.tensor([0.1, 0.2, -0.3])
+V = torch.tensor([0.01, 0.0, 0.04])
+
+
+def test_adam_no_momentum_is_the_gradient_over_adams_updated_root() -> None:
+    feature = adam_no_momentum_feature(G, V)
+    # By hand, row 0: v' = 0.999 v + 0.001 g^2 = [0.01024, 0.004, 0.03996]; g / sqrt(v' + 1e-8).
+    expected0 = torch.tensor([0.5 / (0.01024 + 1e-8) ** 0.5, -2.0 / (0.004 + 1e-8) ** 0.5, 0.0])
+    torch.testing.assert_close(feature[0], expected0)
+    torch.testing.assert_close(feature, G / torch.sqrt(0.999 * V + 0.001 * G**2 + 1e-8))
+    # The shared momentum is gone: the feature of a zero gradient is zero whatever m is.
+    assert train_feature("adam_no_momentum", torch.zeros(1, 3), M, V).abs().max() == 0
+    assert train_feature("adam", torch.zeros(1, 3), M, V).abs().max() > 0
+    with pytest.raises(ValueError, match="shape mismatch"):
+        adam_no_momentum_feature(G, V[:2])
+
+
+def test_adam_bias_corrected_divides_the_moments_by_the_next_steps_corrections() -> None:
+    feature = adam_bias_corrected_feature(G, M, V, step=4)
+    # The hypothetical step is the 5th: m' / (1 - 0.9^5), v' / (1 - 0.999^5).
+    m_hat = (0.9 * M + 0.1 * G) / (1 - 0.9**5)
+    v_hat = (0.999 * V + 0.001 * G**2) / (1 - 0.999**5)
+    torch.testing.assert_close(feature, m_hat / torch.sqrt(v_hat + 1e-8))
+    assert abs(float(1 - 0.9**5) - 0.40951) < 1e-6  # the hand figure behind the line above
+    with pytest.raises(ValueError, match="step"):
+        adam_bias_corrected_feature(G, M, V, step=-1)
+
+
+def test_train_feature_dispatches_every_transform() -> None:
+    torch.testing.assert_close(train_feature("adam", G, M, V), adam_feature(G, M, V))
+    torch.testing.assert_close(train_feature("sgd", G, M, V), G)
+    torch.testing.assert_close(train_feature("adam_bias_corrected", G, M, V, step=2),
+                               adam_bias_corrected_feature(G, M, V, 2))
+    with pytest.raises(ValueError, match="step count"):
+        train_feature("adam_bias_corrected", G, M, V)
+    with pytest.raises(ValueError, match="unknown train transform"):
+        train_feature("adamw", G, M, V)
+    moments = AdamMoments(M, V, step=2)
+    for name in TRAIN_TRANSFORMS:
+        torch.testing.assert_close(moments.transform(G, name), train_feature(name, G, M, V, 2))
+    torch.testing.assert_close(moments.transform(G), adam_feature(G, M, V))  # the literal LESS step by default
+    # A default other than LESS's own says why.
+    assert transform_why("adam") == "" and all(transform_why(t) for t in TRAIN_TRANSFORMS if t != "adam")
+    assert DEFAULT_TRAIN_TRANSFORM == "adam"  # no variant beat LESS's own on planted recall
 
 
 def test_moments_flatten_by_name_with_or_without_adapter_name() -> None:
