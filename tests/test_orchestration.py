@@ -87,3 +87,27 @@ def test_refresh_sensors_chain_prepare_shards_and_selection() -> None:
         # New warmup checkpoints make every shard stale again.
         _success_context(instance, "gradient_shards_after_prepare", _warmup_stand_in, DEFAULT_MODEL)
         assert isinstance(select_after_gradient_shards(done), dg.SkipReason)
+
+
+def test_demo_run_config_fits_the_jobs_and_passes_the_warmup_preflight() -> None:
+    """`make demo`'s config must stay valid as asset configs change, and its warmup must not be
+    refused for a zero-lr epoch at the demo's pool size (both would only show 10+ minutes in)."""
+    from assets.warmup import WarmupConfig
+    from orchestration.jobs import DEMO_RUN_CONFIG
+    from selection import preflight
+
+    for job_name, run_config in DEMO_RUN_CONFIG.items():
+        result = dg.validate_run_config(defs.resolve_job_def(job_name), run_config)
+        assert result is not None, job_name
+    ops = DEMO_RUN_CONFIG["prepare_job"]["ops"]
+    warmup = WarmupConfig(**ops.get("warmup_checkpoints", {}).get("config", {}))
+    pool_size = ops["raw_pool"]["config"]["default_pool_size"]
+    preflight.check_warmup_schedule(round(warmup.fraction * pool_size), warmup.batch_size, warmup.epochs,
+                                    warmup.warmup_ratio, pool_size=pool_size)
+    broken = {"ops": {"warmup_checkpoints": {"config": {"no_such_field": 1}}}}
+    try:
+        dg.validate_run_config(defs.resolve_job_def("prepare_job"), broken)
+    except dg.DagsterInvalidConfigError:
+        pass
+    else:
+        raise AssertionError("an unknown config field must be refused")
