@@ -7,7 +7,11 @@ from pathlib import Path
 from resources.lineage import connect_with_retry
 
 SUMMARY_QUERIES = {
-    "pool by source": "SELECT source, count(*) AS examples FROM pool GROUP BY source ORDER BY source",
+    # Superseded rows (old versions of edited records) are never selected; counted apart.
+    "pool by source": (
+        "SELECT source, count(*) FILTER (WHERE superseded_at_seq IS NULL) AS examples, "
+        "count(*) FILTER (WHERE superseded_at_seq IS NOT NULL) AS superseded FROM pool GROUP BY source ORDER BY source"
+    ),
     "pool rejects by reason": (
         "SELECT source, split_part(reason, ':', 1) AS reason, count(*) AS n FROM pool_rejects GROUP BY ALL ORDER BY ALL"
     ),

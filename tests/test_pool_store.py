@@ -317,3 +317,18 @@ def test_old_pool_tables_are_migrated(tmp_path: Path) -> None:
     assert {"superseded_by", "superseded_at_version", "superseded_at_seq"} <= {r[0] for r in rows(old, "DESCRIBE pool")}
     assert rows(old, "SELECT n_superseded FROM pool_versions ORDER BY seq") == [(0,), (1,)]
     old.close()
+
+
+def test_demo_summary_counts_superseded_rows_apart(tmp_path: Path, capsys) -> None:
+    from orchestration.summary import print_summary
+
+    with duckdb.connect(str(tmp_path / "lineage.duckdb")) as connection:
+        source = write_jsonl(tmp_path / "s.jsonl", [qa(1), qa(2), qa(3)])
+        ingest_sources(connection, [source])
+        write_jsonl(tmp_path / "s.jsonl", [qa(1), qa(9), qa(3)])  # line 2 edited
+        ingest_sources(connection, [source])
+    print_summary(str(tmp_path))
+    lines = capsys.readouterr().out.splitlines()
+    header = lines.index("== pool by source ==")
+    assert lines[header + 1].split() == ["source", "examples", "superseded"]
+    assert lines[header + 2].split() == ["s", "3", "1"]
