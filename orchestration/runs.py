@@ -10,8 +10,9 @@ of a pool-limited asset (`accelerator`, limit 1) waits forever. One mechanism ha
 - `release_dead_runs` finds STARTED/STARTING runs whose worker is on this host and gone,
   writes a `failed` lineage row for each asset they had planned and not materialized, marks
   them failed and frees their pool slots. `guarded_executor` (the default executor of
-  `orchestration.definitions`) calls it at every run start, before any step claims a slot,
-  so a rerun from the CLI starts at once; `make demo` calls it before its runs.
+  `orchestration.definitions`; `orchestration.distributed` wraps Celery's the same way)
+  calls it at every run start, before any step claims a slot, so a rerun from the CLI starts
+  at once; `make demo` calls it before its runs.
 - In a deployment, the daemon's run monitoring (`run_monitoring` in `dagster_home/dagster.yaml`)
   asks `WorkerCheckingRunLauncher` whether each STARTED run's worker is alive, fails the run
   if not, and frees the slots of ended runs (`free_slots_after_run_end_seconds`); the
@@ -163,6 +164,10 @@ class _GuardedExecutor(dg.Executor):
     def __init__(self, inner: dg.Executor):
         self._inner = inner
 
+    def __getattr__(self, name: str):
+        # Executors read their own settings back from `plan_context.executor` (Celery's `app_args`).
+        return getattr(self._inner, name)
+
     @property
     def retries(self):
         return self._inner.retries
@@ -189,15 +194,20 @@ class _GuardedExecutor(dg.Executor):
             record_unfinished_assets(instance, run, lineage, "an upstream step failed", versions, errors_by_step)
 
 
-@dg.executor(
-    name="guarded_multi_or_in_process",
-    config_schema=dg.multi_or_in_process_executor.config_schema.as_field(),
-    requirements=dg.multi_or_in_process_executor.get_requirements,
-)
-def guarded_executor(init_context: dg.InitExecutorContext) -> dg.Executor:
-    """Dagster's default executor (multiprocess unless configured `in_process`), same config,
-    plus the dead-run release and failed lineage rows described in this module."""
-    return _GuardedExecutor(dg.multi_or_in_process_executor.executor_creation_fn(init_context))
+def guarded(executor_def: dg.ExecutorDefinition, name: str) -> dg.ExecutorDefinition:
+    """`executor_def` with the same config, plus the dead-run release and failed lineage rows
+    described in this module."""
+
+    @dg.executor(name=name, config_schema=executor_def.config_schema.as_field(),
+                 requirements=executor_def.get_requirements)
+    def _guarded(init_context: dg.InitExecutorContext) -> dg.Executor:
+        return _GuardedExecutor(executor_def.executor_creation_fn(init_context))
+
+    return _guarded
+
+
+# Dagster's default executor: multiprocess unless configured `in_process`.
+guarded_executor = guarded(dg.multi_or_in_process_executor, "guarded_multi_or_in_process")
 
 
 class WorkerCheckingRunLauncher(dg.DefaultRunLauncher):
