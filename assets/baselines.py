@@ -1,18 +1,21 @@
 """Baselines users compare against that need no gradients: RDS (representation similarity) and full data."""
 
+from collections.abc import Callable
+
 import dagster as dg
 import numpy as np
 
 from assets.common import LineageTracker, code_version, read_pool, read_targets
-from assets.selections import SelectionConfig, build_selection_check, pool_size_of, record_picks
+from assets.selections import SelectionConfig, pool_size_of, record_picks
 from orchestration.partitions import model_partitions
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings
-from selection import baselines, embeddings, preflight, selectors
+from selection import baselines, embeddings, preflight, progress, selectors
 
 
-def _causal_lm_embeddings(cache_root, spec, model, tokenizer, ids, conversations, batch_size: int) -> np.ndarray:
+def _causal_lm_embeddings(cache_root, spec, model, tokenizer, ids, conversations, batch_size: int,
+                          log: Callable[[str], None], label: str) -> np.ndarray:
     """Mean last-layer hidden states of whole conversations, cached by example id per model."""
     dim = int(model.config.hidden_size)
     fingerprint = f"{spec.fingerprint()}-mean-hidden"
@@ -20,8 +23,9 @@ def _causal_lm_embeddings(cache_root, spec, model, tokenizer, ids, conversations
         embeddings.cache_dir_for(cache_root, fingerprint, "conversation", dim), fingerprint, "conversation", dim,
         asset="rds_selection")
     texts = [embeddings.text_for_embedding(messages, "conversation") for messages in conversations]
+    reporter = progress.ProgressReporter(f"RDS hidden states of {label}", len(cache.missing(ids)), log)
     embeddings.fill_cache(cache, ids, texts, lambda batch: embeddings.embed_with_causal_lm(
-        batch, model, tokenizer, batch_size=batch_size, max_length=spec.max_length))
+        batch, model, tokenizer, batch_size=batch_size, max_length=spec.max_length, progress=reporter.update))
     return cache.load(ids)
 
 
@@ -47,11 +51,12 @@ def rds_selection(
     budget = preflight.resolve_selection_budget(config.budget, len(ids), len(ids), "current pool examples")
     model, tokenizer = model_store.load(spec, device.resolve())
     cache_root = settings.subdir("rds", spec.name)
-    pool_emb = _causal_lm_embeddings(cache_root, spec, model, tokenizer, ids, conversations, device.batch_size)
+    pool_emb = _causal_lm_embeddings(cache_root, spec, model, tokenizer, ids, conversations, device.batch_size,
+                                     context.log.info, "the pool")
     val_ids = list(dict.fromkeys(i for _, _, i, _ in val_rows))
     by_val = {i: m for _, _, i, m in val_rows}
     val_emb = _causal_lm_embeddings(cache_root, spec, model, tokenizer, val_ids, [by_val[i] for i in val_ids],
-                                    device.batch_size)
+                                    device.batch_size, context.log.info, "the target val examples")
     position = {i: n for n, i in enumerate(val_ids)}
     columns = [{"task": t, "subtask": s, "val_example_id": i} for t, s, i, _ in val_rows]
     similarity = baselines.cosine_similarity_matrix(pool_emb, val_emb[[position[c["val_example_id"]] for c in columns]])
@@ -77,7 +82,3 @@ def full_selection(
     picks = [selectors.RankedPicks(selectors.ALL_TARGETS, baselines.full_data(len(ids)), np.full(len(ids), np.nan))]
     return record_picks(context, tracker, lineage, settings, "full", picks, ids, pool_version, budget)
 
-
-rds_selection_check = build_selection_check(rds_selection, "rds")
-full_selection_check = build_selection_check(full_selection, "full")
-baseline_checks = [rds_selection_check, full_selection_check]

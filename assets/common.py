@@ -13,7 +13,7 @@ from typing import Any
 
 import dagster as dg
 
-from orchestration.partitions import MODEL_DIMENSION
+from orchestration.profiles import MODEL_STORE, profile_of_run
 from resources.lineage import LineageRecord, LineageStore
 
 _HASH_CHUNK = 1 << 20
@@ -49,26 +49,6 @@ def _is_partitioned(context: dg.AssetExecutionContext) -> bool:
     return context.assets_def.partitions_def is not None and context.has_partition_key
 
 
-def _dep_partitions(context: dg.AssetExecutionContext, dep_partitions_def) -> list[str] | None:
-    """The upstream partitions this partition reads (None: the dep is read whole).
-
-    Same partitioning: the same key. A (model, shard) partition reads its model's partition
-    of a per-model dep; a per-model partition reads every shard of its model."""
-    if dep_partitions_def is None or not _is_partitioned(context):
-        return None
-    own = context.partition_key
-    if dep_partitions_def == context.assets_def.partitions_def:
-        return [own]
-    if isinstance(own, dg.MultiPartitionKey):
-        return [own.keys_by_dimension[MODEL_DIMENSION]]
-    shards = [key for key in dep_partitions_def.get_partition_keys()
-              if isinstance(key, dg.MultiPartitionKey) and key.keys_by_dimension.get(MODEL_DIMENSION) == own]
-    if not shards:
-        raise ValueError(f"no rule maps partition {own!r} of {context.asset_key.to_user_string()} onto its dep's "
-                         f"partitions {dep_partitions_def}; extend assets.common._dep_partitions")
-    return shards
-
-
 def _data_version(context: dg.AssetExecutionContext, dep_key: dg.AssetKey, partition: str | None) -> str | None:
     record = context.instance.get_latest_data_version_record(dep_key, partition_key=partition)
     if record is None or record.asset_materialization is None:
@@ -82,8 +62,11 @@ def upstream_data_versions(context: dg.AssetExecutionContext) -> dict[str, Any]:
     asset_graph = context.job_def.asset_layer.asset_graph
     versions: dict[str, Any] = {}
     for dep_key in sorted(context.assets_def.asset_deps[context.asset_key], key=lambda k: k.to_user_string()):
-        partitions_def = asset_graph.get(dep_key).partitions_def if asset_graph.has(dep_key) else None
-        partitions = _dep_partitions(context, partitions_def)
+        partitions = None  # the dep is read whole
+        if _is_partitioned(context) and asset_graph.has(dep_key) and asset_graph.get(dep_key).partitions_def:
+            # The partitions of the dep this partition reads, by the partition mapping the asset declares.
+            partitions = sorted(asset_graph.get_parent_partition_keys_for_child(
+                context.partition_key, dep_key, context.asset_key).partitions_subset.get_partition_keys())
         if partitions is None or len(partitions) == 1:
             partition = partitions[0] if partitions else None
             versions[dep_key.to_user_string()] = {"partition": partition,
@@ -118,9 +101,17 @@ class LineageTracker:
         return hashlib.sha256(json.dumps(self.outputs, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
     def finish(self, metrics: dict[str, Any]) -> dg.DataVersion:
-        """Write the lineage row and return the data version to attach to the result."""
+        """Write the lineage row and return the data version to attach to the result.
+
+        A run launched with a demo profile also records the profile (name and every value) in
+        the metrics, and this asset's share of it, with why it departs from LESS, in the metadata.
+        """
         version = self.data_version()
         context = self.context
+        profile = profile_of_run(context.run.tags)
+        if profile is not None:
+            metrics = {**metrics, "profile": profile}
+            context.add_output_metadata(profile_metadata(context, profile))
         self.lineage.record(
             LineageRecord(
                 run_id=context.run.run_id,
@@ -136,6 +127,19 @@ class LineageTracker:
             )
         )
         return dg.DataVersion(version)
+
+
+def profile_metadata(context: dg.AssetExecutionContext, profile: dict[str, Any]) -> dict[str, Any]:
+    """The profile values that apply to this asset (its own config, and the model spec if it uses one) and why."""
+    own = [context.asset_key.to_user_string()]
+    if MODEL_STORE in context.assets_def.required_resource_keys:
+        own.append(MODEL_STORE)
+    why = profile.get("why", {})
+    values = {key: value for key, value in profile.get("values", {}).items() if key.split(".")[0] in own}
+    metadata = {"profile": profile["name"], "profile_values": dg.MetadataValue.json(values)}
+    if any(part in why for part in own):
+        metadata["why"] = "; ".join(why[part] for part in own if part in why)
+    return metadata
 
 
 def markdown_table(rows: list[dict[str, Any]], max_rows: int = 20) -> str:

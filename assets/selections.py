@@ -1,7 +1,7 @@
 """Influence-based selections (LESS, BIDS) and baselines (random, task-wise round robin).
 
 One asset per method, built by one factory; each writes the `selections` table, the
-"why was this chosen" explanations, a JSONL export, and has the same asset checks.
+"why was this chosen" explanations and a JSONL export (asset checks: assets/checks.py).
 """
 
 import json
@@ -86,7 +86,8 @@ def record_picks(
     for pick in picks:
         ids = [row_ids[i] for i in pick.indices]
         selections.append(
-            selection_store.Selection(model, method, pick.target, ids, [float(s) for s in pick.scores], pool_version)
+            selection_store.Selection(model, method, pick.target, ids, [float(s) for s in pick.scores], pool_version,
+                                      budget)
         )
         if scores is not None:
             why = selectors.explanations(scores, columns, pick)
@@ -141,24 +142,6 @@ def pool_size_of(con, pool_version: str) -> int:
     return con.execute("SELECT n_examples FROM pool_versions WHERE pool_version = ?", [pool_version]).fetchall()[0][0]
 
 
-def build_selection_check(asset: dg.AssetsDefinition, method: str) -> dg.AssetChecksDefinition:
-    """Blocking check shared by every selection asset."""
-
-    @dg.asset_check(asset=asset, name=f"{method}_selection_is_valid", blocking=True)
-    def _check(lineage: LineageStore) -> dg.AssetCheckResult:
-        with lineage.connect() as con:
-            selection_store.ensure_selection_tables(con)
-            models = [r[0] for r in con.execute("SELECT DISTINCT model FROM selections WHERE method = ?", [method]).fetchall()]
-            problems = [p for model in models for p in selection_store.selection_problems(con, model, method)]
-        return dg.AssetCheckResult(
-            passed=bool(models) and not problems,
-            description="size equals budget, no duplicate ids, every id in the pool version it was selected from",
-            metadata={"problems": dg.MetadataValue.json(problems or ([] if models else ["no selection stored"]))},
-        )
-
-    return _check
-
-
 def build_selection_asset(method: str) -> dg.AssetsDefinition:
     chooser, description = CHOOSERS[method]
 
@@ -205,11 +188,10 @@ def build_selection_asset(method: str) -> dg.AssetsDefinition:
                             {key: dg.MetadataValue.bool(value) if isinstance(value, bool) else value
                              for key, value in trust.items()})
 
-    return _selection, build_selection_check(_selection, method)
+    return _selection
 
 
-less_selection, less_selection_check = build_selection_asset("less")
-bids_selection, bids_selection_check = build_selection_asset("bids")
-round_robin_selection, round_robin_selection_check = build_selection_asset("round_robin")
-random_selection, random_selection_check = build_selection_asset("random")
-selection_checks = [less_selection_check, bids_selection_check, round_robin_selection_check, random_selection_check]
+less_selection = build_selection_asset("less")
+bids_selection = build_selection_asset("bids")
+round_robin_selection = build_selection_asset("round_robin")
+random_selection = build_selection_asset("random")

@@ -171,33 +171,43 @@ def _unreadable(path: Path, file_type: str, error: BaseException, after: int | N
     return SourceReadError(f"source {path}: cannot be read as {file_type}{where}: {type(error).__name__}: {error}")
 
 
+def file_type_of(path: str | Path) -> str | None:
+    """What ingestion makes of ``path`` by its name (or, for a directory, the marker files
+    ``save_to_disk`` writes): one of :data:`FILE_TYPES`, or None when it cannot ingest it.
+    ``.json`` reads as ``json`` here; :func:`detect_file_type` tells JSON lines apart by content."""
+    path = Path(path)
+    if path.is_dir():
+        return "hf_dataset" if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file() else None
+    name = path.name.lower()
+    compressed = name.endswith(".gz")
+    suffix = Path(name.removesuffix(".gz")).suffix
+    if suffix in _LINE_SUFFIXES:
+        return "jsonl"
+    if suffix == ".json":
+        return "json"
+    if suffix in (".parquet", ".arrow") and not compressed:
+        return suffix[1:]
+    return None
+
+
 def detect_file_type(path: str | Path) -> str:
     """The reader for ``path`` (one of :data:`FILE_TYPES`); ``ValueError`` if unsupported."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"source {path} does not exist")
-    if path.is_dir():
-        if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
-            return "hf_dataset"
+    file_type = file_type_of(path)
+    if file_type is None and path.is_dir():
         raise ValueError(f"source {path} is a directory without state.json or dataset_dict.json; "
                          "only directories written by datasets' save_to_disk are supported")
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
-        suffixes = suffixes[:-1]
-    suffix = suffixes[-1] if suffixes else ""
-    if suffix in _LINE_SUFFIXES:
-        return "jsonl"
-    if suffix == ".json":
+    if file_type is None:
+        raise ValueError(f"source {path}: unsupported file type; expected .jsonl, .ndjson, .json (optionally .gz), "
+                         ".parquet, .arrow, or a directory written by datasets' save_to_disk")
+    if file_type == "json":
         try:
             return "jsonl" if _first_line_is_json(path) else "json"
         except _UNREADABLE as error:
             raise _unreadable(path, "json", error) from error
-    if suffix == ".parquet" and not path.name.lower().endswith(".gz"):
-        return "parquet"
-    if suffix == ".arrow" and not path.name.lower().endswith(".gz"):
-        return "arrow"
-    raise ValueError(f"source {path}: unsupported file type; expected .jsonl, .ndjson, .json (optionally .gz), "
-                     ".parquet, .arrow, or a directory written by datasets' save_to_disk")
+    return file_type
 
 
 def _open_binary(path: Path) -> IO[bytes]:

@@ -10,8 +10,6 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from selection import pool_store
-
 SELECTION_DDL = (
     """CREATE TABLE IF NOT EXISTS selections (
         model VARCHAR NOT NULL, method VARCHAR NOT NULL, target VARCHAR NOT NULL, budget INTEGER NOT NULL,
@@ -34,18 +32,18 @@ class Selection:
     example_ids: list[str]  # in selection order
     scores: list[float | None]
     pool_version: str
+    # The size the run asked for (selection.checks compares it with the stored rows); None: the picks.
+    budget: int | None = None
 
     def __post_init__(self) -> None:
+        if self.budget is None:
+            object.__setattr__(self, "budget", len(self.example_ids))
         if len(self.example_ids) != len(self.scores):
             raise ValueError("one score per selected example is required (None where a method has none)")
         if len(set(self.example_ids)) != len(self.example_ids):
             raise ValueError(f"selection {self.method}/{self.target} repeats examples")
         if not self.example_ids:
             raise ValueError(f"selection {self.method}/{self.target} is empty")
-
-    @property
-    def budget(self) -> int:
-        return len(self.example_ids)
 
 
 def ensure_selection_tables(con: duckdb.DuckDBPyConnection) -> None:
@@ -95,27 +93,3 @@ def write_selections(
         raise
     return len(frame)
 
-
-def selection_problems(con: duckdb.DuckDBPyConnection, model: str, method: str) -> list[str]:
-    """What is wrong with the stored selections of (model, method): the asset checks' findings."""
-    ensure_selection_tables(con)
-    problems = []
-    for target, budget, n_rows, n_distinct in con.execute(
-        "SELECT target, budget, count(*), count(DISTINCT example_id) FROM selections "
-        "WHERE model = ? AND method = ? GROUP BY target, budget",
-        [model, method],
-    ).fetchall():
-        if n_rows != budget:
-            problems.append(f"{target}: {n_rows} rows for budget {budget}")
-        if n_distinct != n_rows:
-            problems.append(f"{target}: {n_rows - n_distinct} duplicate example ids")
-    pool_store.ensure_pool_tables(con)
-    (missing,) = con.execute(
-        f"""SELECT count(*) FROM selections s WHERE s.model = ? AND s.method = ? AND NOT EXISTS (
-               SELECT 1 FROM pool p JOIN pool_versions v ON v.pool_version = s.pool_version
-               WHERE p.example_id = s.example_id AND {pool_store.member_at_seq_sql('p', 'v.seq')})""",
-        [model, method],
-    ).fetchone()
-    if missing:
-        problems.append(f"{missing} selected ids are not in the pool version they were selected from")
-    return problems

@@ -50,3 +50,18 @@ def user_error_text(joined: str, limit: int = 200) -> str:
     wrappers = ("Error occurred while executing", "Error executing resource_fn")
     parts = [p for p in joined.split(" | ") if p and not p.startswith(wrappers)]
     return " ".join((parts[0] if parts else joined).split())[:limit] or "run succeeded"
+
+
+def run_check(defs, instance, asset: str, check: str, partition: str | None = None):
+    """The evaluation of one asset check run on its own (as from the UI) against what is stored."""
+    import dagster as dg
+
+    key = dg.AssetCheckKey(dg.AssetKey(asset), check)
+    partitions_def = defs.resolve_asset_graph().get(key).partitions_def
+    job = dg.define_asset_job("run_check", selection=dg.AssetSelection.checks(key), partitions_def=partitions_def)
+    # By tag: execute_in_process refuses a partition_key for a job that selects no asset.
+    tags = {"dagster/partition": partition} if partition else None
+    result = dg.Definitions.merge(defs, dg.Definitions(jobs=[job])).resolve_job_def("run_check").execute_in_process(
+        instance=instance, tags=tags, raise_on_error=False)
+    (evaluation,) = result.get_asset_check_evaluations()
+    return evaluation

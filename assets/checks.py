@@ -1,0 +1,113 @@
+"""Asset checks: find what the checked materialization wrote, run the check in `selection.checks` on it.
+
+A check of a partitioned asset is partitioned the same way and evaluates the partition that was
+materialized, so a bad selection for one model fails (and, being blocking, holds back) only that
+model's downstream partitions. Every check is blocking: the automation conditions wait for them
+(orchestration/automation.py), and a run skips the assets downstream of a failed one.
+"""
+
+import dagster as dg
+
+from assets.diversity import latest_embeddings
+from assets.evaluation import current_finetunes, ensure_evaluation_tables
+from assets.finetune import SELECTION_ASSETS
+from assets.gradients import ensure_store_table
+from orchestration.partitions import MODEL_DIMENSION, SHARD_DIMENSION, model_partitions, model_shard_partitions
+from resources.lineage import LineageStore
+from selection import checkpoints, checks, embeddings, pool_store
+
+
+def _latest_materialization(context: dg.AssetCheckExecutionContext) -> dg.EventLogRecord:
+    """The materialization being checked: the latest one of the check's asset and partition."""
+    key = context.check_specs[0].asset_key
+    partitions = [context.partition_key] if context.has_partition_key else None
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=partitions), limit=1).records
+    if not records:
+        raise ValueError(f"{key.to_user_string()} {partitions or ''} was never materialized; nothing to check")
+    return records[0]
+
+
+def _result(outcome: checks.CheckOutcome) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(passed=outcome.passed, description=outcome.description,
+                               metadata={"problems": dg.MetadataValue.json(outcome.problems)})
+
+
+def build_selection_check(asset: str) -> dg.AssetChecksDefinition:
+    method = asset.removesuffix("_selection")
+
+    @dg.asset_check(asset=asset, name=f"{asset}_is_valid", partitions_def=model_partitions, blocking=True,
+                    description="Size equals the requested budget (materialization metadata), no duplicate ids, "
+                                "every id in the pool version it was selected from")
+    def _check(context: dg.AssetCheckExecutionContext, lineage: LineageStore) -> dg.AssetCheckResult:
+        record = _latest_materialization(context)
+        budget = record.asset_materialization.metadata["budget"].value
+        with lineage.connect() as con:
+            return _result(checks.check_selection(con, context.partition_key, method, budget, record.run_id))
+
+    return _check
+
+
+def _gradient_stores(lineage: LineageStore, model: str, kind: str, part: str | None) -> list[tuple[str, int]]:
+    """(directory, recorded dim) of the stores of a model's latest warmup run (what influence reads)."""
+    with lineage.connect() as con:
+        ensure_store_table(con)
+        run_key = str(checkpoints.latest_run_checkpoints(con, model, "warmup")["run_key"].iloc[0])
+        return con.execute(
+            "SELECT directory, dim FROM gradient_stores WHERE model = ? AND kind = ? AND coalesce(part, '') = ? "
+            "AND warmup_run_key = ? ORDER BY directory", [model, kind, part or "", run_key]).fetchall()
+
+
+UNIT_ROWS = "Rows have the dim recorded for their store, no NaN or inf, and L2 norm 1 within float16 rounding"
+
+
+@dg.asset_check(asset="train_gradients", name="train_features_are_unit_rows", partitions_def=model_shard_partitions,
+                blocking=True, description=UNIT_ROWS)
+def train_features_check(context: dg.AssetCheckExecutionContext, lineage: LineageStore) -> dg.AssetCheckResult:
+    keys = context.partition_key.keys_by_dimension
+    model, shard = keys[MODEL_DIMENSION], keys[SHARD_DIMENSION]
+    stores = _gradient_stores(lineage, model, "train", shard)
+    return _result(checks.check_feature_stores(stores, f"train features of {model} shard {shard}: {UNIT_ROWS}"))
+
+
+@dg.asset_check(asset="target_gradients", name="target_features_are_unit_rows", partitions_def=model_partitions,
+                blocking=True, description=UNIT_ROWS)
+def target_features_check(context: dg.AssetCheckExecutionContext, lineage: LineageStore) -> dg.AssetCheckResult:
+    stores = _gradient_stores(lineage, context.partition_key, "target", None)
+    return _result(checks.check_feature_stores(stores, f"target features of {context.partition_key}: {UNIT_ROWS}"))
+
+
+@dg.asset_check(asset="embeddings", name="embeddings_are_unit_rows", blocking=True, description=UNIT_ROWS)
+def embeddings_check(lineage: LineageStore) -> dg.AssetCheckResult:
+    with lineage.connect() as con:
+        cache_dir, fingerprint, mode, dim = latest_embeddings(con)
+        ids = pool_store.pool_ids(con)
+    # Opened with the recorded dim: a cache whose manifest says otherwise refuses to open.
+    try:
+        cache = embeddings.EmbeddingCache(cache_dir, fingerprint, mode, dim)
+    except embeddings.EmbeddingCacheMismatch as error:
+        return _result(checks.CheckOutcome(f"embeddings in {cache_dir}", [str(error)]))
+    return _result(checks.check_embeddings(cache, ids))
+
+
+@dg.asset_check(asset="raw_pool", name="every_record_accounted_for", blocking=True,
+                description="Per source read: accepted + rejected + duplicates = records read, matching the pool, "
+                            "pool_rejects and pool_duplicates rows")
+def pool_accounting_check(lineage: LineageStore) -> dg.AssetCheckResult:
+    with lineage.connect() as con:
+        return _result(checks.check_pool_accounting(con))
+
+
+@dg.asset_check(asset="evaluation", name="every_checkpoint_scored_on_same_rows", partitions_def=model_partitions,
+                blocking=True, description="The evaluation scored the base model and every current finetuned "
+                                           "checkpoint, each on the same test rows")
+def evaluation_check(context: dg.AssetCheckExecutionContext, lineage: LineageStore) -> dg.AssetCheckResult:
+    run_id = _latest_materialization(context).run_id
+    with lineage.connect() as con:
+        ensure_evaluation_tables(con)
+        current = [str(key) for key in current_finetunes(con, context.partition_key)["run_key"]]
+        return _result(checks.check_evaluation(con, context.partition_key, run_id, current))
+
+
+ALL_CHECKS = [*map(build_selection_check, SELECTION_ASSETS), train_features_check, target_features_check,
+              embeddings_check, pool_accounting_check, evaluation_check]
