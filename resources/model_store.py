@@ -7,9 +7,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import dagster as dg
+import dataclasses
 
-from selection.models import ModelSpec, default_model_spec, load_model_and_tokenizer
+import dagster as dg
+from pydantic import Field
+
+from selection.models import ModelSpec, cap_max_length, context_length, default_model_spec, load_model_and_tokenizer
 
 MODELS_FILE_ENV = "INSTRUCT_SELECT_MODELS"
 
@@ -41,23 +44,40 @@ def registered_models(models_file: str | None = None) -> dict[str, ModelSpec]:
     return models
 
 
+OVERRIDE_HELP = "Replaces every registered model's `{}` (None: the spec's own, LESS's by default)"
+
+
 class ModelStore(dg.ConfigurableResource):
-    """Resolves a partition key to a ModelSpec and loads it (GGUF converted once into `cache_dir`)."""
+    """Resolves a partition key to a ModelSpec and loads it (GGUF converted once into `cache_dir`).
+
+    The override fields let a run (e.g. a `make demo` profile) shrink the model setup explicitly:
+    the spec they make is the one fingerprinted, so its checkpoints and caches are its own.
+    """
 
     cache_dir: str
     models_file: str | None = None
+    max_length: int | None = Field(default=None, description=OVERRIDE_HELP.format("max_length"))
+    lora_r: int | None = Field(default=None, description=OVERRIDE_HELP.format("lora_r"))
+    lora_alpha: int | None = Field(default=None, description=OVERRIDE_HELP.format("lora_alpha"))
+
+    def overrides(self) -> dict[str, int]:
+        return {key: value for key in ("max_length", "lora_r", "lora_alpha")
+                if (value := getattr(self, key)) is not None}
 
     def spec(self, name: str) -> ModelSpec:
+        """The registered spec with this resource's overrides, `max_length` capped by the model's context."""
         models = registered_models(self.models_file)
         if name not in models:
             raise ValueError(f"model {name!r} is not registered; known: {sorted(models)}")
-        return models[name]
+        spec = dataclasses.replace(models[name], **self.overrides())
+        return cap_max_length(spec, context_length(spec, Path(self.cache_dir)))
 
     def load(self, spec: ModelSpec, device: str) -> tuple[Any, Any]:
         return load_model_and_tokenizer(spec, Path(self.cache_dir), device=device)
 
 
 CPU_PROJECTION_CACHE_BYTES = 256 * 2**20
+DEVICE_TAG = "instruct_select/device"  # run tag that overrides DeviceSettings.device for one run
 
 
 class DeviceSettings(dg.ConfigurableResource):
@@ -85,15 +105,21 @@ class DeviceSettings(dg.ConfigurableResource):
             return free // 2
         return CPU_PROJECTION_CACHE_BYTES
 
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # One shard run per GPU: a run tagged `instruct_select/device: cuda:3` uses that GPU.
+        tags = context.dagster_run.tags if context.dagster_run is not None else {}
+        self._run_device = tags.get(DEVICE_TAG)
+
     def resolve(self) -> str:
         import torch
 
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
-        if self.device == "auto":
+        device = getattr(self, "_run_device", None) or self.device
+        if device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} requested but CUDA is not available on this machine")
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
-        return self.device
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+        if device != "cpu" and not device.startswith("cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+        return device

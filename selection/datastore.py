@@ -50,6 +50,7 @@ import torch
 
 from selection import integrity
 from selection.gradients import LITERAL_LESS_TRANSFORM, AdamMoments, PerExampleGradients, check_train_transform
+from selection.memory import gradient_memory, run_halving_on_oom
 from selection.names import check_identifier
 from selection.projection import Projector
 from selection.tokenization import TokenizedExample, collate, length_sorted_batches
@@ -495,6 +496,8 @@ def compute_features(
     max_tokens: int | None = None,
     exact_group_size: int = 256,
     progress_cb: Callable[[Progress], None] | None = None,
+    memory_budget_bytes: int | None = None,
+    oom_log: Callable[[str], None] | None = None,
 ) -> int:
     """Fill ``store`` with features of the ``(example_id, tokenized)`` pairs it has not covered.
 
@@ -508,6 +511,9 @@ def compute_features(
     stores take plain gradients and refuse moments. Several ``(projector, store)`` pairs (e.g. several dims) share
     one gradient pass. ``exact`` projections are applied to groups of up to
     ``exact_group_size`` examples so that each dense block is generated once per group.
+    With ``memory_budget_bytes`` (``selection.memory.free_bytes``), batches and groups are also
+    bounded by the memory estimate of ``selection.memory.GradientMemory``. A batch that runs out of
+    memory is halved and retried (``oom_log`` is told), whatever the budget.
     Returns the number of examples whose features were computed (excluded ones not counted).
     """
     projectors = [projector] if isinstance(projector, Projector) else list(projector)
@@ -554,8 +560,14 @@ def compute_features(
         todo.append((example_id, example))
     skipped = len(seen) - len(todo)
     shard_size = stores[0].shard_size
-    # Dense blocks are costly to generate: apply exact projectors to groups, not batches.
-    group_size = exact_group_size if any(proj.mode == "exact" for proj in projectors) else 1
+    # Dense blocks are costly to generate: apply dense projectors to groups, not batches.
+    group_size = exact_group_size if any(proj.mode in ("exact", "device") for proj in projectors) else 1
+    max_rows = None
+    if memory_budget_bytes is not None:
+        estimate = gradient_memory(model, engine.dim)
+        # Half the budget for a batch's gradients and activations, half for the group of pending features.
+        max_rows = estimate.max_rows(memory_budget_bytes // 2)
+        group_size = max(1, min(group_size, memory_budget_bytes // 2 // (engine.dim * 4)))
     started = time.perf_counter()
     done = n_excluded = 0
     for shard_start in range(0, len(todo), shard_size):
@@ -576,9 +588,14 @@ def compute_features(
             pending_rows.clear()
             pending_grads.clear()
 
-        for batch_rows in length_sorted_batches(chunk_examples, max_batch_size, max_tokens):
-            grads = engine(collate([chunk_examples[row] for row in batch_rows], pad_token_id))
-            pending_grads.append(moments.transform(grads, transform) if moments is not None else grads)
+        def features_of(rows: list[int]) -> torch.Tensor:
+            grads = engine(collate([chunk_examples[row] for row in rows], pad_token_id))
+            return moments.transform(grads, transform) if moments is not None else grads
+
+        batches = length_sorted_batches(chunk_examples, max_batch_size, max_tokens, max_rows)
+        for batch_rows, batch_features in run_halving_on_oom(batches, features_of, *([oom_log] if oom_log else [])):
+            pending_grads.append(batch_features)
+            del batch_features
             pending_rows.extend(batch_rows)
             if len(pending_rows) >= group_size:
                 flush()

@@ -151,17 +151,19 @@ class PerExampleGradients:
             captured[id(module)] = (inputs[0].detach(), output)
 
         handles = [slot.module.register_forward_hook(capture) for slot in self.slots]
-        try:
-            with eval_mode(self.model), torch.enable_grad():
+        # The backward stays in eval mode: under gradient checkpointing it reruns the layers' forward
+        # (hooks already removed, so the rerun captures nothing), which must match the first one.
+        with eval_mode(self.model), torch.enable_grad():
+            try:
                 loss = sum_of_example_losses(self.model, batch)
-        finally:
-            for handle in handles:
-                handle.remove()
-        missing = [slot.name for slot in self.slots if id(slot.module) not in captured]
-        if missing:
-            raise ValueError(f"LoRA modules not reached by the forward pass (disabled adapters?): {missing[:3]}")
-        outputs = [captured[id(slot.module)][1] for slot in self.slots]
-        output_grads = torch.autograd.grad(loss, outputs)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            missing = [slot.name for slot in self.slots if id(slot.module) not in captured]
+            if missing:
+                raise ValueError(f"LoRA modules not reached by the forward pass (disabled adapters?): {missing[:3]}")
+            outputs = [captured[id(slot.module)][1] for slot in self.slots]
+            output_grads = torch.autograd.grad(loss, outputs)
         batch_size = batch["input_ids"].shape[0]
         flat = torch.empty(batch_size, self.dim, dtype=torch.float32, device=device)
         for slot, output_grad in zip(self.slots, output_grads):

@@ -17,6 +17,13 @@ Two modes, never substituted for one another (an unknown mode is a ValueError):
            about 1000x fewer than ``exact`` at 8192 dims). Same expectation and, for
            gradients that are not concentrated on a few coordinates, about the same
            variance of inner products as the dense matrix.
+``device`` The same dense Rademacher distribution as ``exact`` (a different matrix), generated
+           on the compute device block by block, as TRAK's ``fast_jl``: entry ``(i, j)`` is bit
+           ``(i*dim + j) % 64`` of splitmix64 of counter ``(i*dim + j) // 64`` under a key from
+           the seed. Integer arithmetic only, so the matrix is the same on any device and for
+           any block size, and memory is O(block x dim) (a 7B model at r=128 has ~134M LoRA
+           dims: the dense matrix would be 4.4 TB). For large inputs on a GPU, where
+           generating ``exact``'s blocks on the CPU and copying them over dominates.
 
 The projector's identity (mode, dim, seed, input dim, parameter-name hash, mode
 parameters, format version) is :meth:`Projector.fingerprint`; it is stored with the
@@ -33,7 +40,7 @@ from typing import Any
 
 import torch
 
-MODES = ("exact", "fast")
+MODES = ("exact", "fast", "device")
 DEFAULT_DIM = 8192
 # `fast` is the default only if it passes the fidelity bar against `exact` on a real run
 # (bench/gradients.py --fidelity: Spearman >= 0.95 and top-5% overlap >= 0.9). Measured on
@@ -41,6 +48,26 @@ DEFAULT_DIM = 8192
 DEFAULT_MODE = "exact"
 FORMAT_VERSION = 1
 _BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
+# splitmix64 constants as signed int64 (torch has no uint64 arithmetic; products wrap mod 2^64).
+_GAMMA, _MIX1, _MIX2 = (c - (1 << 64) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _bits(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 bytes -> their bits, least significant first, as a flat uint8 tensor of 0/1."""
+    return ((packed.unsqueeze(-1) >> _BIT_SHIFTS.to(packed.device)) & 1).reshape(-1)
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic on signed values)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def splitmix64(key: int, counters: torch.Tensor) -> torch.Tensor:
+    """splitmix64 output for each int64 counter under ``key`` (as int64 bit patterns)."""
+    z = counters * _GAMMA + key
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    return z ^ _shift_right(z, 31)
 
 
 def _block_seed(seed: int, salt: str, index: int) -> int:
@@ -121,7 +148,7 @@ class ExactProjector(Projector):
         generator = torch.Generator(device="cpu").manual_seed(_block_seed(self.seed, "exact", index))
         n_bytes = math.ceil(rows * self.dim / 8)
         packed = torch.randint(0, 256, (n_bytes,), generator=generator, dtype=torch.uint8)
-        bits = ((packed.unsqueeze(-1) >> _BIT_SHIFTS) & 1).reshape(-1)[: rows * self.dim]
+        bits = _bits(packed)[: rows * self.dim]
         scale = 1.0 / math.sqrt(self.dim)
         matrix = (bits.reshape(rows, self.dim).to(torch.float32) * (2 * scale) - scale).to(self.device)
         if index < self.n_cached:
@@ -188,6 +215,55 @@ class SparseProjector(Projector):
         return (self._matrix_t @ grads.T).T.contiguous()
 
 
+class DeviceProjector(Projector):
+    mode = "device"
+
+    def __init__(
+        self,
+        input_dim: int,
+        dim: int = DEFAULT_DIM,
+        seed: int = 0,
+        names_hash: str = "",
+        device: str | torch.device = "cpu",
+        dtype: str = "float32",
+        block_bytes: int = 128 * 2**20,
+    ) -> None:
+        super().__init__(input_dim, dim, seed, names_hash, device)
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+        self.dtype = dtype
+        self._torch_dtype = getattr(torch, dtype)
+        self._key = _block_seed(seed, "device", 0)
+        # Byte value -> its 8 signs (bit 1 -> +1), so one gather turns random bytes into matrix entries.
+        self._signs = (_bits(torch.arange(256, dtype=torch.uint8)).reshape(256, 8).to(self._torch_dtype) * 2 - 1
+                       ).to(self.device)
+        # Rows per generated block: the matrix does not depend on it, only the float summation order.
+        self.block_rows = max(1, min(input_dim, block_bytes // (dim * self._torch_dtype.itemsize)))
+
+    def params(self) -> dict[str, Any]:
+        # bfloat16 rounds the gradients before the product: close to, not equal to, float32 features.
+        return {"rng": "splitmix64-counter-bits", "dtype": self.dtype}
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of R (entries +-1, unscaled) in the compute dtype on the device."""
+        first, last = start * self.dim, stop * self.dim
+        words = torch.arange(first // 64, -(-last // 64), dtype=torch.int64, device=self.device)
+        packed = splitmix64(self._key, words).view(torch.uint8).int()  # little-endian bytes of each word
+        signs = torch.index_select(self._signs, 0, packed).reshape(-1)[first % 64 : first % 64 + last - first]
+        return signs.reshape(stop - start, self.dim)
+
+    def dense(self) -> torch.Tensor:
+        return self.block(0, self.input_dim).float() / math.sqrt(self.dim)
+
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        grads = self._check(grads)
+        out = torch.zeros(grads.shape[0], self.dim, dtype=torch.float32, device=self.device)
+        for start in range(0, self.input_dim, self.block_rows):
+            stop = min(start + self.block_rows, self.input_dim)
+            out += grads[:, start:stop].to(self._torch_dtype) @ self.block(start, stop)
+        return out.mul_(1.0 / math.sqrt(self.dim))
+
+
 def make_projector(
     mode: str,
     input_dim: int,
@@ -197,9 +273,11 @@ def make_projector(
     device: str | torch.device = "cpu",
     **options: Any,
 ) -> Projector:
-    """Build the projector for ``mode`` ('exact' or 'fast'); anything else is an error."""
+    """Build the projector for ``mode`` ('exact', 'fast' or 'device'); anything else is an error."""
     if mode == "exact":
         return ExactProjector(input_dim, dim, seed, names_hash, device, **options)
     if mode == "fast":
         return SparseProjector(input_dim, dim, seed, names_hash, device, **options)
+    if mode == "device":
+        return DeviceProjector(input_dim, dim, seed, names_hash, device, **options)
     raise ValueError(f"unknown projection mode {mode!r}; expected one of {MODES}")

@@ -45,7 +45,7 @@ gradient features, scores) is recomputed when it changes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -382,13 +382,16 @@ def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict[str
 
 
 def length_sorted_batches(
-    examples: Sequence[TokenizedExample], max_batch_size: int, max_tokens: int | None = None
+    examples: Sequence[TokenizedExample], max_batch_size: int, max_tokens: int | None = None,
+    max_rows: Callable[[int], int] | None = None,
 ) -> list[list[int]]:
     """Group example indices into batches of similar length, longest first.
 
     Each batch holds at most ``max_batch_size`` examples and, when ``max_tokens`` is
     given, at most ``max_tokens`` padded tokens (rows x longest row); an example longer
-    than ``max_tokens`` gets a batch of its own. Longest first so memory peaks early.
+    than ``max_tokens`` gets a batch of its own. ``max_rows(longest)``, when given, caps the rows
+    of a batch whose longest row has that many tokens (``selection.memory``: a memory budget).
+    Longest first so memory peaks early.
     Ties keep input order, so the result is deterministic.
     """
     if max_batch_size < 1:
@@ -401,7 +404,7 @@ def length_sorted_batches(
     for index in order:
         # Sorted descending, so the batch's first element is its longest row.
         longest = len(examples[current[0]].input_ids) if current else len(examples[index].input_ids)
-        too_many_rows = len(current) + 1 > max_batch_size
+        too_many_rows = len(current) + 1 > min(max_batch_size, max_rows(longest) if max_rows else max_batch_size)
         too_many_tokens = max_tokens is not None and (len(current) + 1) * longest > max_tokens
         if current and (too_many_rows or too_many_tokens):
             batches.append(current)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from selection.projection import ExactProjector, SparseProjector, make_projector
+from selection.projection import DeviceProjector, ExactProjector, SparseProjector, make_projector, splitmix64
 
 
-@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("mode", ["exact", "fast", "device"])
 def test_same_seed_same_matrix_and_shard_splits_agree(mode: str) -> None:
     options = {"block_rows": 100} if mode == "exact" else {}
     first = make_projector(mode, input_dim=1000, dim=64, seed=3, **options)
@@ -35,7 +35,7 @@ def test_exact_is_rademacher_and_uncached_blocks_regenerate_identically() -> Non
     assert torch.equal(matrix, uncached.dense()) and torch.equal(uncached.block(4), cached.block(4))
 
 
-@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("mode", ["exact", "fast", "device"])
 def test_inner_products_preserved_in_expectation(mode: str) -> None:
     generator = torch.Generator().manual_seed(0)
     dim, input_dim = 2048, 4000
@@ -80,3 +80,31 @@ def test_unknown_mode_and_bad_shapes_refused() -> None:
         SparseProjector(input_dim=10, dim=6, nonzeros=4)
     with pytest.raises(ValueError, match=r"expected grads \[B, 10\]"):
         make_projector("fast", input_dim=10, dim=4).project(torch.zeros(2, 11))
+
+
+def test_device_matrix_is_splitmix64_bits_whatever_the_block_size() -> None:
+    # Reference: plain Python splitmix64 (uint64), entry (i, j) = bit (i*dim + j) % 64 of word (i*dim + j) // 64.
+    mask = (1 << 64) - 1
+
+    def reference(key: int, counter: int) -> int:
+        z = (counter * 0x9E3779B97F4A7C15 + key) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    counters = torch.arange(0, 3000, dtype=torch.int64) * 7919 + (1 << 40)
+    assert [int(v) & mask for v in splitmix64(12345, counters)] == [reference(12345, int(c)) for c in counters]
+    small_blocks = DeviceProjector(1000, 48, seed=7, block_bytes=48 * 4 * 37)  # 37 rows: blocks cut words
+    one_block = DeviceProjector(1000, 48, seed=7)
+    assert small_blocks.block_rows == 37 and one_block.block_rows == 1000
+    matrix = one_block.dense()
+    assert torch.equal(small_blocks.dense(), matrix)
+    key, flat = one_block._key, (matrix.reshape(-1) > 0).tolist()
+    for entry in (0, 63, 64, 1001, 47_999):
+        assert flat[entry] == bool(reference(key, entry // 64) >> (entry % 64) & 1)
+    assert abs(float((matrix > 0).float().mean()) - 0.5) < 0.01  # Rademacher signs
+    grads = torch.randn(6, 1000, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(small_blocks.project(grads), grads @ matrix, rtol=1e-5, atol=1e-5)
+    bf16 = DeviceProjector(1000, 48, seed=7, dtype="bfloat16")
+    assert bf16.fingerprint() != one_block.fingerprint()  # rounds differently: never mixed with float32
+    torch.testing.assert_close(bf16.project(grads), grads @ matrix, rtol=0.05, atol=0.05)

@@ -1,0 +1,200 @@
+"""Paper-scale gradient datastore on one GPU: a random-weight Llama-2-7B architecture.
+
+Runs with torch + transformers + peft + numpy and the repository only (no model files, no
+tokenizer, no registry): LlamaConfig hidden 4096, 32 layers, 32 heads, intermediate 11008,
+built in bfloat16 on the GPU with random weights (same shapes and cost as the real model);
+vocab 49152, the default tokenizer's (SmolLM2), because the examples are its token ids.
+LoRA r=128 on q/k/v/o (134M fp32 dims), gradient checkpointing, 8192 projection dims.
+Examples: ``bench/gpu_scale_examples.npz``, 256 default-pool examples tokenized up to 2048
+tokens on a CPU machine (``--write-examples``).
+
+Reports, for one checkpoint's pass over the examples: examples/s of the pipeline's own
+``compute_features`` (batches planned by ``selection.memory`` from the free GPU memory,
+out-of-memory halving, Adam transform, ``device`` projection, fp16 shards), the time of a
+plain forward+backward over the same batches (the floor), peak GPU memory, and the fidelity
+of ``device`` vs ``exact`` on a sample. ``exact`` generates its dense matrix on the CPU,
+dims x 8192 entries (4.4 TB at 7B), so it is feasible only on a slice: fidelity projects the
+first ``--slice-dims`` coordinates of the flat gradient layout (layer 0's LoRA weights) of
+``--fidelity-sample`` examples with exact seed 0, exact seed 1 and device seed 0, and compares
+target scores (the last 8 examples of the sample are the targets). Ends with one JSON line.
+
+``--tiny`` runs the same code on a tiny config on the CPU (a check that the script works).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gradients import POOL_SOURCES, spearman, sync, top_overlap  # noqa: E402  (bench/gradients.py)
+
+from selection import memory  # noqa: E402
+from selection.datastore import FeatureStore, compute_features  # noqa: E402
+from selection.gradients import PerExampleGradients  # noqa: E402
+from selection.models import ModelSpec, add_lora  # noqa: E402
+from selection.projection import make_projector  # noqa: E402
+from selection.tokenization import IGNORE_INDEX, TokenizedExample, collate, length_sorted_batches  # noqa: E402
+
+EXAMPLES_FILE = Path(__file__).with_name("gpu_scale_examples.npz")
+LLAMA_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                intermediate_size=11008)
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128)
+
+
+def write_examples(path: Path, count: int, max_length: int) -> None:
+    """Tokenize ``count`` default-pool examples (round robin over sources) with the default tokenizer."""
+    from resources.settings import default_home
+    from selection.default_data import pool_side
+    from selection.models import default_model_spec, load_model_and_tokenizer
+    from selection.tokenization import tokenize_conversation
+
+    _, tokenizer = load_model_and_tokenizer(default_model_spec(), cache_dir=Path(default_home()) / "models")
+    iterators = [iter(pool_side(source)) for source in POOL_SOURCES]
+    chosen: list[TokenizedExample] = []
+    while len(chosen) < count:
+        for iterator in iterators:
+            item = next(iterator)
+            example = tokenize_conversation(tokenizer, item.messages, max_length)
+            if example.n_target_tokens > 0 and len(chosen) < count:
+                chosen.append(example)
+    ids = np.concatenate([np.asarray(e.input_ids, np.int32) for e in chosen])
+    target = np.concatenate([np.asarray(e.labels) != IGNORE_INDEX for e in chosen])
+    offsets = np.cumsum([0] + [len(e.input_ids) for e in chosen]).astype(np.int64)
+    np.savez_compressed(path, input_ids=ids, is_target=target, offsets=offsets,
+                        pad_token_id=np.int64(tokenizer.pad_token_id), vocab_size=np.int64(len(tokenizer)))
+
+
+def read_examples(path: Path, count: int, max_tokens: int) -> tuple[list[TokenizedExample], int, int]:
+    data = np.load(path)
+    offsets, examples = data["offsets"], []
+    for start, stop in zip(offsets[:count], offsets[1 : count + 1]):
+        stop = min(stop, start + max_tokens)
+        ids = data["input_ids"][start:stop].tolist()
+        labels = [i if t else IGNORE_INDEX for i, t in zip(ids, data["is_target"][start:stop])]
+        n_target = sum(label != IGNORE_INDEX for label in labels[1:])
+        if n_target:
+            examples.append(TokenizedExample(ids, labels, False, n_target))
+    return examples, int(data["pad_token_id"]), int(data["vocab_size"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny config on the CPU: checks that the script works")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--n-examples", type=int, default=256)
+    parser.add_argument("--max-tokens", type=int, default=2048)
+    parser.add_argument("--dim", type=int, default=8192)
+    parser.add_argument("--projection-dtype", default="bfloat16", help="device projection compute dtype")
+    parser.add_argument("--fidelity-sample", type=int, default=64)
+    parser.add_argument("--slice-dims", type=int, default=2**18)
+    parser.add_argument("--write-examples", action="store_true", help=f"(CPU machine) write {EXAMPLES_FILE.name}")
+    args = parser.parse_args()
+    if args.write_examples:
+        write_examples(EXAMPLES_FILE, args.n_examples, args.max_tokens)
+        print(json.dumps({"wrote": str(EXAMPLES_FILE), "bytes": EXAMPLES_FILE.stat().st_size}))
+        return
+    if args.tiny:
+        args.device, args.n_examples, args.max_tokens, args.dim = "cpu", 16, 128, 256
+        args.fidelity_sample, args.projection_dtype = 16, "float32"
+    device = torch.device(args.device)
+    examples, pad, vocab = read_examples(EXAMPLES_FILE, args.n_examples, args.max_tokens)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    started = time.perf_counter()
+    config = LlamaConfig(**(TINY if args.tiny else LLAMA_7B), vocab_size=vocab, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with device:
+        base = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+    spec = ModelSpec(name="llama2-7b-random", source="random", dtype="bfloat16", max_length=args.max_tokens,
+                     gradient_checkpointing=True)
+    model = add_lora(base, spec)
+    engine = PerExampleGradients(model)
+    sync(device)
+    result = {"bench": "gpu_scale", "tiny": args.tiny, "device": torch.cuda.get_device_name(device)
+              if device.type == "cuda" else "cpu", "config": {**(TINY if args.tiny else LLAMA_7B), "vocab": vocab},
+              "lora_r": spec.lora_r, "lora_dims": engine.dim, "n_examples": len(examples),
+              "tokens": sum(len(e.input_ids) for e in examples), "max_tokens": max(len(e.input_ids) for e in examples),
+              "dim": args.dim, "build_seconds": round(time.perf_counter() - started, 1)}
+    budget = memory.free_bytes(device)
+    estimate = memory.gradient_memory(model, engine.dim)
+    batches = length_sorted_batches(examples, 256, None, estimate.max_rows(budget // 2))
+    result.update(budget_gb=round(budget / 2**30, 1), batch_sizes=[len(b) for b in batches][:12])
+    # Random moments stand in for a warmup checkpoint's: the Adam transform's cost is what matters.
+    names = engine.names
+    moments = {name: torch.rand(slot.shape, device=device) * 1e-3 for name, slot in zip(names, engine.slots)}
+    moments_sq = {name: torch.rand(slot.shape, device=device) * 1e-6 for name, slot in zip(names, engine.slots)}
+    projector = make_projector("device", engine.dim, args.dim, 0, engine.names_hash, device,
+                               dtype=args.projection_dtype)
+    logged: list[str] = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = FeatureStore(Path(tmp) / "store", "llama2-7b-random", "random", "train", projector,
+                             shard_size=len(examples))
+        sync(device)
+        tick = time.perf_counter()
+        compute_features(model, [(str(i), e) for i, e in enumerate(examples)], projector, store,
+                         exp_avg=moments, exp_avg_sq=moments_sq, pad_token_id=pad, max_batch_size=256,
+                         memory_budget_bytes=budget, oom_log=logged.append)
+        sync(device)
+        ours = time.perf_counter() - tick
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    # The floor: plain forward + backward (HF loss) over the same memory-planned batches.
+    sync(device)
+    tick = time.perf_counter()
+    with torch.enable_grad():
+        for rows in batches:
+            batch = {k: v.to(device) for k, v in collate([examples[r] for r in rows], pad).items()}
+            model.zero_grad(set_to_none=True)
+            model(**batch).loss.backward()
+    model.zero_grad(set_to_none=True)
+    sync(device)
+    floor = time.perf_counter() - tick
+    result.update(examples_per_s=round(len(examples) / ours, 2), ours_seconds=round(ours, 1),
+                  floor_seconds=round(floor, 1), ours_over_floor=round(ours / floor, 2), oom_retries=logged,
+                  peak_gpu_gb=None if peak is None else round(peak / 2**30, 1))
+    result["fidelity"] = fidelity(engine, examples[: args.fidelity_sample], pad, device, args)
+    result["total_seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(result))
+
+
+def fidelity(engine: PerExampleGradients, sample: list[TokenizedExample], pad: int, device: torch.device,
+             args: argparse.Namespace) -> dict:
+    """device vs exact on the first ``slice_dims`` coordinates of the flat layout (see the docstring)."""
+    width = min(args.slice_dims, engine.dim)
+    grads = torch.cat([engine(collate([sample[r] for r in rows], pad))[:, :width]
+                       for rows in length_sorted_batches(sample, 4)])
+    order = [r for rows in length_sorted_batches(sample, 4) for r in rows]
+    grads = grads[torch.argsort(torch.tensor(order, device=grads.device))]
+    n_targets = min(8, len(sample) // 2)
+    scores, seconds = {}, {}
+    for mode, seed in (("exact", 0), ("exact", 1), ("device", 0)):
+        options = {"cache_bytes": 0} if mode == "exact" else {"dtype": args.projection_dtype}
+        projector = make_projector(mode, width, args.dim, seed, "slice", device, **options)
+        sync(device)
+        tick = time.perf_counter()
+        features = torch.nn.functional.normalize(projector.project(grads), dim=1).cpu().numpy()
+        sync(device)
+        seconds[f"{mode}{seed}"] = round(time.perf_counter() - tick, 1)
+        train, targets = features[:-n_targets], features[-n_targets:]
+        scores[f"{mode}{seed}"] = (train @ targets.T).mean(axis=1)
+    return {"slice_dims": width, "n_train": len(sample) - n_targets, "n_targets": n_targets,
+            "device_vs_exact_spearman": spearman(scores["device0"], scores["exact0"]),
+            "device_vs_exact_overlap": top_overlap(scores["device0"], scores["exact0"]),
+            "exact_vs_exact_spearman": spearman(scores["exact1"], scores["exact0"]),
+            "exact_vs_exact_overlap": top_overlap(scores["exact1"], scores["exact0"]),
+            "projection_seconds": seconds}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Batching per-example gradients by memory, and halving a batch that runs out of memory.
+
+Pure functions (no device calls except in ``free_bytes``), so the plan and the retry are
+unit-tested without a GPU. At paper scale (a 7B Llama, LoRA r=128 on q/k/v/o: ~134M LoRA
+dims) one example's fp32 gradient is 536 MB, so a batch is bounded by memory long before
+it is bounded by tokens.
+
+Estimate of one batch of ``n`` examples padded to ``t`` tokens (bytes)::
+
+    n * (lora_dims * 4 * GRADIENT_COPIES + t * bytes_per_token)
+
+``GRADIENT_COPIES``: the flat fp32 gradient plus the working copies of the Adam transform.
+``bytes_per_token`` (``activation_bytes_per_token``): per layer, what the per-example
+capture keeps in fp32 for every LoRA module (input of lora_A, input and output of lora_B,
+output gradient: ``(in + r + 2 out) * 4``), the base model's activations kept for the
+backward pass (``hidden * HIDDEN_ACTIVATIONS + intermediate * MLP_ACTIVATIONS`` values of
+the weight dtype per layer; with gradient checkpointing only the layer inputs plus one
+layer), and fp32 logits with their gradient at every target token (``vocab * 4 * 2``).
+The constants were fitted on the CPU (``tests/test_scale.py``); the budget keeps a margin.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+GRADIENT_COPIES = 2
+HIDDEN_ACTIVATIONS = 12
+MLP_ACTIVATIONS = 4
+LOGIT_COPIES = 2
+SAFETY = 0.8  # share of the free memory a batch may plan to use
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class GradientMemory:
+    """Memory of per-example gradients: bytes per example (fixed) and per padded token."""
+
+    lora_dims: int
+    bytes_per_token: int
+
+    @property
+    def bytes_per_example(self) -> int:
+        return self.lora_dims * 4 * GRADIENT_COPIES
+
+    def batch_bytes(self, n_examples: int, padded_tokens: int) -> int:
+        return n_examples * (self.bytes_per_example + padded_tokens * self.bytes_per_token)
+
+    def max_rows(self, budget_bytes: int) -> Callable[[int], int]:
+        """Rows a batch may hold when its longest row has ``tokens`` tokens (at least 1)."""
+        return lambda tokens: max(1, budget_bytes // (self.bytes_per_example + tokens * self.bytes_per_token))
+
+
+def activation_bytes_per_token(config: Any, lora_r: int, lora_modules: Sequence[str], weight_bytes: int,
+                               checkpointing: bool = False) -> int:
+    """Estimated activation bytes per token of a Llama-style config (see the module docstring)."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    kv = head_dim * getattr(config, "num_key_value_heads", config.num_attention_heads)
+    shapes = {"q_proj": (hidden, head_dim * config.num_attention_heads), "k_proj": (hidden, kv),
+              "v_proj": (hidden, kv), "o_proj": (head_dim * config.num_attention_heads, hidden),
+              "gate_proj": (hidden, config.intermediate_size), "up_proj": (hidden, config.intermediate_size),
+              "down_proj": (config.intermediate_size, hidden)}
+    capture = sum((shapes[m][0] + lora_r + 2 * shapes[m][1]) * 4 for m in lora_modules)
+    per_layer = (HIDDEN_ACTIVATIONS * hidden + MLP_ACTIVATIONS * config.intermediate_size) * weight_bytes
+    base = layers * hidden * weight_bytes + per_layer if checkpointing else layers * per_layer
+    return layers * capture + base + config.vocab_size * 4 * LOGIT_COPIES
+
+
+def gradient_memory(model: Any, lora_dims: int) -> GradientMemory:
+    """The estimate for a peft LoRA model (its base config, LoRA r and modules, weight dtype, checkpointing)."""
+    base = model.get_base_model()
+    lora = next(iter(model.peft_config.values()))
+    weight_bytes = base.get_input_embeddings().weight.element_size()
+    checkpointing = bool(getattr(base, "is_gradient_checkpointing", False))
+    return GradientMemory(lora_dims, activation_bytes_per_token(
+        base.config, lora.r, sorted(lora.target_modules), weight_bytes, checkpointing))
+
+
+def free_bytes(device: str | torch.device, budget_bytes: int | None = None) -> int:
+    """Memory a batch may use: ``budget_bytes`` when set, else the device's free memory
+    (``torch.cuda.mem_get_info`` on CUDA, psutil's available memory on the CPU) times SAFETY."""
+    if budget_bytes is not None:
+        return budget_bytes
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    return int(free * SAFETY)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error))
+
+
+def run_halving_on_oom(batches: Sequence[Sequence[int]], step: Callable[[list[int]], T],
+                       log: Callable[[str], None] = logger.warning) -> Iterator[tuple[list[int], T]]:
+    """Yield ``(rows, step(rows))`` for every batch; a batch that runs out of memory is halved and
+    retried, and later batches are capped at the size that worked. A single row that runs out of
+    memory raises. Rows come back in order."""
+    cap = max((len(batch) for batch in batches), default=1)
+    for batch in batches:
+        queue = [list(batch[i : i + cap]) for i in range(0, len(batch), cap)]
+        while queue:
+            rows = queue.pop(0)
+            try:
+                result = step(rows)
+            except (torch.OutOfMemoryError, RuntimeError) as error:
+                if not is_out_of_memory(error) or len(rows) == 1:
+                    raise
+                failed = True
+            else:
+                failed = False
+            if failed:  # outside the except block, so the failed step's tensors are already freed
+                cap = len(rows) // 2
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                log(f"out of memory at a batch of {len(rows)} examples; retrying in batches of at most {cap}")
+                remaining = rows + [row for later in queue for row in later]
+                queue = [remaining[i : i + cap] for i in range(0, len(remaining), cap)]
+                continue
+            yield rows, result
