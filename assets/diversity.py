@@ -11,14 +11,13 @@ import pandas as pd
 from pydantic import Field
 
 from assets.common import LineageTracker, atomic_write_text, code_version, markdown_table, read_pool, transaction
-from assets.selections import build_selection_check
 from orchestration.partitions import model_partitions
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings
 from selection import (
-    checkpoints, embeddings, generation, kmq, models, preflight, quality, selection_store, selectors, tokenization,
-    training,
+    checkpoints, embeddings, generation, kmq, models, preflight, progress, quality, selection_store, selectors,
+    tokenization, training,
 )
 from selection.plots import bar_chart_markdown
 
@@ -65,7 +64,7 @@ class IterativeKmqConfig(KmqConfig):
     learning_rate: float = 1e-4
 
 
-def _latest_embeddings(con) -> tuple[str, str, str, int]:
+def latest_embeddings(con) -> tuple[str, str, str, int]:
     con.execute(EMBEDDING_RUNS_DDL)
     row = con.execute(
         "SELECT cache_dir, encoder_fingerprint, mode, dim FROM embedding_runs ORDER BY created_at DESC LIMIT 1"
@@ -134,7 +133,7 @@ def clusters(
     tracker = LineageTracker(context, lineage)
     with lineage.connect() as con:
         pool_version, ids, _ = read_pool(con)
-        cache_dir, fingerprint, mode, dim = _latest_embeddings(con)
+        cache_dir, fingerprint, mode, dim = latest_embeddings(con)
     cache = embeddings.EmbeddingCache(cache_dir, fingerprint, mode, dim)
     vectors = cache.load(ids)
     curve: dict[int, float] = {}
@@ -289,7 +288,7 @@ def _quality_report(inputs: KmqInputs, temperature: float) -> tuple[dict, dict]:
 
 def _write_kmq(context, lineage, model_name, method, pool_version, chosen_ids, chosen_scores, metrics, tracker, extra_md):
     selection = selection_store.Selection(model_name, method, selectors.ALL_TARGETS, chosen_ids,
-                                          [float(s) for s in chosen_scores], pool_version)
+                                          [float(s) for s in chosen_scores], pool_version, metrics["budget"])
     with lineage.connect() as con:
         selection_store.write_selections(con, [selection], None, context.run.run_id,
                                          context.assets_def.code_versions_by_key.get(context.asset_key))
@@ -380,9 +379,12 @@ def kmq_iterative_selection(
         peft_model = models.add_lora(model, spec, seed=config.seed)
         training.train_lora(peft_model, [examples[i] for i in usable], train_config, round_dir / "adapter_run",
                             tokenizer.pad_token_id, save_moments=False)
+        reporter = progress.ProgressReporter(f"iterative kMQ round {len(feedback_log) + 1} of {config.n_rounds}: "
+                                             "greedy generation", len(chosen), context.log.info, unit="prompts")
         result = generation.compute_feedback(peft_model, tokenizer, chosen, max_new_tokens=config.max_new_tokens,
                                              max_length=spec.max_length, batch_size=device.batch_size,
-                                             scorer=judge, model_fingerprint=f"{spec.fingerprint()}-{round_key}")
+                                             scorer=judge, model_fingerprint=f"{spec.fingerprint()}-{round_key}",
+                                             progress=reporter.update)
         peft_model.unload()  # back to the plain base model for the next round
         log = {"round": len(feedback_log), "round_key": round_key, "n_scored": int(np.isfinite(result.scores).sum()),
                "n_unscored": len(result.unscored_indices), "scorer": result.scorer}
@@ -426,7 +428,3 @@ def kmq_iterative_selection(
          **quality_md},
     )
 
-
-kmq_selection_check = build_selection_check(kmq_selection, "kmq")
-kmq_iterative_selection_check = build_selection_check(kmq_iterative_selection, "kmq_iterative")
-diversity_checks = [kmq_selection_check, kmq_iterative_selection_check]

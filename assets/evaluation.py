@@ -11,11 +11,12 @@ from pydantic import Field
 
 from assets.common import LineageTracker, atomic_write_text, code_version, markdown_table, read_targets, transaction
 from orchestration.partitions import model_partitions
+from orchestration.profiles import describe_profile, profile_of_run
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings
 from assets.finetune import latest_selections
-from selection import checkpoints, evaluation, models, stats
+from selection import checkpoints, evaluation, models, progress, stats
 from selection.targets import DEFAULT_TEST_PER_TASK
 from selection.names import path_under
 
@@ -96,17 +97,18 @@ def _test_rows(con, cap: int | None) -> tuple[list[dict], list[evaluation.TaskCo
     return evaluation.stratified_test_rows(stored, cap)
 
 
-def _evaluate(model, tokenizer, spec, row, test_rows: list[dict], config: EvaluationConfig) -> evaluation.EvalResult:
+def _evaluate(model, tokenizer, spec, row, test_rows: list[dict], config: EvaluationConfig,
+              reporter: progress.ProgressReporter) -> evaluation.EvalResult:
     """The base model (row None) or the model with a finetuned adapter loaded."""
     if row is None:
         return evaluation.evaluate_model(model, tokenizer, test_rows, max_length=spec.max_length,
-                                         batch_size=config.batch_size)
+                                         batch_size=config.batch_size, progress=reporter.update)
     evaluated = models.add_lora(model, spec)
     checkpoints.load_adapter_weights(evaluated, row.path, asset="finetuned_checkpoints")
     evaluated.eval()  # new LoRA dropout modules start in training mode
     try:
         return evaluation.evaluate_model(evaluated, tokenizer, test_rows, max_length=spec.max_length,
-                                         batch_size=config.batch_size)
+                                         batch_size=config.batch_size, progress=reporter.update)
     finally:
         evaluated.unload()
 
@@ -140,6 +142,9 @@ def evaluation_asset(
                       "cap": c.cap, "cap_raised": c.cap_raised} for c in coverage]
     summary = []
     rows_key = hashlib.sha256(json.dumps([[r["task"], r["example_id"]] for r in test_rows]).encode()).hexdigest()[:12]
+    per_checkpoint = evaluation.n_scored_conversations(test_rows)
+    reporter = progress.ProgressReporter(f"evaluating {len(candidates)} checkpoints",
+                                         per_checkpoint * len(candidates), context.log.info, unit="conversations")
     for name, row in candidates:
         started = time.perf_counter()
         seed = None if row is None or pd.isna(row.seed) else int(row.seed)
@@ -152,8 +157,9 @@ def evaluation_asset(
         if path.is_file():
             result = evaluation.EvalResult.from_dict(json.loads(path.read_text()))
             context.log.info(f"{name}: reusing {path.name}")
+            reporter.total -= per_checkpoint  # nothing to score: out of the ETA
         else:
-            result = _evaluate(model, tokenizer, spec, row, test_rows, config)
+            result = _evaluate(model, tokenizer, spec, row, test_rows, config, reporter)
             atomic_write_text(path, json.dumps(result.to_dict()))
         tracker.add_file(name if seed is None else f"{name}/seed-{seed}", path)
         run_key = None if row is None else row.run_key
@@ -230,6 +236,10 @@ def comparison_report(
     comparison_frame = evaluation.comparison_table(results, baseline=config.baseline, n_resamples=config.n_resamples,
                                                    confidence=config.confidence, seed=config.bootstrap_seed)
     report = evaluation.markdown_report(comparison_frame, title=f"Evaluation comparison for {model}")
+    profile = profile_of_run(context.run.tags)
+    if profile is not None:  # right under the title: these numbers come from a small demo setup
+        title, _, rest = report.partition("\n")
+        report = f"{title}\n\n{describe_profile(profile)} (LESS's recipe outside the demo)\n{rest}"
     out_dir = settings.subdir("reports", model)
     (out_dir / "comparison.md").write_text(report)
     comparison_frame.to_csv(out_dir / "comparison.csv", index=False)

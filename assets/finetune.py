@@ -11,7 +11,7 @@ from orchestration.partitions import model_partitions
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings
-from selection import checkpoints, models, names, selection_store, selectors, tokenization, training
+from selection import checkpoints, models, names, progress, selection_store, selectors, tokenization, training
 
 GPU_DEFAULT_SEEDS = 3
 
@@ -22,11 +22,15 @@ SELECTION_ASSETS = [
 
 
 class FinetuneConfig(dg.Config):
+    """Training defaults are LESS's (4 epochs, lr 2e-5, linear schedule, warmup ratio 0.03, 32 examples per step)."""
+
     targets: list[str] = Field(default=["all"], description="Which selection targets to finetune on ('all' = multi-target)")
     methods: list[str] | None = Field(default=None, description="Methods to finetune; default every stored method")
-    epochs: int = 2
-    learning_rate: float = 1e-4
-    batch_size: int = 8
+    epochs: int = training.LESS_TRAINING_CONFIG.epochs
+    learning_rate: float = training.LESS_TRAINING_CONFIG.learning_rate
+    batch_size: int = Field(default=training.LESS_TRAINING_CONFIG.batch_size,
+                            description="Examples per optimizer step, accumulated over micro-batches of the "
+                            "`device` resource's batch_size")
     seed: int = 0
     seeds: int | None = Field(
         default=None, ge=1,
@@ -106,6 +110,12 @@ def finetuned_checkpoints(
     )
     summary = []
     runs = [(selection, seed) for selection in wanted for seed in seeds]
+    # Counted before examples without target tokens are dropped: the ETA errs long, never short.
+    reporter = progress.ProgressReporter(
+        f"finetuning {len(runs)} LoRAs", sum(training.lr_schedule(len(chosen[key[:3]]), base_config.batch_size,
+                                                                   base_config.epochs, 0.0).total_steps
+                                             for key, _ in runs),
+        context.log.info, unit="optimizer steps")
     for (method, target, budget, pool_version), seed in runs:
         example_ids = chosen[(method, target, budget)]
         examples, stats = tokenization.tokenize_many(tokenizer, [by_id[i] for i in example_ids], spec.max_length)
@@ -120,7 +130,9 @@ def finetuned_checkpoints(
         started = time.perf_counter()
         peft_model = models.add_lora(model, spec, seed=seed)
         result = training.train_lora(peft_model, [examples[i] for i in usable], train_config, out_dir,
-                                     tokenizer.pad_token_id, save_moments=False)
+                                     tokenizer.pad_token_id, save_moments=False,
+                                     progress_cb=lambda step, name=f"{method}/{target} seed {seed}": reporter.update(
+                                         1, f"{name}, epoch {step.epoch}, loss {step.loss:.4f}"))
         peft_model.unload()
         final = result.checkpoints[-1]
         row = checkpoints.CheckpointRow(

@@ -25,7 +25,8 @@ from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings
 from selection import (
-    checkpoints, datastore, diagnostics, models, pool_store, preflight, projection, tokenization, training,
+    checkpoints, datastore, diagnostics, memory, models, pool_store, preflight, progress, projection, tokenization,
+    training,
 )
 from selection.gradients import DEFAULT_TRAIN_TRANSFORM, PerExampleGradients, check_train_transform, transform_why
 
@@ -46,7 +47,6 @@ GRADIENT_CODE = code_version(
     "selection.gradients", "selection.projection", "selection.datastore", "selection.tokenization",
     "selection.checkpoints", "selection.diagnostics",
 )
-PROGRESS_LOG_SECONDS = 30.0
 
 # Conversations of the given ids, keyed by id (ids not found are missing from the dict).
 ConversationLoader = Callable[[Sequence[str]], dict[str, list[dict]]]
@@ -56,7 +56,9 @@ GroupLoader = Callable[[Sequence[str]], dict[str, str]]
 
 class GradientConfig(dg.Config):
     dims: list[int] = Field(default=[projection.DEFAULT_DIM], description="Projection dims (one pass fills all)")
-    mode: str = Field(default=projection.DEFAULT_MODE, description="'exact' (dense Rademacher) or 'fast' (sparse sign)")
+    mode: str = Field(default=projection.DEFAULT_MODE,
+                      description="'exact' (dense Rademacher from the CPU), 'device' (dense Rademacher generated "
+                      "on the device, for 7B-scale LoRA dims) or 'fast' (sparse sign)")
     seed: int = Field(default=0, description="Projection seed; stores of different seeds never mix")
     shard_size: int = Field(default=512, description="Examples per chunk read from the pool and per file on disk")
     train_transform: str = Field(
@@ -91,29 +93,6 @@ def _store_rows(con, spec_name: str, kind: str, run_key: str, epoch: int, avg_lr
     con.execute("INSERT INTO gradient_stores BY NAME SELECT * FROM frame")
     for store in stores:
         datastore.write_index(con, store)
-
-
-class _ProgressLog:
-    """Examples done / total, rate and ETA over a whole checkpoint, at most every 30 s."""
-
-    def __init__(self, context: dg.AssetExecutionContext, label: str, total: int) -> None:
-        self.context, self.label, self.total = context, label, total
-        self.started = self.last = time.perf_counter()
-        self.done_before = 0
-
-    def __call__(self, progress: datastore.Progress, force: bool = False) -> None:
-        now = time.perf_counter()
-        if not force and now - self.last < PROGRESS_LOG_SECONDS:
-            return
-        self.last = now
-        done = self.done_before + progress.done
-        rate = done / (now - self.started) if now > self.started else 0.0
-        eta = (self.total - done) / rate if rate else float("inf")
-        self.context.log.info(f"{self.label}: {done}/{self.total} examples, {rate:.2f} examples/s, ETA {eta:.0f} s")
-
-    def chunk_done(self, n: int) -> None:
-        self.done_before += n
-        self(datastore.Progress(0, self.total, 0, 0.0, 0.0), force=True)
 
 
 def _gradient_features(
@@ -187,9 +166,11 @@ def _gradient_features(
                 exp_avg = exp_avg_sq = None
                 if kind == "train":
                     _, exp_avg, exp_avg_sq, _ = training.load_checkpoint(row.path, expected_names=engine.names)
-                progress = _ProgressLog(context, f"{kind}{f' {part}' if part else ''} epoch {row.epoch}", len(todo))
+                reporter = progress.ProgressReporter(f"{kind} gradients{f' {part}' if part else ''} epoch {row.epoch}",
+                                                     len(todo), context.log.info)
             for start in range(0, len(todo), config.shard_size):
                 chunk = todo[start : start + config.shard_size]
+                chunk_start = reporter.done
                 conversations = load_conversations(chunk)
                 missing = [example_id for example_id in chunk if example_id not in conversations]
                 if missing:
@@ -205,9 +186,12 @@ def _gradient_features(
                     peft_model, list(zip(chunk, tokenized)), projectors, stores, exp_avg=exp_avg,
                     exp_avg_sq=exp_avg_sq, adam_step=_warmup_steps(row.path) if kind == "train" else None,
                     pad_token_id=tokenizer.pad_token_id, max_batch_size=device.batch_size,
-                    max_tokens=device.max_tokens_per_batch, progress_cb=progress,
+                    max_tokens=device.max_tokens_per_batch, oom_log=context.log.warning,
+                    # On a GPU, batches and dense-projection groups also fit its free memory (selection.memory).
+                    memory_budget_bytes=memory.free_bytes(resolved) if resolved.startswith("cuda") else None,
+                    # Progress.done counts from this chunk's start.
+                    progress_cb=lambda p, base=chunk_start: reporter.update(base + p.done - reporter.done),
                 )
-                progress.chunk_done(len(chunk))
         steps = _warmup_steps(row.path)
         found = [(store, diagnostics.feature_diagnostics([array for _, array in store.iter_shards()]))
                  for store in stores]

@@ -35,6 +35,9 @@ class TargetTasksConfig(dg.Config):
     files: list[TargetFileConfig] = Field(
         default_factory=list, description="Target JSONL files; empty uses the built-in MMLU/code/math targets"
     )
+    default_tasks: list[str] | None = Field(
+        default=None,
+        description=f"Built-in tasks to use when no files are given; None = all of {list(targets.DEFAULT_TASKS)}")
     n_val: int = Field(default=targets.DEFAULT_N_VAL, description="Val (few-shot target) examples per subtask")
     max_test_per_task: int | None = Field(
         default=targets.DEFAULT_TEST_PER_TASK, description="Cap on held-out test examples per task"
@@ -118,7 +121,12 @@ def target_tasks(
         builtin = targets.write_default_targets(
             settings.subdir("builtin", "targets"), n_val=config.n_val, test_per_task=config.max_test_per_task
         )
-        files = [targets.TargetFile(**spec) for spec in builtin]
+        wanted = config.default_tasks or targets.DEFAULT_TASKS
+        unknown = sorted(set(wanted) - set(targets.DEFAULT_TASKS))
+        if unknown:
+            raise ValueError(f"`default_tasks` {unknown} are not built-in tasks; "
+                             f"choose from {list(targets.DEFAULT_TASKS)}")
+        files = [targets.TargetFile(**spec) for spec in builtin if spec["task"] in wanted]
         context.log.info(f"No target files configured: using the built-in targets ({len(files)} tasks)")
     target_set = targets.build_targets(files, n_val=config.n_val, max_test_per_task=config.max_test_per_task)
     for warning in target_set.warnings:

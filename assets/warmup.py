@@ -10,18 +10,20 @@ from orchestration.partitions import model_partitions
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings
-from selection import checkpoints, models, pool_store, preflight, tokenization, training
+from selection import checkpoints, models, pool_store, preflight, progress, tokenization, training
 
 
 class WarmupConfig(dg.Config):
-    """LESS uses fraction 0.05, 4 epochs, r=128, lr 2e-5; the demo model spec uses r=8 and lr 1e-4
-    because ~60 warmup examples give few steps on a CPU."""
+    """Defaults are LESS's warmup (fraction 0.05, 4 epochs, lr 2e-5, linear schedule, warmup ratio 0.03,
+    32 examples per optimizer step); `make demo`'s profiles set smaller values (orchestration/profiles.py)."""
 
     fraction: float = Field(default=0.05, description="Share of the pool used for warmup (seeded)")
-    epochs: int = training.DEMO_TRAINING_CONFIG.epochs
-    learning_rate: float = training.DEMO_TRAINING_CONFIG.learning_rate
-    batch_size: int = training.DEMO_TRAINING_CONFIG.batch_size
-    warmup_ratio: float = training.DEMO_TRAINING_CONFIG.warmup_ratio
+    epochs: int = training.LESS_TRAINING_CONFIG.epochs
+    learning_rate: float = training.LESS_TRAINING_CONFIG.learning_rate
+    batch_size: int = Field(default=training.LESS_TRAINING_CONFIG.batch_size,
+                            description="Examples per optimizer step, accumulated over micro-batches of the "
+                            "`device` resource's batch_size")
+    warmup_ratio: float = training.LESS_TRAINING_CONFIG.warmup_ratio
     seed: int = 0
     resample: bool = Field(
         default=False,
@@ -86,12 +88,13 @@ def warmup_checkpoints(
     out_dir = settings.subdir("models", spec.name, "warmup", run_key)
     peft_model = models.add_lora(model, spec, seed=config.seed)
     started = time.perf_counter()
+    reporter = progress.ProgressReporter(
+        "warmup training", training.lr_schedule(len(usable), train_config.batch_size, train_config.epochs,
+                                                train_config.warmup_ratio).total_steps,
+        context.log.info, unit="optimizer steps")
 
-    def log_progress(progress: training.TrainingProgress) -> None:
-        context.log.info(
-            f"epoch {progress.epoch} step {progress.step}/{progress.total_steps} loss {progress.loss:.4f} "
-            f"lr {progress.learning_rate:.2e} ({progress.examples_per_s:.1f} examples/s)"
-        )
+    def log_progress(step: training.TrainingProgress) -> None:
+        reporter.update(1, f"epoch {step.epoch}, loss {step.loss:.4f}, lr {step.learning_rate:.2e}")
 
     result = training.train_lora(
         peft_model, [examples[i] for i in usable], train_config, out_dir, tokenizer.pad_token_id, log_progress

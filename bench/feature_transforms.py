@@ -31,6 +31,7 @@ strongly negative: small gradients of long answers win). The last line is one JS
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -135,7 +136,7 @@ def main() -> int:
                 per_subject[row["subtask"]] = per_subject.get(row["subtask"], 0) + 1
                 val_rows.append(row)
 
-    spec = models.default_model_spec()
+    spec = dataclasses.replace(models.default_model_spec(), **models.DEMO_SPEC_OVERRIDES)
     with tempfile.TemporaryDirectory(prefix="feature-transforms-") as scratch:
         cache = Path(args.model_cache) if args.model_cache else Path(scratch) / "model_cache"
         model, tokenizer = models.load_model_and_tokenizer(spec, cache, device="cpu")
@@ -148,7 +149,7 @@ def main() -> int:
         val_keep = val_stats.usable_indices()
         val_rows, val_tok = [val_rows[i] for i in val_keep], [val_tok[i] for i in val_keep]
 
-        # The warmup asset's defaults (WarmupConfig / DEMO_TRAINING_CONFIG), except the epochs.
+        # `make demo`'s warmup settings (DEMO_TRAINING_CONFIG), except the epochs.
         demo = training.DEMO_TRAINING_CONFIG
         config = training.TrainingConfig(epochs=args.epochs, learning_rate=demo.learning_rate,
                                          batch_size=demo.batch_size, micro_batch_size=demo.micro_batch_size,

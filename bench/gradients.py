@@ -32,6 +32,7 @@ and top-5% overlap; it passes at Spearman >= 0.95 and overlap >= 0.9.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -51,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from selection.datastore import FeatureStore, compute_features  # noqa: E402
 from selection.default_data import pool_side, target_side  # noqa: E402
 from selection.gradients import AdamMoments, PerExampleGradients, sum_of_example_losses  # noqa: E402
-from selection.models import add_lora, default_model_spec, load_model_and_tokenizer  # noqa: E402
+from selection.models import DEMO_SPEC_OVERRIDES, add_lora, default_model_spec, load_model_and_tokenizer  # noqa: E402
 from selection.projection import make_projector  # noqa: E402
 from selection.tokenization import TokenizedExample, collate, length_sorted_batches, tokenize_conversation  # noqa: E402
 
@@ -218,7 +219,7 @@ def less_scores(train: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 def load(args):
     """(peft model on args.device, tokenizer or None with --random-weights)."""
-    spec = default_model_spec()
+    spec = dataclasses.replace(default_model_spec(), **DEMO_SPEC_OVERRIDES)
     started = time.perf_counter()
     if args.random_weights:
         from transformers import AutoConfig, AutoModelForCausalLM

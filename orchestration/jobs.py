@@ -10,8 +10,10 @@ while everything else per model is partitioned by model alone:
 3. `select_and_evaluate_job` (partition: model): influence scores, LESS/BIDS selections,
    finetuning, evaluation and the comparison report.
 
-`make demo` runs them in this order; the `gradient_shards_after_prepare` and
-`select_after_gradient_shards` sensors chain them in a deployment.
+`make demo` runs them in this order, with a named profile's run config (orchestration/profiles.py:
+`quick` by default, `full`); in a deployment the assets' automation conditions chain the same
+steps (orchestration/automation.py). Launched without run config (UI, CLI, automation, sensors),
+every asset uses LESS's recipe: its config defaults and `ModelSpec`'s.
 """
 
 import dagster as dg
@@ -25,31 +27,6 @@ BEFORE_TRAIN_GRADIENTS = dg.AssetSelection.all() - TRAIN_GRADIENTS - AFTER_TRAIN
 PREPARE_JOB_NAME = "prepare_job"
 TRAIN_GRADIENTS_JOB_NAME = "train_gradients_job"
 SELECT_AND_EVALUATE_JOB_NAME = "select_and_evaluate_job"
-
-# The demo is sized for a 2-core CPU (about 50 minutes): a 300-example built-in pool, 2 target
-# val examples per subtask instead of LESS's 5, 2 warmup epochs instead of 4, 1 finetuning
-# epoch, one finetuning seed (the CPU default), 20 test rows per task (round robin over subtasks,
-# so each of MMLU STEM's 18 subjects is represented; forward-only scoring, about 360 conversations
-# per checkpoint). Every value is a normal run config field (the launchpad shows and edits them);
-# a plain `dagster asset materialize` uses the full defaults.
-# Keyed by job, since a job accepts config only for its own assets.
-DEMO_RUN_CONFIG = {
-    PREPARE_JOB_NAME: {
-        "ops": {
-            "raw_pool": {"config": {"default_pool_size": 300}},
-            "target_tasks": {"config": {"n_val": 2}},
-            "warmup_checkpoints": {"config": {"epochs": 2}},
-            "kmq_iterative_selection": {"config": {"max_new_tokens": 32}},
-        }
-    },
-    TRAIN_GRADIENTS_JOB_NAME: {},
-    SELECT_AND_EVALUATE_JOB_NAME: {
-        "ops": {
-            "finetuned_checkpoints": {"config": {"epochs": 1}},
-            "evaluation": {"config": {"max_test_per_task": 20}},
-        }
-    },
-}
 
 pool_job = dg.define_asset_job(
     "pool_job", selection=dg.AssetSelection.groups("pool"), description="Ingest the pool and the target tasks"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from resources.lineage import connect_with_retry
@@ -37,3 +38,44 @@ def print_summary(home: str) -> None:
                 continue
             print(f"\n== {title} ==")
             print(con.execute(sql).df().to_string(index=False))
+
+
+# Pasteable: which pool sources each finetuned checkpoint was trained on (lineage down to examples).
+LINEAGE_QUERY = (
+    "SELECT c.method, c.target, c.seed, p.source, count(*) AS examples "
+    "FROM checkpoints c JOIN checkpoint_examples e USING (model, stage, run_key) "
+    "JOIN pool p ON p.example_id = e.example_id WHERE c.stage = 'finetune' GROUP BY ALL ORDER BY ALL"
+)
+
+
+def headline(con, model: str) -> list[str]:
+    """Per method: its target loss (NLL) delta vs the report's baseline on each task, with the 95% interval."""
+    rows = con.execute(
+        "SELECT method, task, delta_nll, delta_nll_ci_low, delta_nll_ci_high, delta_nll_significant "
+        "FROM comparison WHERE model = ? ORDER BY method, task", [model]).fetchall()
+    by_method: dict[str, list[str]] = {}
+    for method, task, delta, low, high, significant in rows:
+        interval = "" if low is None else f" [{low:+.4f}, {high:+.4f}]{' *' if significant else ''}"
+        cell = f"{task} n/a" if delta is None else f"{task} {delta:+.4f}{interval}"
+        by_method.setdefault(method, []).append(cell)
+    return [f"  {method:<20} {'; '.join(cells)}" for method, cells in by_method.items()]
+
+
+def print_next_steps(home: Path, model: str) -> None:
+    """What to look at after the demo: the report and its headline, the exports, a lineage query, the UI."""
+    report = home / "reports" / model / "comparison.md"
+    db_path = home / "lineage.duckdb"
+    print(f"\n== what to look at ==\nReport: {report}")
+    with connect_with_retry(db_path) as con:
+        print("Target loss (NLL) delta vs the baseline (random) per task, 95% bootstrap interval "
+              "(* = excludes 0; lower = better):")
+        print("\n".join(headline(con, model)))
+    print(f"Selections (JSONL, the pool's own format): {home / 'selections' / model}/<method>/<target>-<budget>.jsonl")
+    for path in sorted((home / "selections" / model).glob("*/all-*.jsonl")):
+        print(f"  {path}")
+    connect = f"duckdb.connect('{db_path}', read_only=True)"
+    print("Lineage, e.g. which pool sources trained each finetuned checkpoint:\n"
+          f"  .venv/bin/python -c \"import duckdb; {connect}.sql(\\\"{LINEAGE_QUERY}\\\").show()\"")
+    print(f"The Dagster UI on this storage (runs launched there use LESS's recipe unless given the profile's config):\n"
+          f"  INSTRUCT_SELECT_HOME={home} DAGSTER_HOME={os.environ.get('DAGSTER_HOME', '')} make dev"
+          "   (then http://127.0.0.1:3000)")

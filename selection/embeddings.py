@@ -252,12 +252,13 @@ def embed_with_causal_lm(
     batch_size: int = 16,
     max_length: int = 256,
     normalize: bool = True,
+    progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Mean of the causal LM's last hidden states over non-pad tokens, ``[n, hidden]`` float32.
 
     Texts are tokenized as given (with the tokenizer's special tokens, e.g. BOS), cut to
     ``max_length`` tokens and right-padded; L2-normalized unless ``normalize=False``.
-    Runs on the model's device, in eval mode.
+    Runs on the model's device, in eval mode. ``progress`` gets the size of each finished batch.
     """
     _check_texts(texts)
     if batch_size < 1 or max_length < 1:
@@ -277,6 +278,8 @@ def embed_with_causal_lm(
             hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
             pooled = _masked_mean(hidden, attention_mask)
             out[rows] = (_l2_normalize(pooled) if normalize else pooled).cpu().numpy()
+            if progress is not None:
+                progress(len(rows))
     return out
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any
@@ -296,6 +296,26 @@ def _first_letter_matches(generation: str, gold_letter: str) -> bool:
     return generation.strip()[:1] == gold_letter
 
 
+def _scoring_pass(rows: Sequence[_TestRow]) -> tuple[list, list[Conversation], list[tuple[int, int]]]:
+    """(plans, conversations, alternates) of one scoring pass: the gold answers first, then every
+    non-gold candidate, with the (row, choice) each of those comes from."""
+    plans = [plan_choice_row(row.messages) for row in rows]
+    conversations = [row.messages for row in rows]
+    alternates: list[tuple[int, int]] = []
+    for row_index, plan in enumerate(plans):
+        if isinstance(plan, ChoiceRow):
+            for choice_index in range(len(MMLU_LETTERS)):
+                if choice_index != plan.gold_index:
+                    alternates.append((row_index, choice_index))
+                    conversations.append(plan.candidate(choice_index))
+    return plans, conversations, alternates
+
+
+def n_scored_conversations(test_rows: Iterable[Mapping[str, Any]]) -> int:
+    """Conversations ``evaluate_model`` scores for these rows (its unit of progress)."""
+    return len(_scoring_pass(_check_rows(test_rows))[1])
+
+
 @torch.no_grad()
 def evaluate_model(
     model: torch.nn.Module,
@@ -307,6 +327,7 @@ def evaluate_model(
     generate_for: Collection[str] = ("mmlu",),
     max_new_tokens: int = 8,
     max_tokens: int | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> EvalResult:
     """Loss, multiple-choice accuracy and optionally greedy exact match (module docstring).
 
@@ -314,25 +335,17 @@ def evaluate_model(
     ``batch_size``/``max_tokens`` shape the length-sorted scoring batches. With
     ``generate`` the rows of the kinds in ``generate_for`` (only ``"mmlu"``: the
     multiple-choice rows that parsed) are answered greedily with up to ``max_new_tokens``
-    tokens. Deterministic; the model runs in eval mode.
+    tokens. Deterministic; the model runs in eval mode. ``progress`` gets the number of
+    conversations each scoring batch finished (``n_scored_conversations`` in all).
     """
     unknown = sorted(set(generate_for) - GENERATION_KINDS)
     if unknown:
         raise ValueError(f"cannot generate for {unknown}; supported: {sorted(GENERATION_KINDS)}")
     rows = _check_rows(test_rows)
-    plans = [plan_choice_row(row.messages) for row in rows]
-
-    # One scoring pass: the gold answers first, then every non-gold candidate.
-    conversations = [row.messages for row in rows]
-    alternates: list[tuple[int, int]] = []
-    for row_index, plan in enumerate(plans):
-        if isinstance(plan, ChoiceRow):
-            for choice_index in range(len(MMLU_LETTERS)):
-                if choice_index != plan.gold_index:
-                    alternates.append((row_index, choice_index))
-                    conversations.append(plan.candidate(choice_index))
+    plans, conversations, alternates = _scoring_pass(rows)
     scored = score_response_likelihoods(model, tokenizer, conversations, max_length=max_length,
-                                        batch_size=batch_size, max_tokens=max_tokens, final_turn_only=True)
+                                        batch_size=batch_size, max_tokens=max_tokens, final_turn_only=True,
+                                        progress=progress)
     gold_log_likelihoods = scored.values[: len(rows)]
     truncated = set(scored.stats.truncated_indices)
     choice_scores: dict[int, np.ndarray] = {}

@@ -34,7 +34,7 @@ depend on the batch size (up to float rounding in the padded attention).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,7 +96,8 @@ def _cut_at_stop(token_ids: list[int], stop_ids: set[int]) -> list[int]:
 
 @torch.no_grad()
 def _generate_from_token_ids(
-    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[list[int]], max_new_tokens: int, batch_size: int
+    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[list[int]], max_new_tokens: int, batch_size: int,
+    progress: Callable[[int], None] | None = None,
 ) -> list[str]:
     from transformers import GenerationConfig
 
@@ -121,6 +122,8 @@ def _generate_from_token_ids(
             for row, index in enumerate(rows):
                 new_tokens = _cut_at_stop(generated[row, longest:].tolist(), set(stop_ids))
                 outputs[index] = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+            if progress is not None:
+                progress(len(rows))
     return outputs
 
 
@@ -182,6 +185,7 @@ def compute_feedback(
     batch_size: int = 8,
     scorer: ResponseScorer | None = None,
     model_fingerprint: str = "trained-model",
+    progress: Callable[[int], None] | None = None,
 ) -> FeedbackResult:
     """Generate greedy answers to each conversation's final prompt and score S (module docstring).
 
@@ -190,6 +194,7 @@ def compute_feedback(
     by the model's final-turn log-likelihood over the first ``max_length`` tokens;
     prompts that leave no room for an answer within ``max_length`` are not generated for.
     NaN S (listed in ``unscored_indices``) means an answer could not be scored.
+    ``progress`` gets the number of prompts each generation batch answered (prompts that do not fit are not counted).
     """
     if isinstance(scorer, LogLikelihoodScorer) and scorer.model is model:
         raise ValueError(
@@ -202,7 +207,7 @@ def compute_feedback(
     generations = [""] * len(conversations)
     if fits:
         for index, text in zip(fits, _generate_from_token_ids(
-                model, tokenizer, [encoded[i] for i in fits], max_new_tokens, batch_size)):
+                model, tokenizer, [encoded[i] for i in fits], max_new_tokens, batch_size, progress)):
             generations[index] = text
     gold_conversations = [[*p, {"role": "assistant", "content": g}] for p, g in zip(prompts, golds)]
     generated_conversations = [[*p, {"role": "assistant", "content": g}] for p, g in zip(prompts, generations)]

