@@ -7,8 +7,8 @@ is fingerprinted (and keys every checkpoint and cache) is the one that ran. Each
 with the profile's name and values (`PROFILE_TAG`, `PROFILE_VALUES_TAG`); assets copy them, with
 `why` each value departs from LESS, into their lineage metrics and metadata.
 
-- `quick` (`make demo`): the whole graph in minutes: a 60-example pool, 3 target tasks with one
-  val example per subtask, 1024 projection dims, 6-example selections, 5 test rows per task.
+- `quick` (`make demo`): the whole graph in minutes: a 60-example pool, 2 target tasks (code,
+  math) with one val example per subtask, 1024 projection dims, 6-example selections, 5 test rows per task.
 - `full` (`make demo PROFILE=full`): the earlier demo: a 300-example pool, all 6 target tasks
   with 2 val examples per subtask, 8192 projection dims, 20 test rows per task.
 """
@@ -79,7 +79,7 @@ PROFILES = {
         ops={
             PREPARE_JOB_NAME: {
                 "raw_pool": {"default_pool_size": 60},
-                "target_tasks": {"default_tasks": ["code", "math", "social_sciences"], "n_val": 1},
+                "target_tasks": {"default_tasks": ["code", "math"], "n_val": 1},
                 "warmup_checkpoints": {"fraction": 0.1, "epochs": 2, "batch_size": 2, **_DEMO_WARMUP},
                 "target_gradients": {"dims": [1024]},
                 "rds_selection": _QUICK_BUDGET,
@@ -97,8 +97,9 @@ PROFILES = {
         },
         why={
             MODEL_STORE: _MODEL_WHY,
-            "target_tasks": f"{_CPU}: 3 of the 6 tasks and 1 val example per subtask (LESS: 5) bound the target "
-                            "gradients and the evaluation",
+            "target_tasks": f"{_CPU}: 2 of the 6 tasks and 1 val example per subtask (LESS: 5) bound the target "
+                            "gradients and the evaluation; no MMLU group, since each has 12-18 subjects and every "
+                            "subject needs a test row, scored over 4 choices, for every checkpoint",
             "warmup_checkpoints": f"{_WARMUP_WHY}; 2 epochs (LESS: 4) and 10% of the pool (LESS: 5%, 3 examples "
                                   "here) halve the gradient passes",
             "target_gradients": f"{_CPU}: 1024 projection dims (LESS: 8192) make the dense projection 8x cheaper",
