@@ -102,7 +102,8 @@ def run_config(args, pool_file: Path, targets_file: Path) -> dict:
     return {"ops": {
         "raw_pool": {"config": {"sources": [{"path": str(pool_file), "name": "recall_pool", "format": "messages"}]}},
         "target_tasks": {"config": {"files": [{"path": str(targets_file)}], "n_val": args.n_val}},
-        "warmup_checkpoints": {"config": {"epochs": args.epochs, "fraction": args.warmup_fraction}},
+        "warmup_checkpoints": {"config": {"epochs": args.epochs, "fraction": args.warmup_fraction,
+                                          "learning_rate": args.learning_rate, "batch_size": args.warmup_batch_size}},
         "train_gradients": {"config": grad},
         "target_gradients": {"config": grad},
         "influence_scores": {"config": {"dim": args.dim, "mode": args.mode, "seed": 0}},
@@ -146,6 +147,13 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=0.10)
     parser.add_argument("--epochs", type=int, default=2, help="warmup epochs")
     parser.add_argument("--warmup-fraction", type=float, default=0.05)
+    # The CPU profile's warmup and model setup, set explicitly since the assets default to LESS's recipe
+    # (lr 2e-5, 32-example steps, LoRA r=128, 2048 tokens), which 40 warmup examples cannot fill.
+    parser.add_argument("--learning-rate", type=float, default=1e-4, help="warmup learning rate")
+    parser.add_argument("--warmup-batch-size", type=int, default=8, help="warmup examples per optimizer step")
+    parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--lora-alpha", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--dim", type=int, default=8192)
     parser.add_argument("--mode", default="fast", choices=["fast", "exact"])
     parser.add_argument("--seed", type=int, default=0)
@@ -158,6 +166,7 @@ def main() -> int:
     from assets import ALL_CHECKS, ASSET_MODULES
     from orchestration.partitions import DEFAULT_MODEL, model_shard_keys
     from resources import build_resources
+    from resources.model_store import ModelStore
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="recall-") as scratch:
@@ -168,6 +177,8 @@ def main() -> int:
         pool_file = write_jsonl(home / "recall_pool.jsonl", [{k: r[k] for k in ("dataset", "id", "messages")}
                                                               for r in records])
         resources = build_resources(home=str(home / "store"))
+        resources["model_store"] = ModelStore(cache_dir=resources["model_store"].cache_dir, lora_r=args.lora_r,
+                                              lora_alpha=args.lora_alpha, max_length=args.max_length)
         assets = [*dg.load_assets_from_modules(ASSET_MODULES), *ALL_CHECKS]
         per_group: dict[str, dict] = {}
         timings: dict[str, float] = {}
