@@ -63,15 +63,19 @@ def headline(con, model: str) -> list[str]:
 
 def print_next_steps(home: Path, model: str) -> None:
     """What to look at after the demo: the report and its headline, the exports, a lineage query, the UI."""
-    report = home / "reports" / model / "comparison.md"
     db_path = home / "lineage.duckdb"
-    print(f"\n== what to look at ==\nReport: {report}")
     with connect_with_retry(db_path) as con:
-        print("Target loss (NLL) delta vs the baseline (random) per task, 95% bootstrap interval "
+        # The report's own lineage row says where it was written and which baseline its deltas are against.
+        report, baseline = con.execute(
+            "SELECT json_extract_string(outputs, '$.report.path'), json_extract_string(metrics, '$.baseline') "
+            "FROM lineage WHERE asset_key = 'comparison_report' AND partition_key = ? AND status = 'success' "
+            "ORDER BY finished_at DESC LIMIT 1", [model]).fetchone()
+        print(f"\n== what to look at ==\nReport: {report}")
+        print(f"Target loss (NLL) delta vs the baseline ({baseline}) per task, 95% bootstrap interval "
               "(* = excludes 0; lower = better):")
         print("\n".join(headline(con, model)))
     print(f"Selections (JSONL, the pool's own format): {home / 'selections' / model}/<method>/<target>-<budget>.jsonl")
-    for path in sorted((home / "selections" / model).glob("*/all-*.jsonl")):
+    for path in sorted((home / "selections" / model).glob("*/*.jsonl")):
         print(f"  {path}")
     connect = f"duckdb.connect('{db_path}', read_only=True)"
     print("Lineage, e.g. which pool sources trained each finetuned checkpoint:\n"
