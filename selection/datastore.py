@@ -593,7 +593,7 @@ def compute_features(
             return moments.transform(grads, transform) if moments is not None else grads
 
         batches = length_sorted_batches(chunk_examples, max_batch_size, max_tokens, max_rows)
-        for batch_rows, batch_features in run_halving_on_oom(batches, features_of, *([oom_log] if oom_log else [])):
+        for batch_rows, batch_features in run_halving_on_oom(batches, features_of, oom_log):
             pending_grads.append(batch_features)
             del batch_features
             pending_rows.extend(batch_rows)

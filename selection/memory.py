@@ -104,10 +104,11 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def run_halving_on_oom(batches: Sequence[Sequence[int]], step: Callable[[list[int]], T],
-                       log: Callable[[str], None] = logger.warning) -> Iterator[tuple[list[int], T]]:
+                       log: Callable[[str], None] | None = None) -> Iterator[tuple[list[int], T]]:
     """Yield ``(rows, step(rows))`` for every batch; a batch that runs out of memory is halved and
-    retried, and later batches are capped at the size that worked. A single row that runs out of
-    memory raises. Rows come back in order."""
+    retried, and later batches are capped at the size that worked (``log``, default this module's
+    logger, is told). A single row that runs out of memory raises. Rows come back in order."""
+    log = log or logger.warning
     cap = max((len(batch) for batch in batches), default=1)
     for batch in batches:
         queue = [list(batch[i : i + cap]) for i in range(0, len(batch), cap)]
