@@ -11,7 +11,10 @@ from orchestration.partitions import model_partitions
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings
-from selection import baselines, embeddings, preflight, progress, selectors
+from selection import baselines, selectors
+from selection.common import progress
+from selection.diversity import embeddings
+from selection.train import preflight
 
 
 def _causal_lm_embeddings(cache_root, spec, model, tokenizer, ids, conversations, batch_size: int,
@@ -34,7 +37,7 @@ def _causal_lm_embeddings(cache_root, spec, model, tokenizer, ids, conversations
     deps=["raw_pool", "target_tasks"],
     group_name="selections",
     pool="accelerator",
-    code_version=code_version("selection.baselines", "selection.embeddings", "selection.selectors"),
+    code_version=code_version("selection.baselines", "selection.diversity.embeddings", "selection.selectors"),
     description="RDS baseline (LESS paper): cosine similarity of the model's mean last-layer hidden states between "
     "pool and target val examples, aggregated per task like LESS; top-k per task and multi-target.",
 )

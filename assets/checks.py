@@ -14,7 +14,10 @@ from assets.finetune import SELECTION_ASSETS
 from assets.gradients import ensure_store_table
 from orchestration.partitions import MODEL_DIMENSION, SHARD_DIMENSION, model_partitions, model_shard_partitions
 from resources.lineage import LineageStore
-from selection import checkpoints, checks, embeddings, pool_store
+from selection import checks
+from selection.data import pool_store
+from selection.diversity import embeddings
+from selection.train import checkpoints
 
 
 def _latest_materialization(context: dg.AssetCheckExecutionContext) -> dg.EventLogRecord:

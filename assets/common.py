@@ -158,7 +158,7 @@ def markdown_table(rows: list[dict[str, Any]], max_rows: int = 20) -> str:
 def read_pool(con) -> tuple[str, list[str], list[list[dict]]]:
     """(pool_version, ids, conversations) of the current pool (superseded rows left out), in
     first-seen then id order."""
-    from selection import pool_store
+    from selection.data import pool_store
 
     pool_store.ensure_pool_tables(con)
     latest = pool_store.latest_pool_version(con)

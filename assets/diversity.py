@@ -15,11 +15,12 @@ from orchestration.partitions import model_partitions
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings
-from selection import (
-    checkpoints, embeddings, generation, kmq, models, preflight, progress, quality, selection_store, selectors,
-    tokenization, training,
-)
-from selection.plots import bar_chart_markdown
+from selection import kmq, selection_store, selectors
+from selection.common import progress
+from selection.data import tokenization
+from selection.diversity import embeddings, quality
+from selection.train import checkpoints, generation, models, preflight, training
+from selection.common.plots import bar_chart_markdown
 
 EMBEDDING_RUNS_DDL = """CREATE TABLE IF NOT EXISTS embedding_runs (
     pool_version VARCHAR, cache_dir VARCHAR, encoder_fingerprint VARCHAR, mode VARCHAR, dim INTEGER, n_rows INTEGER,
@@ -79,7 +80,7 @@ def latest_embeddings(con) -> tuple[str, str, str, int]:
     deps=["raw_pool"],
     group_name="diversity",
     pool="accelerator",
-    code_version=code_version("selection.embeddings"),
+    code_version=code_version("selection.diversity.embeddings"),
     description="Sentence embeddings of the pool, cached by example id and encoder (a refresh embeds only new ids).",
 )
 def embeddings_asset(
@@ -306,7 +307,7 @@ def _write_kmq(context, lineage, model_name, method, pool_version, chosen_ids, c
     deps=["clusters", "raw_pool"],
     group_name="selections",
     pool="accelerator",
-    code_version=code_version("selection.kmq", "selection.quality"),
+    code_version=code_version("selection.kmq", "selection.diversity.quality"),
     description="kMQ: budget per cluster proportional to its size, quality-weighted sampling within clusters.",
 )
 def kmq_selection(
@@ -339,7 +340,7 @@ def kmq_selection(
     deps=["clusters", "raw_pool"],
     group_name="selections",
     pool="accelerator",
-    code_version=code_version("selection.kmq", "selection.quality", "selection.generation", "selection.training"),
+    code_version=code_version("selection.kmq", "selection.diversity.quality", "selection.train.generation", "selection.train.training"),
     description="Iterative kMQ: rounds of b/N examples; cluster weights follow training feedback (gold vs generated).",
 )
 def kmq_iterative_selection(

@@ -16,9 +16,11 @@ from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings
 from assets.finetune import latest_selections
-from selection import checkpoints, evaluation, models, progress, stats
-from selection.targets import DEFAULT_TEST_PER_TASK
-from selection.names import path_under
+from selection.common import progress
+from selection.evaluate import evaluation, stats
+from selection.train import checkpoints, models
+from selection.data.targets import DEFAULT_TEST_PER_TASK
+from selection.common.names import path_under
 
 BASE = "base"
 EVALUATION_DDL = (
@@ -119,7 +121,7 @@ def _evaluate(model, tokenizer, spec, row, test_rows: list[dict], config: Evalua
     deps=["finetuned_checkpoints", "target_tasks"],
     group_name="evaluation",
     pool="accelerator",
-    code_version=code_version("selection.evaluation", "selection.quality"),
+    code_version=code_version("selection.evaluate.evaluation", "selection.diversity.quality"),
     description="Per-task NLL (and MMLU choice accuracy) of the base model and each finetuned checkpoint on test rows.",
 )
 def evaluation_asset(
@@ -210,7 +212,7 @@ def _row_frame(result: evaluation.EvalResult, model: str, run_id: str, name: str
     partitions_def=model_partitions,
     deps=["evaluation"],
     group_name="evaluation",
-    code_version=code_version("selection.evaluation"),
+    code_version=code_version("selection.evaluate.evaluation"),
     description="Comparison of every method's finetuned checkpoint per task: deltas vs a baseline and average ranks.",
 )
 def comparison_report(

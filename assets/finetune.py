@@ -11,7 +11,10 @@ from orchestration.partitions import model_partitions
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings
-from selection import checkpoints, models, names, progress, selection_store, selectors, tokenization, training
+from selection import selection_store, selectors
+from selection.common import names, progress
+from selection.data import tokenization
+from selection.train import checkpoints, models, training
 
 GPU_DEFAULT_SEEDS = 3
 
@@ -69,7 +72,7 @@ def latest_selections(con, model: str, targets: list[str], methods: list[str] | 
     deps=SELECTION_ASSETS,
     group_name="evaluation",
     pool="accelerator",
-    code_version=code_version("selection.training", "selection.checkpoints", "selection.tokenization"),
+    code_version=code_version("selection.train.training", "selection.train.checkpoints", "selection.data.tokenization"),
     description="A LoRA finetuned on each selection; `checkpoints`/`checkpoint_examples` say which data trained it.",
 )
 def finetuned_checkpoints(

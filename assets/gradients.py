@@ -1,7 +1,7 @@
 """LESS step 2: the gradient datastore (projected, L2-normalized fp16 features in memory-mapped shards).
 
 `train_gradients` is partitioned by (model, shard): each partition computes the pool examples
-whose id hashes to its shard (`selection.datastore.shard_of`), so a run launcher or executor
+whose id hashes to its shard (`selection.influence.datastore.shard_of`), so a run launcher or executor
 can spread shards over machines. It streams the pool in chunks of `shard_size` examples
 (read, tokenize, compute, write), so its memory does not grow with the pool.
 `target_gradients` (a few val examples) is partitioned by model only.
@@ -24,11 +24,11 @@ from orchestration.partitions import MODEL_DIMENSION, SHARD_DIMENSION, model_par
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings
-from selection import (
-    checkpoints, datastore, diagnostics, memory, models, pool_store, preflight, progress, projection, tokenization,
-    training,
-)
-from selection.gradients import DEFAULT_TRAIN_TRANSFORM, PerExampleGradients, check_train_transform, transform_why
+from selection.common import memory, progress
+from selection.data import pool_store, tokenization
+from selection.influence import datastore, diagnostics, projection
+from selection.train import checkpoints, models, preflight, training
+from selection.influence.gradients import DEFAULT_TRAIN_TRANSFORM, PerExampleGradients, check_train_transform, transform_why
 
 STORE_TABLE_DDL = """CREATE TABLE IF NOT EXISTS gradient_stores (
     model VARCHAR, kind VARCHAR, warmup_run_key VARCHAR, epoch INTEGER, avg_lr DOUBLE, store_id VARCHAR,
@@ -44,8 +44,8 @@ STORE_TABLE_MIGRATIONS = (
 )
 
 GRADIENT_CODE = code_version(
-    "selection.gradients", "selection.projection", "selection.datastore", "selection.tokenization",
-    "selection.checkpoints", "selection.diagnostics",
+    "selection.influence.gradients", "selection.influence.projection", "selection.influence.datastore", "selection.data.tokenization",
+    "selection.train.checkpoints", "selection.influence.diagnostics",
 )
 
 # Conversations of the given ids, keyed by id (ids not found are missing from the dict).
@@ -187,7 +187,7 @@ def _gradient_features(
                     exp_avg_sq=exp_avg_sq, adam_step=_warmup_steps(row.path) if kind == "train" else None,
                     pad_token_id=tokenizer.pad_token_id, max_batch_size=device.batch_size,
                     max_tokens=device.max_tokens_per_batch, oom_log=context.log.warning,
-                    # On a GPU, batches and dense-projection groups also fit its free memory (selection.memory).
+                    # On a GPU, batches and dense-projection groups also fit its free memory (selection.common.memory).
                     memory_budget_bytes=memory.free_bytes(resolved) if resolved.startswith("cuda") else None,
                     # Progress.done counts from this chunk's start.
                     progress_cb=lambda p, base=chunk_start: reporter.update(base + p.done - reporter.done),

@@ -13,9 +13,11 @@ from orchestration.partitions import MODEL_DIMENSION, model_partitions, shard_pa
 from resources.lineage import LineageStore
 from resources.model_store import ModelStore
 from resources.settings import StorageSettings
-from selection import checkpoints, datastore, influence, pool_store, preflight, projection
-from selection.datastore import FeatureStore
-from selection.gradients import DEFAULT_TRAIN_TRANSFORM, LITERAL_LESS_TRANSFORM, transform_why
+from selection.data import pool_store
+from selection.influence import datastore, scores as influence, projection
+from selection.train import checkpoints, preflight
+from selection.influence.datastore import FeatureStore
+from selection.influence.gradients import DEFAULT_TRAIN_TRANSFORM, LITERAL_LESS_TRANSFORM, transform_why
 
 INFLUENCE_DDL = """CREATE TABLE IF NOT EXISTS influence_runs (
     model VARCHAR, scores_dir VARCHAR, warmup_run_key VARCHAR, mode VARCHAR, dim INTEGER, seed BIGINT,
@@ -106,7 +108,7 @@ def _check_pool_covered(con, parts: list[FeatureStore]) -> set[str]:
         "target_gradients", "target_tasks",
     ],
     group_name="less",
-    code_version=code_version("selection.influence", "selection.less"),
+    code_version=code_version("selection.influence.scores", "selection.less"),
     description="Score matrix [n_train, n_val] on disk (float32 memmap): sum over checkpoints of lr-weighted cosine.",
 )
 def influence_scores(

@@ -7,8 +7,8 @@ from pydantic import Field
 from assets.common import LineageTracker, code_version, markdown_table
 from resources.lineage import LineageStore
 from resources.settings import StorageSettings
-from selection import default_data, pool_store, target_store, targets
-from selection.ingest import SourceSpec
+from selection.data import default_data, pool_store, target_store, targets
+from selection.data.ingest import SourceSpec
 
 
 class PoolSource(dg.Config):
@@ -46,7 +46,7 @@ class TargetTasksConfig(dg.Config):
 
 @dg.asset(
     group_name="pool",
-    code_version=code_version("selection.formats", "selection.ingest", "selection.pool_store", "selection.default_data"),
+    code_version=code_version("selection.data.formats", "selection.data.ingest", "selection.data.pool_store", "selection.data.default_data"),
     description="Instruction pool in DuckDB (`pool`, `pool_rejects`, `pool_duplicates`), append-only and versioned.",
 )
 def raw_pool(
@@ -108,7 +108,7 @@ def raw_pool(
 
 @dg.asset(
     group_name="pool",
-    code_version=code_version("selection.targets", "selection.target_store", "selection.default_data"),
+    code_version=code_version("selection.data.targets", "selection.data.target_store", "selection.data.default_data"),
     description="Target tasks (`targets` table): few `val` examples define each target, `test` is held out.",
 )
 def target_tasks(

@@ -17,8 +17,11 @@ from assets.influence import latest_influence
 from orchestration.partitions import model_partitions
 from resources.lineage import LineageStore
 from resources.settings import StorageSettings
-from selection import diagnostics, export, influence, pool_store, preflight, selection_store, selectors
-from selection.plots import bar_chart_markdown
+from selection import selection_store, selectors
+from selection.data import export, pool_store
+from selection.influence import diagnostics, scores as influence
+from selection.train import preflight
+from selection.common.plots import bar_chart_markdown
 
 SELECTION_CODE = code_version("selection.selectors", "selection.less", "selection.bids", "selection.baselines")
 # Methods whose picks follow the influence scores (random ignores them).

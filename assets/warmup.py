@@ -10,7 +10,9 @@ from orchestration.partitions import model_partitions
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings
-from selection import checkpoints, models, pool_store, preflight, progress, tokenization, training
+from selection.common import progress
+from selection.data import pool_store, tokenization
+from selection.train import checkpoints, models, preflight, training
 
 
 class WarmupConfig(dg.Config):
@@ -37,7 +39,7 @@ class WarmupConfig(dg.Config):
     deps=["raw_pool"],
     group_name="less",
     pool="accelerator",
-    code_version=code_version("selection.training", "selection.tokenization", "selection.models", "selection.checkpoints"),
+    code_version=code_version("selection.train.training", "selection.data.tokenization", "selection.train.models", "selection.train.checkpoints"),
     description="Warmup LoRA checkpoints (adapter + Adam moments + avg lr per epoch) on a seeded slice of the pool.",
 )
 def warmup_checkpoints(

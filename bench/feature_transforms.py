@@ -46,8 +46,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.recall import PLANTED_GROUPS, build_pool  # noqa: E402
-from selection import bids, gradients, less, models, projection, tokenization, training  # noqa: E402
-from selection.checkpoints import load_adapter_weights  # noqa: E402
+from selection import bids, less, training  # noqa: E402
+from selection.data import tokenization
+from selection.influence import gradients, projection
+from selection.train import models
+from selection.train.checkpoints import load_adapter_weights  # noqa: E402
 
 CANDIDATES = ("adam", "adam_bias_corrected", "adam_no_momentum", "sgd", "adam_centered", "sgd_centered")
 BLOCK_ROWS = 32  # rows transformed and projected at a time (a full-size transform is 3.7 MB per row)

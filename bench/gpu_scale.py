@@ -9,7 +9,7 @@ Examples: ``bench/gpu_scale_examples.npz``, 256 default-pool examples tokenized 
 tokens on a CPU machine (``--write-examples``).
 
 Reports, for one checkpoint's pass over the examples: examples/s of the pipeline's own
-``compute_features`` (batches planned by ``selection.memory`` from the free GPU memory,
+``compute_features`` (batches planned by ``selection.common.memory`` from the free GPU memory,
 out-of-memory halving, Adam transform, ``device`` projection, fp16 shards), the time of a
 plain forward+backward over the same batches (the floor), peak GPU memory, and the fidelity
 of ``device`` vs ``exact`` on a sample. ``exact`` generates its dense matrix on the CPU,
@@ -39,11 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gradients import POOL_SOURCES, spearman, sync, top_overlap  # noqa: E402  (bench/gradients.py)
 
 from selection import memory  # noqa: E402
-from selection.datastore import FeatureStore, compute_features  # noqa: E402
-from selection.gradients import PerExampleGradients  # noqa: E402
-from selection.models import ModelSpec, add_lora  # noqa: E402
-from selection.projection import make_projector  # noqa: E402
-from selection.tokenization import IGNORE_INDEX, TokenizedExample, collate, length_sorted_batches  # noqa: E402
+from selection.influence.datastore import FeatureStore, compute_features  # noqa: E402
+from selection.influence.gradients import PerExampleGradients  # noqa: E402
+from selection.train.models import ModelSpec, add_lora  # noqa: E402
+from selection.influence.projection import make_projector  # noqa: E402
+from selection.data.tokenization import IGNORE_INDEX, TokenizedExample, collate, length_sorted_batches  # noqa: E402
 
 EXAMPLES_FILE = Path(__file__).with_name("gpu_scale_examples.npz")
 LLAMA_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
@@ -54,9 +54,9 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_
 def write_examples(path: Path, count: int, max_length: int) -> None:
     """Tokenize ``count`` default-pool examples (round robin over sources) with the default tokenizer."""
     from resources.settings import default_home
-    from selection.default_data import pool_side
-    from selection.models import default_model_spec, load_model_and_tokenizer
-    from selection.tokenization import tokenize_conversation
+    from selection.data.default_data import pool_side
+    from selection.train.models import default_model_spec, load_model_and_tokenizer
+    from selection.data.tokenization import tokenize_conversation
 
     _, tokenizer = load_model_and_tokenizer(default_model_spec(), cache_dir=Path(default_home()) / "models")
     iterators = [iter(pool_side(source)) for source in POOL_SOURCES]

@@ -103,8 +103,10 @@ def in_memory(home: Path) -> dict:
 
     from assets.common import read_pool
     from resources.lineage import LineageStore
-    from selection import datastore, models, projection, tokenization
-    from selection.gradients import PerExampleGradients
+    from selection.data import tokenization
+    from selection.influence import datastore, projection
+    from selection.train import models
+    from selection.influence.gradients import PerExampleGradients
     from tests.fakes import TinyModelStore
 
     torch.set_num_threads(1)

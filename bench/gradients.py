@@ -8,7 +8,7 @@ side by side in one process on the same examples:
     transform, dense Rademacher projection of every 16 examples with LESS's CPU
     projector procedure (TRAK ``BasicProjector``: the grad_dim x 128 matrix of each
     column block regenerated with ``bernoulli_`` on every call). fp32.
-(b) ours: ``selection.datastore.compute_features`` (batched per-example gradients, Adam
+(b) ours: ``selection.influence.datastore.compute_features`` (batched per-example gradients, Adam
     transform, ``fast`` SJLT projection, L2 normalization, fp16 shards on disk).
 (c) floor: plain HF forward (with labels) + backward on the same length-sorted batches.
 
@@ -49,12 +49,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selection.datastore import FeatureStore, compute_features  # noqa: E402
-from selection.default_data import pool_side, target_side  # noqa: E402
-from selection.gradients import AdamMoments, PerExampleGradients, sum_of_example_losses  # noqa: E402
-from selection.models import DEMO_SPEC_OVERRIDES, add_lora, default_model_spec, load_model_and_tokenizer  # noqa: E402
-from selection.projection import make_projector  # noqa: E402
-from selection.tokenization import TokenizedExample, collate, length_sorted_batches, tokenize_conversation  # noqa: E402
+from selection.influence.datastore import FeatureStore, compute_features  # noqa: E402
+from selection.data.default_data import pool_side, target_side  # noqa: E402
+from selection.influence.gradients import AdamMoments, PerExampleGradients, sum_of_example_losses  # noqa: E402
+from selection.train.models import DEMO_SPEC_OVERRIDES, add_lora, default_model_spec, load_model_and_tokenizer  # noqa: E402
+from selection.influence.projection import make_projector  # noqa: E402
+from selection.data.tokenization import TokenizedExample, collate, length_sorted_batches, tokenize_conversation  # noqa: E402
 
 POOL_SOURCES = ("alpaca_eval", "arena_hard", "mmlu", "humaneval", "champ")
 

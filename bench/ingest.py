@@ -91,9 +91,9 @@ def child(mode: str, path: str, db: str, batch_rows: int, memory_limit: str) -> 
     sys.path.insert(0, str(ROOT))
     import duckdb
 
-    from selection.ingest import Accepted, SourceSpec, iter_outcomes
-    from selection.names import check_memory_limit
-    from selection.pool_store import ingest_sources
+    from selection.data.ingest import Accepted, SourceSpec, iter_outcomes
+    from selection.common.names import check_memory_limit
+    from selection.data.pool_store import ingest_sources
 
     baseline = _peak_rss_mb()
     started = time.perf_counter()

@@ -33,11 +33,11 @@ from gradients import (  # noqa: E402  (bench/gradients.py: same model, examples
     less_scores, log, peak_rss_mb, pool_examples, spearman, target_examples, top_overlap, warmup_moments,
 )
 
-from selection.gradients import AdamMoments, PerExampleGradients  # noqa: E402
-from selection.models import add_lora, default_model_spec, load_model_and_tokenizer  # noqa: E402
+from selection.influence.gradients import AdamMoments, PerExampleGradients  # noqa: E402
+from selection.train.models import add_lora, default_model_spec, load_model_and_tokenizer  # noqa: E402
 from resources.settings import default_home  # noqa: E402
-from selection.projection import make_projector  # noqa: E402
-from selection.tokenization import collate, length_sorted_batches  # noqa: E402
+from selection.influence.projection import make_projector  # noqa: E402
+from selection.data.tokenization import collate, length_sorted_batches  # noqa: E402
 
 
 def gradients_of(engine, examples, pad: int, batch_size: int, moments: AdamMoments | None) -> torch.Tensor:

@@ -53,7 +53,7 @@ PER_TASK_METHODS = {"less", "rds"}
 def build_pool(pool_size: int, planted_share: float, alpaca_share: float, groups: list[str],
                n_val: int, seed: int) -> tuple[list[dict], dict[str, list[dict]], dict[str, set[str]]]:
     """(pool records, val records per group, planted example ids per group)."""
-    from selection import default_data
+    from selection.data import default_data
 
     planted_per_group = round(planted_share * pool_size)
     n_alpaca = round(alpaca_share * pool_size)

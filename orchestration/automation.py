@@ -21,7 +21,7 @@ import dagster as dg
 
 from orchestration.jobs import ingest_job
 from resources.settings import default_home
-from selection.ingest import file_type_of
+from selection.data.ingest import file_type_of
 
 WEEKLY_REFRESH_CRON = "0 3 * * 0"
 

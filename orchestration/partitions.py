@@ -5,8 +5,8 @@ import dagster as dg
 
 from resources.model_store import registered_models
 from resources.settings import gradient_shard_count
-from selection.datastore import shard_key
-from selection.models import default_model_spec
+from selection.influence.datastore import shard_key
+from selection.train.models import default_model_spec
 
 DEFAULT_MODEL = default_model_spec().name
 MODEL_DIMENSION = "model"

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestration.jobs import PREPARE_JOB_NAME, SELECT_AND_EVALUATE_JOB_NAME, TRAIN_GRADIENTS_JOB_NAME
-from selection import training
-from selection.models import DEMO_SPEC_OVERRIDES
+from selection.train import training
+from selection.train.models import DEMO_SPEC_OVERRIDES
 
 PROFILE_TAG = "instruct_select/profile"
 PROFILE_VALUES_TAG = "instruct_select/profile_values"

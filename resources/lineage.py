@@ -29,7 +29,7 @@ import dagster as dg
 import duckdb
 import pydantic
 
-from selection.names import check_memory_limit
+from selection.common.names import check_memory_limit
 
 LOCK_ERROR_MARKERS = ("could not set lock", "conflicting lock", "database is locked")
 

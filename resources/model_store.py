@@ -12,7 +12,7 @@ import dataclasses
 import dagster as dg
 from pydantic import Field
 
-from selection.models import ModelSpec, cap_max_length, context_length, default_model_spec, load_model_and_tokenizer
+from selection.train.models import ModelSpec, cap_max_length, context_length, default_model_spec, load_model_and_tokenizer
 
 MODELS_FILE_ENV = "INSTRUCT_SELECT_MODELS"
 

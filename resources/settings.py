@@ -7,7 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from selection.names import path_under
+from selection.common.names import path_under
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 HOME_ENV_VAR = "INSTRUCT_SELECT_HOME"

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 import duckdb
 import numpy as np
 
-from selection import integrity, pool_store, selection_store
+from selection import selection_store
+from selection.common import integrity
+from selection.data import pool_store
 
 # A unit vector stored as float16 has each coordinate rounded to a relative 2^-11, so its norm
 # is 1 within 2^-11; twice that allows for the float32 norm computed over thousands of terms.
@@ -95,7 +97,7 @@ def check_unit_rows(blocks: Iterable[tuple[str, int, Callable[[], np.ndarray]]],
 def check_feature_stores(stores: Sequence[tuple[str, int]], checked: str) -> CheckOutcome:
     """Gradient feature stores (directory, dim recorded in `gradient_stores`): each manifest and every
     committed shard have the recorded dim, and rows are finite unit vectors."""
-    from selection.influence import open_store
+    from selection.influence.scores import open_store
 
     if not stores:
         return CheckOutcome(checked, ["no feature store recorded"])

@@ -342,7 +342,7 @@ def cluster_mean_scores(
     """Mean score per cluster over `indices` (NaN for clusters with none).
 
     A NaN score marks an example whose generation could not be scored
-    (`selection.generation` lists them as unscored): it is left out of its
+    (`selection.train.generation` lists them as unscored): it is left out of its
     cluster's mean. Infinite scores are an error.
     """
     s = np.asarray(scores, dtype=np.float64)

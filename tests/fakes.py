@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from resources.model_store import ModelStore
-from selection.models import ModelSpec, build_tiny_llama
+from selection.train.models import ModelSpec, build_tiny_llama
 from tests.conftest import CHATML_TEMPLATE, make_tiny_tokenizer
 
 TINY_MODEL = "tiny-random"

@@ -18,10 +18,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from selection import memory  # noqa: E402
-from selection.gradients import AdamMoments, PerExampleGradients  # noqa: E402
-from selection.models import ModelSpec, add_lora  # noqa: E402
-from selection.projection import make_projector  # noqa: E402
-from selection.tokenization import TokenizedExample, collate, length_sorted_batches  # noqa: E402
+from selection.influence.gradients import AdamMoments, PerExampleGradients  # noqa: E402
+from selection.train.models import ModelSpec, add_lora  # noqa: E402
+from selection.influence.projection import make_projector  # noqa: E402
+from selection.data.tokenization import TokenizedExample, collate, length_sorted_batches  # noqa: E402
 
 
 def status_mb(field: str) -> float:

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from assets.evaluation import ensure_evaluation_tables
-from selection import checks, pool_store, selection_store
-from selection.datastore import FeatureStore
-from selection.embeddings import EmbeddingCache
-from selection.ingest import SourceSpec
+from selection import checks, selection_store
+from selection.data import pool_store
+from selection.influence.datastore import FeatureStore
+from selection.diversity.embeddings import EmbeddingCache
+from selection.data.ingest import SourceSpec
 
 
 @pytest.fixture

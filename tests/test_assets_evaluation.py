@@ -16,7 +16,9 @@ from assets.finetune import finetuned_checkpoints
 from assets.pool import raw_pool, target_tasks
 from orchestration.partitions import DEFAULT_MODEL
 from resources import build_resources
-from selection import pool_store, selection_store, stats
+from selection import selection_store
+from selection.data import pool_store
+from selection.evaluate import stats
 from tests.fakes import TinyModelStore
 
 

@@ -11,7 +11,7 @@ import dagster as dg
 from assets import ALL_CHECKS, ASSET_MODULES
 from orchestration.partitions import DEFAULT_MODEL, model_shard_keys
 from resources import build_resources
-from selection import diagnostics
+from selection.influence import diagnostics
 from tests.fakes import TinyModelStore
 
 DIM = 32

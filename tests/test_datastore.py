@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from selection.datastore import (
+from selection.influence.datastore import (
     FeatureStore,
     StoreBusyError,
     align_stores,
@@ -24,9 +24,9 @@ from selection.datastore import (
     target_scores,
     write_index,
 )
-from selection.gradients import PerExampleGradients, lora_slots
-from selection.projection import make_projector
-from selection.tokenization import IGNORE_INDEX, TokenizedExample
+from selection.influence.gradients import PerExampleGradients, lora_slots
+from selection.influence.projection import make_projector
+from selection.data.tokenization import IGNORE_INDEX, TokenizedExample
 from tests.test_gradients import random_examples, tiny_lora_model
 
 PAD = 2

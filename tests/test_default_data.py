@@ -1,4 +1,4 @@
-"""Built-in default pool from the packaged real data (selection.default_data)."""
+"""Built-in default pool from the packaged real data (selection.data.default_data)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from selection import default_data as dd
-from selection.formats import canonicalize, example_id
-from selection.targets import write_default_targets
+from selection.data import default_data as dd
+from selection.data.formats import canonicalize, example_id
+from selection.data.targets import write_default_targets
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -6,7 +6,7 @@ import duckdb
 import numpy as np
 import pytest
 
-from selection.diagnostics import (
+from selection.influence.diagnostics import (
     COLLAPSE_MEAN_NORM,
     collapsed_feature_reason,
     feature_diagnostics,

@@ -34,7 +34,7 @@ from orchestration.jobs import TRAIN_GRADIENTS_JOB_NAME
 from orchestration.partitions import DEFAULT_MODEL, model_shard_keys
 from resources import build_resources
 from resources.lineage import LOCK_ERROR_MARKERS
-from selection import influence
+from selection.influence import scores as influence
 from tests.fakes import TinyModelStore
 from tests.test_pipeline_tiny import _pool_file, _targets_file
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from selection.embeddings import (
+from selection.diversity.embeddings import (
     EmbeddingCache,
     EmbeddingCacheMismatch,
     SentenceEncoder,

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from selection import evaluation, stats
-from selection.default_data import render_mmlu
-from selection.evaluation import (
+from selection.evaluate import evaluation, stats
+from selection.data.default_data import render_mmlu
+from selection.evaluate.evaluation import (
     ChoiceParseError,
     ChoiceRow,
     EvalResult,
@@ -25,8 +25,8 @@ from selection.evaluation import (
     stratified_test_rows,
     worst_tasks,
 )
-from selection.quality import LikelihoodResult, response_log_likelihood
-from selection.tokenization import TruncationStats
+from selection.diversity.quality import LikelihoodResult, response_log_likelihood
+from selection.data.tokenization import TruncationStats
 
 CHOICES = ("one", "two", "three", "four")
 
@@ -72,7 +72,7 @@ def test_malformed_choice_rows_get_a_reject_reason(prompt: str, gold: str, reaso
 
 @pytest.mark.slow
 def test_real_default_mmlu_targets_parse_without_rejects() -> None:
-    from selection.targets import MMLU_GROUPS, default_target_examples
+    from selection.data.targets import MMLU_GROUPS, default_target_examples
 
     mmlu = [example for example in default_target_examples() if example.task in MMLU_GROUPS][:50]
     assert len(mmlu) == 50

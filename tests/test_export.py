@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from selection.export import to_source_format
-from selection.formats import canonicalize, example_id
+from selection.data.export import to_source_format
+from selection.data.formats import canonicalize, example_id
 
 SINGLE = [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "7"}]
 MULTI = [

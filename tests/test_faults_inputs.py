@@ -23,7 +23,7 @@ from assets.selections import random_selection
 from assets.warmup import warmup_checkpoints
 from orchestration.partitions import DEFAULT_MODEL
 from resources import build_resources
-from selection import tokenization
+from selection.data import tokenization
 from tests.fakes import TinyModelStore, materialize_error, user_error_text
 
 pytestmark = pytest.mark.faults

@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
-from selection import integrity
-from selection.checkpoints import load_adapter_weights
-from selection.datastore import FeatureStore, compute_features, repair_stores
-from selection.embeddings import EmbeddingCache, fill_cache
-from selection.gradients import PerExampleGradients
-from selection.influence import compute_influence, load_scores
-from selection.integrity import ArtifactIntegrityError
-from selection.projection import make_projector
-from selection.training import ADAPTER_DIR, TrainingConfig, load_checkpoint, train_lora
+from selection.common import integrity
+from selection.train.checkpoints import load_adapter_weights
+from selection.influence.datastore import FeatureStore, compute_features, repair_stores
+from selection.diversity.embeddings import EmbeddingCache, fill_cache
+from selection.influence.gradients import PerExampleGradients
+from selection.influence.scores import compute_influence, load_scores
+from selection.common.integrity import ArtifactIntegrityError
+from selection.influence.projection import make_projector
+from selection.train.training import ADAPTER_DIR, TrainingConfig, load_checkpoint, train_lora
 from tests.test_datastore import PAD, moments
 from tests.test_gradients import random_examples, tiny_lora_model
 from tests.test_training import examples, fresh_model, tokenizer  # noqa: F401 (fixtures)

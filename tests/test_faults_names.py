@@ -27,9 +27,12 @@ from resources import build_resources
 from resources.lineage import LineageStore
 from resources.model_store import MODELS_FILE_ENV, registered_models
 from resources.settings import StorageSettings
-from selection import datastore, names, selection_store, targets
-from selection.ingest import SourceSpec
-from selection.pool_store import ingest_sources
+from selection import selection_store
+from selection.common import names
+from selection.data import targets
+from selection.influence import datastore
+from selection.data.ingest import SourceSpec
+from selection.data.pool_store import ingest_sources
 from tests.fakes import materialize_error, user_error_text
 
 pytestmark = pytest.mark.faults

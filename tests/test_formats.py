@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from selection.formats import (
+from selection.data.formats import (
     REASON_CODES,
     RecordRejected,
     canonical_json,

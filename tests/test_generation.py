@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from selection.generation import (
+from selection.train.generation import (
     compute_feedback,
     end_of_turn_token_ids,
     feedback_scores,
@@ -17,8 +17,8 @@ from selection.generation import (
     render_prompt,
     split_final_turn,
 )
-from selection.quality import LogLikelihoodScorer, response_log_likelihood
-from selection.tokenization import render_conversation
+from selection.diversity.quality import LogLikelihoodScorer, response_log_likelihood
+from selection.data.tokenization import render_conversation
 
 PROMPTS = [
     [{"role": "user", "content": "Hi"}],

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from selection.datastore import FeatureStore, compute_features
-from selection.gradients import PerExampleGradients
-from selection.projection import make_projector
-from selection.tokenization import collate
+from selection.influence.datastore import FeatureStore, compute_features
+from selection.influence.gradients import PerExampleGradients
+from selection.influence.projection import make_projector
+from selection.data.tokenization import collate
 from tests.test_gradients import random_examples, tiny_lora_model
 
 pytestmark = [

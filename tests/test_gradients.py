@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selection.gradients import (
+from selection.influence.gradients import (
     DEFAULT_TRAIN_TRANSFORM,
     TRAIN_TRANSFORMS,
     AdamMoments,
@@ -18,8 +18,8 @@ from selection.gradients import (
     train_feature,
     transform_why,
 )
-from selection.models import ModelSpec, add_lora, build_tiny_llama
-from selection.tokenization import IGNORE_INDEX, TokenizedExample, collate
+from selection.train.models import ModelSpec, add_lora, build_tiny_llama
+from selection.data.tokenization import IGNORE_INDEX, TokenizedExample, collate
 
 TINY_SPEC = ModelSpec(name="tiny", source="tiny", lora_r=4, lora_alpha=8, lora_dropout=0.1)
 

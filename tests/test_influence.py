@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from selection.datastore import FeatureStore, compute_features, shard_key, shard_of
-from selection.gradients import PerExampleGradients
-from selection.influence import ShardedRows, compute_influence, load_scores
-from selection.projection import make_projector
+from selection.influence.datastore import FeatureStore, compute_features, shard_key, shard_of
+from selection.influence.gradients import PerExampleGradients
+from selection.influence.scores import ShardedRows, compute_influence, load_scores
+from selection.influence.projection import make_projector
 from tests.test_datastore import PAD, moments
 from tests.test_gradients import random_examples, tiny_lora_model
 

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from selection.formats import reason_code
-from selection.ingest import (
+from selection.data.formats import reason_code
+from selection.data.ingest import (
     RAW_LIMIT,
     Accepted,
     RecordsSource,
@@ -301,7 +301,7 @@ def test_bom_then_blank_line_and_minified_array(tmp_path: Path) -> None:
 
 
 def test_json_array_reader_holds_a_bounded_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from selection import ingest
+    from selection.data import ingest
 
     path = tmp_path / "many.json"
     path.write_text(json.dumps(RECORDS * 500), encoding="utf-8")  # ~75 KB

@@ -1,4 +1,4 @@
-"""selection.integrity: named errors for bad .npy files and records, digests cached per file version."""
+"""selection.common.integrity: named errors for bad .npy files and records, digests cached per file version."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from selection import integrity
-from selection.integrity import ArtifactIntegrityError
+from selection.common import integrity
+from selection.common.integrity import ArtifactIntegrityError
 
 
 def test_open_npy_names_truncated_garbage_and_changed_files(tmp_path: Path) -> None:

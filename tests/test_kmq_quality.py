@@ -17,8 +17,9 @@ from assets import ASSET_MODULES
 from assets.diversity import CLUSTERS_DDL, KmqConfig, _quality_kind
 from orchestration.partitions import DEFAULT_MODEL
 from resources import build_resources
-from selection import pool_store, quality
-from selection.quality import (
+from selection.data import pool_store
+from selection.diversity import quality
+from selection.diversity.quality import (
     IFDScorer,
     LogLikelihoodScorer,
     ifd_quality,
@@ -27,7 +28,7 @@ from selection.quality import (
     sampling_quality,
     summarize_by_group,
 )
-from selection.tokenization import IGNORE_INDEX, tokenize_conversation
+from selection.data.tokenization import IGNORE_INDEX, tokenize_conversation
 from tests.fakes import TinyModelStore
 
 PAIRS = [
@@ -270,10 +271,10 @@ def test_builtin_pool_sampling_weights_do_not_follow_answer_format(pytestconfig,
     no source's mean IFD sampling weight is over 3x another's; the old default, the mean
     response log-likelihood, fails that bar on the same examples (copy-heavy, predictable
     answers such as HumanEval's get several times the weight of open-ended ones)."""
-    from selection.default_data import SOURCE_NAMES, pool_side, sample_items
+    from selection.data.default_data import SOURCE_NAMES, pool_side, sample_items
     import dataclasses
 
-    from selection.models import DEMO_SPEC_OVERRIDES, default_model_spec, load_model_and_tokenizer
+    from selection.train.models import DEMO_SPEC_OVERRIDES, default_model_spec, load_model_and_tokenizer
 
     cache = getattr(pytestconfig, "cache", None)
     cache_dir = cache.mkdir("instruct-select-model-cache") if cache else tmp_path_factory.mktemp("model-cache")

@@ -1,4 +1,4 @@
-"""Batching by memory and halving on out-of-memory (selection/memory.py), without a GPU."""
+"""Batching by memory and halving on out-of-memory (selection/common/memory.py), without a GPU."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from selection import memory
-from selection.tokenization import TokenizedExample, length_sorted_batches
+from selection.common import memory
+from selection.data.tokenization import TokenizedExample, length_sorted_batches
 
 
 def example(tokens: int) -> TokenizedExample:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tests.conftest import SAMPLE_CONVERSATION, make_tiny_tokenizer
 
-from selection.models import (
+from selection.train.models import (
     ModelLoadError,
     ModelSpec,
     add_lora,
@@ -21,7 +21,7 @@ from selection.models import (
     resolve_gguf_path,
     trainable_parameter_names,
 )
-from selection.tokenization import IGNORE_INDEX, collate, tokenize_conversation
+from selection.data.tokenization import IGNORE_INDEX, collate, tokenize_conversation
 
 TINY_SPEC = ModelSpec(name="tiny", source="unused", lora_r=4, lora_alpha=8, lora_dropout=0.0)
 

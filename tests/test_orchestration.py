@@ -13,8 +13,8 @@ import pyarrow as pa
 from orchestration.definitions import defs
 from orchestration.automation import incoming_pool_files
 from orchestration.partitions import model_partitions, model_shard_partitions
-from selection import pool_store
-from selection.ingest import SourceSpec
+from selection.data import pool_store
+from selection.data.ingest import SourceSpec
 
 CONTRACT_ASSETS = {
     "raw_pool", "target_tasks", "embeddings", "warmup_checkpoints", "train_gradients", "target_gradients",

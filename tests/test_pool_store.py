@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from selection.formats import canonicalize, example_id
-from selection.ingest import RecordsSource, SourceSpec
-from selection.pool_store import (
+from selection.data.formats import canonicalize, example_id
+from selection.data.ingest import RecordsSource, SourceSpec
+from selection.data.pool_store import (
     IngestReport,
     ensure_pool_tables,
     ingest_sources,

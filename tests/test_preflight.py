@@ -6,13 +6,13 @@ import re
 
 import pytest
 
-from selection import preflight, training
-from selection.tokenization import tokenize_many
+from selection.train import preflight, training
+from selection.data.tokenization import tokenize_many
 from tests.conftest import CHATML_TEMPLATE, make_tiny_tokenizer
 
 
 def test_schedule_ahead_matches_what_train_lora_records(tmp_path) -> None:
-    from selection.models import ModelSpec, add_lora, build_tiny_llama
+    from selection.train.models import ModelSpec, add_lora, build_tiny_llama
 
     tokenizer = make_tiny_tokenizer(chat_template=CHATML_TEMPLATE)
     conversations = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(5)]

@@ -25,13 +25,13 @@ def test_profile_lookup_and_unknown_name(capsys) -> None:
 
 def check_profile_run_config(profile: Profile) -> None:
     from assets.warmup import WarmupConfig
-    from selection import preflight
+    from selection.train import preflight
 
     store_config = {"cache_dir": build_resources()["model_store"].cache_dir}
     for job_name, _, _ in refresh_steps(DEFAULT_MODEL):
         dg.validate_run_config(defs.resolve_job_def(job_name), profile.run_config(job_name, store_config))
     from assets.finetune import FinetuneConfig
-    from selection.training import LESS_TRAINING_CONFIG
+    from selection.train.training import LESS_TRAINING_CONFIG
 
     warmup = WarmupConfig(**profile.ops[PREPARE_JOB_NAME].get("warmup_checkpoints", {}))
     values = profile.values()
@@ -85,7 +85,7 @@ def test_plain_defaults_are_less_recipe() -> None:
     """Without run config the graph trains as LESS: a change back to the demo's lr 1e-4 or batch 8 fails here."""
     from assets.finetune import FinetuneConfig
     from assets.warmup import WarmupConfig
-    from selection.models import ModelSpec, default_model_spec
+    from selection.train.models import ModelSpec, default_model_spec
 
     for config in (WarmupConfig(), FinetuneConfig()):
         assert (config.epochs, config.learning_rate, config.batch_size) == (4, 2e-5, 32), type(config).__name__

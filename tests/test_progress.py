@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from selection.progress import ProgressReporter
+from selection.common.progress import ProgressReporter
 
 
 class FakeClock:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from selection.projection import DeviceProjector, ExactProjector, SparseProjector, make_projector, splitmix64
+from selection.influence.projection import DeviceProjector, ExactProjector, SparseProjector, make_projector, splitmix64
 
 
 @pytest.mark.parametrize("mode", ["exact", "fast", "device"])

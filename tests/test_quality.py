@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from selection.quality import (
+from selection.diversity.quality import (
     LogLikelihoodScorer,
     ResponseScorer,
     RewardModelScorer,
     response_log_likelihood,
     score_response_likelihoods,
 )
-from selection.tokenization import IGNORE_INDEX, tokenize_conversation
+from selection.data.tokenization import IGNORE_INDEX, tokenize_conversation
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."}],

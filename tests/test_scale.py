@@ -41,9 +41,9 @@ def test_scaled_down_llama_peak_memory_matches_the_estimate() -> None:
 def test_bf16_base_fp32_lora_and_checkpointing_keep_per_example_gradients() -> None:
     import torch
 
-    from selection.gradients import PerExampleGradients
-    from selection.models import ModelSpec, add_lora, build_tiny_llama
-    from selection.tokenization import collate
+    from selection.influence.gradients import PerExampleGradients
+    from selection.train.models import ModelSpec, add_lora, build_tiny_llama
+    from selection.data.tokenization import collate
     from tests.test_gradients import random_examples
 
     batch = collate(random_examples([9, 14, 6]), pad_token_id=2)

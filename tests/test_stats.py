@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from selection import stats
-from selection.stats import paired_bootstrap
+from selection.evaluate import stats
+from selection.evaluate.stats import paired_bootstrap
 
 
 def test_constant_differences_give_a_zero_width_interval_at_that_value() -> None:

@@ -10,10 +10,10 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from selection import default_data
-from selection import targets as tg
-from selection.formats import example_id, reason_code
-from selection.target_store import ensure_target_tables, write_targets
+from selection.data import default_data
+from selection.data import targets as tg
+from selection.data.formats import example_id, reason_code
+from selection.data.target_store import ensure_target_tables, write_targets
 
 
 def conversation(question: str, answer: str = "ok") -> list[dict[str, str]]:

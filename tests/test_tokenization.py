@@ -6,9 +6,9 @@ import pytest
 import torch
 from tests.conftest import CHATML_TEMPLATE, SAMPLE_CONVERSATION, make_tiny_tokenizer
 
-from selection import tokenization
-from selection.models import ModelSpec
-from selection.tokenization import (
+from selection.data import tokenization
+from selection.train.models import ModelSpec
+from selection.data.tokenization import (
     IGNORE_INDEX,
     TULU_CHAT_TEMPLATE,
     TokenizedExample,

@@ -8,9 +8,9 @@ from tests.conftest import CHATML_TEMPLATE, make_tiny_tokenizer
 from safetensors.torch import load_file
 from transformers import get_linear_schedule_with_warmup
 
-from selection.models import ModelSpec, add_lora, build_tiny_llama, trainable_parameter_names
-from selection.tokenization import tokenize_many
-from selection.training import (
+from selection.train.models import ModelSpec, add_lora, build_tiny_llama, trainable_parameter_names
+from selection.data.tokenization import tokenize_many
+from selection.train.training import (
     TrainingConfig,
     TrainingProgress,
     complete_epochs,

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Iterable, Mapping
 
-from selection import selectors, training
+from selection import selectors
+from selection.train import training
 
 # Config fields of the warmup asset, named in the refusal message.
 WARMUP_FIELDS = {"fraction": "fraction", "epochs": "epochs", "batch_size": "batch_size",

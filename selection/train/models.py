@@ -13,7 +13,7 @@ Sources a ModelSpec can point at:
 
 Pad token: when the tokenizer has none we reuse its EOS token (the usual choice for
 causal LMs, and what the SmolLM2 GGUF tokenizer already does: pad = ``<|im_end|>``).
-That is safe here because ``selection.tokenization.collate`` masks pads by position
+That is safe here because ``selection.data.tokenization.collate`` masks pads by position
 (attention mask and ``-100`` labels), never by id.
 """
 
@@ -36,8 +36,8 @@ from typing import Any
 
 import torch
 
-from selection import tokenization
-from selection.names import check_name
+from selection.data import tokenization
+from selection.common.names import check_name
 
 PACKAGE_SCHEME = "pkg://"
 LESS_LORA_R = 128
@@ -105,7 +105,7 @@ class ModelSpec:
 
     def fingerprint(self) -> str:
         """sha256 (hex, 16 chars) of the canonical JSON of all fields and of the tokenization
-        truncation rule (``selection.tokenization.TRUNCATION_RULE``); stable across runs.
+        truncation rule (``selection.data.tokenization.TRUNCATION_RULE``); stable across runs.
 
         It identifies the spec, not file contents: a local folder edited in place keeps
         its fingerprint (GGUF conversions are content-keyed separately). ``gradient_checkpointing``
@@ -416,7 +416,7 @@ def add_lora(model: Any, spec: ModelSpec, seed: int | None = 0) -> Any:
     LoRA weights are fp32 whatever the base dtype (bf16/fp16 base weights), so gradients and
     Adam moments are fp32; peft computes the LoRA branch in fp32 and casts its output back.
     With ``spec.gradient_checkpointing`` the decoder layers are checkpointed (non-reentrant,
-    which keeps the per-example capture's tensors in the graph; see ``selection.gradients``).
+    which keeps the per-example capture's tensors in the graph; see ``selection.influence.gradients``).
     Trainable parameter names look like
     ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight``.
     """

@@ -34,10 +34,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from selection.embeddings import length_order, pad_token_batch
-from selection.models import ensure_pad_token, eval_mode, resolve_device, resolve_dtype
-from selection.training import token_losses
-from selection.tokenization import (
+from selection.diversity.embeddings import length_order, pad_token_batch
+from selection.train.models import ensure_pad_token, eval_mode, resolve_device, resolve_dtype
+from selection.train.training import token_losses
+from selection.data.tokenization import (
     IGNORE_INDEX,
     TokenizedExample,
     TruncationStats,
@@ -140,7 +140,7 @@ def score_response_likelihoods(
     """Mean per-token log-likelihood (natural log) of the assistant tokens given everything
     before them, per conversation, in input order.
 
-    Tokenization is :func:`selection.tokenization.tokenize_many` (labels on assistant
+    Tokenization is :func:`selection.data.tokenization.tokenize_many` (labels on assistant
     content and end-of-turn tokens; past ``max_length`` the prompt is cut before the last
     response, which keeps its start). With
     ``final_turn_only`` only the last assistant turn counts (earlier turns are context).
@@ -438,7 +438,7 @@ class RewardModelScorer:
     """:class:`ResponseScorer` from a local reward model folder.
 
     The conversation is rendered with the reward model's chat template (the Tulu format
-    when it has none, as in :mod:`selection.tokenization`); the score is the model's
+    when it has none, as in :mod:`selection.data.tokenization`); the score is the model's
     output ``label_index`` (default: the only one) at the last token. Renderings longer
     than ``max_length`` tokens keep their *last* tokens (the response is what is judged);
     ``last_n_truncated`` counts them.

@@ -15,8 +15,8 @@ from typing import Any
 import duckdb
 import pandas as pd
 
-from selection.formats import canonical_json, reason_code
-from selection.targets import SPLITS, TargetReject, TargetRow
+from selection.data.formats import canonical_json, reason_code
+from selection.data.targets import SPLITS, TargetReject, TargetRow
 
 TARGETS_DDL = """
 CREATE TABLE IF NOT EXISTS targets (

@@ -42,7 +42,7 @@ DEFAULT_MAX_CHARS = 200_000
 ROLES = ("system", "user", "assistant")
 
 # Stable reject codes (first token of every reason). The first two are produced by the
-# readers in selection.ingest, the rest by canonicalize.
+# readers in selection.data.ingest, the rest by canonicalize.
 MALFORMED_JSON = "malformed_json"
 INVALID_UTF8 = "invalid_utf8"
 NOT_OBJECT = "not_object"

@@ -3,11 +3,11 @@
 Target file: JSONL, one example per line with `task` (optional when the file's config
 entry names one, which then overrides it), optional `subtask` (default: the task), and a
 conversation as `messages` (Tulu) or `prompt`/`completion`. Conversations go through the
-same canonical form as the pool (`selection.formats`), so ids are comparable with pool ids.
+same canonical form as the pool (`selection.data.formats`), so ids are comparable with pool ids.
 Unknown extra keys (`id`, metadata) are ignored.
 
 Bad lines become rejects `{file, line_no, reason, raw}` whose `reason` is
-`"<code>: <detail>"`; the codes are those of `selection.formats` plus `missing_task`,
+`"<code>: <detail>"`; the codes are those of `selection.data.formats` plus `missing_task`,
 `bad_name` and `duplicate` (the same conversation twice in one task). Problems with a
 whole file (missing, unreadable, no records, no usable record) raise `ValueError`.
 
@@ -23,7 +23,7 @@ example (in hash order), then every subtask's second, and so on.
 Default targets (`write_default_targets`): MMLU subject groups as tasks (`stem`,
 `humanities`, `social_sciences`, `other`; subtask = subject), `code` (HumanEval) and
 `math` (CHAMP; subtask = CHAMP category), all drawn from the items that
-`selection.default_data` holds out of the default pool.
+`selection.data.default_data` holds out of the default pool.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selection import default_data, names
-from selection.formats import (
+from selection.common import names
+from selection.data import default_data
+from selection.data.formats import (
     INVALID_UTF8,
     MALFORMED_JSON,
     UNKNOWN_SCHEMA,

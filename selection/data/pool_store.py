@@ -55,8 +55,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from selection.formats import DEFAULT_MAX_CHARS, reason_code
-from selection.ingest import (
+from selection.data.formats import DEFAULT_MAX_CHARS, reason_code
+from selection.data.ingest import (
     Accepted,
     RecordsSource,
     Source,

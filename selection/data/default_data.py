@@ -11,7 +11,7 @@ one assistant turn):
 - `humaneval`: HumanEval prompt -> the full function with its canonical solution.
 - `champ`: CHAMP competition math problem -> step-wise solution and final answer.
 
-MMLU, HumanEval and CHAMP also feed the default target tasks (`selection.targets`).
+MMLU, HumanEval and CHAMP also feed the default target tasks (`selection.data.targets`).
 Each of their items is assigned once and for all to the pool side or the target side
 by a salted hash of a stable item key (MMLU: the question stem, so repeated stems stay
 on one side; HumanEval: task_id; CHAMP: problem identifier). The split does not depend
@@ -38,7 +38,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from selection.formats import RecordRejected, canonicalize, example_id
+from selection.data.formats import RecordRejected, canonicalize, example_id
 
 Messages = list[dict[str, str]]
 

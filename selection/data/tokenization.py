@@ -160,7 +160,7 @@ def _render_with_chat_template(tokenizer: Any, messages: Sequence[dict]) -> tupl
             raise ValueError(
                 f"chat template is not prefix-stable at assistant turn {turn}: rendering a prefix of the "
                 "conversation does not produce a prefix of the full rendering, so assistant tokens cannot "
-                "be located; use a different template (e.g. selection.tokenization.TULU_CHAT_TEMPLATE)"
+                "be located; use a different template (e.g. selection.data.tokenization.TULU_CHAT_TEMPLATE)"
             )
         spans.append((len(prompt_text), len(turn_text), turn))
     return full_text, spans
@@ -390,7 +390,7 @@ def length_sorted_batches(
     Each batch holds at most ``max_batch_size`` examples and, when ``max_tokens`` is
     given, at most ``max_tokens`` padded tokens (rows x longest row); an example longer
     than ``max_tokens`` gets a batch of its own. ``max_rows(longest)``, when given, caps the rows
-    of a batch whose longest row has that many tokens (``selection.memory``: a memory budget).
+    of a batch whose longest row has that many tokens (``selection.common.memory``: a memory budget).
     Longest first so memory peaks early.
     Ties keep input order, so the result is deterministic.
     """

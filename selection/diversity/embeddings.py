@@ -42,8 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from selection import integrity
-from selection.models import eval_mode, resolve_device
+from selection.common import integrity
+from selection.train.models import eval_mode, resolve_device
 
 EMBEDDING_MODES = ("user_turns", "conversation")
 DEFAULT_EMBEDDING_MODE = "user_turns"
@@ -264,7 +264,7 @@ def embed_with_causal_lm(
     if batch_size < 1 or max_length < 1:
         raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size}, {max_length}")
     if tokenizer.pad_token_id is None:
-        raise ValueError("tokenizer has no pad token; call selection.models.ensure_pad_token first")
+        raise ValueError("tokenizer has no pad token; call selection.train.models.ensure_pad_token first")
     decoder = _decoder_of(model)
     device = _model_device(model)
     encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
@@ -373,7 +373,7 @@ class EmbeddingCache:
                               for name in self.key if stored[name] != self.key[name])
             raise EmbeddingCacheMismatch(
                 f"embedding cache {self.path} was built for a different embedder ({diffs}); use another "
-                "folder (selection.embeddings.cache_dir_for) or delete this one"
+                "folder (selection.diversity.embeddings.cache_dir_for) or delete this one"
             )
         return manifest
 

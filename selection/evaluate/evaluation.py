@@ -4,14 +4,14 @@
 the gold answer is the final assistant turn):
 
 - **Loss** (every row): mean per-token negative log-likelihood (nats) of the gold answer
-  given the conversation before it (:func:`selection.quality.score_response_likelihoods`
+  given the conversation before it (:func:`selection.diversity.quality.score_response_likelihoods`
   with ``final_turn_only``); perplexity of a group = ``exp(mean of the rows' NLL)``. A row
   whose prompt leaves no answer token within ``max_length`` gets NaN: counted per group
   (``n_unscored``), never averaged in as a number nor dropped silently. A row whose answer
   is cut short is scored on the kept prefix and flagged (``truncated``, ``n_truncated``).
 - **Multiple-choice accuracy** (MMLU-style rows: the gold answer matches ``^[A-D]\\. ``):
   the four choices are parsed from the last user turn (the layout of
-  :func:`selection.default_data.render_mmlu`: ``A. text`` ... ``D. text`` lines), each
+  :func:`selection.data.default_data.render_mmlu`: ``A. text`` ... ``D. text`` lines), each
   candidate answer ``"X. <text>"`` is scored by the same mean per-token log-likelihood
   (length-normalised, so long choices are not penalised), and the row is correct when the
   gold candidate scores strictly highest (ties count as wrong). The gold candidate is the
@@ -44,13 +44,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from selection import stats
-from selection.default_data import MMLU_LETTERS
-from selection.generation import generate_greedy, split_final_turn
-from selection.quality import Conversation, score_response_likelihoods
+from selection.evaluate import stats
+from selection.data.default_data import MMLU_LETTERS
+from selection.train.generation import generate_greedy, split_final_turn
+from selection.diversity.quality import Conversation, score_response_likelihoods
 
 GOLD_CHOICE = re.compile(r"^([A-D])\. ")
-# The closing line of selection.default_data.render_mmlu; text after choice D otherwise ends at a blank line.
+# The closing line of selection.data.default_data.render_mmlu; text after choice D otherwise ends at a blank line.
 MMLU_INSTRUCTION = "Answer with the letter and the text of the correct choice."
 GENERATION_KINDS = frozenset({"mmlu"})
 ROW_KEYS = ("task", "subtask", "example_id", "messages")
@@ -519,7 +519,7 @@ def comparison_table(
     ``delta_nll`` / ``delta_accuracy``: mean over the rows scored for both of (method minus
     baseline) on that row (lower NLL / higher accuracy is better; NaN without a baseline or
     where the baseline lacks the task), with a paired percentile bootstrap interval
-    (:func:`selection.stats.paired_bootstrap`: ``n_resamples`` resamples of those rows,
+    (:func:`selection.evaluate.stats.paired_bootstrap`: ``n_resamples`` resamples of those rows,
     ``seed``) in ``delta_<metric>_ci_low/_ci_high``; ``delta_<metric>_significant`` when it
     excludes zero. The interval covers the sampling of test rows only: not the variance
     between finetuning seeds (seeds are averaged, not resampled), nor the randomness of

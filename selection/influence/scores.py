@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from selection import integrity, less
-from selection.datastore import FeatureStore, check_compatible
+from selection import less
+from selection.common import integrity
+from selection.influence.datastore import FeatureStore, check_compatible
 
 
 SCORES_FILE = "influence.npy"
@@ -151,7 +152,7 @@ def load_scores(out_dir: str | Path) -> tuple[np.ndarray, list[str]]:
 
 def open_store(directory: str | Path) -> FeatureStore:
     """Reopen an existing store from its manifest (its identity is re-checked on open)."""
-    from selection.datastore import MANIFEST_FILE
+    from selection.influence.datastore import MANIFEST_FILE
 
     manifest_path = Path(directory) / MANIFEST_FILE
     if not manifest_path.is_file():

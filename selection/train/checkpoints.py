@@ -14,7 +14,7 @@ import duckdb
 import pandas as pd
 import torch
 
-from selection.training import ADAPTER_DIR, WARMUP_ASSET, verify_checkpoint
+from selection.train.training import ADAPTER_DIR, WARMUP_ASSET, verify_checkpoint
 
 CHECKPOINT_TABLES = (
     """CREATE TABLE IF NOT EXISTS checkpoints (

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from selection.models import eval_mode
+from selection.train.models import eval_mode
 
 IGNORE_INDEX = -100
 LESS_BETA1 = 0.9

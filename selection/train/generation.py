@@ -10,7 +10,7 @@ where the paper's ``score`` is a **reward model** (its code uses an open 3B RLHF
 model; ``rm(x, gold) - rm(x, gen)``). Clusters with a larger mean S still have more to
 teach and get more of the next round's budget (``selection.kmq.update_cluster_weights``).
 Here the scorer is pluggable (:func:`compute_feedback` ``scorer=``, any
-:class:`selection.quality.ResponseScorer`, e.g. :class:`selection.quality.RewardModelScorer`).
+:class:`selection.diversity.quality.ResponseScorer`, e.g. :class:`selection.diversity.quality.RewardModelScorer`).
 
 Without a reward model (offline default, ``scorer=None``) the trained model itself is the
 judge, through its per-token surprise (negative log-likelihood) of the final response:
@@ -23,7 +23,7 @@ produces than its own answer = more to learn from that cluster. The literal
 token at every step, so its own answer nearly always has the higher likelihood, making
 that difference <= 0 almost everywhere (every cluster would be clipped to the weight
 floor) and largest exactly where the model already reproduces the gold answer. For the
-same reason, a :class:`~selection.quality.LogLikelihoodScorer` over the trained model is
+same reason, a :class:`~selection.diversity.quality.LogLikelihoodScorer` over the trained model is
 refused as ``scorer``.
 
 Greedy generation renders prompts with the chat template and ``add_generation_prompt``
@@ -41,10 +41,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from selection.embeddings import length_order, pad_token_batch
-from selection.models import eval_mode
-from selection.quality import Conversation, LogLikelihoodScorer, ResponseScorer
-from selection.tokenization import has_chat_template, render_conversation
+from selection.diversity.embeddings import length_order, pad_token_batch
+from selection.train.models import eval_mode
+from selection.diversity.quality import Conversation, LogLikelihoodScorer, ResponseScorer
+from selection.data.tokenization import has_chat_template, render_conversation
 
 _TULU_GENERATION_PROMPT = "<|assistant|>\n"
 
@@ -52,7 +52,7 @@ _TULU_GENERATION_PROMPT = "<|assistant|>\n"
 def render_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
     """The text a model continues to answer ``messages`` (which must end with a user turn).
 
-    Equal to the prefix that :mod:`selection.tokenization` treats as the prompt of the
+    Equal to the prefix that :mod:`selection.data.tokenization` treats as the prompt of the
     next assistant turn, so generated answers are scored in the same context.
     """
     if not messages or messages[-1]["role"] != "user":
@@ -102,7 +102,7 @@ def _generate_from_token_ids(
     from transformers import GenerationConfig
 
     if tokenizer.pad_token_id is None:
-        raise ValueError("tokenizer has no pad token; call selection.models.ensure_pad_token first")
+        raise ValueError("tokenizer has no pad token; call selection.train.models.ensure_pad_token first")
     stop_ids = end_of_turn_token_ids(tokenizer, model)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,

@@ -36,7 +36,7 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from selection.formats import (
+from selection.data.formats import (
     DEFAULT_MAX_CHARS,
     FORMATS,
     INVALID_UTF8,
@@ -48,7 +48,7 @@ from selection.formats import (
     detect_format,
     example_id_of_json,
 )
-from selection.names import check_name
+from selection.common.names import check_name
 
 RAW_LIMIT = 2000  # characters of offending text kept with a reject
 ROW_BATCH = 2048  # rows per Arrow/Parquet batch

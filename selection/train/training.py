@@ -47,9 +47,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from selection import integrity
-from selection.models import atomic_directory, remove_stale_temp_dirs
-from selection.tokenization import IGNORE_INDEX, TokenizedExample, collate, length_sorted_batches
+from selection.common import integrity
+from selection.train.models import atomic_directory, remove_stale_temp_dirs
+from selection.data.tokenization import IGNORE_INDEX, TokenizedExample, collate, length_sorted_batches
 
 EPOCH_DIR_PATTERN = re.compile(r"^epoch_(\d+)$")
 ADAPTER_DIR = "adapter"
@@ -80,7 +80,7 @@ class TrainingConfig:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     # Forward/backward under this autocast on CUDA (LESS trains in bf16); ignored on the CPU.
-    # LoRA weights, their gradients and Adam moments stay fp32 (``selection.models.add_lora``).
+    # LoRA weights, their gradients and Adam moments stay fp32 (``selection.train.models.add_lora``).
     cuda_autocast_dtype: str | None = "bfloat16"
 
     def __post_init__(self) -> None:
@@ -227,10 +227,10 @@ def _per_example_mean_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor
 
 def _named_trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     if not hasattr(model, "peft_config"):
-        raise ValueError("train_lora expects a peft model; wrap it with selection.models.add_lora first")
+        raise ValueError("train_lora expects a peft model; wrap it with selection.train.models.add_lora first")
     named = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
     if not named:
-        raise ValueError("model has no trainable parameters; wrap it with selection.models.add_lora first")
+        raise ValueError("model has no trainable parameters; wrap it with selection.train.models.add_lora first")
     return named
 
 

@@ -27,7 +27,7 @@ device type. Opening a store whose manifest differs in anything (another model,
 checkpoint, dim, seed, projection mode, transform ...) is a ValueError.
 
 Every read of a shard checks it against its commit record (size, .npy header, sha256;
-``selection.integrity``) and raises ``ArtifactIntegrityError`` naming the file. A writer
+``selection.common.integrity``) and raises ``ArtifactIntegrityError`` naming the file. A writer
 rerun repairs instead (``repair_stores``): the first damaged shard and every later one are
 dropped and recomputed, since shards are numbered in commit order.
 """
@@ -48,12 +48,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from selection import integrity
-from selection.gradients import LITERAL_LESS_TRANSFORM, AdamMoments, PerExampleGradients, check_train_transform
-from selection.memory import gradient_memory, run_halving_on_oom
-from selection.names import check_identifier
-from selection.projection import Projector
-from selection.tokenization import TokenizedExample, collate, length_sorted_batches
+from selection.common import integrity
+from selection.influence.gradients import LITERAL_LESS_TRANSFORM, AdamMoments, PerExampleGradients, check_train_transform
+from selection.common.memory import gradient_memory, run_halving_on_oom
+from selection.common.names import check_identifier
+from selection.influence.projection import Projector
+from selection.data.tokenization import TokenizedExample, collate, length_sorted_batches
 
 KINDS = ("train", "target")
 MANIFEST_FILE = "manifest.json"
@@ -205,7 +205,7 @@ class FeatureStore:
 
     @property
     def transform(self) -> str | None:
-        """The train-feature transform (``selection.gradients.train_feature``); None for target stores."""
+        """The train-feature transform (``selection.influence.gradients.train_feature``); None for target stores."""
         return self.manifest.get("transform")
 
     @property
@@ -511,8 +511,8 @@ def compute_features(
     stores take plain gradients and refuse moments. Several ``(projector, store)`` pairs (e.g. several dims) share
     one gradient pass. ``exact`` projections are applied to groups of up to
     ``exact_group_size`` examples so that each dense block is generated once per group.
-    With ``memory_budget_bytes`` (``selection.memory.free_bytes``), batches and groups are also
-    bounded by the memory estimate of ``selection.memory.GradientMemory``. A batch that runs out of
+    With ``memory_budget_bytes`` (``selection.common.memory.free_bytes``), batches and groups are also
+    bounded by the memory estimate of ``selection.common.memory.GradientMemory``. A batch that runs out of
     memory is halved and retried (``oom_log`` is told), whatever the budget.
     Returns the number of examples whose features were computed (excluded ones not counted).
     """

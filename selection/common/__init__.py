@@ -1,0 +1,1 @@
+"""Stage-independent helpers: validated names, progress lines, integrity checks, memory budgets."""

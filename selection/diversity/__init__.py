@@ -1,0 +1,1 @@
+"""Stage 2b, diversity (kMQ branch): sentence embeddings and quality scores."""

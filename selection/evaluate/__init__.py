@@ -1,0 +1,1 @@
+"""Stage 4, evaluation: target loss and task metrics of finetuned checkpoints, with bootstrap intervals."""
