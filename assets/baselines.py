@@ -7,7 +7,7 @@ import numpy as np
 
 from assets.common import LineageTracker, code_version, read_pool, read_targets
 from assets.selections import SelectionConfig, pool_size_of, record_picks
-from orchestration.partitions import model_partitions
+from assets.partitions import model_partitions
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings

@@ -12,7 +12,7 @@ from assets.diversity import latest_embeddings
 from assets.evaluation import current_finetunes, ensure_evaluation_tables
 from assets.finetune import SELECTION_ASSETS
 from assets.gradients import ensure_store_table
-from orchestration.partitions import MODEL_DIMENSION, SHARD_DIMENSION, model_partitions, model_shard_partitions
+from assets.partitions import MODEL_DIMENSION, SHARD_DIMENSION, model_partitions, model_shard_partitions
 from resources.lineage import LineageStore
 from selection import checks
 from selection.data import pool_store

@@ -13,7 +13,7 @@ from typing import Any
 
 import dagster as dg
 
-from orchestration.profiles import MODEL_STORE, profile_of_run
+from assets.run_tags import profile_of_run
 from resources.lineage import LineageRecord, LineageStore
 
 _HASH_CHUNK = 1 << 20
@@ -132,8 +132,8 @@ class LineageTracker:
 def profile_metadata(context: dg.AssetExecutionContext, profile: dict[str, Any]) -> dict[str, Any]:
     """The profile values that apply to this asset (its own config, and the model spec if it uses one) and why."""
     own = [context.asset_key.to_user_string()]
-    if MODEL_STORE in context.assets_def.required_resource_keys:
-        own.append(MODEL_STORE)
+    if "model_store" in context.assets_def.required_resource_keys:
+        own.append("model_store")
     why = profile.get("why", {})
     values = {key: value for key, value in profile.get("values", {}).items() if key.split(".")[0] in own}
     metadata = {"profile": profile["name"], "profile_values": dg.MetadataValue.json(values)}

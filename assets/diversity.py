@@ -11,7 +11,7 @@ import pandas as pd
 from pydantic import Field
 
 from assets.common import LineageTracker, atomic_write_text, code_version, markdown_table, read_pool, transaction
-from orchestration.partitions import model_partitions
+from assets.partitions import model_partitions
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings

@@ -10,8 +10,8 @@ import pandas as pd
 from pydantic import Field
 
 from assets.common import LineageTracker, atomic_write_text, code_version, markdown_table, read_targets, transaction
-from orchestration.partitions import model_partitions
-from orchestration.profiles import describe_profile, profile_of_run
+from assets.partitions import model_partitions
+from assets.run_tags import describe_profile, profile_of_run
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings

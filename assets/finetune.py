@@ -7,7 +7,7 @@ import dagster as dg
 from pydantic import Field, field_validator
 
 from assets.common import LineageTracker, code_version, markdown_table, read_pool
-from orchestration.partitions import model_partitions
+from assets.partitions import model_partitions
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings

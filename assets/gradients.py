@@ -20,7 +20,7 @@ import pandas as pd
 from pydantic import Field
 
 from assets.common import LineageTracker, code_version, markdown_table, read_targets, transaction
-from orchestration.partitions import MODEL_DIMENSION, SHARD_DIMENSION, model_partitions, model_shard_partitions
+from assets.partitions import MODEL_DIMENSION, SHARD_DIMENSION, model_partitions, model_shard_partitions
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from assets.common import LineageTracker, code_version, markdown_table, read_targets
 from assets.gradients import ensure_store_table
-from orchestration.partitions import MODEL_DIMENSION, model_partitions, shard_partitions
+from assets.partitions import MODEL_DIMENSION, model_partitions, shard_partitions
 from resources.lineage import LineageStore
 from resources.model_store import ModelStore
 from resources.settings import StorageSettings

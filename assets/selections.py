@@ -14,7 +14,7 @@ from pydantic import Field
 
 from assets.common import LineageTracker, code_version, markdown_table
 from assets.influence import latest_influence
-from orchestration.partitions import model_partitions
+from assets.partitions import model_partitions
 from resources.lineage import LineageStore
 from resources.settings import StorageSettings
 from selection import selection_store, selectors

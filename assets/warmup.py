@@ -6,7 +6,7 @@ import dagster as dg
 from pydantic import Field
 
 from assets.common import LineageTracker, code_version, markdown_table, read_pool, stable_fraction_sample
-from orchestration.partitions import model_partitions
+from assets.partitions import model_partitions
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings

@@ -84,7 +84,7 @@ def _materialize(home: Path, size: int, asset: str, partition: str | None) -> di
 
 
 def run_phase(name: str, home: Path, size: int) -> dict:
-    from orchestration.partitions import DEFAULT_MODEL
+    from assets.partitions import DEFAULT_MODEL
 
     if name == "setup":
         write_pool(home / "pool.jsonl", size)

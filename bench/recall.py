@@ -164,7 +164,7 @@ def main() -> int:
     import duckdb
 
     from assets import ALL_CHECKS, ASSET_MODULES
-    from orchestration.partitions import DEFAULT_MODEL, model_shard_keys
+    from assets.partitions import DEFAULT_MODEL, model_shard_keys
     from resources import build_resources
     from resources.model_store import ModelStore
 

@@ -23,7 +23,7 @@ import dagster as dg
 
 from orchestration.definitions import defs
 from orchestration.jobs import refresh_steps
-from orchestration.partitions import DEFAULT_MODEL
+from assets.partitions import DEFAULT_MODEL
 from orchestration.profiles import DEFAULT_PROFILE, PROFILES, Profile, get_profile
 from orchestration.runs import WORKER_TAG, record_unfinished_assets, release_dead_runs, worker_identity
 from resources import build_resources

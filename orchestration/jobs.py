@@ -18,7 +18,7 @@ every asset uses LESS's recipe: its config defaults and `ModelSpec`'s.
 
 import dagster as dg
 
-from orchestration.partitions import model_shard_keys
+from assets.partitions import model_shard_keys
 
 TRAIN_GRADIENTS = dg.AssetSelection.assets("train_gradients")
 AFTER_TRAIN_GRADIENTS = TRAIN_GRADIENTS.downstream(include_self=False)

@@ -19,12 +19,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from assets.run_tags import PROFILE_TAG, PROFILE_VALUES_TAG, describe_profile
 from orchestration.jobs import PREPARE_JOB_NAME, SELECT_AND_EVALUATE_JOB_NAME, TRAIN_GRADIENTS_JOB_NAME
 from selection.train import training
 from selection.train.models import DEMO_SPEC_OVERRIDES
 
-PROFILE_TAG = "instruct_select/profile"
-PROFILE_VALUES_TAG = "instruct_select/profile_values"
 MODEL_STORE = "model_store"
 DEMO_TRAINING = training.DEMO_TRAINING_CONFIG
 
@@ -141,15 +140,3 @@ def get_profile(name: str) -> Profile:
     if name not in PROFILES:
         raise ValueError(f"unknown demo profile {name!r}; valid profiles: {', '.join(PROFILES)}")
     return PROFILES[name]
-
-
-def describe_profile(profile: dict[str, Any]) -> str:
-    """One line: the profile's name and every value it sets."""
-    return f"{profile['name']} profile: " + ", ".join(f"{key}={value}" for key, value in profile["values"].items())
-
-
-def profile_of_run(tags: dict[str, str]) -> dict[str, Any] | None:
-    """{"name", "values", "why"} of the profile a run was launched with (its tags), None without one."""
-    if PROFILE_TAG not in tags:
-        return None
-    return {"name": tags[PROFILE_TAG], **json.loads(tags.get(PROFILE_VALUES_TAG, "{}"))}

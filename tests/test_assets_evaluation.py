@@ -14,7 +14,7 @@ import pytest
 from assets.evaluation import comparison_report, current_finetunes, evaluation_asset
 from assets.finetune import finetuned_checkpoints
 from assets.pool import raw_pool, target_tasks
-from orchestration.partitions import DEFAULT_MODEL
+from assets.partitions import DEFAULT_MODEL
 from resources import build_resources
 from selection import selection_store
 from selection.data import pool_store

@@ -13,7 +13,7 @@ import pytest
 
 from assets import ALL_CHECKS, ASSET_MODULES
 from assets.influence import InfluenceConfig, _stores, _train_parts
-from orchestration.partitions import DEFAULT_MODEL, model_shard_keys, shard_partitions
+from assets.partitions import DEFAULT_MODEL, model_shard_keys, shard_partitions
 from resources import build_resources
 from tests.fakes import TinyModelStore
 

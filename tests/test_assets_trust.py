@@ -9,7 +9,7 @@ from pathlib import Path
 import dagster as dg
 
 from assets import ALL_CHECKS, ASSET_MODULES
-from orchestration.partitions import DEFAULT_MODEL, model_shard_keys
+from assets.partitions import DEFAULT_MODEL, model_shard_keys
 from resources import build_resources
 from selection.influence import diagnostics
 from tests.fakes import TinyModelStore

@@ -11,7 +11,7 @@ import pytest
 
 from assets import ALL_CHECKS
 from assets.finetune import SELECTION_ASSETS
-from orchestration.partitions import DEFAULT_MODEL, model_shard_keys
+from assets.partitions import DEFAULT_MODEL, model_shard_keys
 from resources import build_resources
 from tests.fakes import TinyModelStore, run_check
 from tests.tiny_definitions import ASSETS

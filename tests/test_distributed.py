@@ -31,7 +31,7 @@ import pytest
 
 from assets import ASSET_MODULES
 from orchestration.jobs import TRAIN_GRADIENTS_JOB_NAME
-from orchestration.partitions import DEFAULT_MODEL, model_shard_keys
+from assets.partitions import DEFAULT_MODEL, model_shard_keys
 from resources import build_resources
 from resources.lineage import LOCK_ERROR_MARKERS
 from selection.influence import scores as influence

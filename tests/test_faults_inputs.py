@@ -21,7 +21,7 @@ from assets.gradients import target_gradients
 from assets.pool import raw_pool, target_tasks
 from assets.selections import random_selection
 from assets.warmup import warmup_checkpoints
-from orchestration.partitions import DEFAULT_MODEL
+from assets.partitions import DEFAULT_MODEL
 from resources import build_resources
 from selection.data import tokenization
 from tests.fakes import TinyModelStore, materialize_error, user_error_text

@@ -239,7 +239,7 @@ def test_assets_refuse_a_bad_adapter_and_reruns_recompute(tmp_path, record_prope
     import duckdb
 
     from assets import ASSET_MODULES
-    from orchestration.partitions import DEFAULT_MODEL
+    from assets.partitions import DEFAULT_MODEL
     from resources import build_resources
     from tests.fakes import TinyModelStore
     from tests.test_pipeline_tiny import run_config as pipeline_config

@@ -22,7 +22,7 @@ import pytest
 from assets.finetune import FinetuneConfig, finetuned_checkpoints
 from assets.pool import raw_pool, target_tasks
 from assets.selections import less_selection
-from orchestration.partitions import DEFAULT_MODEL
+from assets.partitions import DEFAULT_MODEL
 from resources import build_resources
 from resources.lineage import LineageStore
 from resources.model_store import MODELS_FILE_ENV, registered_models

@@ -15,7 +15,7 @@ import torch
 
 from assets import ASSET_MODULES
 from assets.diversity import CLUSTERS_DDL, KmqConfig, _quality_kind
-from orchestration.partitions import DEFAULT_MODEL
+from assets.partitions import DEFAULT_MODEL
 from resources import build_resources
 from selection.data import pool_store
 from selection.diversity import quality

@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from orchestration.definitions import defs
 from orchestration.automation import incoming_pool_files
-from orchestration.partitions import model_partitions, model_shard_partitions
+from assets.partitions import model_partitions, model_shard_partitions
 from selection.data import pool_store
 from selection.data.ingest import SourceSpec
 

@@ -11,7 +11,7 @@ import pytest
 
 from assets import ALL_CHECKS, ASSET_MODULES
 from orchestration.jobs import refresh_steps
-from orchestration.partitions import DEFAULT_MODEL
+from assets.partitions import DEFAULT_MODEL
 from resources import build_resources
 from tests.fakes import TinyModelStore
 

@@ -10,8 +10,9 @@ import pytest
 from orchestration.definitions import defs
 from orchestration.demo import main as demo_main
 from orchestration.jobs import PREPARE_JOB_NAME, SELECT_AND_EVALUATE_JOB_NAME, refresh_steps
-from orchestration.partitions import DEFAULT_MODEL
-from orchestration.profiles import PROFILES, Profile, get_profile, profile_of_run
+from assets.partitions import DEFAULT_MODEL
+from assets.run_tags import profile_of_run
+from orchestration.profiles import PROFILES, Profile, get_profile
 from resources import build_resources
 
 
