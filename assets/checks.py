@@ -8,15 +8,14 @@ model's downstream partitions. Every check is blocking: the automation condition
 
 import dagster as dg
 
-from assets.diversity import latest_embeddings
-from assets.evaluation import current_finetunes, ensure_evaluation_tables
-from assets.finetune import SELECTION_ASSETS
-from assets.gradients import ensure_store_table
+from selection.diversity.diversity_store import latest_embeddings
 from assets.partitions import MODEL_DIMENSION, SHARD_DIMENSION, model_partitions, model_shard_partitions
 from resources.lineage import LineageStore
-from selection import checks
+from selection import checks, registry
 from selection.data import pool_store
 from selection.diversity import embeddings
+from selection.evaluate import evaluation_store
+from selection.influence import influence_store
 from selection.train import checkpoints
 
 
@@ -36,29 +35,27 @@ def _result(outcome: checks.CheckOutcome) -> dg.AssetCheckResult:
                                metadata={"problems": dg.MetadataValue.json(outcome.problems)})
 
 
-def build_selection_check(asset: str) -> dg.AssetChecksDefinition:
-    method = asset.removesuffix("_selection")
+def selection_check(method: registry.SelectionMethod) -> dg.AssetChecksDefinition:
+    """The blocking check of a registered method's selection asset."""
 
-    @dg.asset_check(asset=asset, name=f"{asset}_is_valid", partitions_def=model_partitions, blocking=True,
+    @dg.asset_check(asset=method.asset, name=f"{method.asset}_is_valid", partitions_def=model_partitions,
+                    blocking=True,
                     description="Size equals the requested budget (materialization metadata), no duplicate ids, "
                                 "every id in the pool version it was selected from")
     def _check(context: dg.AssetCheckExecutionContext, lineage: LineageStore) -> dg.AssetCheckResult:
         record = _latest_materialization(context)
         budget = record.asset_materialization.metadata["budget"].value
         with lineage.connect() as con:
-            return _result(checks.check_selection(con, context.partition_key, method, budget, record.run_id))
+            return _result(checks.check_selection(con, context.partition_key, method.name, budget, record.run_id))
 
     return _check
 
 
-def _gradient_stores(lineage: LineageStore, model: str, kind: str, part: str | None) -> list[tuple[str, int]]:
+def _gradient_stores(lineage: LineageStore, model: str, kind: str, shard: str | None) -> list[tuple[str, int]]:
     """(directory, recorded dim) of the stores of a model's latest warmup run (what influence reads)."""
     with lineage.connect() as con:
-        ensure_store_table(con)
         run_key = str(checkpoints.latest_run_checkpoints(con, model, "warmup")["run_key"].iloc[0])
-        return con.execute(
-            "SELECT directory, dim FROM gradient_stores WHERE model = ? AND kind = ? AND coalesce(part, '') = ? "
-            "AND warmup_run_key = ? ORDER BY directory", [model, kind, part or "", run_key]).fetchall()
+        return influence_store.store_dims(con, model, kind, shard, run_key)
 
 
 UNIT_ROWS = "Rows have the dim recorded for their store, no NaN or inf, and L2 norm 1 within float16 rounding"
@@ -107,10 +104,10 @@ def pool_accounting_check(lineage: LineageStore) -> dg.AssetCheckResult:
 def evaluation_check(context: dg.AssetCheckExecutionContext, lineage: LineageStore) -> dg.AssetCheckResult:
     run_id = _latest_materialization(context).run_id
     with lineage.connect() as con:
-        ensure_evaluation_tables(con)
-        current = [str(key) for key in current_finetunes(con, context.partition_key)["run_key"]]
+        evaluation_store.ensure_evaluation_tables(con)
+        current = [str(key) for key in evaluation_store.current_finetunes(con, context.partition_key)["run_key"]]
         return _result(checks.check_evaluation(con, context.partition_key, run_id, current))
 
 
-ALL_CHECKS = [*map(build_selection_check, SELECTION_ASSETS), train_features_check, target_features_check,
+ALL_CHECKS = [*map(selection_check, registry.METHODS), train_features_check, target_features_check,
               embeddings_check, pool_accounting_check, evaluation_check]

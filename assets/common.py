@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import importlib
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -142,19 +141,6 @@ def profile_metadata(context: dg.AssetExecutionContext, profile: dict[str, Any])
     return metadata
 
 
-def markdown_table(rows: list[dict[str, Any]], max_rows: int = 20) -> str:
-    if not rows:
-        return "_none_"
-    columns = list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows[:max_rows]:
-        cells = [str(row[c]).replace("|", "\\|").replace("\n", " ")[:120] for c in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    if len(rows) > max_rows:
-        lines.append(f"\n_{len(rows) - max_rows} more rows not shown_")
-    return "\n".join(lines)
-
-
 def read_pool(con) -> tuple[str, list[str], list[list[dict]]]:
     """(pool_version, ids, conversations) of the current pool (superseded rows left out), in
     first-seen then id order."""
@@ -179,15 +165,6 @@ def read_targets(con, split: str = "val") -> list[tuple[str, str, str, list[dict
     return [(task, subtask, example_id, json.loads(messages)) for task, subtask, example_id, messages in rows]
 
 
-def stable_fraction_sample(ids: list[str], fraction: float, seed: int) -> list[str]:
-    """A seeded subset whose membership depends on each id alone (pool refreshes barely move it)."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    count = max(1, round(fraction * len(ids)))
-    ranked = sorted(ids, key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())
-    return sorted(ranked[:count])
-
-
 @contextlib.contextmanager
 def transaction(con):
     """All-or-nothing for a multi-statement write (a failed replace never leaves half a table)."""
@@ -198,9 +175,3 @@ def transaction(con):
     except BaseException:
         con.rollback()
         raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text)
-    os.replace(temporary, path)

@@ -2,27 +2,23 @@
 
 import dataclasses
 import time
+from collections.abc import Sequence
 
 import dagster as dg
 from pydantic import Field, field_validator
 
-from assets.common import LineageTracker, code_version, markdown_table, read_pool
+from assets.common import LineageTracker, code_version, read_pool
 from assets.partitions import model_partitions
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings
-from selection import selection_store, selectors
+from selection import registry, selection_store, selectors
 from selection.common import names, progress
+from selection.common.markdown import markdown_table
 from selection.data import tokenization
 from selection.train import checkpoints, models, training
 
 GPU_DEFAULT_SEEDS = 3
-
-SELECTION_ASSETS = [
-    "less_selection", "bids_selection", "round_robin_selection", "random_selection", "kmq_selection",
-    "kmq_iterative_selection", "rds_selection", "full_selection",
-]
-
 
 class FinetuneConfig(dg.Config):
     """Training defaults are LESS's (4 epochs, lr 2e-5, linear schedule, warmup ratio 0.03, 32 examples per step)."""
@@ -54,28 +50,7 @@ class FinetuneConfig(dg.Config):
         return None if values is None else [names.check_name(v, "method", f"methods[{i}]") for i, v in enumerate(values)]
 
 
-def latest_selections(con, model: str, targets: list[str], methods: list[str] | None) -> list[tuple[str, str, int, str]]:
-    """(method, target, budget, pool_version) of the most recent selection per (method, target)."""
-    selection_store.ensure_selection_tables(con)
-    rows = con.execute(
-        """SELECT method, target, budget, any_value(pool_version) FROM selections WHERE model = ?
-           GROUP BY method, target, budget
-           QUALIFY row_number() OVER (PARTITION BY method, target ORDER BY max(created_at) DESC) = 1
-           ORDER BY method, target""",
-        [model],
-    ).fetchall()
-    return [r for r in rows if r[1] in targets and (methods is None or r[0] in methods)]
-
-
-@dg.asset(
-    partitions_def=model_partitions,
-    deps=SELECTION_ASSETS,
-    group_name="evaluation",
-    pool="accelerator",
-    code_version=code_version("selection.train.training", "selection.train.checkpoints", "selection.data.tokenization"),
-    description="A LoRA finetuned on each selection; `checkpoints`/`checkpoint_examples` say which data trained it.",
-)
-def finetuned_checkpoints(
+def _finetune(
     context: dg.AssetExecutionContext, config: FinetuneConfig, settings: StorageSettings, lineage: LineageStore,
     model_store: ModelStore, device: DeviceSettings,
 ) -> dg.MaterializeResult:
@@ -83,25 +58,20 @@ def finetuned_checkpoints(
     spec = model_store.spec(context.partition_key)
     with lineage.connect() as con:
         _, ids, conversations = read_pool(con)
-        wanted = latest_selections(con, spec.name, config.targets, config.methods)
-        chosen = {
-            (m, t, b): [r[0] for r in con.execute(
-                "SELECT example_id FROM selections WHERE model = ? AND method = ? AND target = ? AND budget = ? "
-                "ORDER BY rank", [spec.name, m, t, b]).fetchall()]
-            for m, t, b, _ in wanted
-        }
+        wanted = selection_store.latest_selections(con, spec.name, config.targets, config.methods)
+        chosen = {selection: selection_store.selected_ids(con, spec.name, selection) for selection in wanted}
     if not wanted:
         raise ValueError(f"no selections stored for model {spec.name!r} and targets {config.targets}")
     # A selection made before a source record was edited may hold its old version: never train on it.
     current = set(ids)
     stale = {key: gone for key, picked in chosen.items() if (gone := [i for i in picked if i not in current])}
     if stale:
-        (method, target, budget), gone = next(iter(stale.items()))
+        first, gone = next(iter(stale.items()))
         raise ValueError(f"{len(stale)} stored selections hold examples superseded or gone from the pool since they "
-                         f"were made, e.g. {method}/{target}/{budget}: {gone[:3]}; rematerialize "
-                         f"{', '.join(sorted({f'{m}_selection' for m, _, _ in stale}))} for {spec.name!r} first")
-    for method, target, budget, _ in wanted:  # stored names: refuse a folder outside the root before training any
-        settings.path("models", spec.name, "finetune", f"{method}-{target}-{budget}")
+                         f"were made, e.g. {first.method}/{first.target}/{first.budget}: {gone[:3]}; rematerialize "
+                         f"{', '.join(sorted({f'{s.method}_selection' for s in stale}))} for {spec.name!r} first")
+    for s in wanted:  # stored names: refuse a folder outside the root before training any
+        settings.path("models", spec.name, "finetune", f"{s.method}-{s.target}-{s.budget}")
     by_id = dict(zip(ids, conversations))
     device_name = device.resolve()
     model, tokenizer = model_store.load(spec, device_name)
@@ -115,12 +85,13 @@ def finetuned_checkpoints(
     runs = [(selection, seed) for selection in wanted for seed in seeds]
     # Counted before examples without target tokens are dropped: the ETA errs long, never short.
     reporter = progress.ProgressReporter(
-        f"finetuning {len(runs)} LoRAs", sum(training.lr_schedule(len(chosen[key[:3]]), base_config.batch_size,
+        f"finetuning {len(runs)} LoRAs", sum(training.lr_schedule(len(chosen[selection]), base_config.batch_size,
                                                                    base_config.epochs, 0.0).total_steps
-                                             for key, _ in runs),
+                                             for selection, _ in runs),
         context.log.info, unit="optimizer steps")
-    for (method, target, budget, pool_version), seed in runs:
-        example_ids = chosen[(method, target, budget)]
+    for selection, seed in runs:
+        method, target, budget = selection.method, selection.target, selection.budget
+        example_ids = chosen[selection]
         examples, stats = tokenization.tokenize_many(tokenizer, [by_id[i] for i in example_ids], spec.max_length)
         usable = stats.usable_indices()
         trained_ids = [example_ids[i] for i in usable]
@@ -140,7 +111,8 @@ def finetuned_checkpoints(
         final = result.checkpoints[-1]
         row = checkpoints.CheckpointRow(
             model=spec.name, stage="finetune", run_key=run_key, epoch=final.epoch, path=str(final.path),
-            avg_lr=final.avg_lr, mean_loss=final.mean_loss, n_examples=len(trained_ids), pool_version=pool_version,
+            avg_lr=final.avg_lr, mean_loss=final.mean_loss, n_examples=len(trained_ids),
+            pool_version=selection.pool_version,
             method=method, target=target, budget=budget, seed=seed,
             # `seeds` tells evaluation which seeds make up this materialization.
             config={"training": train_config.to_dict(), "seeds": seeds},
@@ -159,3 +131,21 @@ def finetuned_checkpoints(
         metadata={"n_checkpoints": dg.MetadataValue.int(len(summary)),
                   "checkpoints": dg.MetadataValue.md(markdown_table(summary, max_rows=100))},
     )
+
+
+def finetuned_checkpoints_of(methods: Sequence[registry.SelectionMethod]) -> dg.AssetsDefinition:
+    """The finetuning asset, downstream of the selection asset of each of `methods`."""
+    return dg.asset(
+        name="finetuned_checkpoints",
+        partitions_def=model_partitions,
+        deps=[method.asset for method in methods],
+        group_name="evaluation",
+        pool="accelerator",
+        code_version=code_version("selection.train.training", "selection.train.checkpoints",
+                                  "selection.data.tokenization"),
+        description="A LoRA finetuned on each selection; `checkpoints`/`checkpoint_examples` say which data trained "
+                    "it.",
+    )(_finetune)
+
+
+finetuned_checkpoints = finetuned_checkpoints_of(registry.METHODS)

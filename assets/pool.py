@@ -4,9 +4,10 @@
 import dagster as dg
 from pydantic import Field
 
-from assets.common import LineageTracker, code_version, markdown_table
+from assets.common import LineageTracker, code_version
 from resources.lineage import LineageStore
 from resources.settings import StorageSettings
+from selection.common.markdown import markdown_table
 from selection.data import default_data, pool_store, target_store, targets
 from selection.data.ingest import SourceSpec
 
@@ -108,7 +109,8 @@ def raw_pool(
 
 @dg.asset(
     group_name="pool",
-    code_version=code_version("selection.data.targets", "selection.data.target_store", "selection.data.default_data"),
+    code_version=code_version("selection.data.formats", "selection.data.ingest", "selection.data.targets",
+                              "selection.data.target_store", "selection.data.default_data"),
     description="Target tasks (`targets` table): few `val` examples define each target, `test` is held out.",
 )
 def target_tasks(

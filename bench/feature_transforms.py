@@ -49,20 +49,12 @@ from bench.recall import PLANTED_GROUPS, build_pool  # noqa: E402
 from selection import bids, less, training  # noqa: E402
 from selection.data import tokenization
 from selection.influence import gradients, projection
+from selection.influence.warmup import stable_fraction_sample  # noqa: E402
 from selection.train import models
 from selection.train.checkpoints import load_adapter_weights  # noqa: E402
 
 CANDIDATES = ("adam", "adam_bias_corrected", "adam_no_momentum", "sgd", "adam_centered", "sgd_centered")
 BLOCK_ROWS = 32  # rows transformed and projected at a time (a full-size transform is 3.7 MB per row)
-
-
-def stable_fraction_sample(ids: list[str], fraction: float, seed: int) -> list[str]:
-    """The warmup asset's sample (``assets.common.stable_fraction_sample``, without importing Dagster)."""
-    import hashlib
-
-    count = max(1, round(fraction * len(ids)))
-    ranked = sorted(ids, key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())
-    return sorted(ranked[:count])
 
 
 def per_example_gradients(engine, examples, pad_id: int, batch_size: int, max_tokens: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ tokens on a CPU machine (``--write-examples``).
 
 Reports, for one checkpoint's pass over the examples: examples/s of the pipeline's own
 ``compute_features`` (batches planned by ``selection.common.memory`` from the free GPU memory,
-out-of-memory halving, Adam transform, ``device`` projection, fp16 shards), the time of a
+out-of-memory halving, Adam transform, ``device`` projection, fp16 chunks), the time of a
 plain forward+backward over the same batches (the floor), peak GPU memory, and the fidelity
 of ``device`` vs ``exact`` on a sample. ``exact`` generates its dense matrix on the CPU,
 dims x 8192 entries (4.4 TB at 7B), so it is feasible only on a slice: fidelity projects the
@@ -140,7 +140,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats(device)
     with tempfile.TemporaryDirectory() as tmp:
         store = FeatureStore(Path(tmp) / "store", "llama2-7b-random", "random", "train", projector,
-                             shard_size=len(examples))
+                             chunk_size=len(examples))
         sync(device)
         tick = time.perf_counter()
         compute_features(model, [(str(i), e) for i, e in enumerate(examples)], projector, store,

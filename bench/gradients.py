@@ -1,6 +1,6 @@
 """Gradient-feature benchmark: LESS-style loop vs ours vs the plain forward+backward floor.
 
-Default (no arguments; ../shared/CONTRACT.md "Benchmarks"): SmolLM2-135M-Instruct, LoRA
+Default (no arguments): SmolLM2-135M-Instruct, LoRA
 r=8 on q/k/v/o, 32 default-pool examples of 128-256 tokens, 8192 dims, CPU, all three
 side by side in one process on the same examples:
 
@@ -9,7 +9,7 @@ side by side in one process on the same examples:
     projector procedure (TRAK ``BasicProjector``: the grad_dim x 128 matrix of each
     column block regenerated with ``bernoulli_`` on every call). fp32.
 (b) ours: ``selection.influence.datastore.compute_features`` (batched per-example gradients, Adam
-    transform, ``fast`` SJLT projection, L2 normalization, fp16 shards on disk).
+    transform, ``fast`` SJLT projection, L2 normalization, fp16 chunks on disk).
 (c) floor: plain HF forward (with labels) + backward on the same length-sorted batches.
 
 (b) and (c) are repeated ``--repeats`` times interleaved; medians are reported. The
@@ -192,7 +192,7 @@ def floor_pass(model, examples, pad_id: int, batch_size: int, device: torch.devi
 
 
 def ours_pass(model, examples, projector, pad_id: int, batch_size: int, exp_avg, exp_avg_sq, root: Path, tag: str) -> tuple[float, FeatureStore]:
-    store = FeatureStore(root / tag, "bench-smollm2", "warmup", "train", projector, shard_size=max(len(examples), 1))
+    store = FeatureStore(root / tag, "bench-smollm2", "warmup", "train", projector, chunk_size=max(len(examples), 1))
     started = time.perf_counter()
     compute_features(model, examples, projector, store, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
                      pad_token_id=pad_id, max_batch_size=batch_size)
@@ -292,7 +292,7 @@ def fidelity(args) -> dict:
     features = {}
     with tempfile.TemporaryDirectory() as tmp:
         for kind, examples, moments in (("train", train, (exp_avg, exp_avg_sq)), ("target", targets, (None, None))):
-            stores = [FeatureStore(Path(tmp) / kind / name, "bench", "warmup", kind, p, shard_size=10**6)
+            stores = [FeatureStore(Path(tmp) / kind / name, "bench", "warmup", kind, p, chunk_size=10**6)
                       for name, p in projectors.items()]
             started = time.perf_counter()
             compute_features(model, examples, list(projectors.values()), stores, exp_avg=moments[0],
@@ -390,7 +390,7 @@ def benchmark(args) -> dict:
             gc.collect()
             log(f"repeat {repeat}: floor {floor_times[-1]:.1f}s, ours {ours_times[-1]:.1f}s")
         fast_train = ours_store.features([i for i, _ in examples])
-        target_store = FeatureStore(Path(tmp) / "target", "bench-smollm2", "warmup", "target", fast, shard_size=10**6)
+        target_store = FeatureStore(Path(tmp) / "target", "bench-smollm2", "warmup", "target", fast, chunk_size=10**6)
         compute_features(model, targets, fast, target_store, pad_token_id=pad, max_batch_size=args.batch_size)
         fast_target = target_store.features([i for i, _ in targets])
     rss_after_ours = peak_rss_mb()

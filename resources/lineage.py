@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import random
 import time
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ import dagster as dg
 import duckdb
 import pydantic
 
+from selection.common import files
 from selection.common.names import check_memory_limit
 
 LOCK_ERROR_MARKERS = ("could not set lock", "conflicting lock", "database is locked")
@@ -118,16 +118,14 @@ def create_database(path: Path | str, timeout_s: float = 600.0) -> bool:
     with init_lock(path, timeout_s):
         if path.exists():
             return False
-        temporary = path.with_name(f".{path.name}.creating-{os.getpid()}")
-        temporary.unlink(missing_ok=True)
-        con = duckdb.connect(str(temporary))
-        try:
-            con.execute(LINEAGE_DDL)
-            con.execute("CHECKPOINT")
-        finally:
-            con.close()
-        Path(f"{temporary}.wal").unlink(missing_ok=True)  # empty after the checkpoint
-        os.replace(temporary, path)
+        with files.replacing(path) as temporary:
+            con = duckdb.connect(str(temporary))
+            try:
+                con.execute(LINEAGE_DDL)
+                con.execute("CHECKPOINT")
+            finally:
+                con.close()
+            Path(f"{temporary}.wal").unlink(missing_ok=True)  # empty after the checkpoint
         return True
 
 

@@ -12,7 +12,9 @@ import dataclasses
 import dagster as dg
 from pydantic import Field
 
-from selection.train.models import ModelSpec, cap_max_length, context_length, default_model_spec, load_model_and_tokenizer
+from selection.train.models import (
+    ModelSpec, cap_max_length, context_length, default_model_spec, load_model_and_tokenizer, resolve_device,
+)
 
 MODELS_FILE_ENV = "INSTRUCT_SELECT_MODELS"
 
@@ -116,10 +118,6 @@ class DeviceSettings(dg.ConfigurableResource):
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
         device = getattr(self, "_run_device", None) or self.device
-        if device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
-        if device != "cpu" and not device.startswith("cuda"):
+        if device not in ("auto", "cpu") and not device.startswith("cuda"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}")
-        return device
+        return str(resolve_device(device))

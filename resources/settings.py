@@ -14,7 +14,7 @@ HOME_ENV_VAR = "INSTRUCT_SELECT_HOME"
 
 
 def default_home() -> str:
-    """`$INSTRUCT_SELECT_HOME`, else `./storage` under the project (CONTRACT.md)."""
+    """The storage root: `$INSTRUCT_SELECT_HOME` when set, else `./storage` under the project."""
     return os.environ.get(HOME_ENV_VAR) or str(PROJECT_ROOT / "storage")
 
 
@@ -28,10 +28,6 @@ class StorageSettings(dg.ConfigurableResource):
         path = Path(self.home).expanduser().resolve()
         path.mkdir(parents=True, exist_ok=True)
         return path
-
-    @property
-    def duckdb_path(self) -> Path:
-        return self.root / "lineage.duckdb"
 
     def path(self, *parts: str) -> Path:
         """`root/parts...`, refused (ValueError) if it would leave the storage root; nothing is created."""

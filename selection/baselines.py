@@ -1,13 +1,14 @@
 """Baselines users compare selections against: random, task-wise round robin over
-LESS rankings, RDS (representation similarity), and the full pool."""
+LESS rankings, RDS's representation similarity (aggregated like LESS in `selection.selectors`),
+and the full pool."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from selection.less import aggregate_target_scores, resolve_budget
+from selection.less import resolve_budget
 
 
 def random_select(n_pool: int, budget: int | float, seed: int) -> np.ndarray:
@@ -77,17 +78,3 @@ def cosine_similarity_matrix(
         out[start : start + block.shape[0]] = unit(block, "pool") @ target_t
     return out
 
-
-def rds_scores(
-    pool_emb: np.ndarray,
-    target_emb: np.ndarray,
-    subtask_of_column: Sequence[Hashable] | None = None,
-) -> np.ndarray:
-    """RDS (LESS paper's representation baseline; LESS issue #29): cosine
-    similarity between the model's last-layer mean hidden states of pool and
-    target examples, aggregated per pool example exactly like LESS influence
-    (`aggregate_target_scores`: mean per subtask, max over subtasks). Without
-    subtask labels all target rows form one subtask (plain mean). Returns `[n_pool]`."""
-    sims = cosine_similarity_matrix(pool_emb, target_emb)
-    labels = [0] * sims.shape[1] if subtask_of_column is None else subtask_of_column
-    return aggregate_target_scores(sims, labels)

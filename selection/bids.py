@@ -1,7 +1,8 @@
 """BIDS selection (Dai et al. 2025, "Improving Influence-based Instruction
 Tuning Data Selection for Balanced Learning of Diverse Capabilities").
 
-Definition (CONTRACT.md). `scores` is the raw influence matrix `[n_train, n_val]`.
+Definition (every implementation here returns exactly this selection). `scores` is the raw
+influence matrix `[n_train, n_val]`.
 1. Normalize (optional): z-score every column over the rows (ddof=1). Columns
    whose values are all identical have zero variance and are dropped.
 2. Greedy: ref = 0. At each step pick the unselected row i maximizing

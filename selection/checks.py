@@ -96,7 +96,7 @@ def check_unit_rows(blocks: Iterable[tuple[str, int, Callable[[], np.ndarray]]],
 
 def check_feature_stores(stores: Sequence[tuple[str, int]], checked: str) -> CheckOutcome:
     """Gradient feature stores (directory, dim recorded in `gradient_stores`): each manifest and every
-    committed shard have the recorded dim, and rows are finite unit vectors."""
+    committed chunk have the recorded dim, and rows are finite unit vectors."""
     from selection.influence.scores import open_store
 
     if not stores:
@@ -107,8 +107,8 @@ def check_feature_stores(stores: Sequence[tuple[str, int]], checked: str) -> Che
         if store.dim != dim:
             problems.append(f"{directory}: manifest dim {store.dim}, recorded dim {dim}")
             continue
-        blocks += [(f"{directory} shard {shard}", dim, lambda store=store, shard=shard: store.shard(shard))
-                   for shard in range(store.n_shards)]
+        blocks += [(f"{directory} chunk {chunk}", dim, lambda store=store, chunk=chunk: store.chunk(chunk))
+                   for chunk in range(store.n_chunks)]
     return CheckOutcome(checked, problems + check_unit_rows(blocks, checked).problems)
 
 

@@ -25,6 +25,8 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.metrics import silhouette_score
 from threadpoolctl import threadpool_limits
 
+from selection.common.allocation import largest_remainder
+
 MINIBATCH_ABOVE = 20_000  # rows; full KMeans below, MiniBatchKMeans above
 DEFAULT_SILHOUETTE_SAMPLE = 5_000  # silhouette is quadratic in the rows it sees
 DEFAULT_WEIGHT_FLOOR = 1e-6
@@ -92,13 +94,8 @@ def allocate_weighted_budget(
         active = [j for j in active if j not in capped]
     if not active:
         return alloc
-    floors = {j: quota[j].numerator // quota[j].denominator for j in active}
-    for j in active:
-        alloc[j] = floors[j]
-    leftover = remaining - sum(floors.values())
-    by_remainder = sorted(active, key=lambda j: (-(quota[j] - floors[j]), j))
-    for j in by_remainder[:leftover]:
-        alloc[j] += 1
+    for j, count in largest_remainder(remaining, {j: mass_exact[j] for j in active}).items():
+        alloc[j] = count
     return alloc
 
 
@@ -183,6 +180,30 @@ def choose_k_by_silhouette(
     when the pool is larger, since it is quadratic in the number of rows."""
     best, curve, _ = _silhouette_search(X, candidates, seed, sample_size, minibatch_above, n_threads)
     return best, curve
+
+
+@dataclass(frozen=True)
+class PoolClustering:
+    k: int
+    labels: np.ndarray  # [n] cluster per row
+    silhouette: dict[int, float]  # score per candidate k searched; empty when k was fixed
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.bincount(self.labels, minlength=self.k)
+
+
+def cluster_pool(X: np.ndarray, k: int | None, k_candidates: Sequence[int], seed: int) -> PoolClustering:
+    """k-means of the pool embeddings with `k`, or else with the best-silhouette k among the
+    candidates that fit the pool (2 <= k < rows)."""
+    curve: dict[int, float] = {}
+    if k is None:
+        candidates = [c for c in k_candidates if 2 <= c < len(X)]
+        if not candidates:
+            raise ValueError(f"no k candidate in {k_candidates} fits a pool of {len(X)}")
+        k, curve = choose_k_by_silhouette(X, candidates, seed)
+    labels, _ = cluster(X, k, seed)
+    return PoolClustering(k, labels, curve)
 
 
 def _rng(seed: SeedLike) -> np.random.Generator:

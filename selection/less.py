@@ -221,8 +221,3 @@ def multi_target_scores(per_task_scores: Mapping[str, np.ndarray]) -> tuple[np.n
     best = mat.argmax(axis=1)
     return mat[np.arange(mat.shape[0]), best], np.asarray(names, dtype=object)[best]
 
-
-def multi_target_select(per_task_scores: Mapping[str, np.ndarray], budget: int | float) -> np.ndarray:
-    """Multi-target LESS: top-k of `multi_target_scores` (max over tasks)."""
-    scores, _ = multi_target_scores(per_task_scores)
-    return top_k(scores, budget)

@@ -1,7 +1,13 @@
-"""The `selections` table (CONTRACT.md) and per-example explanations, written atomically per selection."""
+"""The `selections` table and per-example explanations, written atomically per selection, and their readers.
+
+- ``selections``: one row per picked example (rank = selection order) of each (model, method,
+  target, budget); a rewrite of the same key replaces it.
+- ``selection_explanations``: the top val examples behind each pick of the score-based methods.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -9,6 +15,8 @@ from datetime import datetime, timezone
 import duckdb
 import numpy as np
 import pandas as pd
+
+from selection.data import export
 
 SELECTION_DDL = (
     """CREATE TABLE IF NOT EXISTS selections (
@@ -93,3 +101,48 @@ def write_selections(
         raise
     return len(frame)
 
+
+
+@dataclass(frozen=True)
+class StoredSelection:
+    """The key of one stored selection, and the pool version it was picked from."""
+
+    method: str
+    target: str
+    budget: int
+    pool_version: str
+
+
+def latest_selections(con: duckdb.DuckDBPyConnection, model: str, targets: Sequence[str],
+                      methods: Sequence[str] | None) -> list[StoredSelection]:
+    """The most recent selection per (method, target) of a model, among `targets` and `methods` (None: all)."""
+    ensure_selection_tables(con)
+    rows = con.execute(
+        """SELECT method, target, budget, any_value(pool_version) FROM selections WHERE model = ?
+           GROUP BY method, target, budget
+           QUALIFY row_number() OVER (PARTITION BY method, target ORDER BY max(created_at) DESC) = 1
+           ORDER BY method, target""",
+        [model],
+    ).fetchall()
+    return [StoredSelection(*r) for r in rows if r[1] in targets and (methods is None or r[0] in methods)]
+
+
+def selected_ids(con: duckdb.DuckDBPyConnection, model: str, selection: StoredSelection) -> list[str]:
+    """The example ids of a stored selection, in selection order."""
+    ensure_selection_tables(con)
+    return [r[0] for r in con.execute(
+        "SELECT example_id FROM selections WHERE model = ? AND method = ? AND target = ? AND budget = ? ORDER BY rank",
+        [model, selection.method, selection.target, selection.budget]).fetchall()]
+
+
+def export_jsonl(con: duckdb.DuckDBPyConnection, path, example_ids: Sequence[str]) -> None:
+    """Selected examples in selection order, each in its source's own format, with id and source."""
+    frame = pd.DataFrame({"example_id": list(example_ids), "rank": range(len(example_ids))})
+    rows = con.execute("SELECT f.example_id, p.source, p.format, p.messages FROM frame f "
+                       "JOIN pool p USING (example_id) ORDER BY f.rank").fetchall()
+    if len(rows) != len(example_ids):
+        raise ValueError(f"{len(example_ids) - len(rows)} selected ids are missing from the pool; cannot export")
+    with open(path, "w", encoding="utf-8") as handle:
+        for example_id, source, fmt, messages in rows:
+            record = export.to_source_format(json.loads(messages), fmt)
+            handle.write(json.dumps({"id": example_id, "source": source, **record}, ensure_ascii=False) + "\n")

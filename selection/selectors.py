@@ -1,7 +1,9 @@
-"""Influence-based selections (LESS per task and multi-target, BIDS) and the baselines, on one score matrix.
+"""The choosers of the score-based methods (LESS per task and multi-target, BIDS, round robin,
+random, RDS) and of the full pool, and the explanations of their picks (registered in
+`selection.registry`).
 
-`columns` describes the score matrix's columns: one dict per target val example with
-`task`, `subtask` and `val_example_id`.
+A score-based chooser takes a :class:`ScoredPool` and a budget (a count); `columns` describes the
+score matrix's columns: one dict per target val example with `task`, `subtask` and `val_example_id`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,15 @@ class RankedPicks:
     target: str
     indices: np.ndarray  # rows of the score matrix, in selection order
     scores: np.ndarray  # the method's score for each pick (NaN where it has none)
+
+
+@dataclass(frozen=True)
+class ScoredPool:
+    """What a score-based method chooses from: one score row per candidate example."""
+
+    scores: np.ndarray  # [n_rows, n_columns]: influence (or similarity) of each row on each val example
+    columns: Sequence[Mapping[str, str]]  # per column: task, subtask, val_example_id
+    seed: int = 0  # for methods that sample
 
 
 def resolve_budget_setting(budget: float, n_pool: int) -> int:
@@ -48,9 +59,9 @@ def per_task_less_scores(scores: np.ndarray, columns: Sequence[Mapping[str, str]
     }
 
 
-def less_selections(scores: np.ndarray, columns: Sequence[Mapping[str, str]], budget: int) -> list[RankedPicks]:
+def less_selections(pool: ScoredPool, budget: int) -> list[RankedPicks]:
     """Top-`budget` per task, plus the multi-target variant (`all`: max over tasks of the task scores)."""
-    per_task = per_task_less_scores(scores, columns)
+    per_task = per_task_less_scores(pool.scores, pool.columns)
     picks = []
     for task, task_scores in per_task.items():
         chosen = less.top_k(task_scores, budget)
@@ -60,22 +71,28 @@ def less_selections(scores: np.ndarray, columns: Sequence[Mapping[str, str]], bu
     return picks + [RankedPicks(ALL_TARGETS, chosen, combined[chosen])]
 
 
-def bids_selection(scores: np.ndarray, budget: int) -> list[RankedPicks]:
-    chosen, gains = bids.bids_select_with_gains(np.asarray(scores), budget)
+def bids_selection(pool: ScoredPool, budget: int) -> list[RankedPicks]:
+    chosen, gains = bids.bids_select_with_gains(np.asarray(pool.scores), budget)
     return [RankedPicks(ALL_TARGETS, chosen, gains)]
 
 
-def round_robin_selection(scores: np.ndarray, columns: Sequence[Mapping[str, str]], budget: int) -> list[RankedPicks]:
-    per_task = per_task_less_scores(scores, columns)
+def round_robin_selection(pool: ScoredPool, budget: int) -> list[RankedPicks]:
+    per_task = per_task_less_scores(pool.scores, pool.columns)
     rankings = {task: np.argsort(-s, kind="stable") for task, s in per_task.items()}
     chosen = baselines.round_robin_select(rankings, budget)
     combined, _ = less.multi_target_scores(per_task)
     return [RankedPicks(ALL_TARGETS, chosen, combined[chosen])]
 
 
-def random_selection(n_pool: int, budget: int, seed: int) -> list[RankedPicks]:
-    chosen = baselines.random_select(n_pool, budget, seed)
+def random_selection(pool: ScoredPool, budget: int) -> list[RankedPicks]:
+    """A seeded uniform sample of the rows; the scores are not looked at."""
+    chosen = baselines.random_select(pool.scores.shape[0], budget, pool.seed)
     return [RankedPicks(ALL_TARGETS, chosen, np.full(len(chosen), np.nan))]
+
+
+def full_selection(n_pool: int) -> list[RankedPicks]:
+    """Every example of the pool, in pool order (no score)."""
+    return [RankedPicks(ALL_TARGETS, baselines.full_data(n_pool), np.full(n_pool, np.nan))]
 
 
 def explanations(

@@ -9,11 +9,11 @@ import duckdb
 import numpy as np
 import pytest
 
-from assets.evaluation import ensure_evaluation_tables
 from selection import checks, selection_store
 from selection.data import pool_store
 from selection.influence.datastore import FeatureStore
 from selection.diversity.embeddings import EmbeddingCache
+from selection.evaluate.evaluation_store import ensure_evaluation_tables
 from selection.data.ingest import SourceSpec
 
 
@@ -63,7 +63,7 @@ def test_selection_check_compares_with_the_requested_budget_not_the_rows(con) ->
 def _store(tmp_path: Path, rows: np.ndarray, dim: int = 8) -> str:
     store = FeatureStore(tmp_path / "store", "model-fp", "run-epoch_1", "train", {"mode": "fast", "dim": dim, "seed": 0},
                          part="00-of-04")
-    store.write_shard([f"id{i}" for i in range(len(rows))], rows.astype(np.float16))
+    store.write_chunk([f"id{i}" for i in range(len(rows))], rows.astype(np.float16))
     return str(store.directory)
 
 
@@ -84,7 +84,7 @@ def test_feature_store_check(tmp_path: Path) -> None:
     long[2] *= 1.01  # 1% off: far beyond float16 rounding
     outcome = checks.check_feature_stores([(_store(tmp_path / "long", long), 8)], "train")
     assert "1 rows with L2 norm off 1" in outcome.description
-    # A shard changed on disk after its commit is a failed check naming the file, not a crash.
+    # A chunk changed on disk after its commit is a failed check naming the file, not a crash.
     np.save(Path(good) / "shard-00000.npy", _unit(5)[::-1].astype(np.float16))
     assert "shard-00000.npy" in checks.check_feature_stores([(good, 8)], "train").description
 

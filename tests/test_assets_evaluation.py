@@ -11,7 +11,7 @@ import duckdb
 import pydantic
 import pytest
 
-from assets.evaluation import comparison_report, current_finetunes, evaluation_asset
+from assets.evaluation import comparison_report, evaluation_asset
 from assets.finetune import finetuned_checkpoints
 from assets.pool import raw_pool, target_tasks
 from assets.partitions import DEFAULT_MODEL
@@ -19,6 +19,7 @@ from resources import build_resources
 from selection import selection_store
 from selection.data import pool_store
 from selection.evaluate import stats
+from selection.evaluate.evaluation_store import current_finetunes
 from tests.fakes import TinyModelStore
 
 

@@ -12,10 +12,17 @@ import pandas as pd
 import pytest
 
 from assets import ALL_CHECKS, ASSET_MODULES
-from assets.influence import InfluenceConfig, _stores, _train_parts
+from assets.influence import InfluenceConfig
 from assets.partitions import DEFAULT_MODEL, model_shard_keys, shard_partitions
 from resources import build_resources
+from selection.influence.influence_store import FeatureKey, ensure_store_table, latest_stores
+from selection.influence.projection import DEFAULT_DIM, DEFAULT_MODE
+from selection.influence.scores import train_shard_directories
 from tests.fakes import TinyModelStore
+
+
+def _key(train_transform: str = "adam", dim: int = DEFAULT_DIM, mode: str = DEFAULT_MODE) -> FeatureKey:
+    return FeatureKey(mode=mode, dim=dim, seed=0, train_transform=train_transform)
 
 
 def test_old_gradient_stores_table_is_migrated_and_unsharded_train_rows_are_not_used() -> None:
@@ -26,18 +33,34 @@ def test_old_gradient_stores_table_is_migrated_and_unsharded_train_rows_are_not_
         "created_at TIMESTAMPTZ)")
     con.execute("INSERT INTO gradient_stores VALUES ('m', 'train', 'run', 1, 1e-4, 's', '/old', 'exact', 8192, 0, 10, "
                 "now())")
-    frame = _stores(con, "m", "run", "train", InfluenceConfig(train_transform="adam"))
-    assert list(frame["part"]) == [""]
-    assert list(_stores(con, "m", "run", "train", InfluenceConfig())["part"]) == [""]  # the default is adam
+    frame = latest_stores(con, "m", "run", "train", _key("adam"))
+    assert list(frame["shard"]) == [""]
+    assert list(latest_stores(con, "m", "run", "train", _key(InfluenceConfig().train_transform))["shard"]) == [""]
     # Rows from before transforms were recorded hold LESS's adam features: no other transform reads them.
     with pytest.raises(ValueError, match="train transform adam_no_momentum"):
-        _stores(con, "m", "run", "train", InfluenceConfig(train_transform="adam_no_momentum"))
+        latest_stores(con, "m", "run", "train", _key("adam_no_momentum"))
     # The old single store is not a shard of the current layout: influence asks for the shards instead.
     keys = shard_partitions.get_partition_keys()
     with pytest.raises(ValueError, match=f"lack shards .*--partition 'm\\|{keys[0]}'"):
-        _train_parts(frame, "m", [1])
-    shards = pd.DataFrame({"epoch": [1] * len(keys), "part": keys, "directory": [f"/new/{k}" for k in keys]})
-    assert _train_parts(shards, "m", [1]) == [[f"/new/{k}" for k in keys]]
+        train_shard_directories(frame, "m", [1], keys)
+    shards = pd.DataFrame({"epoch": [1] * len(keys), "shard": keys, "directory": [f"/new/{k}" for k in keys]})
+    assert train_shard_directories(shards, "m", [1], keys) == [[f"/new/{k}" for k in keys]]
+
+
+def test_gradient_stores_table_of_the_part_era_keeps_its_rows_under_shard() -> None:
+    con = duckdb.connect()
+    con.execute(  # as created while the shard column was called `part`
+        "CREATE TABLE gradient_stores (model VARCHAR, kind VARCHAR, warmup_run_key VARCHAR, epoch INTEGER, "
+        "avg_lr DOUBLE, store_id VARCHAR, directory VARCHAR, mode VARCHAR, dim INTEGER, seed BIGINT, n_rows INTEGER, "
+        "created_at TIMESTAMPTZ, part VARCHAR, n_excluded INTEGER, transform VARCHAR)")
+    con.execute("INSERT INTO gradient_stores VALUES ('m', 'train', 'run', 1, 1e-4, 's', '/new/01', 'fast', 16, 0, 10, "
+                "now(), '01-of-04', 0, 'adam')")
+    frame = latest_stores(con, "m", "run", "train", _key("adam", dim=16, mode="fast"))
+    assert list(frame["shard"]) == ["01-of-04"] and list(frame["directory"]) == ["/new/01"]
+    columns = [row[0] for row in con.execute("DESCRIBE gradient_stores").fetchall()]
+    assert "shard" in columns and "part" not in columns
+    ensure_store_table(con)  # a second run finds nothing to migrate
+    assert [row[0] for row in con.execute("DESCRIBE gradient_stores").fetchall()] == columns
 
 
 def test_train_gradients_of_another_transform_are_computed_afresh_and_never_mixed(tmp_path: Path) -> None:
@@ -95,6 +118,6 @@ def test_train_gradients_of_another_transform_are_computed_afresh_and_never_mixe
         assert scored["train_transform"].value == OTHER
         assert "differs from LESS" in scored["train_transform_why"].value
         with duckdb.connect(resources["lineage"].db_path) as con:
-            frame = _stores(con, DEFAULT_MODEL, con.execute("SELECT max(warmup_run_key) FROM gradient_stores")
-                            .fetchone()[0], "train", InfluenceConfig(dim=16, mode="fast", train_transform=OTHER))
+            frame = latest_stores(con, DEFAULT_MODEL, con.execute("SELECT max(warmup_run_key) FROM gradient_stores")
+                                  .fetchone()[0], "train", _key(OTHER, dim=16, mode="fast"))
         assert set(frame["directory"]) == by_transform[OTHER]

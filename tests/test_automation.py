@@ -10,7 +10,7 @@ import dagster as dg
 import pytest
 
 from assets import ALL_CHECKS
-from assets.finetune import SELECTION_ASSETS
+from selection.registry import METHODS
 from assets.partitions import DEFAULT_MODEL, model_shard_keys
 from resources import build_resources
 from tests.fakes import TinyModelStore, run_check
@@ -73,8 +73,8 @@ def test_a_new_pool_flows_through_the_graph(defs: dg.Definitions, tmp_path: Path
         scored = ("less_selection", "bids_selection", "round_robin_selection", "random_selection")
         assert tick() == {name: {DEFAULT_MODEL} for name in ("influence_scores", *scored)}  # one run
         _report(instance, "influence_scores", DEFAULT_MODEL)
-        for asset in SELECTION_ASSETS:
-            instance.report_runless_asset_event(dg.AssetMaterialization(asset, partition=DEFAULT_MODEL,
+        for method in METHODS:
+            instance.report_runless_asset_event(dg.AssetMaterialization(method.asset, partition=DEFAULT_MODEL,
                                                                         metadata={"budget": 5}))
         downstream = {name: {DEFAULT_MODEL} for name in ("finetuned_checkpoints", "evaluation", "comparison_report")}
         before_check = cursor

@@ -5,9 +5,9 @@ from selection.baselines import (
     cosine_similarity_matrix,
     full_data,
     random_select,
-    rds_scores,
     round_robin_select,
 )
+from selection.selectors import per_task_less_scores
 
 
 def test_random_select_seeded_distinct_and_budget_checked():
@@ -45,11 +45,13 @@ def test_rds_cosine_then_less_aggregation():
     sims = cosine_similarity_matrix(pool, target, chunk_rows=2)
     r = np.sqrt(0.5)
     np.testing.assert_allclose(sims, [[1, 0, 1], [0, 1, 0], [r, r, r]], atol=1e-6)
-    # one subtask: plain mean over target rows
-    np.testing.assert_allclose(rds_scores(pool, target), [2 / 3, 1 / 3, r], atol=1e-6)
+    # RDS aggregates the similarities per task like LESS; one subtask: plain mean over target rows
+    one = [{"task": "t", "subtask": "a", "val_example_id": str(i)} for i in range(3)]
+    np.testing.assert_allclose(per_task_less_scores(sims, one)["t"], [2 / 3, 1 / 3, r], atol=1e-6)
     # subtasks a={0,2}, b={1}: max(mean_a, mean_b)
-    np.testing.assert_allclose(rds_scores(pool, target, ["a", "b", "a"]), [1, 1, r], atol=1e-6)
+    two = [{**column, "subtask": subtask} for column, subtask in zip(one, ["a", "b", "a"])]
+    np.testing.assert_allclose(per_task_less_scores(sims, two)["t"], [1, 1, r], atol=1e-6)
     with pytest.raises(ValueError, match="zero or non-finite"):
-        rds_scores(np.zeros((1, 2)), target)
+        cosine_similarity_matrix(np.zeros((1, 2)), target)
     with pytest.raises(ValueError, match="equal width"):
-        rds_scores(pool, np.ones((1, 3)))
+        cosine_similarity_matrix(pool, np.ones((1, 3)))

@@ -11,7 +11,7 @@ from selection.bids import (
 
 
 def literal_bids(scores, budget, normalize=True):
-    """The CONTRACT.md definition written as plainly as possible, independent of the module."""
+    """The definition in `selection.bids`'s docstring, written as plainly as possible, independent of the module."""
     a = np.asarray(scores, dtype=np.float64)
     if normalize:
         a = a[:, a.max(axis=0) != a.min(axis=0)]

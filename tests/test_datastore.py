@@ -1,28 +1,29 @@
-"""Feature store: compute, skip, resume to identical bytes, refuse mixes, DuckDB index."""
+"""Feature store: compute, skip, resume to identical bytes, refuse mixes, one writer at a time."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import duckdb
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from selection.common.arrays import StoreBusyError
+from selection.common.integrity import ArtifactIntegrityError
 from selection.influence.datastore import (
     FeatureStore,
-    StoreBusyError,
     align_stores,
     Progress,
     check_compatible,
     compute_features,
     parse_shard_key,
-    read_index,
+    repair_stores,
     shard_key,
     shard_of,
     store_directory,
     target_scores,
-    write_index,
 )
 from selection.influence.gradients import PerExampleGradients, lora_slots
 from selection.influence.projection import make_projector
@@ -44,10 +45,10 @@ def examples() -> list:
 
 
 def make_store(directory: Path, model: torch.nn.Module, kind: str = "target", mode: str = "fast",
-               dim: int = 32, seed: int = 0, checkpoint: str = "epoch_1", shard_size: int = 3) -> tuple:
+               dim: int = 32, seed: int = 0, checkpoint: str = "epoch_1", chunk_size: int = 3) -> tuple:
     engine = PerExampleGradients(model)
     projector = make_projector(mode, engine.dim, dim, seed, engine.names_hash)
-    return projector, FeatureStore(directory, "tiny-model", checkpoint, kind, projector, shard_size=shard_size)
+    return projector, FeatureStore(directory, "tiny-model", checkpoint, kind, projector, chunk_size=chunk_size)
 
 
 def moments(model: torch.nn.Module) -> tuple[dict, dict]:
@@ -57,7 +58,7 @@ def moments(model: torch.nn.Module) -> tuple[dict, dict]:
     return exp_avg, exp_avg_sq
 
 
-def shard_bytes(directory: Path) -> dict[str, bytes]:
+def chunk_bytes(directory: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(directory.glob("shard-*"))}
 
 
@@ -74,22 +75,22 @@ def test_compute_skip_and_resume_give_identical_bytes(tmp_path: Path, model, exa
     # Everything is stored: a rerun computes nothing.
     assert compute_features(model, examples, projector, store, pad_token_id=PAD, max_batch_size=2) == 0
 
-    # A killed run: first 4 examples (one committed shard + one shard never committed).
+    # A killed run: first 4 examples (one committed chunk + one chunk never committed).
     projector, partial = make_store(tmp_path / "resumed", model)
     compute_features(model, examples[:3], projector, partial, pad_token_id=PAD, max_batch_size=2)
     (tmp_path / "resumed" / "shard-00001.npy").write_bytes(b"half-written garbage")
     projector, reopened = make_store(tmp_path / "resumed", model)
     assert len(reopened) == 3
     assert compute_features(model, examples, projector, reopened, pad_token_id=PAD, max_batch_size=2) == 4
-    assert shard_bytes(tmp_path / "resumed") == shard_bytes(tmp_path / "full")
+    assert chunk_bytes(tmp_path / "resumed") == chunk_bytes(tmp_path / "full")
 
 
-def test_shards_and_batching_do_not_change_features(tmp_path: Path, model, examples) -> None:
-    projector, one = make_store(tmp_path / "one", model, shard_size=100)
+def test_chunks_and_batching_do_not_change_features(tmp_path: Path, model, examples) -> None:
+    projector, one = make_store(tmp_path / "one", model, chunk_size=100)
     compute_features(model, examples, projector, one, pad_token_id=PAD, max_batch_size=8)
-    projector, many = make_store(tmp_path / "many", model, shard_size=2)
+    projector, many = make_store(tmp_path / "many", model, chunk_size=2)
     compute_features(model, examples, projector, many, pad_token_id=PAD, max_batch_size=1)
-    assert many.n_shards == 4
+    assert many.n_chunks == 4
     ids = [example_id for example_id, _ in examples]
     np.testing.assert_allclose(one.features(ids).astype(np.float32), many.features(ids).astype(np.float32),
                                atol=2e-3)
@@ -129,18 +130,14 @@ def test_train_needs_moments_and_stores_must_match(tmp_path: Path, model, exampl
         compute_features(model, examples, wrong_projector, target, pad_token_id=PAD)
 
 
-def test_duckdb_index_round_trip_and_canonical_directory(tmp_path: Path, model, examples) -> None:
+def test_canonical_directory_and_rows_by_id(tmp_path: Path, model, examples) -> None:
     projector, _ = make_store(tmp_path / "unused", model)
     directory = store_directory(tmp_path, "tiny-model", "epoch_1", "target", projector)
-    store = FeatureStore(directory, "tiny-model", "epoch_1", "target", projector, shard_size=3)
+    store = FeatureStore(directory, "tiny-model", "epoch_1", "target", projector, chunk_size=3)
     compute_features(model, examples, projector, store, pad_token_id=PAD)
-    con = duckdb.connect()
-    assert write_index(con, store) == len(examples)
-    assert write_index(con, store) == len(examples)  # replaces, never duplicates
-    index = read_index(con, store)
-    assert con.execute("SELECT count(*) FROM feature_index").fetchone()[0] == len(examples)
-    assert index["ex4"] == (1, 1)
-    np.testing.assert_array_equal(store.shard(1)[1], store.features(["ex4"])[0])
+    assert [ids for ids, _ in store.iter_chunks()] == [["ex0", "ex1", "ex2"], ["ex3", "ex4", "ex5"], ["ex6"]]
+    np.testing.assert_array_equal(store.chunk(1)[1], store.features(["ex4"])[0])
+    np.testing.assert_array_equal(store.features(["ex6", "ex0"]), store.features()[[6, 0]])
 
 
 def test_shard_of_is_stable_balanced_and_keys_round_trip() -> None:
@@ -175,29 +172,17 @@ def test_parts_are_part_of_the_identity_but_still_match_targets(tmp_path: Path, 
 def test_examples_without_targets_are_recorded_and_not_revisited(tmp_path: Path, model, examples) -> None:
     no_target = TokenizedExample([5, 6, 7], [IGNORE_INDEX] * 3, True, 0)
     mixed = examples[:2] + [("empty", no_target)] + examples[2:]
-    projector, store = make_store(tmp_path / "s", model, shard_size=3)
+    projector, store = make_store(tmp_path / "s", model, chunk_size=3)
     assert compute_features(model, mixed, projector, store, pad_token_id=PAD) == len(examples)
     assert "empty" not in store.ids() and store.ids() == [i for i, _ in examples]
     assert store.excluded() == {"empty": "no_target_tokens: no assistant token left after truncation"}
-    reopened = FeatureStore(tmp_path / "s", "tiny-model", "epoch_1", "target", projector, shard_size=3)
+    reopened = FeatureStore(tmp_path / "s", "tiny-model", "epoch_1", "target", projector, chunk_size=3)
     assert reopened.excluded() == store.excluded() and "empty" in reopened.covered()
     assert compute_features(model, mixed, projector, reopened, pad_token_id=PAD) == 0
-    # A chunk with nothing but excluded ids still commits a (zero-row) shard recording them.
+    # A chunk with nothing but excluded ids still commits a (zero-row) chunk recording them.
     _, alone = make_store(tmp_path / "alone", model)
     assert compute_features(model, [("empty", no_target)], projector, alone, pad_token_id=PAD) == 0
-    assert alone.n_shards == 1 and len(alone) == 0 and alone.shard(0).shape == (0, 32)
-
-
-def test_index_is_incremental_per_shard(tmp_path: Path, model, examples) -> None:
-    projector, store = make_store(tmp_path / "s", model, shard_size=3)
-    con = duckdb.connect()
-    compute_features(model, examples[:3], projector, store, pad_token_id=PAD)
-    assert write_index(con, store) == 3
-    compute_features(model, examples, projector, store, pad_token_id=PAD)
-    con.execute("UPDATE feature_index SET row_in_shard = -1 WHERE shard = 0")  # mark the rows already there
-    assert write_index(con, store) == len(examples)
-    assert con.execute("SELECT count(*) FROM feature_index WHERE row_in_shard = -1").fetchone()[0] == 3
-    assert con.execute("SELECT DISTINCT part FROM feature_index").fetchall() == [(None,)]
+    assert alone.n_chunks == 1 and len(alone) == 0 and alone.chunk(0).shape == (0, 32)
 
 
 def test_align_stores_drops_a_half_committed_chunk_and_refuses_a_late_dim(tmp_path: Path, model, examples) -> None:
@@ -205,7 +190,7 @@ def test_align_stores_drops_a_half_committed_chunk_and_refuses_a_late_dim(tmp_pa
     projectors = [make_projector("fast", engine.dim, dim, 0, engine.names_hash) for dim in (16, 32)]
 
     def stores(tag: str) -> list[FeatureStore]:
-        return [FeatureStore(tmp_path / tag / str(p.dim), "tiny-model", "epoch_1", "target", p, shard_size=3)
+        return [FeatureStore(tmp_path / tag / str(p.dim), "tiny-model", "epoch_1", "target", p, chunk_size=3)
                 for p in projectors]
 
     reference = stores("reference")
@@ -215,16 +200,16 @@ def test_align_stores_drops_a_half_committed_chunk_and_refuses_a_late_dim(tmp_pa
     compute_features(model, examples[3:6], projectors[1], killed[1], pad_token_id=PAD)  # the kill: dim 32 only
     with pytest.raises(ValueError, match="different example sets"):
         compute_features(model, examples, projectors, killed, pad_token_id=PAD)
-    assert align_stores(killed) == 1 and [s.n_shards for s in killed] == [1, 1]
+    assert align_stores(killed) == 1 and [s.n_chunks for s in killed] == [1, 1]
     compute_features(model, examples, projectors, killed, pad_token_id=PAD)
     for done, expected in zip(killed, reference):
-        assert shard_bytes(done.directory) == shard_bytes(expected.directory)
+        assert chunk_bytes(done.directory) == chunk_bytes(expected.directory)
 
     late = stores("late")
-    compute_features(model, examples, projectors[0], late[0], pad_token_id=PAD)  # 3 shards, the other dim none
+    compute_features(model, examples, projectors[0], late[0], pad_token_id=PAD)  # 3 chunks, the other dim none
     with pytest.raises(ValueError, match="hold different examples"):
         align_stores(late)
-    assert late[0].n_shards == 3  # nothing was dropped
+    assert late[0].n_chunks == 3  # nothing was dropped
 
 
 def test_one_writer_per_store(tmp_path: Path, model) -> None:
@@ -232,21 +217,10 @@ def test_one_writer_per_store(tmp_path: Path, model) -> None:
     with store.exclusive():
         with pytest.raises(StoreBusyError, match="another process is filling"):
             with FeatureStore(store.directory, "tiny-model", "epoch_1", "target", store.manifest["projection"],
-                              shard_size=3).exclusive():
+                              chunk_size=3).exclusive():
                 pass
     with store.exclusive():  # released
         pass
-
-
-def test_index_written_by_older_code_is_migrated(tmp_path: Path, model, examples) -> None:
-    projector, store = make_store(tmp_path / "s", model)
-    compute_features(model, examples[:3], projector, store, pad_token_id=PAD)
-    con = duckdb.connect()
-    con.execute(  # the table as the code before shards created it: no `part` column
-        "CREATE TABLE feature_index (store_id VARCHAR, model VARCHAR, checkpoint VARCHAR, kind VARCHAR, mode VARCHAR, "
-        "dim INTEGER, seed BIGINT, directory VARCHAR, example_id VARCHAR, shard INTEGER, row_in_shard INTEGER)")
-    assert write_index(con, store) == 3
-    assert con.execute("SELECT count(*) FROM feature_index WHERE part IS NULL").fetchone()[0] == 3
 
 
 def test_train_transform_is_part_of_the_identity_and_of_the_features(tmp_path: Path, model, examples) -> None:
@@ -308,3 +282,38 @@ def test_bias_corrected_train_features_need_the_step_count(tmp_path: Path, model
                          pad_token_id=PAD)
     assert compute_features(model, examples[:2], projector, store, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
                             adam_step=3, pad_token_id=PAD) == 2
+
+
+def test_a_changed_commit_record_is_refused_then_dropped_with_the_chunks_after_it(tmp_path: Path, model,
+                                                                                  examples) -> None:
+    projector, store = make_store(tmp_path / "s", model)
+    compute_features(model, examples, projector, store, pad_token_id=PAD)
+    original = chunk_bytes(store.directory)
+    record_path = store.directory / "shard-00001.json"
+    record = json.loads(record_path.read_text())
+    record["ids"] = ["ex4", "ex3", "ex5"]  # still valid JSON: only the record's checksum tells
+    record_path.write_text(json.dumps(record))
+    _, reopened = make_store(tmp_path / "s", model)
+    with pytest.raises(ArtifactIntegrityError, match=r"shard-00001\.json: commit record differs"):
+        reopened.features()
+    with pytest.raises(ArtifactIntegrityError, match=r"shard-00001\.json"):
+        reopened.features(["ex4"])  # not "has no features": the damaged chunk may hold it
+    with pytest.raises(ArtifactIntegrityError, match="rematerialize target_gradients"):
+        reopened.chunk(1)
+    problems = repair_stores([reopened])
+    assert len(problems) == 1 and "shard-00001.json" in problems[0] and reopened.n_chunks == 1
+    assert compute_features(model, examples, projector, reopened, pad_token_id=PAD) == 4
+    assert chunk_bytes(store.directory) == original
+
+
+def test_writers_see_each_others_commits(tmp_path: Path, model, examples) -> None:
+    projector, first = make_store(tmp_path / "s", model)
+    _, second = make_store(tmp_path / "s", model)  # opened before the first one commits
+    compute_features(model, examples[:3], projector, first, pad_token_id=PAD)
+    rows = np.ones((1, 32), np.float16)
+    with pytest.raises(ValueError, match="already stored"):
+        second.write_chunk(["ex1"], rows)
+    assert second.write_chunk(["other"], rows) == 1  # after the first writer's chunk 0, not over it
+    assert first.ids() == ["ex0", "ex1", "ex2"]  # a reader's view changes only when it writes or reopens
+    _, reopened = make_store(tmp_path / "s", model)
+    assert reopened.ids() == ["ex0", "ex1", "ex2", "other"] and reopened.n_chunks == 2

@@ -6,12 +6,8 @@ import duckdb
 import numpy as np
 import pytest
 
-from selection.influence.diagnostics import (
-    COLLAPSE_MEAN_NORM,
-    collapsed_feature_reason,
-    feature_diagnostics,
-    record_diagnostics,
-)
+from selection.influence.diagnostics import COLLAPSE_MEAN_NORM, collapsed_feature_reason, feature_diagnostics
+from selection.influence.influence_store import record_diagnostics
 
 
 def unit(rows: np.ndarray) -> np.ndarray:

@@ -100,11 +100,11 @@ def _vectors(n: int, dim: int = 4, seed: int = 0) -> np.ndarray:
 
 
 def test_cache_incremental_add_and_ordered_load(tmp_path: Path) -> None:
-    cache = EmbeddingCache(tmp_path, "fp", "user_turns", 4, shard_rows=3)
+    cache = EmbeddingCache(tmp_path, "fp", "user_turns", 4, chunk_rows=3)
     ids = [f"id{i}" for i in range(7)]
     vectors = _vectors(7)
     assert cache.missing(ids + ["id0"]) == ids
-    cache.add(ids[:5], vectors[:5])  # two shards (3 + 2 rows)
+    cache.add(ids[:5], vectors[:5])  # two chunks (3 + 2 rows)
     assert cache.missing(ids) == ids[5:]
     cache.add(ids[5:], vectors[5:])
     assert len(list(tmp_path.glob("shard-*.npy"))) == 3

@@ -16,10 +16,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from assets.diversity import CLUSTERS_DDL, kmq_selection
+from selection.diversity.diversity_store import CLUSTERS_DDL
 from assets.gradients import target_gradients
 from assets.pool import raw_pool, target_tasks
-from assets.selections import random_selection
+from assets.methods import SELECTION_ASSETS
 from assets.warmup import warmup_checkpoints
 from assets.partitions import DEFAULT_MODEL
 from resources import build_resources
@@ -27,6 +27,9 @@ from selection.data import tokenization
 from tests.fakes import TinyModelStore, materialize_error, user_error_text
 
 pytestmark = pytest.mark.faults
+
+kmq_selection, random_selection = (next(a for a in SELECTION_ASSETS if a.key == dg.AssetKey(name))
+                                   for name in ("kmq_selection", "random_selection"))
 
 
 class NoModelStore(TinyModelStore):
@@ -102,7 +105,7 @@ def test_val_task_without_target_tokens_is_refused_before_gradients(tmp_path: Pa
     target_file.write_text("".join(json.dumps(line) + "\n" for line in lines))
     dg.materialize([target_tasks], resources=resources,
                    run_config={"ops": {"target_tasks": {"config": {"files": [{"path": str(target_file)}], "n_val": 1}}}})
-    monkeypatch.setattr("assets.gradients.checkpoints.latest_run_checkpoints", lambda con, model, stage: pd.DataFrame(
+    monkeypatch.setattr("selection.train.checkpoints.latest_run_checkpoints", lambda con, model, stage: pd.DataFrame(
         {"run_key": ["never-read"], "epoch": [1], "path": [str(tmp_path / "none")], "avg_lr": [1.0]}))
     # Truncation now keeps part of every response, so "no target tokens within max_length" is
     # produced here by the tokenizer wrapper: the check and its place before any gradient are tested.
@@ -114,9 +117,9 @@ def test_val_task_without_target_tokens_is_refused_before_gradients(tmp_path: Pa
         cut = tuple(i for i, c in enumerate(conversations) if "UNUSABLE" in c[0]["content"])
         return examples, dataclasses.replace(stats, no_target_indices=cut)
 
-    monkeypatch.setattr("assets.gradients.tokenization.tokenize_many", tokenize_many)
+    monkeypatch.setattr("selection.data.tokenization.tokenize_many", tokenize_many)
     computed = []
-    monkeypatch.setattr("assets.gradients.datastore.compute_features", lambda *a, **k: computed.append(1))
+    monkeypatch.setattr("selection.influence.datastore.compute_features", lambda *a, **k: computed.append(1))
     resources = {**resources, "model_store": TinyModelStore(cache_dir="unused")}  # max_length 96
     observed = materialize_error([target_gradients], resources, None, DEFAULT_MODEL)
     record_property("scenario", "target task whose only val example has no target tokens within max_length")

@@ -48,7 +48,7 @@ def record(record_property, scenario: str, expected: str, observed: str) -> None
 
 @pytest.fixture
 def stores(tmp_path: Path):
-    """A train store of 4 shards (2 rows each) and a target store, filled by compute_features."""
+    """A train store of 4 chunks (2 rows each) and a target store, filled by compute_features."""
     model = tiny_lora_model()
     engine = PerExampleGradients(model)
     projector = make_projector("fast", engine.dim, 16, 0, engine.names_hash)
@@ -56,7 +56,7 @@ def stores(tmp_path: Path):
     exp_avg, exp_avg_sq = moments(model)
 
     def fill_train() -> FeatureStore:
-        store = FeatureStore(tmp_path / "train", "tiny", "epoch_1", "train", projector, shard_size=2, part="00-of-01")
+        store = FeatureStore(tmp_path / "train", "tiny", "epoch_1", "train", projector, chunk_size=2, part="00-of-01")
         compute_features(model, train_rows, projector, store, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, pad_token_id=PAD)
         return store
 
@@ -90,12 +90,12 @@ def test_feature_chunk_rewritten_with_same_shape_is_refused_then_recomputed(tmp_
     assert leftovers(scores_root) == ["run"]  # no staging folder; the earlier scores are untouched
     np.testing.assert_array_equal(load_scores(scores_root / "run")[0], good_scores)
 
-    # A rerun of the writer drops the damaged shard and the ones after it and recomputes the same bytes.
+    # A rerun of the writer drops the damaged chunk and the ones after it and recomputes the same bytes.
     reopened = FeatureStore(train.directory, **_identity(train))
     problems = repair_stores([reopened])
-    assert len(problems) == 1 and "shard-00001.npy" in problems[0] and reopened.n_shards == 1
+    assert len(problems) == 1 and "shard-00001.npy" in problems[0] and reopened.n_chunks == 1
     repaired = fill_train()
-    assert repaired.n_shards == 4 and chunk.read_bytes() == original
+    assert repaired.n_chunks == 4 and chunk.read_bytes() == original
     compute_influence([[repaired]], [target], [1.0], VAL_IDS, scores_root / "run")
     np.testing.assert_array_equal(load_scores(scores_root / "run")[0], good_scores)
     record(record_property, "feature chunk rewritten with other values of the right shape",
@@ -107,7 +107,7 @@ def test_feature_chunk_rewritten_with_same_shape_is_refused_then_recomputed(tmp_
 def _identity(store: FeatureStore) -> dict:
     manifest = store.manifest
     return {"model_fingerprint": manifest["model"], "checkpoint": manifest["checkpoint"], "kind": manifest["kind"],
-            "projector": manifest["projection"], "shard_size": store.shard_size, "part": store.part}
+            "projector": manifest["projection"], "chunk_size": store.chunk_size, "part": store.part}
 
 
 def test_truncated_chunk_is_named_and_leaves_no_temp_folder(tmp_path, stores, record_property):
@@ -199,11 +199,11 @@ def test_embedding_cache_damage_is_refused_then_reembedded(tmp_path, record_prop
         embed_calls.append(len(texts))
         return vectors[[int(t) for t in texts]]
 
-    cache = EmbeddingCache(tmp_path, "fp", "user_turns", 4, shard_rows=3)
+    cache = EmbeddingCache(tmp_path, "fp", "user_turns", 4, chunk_rows=3)
     fill_cache(cache, ids, [str(i) for i in range(5)], embed)
-    np.testing.assert_array_equal(cache.load(ids), vectors)  # good shards pass
-    first = EmbeddingCache(tmp_path, "fp", "user_turns", 4)._shards[0].name
-    npy = tmp_path / f"{first}.npy"
+    np.testing.assert_array_equal(cache.load(ids), vectors)  # good chunks pass
+    first = EmbeddingCache(tmp_path, "fp", "user_turns", 4).arrays.numbers()[0]
+    npy, _ = cache.arrays.paths(first)
     np.save(npy, np.load(npy)[::-1].copy())
     damaged(npy)
     reader = EmbeddingCache(tmp_path, "fp", "user_turns", 4)
@@ -212,22 +212,24 @@ def test_embedding_cache_damage_is_refused_then_reembedded(tmp_path, record_prop
     assert str(npy) in str(error.value) and "rematerialize embeddings" in str(error.value)
 
     problems = []
-    writer = EmbeddingCache(tmp_path, "fp", "user_turns", 4, shard_rows=3)
+    writer = EmbeddingCache(tmp_path, "fp", "user_turns", 4, chunk_rows=3)
     assert fill_cache(writer, ids, [str(i) for i in range(5)], embed, on_damaged=problems.append) == 3
     assert len(problems) == 1 and not npy.exists()
     np.testing.assert_array_equal(EmbeddingCache(tmp_path, "fp", "user_turns", 4).load(ids), vectors)
 
-    # A damaged ids file: readers refuse (rather than "not cached"), a writer re-embeds those ids.
-    second = writer._shards[0].name
-    (tmp_path / f"{second}.ids").write_text("id9\nid8\n")
-    damaged(tmp_path / f"{second}.ids")
-    with pytest.raises(ArtifactIntegrityError, match=r"\.ids"):
+    # Ids changed in a commit record: readers refuse (rather than "not cached"), a writer re-embeds those ids.
+    _, second = writer.arrays.paths(writer.arrays.numbers()[0])
+    changed = json.loads(second.read_text())
+    changed["ids"] = ["id9", "id8"]
+    second.write_text(json.dumps(changed))
+    damaged(second)
+    with pytest.raises(ArtifactIntegrityError, match=rf"{second.stem}\.json: .*commit record differs"):
         EmbeddingCache(tmp_path, "fp", "user_turns", 4).load(ids)
-    fill_cache(EmbeddingCache(tmp_path, "fp", "user_turns", 4, shard_rows=3), ids, [str(i) for i in range(5)], embed)
+    fill_cache(EmbeddingCache(tmp_path, "fp", "user_turns", 4, chunk_rows=3), ids, [str(i) for i in range(5)], embed)
     np.testing.assert_array_equal(EmbeddingCache(tmp_path, "fp", "user_turns", 4).load(ids), vectors)
-    record(record_property, "embedding cache shard rewritten / ids file changed",
-           "readers refuse naming the shard; the embeddings rerun re-embeds its ids",
-           f"refused ({npy.name[:14]}...); rerun re-embedded {embed_calls[1]} ids; ids-file damage re-embedded "
+    record(record_property, "embedding cache chunk rewritten / ids in its commit record changed",
+           "readers refuse naming the chunk; the embeddings rerun re-embeds its ids",
+           f"refused ({npy.name}); rerun re-embedded {embed_calls[1]} ids; commit-record damage re-embedded "
            f"{embed_calls[2]}")
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from assets.finetune import FinetuneConfig, finetuned_checkpoints
 from assets.pool import raw_pool, target_tasks
-from assets.selections import less_selection
+from assets.methods import SELECTION_ASSETS
 from assets.partitions import DEFAULT_MODEL
 from resources import build_resources
 from resources.lineage import LineageStore
@@ -30,12 +30,13 @@ from resources.settings import StorageSettings
 from selection import selection_store
 from selection.common import names
 from selection.data import targets
-from selection.influence import datastore
 from selection.data.ingest import SourceSpec
 from selection.data.pool_store import ingest_sources
 from tests.fakes import materialize_error, user_error_text
 
 pytestmark = pytest.mark.faults
+
+less_selection = next(a for a in SELECTION_ASSETS if a.key == dg.AssetKey("less_selection"))
 
 MARK = "ESCAPED"
 # (label, value): every way a name could try to leave the storage root.
@@ -300,12 +301,7 @@ def test_unreadable_pool_file_error_names_the_file(tmp_path: Path, name: str, co
 
 
 def test_sql_identifiers_are_checked() -> None:
-    assert names.check_identifier("feature_index", "table") == "feature_index"
+    assert names.check_identifier("gradient_stores", "table") == "gradient_stores"
     for bad in ("x; DROP TABLE pool", "a b", "", "1abc", 'x"'):
         with pytest.raises(ValueError, match="not a plain SQL identifier"):
             names.check_identifier(bad, "table")
-    con = duckdb.connect()
-    for use in (datastore.write_index, datastore.read_index):  # the table name is interpolated there
-        with pytest.raises(ValueError, match="feature index table"):
-            use(con, None, table="pool; CREATE TABLE x AS SELECT 1")
-    assert con.execute("SHOW TABLES").fetchall() == []

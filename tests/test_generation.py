@@ -12,7 +12,6 @@ import torch
 from selection.train.generation import (
     compute_feedback,
     end_of_turn_token_ids,
-    feedback_scores,
     generate_greedy,
     render_prompt,
     split_final_turn,
@@ -85,8 +84,10 @@ def test_default_feedback_is_generated_minus_gold_log_likelihood(tiny_llama: tor
     assert np.all(result.scores > 0)
     assert result.scorer["kind"] == "response_log_likelihood"
     assert "loglik(gen) - loglik(gold)" in result.scorer["feedback"]
+    # Same scores at the default batch size.
     np.testing.assert_array_equal(
-        feedback_scores(tiny_llama, chatml_tokenizer, CONVERSATIONS, max_new_tokens=8, max_length=128), result.scores
+        compute_feedback(tiny_llama, chatml_tokenizer, CONVERSATIONS, max_new_tokens=8, max_length=128).scores,
+        result.scores,
     )
 
 

@@ -70,7 +70,7 @@ def test_cuda_features_are_reproducible_bytes_and_close_to_cpu(tmp_path, mode: s
         model = tiny_lora_model().to(device)
         engine = PerExampleGradients(model)
         projector = make_projector(mode, engine.dim, 64, seed=1, names_hash=engine.names_hash, device=device)
-        store = FeatureStore(tmp_path / tag, "tiny", "ckpt", "target", projector, shard_size=4)
+        store = FeatureStore(tmp_path / tag, "tiny", "ckpt", "target", projector, chunk_size=4)
         compute_features(model, examples, projector, store, pad_token_id=2, max_batch_size=3)
         return store.features()
 

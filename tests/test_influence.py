@@ -24,7 +24,7 @@ def test_parts_give_the_scores_of_one_store(tmp_path: Path) -> None:
     exp_avg, exp_avg_sq = moments(model)
 
     def train_store(directory: Path, rows: list, part: str | None) -> FeatureStore:
-        store = FeatureStore(directory, "tiny", "epoch_1", "train", projector, shard_size=2, part=part)
+        store = FeatureStore(directory, "tiny", "epoch_1", "train", projector, chunk_size=2, part=part)
         compute_features(model, rows, projector, store, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, pad_token_id=PAD)
         return store
 

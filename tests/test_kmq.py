@@ -8,6 +8,7 @@ from selection.kmq import (
     choose_k_by_silhouette,
     cluster,
     cluster_mean_scores,
+    cluster_pool,
     iterative_kmq_round,
     iterative_round_budget,
     kmq_select,
@@ -79,6 +80,18 @@ def test_cluster_is_seeded():
     labels_b, _ = cluster(X, 3, seed=5)
     np.testing.assert_array_equal(labels_a, labels_b)
     assert centers.shape == (3, 4) and set(labels_a.tolist()) == {0, 1, 2}
+
+
+def test_cluster_pool_searches_k_among_fitting_candidates_or_uses_a_fixed_k():
+    X, _ = make_blobs(n_samples=60, centers=3, n_features=4, cluster_std=0.5, random_state=3)
+    searched = cluster_pool(X, None, [1, 3, 5, 60], seed=0)  # 1 and 60 cannot be scored on 60 rows
+    assert searched.k == 3 and set(searched.silhouette) == {3, 5}
+    np.testing.assert_array_equal(searched.labels, cluster(X, 3, seed=0)[0])
+    np.testing.assert_array_equal(searched.sizes, np.bincount(searched.labels, minlength=3))
+    fixed = cluster_pool(X, 4, [3, 5], seed=0)
+    assert fixed.k == 4 and fixed.silhouette == {} and fixed.sizes.sum() == 60
+    with pytest.raises(ValueError, match=r"no k candidate in \[1, 60\] fits a pool of 60"):
+        cluster_pool(X, None, [1, 60], seed=0)
 
 
 def test_sampling_reproducible_within_cluster_and_respects_exclude():

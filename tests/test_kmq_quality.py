@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from assets import ASSET_MODULES
-from assets.diversity import CLUSTERS_DDL, KmqConfig, _quality_kind
+from assets.diversity import KmqConfig
 from assets.partitions import DEFAULT_MODEL
 from resources import build_resources
 from selection.data import pool_store
-from selection.diversity import quality
+from selection.diversity import kmq_run, quality
+from selection.diversity.diversity_store import CLUSTERS_DDL
 from selection.diversity.quality import (
     IFDScorer,
     LogLikelihoodScorer,
@@ -130,6 +131,10 @@ def test_ifd_scorer_is_its_own_cache_key_and_maps_to_quality(tiny_llama: torch.n
     np.testing.assert_array_equal(sampling_quality(likelihood, [-1.0, -3.0]), [-1.0, -3.0])
 
 
+def _quality_kind(config: KmqConfig) -> str:
+    return quality.quality_kind(config.quality, config.reward_model_path)
+
+
 def test_quality_setting_is_checked() -> None:
     assert _quality_kind(KmqConfig()) == "ifd"
     assert _quality_kind(KmqConfig(reward_model_path="/rm")) == "reward_model"
@@ -138,6 +143,78 @@ def test_quality_setting_is_checked() -> None:
         _quality_kind(KmqConfig(quality="reward_model"))
     with pytest.raises(ValueError, match="not one of"):
         _quality_kind(KmqConfig(quality="perplexity"))
+    # The core settings refuse a bad setting when they are made, before anything is read or loaded.
+    with pytest.raises(ValueError, match="not one of"):
+        kmq_run.KmqSettings(**KmqConfig(quality="perplexity").model_dump())
+
+
+# ------------------------------------------------------------------ the diversity store and the score cache
+
+
+class CountingScorer:
+    """Scores an answer by its length (NaN when empty); records what it scored."""
+
+    def __init__(self, name: str = "count") -> None:
+        self.name, self.scored = name, []
+
+    def score(self, conversations):
+        self.scored.extend(c[-1]["content"] for c in conversations)
+        return np.array([float(len(c[-1]["content"])) or np.nan for c in conversations])
+
+    def fingerprint(self) -> str:
+        return self.name
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "count", "fingerprint": self.name}
+
+
+def test_quality_scores_are_cached_per_scorer_and_unscorable_stays_nan(tmp_path: Path) -> None:
+    db = str(tmp_path / "lineage.duckdb")
+    ids, answers = ["a", "b", "c"], ["xx", "", "yyyy"]
+    conversations = [_conversation("q", answer) for answer in answers]
+    lines: list[str] = []
+    scorer = CountingScorer()
+    first = quality.cached_quality_scores(lambda: duckdb.connect(db), scorer, ids[:2], conversations[:2], lines.append)
+    np.testing.assert_array_equal(first, [2.0, np.nan])
+    again = quality.cached_quality_scores(lambda: duckdb.connect(db), scorer, ids, conversations, lines.append)
+    np.testing.assert_array_equal(again, [2.0, np.nan, 4.0])
+    assert scorer.scored == ["xx", "", "yyyy"]  # the cached ids, the unscorable one included, are not scored again
+    assert lines == ["scoring quality of 2 examples with count", "scoring quality of 1 examples with count"]
+    other = CountingScorer("other")
+    quality.cached_quality_scores(lambda: duckdb.connect(db), other, ids, conversations, lines.append)
+    assert other.scored == answers
+    with duckdb.connect(db) as con:
+        assert con.execute("SELECT score FROM quality_scores WHERE example_id = 'b'").fetchall() == [(None,), (None,)]
+        assert json.loads(con.execute("SELECT scorer FROM quality_scores LIMIT 1").fetchone()[0])["kind"] == "count"
+
+
+def test_diversity_store_reads_the_latest_embeddings_and_replaces_clusters_and_rounds(tmp_path: Path) -> None:
+    from selection.diversity import diversity_store as store
+
+    with duckdb.connect(str(tmp_path / "lineage.duckdb")) as con:
+        with pytest.raises(ValueError, match="materialize embeddings first"):
+            store.latest_embeddings(con)
+        store.record_embedding_run(con, "v1", store.EmbeddingRun("/old", "enc", "user_turns", 4), 3)
+        con.execute("UPDATE embedding_runs SET created_at = created_at - INTERVAL 1 HOUR")
+        store.record_embedding_run(con, "v2", store.EmbeddingRun("/new", "enc", "conversation", 8), 5)
+        cache_dir, fingerprint, mode, dim = store.latest_embeddings(con)
+        assert (cache_dir, fingerprint, mode, dim) == ("/new", "enc", "conversation", 8)
+
+        assert store.cluster_labels(con, "v1") == {}
+        store.replace_clusters(con, "v1", "enc", 2, ["a", "b"], np.array([0, 1]))
+        store.replace_clusters(con, "v2", "enc", 2, ["a"], np.array([1]))
+        store.replace_clusters(con, "v1", "enc", 3, ["a", "b", "c"], np.array([2, 1, 0]))
+        assert store.cluster_labels(con, "v1") == {"a": 2, "b": 1, "c": 0}
+        assert store.cluster_labels(con, "v2") == {"a": 1}
+
+        row = store.KmqRoundRow(0, [0.5, 0.5], [1.0, None], [0.7, 0.3], ["a"], {"round": 0})
+        store.replace_kmq_rounds(con, "m", 4, [row, store.KmqRoundRow(1, [0.7, 0.3], None, None, ["b"], None)], "r1")
+        store.replace_kmq_rounds(con, "m", 6, [row], "r2")
+        store.replace_kmq_rounds(con, "m", 4, [row], "r3")
+        stored = con.execute("SELECT budget, round, weights, cluster_scores, updated_weights, new_example_ids, "
+                             "feedback, run_id FROM kmq_rounds ORDER BY budget").fetchall()
+    assert [(budget, run_id) for budget, *_, run_id in stored] == [(4, "r3"), (6, "r2")]
+    assert [json.loads(v) for v in stored[0][2:7]] == [[0.5, 0.5], [1.0, None], [0.7, 0.3], ["a"], {"round": 0}]
 
 
 # ------------------------------------------------------------------ assets

@@ -6,10 +6,10 @@ from selection.less import (
     checkpoint_weights,
     influence_scores,
     multi_target_scores,
-    multi_target_select,
     resolve_budget,
     top_k,
 )
+from selection.selectors import ALL_TARGETS, ScoredPool, less_selections
 
 
 def test_checkpoint_weights_normalize_and_reject_bad_input():
@@ -135,6 +135,11 @@ def test_multi_target_takes_max_over_tasks():
     scores, task = multi_target_scores(per_task)
     np.testing.assert_allclose(scores, [0.7, 0.8, 0.3])
     assert task.tolist() == ["code", "math", "code"]  # tie at row 2 -> first task in name order
-    np.testing.assert_array_equal(multi_target_select(per_task, 2), [1, 0])
+    # The multi-target selection picks the top of these maxima.
+    columns = [{"task": task, "subtask": "s", "val_example_id": task} for task in per_task]
+    matrix = np.stack(list(per_task.values()), axis=1)
+    (*_, multi) = less_selections(ScoredPool(matrix, columns), 2)
+    assert multi.target == ALL_TARGETS
+    np.testing.assert_array_equal(multi.indices, [1, 0])
     with pytest.raises(ValueError, match="differ in shape"):
         multi_target_scores({"a": np.zeros(2), "b": np.zeros(3)})

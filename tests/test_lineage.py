@@ -1,4 +1,4 @@
-"""DuckDB lineage store: rows as CONTRACT.md says, and concurrent writers never fail on the lock."""
+"""DuckDB lineage store: one row per record with the stable columns, and concurrent writers never fail on the lock."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 
 from resources.lineage import LineageRecord, LineageStore, connect_with_retry, is_lock_error
 
-CONTRACT_COLUMNS = {
+# Columns that users' queries and the summary read: the lineage table may gain columns but keeps these.
+STABLE_COLUMNS = {
     "run_id", "asset_key", "partition_key", "code_version", "started_at",
     "finished_at", "inputs", "outputs", "metrics",
 }
@@ -42,13 +43,13 @@ def _writer(db_path: str, worker: int, n_rows: int, barrier) -> None:
         store.record(_record(f"run-{worker}", i))
 
 
-def test_lineage_row_has_contract_columns(tmp_path: Path) -> None:
+def test_lineage_row_has_stable_columns(tmp_path: Path) -> None:
     store = LineageStore(db_path=str(tmp_path / "lineage.duckdb"))
     store.record(_record("r1", 7))
     with store.connect() as con:
         columns = {row[0] for row in con.execute("DESCRIBE lineage").fetchall()}
         inputs, metrics = con.execute("SELECT inputs, metrics FROM lineage").fetchone()
-    assert CONTRACT_COLUMNS <= columns
+    assert STABLE_COLUMNS <= columns
     assert json.loads(inputs) == {"upstream": 7}
     assert json.loads(metrics) == {"i": 7}
 

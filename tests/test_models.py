@@ -13,15 +13,14 @@ from selection.train.models import (
     ModelLoadError,
     ModelSpec,
     add_lora,
-    atomic_directory,
     build_tiny_llama,
     default_model_spec,
     load_model_and_tokenizer,
-    remove_stale_temp_dirs,
     resolve_gguf_path,
     trainable_parameter_names,
 )
 from selection.data.tokenization import IGNORE_INDEX, collate, tokenize_conversation
+from selection.common.files import atomic_directory, remove_stale_temp_dirs
 
 TINY_SPEC = ModelSpec(name="tiny", source="unused", lora_r=4, lora_alpha=8, lora_dropout=0.0)
 

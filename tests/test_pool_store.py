@@ -20,13 +20,14 @@ from selection.data.pool_store import (
     ensure_pool_tables,
     ingest_sources,
     latest_pool_version,
-    new_ids_since,
+    member_at_seq_sql,
     pool_ids,
-    pool_ids_for_version,
     pool_version_of_ids,
+    pool_version_size,
 )
 
-CONTRACT_COLUMNS = {
+# Columns that other code and users' queries read: a migration may add columns but must keep these.
+STABLE_COLUMNS = {
     "pool": {"example_id", "source", "messages", "line_no", "n_turns", "n_chars", "first_seen_version", "first_seen_seq"},
     "pool_rejects": {"source", "line_no", "reason", "raw", "pool_version"},
     "pool_duplicates": {"source", "line_no", "example_id", "pool_version"},
@@ -60,14 +61,21 @@ def rows(con: duckdb.DuckDBPyConnection, query: str) -> list[tuple]:
     return con.execute(query).fetchall()
 
 
+def ids_at(con: duckdb.DuckDBPyConnection, version: str) -> list[str]:
+    """Sorted ids of the pool at ``version``, by the membership condition the selection check uses."""
+    return [row[0] for row in con.execute(
+        "SELECT p.example_id FROM pool p JOIN pool_versions v ON v.pool_version = ? "
+        f"WHERE {member_at_seq_sql('p', 'v.seq')} ORDER BY p.example_id", [version]).fetchall()]
+
+
 def source_counts(report: IngestReport) -> dict[str, tuple[int, int, int, int]]:
     return {s.source: (s.n_read, s.n_accepted, s.n_rejected, s.n_duplicates) for s in report.sources}
 
 
-def test_tables_have_contract_columns(con: duckdb.DuckDBPyConnection) -> None:
+def test_tables_have_stable_columns(con: duckdb.DuckDBPyConnection) -> None:
     ensure_pool_tables(con)
     ensure_pool_tables(con)  # idempotent
-    for table, needed in CONTRACT_COLUMNS.items():
+    for table, needed in STABLE_COLUMNS.items():
         columns = {row[0] for row in rows(con, f"DESCRIBE {table}")}
         assert needed <= columns, (table, needed - columns)
 
@@ -120,13 +128,13 @@ def test_refresh_adds_rows_and_skips_unchanged(con: duckdb.DuckDBPyConnection, t
     ids = {i: example_id(canonicalize(qa(i))) for i in range(1, 5)}
     assert rows(con, "SELECT example_id, first_seen_version, first_seen_seq FROM pool ORDER BY first_seen_seq, line_no") == [
         (ids[1], v1.pool_version, 1), (ids[2], v1.pool_version, 1), (ids[3], v2.pool_version, 2)]
-    assert new_ids_since(con, v1.pool_version) == [ids[3]]
-    assert new_ids_since(con, v2.pool_version) == []
-    assert new_ids_since(con, None) == sorted(ids[i] for i in (1, 2, 3))
-    assert pool_ids_for_version(con, v1.pool_version) == sorted([ids[1], ids[2]])
-    assert pool_ids_for_version(con, v2.pool_version) == sorted(ids[i] for i in (1, 2, 3))
+    assert ids_at(con, v1.pool_version) == sorted([ids[1], ids[2]])
+    assert ids_at(con, v2.pool_version) == sorted(ids[i] for i in (1, 2, 3))
+    assert sorted(set(ids_at(con, v2.pool_version)) - set(ids_at(con, v1.pool_version))) == [ids[3]]
+    assert sorted(pool_ids(con)) == ids_at(con, v2.pool_version)  # nothing added since v2
+    assert [pool_version_size(con, v.pool_version) for v in (v1, v2)] == [2, 3]
     with pytest.raises(ValueError, match="unknown pool version"):
-        new_ids_since(con, "nope")
+        pool_version_size(con, "nope")
 
     # A changed source is read again in full; what it already contributed is now duplicates.
     write_jsonl(tmp_path / "first.jsonl", [qa(1), qa(2), qa(4)])
@@ -246,8 +254,8 @@ def test_edited_record_supersedes_its_old_version(con: duckdb.DuckDBPyConnection
     # The version hashes the current ids only, and records how many rows are superseded.
     assert v2.pool_version == pool_version_of_ids([ids[1], ids[3], ids[9]])
     assert rows(con, "SELECT n_examples, n_superseded FROM pool_versions ORDER BY seq") == [(3, 0), (3, 1)]
-    assert pool_ids_for_version(con, v1.pool_version) == sorted([ids[1], ids[2], ids[3]])
-    assert pool_ids_for_version(con, v2.pool_version) == sorted([ids[1], ids[3], ids[9]])
+    assert ids_at(con, v1.pool_version) == sorted([ids[1], ids[2], ids[3]])
+    assert ids_at(con, v2.pool_version) == sorted([ids[1], ids[3], ids[9]])
     assert rows(con, "SELECT n_superseded FROM pool_sources ORDER BY ingested_at") == [(0,), (1,)]
 
 
@@ -278,8 +286,8 @@ def test_removed_or_broken_lines_supersede_and_reverts_revive(con: duckdb.DuckDB
     assert current(con) == {ids[1], ids[2], ids[3]}
     # Same ids as v1, yet a new version: version ids are unique, the seq salts the hash.
     assert v3.pool_version not in (v1.pool_version, v2.pool_version) and v3.seq == 3
-    assert pool_ids_for_version(con, v2.pool_version) == [ids[1]]
-    assert pool_ids_for_version(con, v3.pool_version) == sorted(ids[i] for i in (1, 2, 3))
+    assert ids_at(con, v2.pool_version) == [ids[1]]
+    assert ids_at(con, v3.pool_version) == sorted(ids[i] for i in (1, 2, 3))
     assert rows(con, "SELECT superseded_seq, revived_seq FROM pool_supersessions ORDER BY example_id") == [(2, 3)] * 2
 
 

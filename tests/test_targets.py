@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 from collections import Counter
@@ -47,7 +48,8 @@ def test_parse_both_formats_subtask_default_and_override(tmp_path: Path) -> None
     ])
     plain = tg.build_targets([{"path": path}])
     assert [(r.task, r.subtask) for r in sorted(plain.rows, key=lambda r: r.line_no)] == [("qa", "geo"), ("qa", "qa")]
-    assert [reason_code(r.reason) for r in plain.rejects] == [tg.MISSING_TASK] and plain.rejects[0].line_no == 4
+    # Record numbers, as for pool sources: the blank line is not counted.
+    assert [reason_code(r.reason) for r in plain.rejects] == [tg.MISSING_TASK] and plain.rejects[0].line_no == 3
     second = next(r for r in plain.rows if r.line_no == 2)
     assert second.messages == conversation("2+2?", "4")
     assert second.example_id == example_id(second.messages)
@@ -65,7 +67,7 @@ def test_bad_lines_become_rejects_with_reasons(tmp_path: Path) -> None:
         "[1, 2]",
         {"task": 3, "messages": conversation("a")},
         {"task": "all", "messages": conversation("b")},
-        {"task": "t", "instruction": "alpaca is not a target format", "output": "x"},
+        {"task": "t", "question": "no known record format", "answer": "x"},
         {"task": "t", "prompt": "no completion"},
         {"task": "t", "messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]},
         {"task": "t", "subtask": ["x"], "messages": conversation("c")},
@@ -206,3 +208,27 @@ def test_duckdb_round_trip_and_atomic_replace(tmp_path: Path) -> None:
     assert con.execute("SELECT count(*) FROM target_rejects").fetchone() == (0,)
     with pytest.raises(ValueError, match="unknown split"):
         write_targets(con, [tg.TargetRow("qa", "s", "train", "x", [], 0, "f", 1)])
+
+
+def test_target_files_are_read_like_pool_sources(tmp_path: Path) -> None:
+    alpaca = write_lines(tmp_path / "alpaca.jsonl", [
+        {"task": "qa", "subtask": "geo", "instruction": "Capital of France?", "output": "Paris."},
+        {"task": "qa", "instruction": "Add:", "input": "2+2", "output": "4"},
+    ])
+    result = tg.build_targets([{"path": alpaca}], n_val=1)
+    assert not result.rejects
+    by_line = {r.line_no: r for r in result.rows}
+    assert (by_line[1].task, by_line[1].subtask, by_line[1].messages) == ("qa", "geo", conversation("Capital of France?", "Paris."))
+    assert (by_line[2].subtask, by_line[2].messages) == ("qa", conversation("Add:\n\n2+2", "4"))
+    assert by_line[1].example_id == example_id(by_line[1].messages) and by_line[1].file == alpaca
+
+    # ShareGPT records in a JSON array, gzipped: the task comes from the config entry.
+    sharegpt = tmp_path / "sharegpt.json.gz"
+    with gzip.open(sharegpt, "wt", encoding="utf-8") as handle:
+        json.dump([{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": "a"}]}
+                   for i in range(3)] + [{"conversations": []}], handle)
+    result = tg.build_targets([{"path": str(sharegpt), "task": "chat"}], n_val=1)
+    assert sorted(r.messages[0]["content"] for r in result.rows) == ["q0", "q1", "q2"]
+    assert {(r.task, r.subtask) for r in result.rows} == {("chat", "chat")}
+    assert [(r.file, r.line_no, reason_code(r.reason)) for r in result.rejects] == [
+        (str(sharegpt), 4, "no_user_turn")]

@@ -1,6 +1,6 @@
 """Verify stored artifacts against the sha256 and size recorded when they were committed.
 
-Every artifact a later step reads (gradient feature chunks, embedding cache shards,
+Every artifact a later step reads (gradient feature chunks, embedding cache chunks,
 influence matrices, warmup adapters and Adam moments) has its sha256 and size written
 next to it at commit time (:func:`file_record` / :func:`directory_record`). Readers call
 :func:`verify_file` / :func:`verify_record` or open arrays with :func:`open_npy`; a

@@ -38,6 +38,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from selection.common import files
+from selection.common.allocation import largest_remainder
 from selection.data.formats import RecordRejected, canonicalize, example_id
 
 Messages = list[dict[str, str]]
@@ -258,19 +260,6 @@ def target_side(source: str) -> tuple[SourceItem, ...]:
 # ---------------------------------------------------------------- sizing
 
 
-def largest_remainder(total: int, weights: Mapping[str, float]) -> dict[str, int]:
-    """Split `total` proportionally to `weights` into integers summing exactly to `total`."""
-    weight_sum = sum(weights.values())
-    if total < 0 or weight_sum <= 0:
-        raise ValueError(f"cannot split {total} over weights {dict(weights)}")
-    shares = {name: total * weight / weight_sum for name, weight in weights.items()}
-    counts = {name: int(share) for name, share in shares.items()}
-    by_remainder = sorted(shares, key=lambda name: (-(shares[name] - counts[name]), name))
-    for name in by_remainder[: total - sum(counts.values())]:
-        counts[name] += 1
-    return counts
-
-
 def plan_pool(size: int | Mapping[str, int] = DEFAULT_POOL_SIZE) -> dict[str, int]:
     """Examples per source for `size` (a total, or explicit per-source caps).
 
@@ -315,9 +304,7 @@ def write_if_changed(path: Path, text: str) -> None:
     data = text.encode("utf-8")
     if path.is_file() and path.read_bytes() == data:
         return
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
+    files.write_bytes(path, data)
 
 
 def to_jsonl(records: Iterable[Mapping[str, Any]]) -> str:

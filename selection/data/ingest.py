@@ -1,4 +1,4 @@
-"""Streaming readers for raw pool sources, yielding one outcome per record.
+"""Streaming readers for raw pool sources and target files, yielding one outcome per record.
 
 Source file types (detected from the path, see :func:`detect_file_type`):
 
@@ -533,27 +533,36 @@ def _named_errors(path: Path, file_type: str, records: Iterator[RawRecord]) -> I
         raise _unreadable(path, file_type, error, n_read or None) from error
 
 
+def read_file(path: str | Path) -> Iterator[RawRecord]:
+    """The raw records of a file or ``save_to_disk`` directory of any of :data:`FILE_TYPES`,
+    streamed; an unreadable file raises SourceReadError naming it."""
+    path = Path(path)
+    file_type = detect_file_type(path)
+    return _named_errors(path, file_type, READERS[file_type](path))
+
+
 def read_records(spec: Source) -> Iterator[RawRecord]:
     """The raw records of a source, streamed; an unreadable file raises SourceReadError naming it."""
     if isinstance(spec, RecordsSource):
         return (RawRecord(line_no, None, value) for line_no, value in enumerate(spec.records, start=1))
-    path = Path(spec.path)
-    file_type = detect_file_type(path)
-    return _named_errors(path, file_type, READERS[file_type](path))
+    return read_file(spec.path)
+
+
+def outcome(record: RawRecord, source: str, fmt: str = "auto", max_chars: int = DEFAULT_MAX_CHARS) -> Outcome:
+    """``record`` canonicalized (in format ``fmt``, or the one its keys say) or rejected with its reason."""
+    if record.parse_error is not None:
+        return Rejected(source, record.line_no, record.parse_error, record.raw_text())
+    try:
+        fmt = detect_format(record.value) if fmt == "auto" else fmt
+        messages = canonicalize(record.value, fmt, max_chars)
+    except RecordRejected as rejected:
+        return Rejected(source, record.line_no, rejected.reason, record.raw_text())
+    messages_json = canonical_json(messages)
+    return Accepted(source, record.line_no, example_id_of_json(messages_json), messages, messages_json, fmt)
 
 
 def iter_outcomes(spec: Source, max_chars: int = DEFAULT_MAX_CHARS) -> Iterator[Outcome]:
     """Accepted or Rejected for every non-blank record of ``spec``, in order (no dedup)."""
     source = spec.source_name
     for record in read_records(spec):
-        if record.parse_error is not None:
-            yield Rejected(source, record.line_no, record.parse_error, record.raw_text())
-            continue
-        try:
-            fmt = detect_format(record.value) if spec.format == "auto" else spec.format
-            messages = canonicalize(record.value, fmt, max_chars)
-        except RecordRejected as rejected:
-            yield Rejected(source, record.line_no, rejected.reason, record.raw_text())
-            continue
-        messages_json = canonical_json(messages)
-        yield Accepted(source, record.line_no, example_id_of_json(messages_json), messages, messages_json, fmt)
+        yield outcome(record, source, spec.format, max_chars)

@@ -16,7 +16,7 @@ Tables (created by :func:`ensure_pool_tables`):
 - ``pool_sources``: one row per source read by an ingest, with its counts and fingerprint, and
   ``n_superseded``: the rows of that source the ingest superseded.
 - ``pool_supersessions``: the history: one row per (row, time it was superseded), with the
-  version that revived it, if any; :func:`pool_ids_for_version` reads it.
+  version that revived it, if any; :func:`member_at_seq_sql` reads it.
 
 Refresh semantics: rows are never deleted. A source whose name, record format and content
 fingerprint (sha256 of its bytes) match its latest ingest is skipped and reported as
@@ -246,20 +246,13 @@ def latest_pool_version(con: duckdb.DuckDBPyConnection) -> tuple[str, int] | Non
     return (row[0], row[1]) if row else None
 
 
-def _version_seq(con: duckdb.DuckDBPyConnection, version: str) -> int:
-    row = _first_row(con, "SELECT seq FROM pool_versions WHERE pool_version = ?", [version])
+def pool_version_size(con: duckdb.DuckDBPyConnection, version: str) -> int:
+    """How many examples the pool held at ``version`` (superseded rows left out)."""
+    ensure_pool_tables(con)
+    row = _first_row(con, "SELECT n_examples FROM pool_versions WHERE pool_version = ?", [version])
     if row is None:
         raise ValueError(f"unknown pool version {version!r}")
     return row[0]
-
-
-def pool_ids_for_version(con: duckdb.DuckDBPyConnection, version: str) -> list[str]:
-    """Sorted ids of the pool as it was at ``version`` (superseded rows left out)."""
-    ensure_pool_tables(con)
-    seq = _version_seq(con, version)
-    rows = con.execute(f"SELECT example_id FROM pool p WHERE {member_at_seq_sql('p', '$seq')} ORDER BY example_id",
-                       {"seq": seq}).fetchall()
-    return [row[0] for row in rows]
 
 
 def pool_ids(con: duckdb.DuckDBPyConnection) -> list[str]:
@@ -313,15 +306,6 @@ def example_sources(con: duckdb.DuckDBPyConnection, example_ids: Sequence[str]) 
     finally:
         con.unregister("_wanted_source_ids")
     return dict(rows)
-
-
-def new_ids_since(con: duckdb.DuckDBPyConnection, version: str | None) -> list[str]:
-    """Sorted ids added after ``version`` and current now (all current ids when ``version`` is None)."""
-    ensure_pool_tables(con)
-    seq = 0 if version is None else _version_seq(con, version)
-    rows = con.execute(f"SELECT example_id FROM ({CURRENT_POOL_SQL}) WHERE first_seen_seq > ? ORDER BY example_id",
-                       [seq]).fetchall()
-    return [row[0] for row in rows]
 
 
 def source_fingerprint(spec: Source) -> tuple[str, str]:

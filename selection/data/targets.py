@@ -1,12 +1,15 @@
 """Target tasks: parse target files, split them into `val` / `test`, build the defaults.
 
-Target file: JSONL, one example per line with `task` (optional when the file's config
-entry names one, which then overrides it), optional `subtask` (default: the task), and a
-conversation as `messages` (Tulu) or `prompt`/`completion`. Conversations go through the
-same canonical form as the pool (`selection.data.formats`), so ids are comparable with pool ids.
-Unknown extra keys (`id`, metadata) are ignored.
+Target file: any file a pool source can be (`selection.data.ingest`: JSON lines, a JSON
+array, optionally gzipped, Parquet, Arrow, a `save_to_disk` folder), read by the same
+readers, one example per record with `task` (optional when the file's config entry names
+one, which then overrides it), optional `subtask` (default: the task), and a conversation in
+any record format of `selection.data.formats` (messages, alpaca, sharegpt,
+prompt_completion). Conversations go through the same canonical form as the pool, so ids
+are comparable with pool ids. Unknown extra keys (`id`, metadata) are ignored.
 
-Bad lines become rejects `{file, line_no, reason, raw}` whose `reason` is
+Bad records become rejects `{file, line_no, reason, raw}` whose `line_no` is the record
+number as the pool counts it (blank lines are not counted) and whose `reason` is
 `"<code>: <detail>"`; the codes are those of `selection.data.formats` plus `missing_task`,
 `bad_name` and `duplicate` (the same conversation twice in one task). Problems with a
 whole file (missing, unreadable, no records, no usable record) raise `ValueError`.
@@ -29,7 +32,6 @@ Default targets (`write_default_targets`): MMLU subject groups as tasks (`stem`,
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -38,17 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from selection.common import names
-from selection.data import default_data
-from selection.data.formats import (
-    INVALID_UTF8,
-    MALFORMED_JSON,
-    UNKNOWN_SCHEMA,
-    WRONG_TYPE,
-    RecordRejected,
-    canonicalize,
-    detect_format,
-    example_id,
-)
+from selection.data import default_data, ingest
+from selection.data.formats import WRONG_TYPE, reason_code
 
 Messages = list[dict[str, str]]
 
@@ -58,7 +51,6 @@ SPLITS = ("val", "test")
 MISSING_TASK = "missing_task"
 BAD_NAME = "bad_name"
 DUPLICATE = "duplicate"
-RAW_LIMIT = 2000
 _SPLIT_SALT = "instruct-select/target-split/v1/"
 
 # MMLU subject -> group (the four categories of the MMLU paper's categories.py).
@@ -144,7 +136,7 @@ class TargetSet:
 
 
 class _LineRejected(ValueError):
-    """A bad target line; `reason` is `"<code>: <detail>"` like `RecordRejected`."""
+    """A bad target record; `reason` is `"<code>: <detail>"` like `selection.data.formats.RecordRejected`."""
 
     def __init__(self, code: str, detail: str) -> None:
         self.reason = f"{code}: {detail}"
@@ -200,28 +192,41 @@ def _record_task(record: Mapping[str, Any], override: str | None) -> tuple[str, 
         raise _LineRejected(BAD_NAME, str(error)) from error
 
 
-def _parse_line(raw: bytes, override: str | None) -> tuple[str, str, Messages]:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise _LineRejected(INVALID_UTF8, str(error)) from error
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise _LineRejected(MALFORMED_JSON, str(error)) from error
-    try:
-        fmt = detect_format(record)
-        if fmt not in ("messages", "prompt_completion"):
-            detail = f"format {fmt!r}: target examples need 'messages' or 'prompt'/'completion'"
-            raise _LineRejected(UNKNOWN_SCHEMA, detail)
-        task, subtask = _record_task(record, override)
-        return task, subtask, canonicalize(record, fmt)
-    except RecordRejected as error:
-        raise _LineRejected(error.code, error.reason.removeprefix(f"{error.code}: ")) from error
-
-
-def _raw_excerpt(raw: bytes) -> str:
-    return raw.decode("utf-8", errors="replace").rstrip("\r\n")[:RAW_LIMIT]
+def _read_file(target_file: TargetFile, first_seen: dict[tuple[str, str], str],
+               examples: list[TargetExample]) -> list[TargetReject]:
+    """Append the accepted examples of one file to `examples`; its rejects. `first_seen` maps
+    (task, example id) to where that conversation was first accepted, across files."""
+    path = Path(target_file.path)
+    if not path.exists():
+        raise ValueError(f"target file {path} does not exist")
+    n_records = n_accepted = 0
+    rejects: list[TargetReject] = []
+    for record in ingest.read_file(path):
+        n_records += 1
+        read = ingest.outcome(record, str(path))
+        if isinstance(read, ingest.Rejected):
+            rejects.append(TargetReject(read.source, read.line_no, read.reason, read.raw))
+            continue
+        try:
+            task, subtask = _record_task(record.value, target_file.task)
+            where = first_seen.get((task, read.example_id))
+            if where is not None:
+                raise _LineRejected(DUPLICATE, f"same conversation as {where} in task {task!r}")
+        except _LineRejected as error:
+            rejects.append(TargetReject(str(path), record.line_no, error.reason, record.raw_text()))
+            continue
+        first_seen[(task, read.example_id)] = f"{path}:{record.line_no}"
+        examples.append(TargetExample(task, subtask, read.example_id, read.messages, str(path), record.line_no))
+        n_accepted += 1
+    if n_records == 0:
+        raise ValueError(f"target file {path} has no records")
+    if n_accepted == 0:
+        reasons = Counter(reason_code(reject.reason) for reject in rejects)
+        raise ValueError(
+            f"target file {path}: none of its {n_records} records is usable "
+            f"(rejects by reason: {dict(reasons)}; first: {rejects[0].reason})"
+        )
+    return rejects
 
 
 def read_target_files(files: Sequence[TargetFile]) -> tuple[list[TargetExample], list[TargetReject]]:
@@ -230,37 +235,7 @@ def read_target_files(files: Sequence[TargetFile]) -> tuple[list[TargetExample],
     rejects: list[TargetReject] = []
     first_seen: dict[tuple[str, str], str] = {}
     for target_file in files:
-        path = Path(target_file.path)
-        if not path.is_file():
-            raise ValueError(f"target file {path} does not exist or is not a file")
-        n_records = n_accepted = 0
-        file_rejects: list[TargetReject] = []
-        with path.open("rb") as handle:
-            for line_no, raw in enumerate(handle, start=1):
-                if not raw.strip():
-                    continue
-                n_records += 1
-                try:
-                    task, subtask, messages = _parse_line(raw, target_file.task)
-                    identity = example_id(messages)
-                    where = first_seen.get((task, identity))
-                    if where is not None:
-                        raise _LineRejected(DUPLICATE, f"same conversation as {where} in task {task!r}")
-                except _LineRejected as error:
-                    file_rejects.append(TargetReject(str(path), line_no, error.reason, _raw_excerpt(raw)))
-                    continue
-                first_seen[(task, identity)] = f"{path}:{line_no}"
-                examples.append(TargetExample(task, subtask, identity, messages, str(path), line_no))
-                n_accepted += 1
-        if n_records == 0:
-            raise ValueError(f"target file {path} has no records (expected JSONL, one example per line)")
-        if n_accepted == 0:
-            reasons = Counter(reject.reason.split(":", 1)[0] for reject in file_rejects)
-            raise ValueError(
-                f"target file {path}: none of its {n_records} records is usable "
-                f"(rejects by reason: {dict(reasons)}; first: {file_rejects[0].reason})"
-            )
-        rejects.extend(file_rejects)
+        rejects.extend(_read_file(target_file, first_seen, examples))
     return examples, rejects
 
 

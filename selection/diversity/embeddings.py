@@ -15,34 +15,27 @@ What is embedded (:func:`text_for_embedding`): ``"user_turns"`` (default, what t
 Diversify-and-Conquer code embeds: the instructions, not the answers, so clusters group
 *tasks*) or ``"conversation"`` (every turn, role-prefixed).
 
-Cache (:class:`EmbeddingCache`): one folder per (embedding fingerprint, mode, dim) holding
-append-only float32 ``.npy`` shards, a ``.ids`` text file per shard and
-``manifest.json``. Adding writes new shard files and then atomically replaces the
-manifest (the commit point), under a file lock; existing shards are never rewritten, so a
-pool refresh only embeds and writes the new ids and memory stays bounded by one shard.
-Reads memory-map the shards and gather only the requested rows. The manifest records the
-sha256 and size of each shard's two files; reads check them (``ArtifactIntegrityError``
-naming the file) and :func:`fill_cache` first drops damaged shards so their ids are
-embedded again (:meth:`EmbeddingCache.repair`).
+Cache (:class:`EmbeddingCache`): one folder per (embedding fingerprint, mode, dim), a
+``selection.common.arrays.ArrayStore`` of float32 rows keyed by example id (its module
+docstring gives the layout, commit, lock and check rules). Chunks are append-only, so a pool
+refresh only embeds and writes the new ids, and memory stays bounded by one chunk. Reads
+memory-map the chunks and gather only the requested rows, each chunk checked against its
+commit record (``ArtifactIntegrityError`` naming the file); :func:`fill_cache` first drops
+damaged chunks so their ids are embedded again (:meth:`EmbeddingCache.repair`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
-import os
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from selection.common import integrity
+from selection.common.arrays import ArrayStore
 from selection.train.models import eval_mode, resolve_device
 
 EMBEDDING_MODES = ("user_turns", "conversation")
@@ -285,46 +278,19 @@ def embed_with_causal_lm(
 
 # ----------------------------------------------------------------------------- cache
 
-MANIFEST_FILE = "manifest.json"
-_LOCK_FILE = ".lock"
-_FORMAT_VERSION = 1
-DEFAULT_SHARD_ROWS = 65536
+# The layout changed from version 1 (one manifest listing every chunk) to the array store's.
+_FORMAT_VERSION = 2
+DEFAULT_CHUNK_ROWS = 65536
 
 
 class EmbeddingCacheMismatch(ValueError):
-    """The cache folder was built for another embedding model, mode or dimension."""
-
-
-@dataclass(frozen=True)
-class _Shard:
-    name: str  # vectors in <name>.npy, ids in <name>.ids (one per line)
-    rows: int
-    # {"npy": {"sha256", "size"}, "ids": {...}} from the commit; None for shards written before records.
-    records: dict[str, dict[str, Any]] | None = None
-
-    def manifest_entry(self) -> dict[str, Any]:
-        entry: dict[str, Any] = {"name": self.name, "rows": self.rows}
-        if self.records is not None:
-            entry["records"] = self.records
-        return entry
+    """The cache folder was built for another embedding model, mode or dimension, or by older code."""
 
 
 def cache_dir_for(root: str | Path, model_fingerprint: str, mode: str, dim: int) -> Path:
-    """A key-specific folder under ``root``, so several embedders can share one root."""
-    return Path(root) / f"{model_fingerprint}-{mode}-{dim}"
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    temp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
-    try:
-        with temp.open("wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    """A key-specific folder under ``root``, so several embedders can share one root; it names the
+    layout version, so a cache written in an older layout is rebuilt beside it, never misread."""
+    return Path(root) / f"{model_fingerprint}-{mode}-{dim}-v{_FORMAT_VERSION}"
 
 
 class EmbeddingCache:
@@ -336,36 +302,27 @@ class EmbeddingCache:
     """
 
     def __init__(self, path: str | Path, model_fingerprint: str, mode: str, dim: int,
-                 shard_rows: int = DEFAULT_SHARD_ROWS, asset: str = "embeddings") -> None:
+                 chunk_rows: int = DEFAULT_CHUNK_ROWS, asset: str = "embeddings") -> None:
         if not model_fingerprint:
             raise ValueError("model_fingerprint must be non-empty")
         if mode not in EMBEDDING_MODES:
             raise ValueError(f"unknown embedding mode {mode!r}; expected one of {list(EMBEDDING_MODES)}")
-        if int(dim) < 1 or shard_rows < 1:
-            raise ValueError(f"dim and shard_rows must be >= 1, got {dim}, {shard_rows}")
+        if int(dim) < 1 or chunk_rows < 1:
+            raise ValueError(f"dim and chunk_rows must be >= 1, got {dim}, {chunk_rows}")
         self.path = Path(path)
         self.key = {"model_fingerprint": model_fingerprint, "mode": mode, "dim": int(dim)}
         self.dim = int(dim)
-        self.shard_rows = shard_rows
+        self.chunk_rows = chunk_rows
         self.asset = asset
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._shards: list[_Shard] = []
-        self._where: dict[str, tuple[int, int]] = {}  # id -> (shard index, row)
-        # Shards whose ids file fails its record: left out of the index (so their ids read as
-        # missing to a writer, which re-embeds them) and named when a reader asks for them.
-        self._damaged: dict[str, str] = {}
-        self._reload()
+        manifest = {"format_version": _FORMAT_VERSION, **self.key, "dtype": "float32"}
+        self.arrays = ArrayStore(self.path, manifest, self._check_manifest, dtype=np.float32, width=self.dim,
+                                 asset=asset)
 
-    # -- reading --------------------------------------------------------------
-
-    def _read_manifest(self) -> dict[str, Any] | None:
-        manifest_path = self.path / MANIFEST_FILE
-        if not manifest_path.is_file():
-            return None
-        manifest = json.loads(manifest_path.read_text())
+    def _check_manifest(self, manifest: dict[str, Any]) -> None:
         if manifest.get("format_version") != _FORMAT_VERSION:
             raise EmbeddingCacheMismatch(
-                f"{manifest_path}: format_version {manifest.get('format_version')!r}, expected {_FORMAT_VERSION}"
+                f"{self.path}: format_version {manifest.get('format_version')!r}, expected {_FORMAT_VERSION}; "
+                "embed again into cache_dir_for(...)"
             )
         stored = {name: manifest.get(name) for name in self.key}
         if stored != self.key:
@@ -375,126 +332,44 @@ class EmbeddingCache:
                 f"embedding cache {self.path} was built for a different embedder ({diffs}); use another "
                 "folder (selection.diversity.embeddings.cache_dir_for) or delete this one"
             )
-        return manifest
-
-    def _reload(self) -> None:
-        manifest = self._read_manifest()
-        listed = [_Shard(s["name"], int(s["rows"]), s.get("records")) for s in manifest["shards"]] if manifest else []
-        where: dict[str, tuple[int, int]] = {}
-        shards: list[_Shard] = []
-        damaged: dict[str, str] = {}
-        for shard in listed:
-            ids_path = self.path / f"{shard.name}.ids"
-            record = (shard.records or {}).get("ids", {})
-            problem = integrity.first_problem(lambda: integrity.verify_file(
-                ids_path, sha256=record.get("sha256"), size=record.get("size"), asset=self.asset))
-            if problem is not None:
-                damaged[shard.name] = problem
-                continue
-            shard_index = len(shards)
-            shards.append(shard)
-            ids = ids_path.read_text(encoding="utf-8").split("\n")[:-1]
-            if len(ids) != shard.rows:
-                raise ValueError(f"embedding cache {self.path}: shard {shard.name} lists {len(ids)} ids, "
-                                 f"manifest says {shard.rows}")
-            for row, example_id in enumerate(ids):
-                if example_id in where:
-                    raise ValueError(f"embedding cache {self.path}: id {example_id!r} stored twice")
-                where[example_id] = (shard_index, row)
-        self._shards, self._where, self._damaged = shards, where, damaged
 
     def __len__(self) -> int:
-        return len(self._where)
+        return len(self.arrays)
 
     def __contains__(self, example_id: object) -> bool:
-        return example_id in self._where
+        return example_id in self.arrays
 
     def ids(self) -> list[str]:
         """Cached ids in storage order."""
-        return list(self._where)
+        return self.arrays.ids()
 
     def missing(self, ids: Sequence[str]) -> list[str]:
         """The ids not cached yet, in input order, without duplicates."""
-        seen: set[str] = set()
-        out: list[str] = []
-        for example_id in ids:
-            if example_id not in self._where and example_id not in seen:
-                seen.add(example_id)
-                out.append(example_id)
-        return out
+        return self.arrays.missing(ids)
 
-    def _open_shard(self, shard_index: int) -> np.ndarray:
-        shard = self._shards[shard_index]
-        path = self.path / f"{shard.name}.npy"
-        record = (shard.records or {}).get("npy", {})
-        array = integrity.open_npy(path, asset=self.asset, sha256=record.get("sha256"), size=record.get("size"))
-        if array.shape != (shard.rows, self.dim) or array.dtype != np.float32:
-            raise integrity.ArtifactIntegrityError(
-                path, f"has shape {array.shape} {array.dtype}, expected ({shard.rows}, {self.dim}) float32", self.asset)
-        return array
-
-    def repair(self) -> dict[str, str]:
-        """Drop the shards whose files fail their commit record from the manifest (and their files), so
-        their ids are missing again and get re-embedded. Returns {shard name: problem}; reads every shard."""
-        with self._locked():
-            self._reload()
-            damaged = dict(self._damaged)
-            for index, shard in enumerate(self._shards):
-                problem = integrity.first_problem(lambda index=index: self._open_shard(index))
-                if problem is not None:
-                    damaged[shard.name] = problem
+    def repair(self) -> dict[int, str]:
+        """Drop the chunks that fail their commit record (and their files), so their ids are missing
+        again and get re-embedded. Returns {chunk number: problem}; reads every chunk."""
+        with self.arrays.lock():
+            damaged = dict(self.arrays.problems())
             if damaged:
-                self._write_manifest([s for s in self._shards if s.name not in damaged])
-                self._reload()
-                self._remove_orphans()
+                self.arrays.drop(damaged)
         return damaged
 
     def load(self, ids: Sequence[str]) -> np.ndarray:
         """``[len(ids), dim]`` float32 in the requested order; KeyError if any id is missing."""
-        absent = [example_id for example_id in ids if example_id not in self._where]
-        if absent and self._damaged:
-            name, problem = next(iter(self._damaged.items()))
-            raise integrity.ArtifactIntegrityError(
-                self.path / f"{name}.ids", f"{len(absent)} requested ids may be in a damaged shard: {problem}",
-                self.asset)
+        absent = self.arrays.absent(ids)
         if absent:
             raise KeyError(f"{len(absent)} of {len(ids)} ids are not in the embedding cache {self.path} "
                            f"(first: {absent[0]!r}); embed them first (missing() + add())")
-        out = np.empty((len(ids), self.dim), dtype=np.float32)
-        if not ids:
-            return out
-        locations = np.array([self._where[example_id] for example_id in ids], dtype=np.int64)
-        for shard_index in np.unique(locations[:, 0]):
-            positions = np.flatnonzero(locations[:, 0] == shard_index)
-            rows = locations[positions, 1]
-            order = np.argsort(rows, kind="stable")  # sequential reads from the memory map
-            out[positions[order]] = self._open_shard(int(shard_index))[rows[order]]
-        return out
-
-    # -- writing --------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        with (self.path / _LOCK_FILE).open("a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-    def _remove_orphans(self) -> None:
-        """Shard files not in the manifest: left by a writer killed before its commit."""
-        keep = {f"{s.name}{suffix}" for s in self._shards for suffix in (".npy", ".ids")}
-        for path in self.path.iterdir():
-            orphan_shard = path.name.startswith("shard-") and path.name not in keep
-            if orphan_shard or path.name.startswith(".tmp-"):
-                path.unlink()
+        return self.arrays.rows(ids)
 
     def add(self, ids: Sequence[str], vectors: np.ndarray) -> None:
-        """Append vectors for new ids (atomic: all of them become visible or none).
+        """Append vectors for new ids, ``chunk_rows`` per chunk (each chunk becomes visible whole or not at all).
 
-        Raises ValueError for ids already cached (also when another process added them
-        meanwhile), duplicate ids, ids with line breaks, or a wrong shape / non-finite values.
+        Raises ValueError, before writing anything, for ids already cached (also when another
+        process added them meanwhile), duplicate ids, ids with line breaks, or a wrong shape /
+        non-finite values.
         """
         ids = list(ids)
         array = np.asarray(vectors)
@@ -511,38 +386,13 @@ class EmbeddingCache:
         if not ids:
             return
         array = np.ascontiguousarray(array, dtype=np.float32)
-        with self._locked():
-            self._reload()  # another process may have committed since we opened
-            present = [example_id for example_id in ids if example_id in self._where]
+        with self.arrays.lock():  # rereads the chunks: another process may have committed since we opened
+            present = [example_id for example_id in ids if example_id in self.arrays]
             if present:
                 raise ValueError(f"{len(present)} ids are already cached (first: {present[0]!r}); "
                                  "add only missing(ids)")
-            self._remove_orphans()
-            new_shards: list[_Shard] = []
-            for start in range(0, len(ids), self.shard_rows):
-                block_ids = ids[start : start + self.shard_rows]
-                name = f"shard-{uuid.uuid4().hex}"
-                block = array[start : start + self.shard_rows]
-                _atomic_write(self.path / f"{name}.npy", lambda handle, b=block: np.save(handle, b))
-                text = "".join(f"{example_id}\n" for example_id in block_ids).encode("utf-8")
-                _atomic_write(self.path / f"{name}.ids", lambda handle, t=text: handle.write(t))
-                records = {suffix: integrity.file_record(self.path / f"{name}.{suffix}") for suffix in ("npy", "ids")}
-                new_shards.append(_Shard(name, len(block_ids), records))
-            # Shards left out by _reload (damaged ids file) are not carried over: their ids are re-added.
-            self._write_manifest(self._shards + new_shards)
-            self._reload()
-
-    def _write_manifest(self, shards: list[_Shard]) -> None:
-        """Replace the manifest (the commit point); the caller holds the lock."""
-        manifest = {
-            "format_version": _FORMAT_VERSION,
-            **self.key,
-            "dtype": "float32",
-            "n_rows": sum(s.rows for s in shards),
-            "shards": [s.manifest_entry() for s in shards],
-        }
-        payload = json.dumps(manifest, indent=1).encode()
-        _atomic_write(self.path / MANIFEST_FILE, lambda handle: handle.write(payload))
+            for start in range(0, len(ids), self.chunk_rows):
+                self.arrays.commit(ids[start : start + self.chunk_rows], array[start : start + self.chunk_rows])
 
 
 def fill_cache(
@@ -556,7 +406,7 @@ def fill_cache(
 ) -> int:
     """Embed the ids the cache lacks, ``chunk_size`` at a time (each chunk committed, so a
     killed run resumes where it stopped). ``texts`` is aligned with ``ids``; ``on_chunk``
-    gets (done, total). Shards that fail their commit record are dropped first and their ids
+    gets (done, total). Chunks that fail their commit record are dropped first and their ids
     embedded again; ``on_damaged`` gets each problem. Returns how many ids were embedded.
     """
     if len(ids) != len(texts):

@@ -20,6 +20,9 @@ Every scorer follows :class:`ResponseScorer`: ``score(conversations)`` -> one fl
 conversation, NaN = could not be scored (reported, never 0); ``fingerprint()`` and
 ``describe()`` for lineage. Higher = better response, except that IFD is returned raw:
 :func:`sampling_quality` turns any scorer's stored scores into kMQ's sampling quality.
+
+:func:`quality_kind` and :func:`make_scorer` pick kMQ's scorer from its settings;
+:func:`cached_quality_scores` keeps each scorer's scores in the `quality_scores` table.
 """
 
 from __future__ import annotations
@@ -27,15 +30,18 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import duckdb
 import numpy as np
 import torch
 
+from selection.diversity import diversity_store
 from selection.diversity.embeddings import length_order, pad_token_batch
-from selection.train.models import ensure_pad_token, eval_mode, resolve_device, resolve_dtype
+from selection.train.models import ModelSpec, ensure_pad_token, eval_mode, resolve_device, resolve_dtype
 from selection.train.training import token_losses
 from selection.data.tokenization import (
     IGNORE_INDEX,
@@ -515,3 +521,59 @@ class RewardModelScorer:
     def describe(self) -> dict[str, Any]:
         return {**self._settings(), "fingerprint": self.fingerprint(),
                 "meaning": "reward model score of the conversation; higher = better response"}
+
+
+# ------------------------------------------------------------------ kMQ's scorer and its cache
+
+QUALITY_KINDS = ("ifd", "log_likelihood", "reward_model")
+
+
+def quality_kind(quality: str | None, reward_model_path: str | None) -> str:
+    """The quality signal a kMQ setting asks for: ``quality`` when set, else the reward model
+    when a path is given, else IFD. Refuses unknown kinds and a reward model without a path."""
+    kind = quality or ("reward_model" if reward_model_path else "ifd")
+    if kind not in QUALITY_KINDS:
+        raise ValueError(f"`quality` {kind!r} is not one of {', '.join(QUALITY_KINDS)}")
+    if kind == "reward_model" and not reward_model_path:
+        raise ValueError("`quality` 'reward_model' needs `reward_model_path` (a local reward model folder)")
+    return kind
+
+
+def make_scorer(kind: str, reward_model_path: str | None, model: torch.nn.Module, tokenizer: Any, spec: ModelSpec,
+                device: str) -> ResponseScorer:
+    """The pool-quality scorer of a :func:`quality_kind` (the LM scorers run the loaded base ``model``)."""
+    if kind == "reward_model":
+        return RewardModelScorer(reward_model_path, device=device)
+    if kind == "log_likelihood":
+        return LogLikelihoodScorer(model, tokenizer, spec.fingerprint(), max_length=spec.max_length)
+    return IFDScorer(model, tokenizer, spec.fingerprint(), max_length=spec.max_length)
+
+
+def feedback_judge(kind: str, reward_model_path: str | None, quality_scorer: ResponseScorer,
+                   device: str) -> ResponseScorer | None:
+    """Iterative kMQ's judge: the reward model when configured (the paper), else None (the trained model's surprise)."""
+    if not reward_model_path:
+        return None
+    if kind == "reward_model":
+        return quality_scorer
+    return RewardModelScorer(reward_model_path, device=device)
+
+
+def cached_quality_scores(connect: Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]],
+                          scorer: ResponseScorer, ids: Sequence[str], conversations: Sequence[Conversation],
+                          log: Callable[[str], None]) -> np.ndarray:
+    """Quality per example, cached by scorer fingerprint in `quality_scores`: only unscored ids are computed.
+
+    NaN where the scorer could not score an example.
+    """
+    with connect() as con:
+        known = diversity_store.quality_scores(con, scorer.fingerprint())
+    todo = [i for i, example_id in enumerate(ids) if example_id not in known]
+    if todo:
+        log(f"scoring quality of {len(todo)} examples with {scorer.describe()['kind']}")
+        values = scorer.score([conversations[i] for i in todo])
+        new_ids = [ids[i] for i in todo]
+        with connect() as con:
+            diversity_store.add_quality_scores(con, scorer.fingerprint(), new_ids, values, scorer.describe())
+        known.update(zip(new_ids, values, strict=True))
+    return np.array([known[i] if known[i] is not None else np.nan for i in ids], dtype=np.float64)

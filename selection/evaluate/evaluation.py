@@ -44,6 +44,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from selection.common import markdown
 from selection.evaluate import stats
 from selection.data.default_data import MMLU_LETTERS
 from selection.train.generation import generate_greedy, split_final_turn
@@ -226,9 +227,6 @@ class EvalResult:
 
     def example_ids(self, task: str) -> frozenset[str]:
         return frozenset(row.example_id for row in self.rows if row.task == task)
-
-    def rows_frame(self) -> pd.DataFrame:
-        return pd.DataFrame([asdict(row) for row in self.rows])
 
     def metrics_frame(self) -> pd.DataFrame:
         """One row per task (``subtask`` empty) followed by one per (task, subtask)."""
@@ -653,12 +651,6 @@ def _delta_cell(delta: float, low: float, high: float, significant: bool) -> str
     return f"{delta:.3g}{interval}{' *' if significant else ''}"
 
 
-def _markdown(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(value) for value in row) + " |" for row in rows]
-    return lines
-
-
 def markdown_report(table: pd.DataFrame, title: str = "Evaluation comparison") -> str:
     """Compact markdown: best method per task, average rank, worst task per method, the full
     table with intervals, and what the intervals cover.
@@ -688,9 +680,10 @@ def markdown_report(table: pd.DataFrame, title: str = "Evaluation comparison") -
         best_rows.append((task, metric, best["method"], best[metric],
                           delta(best, "accuracy" if metric == "accuracy" else "nll")))
     lines += ["## Best method per task", ""]
-    lines += _markdown(["task", "metric", "best", "value", "delta vs baseline [CI]"], best_rows)
+    lines.append(markdown.table(["task", "metric", "best", "value", "delta vs baseline [CI]"], best_rows, cell=_cell))
     lines += ["", "## Average rank across tasks (1 = best)", ""]
-    lines += _markdown(["method", "average rank", "tasks"], average_ranks(table).itertuples(index=False))
+    lines.append(markdown.table(["method", "average rank", "tasks"], average_ranks(table).itertuples(index=False),
+                                cell=_cell))
     worst = worst_tasks(table)
     lines += ["", "## Worst task per method", ""]
     worst_rows = [
@@ -702,17 +695,17 @@ def markdown_report(table: pd.DataFrame, title: str = "Evaluation comparison") -
                      row["worst_delta_accuracy_ci_high"], bool(row["worst_delta_accuracy_significant"])))
         for _, row in worst.iterrows()
     ]
-    lines += _markdown(["method", "highest loss delta: task", "delta NLL [CI]", "lowest accuracy: task", "accuracy",
-                        "delta accuracy [CI]"], worst_rows)
+    lines.append(markdown.table(["method", "highest loss delta: task", "delta NLL [CI]", "lowest accuracy: task",
+                                 "accuracy", "delta accuracy [CI]"], worst_rows, cell=_cell))
     lines += ["", "## All results", ""]
     detail_rows = [(row["method"], row["task"], row["n_seeds"], row["n"], row["mean_nll"], row["perplexity"],
                     row["accuracy"], delta(row, "nll"), delta(row, "accuracy")) for _, row in table.iterrows()]
-    lines += _markdown(["method", "task", "seeds", "n", "mean_nll", "perplexity", "accuracy", "delta_nll [CI]",
-                        "delta_accuracy [CI]"], detail_rows)
+    lines.append(markdown.table(["method", "task", "seeds", "n", "mean_nll", "perplexity", "accuracy",
+                                 "delta_nll [CI]", "delta_accuracy [CI]"], detail_rows, cell=_cell))
     gap_columns = ["method", "task", "n_unscored", "n_truncated", "n_choice_rejects"]
     gaps = table[(table[gap_columns[2:]] > 0).any(axis=1)]
     if not gaps.empty:
         lines += ["", "## Gaps", ""]
-        lines += _markdown(["method", "task", "unscored (NaN NLL)", "answer truncated", "choice rejects"],
-                           gaps[gap_columns].itertuples(index=False))
+        lines.append(markdown.table(["method", "task", "unscored (NaN NLL)", "answer truncated", "choice rejects"],
+                                    gaps[gap_columns].itertuples(index=False), cell=_cell))
     return "\n".join(lines) + "\n"

@@ -1,3 +1,4 @@
-"""Stage 2a, influence (LESS/BIDS branch): per-example LoRA gradients, random projection, the
-sharded gradient datastore, checkpoint-weighted cosine influence and feature diagnostics.
+"""Stage 2a, influence (LESS/BIDS branch): the warmup checkpoints, per-example LoRA gradients,
+random projection, the gradient datastore and its filling, checkpoint-weighted cosine influence,
+feature diagnostics, and their lineage tables (``influence_store``).
 """

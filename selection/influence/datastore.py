@@ -1,44 +1,36 @@
-"""Sharded, memory-mapped store of projected gradient features, and the loop filling it.
+"""Memory-mapped store of projected gradient features, and the loop filling it.
 
 One store = one directory holding the features of one (model, checkpoint, kind,
 projector) combination; ``store_directory`` derives a canonical location under a root.
-
-Layout::
-
-    manifest.json          identity: model fingerprint, checkpoint, kind, projector
-                           fingerprint (mode, dim, seed, input dim, parameter names) and, for
-                           train stores, the train-feature transform (``adam``, ``sgd``, ...)
-    shard-00000.npy        float16 [rows, dim], L2-normalized rows (np.load mmap_mode="r")
-    shard-00000.json       {"ids": [...], "sha256": <of the .npy>, "size": <bytes>, "excluded": {id: reason}}:
-                           the commit record; ``excluded`` lists the examples of that chunk
-                           that have no features (no target tokens), so that no id is lost
-                           silently and a rerun need not look at them again
+Features are kept in a ``selection.common.arrays.ArrayStore`` (its module docstring gives the
+layout, commit, lock and check rules): float16 ``[rows, dim]`` L2-normalized rows in chunks
+of ``chunk_size`` examples. The manifest records the identity: model fingerprint, checkpoint,
+kind, projector fingerprint (mode, dim, seed, input dim, parameter names) and, for train
+stores, the train-feature transform (``adam``, ``sgd``, ...). A chunk's commit record also
+lists as ``excluded`` the examples of that chunk that have no features (no target tokens),
+so that no id is lost silently and a rerun need not look at them again.
 
 A store may hold one *part* of a pool (``part="03-of-08"``: the ids with
 ``shard_of(id, 8) == 3``), so that parts are computed by separate processes or machines
-(Dagster partitions) and read together.
+(Dagster partitions, called shards) and read together.
 
-A shard is written to a temporary file and renamed, then its commit record likewise;
-a shard without its record (a killed run) does not exist and is rewritten. Shard
-contents depend only on the ordered ids that go in them (shards are cut every
-``shard_size`` not-yet-computed ids in input order, and batches are formed inside a
-shard), so a resumed run writes the same bytes as an uninterrupted one on the same
+Chunk contents depend only on the ordered ids that go in them (chunks are cut every
+``chunk_size`` not-yet-computed ids in input order, and batches are formed inside a
+chunk), so a resumed run writes the same bytes as an uninterrupted one on the same
 device type. Opening a store whose manifest differs in anything (another model,
 checkpoint, dim, seed, projection mode, transform ...) is a ValueError.
 
-Every read of a shard checks it against its commit record (size, .npy header, sha256;
-``selection.common.integrity``) and raises ``ArtifactIntegrityError`` naming the file. A writer
-rerun repairs instead (``repair_stores``): the first damaged shard and every later one are
-dropped and recomputed, since shards are numbered in commit order.
+Every read of a chunk is checked against its commit record and raises
+``ArtifactIntegrityError`` naming the file. A writer rerun repairs instead (``repair_stores``):
+the first damaged chunk and every later one are dropped and recomputed, since chunks are
+numbered in commit order and stores filled together must hold the same chunks.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,32 +40,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from selection.common import integrity
+from selection.common.arrays import ArrayStore
 from selection.influence.gradients import LITERAL_LESS_TRANSFORM, AdamMoments, PerExampleGradients, check_train_transform
 from selection.common.memory import gradient_memory, run_halving_on_oom
-from selection.common.names import check_identifier
 from selection.influence.projection import Projector
 from selection.data.tokenization import TokenizedExample, collate, length_sorted_batches
 
 KINDS = ("train", "target")
-MANIFEST_FILE = "manifest.json"
 STORE_FORMAT = 1
-INDEX_TABLE = "feature_index"
-LOCK_FILE = ".writer.lock"
 
 
 def fingerprint_of(value: Any) -> str:
     """Short stable hash of a JSON-able value (e.g. a model spec dict)."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def _store_transform(kind: str, transform: str | None) -> str | None:
@@ -124,17 +103,6 @@ def parse_shard_key(key: str) -> tuple[int, int]:
     return int(index), int(count)
 
 
-@dataclass(frozen=True)
-class IndexRow:
-    example_id: str
-    shard: int
-    row: int
-
-
-class StoreBusyError(RuntimeError):
-    """Another process holds the store's writer lock."""
-
-
 class FeatureStore:
     """Features of one (model, checkpoint, kind, projector); see the module docstring."""
 
@@ -145,7 +113,7 @@ class FeatureStore:
         checkpoint: str,
         kind: str,
         projector: Projector | Mapping[str, Any],
-        shard_size: int = 512,
+        chunk_size: int = 512,
         part: str | None = None,
         transform: str | None = None,
     ) -> None:
@@ -154,11 +122,11 @@ class FeatureStore:
         transform = _store_transform(kind, transform)
         if not model_fingerprint or not checkpoint:
             raise ValueError("model_fingerprint and checkpoint must be non-empty strings")
-        if shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         projection = projector.fingerprint() if isinstance(projector, Projector) else dict(projector)
         self.directory = Path(directory)
-        self.shard_size = shard_size
+        self.chunk_size = chunk_size
         self.manifest = {
             "format": STORE_FORMAT,
             "model": model_fingerprint,
@@ -173,23 +141,18 @@ class FeatureStore:
             self.manifest["part"] = part
         if transform is not None:
             self.manifest["transform"] = transform
-        self.directory.mkdir(parents=True, exist_ok=True)
-        manifest_path = self.directory / MANIFEST_FILE
-        if manifest_path.is_file():
-            existing = json.loads(manifest_path.read_text())
-            if existing.get("kind") == "train":
-                # Train stores written before the transform was recorded all hold LESS's own.
-                existing.setdefault("transform", LITERAL_LESS_TRANSFORM)
-            if existing != self.manifest:
-                raise ValueError(
-                    f"feature store {self.directory} holds other features: {describe_mismatch(existing, self.manifest)}; "
-                    "refusing to mix them (use another directory, e.g. store_directory(...))"
-                )
-        else:
-            _atomic_write_bytes(manifest_path, json.dumps(self.manifest, indent=1, sort_keys=True).encode())
-        self._excluded: dict[str, str] = {}
-        self._records: list[dict[str, Any]] = []  # per shard: sha256 and (newer records) size
-        self._shards: list[list[str]] = self._read_committed_shards()
+        self.arrays = ArrayStore(self.directory, self.manifest, self._check_manifest, dtype=np.float16,
+                                 width=self.dim, asset=self.asset)
+
+    def _check_manifest(self, existing: dict[str, Any]) -> None:
+        if existing.get("kind") == "train":
+            # Train stores written before the transform was recorded all hold LESS's own.
+            existing.setdefault("transform", LITERAL_LESS_TRANSFORM)
+        if existing != self.manifest:
+            raise ValueError(
+                f"feature store {self.directory} holds other features: {describe_mismatch(existing, self.manifest)}; "
+                "refusing to mix them (use another directory, e.g. store_directory(...))"
+            )
 
     @property
     def dim(self) -> int:
@@ -217,182 +180,104 @@ class FeatureStore:
         """What to rematerialize to rewrite this store (named in integrity errors)."""
         return f"{self.kind}_gradients" + (f" (shard {self.part})" if self.part else "")
 
-    def _shard_paths(self, shard: int) -> tuple[Path, Path]:
-        return self.directory / f"shard-{shard:05d}.npy", self.directory / f"shard-{shard:05d}.json"
-
-    def _read_committed_shards(self) -> list[list[str]]:
-        shards: list[list[str]] = []
-        self._records = []
-        while True:
-            array_path, record_path = self._shard_paths(len(shards))
-            if not record_path.is_file():
-                return shards
-            if not array_path.is_file():
-                raise ValueError(f"{record_path} is committed but {array_path.name} is missing; store is damaged")
-            try:
-                record = json.loads(record_path.read_text())
-                ids = list(record["ids"])
-            except (ValueError, KeyError, TypeError) as error:
-                raise integrity.ArtifactIntegrityError(
-                    record_path, f"commit record is unreadable ({error}); delete it and the shards after it",
-                    self.asset) from error
-            shards.append(ids)
-            self._records.append({"sha256": record.get("sha256"), "size": record.get("size")})
-            self._excluded.update(record.get("excluded", {}))
-
     @property
-    def n_shards(self) -> int:
-        return len(self._shards)
+    def n_chunks(self) -> int:
+        """Committed chunks, damaged ones included; they are numbered 0 to n_chunks - 1."""
+        return len(self.arrays.numbers())
 
     def ids(self) -> list[str]:
-        return [example_id for shard in self._shards for example_id in shard]
+        return self.arrays.ids()
 
     def __len__(self) -> int:
-        return sum(len(shard) for shard in self._shards)
+        return len(self.arrays)
 
     def excluded(self) -> dict[str, str]:
         """Ids this store was given but holds no features for, with the reason."""
-        return dict(self._excluded)
+        return self.arrays.excluded()
 
     def covered(self) -> set[str]:
         """Every id already dealt with: stored or excluded."""
-        return set(self.ids()) | set(self._excluded)
+        return self.arrays.covered()
 
     def __contains__(self, example_id: str) -> bool:
-        return any(example_id in shard for shard in self._shards)
+        return example_id in self.arrays
 
-    def write_shard(self, ids: Sequence[str], features: np.ndarray, excluded: Mapping[str, str] | None = None) -> int:
-        """Append one shard (float16 ``[len(ids), dim]``, possibly empty) and the ids of its
-        chunk that have no features (``excluded``: id -> reason); returns its number."""
-        excluded = dict(excluded or {})
-        if features.dtype != np.float16 or features.shape != (len(ids), self.dim):
-            raise ValueError(f"expected float16 [{len(ids)}, {self.dim}], got {features.dtype} {features.shape}")
-        if not ids and not excluded:
-            raise ValueError("a shard needs at least one stored or excluded id")
-        present = self.covered()
-        incoming = list(ids) + list(excluded)
-        duplicates = [example_id for example_id in incoming if example_id in present]
-        if duplicates or len(set(incoming)) != len(incoming):
-            raise ValueError(f"ids already stored or repeated: {duplicates[:3] or 'repeated within the shard'}")
-        shard = len(self._shards)
-        array_path, record_path = self._shard_paths(shard)
-        temporary = array_path.with_name(f".{array_path.name}.tmp-{os.getpid()}.npy")
-        np.save(temporary, np.ascontiguousarray(features))
-        content = temporary.read_bytes()
-        digest = hashlib.sha256(content).hexdigest()
-        os.replace(temporary, array_path)
-        integrity.remember_digest(array_path, digest)
-        record: dict[str, Any] = {"ids": list(ids), "sha256": digest, "size": len(content)}
-        if excluded:
-            record["excluded"] = excluded
-        _atomic_write_bytes(record_path, json.dumps(record).encode())
-        self._shards.append(list(ids))
-        self._records.append({"sha256": digest, "size": len(content)})
-        self._excluded.update(excluded)
-        return shard
+    def write_chunk(self, ids: Sequence[str], features: np.ndarray, excluded: Mapping[str, str] | None = None) -> int:
+        """Append one chunk (float16 ``[len(ids), dim]``, possibly empty) and the ids given with it
+        that have no features (``excluded``: id -> reason); returns its number."""
+        return self.arrays.commit(ids, features, excluded)
 
-    def truncate(self, n_shards: int) -> None:
-        """Forget the shards from ``n_shards`` on (records first, so a kill midway leaves a valid store)."""
-        for shard in range(len(self._shards) - 1, n_shards - 1, -1):
-            array_path, record_path = self._shard_paths(shard)
-            record_path.unlink()
-            array_path.unlink(missing_ok=True)
-        self._excluded = {}
-        self._shards = self._read_committed_shards()
+    def truncate(self, n_chunks: int) -> None:
+        """Forget the chunks from ``n_chunks`` on."""
+        self.arrays.drop(number for number in self.arrays.numbers() if number >= n_chunks)
 
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        """Hold the store's writer lock; a second writer (another run of the same partition) is refused."""
-        with open(self.directory / LOCK_FILE, "a") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as error:
-                raise StoreBusyError(
-                    f"another process is filling {self.directory}; wait for it (two runs of the same partition "
-                    "must not overlap)"
-                ) from error
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the store's writer lock; a second writer (another run of the same partition) is
+        refused with ``selection.common.arrays.StoreBusyError``."""
+        return self.arrays.lock(wait=False, busy=" (two runs of the same partition must not overlap)")
 
-    def shard(self, shard: int) -> np.ndarray:
-        """Memory-mapped float16 ``[rows, dim]`` of one committed shard, checked against its commit
+    def chunk(self, number: int) -> np.ndarray:
+        """Memory-mapped float16 ``[rows, dim]`` of one committed chunk, checked against its commit
         record (``ArtifactIntegrityError`` naming the file if it was truncated or changed)."""
-        if not 0 <= shard < len(self._shards):
-            raise ValueError(f"shard {shard} does not exist (store has {len(self._shards)})")
-        path = self._shard_paths(shard)[0]
-        record = self._records[shard]
-        array = integrity.open_npy(path, asset=self.asset, sha256=record["sha256"], size=record["size"])
-        expected = (len(self._shards[shard]), self.dim)
-        if array.shape != expected or array.dtype != np.float16:
-            raise integrity.ArtifactIntegrityError(
-                path, f"holds {array.dtype} {array.shape}, its commit record says float16 {expected}", self.asset)
-        return array
+        return self.arrays.array(number)
 
-    def first_damaged_shard(self) -> tuple[int, str] | None:
-        """``(shard, problem)`` of the first shard that fails its check, or None (reads every shard once)."""
-        for shard in range(self.n_shards):
-            problem = integrity.first_problem(lambda shard=shard: self.shard(shard))
-            if problem is not None:
-                return shard, problem
-        return None
+    def first_damaged_chunk(self) -> tuple[int, str] | None:
+        """``(chunk, problem)`` of the first chunk that fails its check, or None (reads chunks until then)."""
+        return next(self.arrays.problems(), None)
 
-    def iter_shards(self) -> Iterator[tuple[list[str], np.ndarray]]:
-        for shard, ids in enumerate(self._shards):
-            yield ids, self.shard(shard)
-
-    def index_rows(self) -> list[IndexRow]:
-        return [IndexRow(example_id, shard, row) for shard, ids in enumerate(self._shards) for row, example_id in enumerate(ids)]
+    def iter_chunks(self) -> Iterator[tuple[list[str], np.ndarray]]:
+        for number in self.arrays.numbers():
+            yield list(self.arrays.chunk(number).ids), self.chunk(number)
 
     def features(self, ids: Sequence[str] | None = None) -> np.ndarray:
         """Float16 ``[len(ids), dim]`` in the order of ``ids`` (default: storage order)."""
         if ids is None:
-            parts = [np.asarray(array) for _, array in self.iter_shards()]
+            parts = [np.asarray(array) for _, array in self.iter_chunks()]
             return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float16)
-        where = {row.example_id: row for row in self.index_rows()}
-        missing = [example_id for example_id in ids if example_id not in where]
+        missing = self.arrays.absent(ids)
         if missing:
             raise ValueError(f"{len(missing)} ids have no features in {self.directory}, e.g. {missing[:3]}")
-        out = np.empty((len(ids), self.dim), np.float16)
-        shards = [self.shard(shard) for shard in range(self.n_shards)]
-        for position, example_id in enumerate(ids):
-            out[position] = shards[where[example_id].shard][where[example_id].row]
-        return out
+        return self.arrays.rows(ids)
 
 
 def align_stores(stores: Sequence[FeatureStore]) -> int:
-    """Make stores that are filled together (one per projection dim) hold the same shards.
+    """Make stores that are filled together (one per projection dim) hold the same chunks.
 
     They commit each chunk one store after the other, so a run killed between two commits
-    leaves some stores one shard ahead; those extra shards are dropped (the resumed run
-    recomputes them to the same bytes). Stores that differ in any shared shard (e.g. a dim
-    added to an existing datastore) are refused. Returns the number of shards dropped.
+    leaves some stores one chunk ahead; those extra chunks are dropped (the resumed run
+    recomputes them to the same bytes). Stores that differ in any shared chunk (e.g. a dim
+    added to an existing datastore) are refused. Returns the number of chunks dropped.
     """
-    common = min(store.n_shards for store in stores)
-    reference = stores[0]._shards[:common]
+    common = min(store.n_chunks for store in stores)
+
+    def chunk_ids(store: FeatureStore) -> list[tuple[str, ...] | None]:
+        # A damaged record hides its ids: it matches anything here and repair_stores drops it.
+        return [None if n in store.arrays.damaged else store.arrays.chunk(n).ids for n in range(common)]
+
+    reference = chunk_ids(stores[0])
     for store in stores:
-        # A kill between commits leaves a store at most one shard ahead; more means it was filled alone.
-        if store.n_shards > common + 1 or store._shards[:common] != reference:
+        # A kill between commits leaves a store at most one chunk ahead; more means it was filled alone.
+        differs = any(a is not None and b is not None and a != b for a, b in zip(chunk_ids(store), reference))
+        if store.n_chunks > common + 1 or differs:
             raise ValueError(
                 f"{store.directory} and {stores[0].directory} hold different examples; stores of several dims are "
                 "filled together from the start: compute a new dim with a fresh seed or a fresh warmup run"
             )
     dropped = 0
     for store in stores:
-        dropped += store.n_shards - common
+        dropped += store.n_chunks - common
         store.truncate(common)
     return dropped
 
 
 def repair_stores(stores: Sequence[FeatureStore]) -> list[str]:
-    """Drop, in stores filled together, the first shard any of them fails to verify and every later
-    shard (shard numbers follow commit order), so the writer recomputes them. Returns the problems found."""
-    damaged = [found for found in (store.first_damaged_shard() for store in stores) if found is not None]
+    """Drop, in stores filled together, the first chunk any of them fails to verify and every later
+    chunk (chunk numbers follow commit order), so the writer recomputes them. Returns the problems found."""
+    damaged = [found for found in (store.first_damaged_chunk() for store in stores) if found is not None]
     if damaged:
-        first = min(shard for shard, _ in damaged)
+        first = min(chunk for chunk, _ in damaged)
         for store in stores:
-            store.truncate(min(first, store.n_shards))
+            store.truncate(first)
     return [problem for _, problem in damaged]
 
 
@@ -418,52 +303,6 @@ def check_compatible(train: FeatureStore, target: FeatureStore) -> None:
     right = {key: value for key, value in target.manifest.items() if key not in ("kind", "part", "transform")}
     if left != right:
         raise ValueError(f"train and target features are not comparable: {describe_mismatch(left, right)}")
-
-
-def write_index(con: Any, store: FeatureStore, table: str = INDEX_TABLE) -> int:
-    """Bring ``store``'s rows in the DuckDB table ``table`` (created if missing) up to date.
-
-    Shards are append-only, so only shards not yet indexed are inserted (a rerun over a
-    large store writes nothing). Returns the number of rows indexed for the store.
-    """
-    import pandas as pd
-
-    table = check_identifier(table, "feature index table")  # interpolated into the SQL below
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {table} (store_id VARCHAR, model VARCHAR, checkpoint VARCHAR, kind VARCHAR, "
-        "mode VARCHAR, dim INTEGER, seed BIGINT, directory VARCHAR, example_id VARCHAR, shard INTEGER, "
-        "row_in_shard INTEGER, part VARCHAR)"
-    )
-    con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS part VARCHAR")  # tables made before parts existed
-    con.execute(f"DELETE FROM {table} WHERE store_id = ? AND shard >= ?", [store.store_id, store.n_shards])
-    indexed = {shard for (shard,) in con.execute(
-        f"SELECT DISTINCT shard FROM {table} WHERE store_id = ?", [store.store_id]).fetchall()}
-    projection = store.manifest["projection"]
-    rows = pd.DataFrame(
-        [
-            (store.store_id, store.manifest["model"], store.manifest["checkpoint"], store.kind, projection["mode"],
-             projection["dim"], projection["seed"], str(store.directory), row.example_id, row.shard, row.row,
-             store.part)
-            for row in store.index_rows() if row.shard not in indexed
-        ],
-        columns=["store_id", "model", "checkpoint", "kind", "mode", "dim", "seed", "directory", "example_id",
-                 "shard", "row_in_shard", "part"],
-    )
-    if len(rows):
-        con.register("_feature_index_rows", rows)
-        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _feature_index_rows")
-        con.unregister("_feature_index_rows")
-    (count,) = con.execute(f"SELECT count(*) FROM {table} WHERE store_id = ?", [store.store_id]).fetchone()
-    return int(count)
-
-
-def read_index(con: Any, store: FeatureStore, table: str = INDEX_TABLE) -> dict[str, tuple[int, int]]:
-    table = check_identifier(table, "feature index table")
-    result = con.execute(
-        f"SELECT example_id, shard, row_in_shard FROM {table} WHERE store_id = ? ORDER BY shard, row_in_shard",
-        [store.store_id],
-    ).fetchall()
-    return {example_id: (shard, row) for example_id, shard, row in result}
 
 
 @dataclass(frozen=True)
@@ -502,7 +341,7 @@ def compute_features(
     """Fill ``store`` with features of the ``(example_id, tokenized)`` pairs it has not covered.
 
     Examples without target tokens get no features; they are recorded in the store as
-    excluded, with the reason, in the commit record of the shard their chunk went to.
+    excluded, with the reason, in the commit record of their chunk.
 
     ``model`` is the peft model already holding the checkpoint's adapter. Train stores
     need that checkpoint's Adam moments (``exp_avg``/``exp_avg_sq`` keyed by parameter
@@ -559,7 +398,7 @@ def compute_features(
             continue
         todo.append((example_id, example))
     skipped = len(seen) - len(todo)
-    shard_size = stores[0].shard_size
+    chunk_size = stores[0].chunk_size
     # Dense blocks are costly to generate: apply dense projectors to groups, not batches.
     group_size = exact_group_size if any(proj.mode in ("exact", "device") for proj in projectors) else 1
     max_rows = None
@@ -570,12 +409,12 @@ def compute_features(
         group_size = max(1, min(group_size, memory_budget_bytes // 2 // (engine.dim * 4)))
     started = time.perf_counter()
     done = n_excluded = 0
-    for shard_start in range(0, len(todo), shard_size):
+    for chunk_start in range(0, len(todo), chunk_size):
         excluded = {
             example_id: f"no_target_tokens: no assistant token {'left after truncation' if e.truncated else 'to learn'}"
-            for example_id, e in todo[shard_start : shard_start + shard_size] if e.n_target_tokens == 0
+            for example_id, e in todo[chunk_start : chunk_start + chunk_size] if e.n_target_tokens == 0
         }
-        chunk = [(i, e) for i, e in todo[shard_start : shard_start + shard_size] if i not in excluded]
+        chunk = [(i, e) for i, e in todo[chunk_start : chunk_start + chunk_size] if i not in excluded]
         chunk_examples = [example for _, example in chunk]
         outputs = [torch.empty(len(chunk), proj.dim) for proj in projectors]
         pending_rows: list[int] = []
@@ -609,7 +448,7 @@ def compute_features(
         ids = [example_id for example_id, _ in chunk]
         for st, out in zip(stores, outputs):
             features = _l2_normalize_fp16(out) if ids else np.zeros((0, st.dim), np.float16)
-            st.write_shard(ids, features, excluded)
+            st.write_chunk(ids, features, excluded)
         done += len(excluded)
         n_excluded += len(excluded)
     return len(todo) - n_excluded

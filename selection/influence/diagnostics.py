@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from selection.influence import influence_store
+
 COLLAPSE_MEAN_NORM = 0.5
 # Isotropic rows have E|mean|^2 = 1 / n: at 16 rows that is 0.25, far below the threshold's 0.5^2.
 MIN_ROWS_TO_JUDGE = 16
@@ -104,28 +106,6 @@ def feature_diagnostics(
     return FeatureDiagnostics(n_rows, dim, mean_norm, cosine, saturated_share, m, collapsed)
 
 
-# ---------------------------------------------------------------- lineage table
-
-DIAGNOSTICS_DDL = """CREATE TABLE IF NOT EXISTS feature_diagnostics (
-    store_id VARCHAR, model VARCHAR, kind VARCHAR, warmup_run_key VARCHAR, epoch INTEGER, part VARCHAR,
-    mode VARCHAR, dim INTEGER, seed BIGINT, warmup_steps INTEGER, n_rows INTEGER, mean_feature_norm DOUBLE,
-    mean_pairwise_cosine DOUBLE, saturated_share DOUBLE, collapsed BOOLEAN, created_at TIMESTAMPTZ
-)"""
-
-
-def record_diagnostics(con: Any, rows: Sequence[dict[str, Any]]) -> None:
-    """Replace the diagnostics of the given stores (``store_id`` plus the table's other columns but ``created_at``)."""
-    con.execute(DIAGNOSTICS_DDL)
-    for row in rows:
-        con.execute("DELETE FROM feature_diagnostics WHERE store_id = ?", [row["store_id"]])
-        con.execute(
-            "INSERT INTO feature_diagnostics VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
-            [row["store_id"], row["model"], row["kind"], row["warmup_run_key"], row["epoch"], row["part"],
-             row["mode"], row["dim"], row["seed"], row["warmup_steps"], row["n_rows"], row["mean_feature_norm"],
-             row["mean_pairwise_cosine"], row["saturated_share"], row["collapsed"]],
-        )
-
-
 def collapsed_feature_reason(
     con: Any, model: str, warmup_run_key: str, mode: str, dim: int, seed: int
 ) -> tuple[bool | None, str]:
@@ -134,22 +114,14 @@ def collapsed_feature_reason(
     ``(False, why)`` when any stored train or target feature set of that (model, warmup run,
     mode, dim, seed) collapsed; ``(True, ...)`` when all were checked and none did; ``(None, ...)``
     when no diagnostics were recorded (stores written before diagnostics existed)."""
-    con.execute(DIAGNOSTICS_DDL)
-    rows = con.execute(
-        """SELECT kind, epoch, coalesce(part, '') AS part, warmup_steps, n_rows, mean_feature_norm,
-                  mean_pairwise_cosine, collapsed FROM feature_diagnostics
-           WHERE model = ? AND warmup_run_key = ? AND mode = ? AND dim = ? AND seed = ?
-           QUALIFY row_number() OVER (PARTITION BY kind, epoch, coalesce(part, '') ORDER BY created_at DESC) = 1
-           ORDER BY kind DESC, epoch, part""",
-        [model, warmup_run_key, mode, dim, seed],
-    ).fetchall()
+    rows = influence_store.latest_diagnostics(con, model, warmup_run_key, mode, dim, seed)
     if not rows:
         return None, "no feature diagnostics recorded for these features; rematerialize train_gradients"
     bad = [row for row in rows if row[7]]
     if not bad:
         return True, f"none of {len(rows)} feature sets collapsed"
-    kind, epoch, part, steps, n_rows, norm, cosine, _ = bad[0]
-    where = f"{kind} features of epoch {epoch}{f' shard {part}' if part else ''}"
+    kind, epoch, shard, steps, n_rows, norm, cosine, _ = bad[0]
+    where = f"{kind} features of epoch {epoch}{f' shard {shard}' if shard else ''}"
     cosine_text = "n/a" if cosine is None else f"{cosine:.2f}"
     return False, (
         f"{len(bad)} of {len(rows)} feature sets collapsed onto one direction, e.g. {where}: mean-feature norm "

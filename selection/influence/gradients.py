@@ -33,9 +33,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from selection.data.tokenization import IGNORE_INDEX
 from selection.train.models import eval_mode
 
-IGNORE_INDEX = -100
 LESS_BETA1 = 0.9
 LESS_BETA2 = 0.999
 LESS_EPS = 1e-8

@@ -1,20 +1,26 @@
-"""LESS influence over the gradient datastore: row-aligned views of sharded stores, scores on disk."""
+"""LESS influence over the gradient datastore: row-aligned views of sharded stores, scores on disk,
+and the influence run that picks its stores and val columns (`score_influence`)."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from selection import less
 from selection.common import integrity
+from selection.influence import datastore
 from selection.influence.datastore import FeatureStore, check_compatible
-
+from selection.influence.gradients import LITERAL_LESS_TRANSFORM
+from selection.influence.influence_store import FeatureKey, InfluenceRecord
+from selection.train import preflight
 
 SCORES_FILE = "influence.npy"
 IDS_FILE = "train_ids.json"
@@ -36,7 +42,7 @@ class ShardedRows:
         if not stores or len({store.dim for store in stores}) != 1:
             raise ValueError("need at least one store, all of one dim")
         self.stores = stores
-        self._shards = [store.shard(i) for store in stores for i in range(store.n_shards)]
+        self._shards = [store.chunk(i) for store in stores for i in range(store.n_chunks)]
         self._starts = np.cumsum([0] + [len(s) for s in self._shards])
         self.shape = (int(self._starts[-1]), stores[0].dim)
         self.ndim = 2
@@ -152,7 +158,7 @@ def load_scores(out_dir: str | Path) -> tuple[np.ndarray, list[str]]:
 
 def open_store(directory: str | Path) -> FeatureStore:
     """Reopen an existing store from its manifest (its identity is re-checked on open)."""
-    from selection.influence.datastore import MANIFEST_FILE
+    from selection.common.arrays import MANIFEST_FILE
 
     manifest_path = Path(directory) / MANIFEST_FILE
     if not manifest_path.is_file():
@@ -160,3 +166,108 @@ def open_store(directory: str | Path) -> FeatureStore:
     manifest = json.loads(manifest_path.read_text())
     return FeatureStore(directory, manifest["model"], manifest["checkpoint"], manifest["kind"], manifest["projection"],
                         part=manifest.get("part"), transform=manifest.get("transform"))
+
+
+def train_shard_directories(
+    frame: pd.DataFrame, model: str, epochs: Sequence[int], shards: Sequence[str]
+) -> list[list[str]]:
+    """Per epoch, the directories of every shard of the current shard layout (``shards``), in shard
+    order; ``frame`` holds the recorded train stores (``influence_store.latest_stores``)."""
+    have = {(int(e), s): d for e, s, d in frame[["epoch", "shard", "directory"]].itertuples(index=False)}
+    missing = sorted({shard for epoch in epochs for shard in shards if (epoch, shard) not in have})
+    if missing:
+        raise ValueError(
+            f"train_gradients of model {model!r} lack shards {missing} for the latest warmup run; materialize them, "
+            f"e.g. dagster asset materialize -m orchestration.definitions --select train_gradients "
+            f"--partition '{model}|{missing[0]}'"
+        )
+    return [[have[(epoch, shard)] for shard in shards] for epoch in epochs]
+
+
+def _check_pool_covered(stores: Sequence[FeatureStore], pool_ids: Sequence[str]) -> None:
+    """Every current pool example has features or a recorded reason for having none."""
+    covered: set[str] = set()
+    for store in stores:
+        covered |= store.covered()
+    uncovered = [example_id for example_id in pool_ids if example_id not in covered]
+    if uncovered:
+        _, count = datastore.parse_shard_key(stores[0].part)
+        shards = sorted({datastore.shard_key(datastore.shard_of(i, count), count) for i in uncovered})
+        raise ValueError(
+            f"{len(uncovered)} pool examples have no gradient features yet (the pool grew after their shards ran), "
+            f"e.g. {uncovered[:3]}; rematerialize train_gradients for shards {shards}"
+        )
+
+
+@dataclass(frozen=True)
+class InfluenceRequest:
+    """One influence run of a model: what it was given (read by the caller) and where scores go."""
+
+    model: str
+    key: FeatureKey
+    warmup: pd.DataFrame  # the latest warmup run's checkpoints (run_key, epoch)
+    train: pd.DataFrame  # its recorded train stores (influence_store.latest_stores)
+    target: pd.DataFrame  # ... and target stores
+    val_rows: Sequence[tuple[str, str, str, Any]]  # (task, subtask, val example id, messages)
+    pool_ids: Sequence[str]  # the current pool
+    pool_version: str
+    shards: Sequence[str]  # the current shard layout
+    scores_root: Path  # the model's scores folder
+    warn: Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class InfluenceRun:
+    record: InfluenceRecord  # the `influence_runs` row to write
+    scores_path: Path
+    dropped_val_ids: list[str]  # val examples without features, left out of the columns
+    per_task: pd.DataFrame  # task, val_examples, mean_influence
+
+
+def score_influence(request: InfluenceRequest) -> InfluenceRun:
+    """Score every pool example against every val example with features, from the stores of the
+    warmup run's checkpoints; refuses checkpoints that differ, missing shards, pool examples without
+    features and tasks without a val example with features, before scoring."""
+    warmup, train, target, key = request.warmup, request.train, request.target, request.key
+    run_key = str(warmup["run_key"].iloc[0])
+    epochs = [int(e) for e in warmup["epoch"]]
+    train_epochs = sorted({int(e) for e in train["epoch"]})
+    if train_epochs != epochs or [int(e) for e in target["epoch"]] != epochs:
+        raise ValueError(
+            f"checkpoints differ: warmup {epochs}, train {train_epochs}, target {list(target['epoch'])}; "
+            "rematerialize the gradient assets"
+        )
+    train_stores = [[open_store(d) for d in directories]
+                    for directories in train_shard_directories(train, request.model, epochs, request.shards)]
+    _check_pool_covered(train_stores[0], request.pool_ids)
+    avg_lrs = [float(train[train["epoch"] == epoch]["avg_lr"].iloc[0]) for epoch in epochs]
+    columns = [{"task": t, "subtask": s, "val_example_id": i} for t, s, i, _ in request.val_rows]
+    target_stores = [open_store(d) for d in target["directory"]]
+    with_features = set(target_stores[0].ids())
+    # Refused before any scoring: a task whose val examples all lack features would drop out.
+    preflight.check_val_usable([(c["task"], c["val_example_id"]) for c in columns], with_features,
+                               "none has gradient features in target_gradients")
+    dropped = [c["val_example_id"] for c in columns if c["val_example_id"] not in with_features]
+    if dropped:
+        request.warn(f"{len(dropped)} val examples have no gradient features (no target tokens after "
+                     f"truncation) and are left out: {dropped[:10]}")
+        columns = [c for c in columns if c["val_example_id"] in with_features]
+    # Only the parent exists: compute_influence moves the finished folder into place.
+    # LESS's own transform keeps the folder name it always had; others are named in it.
+    transform_tag = "" if key.train_transform == LITERAL_LESS_TRANSFORM else f"{key.train_transform}-"
+    out_dir = request.scores_root / f"{run_key}-{transform_tag}{key.mode}-d{key.dim}-s{key.seed}"
+    result = compute_influence(train_stores, target_stores, avg_lrs, [c["val_example_id"] for c in columns], out_dir)
+    scores, _ = load_scores(out_dir)
+    weights = [float(w) for w in np.asarray(avg_lrs) / np.sum(avg_lrs)]
+    per_task = (
+        pd.DataFrame(columns).assign(mean=np.asarray(scores).mean(axis=0)).groupby("task")["mean"]
+        .agg(["count", "mean"]).reset_index().rename(columns={"count": "val_examples", "mean": "mean_influence"})
+    )
+    record = InfluenceRecord(
+        model=request.model, scores_dir=str(out_dir), warmup_run_key=run_key, mode=key.mode, dim=key.dim,
+        seed=key.seed, n_train=len(result.train_ids), n_val=result.n_val, columns=columns, weights=weights,
+        # Every current example is covered, so the scores cover the latest version (rows superseded
+        # since the shards ran may have scores too; selections leave them out).
+        pool_version=request.pool_version,
+    )
+    return InfluenceRun(record=record, scores_path=result.scores_path, dropped_val_ids=dropped, per_task=per_task)

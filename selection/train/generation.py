@@ -229,20 +229,3 @@ def compute_feedback(
         description = {**description, "feedback": "score(gold) - score(gen)"}
     return FeedbackResult(scores, gold_scores, generated_scores, generations, unscored, description)
 
-
-def feedback_scores(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    conversations: Sequence[Conversation],
-    max_new_tokens: int = 128,
-    max_length: int = 512,
-    batch_size: int = 8,
-    scorer: ResponseScorer | None = None,
-    model_fingerprint: str = "trained-model",
-) -> np.ndarray:
-    """``[n]`` float64 S per conversation (higher = more to learn; NaN = unscorable).
-
-    :func:`compute_feedback` without the details; see the module docstring for the sign.
-    """
-    return compute_feedback(model, tokenizer, conversations, max_new_tokens, max_length, batch_size,
-                            scorer, model_fingerprint).scores

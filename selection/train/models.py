@@ -24,10 +24,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import re
-import shutil
-import socket
-import uuid
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -36,6 +32,7 @@ from typing import Any
 
 import torch
 
+from selection.common.files import atomic_directory, remove_stale_temp_dirs
 from selection.data import tokenization
 from selection.common.names import check_name
 
@@ -169,12 +166,13 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto``: CUDA when present, else the CPU; a CUDA device is refused on a machine without CUDA."""
     if isinstance(device, torch.device):
         return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
+        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
     return torch.device(device)
 
 
@@ -208,64 +206,6 @@ def _sha256_file(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-_TEMP_PREFIX = ".tmp-"
-
-
-def _temp_owner_tag() -> str:
-    return f"{socket.gethostname()}.{os.getpid()}"
-
-
-@contextlib.contextmanager
-def atomic_directory(final_path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success rename it to ``final_path``.
-
-    The rename is atomic, so a reader never sees a half-written folder: it either
-    exists complete or not at all. On error the temporary folder is removed. If another
-    process completed ``final_path`` first, its copy wins and ours is discarded.
-    The temporary name carries host and pid so cleanup never touches a live writer's.
-    """
-    final_path = Path(final_path)
-    final_path.parent.mkdir(parents=True, exist_ok=True)
-    temp_path = final_path.parent / f"{_TEMP_PREFIX}{final_path.name}-{_temp_owner_tag()}-{uuid.uuid4().hex[:8]}"
-    temp_path.mkdir()
-    try:
-        yield temp_path
-        try:
-            os.rename(temp_path, final_path)
-        except OSError:
-            if not final_path.is_dir():
-                raise
-            shutil.rmtree(temp_path)
-    except BaseException:
-        shutil.rmtree(temp_path, ignore_errors=True)
-        raise
-
-
-def _writer_is_alive(temp_name: str) -> bool:
-    """False only for temp folders this host's exited processes (or unknown writers) left."""
-    own_host = re.search(rf"-{re.escape(socket.gethostname())}\.(\d+)-[0-9a-f]{{8}}$", temp_name)
-    if own_host is None:
-        # Another host's writer (shared storage) may be alive; a name without a tag is not ours.
-        return re.search(r"\.\d+-[0-9a-f]{8}$", temp_name) is not None
-    try:
-        os.kill(int(own_host.group(1)), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temp_dirs(parent: Path) -> list[Path]:
-    """Delete temp folders under ``parent`` left by killed writers (not live ones)."""
-    parent = Path(parent)
-    candidates = sorted(parent.glob(f"{_TEMP_PREFIX}*")) if parent.is_dir() else []
-    stale = [path for path in candidates if path.is_dir() and not _writer_is_alive(path.name)]
-    for path in stale:
-        shutil.rmtree(path)
-    return stale
 
 
 def ensure_pad_token(tokenizer: Any) -> None:

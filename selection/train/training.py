@@ -48,7 +48,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from selection.common import integrity
-from selection.train.models import atomic_directory, remove_stale_temp_dirs
+from selection.common.files import atomic_directory, remove_stale_temp_dirs
 from selection.data.tokenization import IGNORE_INDEX, TokenizedExample, collate, length_sorted_batches
 
 EPOCH_DIR_PATTERN = re.compile(r"^epoch_(\d+)$")

@@ -1,0 +1,201 @@
+"""The influence stage's lineage tables: `gradient_stores`, `feature_diagnostics`, `influence_runs`.
+
+Takes an open connection (the caller owns locking and retries).
+
+- `gradient_stores`: one row per feature store (checkpoint x kind x projector x shard) with where
+  it lives; `shard` is the Dagster shard (`03-of-08`) of a train store, NULL for target stores.
+- `feature_diagnostics`: the collapse statistics of each store (`selection.influence.diagnostics`).
+- `influence_runs`: one row per score matrix written, with its columns and checkpoint weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from selection.influence.datastore import FeatureStore
+from selection.influence.gradients import LITERAL_LESS_TRANSFORM
+
+STORE_TABLE_DDL = """CREATE TABLE IF NOT EXISTS gradient_stores (
+    model VARCHAR, kind VARCHAR, warmup_run_key VARCHAR, epoch INTEGER, avg_lr DOUBLE, store_id VARCHAR,
+    directory VARCHAR, mode VARCHAR, dim INTEGER, seed BIGINT, n_rows INTEGER, created_at TIMESTAMPTZ,
+    shard VARCHAR, n_excluded INTEGER, transform VARCHAR
+)"""
+# Tables made before stores had shards, excluded counts or transforms.
+STORE_TABLE_MIGRATIONS = (
+    "ALTER TABLE gradient_stores ADD COLUMN IF NOT EXISTS shard VARCHAR",
+    "ALTER TABLE gradient_stores ADD COLUMN IF NOT EXISTS n_excluded INTEGER",
+    # NULL on rows made before the transform was recorded: those train stores hold LESS's `adam`.
+    "ALTER TABLE gradient_stores ADD COLUMN IF NOT EXISTS transform VARCHAR",
+)
+# Tables made while the shard column was called `part` keep their rows under the new name.
+_RENAME_PART = "ALTER TABLE gradient_stores RENAME COLUMN part TO shard"
+
+DIAGNOSTICS_DDL = """CREATE TABLE IF NOT EXISTS feature_diagnostics (
+    store_id VARCHAR, model VARCHAR, kind VARCHAR, warmup_run_key VARCHAR, epoch INTEGER, part VARCHAR,
+    mode VARCHAR, dim INTEGER, seed BIGINT, warmup_steps INTEGER, n_rows INTEGER, mean_feature_norm DOUBLE,
+    mean_pairwise_cosine DOUBLE, saturated_share DOUBLE, collapsed BOOLEAN, created_at TIMESTAMPTZ
+)"""
+
+INFLUENCE_DDL = """CREATE TABLE IF NOT EXISTS influence_runs (
+    model VARCHAR, scores_dir VARCHAR, warmup_run_key VARCHAR, mode VARCHAR, dim INTEGER, seed BIGINT,
+    n_train INTEGER, n_val INTEGER, columns JSON, weights JSON, pool_version VARCHAR, created_at TIMESTAMPTZ
+)"""
+
+
+def _has_column(con: Any, table: str, column: str) -> bool:
+    (count,) = con.execute(
+        "SELECT count(*) FROM information_schema.columns WHERE table_catalog = current_database() "
+        "AND table_schema = current_schema() AND table_name = ? AND column_name = ?", [table, column]).fetchone()
+    return bool(count)
+
+
+def ensure_store_table(con: Any) -> None:
+    """`gradient_stores`, created or brought up to the current columns."""
+    con.execute(STORE_TABLE_DDL)
+    if _has_column(con, "gradient_stores", "part"):
+        con.execute(_RENAME_PART)
+    for migration in STORE_TABLE_MIGRATIONS:
+        con.execute(migration)
+
+
+def record_diagnostics(con: Any, rows: Sequence[dict[str, Any]]) -> None:
+    """Replace the diagnostics of the given stores (``store_id`` plus the table's other columns but ``created_at``)."""
+    con.execute(DIAGNOSTICS_DDL)
+    for row in rows:
+        con.execute("DELETE FROM feature_diagnostics WHERE store_id = ?", [row["store_id"]])
+        con.execute(
+            "INSERT INTO feature_diagnostics VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
+            [row["store_id"], row["model"], row["kind"], row["warmup_run_key"], row["epoch"], row["part"],
+             row["mode"], row["dim"], row["seed"], row["warmup_steps"], row["n_rows"], row["mean_feature_norm"],
+             row["mean_pairwise_cosine"], row["saturated_share"], row["collapsed"]],
+        )
+
+
+def record_stores(
+    con: Any, *, model: str, kind: str, warmup_run_key: str, epoch: int, avg_lr: float,
+    stores: Sequence[FeatureStore], diagnostics: Sequence[dict[str, Any]],
+) -> None:
+    """Replace the `gradient_stores` rows of one checkpoint's stores and their diagnostics, in one transaction."""
+    ensure_store_table(con)
+    frame = pd.DataFrame(
+        [
+            (model, kind, warmup_run_key, epoch, avg_lr, s.store_id, str(s.directory), s.manifest["projection"]["mode"],
+             s.dim, s.manifest["projection"]["seed"], len(s), pd.Timestamp.now(tz="UTC"), s.part, len(s.excluded()),
+             s.transform)
+            for s in stores
+        ],
+        columns=["model", "kind", "warmup_run_key", "epoch", "avg_lr", "store_id", "directory", "mode", "dim", "seed",
+                 "n_rows", "created_at", "shard", "n_excluded", "transform"],
+    )
+    con.register("_gradient_store_rows", frame)
+    con.begin()
+    try:
+        con.execute("DELETE FROM gradient_stores WHERE store_id IN (SELECT store_id FROM _gradient_store_rows)")
+        con.execute("INSERT INTO gradient_stores BY NAME SELECT * FROM _gradient_store_rows")
+        record_diagnostics(con, diagnostics)
+        con.commit()
+    except BaseException:
+        con.rollback()
+        raise
+    finally:
+        con.unregister("_gradient_store_rows")
+
+
+@dataclass(frozen=True)
+class FeatureKey:
+    """Which recorded features an influence run reads: projection mode, dim and seed, and the
+    train-feature transform (target features have none)."""
+
+    mode: str
+    dim: int
+    seed: int
+    train_transform: str
+
+
+def latest_stores(con: Any, model: str, warmup_run_key: str, kind: str, key: FeatureKey) -> pd.DataFrame:
+    """Latest store per (epoch, shard) of the given features (epoch, shard, avg_lr, directory); shard is
+    '' for unsharded stores. Raises when there is none."""
+    ensure_store_table(con)
+    frame = con.execute(
+        """SELECT epoch, coalesce(shard, '') AS shard, avg_lr, directory FROM gradient_stores
+           WHERE model = ? AND warmup_run_key = ? AND kind = ? AND mode = ? AND dim = ? AND seed = ?
+             -- train stores of another transform never mix in (NULL: recorded before transforms, LESS's adam)
+             AND (kind <> 'train' OR coalesce(transform, ?) = ?)
+           QUALIFY row_number() OVER (PARTITION BY epoch, coalesce(shard, '') ORDER BY created_at DESC) = 1
+           ORDER BY epoch, shard""",
+        [model, warmup_run_key, kind, key.mode, key.dim, key.seed, LITERAL_LESS_TRANSFORM, key.train_transform],
+    ).df()
+    if frame.empty:
+        transform = f", train transform {key.train_transform}" if kind == "train" else ""
+        raise ValueError(
+            f"no {kind} gradients for model {model!r}, warmup run {warmup_run_key}, mode {key.mode}, dim {key.dim}, "
+            f"seed {key.seed}{transform}; materialize {kind}_gradients with the same settings first"
+        )
+    return frame
+
+
+def store_dims(con: Any, model: str, kind: str, shard: str | None, warmup_run_key: str) -> list[tuple[str, int]]:
+    """(directory, recorded dim) of every store of one shard (None: unsharded) of a warmup run."""
+    ensure_store_table(con)
+    return con.execute(
+        "SELECT directory, dim FROM gradient_stores WHERE model = ? AND kind = ? AND coalesce(shard, '') = ? "
+        "AND warmup_run_key = ? ORDER BY directory", [model, kind, shard or "", warmup_run_key]).fetchall()
+
+
+def latest_diagnostics(con: Any, model: str, warmup_run_key: str, mode: str, dim: int, seed: int) -> list[tuple]:
+    """Latest diagnostics per (kind, epoch, shard) of one feature setting: (kind, epoch, shard or '',
+    warmup_steps, n_rows, mean_feature_norm, mean_pairwise_cosine, collapsed), targets first."""
+    con.execute(DIAGNOSTICS_DDL)
+    return con.execute(
+        """SELECT kind, epoch, coalesce(part, '') AS part, warmup_steps, n_rows, mean_feature_norm,
+                  mean_pairwise_cosine, collapsed FROM feature_diagnostics
+           WHERE model = ? AND warmup_run_key = ? AND mode = ? AND dim = ? AND seed = ?
+           QUALIFY row_number() OVER (PARTITION BY kind, epoch, coalesce(part, '') ORDER BY created_at DESC) = 1
+           ORDER BY kind DESC, epoch, part""",
+        [model, warmup_run_key, mode, dim, seed],
+    ).fetchall()
+
+
+@dataclass(frozen=True)
+class InfluenceRecord:
+    """One `influence_runs` row: a score matrix and what it was computed from."""
+
+    model: str
+    scores_dir: str
+    warmup_run_key: str
+    mode: str
+    dim: int
+    seed: int
+    n_train: int
+    n_val: int
+    columns: list[dict[str, str]]  # per score column: task, subtask, val_example_id
+    weights: list[float]  # per checkpoint
+    pool_version: str
+
+
+def record_influence(con: Any, record: InfluenceRecord) -> None:
+    con.execute(INFLUENCE_DDL)
+    con.execute(
+        "INSERT INTO influence_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
+        [record.model, record.scores_dir, record.warmup_run_key, record.mode, record.dim, record.seed, record.n_train,
+         record.n_val, json.dumps(record.columns), json.dumps(record.weights), record.pool_version],
+    )
+
+
+def latest_influence(con: Any, model: str) -> dict:
+    """The most recent influence run of a model, with its score columns (task, subtask, val id)."""
+    con.execute(INFLUENCE_DDL)
+    row = con.execute(
+        "SELECT scores_dir, columns, n_train, n_val, pool_version, warmup_run_key, mode, dim, seed FROM influence_runs "
+        "WHERE model = ? ORDER BY created_at DESC LIMIT 1",
+        [model],
+    ).fetchone()
+    if row is None:
+        raise ValueError(f"no influence scores for model {model!r}; materialize influence_scores first")
+    return {"scores_dir": row[0], "columns": json.loads(row[1]), "n_train": row[2], "n_val": row[3],
+            "pool_version": row[4], "warmup_run_key": row[5], "mode": row[6], "dim": row[7], "seed": row[8]}
