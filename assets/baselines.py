@@ -6,14 +6,14 @@ from collections.abc import Callable
 import dagster as dg
 import numpy as np
 
-from assets.common import LineageTracker, read_pool, read_targets
+from assets.common import LineageTracker
 from assets.selections import SelectionConfig, record_picks, selection_asset
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings
 from selection import baselines, registry, selectors
 from selection.common import progress
-from selection.data import pool_store
+from selection.data import pool_store, target_store
 from selection.diversity import embeddings
 from selection.train import preflight
 
@@ -44,8 +44,8 @@ def from_hidden_states(method: registry.SelectionMethod) -> dg.AssetsDefinition:
         tracker = LineageTracker(context, lineage)
         spec = model_store.spec(context.partition_key)
         with lineage.connect() as con:
-            pool_version, ids, conversations = read_pool(con)
-            val_rows = read_targets(con, "val")
+            pool_version, ids, conversations = pool_store.read_pool(con)
+            val_rows = target_store.read_targets(con, "val")
         # Refused before the model is loaded and anything embedded.
         budget = preflight.resolve_selection_budget(config.budget, len(ids), len(ids), "current pool examples")
         model, tokenizer = model_store.load(spec, device.resolve())
@@ -77,7 +77,7 @@ def from_pool(method: registry.SelectionMethod) -> dg.AssetsDefinition:
     ) -> dg.MaterializeResult:
         tracker = LineageTracker(context, lineage)
         with lineage.connect() as con:
-            pool_version, ids, _ = read_pool(con)
+            pool_version, ids, _ = pool_store.read_pool(con)
             budget = pool_store.pool_version_size(con, pool_version)
         picks = method.choose(len(ids))
         return record_picks(context, tracker, lineage, settings, method.name, picks, ids, pool_version, budget)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib
 import json
@@ -140,38 +139,3 @@ def profile_metadata(context: dg.AssetExecutionContext, profile: dict[str, Any])
         metadata["why"] = "; ".join(why[part] for part in own if part in why)
     return metadata
 
-
-def read_pool(con) -> tuple[str, list[str], list[list[dict]]]:
-    """(pool_version, ids, conversations) of the current pool (superseded rows left out), in
-    first-seen then id order."""
-    from selection.data import pool_store
-
-    pool_store.ensure_pool_tables(con)
-    latest = pool_store.latest_pool_version(con)
-    if latest is None:
-        raise ValueError("the pool is empty; materialize raw_pool first")
-    rows = pool_store.current_pool_rows(con)
-    return latest[0], [r[0] for r in rows], [json.loads(r[1]) for r in rows]
-
-
-def read_targets(con, split: str = "val") -> list[tuple[str, str, str, list[dict]]]:
-    """(task, subtask, example_id, messages) of one split, in a stable order."""
-    rows = con.execute(
-        "SELECT task, subtask, example_id, messages FROM targets WHERE split = ? ORDER BY task, subtask, split_rank",
-        [split],
-    ).fetchall()
-    if not rows:
-        raise ValueError(f"no `{split}` targets; materialize target_tasks first")
-    return [(task, subtask, example_id, json.loads(messages)) for task, subtask, example_id, messages in rows]
-
-
-@contextlib.contextmanager
-def transaction(con):
-    """All-or-nothing for a multi-statement write (a failed replace never leaves half a table)."""
-    con.begin()
-    try:
-        yield con
-        con.commit()
-    except BaseException:
-        con.rollback()
-        raise

@@ -5,7 +5,7 @@ import time
 import dagster as dg
 from pydantic import Field
 
-from assets.common import LineageTracker, code_version, read_pool
+from assets.common import LineageTracker, code_version
 from assets.selections import selection_asset
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
@@ -52,7 +52,7 @@ class IterativeKmqConfig(KmqConfig):
     deps=["raw_pool"],
     group_name="diversity",
     pool="accelerator",
-    code_version=code_version("selection.diversity.embeddings"),
+    code_version=code_version("selection.diversity.embeddings", "selection.common.arrays"),
     description="Sentence embeddings of the pool, cached by example id and encoder (a refresh embeds only new ids).",
 )
 def embeddings_asset(
@@ -61,7 +61,7 @@ def embeddings_asset(
 ) -> dg.MaterializeResult:
     tracker = LineageTracker(context, lineage)
     with lineage.connect() as con:
-        pool_version, ids, conversations = read_pool(con)
+        pool_version, ids, conversations = pool_store.read_pool(con)
     encoder = embeddings.SentenceEncoder(config.model_dir, device=device.resolve())
     cache = embeddings.EmbeddingCache(
         embeddings.cache_dir_for(settings.subdir("embeddings"), encoder.fingerprint(), config.mode, encoder.dim),
@@ -105,7 +105,7 @@ def clusters(
 ) -> dg.MaterializeResult:
     tracker = LineageTracker(context, lineage)
     with lineage.connect() as con:
-        pool_version, ids, _ = read_pool(con)
+        pool_version, ids, _ = pool_store.read_pool(con)
         run = diversity_store.latest_embeddings(con)
     cache = embeddings.EmbeddingCache(run.cache_dir, run.encoder_fingerprint, run.mode, run.dim)
     clustering = kmq.cluster_pool(cache.load(ids), config.k, config.k_candidates, config.seed)
@@ -130,7 +130,7 @@ def clusters(
 
 def _read_kmq_pool(lineage: LineageStore) -> kmq_run.KmqPool:
     with lineage.connect() as con:
-        pool_version, ids, conversations = read_pool(con)
+        pool_version, ids, conversations = pool_store.read_pool(con)
         source_of = pool_store.example_sources(con, ids)
         label_of = diversity_store.cluster_labels(con, pool_version)
     return kmq_run.KmqPool(pool_version, ids, conversations, [source_of[i] for i in ids], label_of)
@@ -153,14 +153,16 @@ def _quality_metadata(metrics: dict) -> dict:
 
 
 def write_kmq_selection(context: dg.AssetExecutionContext, lineage: LineageStore, tracker: LineageTracker,
-                        model_name: str, result: kmq_run.KmqResult, extra_md: dict) -> dg.MaterializeResult:
-    """Write a kMQ run's picks as one `selections` entry (target `all`), then its lineage row and metadata."""
-    selection = selection_store.Selection(model_name, result.method, selectors.ALL_TARGETS, result.example_ids,
+                        model_name: str, method: str, result: kmq_run.KmqResult,
+                        extra_md: dict) -> dg.MaterializeResult:
+    """Write a kMQ run's picks as one `selections` entry of `method` (target `all`), then its lineage row and
+    metadata."""
+    selection = selection_store.Selection(model_name, method, selectors.ALL_TARGETS, result.example_ids,
                                           [float(s) for s in result.scores], result.pool_version, result.budget)
     with lineage.connect() as con:
         selection_store.write_selections(con, [selection], None, context.run.run_id,
                                          context.assets_def.code_versions_by_key.get(context.asset_key))
-    tracker.add_table("selections", f"{model_name}/{result.method}/{selection.budget}", rows=selection.budget)
+    tracker.add_table("selections", f"{model_name}/{method}/{selection.budget}", rows=selection.budget)
     data_version = tracker.finish(result.metrics)
     return dg.MaterializeResult(
         data_version=data_version,
@@ -183,7 +185,7 @@ def from_clusters(method: registry.SelectionMethod) -> dg.AssetsDefinition:
         result = method.choose(_read_kmq_pool(lineage), kmq_settings, runtime)
         per_cluster = result.metrics["per_cluster"]
         return write_kmq_selection(
-            context, lineage, tracker, runtime.spec.name, result,
+            context, lineage, tracker, runtime.spec.name, method.name, result,
             {"per_cluster_budget": dg.MetadataValue.md(bar_chart_markdown(per_cluster, "examples per cluster")),
              **_quality_metadata(result.metrics)},
         )
@@ -210,7 +212,7 @@ def from_clusters_with_feedback(method: registry.SelectionMethod) -> dg.AssetsDe
                          "weights": ", ".join(f"{w:.3f}" for w in r.weights)} for r in result.rounds]
         final = result.metrics["final_weights"]
         return write_kmq_selection(
-            context, lineage, tracker, runtime.spec.name, result,
+            context, lineage, tracker, runtime.spec.name, method.name, result,
             {"rounds": dg.MetadataValue.md(markdown_table(rounds_table)),
              "final_weights": dg.MetadataValue.md(bar_chart_markdown({str(c): float(w) for c, w in enumerate(final)},
                                                                      "cluster weights after feedback")),

@@ -8,7 +8,7 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from assets.common import LineageTracker, code_version, read_targets
+from assets.common import LineageTracker, code_version
 from assets.partitions import model_partitions
 from assets.run_tags import describe_profile, profile_of_run
 from resources.lineage import LineageStore
@@ -17,6 +17,7 @@ from resources.settings import StorageSettings
 from selection.common import files, progress
 from selection.evaluate import evaluation, evaluation_store, stats
 from selection.train import checkpoints, models
+from selection.data import target_store
 from selection.data.targets import DEFAULT_TEST_PER_TASK
 from selection.common.markdown import markdown_table
 from selection.common.names import path_under
@@ -42,7 +43,7 @@ class ReportConfig(dg.Config):
 
 def _test_rows(con, cap: int | None) -> tuple[list[dict], list[evaluation.TaskCoverage]]:
     stored = [{"task": task, "subtask": subtask, "example_id": example_id, "messages": messages}
-              for task, subtask, example_id, messages in read_targets(con, "test")]
+              for task, subtask, example_id, messages in target_store.read_targets(con, "test")]
     return evaluation.stratified_test_rows(stored, cap)
 
 
@@ -68,7 +69,8 @@ def _evaluate(model, tokenizer, spec, row, test_rows: list[dict], config: Evalua
     deps=["finetuned_checkpoints", "target_tasks"],
     group_name="evaluation",
     pool="accelerator",
-    code_version=code_version("selection.evaluate.evaluation", "selection.diversity.quality"),
+    code_version=code_version("selection.evaluate.evaluation", "selection.diversity.quality",
+                              "selection.train.generation"),
     description="Per-task NLL (and MMLU choice accuracy) of the base model and each finetuned checkpoint on test rows.",
 )
 def evaluation_asset(
@@ -132,7 +134,7 @@ def evaluation_asset(
     partitions_def=model_partitions,
     deps=["evaluation"],
     group_name="evaluation",
-    code_version=code_version("selection.evaluate.evaluation"),
+    code_version=code_version("selection.evaluate.evaluation", "selection.evaluate.stats"),
     description="Comparison of every method's finetuned checkpoint per task: deltas vs a baseline and average ranks.",
 )
 def comparison_report(

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import dagster as dg
 from pydantic import Field, field_validator
 
-from assets.common import LineageTracker, code_version, read_pool
+from assets.common import LineageTracker, code_version
 from assets.partitions import model_partitions
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
@@ -15,7 +15,7 @@ from resources.settings import StorageSettings
 from selection import registry, selection_store, selectors
 from selection.common import names, progress
 from selection.common.markdown import markdown_table
-from selection.data import tokenization
+from selection.data import pool_store, tokenization
 from selection.train import checkpoints, models, training
 
 GPU_DEFAULT_SEEDS = 3
@@ -57,7 +57,7 @@ def _finetune(
     tracker = LineageTracker(context, lineage)
     spec = model_store.spec(context.partition_key)
     with lineage.connect() as con:
-        _, ids, conversations = read_pool(con)
+        _, ids, conversations = pool_store.read_pool(con)
         wanted = selection_store.latest_selections(con, spec.name, config.targets, config.methods)
         chosen = {selection: selection_store.selected_ids(con, spec.name, selection) for selection in wanted}
     if not wanted:

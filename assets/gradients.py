@@ -2,29 +2,31 @@
 
 `train_gradients` is partitioned by (model, shard): each partition computes the pool examples
 whose id hashes to its shard (`selection.influence.datastore.shard_of`), so a run launcher or executor
-can spread shards over machines. It streams the pool in chunks of `shard_size` examples
+can spread shards over machines. It streams the pool in chunks of `chunk_size` examples
 (read, tokenize, compute, write; `selection.influence.features`), so its memory does not grow with the pool.
 `target_gradients` (a few val examples) is partitioned by model only.
 """
 
 from collections.abc import Callable
+from typing import Any
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from assets.common import LineageTracker, code_version, read_targets
+from assets.common import LineageTracker, code_version
 from assets.partitions import MODEL_DIMENSION, SHARD_DIMENSION, model_partitions, model_shard_partitions
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings
 from selection.common.markdown import markdown_table
+from selection.data import target_store
 from selection.influence import features, projection
 from selection.influence.gradients import DEFAULT_TRAIN_TRANSFORM
 
 GRADIENT_CODE = code_version(
     "selection.influence.gradients", "selection.influence.projection", "selection.influence.datastore",
     "selection.data.tokenization", "selection.train.checkpoints", "selection.influence.diagnostics",
-    "selection.influence.features",
+    "selection.influence.features", "selection.common.arrays",
 )
 
 
@@ -34,7 +36,9 @@ class GradientConfig(dg.Config):
                       description="'exact' (dense Rademacher from the CPU), 'device' (dense Rademacher generated "
                       "on the device, for 7B-scale LoRA dims) or 'fast' (sparse sign)")
     seed: int = Field(default=0, description="Projection seed; stores of different seeds never mix")
-    shard_size: int = Field(default=512, description="Examples per chunk read from the pool and per file on disk")
+    chunk_size: int = Field(default=512, description="Examples per chunk read from the pool and per file on disk")
+    shard_size: int | None = Field(
+        default=None, description="Deprecated name of chunk_size (a shard is a train_gradients partition)")
     train_transform: str = Field(
         default=DEFAULT_TRAIN_TRANSFORM,
         description="train_gradients only (target features are always plain gradients): 'adam' (default, "
@@ -42,6 +46,19 @@ class GradientConfig(dg.Config):
         "'adam_bias_corrected' or 'sgd'. Stores of different "
         "transforms never mix; influence_scores reads the one its own train_transform names.",
     )
+
+    # Run configs written before the rename still work: `shard_size` is read as `chunk_size`.
+    @model_validator(mode="before")
+    @classmethod
+    def _chunk_size_alias(cls, values: Any) -> Any:
+        if not isinstance(values, dict) or values.get("shard_size") is None:
+            return values
+        values = dict(values)
+        old = values.pop("shard_size")
+        if values.setdefault("chunk_size", old) != old:
+            raise ValueError(f"chunk_size {values['chunk_size']} and its deprecated name shard_size {old} differ; "
+                             "give chunk_size only")
+        return values
 
 
 def _result(tracker: LineageTracker, metrics: dict) -> dg.MaterializeResult:
@@ -85,7 +102,7 @@ def _pool_shard(context: dg.AssetExecutionContext, lineage: LineageStore) -> fea
 
 def _target_val(context: dg.AssetExecutionContext, lineage: LineageStore) -> features.FeatureExamples:
     with lineage.connect() as con:
-        rows = read_targets(con, "val")
+        rows = target_store.read_targets(con, "val")
     return features.target_val_examples(rows)
 
 
@@ -118,7 +135,7 @@ def build_gradient_asset(
         run = features.compute_gradient_features(features.FeatureRequest(
             kind=kind, spec=model_store.spec(_model(context)), examples=examples,
             settings=features.FeatureSettings(dims=list(config.dims), mode=config.mode, seed=config.seed,
-                                              chunk_size=config.shard_size, train_transform=config.train_transform),
+                                              chunk_size=config.chunk_size, train_transform=config.train_transform),
             root=settings.path("gradients"), models=model_store, device=device, connect=lineage.connect,
             log=context.log,
         ))

@@ -3,13 +3,13 @@
 import dagster as dg
 from pydantic import Field
 
-from assets.common import LineageTracker, code_version, read_targets
+from assets.common import LineageTracker, code_version
 from assets.partitions import MODEL_DIMENSION, model_partitions, shard_partitions
 from resources.lineage import LineageStore
 from resources.model_store import ModelStore
 from resources.settings import StorageSettings
 from selection.common.markdown import markdown_table
-from selection.data import pool_store
+from selection.data import pool_store, target_store
 from selection.influence import influence_store, projection, scores
 from selection.influence.gradients import DEFAULT_TRAIN_TRANSFORM, transform_why
 from selection.train import checkpoints
@@ -52,7 +52,7 @@ def influence_scores(
         run_key = str(warmup["run_key"].iloc[0])
         train = influence_store.latest_stores(con, spec.name, run_key, "train", key)
         target = influence_store.latest_stores(con, spec.name, run_key, "target", key)
-        val_rows = read_targets(con, "val")
+        val_rows = target_store.read_targets(con, "val")
         pool_ids = pool_store.pool_ids(con)
         pool_version = pool_store.latest_pool_version(con)[0]
     run = scores.score_influence(scores.InfluenceRequest(

@@ -34,7 +34,9 @@ class TargetFileConfig(dg.Config):
 
 class TargetTasksConfig(dg.Config):
     files: list[TargetFileConfig] = Field(
-        default_factory=list, description="Target JSONL files; empty uses the built-in MMLU/code/math targets"
+        default_factory=list,
+        description="Target files (the file types and record formats of pool sources); "
+        "empty uses the built-in MMLU/code/math targets",
     )
     default_tasks: list[str] | None = Field(
         default=None,
@@ -47,7 +49,8 @@ class TargetTasksConfig(dg.Config):
 
 @dg.asset(
     group_name="pool",
-    code_version=code_version("selection.data.formats", "selection.data.ingest", "selection.data.pool_store", "selection.data.default_data"),
+    code_version=code_version("selection.data.formats", "selection.data.ingest", "selection.data.pool_store",
+                              "selection.data.default_data", "selection.common.allocation"),
     description="Instruction pool in DuckDB (`pool`, `pool_rejects`, `pool_duplicates`), append-only and versioned.",
 )
 def raw_pool(

@@ -3,12 +3,13 @@
 import dagster as dg
 from pydantic import Field
 
-from assets.common import LineageTracker, code_version, read_pool
+from assets.common import LineageTracker, code_version
 from assets.partitions import model_partitions
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings
 from selection.common.markdown import markdown_table
+from selection.data import pool_store
 from selection.influence import warmup
 from selection.train import checkpoints, training
 
@@ -57,7 +58,7 @@ def warmup_checkpoints(
         warmup_ratio=config.warmup_ratio, seed=config.seed,
     )
     with lineage.connect() as con:
-        pool_version, ids, conversations = read_pool(con)
+        pool_version, ids, conversations = pool_store.read_pool(con)
     run = warmup.train_warmup(warmup.WarmupRequest(
         spec=spec, training=train_config, fraction=config.fraction, resample=config.resample,
         pool_version=pool_version, pool=dict(zip(ids, conversations)),

@@ -50,7 +50,7 @@ def run_config(pool_file: Path, size: int) -> dict:
     return {"ops": {
         "raw_pool": {"config": {"sources": [{"path": str(pool_file)}]}},
         "warmup_checkpoints": {"config": {"fraction": WARMUP_EXAMPLES / size, "epochs": 1, "batch_size": 8}},
-        "train_gradients": {"config": {"dims": [DIM], "mode": "fast", "shard_size": 512}},
+        "train_gradients": {"config": {"dims": [DIM], "mode": "fast", "chunk_size": 512}},
     }}
 
 
@@ -101,9 +101,9 @@ def in_memory(home: Path) -> dict:
     """The earlier way: every conversation and its tokens in memory at once, then compute."""
     import torch
 
-    from assets.common import read_pool
     from resources.lineage import LineageStore
-    from selection.data import tokenization
+    from resources.settings import LINEAGE_DB_FILE
+    from selection.data import pool_store, tokenization
     from selection.influence import datastore, projection
     from selection.train import models
     from selection.influence.gradients import PerExampleGradients
@@ -117,8 +117,8 @@ def in_memory(home: Path) -> dict:
     engine = PerExampleGradients(peft_model)
     rss_before = peak_rss_mb()
     started = time.perf_counter()
-    with LineageStore(db_path=str(home / "lineage.duckdb")).connect() as con:
-        _, ids, conversations = read_pool(con)
+    with LineageStore(db_path=str(home / LINEAGE_DB_FILE)).connect() as con:
+        _, ids, conversations = pool_store.read_pool(con)
     tokenized, _ = tokenization.tokenize_many(tokenizer, conversations, spec.max_length)
     target = projection.make_projector("fast", engine.dim, DIM, 0, engine.names_hash)
     features = datastore.FeatureStore(home / "in_memory_store", "tiny", "x", "target", target)

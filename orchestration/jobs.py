@@ -4,11 +4,12 @@ A model refresh is three jobs, because `train_gradients` is partitioned by (mode
 while everything else per model is partitioned by model alone:
 
 1. `prepare_job` (partition: model): pool, targets, warmup, target gradients, embeddings,
-   clusters and the selections that need no influence scores (kMQ, RDS, random, ...).
+   clusters and the selections that need no influence scores (kMQ, iterative kMQ, RDS, full data).
 2. `train_gradients_job` (partition: model|shard), one run per shard; a run launcher or
    executor can put each on its own machine (README, "Running shards in parallel").
-3. `select_and_evaluate_job` (partition: model): influence scores, LESS/BIDS selections,
-   finetuning, evaluation and the comparison report.
+3. `select_and_evaluate_job` (partition: model): influence scores, the selections over them
+   (LESS, BIDS, round robin, and random, which samples the scored rows), finetuning, evaluation
+   and the comparison report.
 
 `make demo` runs them in this order, with a named profile's run config (orchestration/profiles.py:
 `quick` by default, `full`); in a deployment the assets' automation conditions chain the same

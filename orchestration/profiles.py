@@ -16,11 +16,13 @@ with the profile's name and values (`PROFILE_TAG`, `PROFILE_VALUES_TAG`); assets
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
 from assets.run_tags import PROFILE_TAG, PROFILE_VALUES_TAG, describe_profile
 from orchestration.jobs import PREPARE_JOB_NAME, SELECT_AND_EVALUATE_JOB_NAME, TRAIN_GRADIENTS_JOB_NAME
+from selection.registry import METHODS, Input
 from selection.train import training
 from selection.train.models import DEMO_SPEC_OVERRIDES
 
@@ -67,7 +69,20 @@ _DEMO_MODEL = DEMO_SPEC_OVERRIDES
 # adds 3 (a 1-example round whose prompt leaves no room to generate has no feedback at all).
 _QUICK_BUDGET = {"budget": 6}
 _QUICK_BUDGET_WHY = f"{_CPU}: 6 examples, 10% of the 60-example pool (LESS: 5%, 3 examples here)"
-_QUICK_SELECTIONS = ("less_selection", "bids_selection", "round_robin_selection", "random_selection")
+
+
+def _selection_assets(*, consumes: Collection[Input] | None = None, skip: Collection[Input] = ()) -> list[str]:
+    """The selection assets of the registered methods over `consumes` (None: any input) but not `skip`."""
+    return [m.asset for m in METHODS if (consumes is None or m.consumes in consumes) and m.consumes not in skip]
+
+
+# Every registered method but those that take the whole pool (no budget) gets the quick budget:
+# those over the influence scores run after the pool's gradients, the others in the prepare job,
+# where iterative kMQ's rounds (they generate text for their feedback) also get fewer, shorter ones.
+_SCORE_SELECTIONS = _selection_assets(consumes={Input.INFLUENCE_SCORES})
+_FEEDBACK_SELECTIONS = _selection_assets(consumes={Input.CLUSTERS_WITH_FEEDBACK})
+_PREPARE_SELECTIONS = _selection_assets(skip={Input.POOL, Input.INFLUENCE_SCORES, Input.CLUSTERS_WITH_FEEDBACK})
+_QUICK_ROUNDS = {"n_rounds": 2, "max_new_tokens": 16}
 _DEMO_WARMUP = {"learning_rate": DEMO_TRAINING.learning_rate}
 _DEMO_FINETUNE = {"epochs": 1, "learning_rate": DEMO_TRAINING.learning_rate, "batch_size": DEMO_TRAINING.batch_size}
 
@@ -81,14 +96,13 @@ PROFILES = {
                 "target_tasks": {"default_tasks": ["code", "math"], "n_val": 1},
                 "warmup_checkpoints": {"fraction": 0.1, "epochs": 2, "batch_size": 2, **_DEMO_WARMUP},
                 "target_gradients": {"dims": [1024]},
-                "rds_selection": _QUICK_BUDGET,
-                "kmq_selection": _QUICK_BUDGET,
-                "kmq_iterative_selection": {**_QUICK_BUDGET, "n_rounds": 2, "max_new_tokens": 16},
+                **dict.fromkeys(_PREPARE_SELECTIONS, _QUICK_BUDGET),
+                **{asset: {**_QUICK_BUDGET, **_QUICK_ROUNDS} for asset in _FEEDBACK_SELECTIONS},
             },
             TRAIN_GRADIENTS_JOB_NAME: {"train_gradients": {"dims": [1024]}},
             SELECT_AND_EVALUATE_JOB_NAME: {
                 "influence_scores": {"dim": 1024},
-                **{asset: _QUICK_BUDGET for asset in _QUICK_SELECTIONS},
+                **dict.fromkeys(_SCORE_SELECTIONS, _QUICK_BUDGET),
                 # 2-example steps: 6 examples in one 8-example step would be the warmup step, at lr 0.
                 "finetuned_checkpoints": {**_DEMO_FINETUNE, "batch_size": 2},
                 "evaluation": {"max_test_per_task": 5},
@@ -106,8 +120,8 @@ PROFILES = {
             "influence_scores": f"{_CPU}: reads the 1024-dim features the gradient assets computed",
             "finetuned_checkpoints": f"{_FINETUNE_WHY}; 2-example steps, since 6 examples make one 8-example step, "
                                      "the warmup step at lr 0",
-            **{asset: _QUICK_BUDGET_WHY for asset in (*_QUICK_SELECTIONS, "rds_selection", "kmq_selection")},
-            "kmq_iterative_selection": f"{_QUICK_BUDGET_WHY}, in 2 rounds of 3",
+            **dict.fromkeys((*_SCORE_SELECTIONS, *_PREPARE_SELECTIONS), _QUICK_BUDGET_WHY),
+            **dict.fromkeys(_FEEDBACK_SELECTIONS, f"{_QUICK_BUDGET_WHY}, in 2 rounds of 3"),
         },
     ),
     "full": Profile(
@@ -118,7 +132,7 @@ PROFILES = {
                 "raw_pool": {"default_pool_size": 300},
                 "target_tasks": {"n_val": 2},
                 "warmup_checkpoints": {"epochs": 2, "batch_size": DEMO_TRAINING.batch_size, **_DEMO_WARMUP},
-                "kmq_iterative_selection": {"max_new_tokens": 32},
+                **{asset: {"max_new_tokens": 32} for asset in _FEEDBACK_SELECTIONS},
             },
             SELECT_AND_EVALUATE_JOB_NAME: {
                 "finetuned_checkpoints": _DEMO_FINETUNE,

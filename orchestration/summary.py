@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from resources.lineage import connect_with_retry
+from resources.settings import LINEAGE_DB_FILE
 
 SUMMARY_QUERIES = {
     # Superseded rows (old versions of edited records) are never selected; counted apart.
@@ -29,7 +30,7 @@ SUMMARY_QUERIES = {
 
 
 def print_summary(home: str) -> None:
-    db_path = Path(home) / "lineage.duckdb"
+    db_path = Path(home) / LINEAGE_DB_FILE
     with connect_with_retry(db_path) as con:
         tables = {row[0] for row in con.execute("SHOW TABLES").fetchall()}
         for title, sql in SUMMARY_QUERIES.items():
@@ -63,7 +64,7 @@ def headline(con, model: str) -> list[str]:
 
 def print_next_steps(home: Path, model: str) -> None:
     """What to look at after the demo: the report and its headline, the exports, a lineage query, the UI."""
-    db_path = home / "lineage.duckdb"
+    db_path = home / LINEAGE_DB_FILE
     with connect_with_retry(db_path) as con:
         # The report's own lineage row says where it was written and which baseline its deltas are against.
         report, baseline = con.execute(

@@ -8,7 +8,7 @@ from typing import Any
 
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
-from resources.settings import StorageSettings, default_home
+from resources.settings import LINEAGE_DB_FILE, StorageSettings, default_home
 
 ENV_VAR = "INSTRUCT_SELECT_ENV"
 
@@ -25,7 +25,7 @@ def build_resources(home: str | None = None, env: str | None = None) -> dict[str
     root = Path(settings.home)
     return {
         "settings": settings,
-        "lineage": LineageStore(db_path=str(root / "lineage.duckdb")),
+        "lineage": LineageStore(db_path=str(root / LINEAGE_DB_FILE)),
         "model_store": ModelStore(cache_dir=str(root / "model_cache")),
         "device": DeviceSettings(device="cpu") if env == "ci" else DeviceSettings(),
     }

@@ -11,6 +11,8 @@ from selection.common.names import path_under
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 HOME_ENV_VAR = "INSTRUCT_SELECT_HOME"
+# The DuckDB file, directly under the storage root, that holds the lineage and every stage's tables.
+LINEAGE_DB_FILE = "lineage.duckdb"
 
 
 def default_home() -> str:

@@ -1,6 +1,6 @@
 """Data checks the asset checks run: each returns a CheckOutcome naming what failed.
 
-Pure functions over DuckDB connections, feature stores and arrays; the Dagster wrappers
+Pure functions over the stores' readers, feature stores and arrays (no SQL here); the Dagster wrappers
 (assets/checks.py) only find what a materialization wrote and report the outcome.
 """
 
@@ -46,26 +46,17 @@ def check_selection(con: duckdb.DuckDBPyConnection, model: str, method: str, bud
     """The selections `run_id` wrote for (model, method): each target holds exactly the requested
     `budget` rows, no id twice, and every id is in the pool version it was selected from."""
     checked = f"{method} selections of {model} by run {run_id}: {budget} rows per target, distinct ids, ids in the pool"
-    selection_store.ensure_selection_tables(con)
-    pool_store.ensure_pool_tables(con)
-    rows = con.execute(
-        f"""SELECT s.target, count(*), count(DISTINCT s.example_id), any_value(s.budget),
-                   count(*) FILTER (WHERE NOT EXISTS (
-                       SELECT 1 FROM pool p JOIN pool_versions v ON v.pool_version = s.pool_version
-                       WHERE p.example_id = s.example_id AND {pool_store.member_at_seq_sql('p', 'v.seq')}))
-            FROM selections s WHERE s.model = ? AND s.method = ? AND s.run_id = ? GROUP BY s.target ORDER BY 1""",
-        [model, method, run_id],
-    ).fetchall()
-    if not rows:
+    counts = selection_store.run_target_counts(con, model, method, run_id)
+    if not counts:
         return CheckOutcome(checked, [f"run {run_id} stored no {method} selection for {model}"])
     problems = []
-    for target, n_rows, n_distinct, stored_budget, not_in_pool in rows:
-        if n_rows != budget or stored_budget != budget:
-            problems.append(f"{target}: {n_rows} rows (stored budget {stored_budget}), requested budget {budget}")
-        if n_distinct != n_rows:
-            problems.append(f"{target}: {n_rows - n_distinct} duplicate example ids")
-        if not_in_pool:
-            problems.append(f"{target}: {not_in_pool} ids not in the pool version they were selected from")
+    for c in counts:
+        if c.n_rows != budget or c.budget != budget:
+            problems.append(f"{c.target}: {c.n_rows} rows (stored budget {c.budget}), requested budget {budget}")
+        if c.n_distinct != c.n_rows:
+            problems.append(f"{c.target}: {c.n_rows - c.n_distinct} duplicate example ids")
+        if c.n_not_in_pool:
+            problems.append(f"{c.target}: {c.n_not_in_pool} ids not in the pool version they were selected from")
     return CheckOutcome(checked, problems)
 
 
@@ -127,26 +118,19 @@ def check_embeddings(cache, ids: Sequence[str], chunk_rows: int = 65536) -> Chec
 def check_pool_accounting(con: duckdb.DuckDBPyConnection) -> CheckOutcome:
     """Per source and ingest: accepted + rejected + duplicates = records read, and the `pool`,
     `pool_rejects` and `pool_duplicates` rows of that ingest match the counts it recorded."""
-    pool_store.ensure_pool_tables(con)
-    rows = con.execute(
-        """SELECT s.source, s.ingest_id, s.n_read, s.n_accepted, s.n_rejected, s.n_duplicates,
-                  (SELECT count(*) FROM pool p JOIN pool_versions v ON v.pool_version = p.first_seen_version
-                   WHERE v.ingest_id = s.ingest_id AND p.source = s.source),
-                  (SELECT count(*) FROM pool_rejects r WHERE r.ingest_id = s.ingest_id AND r.source = s.source),
-                  (SELECT count(*) FROM pool_duplicates d WHERE d.ingest_id = s.ingest_id AND d.source = s.source)
-           FROM pool_sources s ORDER BY s.ingested_at, s.source"""
-    ).fetchall()
-    checked = f"{len(rows)} source reads: accepted + rejected + duplicates = read, and the tables hold those rows"
-    if not rows:
+    reads = pool_store.source_accounting(con)
+    checked = f"{len(reads)} source reads: accepted + rejected + duplicates = read, and the tables hold those rows"
+    if not reads:
         return CheckOutcome(checked, ["no source was ever ingested"])
     problems = []
-    for source, ingest, n_read, n_accepted, n_rejected, n_duplicates, *stored in rows:
-        where = f"{source} (ingest {ingest[:8]})"
-        if n_accepted + n_rejected + n_duplicates != n_read:
-            problems.append(f"{where}: accepted {n_accepted} + rejected {n_rejected} + duplicates {n_duplicates} "
-                            f"!= read {n_read}")
-        for name, recorded, found in zip(("pool", "pool_rejects", "pool_duplicates"),
-                                         (n_accepted, n_rejected, n_duplicates), stored):
+    for r in reads:
+        where = f"{r.source} (ingest {r.ingest_id[:8]})"
+        if r.n_accepted + r.n_rejected + r.n_duplicates != r.n_read:
+            problems.append(f"{where}: accepted {r.n_accepted} + rejected {r.n_rejected} + duplicates "
+                            f"{r.n_duplicates} != read {r.n_read}")
+        for name, recorded, found in (("pool", r.n_accepted, r.rows_in_pool),
+                                      ("pool_rejects", r.n_rejected, r.rows_in_rejects),
+                                      ("pool_duplicates", r.n_duplicates, r.rows_in_duplicates)):
             if recorded != found:
                 problems.append(f"{where}: {found} rows in {name}, {recorded} recorded")
     return CheckOutcome(checked, problems)
@@ -156,19 +140,17 @@ def check_evaluation(con: duckdb.DuckDBPyConnection, model: str, run_id: str,
                      current_run_keys: Sequence[str]) -> CheckOutcome:
     """The evaluation `run_id` scored the base model and every current finetuned checkpoint
     (`current_run_keys`), each on exactly the same test rows."""
+    from selection.evaluate.evaluation_store import scored_test_rows  # imports torch (via checkpoints)
+
     checked = (f"evaluation run {run_id} of {model}: base and {len(current_run_keys)} current checkpoints, "
                "same test rows")
-    scored = con.execute(
-        """SELECT coalesce(run_key, 'base'), list(DISTINCT task || '/' || example_id ORDER BY task || '/' || example_id),
-                  count(*) FROM evaluation_rows WHERE model = ? AND run_id = ? GROUP BY 1 ORDER BY 1""",
-        [model, run_id],
-    ).fetchall()
-    rows_of = {key: (rows, n) for key, rows, n in scored}
-    problems = [f"checkpoint {key} was not evaluated" for key in ["base", *current_run_keys] if key not in rows_of]
-    base_rows = rows_of.get("base", (None, 0))[0]
-    for key, (rows, n) in rows_of.items():
-        if n != len(rows):
-            problems.append(f"{key}: {n - len(rows)} test rows scored twice")
+    scored = scored_test_rows(con, model, run_id)
+    problems = [f"checkpoint {key} was not evaluated" for key in ["base", *current_run_keys] if key not in scored]
+    base_rows = scored["base"].rows if "base" in scored else None
+    for key, checkpoint in scored.items():
+        rows = checkpoint.rows
+        if checkpoint.n_scored != len(rows):
+            problems.append(f"{key}: {checkpoint.n_scored - len(rows)} test rows scored twice")
         if base_rows is not None and rows != base_rows:
             problems.append(f"{key}: {len(set(rows) ^ set(base_rows))} test rows differ from the base model's")
     return CheckOutcome(checked, problems)

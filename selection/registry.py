@@ -72,13 +72,13 @@ METHODS: tuple[SelectionMethod, ...] = (
     SelectionMethod(
         "kmq", "kMQ: budget per cluster proportional to its size, quality-weighted sampling within clusters.",
         Input.CLUSTERS, kmq_run.select_kmq,
-        ("selection.kmq", "selection.diversity.quality", "selection.diversity.kmq_run")),
+        ("selection.kmq", "selection.common.allocation", "selection.diversity.quality", "selection.diversity.kmq_run")),
     SelectionMethod(
         "kmq_iterative",
         "Iterative kMQ: rounds of b/N examples; cluster weights follow training feedback (gold vs generated).",
         Input.CLUSTERS_WITH_FEEDBACK, kmq_run.select_kmq_iterative,
-        ("selection.kmq", "selection.diversity.quality", "selection.diversity.kmq_run", "selection.train.generation",
-         "selection.train.training")),
+        ("selection.kmq", "selection.common.allocation", "selection.diversity.quality", "selection.diversity.kmq_run",
+         "selection.train.generation", "selection.train.training")),
     SelectionMethod(
         "rds", "RDS baseline (LESS paper): cosine similarity of the model's mean last-layer hidden states between "
         "pool and target val examples, aggregated per task like LESS; top-k per task and multi-target.",

@@ -16,7 +16,8 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from selection.data import export
+from selection.common.db import transaction
+from selection.data import export, pool_store
 
 SELECTION_DDL = (
     """CREATE TABLE IF NOT EXISTS selections (
@@ -82,8 +83,7 @@ def write_selections(
     keys = pd.DataFrame(
         [(s.model, s.method, s.target, s.budget) for s in selections], columns=["model", "method", "target", "budget"]
     )
-    con.begin()
-    try:
+    with transaction(con):
         for table in ("selections", "selection_explanations"):
             con.execute(
                 f"DELETE FROM {table} t WHERE EXISTS (SELECT 1 FROM keys k WHERE k.model = t.model "
@@ -95,10 +95,6 @@ def write_selections(
                 "INSERT INTO selection_explanations SELECT model, method, target, budget, example_id, reason_rank, "
                 "val_example_id, val_task, val_subtask, normalized_influence FROM explanations"
             )
-        con.commit()
-    except BaseException:
-        con.rollback()
-        raise
     return len(frame)
 
 
@@ -133,6 +129,32 @@ def selected_ids(con: duckdb.DuckDBPyConnection, model: str, selection: StoredSe
     return [r[0] for r in con.execute(
         "SELECT example_id FROM selections WHERE model = ? AND method = ? AND target = ? AND budget = ? ORDER BY rank",
         [model, selection.method, selection.target, selection.budget]).fetchall()]
+
+
+@dataclass(frozen=True)
+class RunTargetCounts:
+    """What one run stored for one target of a (model, method) selection."""
+
+    target: str
+    n_rows: int
+    n_distinct: int  # distinct example ids
+    budget: int  # the stored budget
+    n_not_in_pool: int  # ids missing from the pool version they were selected from
+
+
+def run_target_counts(con: duckdb.DuckDBPyConnection, model: str, method: str, run_id: str) -> list[RunTargetCounts]:
+    """Per target (in target order), the counts of the (model, method) selection rows `run_id` wrote."""
+    ensure_selection_tables(con)
+    pool_store.ensure_pool_tables(con)
+    rows = con.execute(
+        f"""SELECT s.target, count(*), count(DISTINCT s.example_id), any_value(s.budget),
+                   count(*) FILTER (WHERE NOT EXISTS (
+                       SELECT 1 FROM pool p JOIN pool_versions v ON v.pool_version = s.pool_version
+                       WHERE p.example_id = s.example_id AND {pool_store.member_at_seq_sql('p', 'v.seq')}))
+            FROM selections s WHERE s.model = ? AND s.method = ? AND s.run_id = ? GROUP BY s.target ORDER BY 1""",
+        [model, method, run_id],
+    ).fetchall()
+    return [RunTargetCounts(*row) for row in rows]
 
 
 def export_jsonl(con: duckdb.DuckDBPyConnection, path, example_ids: Sequence[str]) -> None:

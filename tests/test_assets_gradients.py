@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from assets import ALL_CHECKS, ASSET_MODULES
+from assets.gradients import GradientConfig
 from assets.influence import InfluenceConfig
 from assets.partitions import DEFAULT_MODEL, model_shard_keys, shard_partitions
 from resources import build_resources
@@ -61,6 +62,16 @@ def test_gradient_stores_table_of_the_part_era_keeps_its_rows_under_shard() -> N
     assert "shard" in columns and "part" not in columns
     ensure_store_table(con)  # a second run finds nothing to migrate
     assert [row[0] for row in con.execute("DESCRIBE gradient_stores").fetchall()] == columns
+
+
+def test_gradient_config_reads_the_deprecated_shard_size_as_chunk_size() -> None:
+    """Run configs written before `chunk_size` was named so keep their chunk size; a conflict is refused."""
+    assert GradientConfig().chunk_size == 512
+    assert GradientConfig(chunk_size=9).chunk_size == 9
+    assert GradientConfig(shard_size=7).chunk_size == 7
+    assert GradientConfig(shard_size=7, chunk_size=7).chunk_size == 7
+    with pytest.raises(ValueError, match="chunk_size 9 and its deprecated name shard_size 7 differ"):
+        GradientConfig(shard_size=7, chunk_size=9)
 
 
 def test_train_gradients_of_another_transform_are_computed_afresh_and_never_mixed(tmp_path: Path) -> None:

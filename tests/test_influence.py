@@ -9,7 +9,7 @@ import pytest
 
 from selection.influence.datastore import FeatureStore, compute_features, shard_key, shard_of
 from selection.influence.gradients import PerExampleGradients
-from selection.influence.scores import ShardedRows, compute_influence, load_scores
+from selection.influence.scores import ChunkedRows, compute_influence, load_scores
 from selection.influence.projection import make_projector
 from tests.test_datastore import PAD, moments
 from tests.test_gradients import random_examples, tiny_lora_model
@@ -34,7 +34,7 @@ def test_parts_give_the_scores_of_one_store(tmp_path: Path) -> None:
     parts = [train_store(tmp_path / f"p{k}", [r for r in train if shard_of(r[0], 3) == k], shard_key(k, 3))
              for k in range(3)]
     assert sum(len(p) for p in parts) == len(whole) and all(len(p) for p in parts)
-    assert ShardedRows(parts).shape == (12, 32)
+    assert ChunkedRows(parts).shape == (12, 32)
 
     compute_influence([whole], [target], [1.0], ["v0", "v1", "v2"], tmp_path / "scores_whole")
     compute_influence([parts], [target], [1.0], ["v0", "v1", "v2"], tmp_path / "scores_parts")

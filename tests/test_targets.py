@@ -218,7 +218,8 @@ def test_target_files_are_read_like_pool_sources(tmp_path: Path) -> None:
     result = tg.build_targets([{"path": alpaca}], n_val=1)
     assert not result.rejects
     by_line = {r.line_no: r for r in result.rows}
-    assert (by_line[1].task, by_line[1].subtask, by_line[1].messages) == ("qa", "geo", conversation("Capital of France?", "Paris."))
+    assert (by_line[1].task, by_line[1].subtask) == ("qa", "geo")
+    assert by_line[1].messages == conversation("Capital of France?", "Paris.")
     assert (by_line[2].subtask, by_line[2].messages) == ("qa", conversation("Add:\n\n2+2", "4"))
     assert by_line[1].example_id == example_id(by_line[1].messages) and by_line[1].file == alpaca
 

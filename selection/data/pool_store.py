@@ -55,6 +55,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from selection.common.db import transaction
 from selection.data.formats import DEFAULT_MAX_CHARS, reason_code
 from selection.data.ingest import (
     Accepted,
@@ -269,6 +270,17 @@ def current_pool_rows(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:
         f"SELECT example_id, messages FROM ({CURRENT_POOL_SQL}) ORDER BY first_seen_seq, example_id").fetchall()
 
 
+def read_pool(con: duckdb.DuckDBPyConnection) -> tuple[str, list[str], list[list[dict]]]:
+    """(pool_version, ids, conversations) of the current pool (superseded rows left out), in
+    first-seen then id order."""
+    ensure_pool_tables(con)
+    latest = latest_pool_version(con)
+    if latest is None:
+        raise ValueError("the pool is empty; materialize raw_pool first")
+    rows = current_pool_rows(con)
+    return latest[0], [r[0] for r in rows], [json.loads(r[1]) for r in rows]
+
+
 def superseded_among(con: duckdb.DuckDBPyConnection, example_ids: Sequence[str]) -> list[str]:
     """Those of ``example_ids`` that are superseded now, in the given order."""
     ensure_pool_tables(con)
@@ -306,6 +318,36 @@ def example_sources(con: duckdb.DuckDBPyConnection, example_ids: Sequence[str]) 
     finally:
         con.unregister("_wanted_source_ids")
     return dict(rows)
+
+
+@dataclass(frozen=True)
+class SourceAccounting:
+    """One source read of one ingest: the counts it recorded, and the rows the tables hold for it."""
+
+    source: str
+    ingest_id: str
+    n_read: int
+    n_accepted: int
+    n_rejected: int
+    n_duplicates: int
+    rows_in_pool: int  # pool rows first seen in this ingest's version
+    rows_in_rejects: int
+    rows_in_duplicates: int
+
+
+def source_accounting(con: duckdb.DuckDBPyConnection) -> list[SourceAccounting]:
+    """Every source read, oldest first, with its recorded counts and its `pool`, `pool_rejects`
+    and `pool_duplicates` rows."""
+    ensure_pool_tables(con)
+    rows = con.execute(
+        """SELECT s.source, s.ingest_id, s.n_read, s.n_accepted, s.n_rejected, s.n_duplicates,
+                  (SELECT count(*) FROM pool p JOIN pool_versions v ON v.pool_version = p.first_seen_version
+                   WHERE v.ingest_id = s.ingest_id AND p.source = s.source),
+                  (SELECT count(*) FROM pool_rejects r WHERE r.ingest_id = s.ingest_id AND r.source = s.source),
+                  (SELECT count(*) FROM pool_duplicates d WHERE d.ingest_id = s.ingest_id AND d.source = s.source)
+           FROM pool_sources s ORDER BY s.ingested_at, s.source"""
+    ).fetchall()
+    return [SourceAccounting(*row) for row in rows]
 
 
 def source_fingerprint(spec: Source) -> tuple[str, str]:
@@ -434,13 +476,8 @@ def ingest_sources(con: duckdb.DuckDBPyConnection, specs: Sequence[Source], *,
     ensure_pool_tables(con)
     parent = staging_dir if staging_dir is not None else _staging_parent(con)
     with tempfile.TemporaryDirectory(prefix=".ingest-", dir=parent) as scratch:
-        con.begin()
-        try:
+        with transaction(con):
             report = _ingest_in_transaction(con, specs, ingest_id, max_chars, _Stager(Path(scratch), batch_rows), started)
-            con.commit()
-        except BaseException:
-            con.rollback()
-            raise
     return report
 
 

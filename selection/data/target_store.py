@@ -8,6 +8,7 @@ the new ones, never a mix.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+from selection.common.db import transaction
 from selection.data.formats import canonical_json, reason_code
 from selection.data.targets import SPLITS, TargetReject, TargetRow
 
@@ -45,6 +47,17 @@ REJECT_COLUMNS = ("file", "line_no", "reason", "raw")
 def ensure_target_tables(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(TARGETS_DDL)
     con.execute(TARGET_REJECTS_DDL)
+
+
+def read_targets(con: duckdb.DuckDBPyConnection, split: str = "val") -> list[tuple[str, str, str, list[dict]]]:
+    """(task, subtask, example_id, messages) of one split, in a stable order."""
+    rows = con.execute(
+        "SELECT task, subtask, example_id, messages FROM targets WHERE split = ? ORDER BY task, subtask, split_rank",
+        [split],
+    ).fetchall()
+    if not rows:
+        raise ValueError(f"no `{split}` targets; materialize target_tasks first")
+    return [(task, subtask, example_id, json.loads(messages)) for task, subtask, example_id, messages in rows]
 
 
 def targets_version(rows: Iterable[TargetRow]) -> str:
@@ -85,16 +98,11 @@ def write_targets(
     reject_records = [(r.file, r.line_no, r.reason, r.raw) for r in rejects]
 
     ensure_target_tables(con)
-    con.begin()
-    try:
+    with transaction(con):
         con.execute("DELETE FROM targets")
         con.execute("DELETE FROM target_rejects")
         _insert(con, "targets", TARGET_COLUMNS, target_records)
         _insert(con, "target_rejects", REJECT_COLUMNS, reject_records)
-        con.commit()
-    except BaseException:
-        con.rollback()
-        raise
     return summarize_targets(rows, rejects, warnings)
 
 

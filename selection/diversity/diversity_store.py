@@ -13,15 +13,16 @@ budget) happen in one transaction, so a failure never leaves half a table.
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import duckdb
 import numpy as np
 import pandas as pd
+
+from selection.common.db import transaction
 
 EMBEDDING_RUNS_DDL = """CREATE TABLE IF NOT EXISTS embedding_runs (
     pool_version VARCHAR, cache_dir VARCHAR, encoder_fingerprint VARCHAR, mode VARCHAR, dim INTEGER, n_rows INTEGER,
@@ -33,17 +34,6 @@ QUALITY_DDL = """CREATE TABLE IF NOT EXISTS quality_scores (
 ROUNDS_DDL = """CREATE TABLE IF NOT EXISTS kmq_rounds (
     model VARCHAR, budget INTEGER, round INTEGER, weights JSON, cluster_scores JSON, updated_weights JSON,
     new_example_ids JSON, feedback JSON, run_id VARCHAR, created_at TIMESTAMPTZ)"""
-
-
-@contextlib.contextmanager
-def _transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
-    con.begin()
-    try:
-        yield
-        con.commit()
-    except BaseException:
-        con.rollback()
-        raise
 
 
 # ------------------------------------------------------------------ embedding_runs
@@ -85,7 +75,7 @@ def replace_clusters(con: duckdb.DuckDBPyConnection, pool_version: str, encoder_
     con.execute(CLUSTERS_DDL)
     con.register("_incoming_clusters", frame)
     try:
-        with _transaction(con):
+        with transaction(con):
             con.execute("DELETE FROM clusters WHERE pool_version = ?", [pool_version])
             con.execute("INSERT INTO clusters SELECT * FROM _incoming_clusters")
     finally:
@@ -141,7 +131,7 @@ def replace_kmq_rounds(con: duckdb.DuckDBPyConnection, model: str, budget: int, 
                        run_id: str) -> None:
     """The rounds of one model and budget, replacing the previous run's."""
     con.execute(ROUNDS_DDL)
-    with _transaction(con):
+    with transaction(con):
         con.execute("DELETE FROM kmq_rounds WHERE model = ? AND budget = ?", [model, budget])
         for row in rows:
             con.execute(

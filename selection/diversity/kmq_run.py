@@ -131,7 +131,8 @@ def load_kmq_inputs(pool: KmqPool, settings: KmqSettings, runtime: KmqRuntime) -
 
 @dataclass(frozen=True)
 class KmqResult:
-    method: str
+    """One kMQ run's picks; the caller stores them under its registry entry's method name."""
+
     pool_version: str
     budget: int
     example_ids: list[str]  # in selection order
@@ -157,7 +158,7 @@ def select_kmq(pool: KmqPool, settings: KmqSettings, runtime: KmqRuntime) -> Kmq
     metrics = {"budget": budget, "pool_version": pool.pool_version, "scorer": inputs.scorer.describe(),
                "per_cluster": per_cluster, "temperature": settings.temperature,
                **inputs.quality_metrics(settings.temperature)}
-    return KmqResult("kmq", pool.pool_version, budget, [pool.ids[i] for i in chosen], inputs.scores[chosen], metrics)
+    return KmqResult(pool.pool_version, budget, [pool.ids[i] for i in chosen], inputs.scores[chosen], metrics)
 
 
 class IterativeFeedback:
@@ -257,5 +258,5 @@ def select_kmq_iterative(pool: KmqPool, settings: IterativeKmqSettings, runtime:
                "final_weights": [float(w) for w in final], "feedback": feedback.feedback_log,
                "feedback_judge": judge.describe() if judge is not None else "self_likelihood",
                **inputs.quality_metrics(settings.temperature)}
-    return IterativeKmqResult("kmq_iterative", pool.pool_version, budget, [pool.ids[i] for i in chosen],
+    return IterativeKmqResult(pool.pool_version, budget, [pool.ids[i] for i in chosen],
                               inputs.scores[chosen], metrics, records)

@@ -11,10 +11,8 @@ tables it touches; a multi-statement write happens in one transaction.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,6 +21,7 @@ import pandas as pd
 
 from selection import selection_store
 from selection.common import names
+from selection.common.db import transaction
 from selection.train import checkpoints
 
 if TYPE_CHECKING:
@@ -38,17 +37,6 @@ EVALUATION_DDL = (
     example_id VARCHAR, nll DOUBLE, correct BOOLEAN, truncated BOOLEAN, gold_letter VARCHAR, predicted_letter VARCHAR,
     reject_reason VARCHAR, generation_correct BOOLEAN)""",
 )
-
-
-@contextlib.contextmanager
-def _transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
-    con.begin()
-    try:
-        yield
-        con.commit()
-    except BaseException:
-        con.rollback()
-        raise
 
 
 def ensure_evaluation_tables(con: duckdb.DuckDBPyConnection) -> None:
@@ -130,7 +118,7 @@ def record_evaluation(con: duckdb.DuckDBPyConnection, model: str, run_id: str, c
     """One checkpoint's `evaluation_runs` row and its `evaluation_rows`, together."""
     ensure_evaluation_tables(con)
     row_frame = _row_frame(result, model, run_id, checkpoint)
-    with _transaction(con):
+    with transaction(con):
         con.execute(
             "INSERT INTO evaluation_runs (model, name, stage, run_key, method, target, budget, result_path, "
             "summary, run_id, created_at, seed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now(), ?)",
@@ -159,6 +147,25 @@ def latest_evaluation(con: duckdb.DuckDBPyConnection, model: str) -> list[Stored
     return [StoredResult(*row) for row in rows]
 
 
+@dataclass(frozen=True)
+class ScoredTestRows:
+    """The test rows one checkpoint was scored on in one evaluation run."""
+
+    rows: list[str]  # distinct `task/example_id`, sorted
+    n_scored: int  # scored rows, repeats included
+
+
+def scored_test_rows(con: duckdb.DuckDBPyConnection, model: str, run_id: str) -> dict[str, ScoredTestRows]:
+    """The test rows evaluation `run_id` of `model` scored, by checkpoint run key ("base": the base model)."""
+    rows = con.execute(
+        """SELECT coalesce(run_key, 'base'),
+                  list(DISTINCT task || '/' || example_id ORDER BY task || '/' || example_id), count(*)
+           FROM evaluation_rows WHERE model = ? AND run_id = ? GROUP BY 1 ORDER BY 1""",
+        [model, run_id],
+    ).fetchall()
+    return {key: ScoredTestRows(list(test_rows), n) for key, test_rows, n in rows}
+
+
 def replace_comparison(con: duckdb.DuckDBPyConnection, model: str, comparison_frame: pd.DataFrame) -> None:
     """Replace the model's `comparison` rows with `comparison_frame`."""
     con.execute("CREATE TABLE IF NOT EXISTS comparison AS SELECT ''::VARCHAR AS model, * FROM comparison_frame LIMIT 0")
@@ -170,6 +177,6 @@ def replace_comparison(con: duckdb.DuckDBPyConnection, model: str, comparison_fr
             # The frame's columns are interpolated into the statement: each must be a plain identifier.
             names.check_identifier(column, "comparison column")
             con.execute(f'ALTER TABLE comparison ADD COLUMN "{column}" {column_type}')
-    with _transaction(con):
+    with transaction(con):
         con.execute("DELETE FROM comparison WHERE model = ?", [model])
         con.execute("INSERT INTO comparison BY NAME SELECT ? AS model, * FROM comparison_frame", [model])

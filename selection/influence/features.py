@@ -207,9 +207,9 @@ def compute_gradient_features(request: FeatureRequest) -> FeatureRun:
                 locks.enter_context(store.exclusive())
             dropped = datastore.align_stores(stores)
             if dropped:
-                log.warning(f"dropped {dropped} shard(s) a killed run committed to only some dims; recomputing them")
+                log.warning(f"dropped {dropped} chunk(s) a killed run committed to only some dims; recomputing them")
             for problem in datastore.repair_stores(stores):
-                log.warning(f"damaged feature shard dropped with the shards after it, recomputing: {problem}")
+                log.warning(f"damaged feature chunk dropped with the chunks after it, recomputing: {problem}")
             covered = stores[0].covered()
             todo = [example_id for example_id in examples.example_ids if example_id not in covered]
             computed = 0

@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from selection.common.db import transaction
 from selection.influence.datastore import FeatureStore
 from selection.influence.gradients import LITERAL_LESS_TRANSFORM
 
@@ -93,15 +94,11 @@ def record_stores(
                  "n_rows", "created_at", "shard", "n_excluded", "transform"],
     )
     con.register("_gradient_store_rows", frame)
-    con.begin()
     try:
-        con.execute("DELETE FROM gradient_stores WHERE store_id IN (SELECT store_id FROM _gradient_store_rows)")
-        con.execute("INSERT INTO gradient_stores BY NAME SELECT * FROM _gradient_store_rows")
-        record_diagnostics(con, diagnostics)
-        con.commit()
-    except BaseException:
-        con.rollback()
-        raise
+        with transaction(con):
+            con.execute("DELETE FROM gradient_stores WHERE store_id IN (SELECT store_id FROM _gradient_store_rows)")
+            con.execute("INSERT INTO gradient_stores BY NAME SELECT * FROM _gradient_store_rows")
+            record_diagnostics(con, diagnostics)
     finally:
         con.unregister("_gradient_store_rows")
 

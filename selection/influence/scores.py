@@ -1,4 +1,4 @@
-"""LESS influence over the gradient datastore: row-aligned views of sharded stores, scores on disk,
+"""LESS influence over the gradient datastore: row-aligned views over the stores' chunks, scores on disk,
 and the influence run that picks its stores and val columns (`score_influence`)."""
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ RECORD_FILE = "integrity.json"
 ASSET = "influence_scores"
 
 
-class ShardedRows:
-    """A read-only `[n_rows, dim]` view over the memory-mapped shards of one store, or of
-    several parts of one store read one after another, in storage order.
+class ChunkedRows:
+    """A read-only `[n_rows, dim]` view over the memory-mapped chunks of one store, or of the
+    stores of several shards (parts) read one after another, in storage order.
 
     Supports what the chunked influence loop needs (`shape`, `ndim`, row slices) without
-    concatenating the shards in memory.
+    concatenating the chunks in memory.
     """
 
     def __init__(self, stores: FeatureStore | Sequence[FeatureStore]) -> None:
@@ -42,8 +42,8 @@ class ShardedRows:
         if not stores or len({store.dim for store in stores}) != 1:
             raise ValueError("need at least one store, all of one dim")
         self.stores = stores
-        self._shards = [store.chunk(i) for store in stores for i in range(store.n_chunks)]
-        self._starts = np.cumsum([0] + [len(s) for s in self._shards])
+        self._chunks = [store.chunk(i) for store in stores for i in range(store.n_chunks)]
+        self._starts = np.cumsum([0] + [len(c) for c in self._chunks])
         self.shape = (int(self._starts[-1]), stores[0].dim)
         self.ndim = 2
         self.dtype = np.float16
@@ -53,15 +53,15 @@ class ShardedRows:
 
     def __getitem__(self, rows: slice) -> np.ndarray:
         if not isinstance(rows, slice) or rows.step not in (None, 1):
-            raise TypeError("ShardedRows supports contiguous row slices only")
+            raise TypeError("ChunkedRows supports contiguous row slices only")
         start, stop, _ = rows.indices(self.shape[0])
         parts = []
         first = int(np.searchsorted(self._starts, start, side="right") - 1)
-        for shard in range(max(first, 0), len(self._shards)):
-            lo, hi = self._starts[shard], self._starts[shard + 1]
+        for chunk in range(max(first, 0), len(self._chunks)):
+            lo, hi = self._starts[chunk], self._starts[chunk + 1]
             if lo >= stop:
                 break
-            parts.append(self._shards[shard][max(start - lo, 0) : min(stop, hi) - lo])
+            parts.append(self._chunks[chunk][max(start - lo, 0) : min(stop, hi) - lo])
         return np.concatenate(parts) if parts else np.zeros((0, self.shape[1]), np.float16)
 
 
@@ -87,9 +87,9 @@ def compute_influence(
     """Scores `[n_train, n_val]` = sum_c w_c cos(train_c, val_c), w_c = avg lr normalized (LESS).
 
     One train store (or the list of its parts, read in that order) and one target store per
-    checkpoint. Train rows are read shard by shard from disk; the score matrix is a float32 .npy memmap
+    checkpoint. Train rows are read chunk by chunk from disk; the score matrix is a float32 .npy memmap
     in `out_dir` with the row ids beside it (`train_ids.json`) and their sha256 (`integrity.json`).
-    Every feature shard is verified before anything is written; on failure no staging folder is left.
+    Every feature chunk is verified before anything is written; on failure no staging folder is left.
     """
     if not train_stores or len(train_stores) != len(target_stores) or len(avg_lrs) != len(train_stores):
         raise ValueError(
@@ -110,8 +110,8 @@ def compute_influence(
     if not train_ids:
         raise ValueError("the train gradient stores are empty")
     weights = less.checkpoint_weights(avg_lrs)
-    # Opening verifies every shard against its commit record, before anything is written.
-    train_rows = [ShardedRows(p) for p in parts]
+    # Opening verifies every chunk against its commit record, before anything is written.
+    train_rows = [ChunkedRows(p) for p in parts]
     val_features = [s.features(list(val_ids)) for s in target_stores]
     out_dir = Path(out_dir)
     # Scores and their row ids are written side by side in a temporary folder and swapped in

@@ -14,6 +14,7 @@ import duckdb
 import pandas as pd
 import torch
 
+from selection.common.db import transaction
 from selection.train.training import ADAPTER_DIR, WARMUP_ASSET, verify_checkpoint
 
 CHECKPOINT_TABLES = (
@@ -78,17 +79,12 @@ def record_training_run(
     )
     checkpoint_frame["seed"] = checkpoint_frame["seed"].astype("Int64")  # all-None would otherwise be an object column
     example_frame = pd.DataFrame({"model": model, "stage": stage, "run_key": run_key, "example_id": list(example_ids)})
-    con.begin()
-    try:
-        where = "WHERE model = ? AND stage = ? AND run_key = ?"
+    where = "WHERE model = ? AND stage = ? AND run_key = ?"
+    with transaction(con):
         con.execute(f"DELETE FROM checkpoints {where}", [model, stage, run_key])
         con.execute(f"DELETE FROM checkpoint_examples {where}", [model, stage, run_key])
         con.execute("INSERT INTO checkpoints BY NAME SELECT * FROM checkpoint_frame")
         con.execute("INSERT INTO checkpoint_examples SELECT * FROM example_frame")
-        con.commit()
-    except BaseException:
-        con.rollback()
-        raise
 
 
 def examples_of_latest_run(con: duckdb.DuckDBPyConnection, model: str, stage: str, config_key: str) -> list[str] | None:
