@@ -18,18 +18,38 @@ from selection.diversity import embeddings
 from selection.train import preflight
 
 
-def _causal_lm_embeddings(cache_root, spec, model, tokenizer, ids, conversations, batch_size: int,
-                          log: Callable[[str], None], label: str, asset: str) -> np.ndarray:
+def _causal_lm_embeddings(
+    cache_root,
+    spec,
+    model,
+    tokenizer,
+    ids,
+    conversations,
+    batch_size: int,
+    log: Callable[[str], None],
+    label: str,
+    asset: str,
+) -> np.ndarray:
     """Mean last-layer hidden states of whole conversations, cached by example id per model."""
     dim = int(model.config.hidden_size)
     fingerprint = f"{spec.fingerprint()}-mean-hidden"
     cache = embeddings.EmbeddingCache(
-        embeddings.cache_dir_for(cache_root, fingerprint, "conversation", dim), fingerprint, "conversation", dim,
-        asset=asset)
+        embeddings.cache_dir_for(cache_root, fingerprint, "conversation", dim),
+        fingerprint,
+        "conversation",
+        dim,
+        asset=asset,
+    )
     texts = [embeddings.text_for_embedding(messages, "conversation") for messages in conversations]
     reporter = progress.ProgressReporter(f"RDS hidden states of {label}", len(cache.missing(ids)), log)
-    embeddings.fill_cache(cache, ids, texts, lambda batch: embeddings.embed_with_causal_lm(
-        batch, model, tokenizer, batch_size=batch_size, max_length=spec.max_length, progress=reporter.update))
+    embeddings.fill_cache(
+        cache,
+        ids,
+        texts,
+        lambda batch: embeddings.embed_with_causal_lm(
+            batch, model, tokenizer, batch_size=batch_size, max_length=spec.max_length, progress=reporter.update
+        ),
+    )
     return cache.load(ids)
 
 
@@ -38,8 +58,12 @@ def from_hidden_states(method: registry.SelectionMethod) -> dg.AssetsDefinition:
 
     @selection_asset(method, deps=["raw_pool", "target_tasks"], pool="accelerator")
     def _selection(
-        context: dg.AssetExecutionContext, config: SelectionConfig, settings: StorageSettings, lineage: LineageStore,
-        model_store: ModelStore, device: DeviceSettings,
+        context: dg.AssetExecutionContext,
+        config: SelectionConfig,
+        settings: StorageSettings,
+        lineage: LineageStore,
+        model_store: ModelStore,
+        device: DeviceSettings,
     ) -> dg.MaterializeResult:
         tracker = LineageTracker(context, lineage)
         spec = model_store.spec(context.partition_key)
@@ -50,20 +74,52 @@ def from_hidden_states(method: registry.SelectionMethod) -> dg.AssetsDefinition:
         budget = preflight.resolve_selection_budget(config.budget, len(ids), len(ids), "current pool examples")
         model, tokenizer = model_store.load(spec, device.resolve())
         cache_root = settings.subdir("rds", spec.name)
-        pool_emb = _causal_lm_embeddings(cache_root, spec, model, tokenizer, ids, conversations, device.batch_size,
-                                         context.log.info, "the pool", method.asset)
+        pool_emb = _causal_lm_embeddings(
+            cache_root,
+            spec,
+            model,
+            tokenizer,
+            ids,
+            conversations,
+            device.batch_size,
+            context.log.info,
+            "the pool",
+            method.asset,
+        )
         val_ids = list(dict.fromkeys(i for _, _, i, _ in val_rows))
         by_val = {i: m for _, _, i, m in val_rows}
-        val_emb = _causal_lm_embeddings(cache_root, spec, model, tokenizer, val_ids, [by_val[i] for i in val_ids],
-                                        device.batch_size, context.log.info, "the target val examples", method.asset)
+        val_emb = _causal_lm_embeddings(
+            cache_root,
+            spec,
+            model,
+            tokenizer,
+            val_ids,
+            [by_val[i] for i in val_ids],
+            device.batch_size,
+            context.log.info,
+            "the target val examples",
+            method.asset,
+        )
         position = {i: n for n, i in enumerate(val_ids)}
         columns = [{"task": t, "subtask": s, "val_example_id": i} for t, s, i, _ in val_rows]
         similarity = baselines.cosine_similarity_matrix(
-            pool_emb, val_emb[[position[c["val_example_id"]] for c in columns]])
+            pool_emb, val_emb[[position[c["val_example_id"]] for c in columns]]
+        )
         scored = selectors.ScoredPool(similarity, columns, config.seed)
         picks = method.choose(scored, budget)
-        return record_picks(context, tracker, lineage, settings, method.name, picks, ids, pool_version, budget, scored,
-                            {"embedding": "mean last-layer hidden state, whole conversation"})
+        return record_picks(
+            context,
+            tracker,
+            lineage,
+            settings,
+            method.name,
+            picks,
+            ids,
+            pool_version,
+            budget,
+            scored,
+            {"embedding": "mean last-layer hidden state, whole conversation"},
+        )
 
     return _selection
 

@@ -8,12 +8,12 @@ model's downstream partitions. Every check is blocking: the automation condition
 
 import dagster as dg
 
-from selection.diversity.diversity_store import latest_embeddings
 from assets.partitions import MODEL_DIMENSION, SHARD_DIMENSION, model_partitions, model_shard_partitions
 from resources.lineage import LineageStore
 from selection import checks, registry
 from selection.data import pool_store
 from selection.diversity import embeddings
+from selection.diversity.diversity_store import latest_embeddings
 from selection.evaluate import evaluation_store
 from selection.influence import influence_store
 from selection.train import checkpoints
@@ -24,24 +24,32 @@ def _latest_materialization(context: dg.AssetCheckExecutionContext) -> dg.EventL
     key = context.check_specs[0].asset_key
     partitions = [context.partition_key] if context.has_partition_key else None
     records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=key, asset_partitions=partitions), limit=1).records
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=partitions), limit=1
+    ).records
     if not records:
         raise ValueError(f"{key.to_user_string()} {partitions or ''} was never materialized; nothing to check")
     return records[0]
 
 
 def _result(outcome: checks.CheckOutcome) -> dg.AssetCheckResult:
-    return dg.AssetCheckResult(passed=outcome.passed, description=outcome.description,
-                               metadata={"problems": dg.MetadataValue.json(outcome.problems)})
+    return dg.AssetCheckResult(
+        passed=outcome.passed,
+        description=outcome.description,
+        metadata={"problems": dg.MetadataValue.json(outcome.problems)},
+    )
 
 
 def selection_check(method: registry.SelectionMethod) -> dg.AssetChecksDefinition:
     """The blocking check of a registered method's selection asset."""
 
-    @dg.asset_check(asset=method.asset, name=f"{method.asset}_is_valid", partitions_def=model_partitions,
-                    blocking=True,
-                    description="Size equals the requested budget (materialization metadata), no duplicate ids, "
-                                "every id in the pool version it was selected from")
+    @dg.asset_check(
+        asset=method.asset,
+        name=f"{method.asset}_is_valid",
+        partitions_def=model_partitions,
+        blocking=True,
+        description="Size equals the requested budget (materialization metadata), no duplicate ids, "
+        "every id in the pool version it was selected from",
+    )
     def _check(context: dg.AssetCheckExecutionContext, lineage: LineageStore) -> dg.AssetCheckResult:
         record = _latest_materialization(context)
         budget = record.asset_materialization.metadata["budget"].value
@@ -61,8 +69,13 @@ def _gradient_stores(lineage: LineageStore, model: str, kind: str, shard: str | 
 UNIT_ROWS = "Rows have the dim recorded for their store, no NaN or inf, and L2 norm 1 within float16 rounding"
 
 
-@dg.asset_check(asset="train_gradients", name="train_features_are_unit_rows", partitions_def=model_shard_partitions,
-                blocking=True, description=UNIT_ROWS)
+@dg.asset_check(
+    asset="train_gradients",
+    name="train_features_are_unit_rows",
+    partitions_def=model_shard_partitions,
+    blocking=True,
+    description=UNIT_ROWS,
+)
 def train_features_check(context: dg.AssetCheckExecutionContext, lineage: LineageStore) -> dg.AssetCheckResult:
     keys = context.partition_key.keys_by_dimension
     model, shard = keys[MODEL_DIMENSION], keys[SHARD_DIMENSION]
@@ -70,8 +83,13 @@ def train_features_check(context: dg.AssetCheckExecutionContext, lineage: Lineag
     return _result(checks.check_feature_stores(stores, f"train features of {model} shard {shard}: {UNIT_ROWS}"))
 
 
-@dg.asset_check(asset="target_gradients", name="target_features_are_unit_rows", partitions_def=model_partitions,
-                blocking=True, description=UNIT_ROWS)
+@dg.asset_check(
+    asset="target_gradients",
+    name="target_features_are_unit_rows",
+    partitions_def=model_partitions,
+    blocking=True,
+    description=UNIT_ROWS,
+)
 def target_features_check(context: dg.AssetCheckExecutionContext, lineage: LineageStore) -> dg.AssetCheckResult:
     stores = _gradient_stores(lineage, context.partition_key, "target", None)
     return _result(checks.check_feature_stores(stores, f"target features of {context.partition_key}: {UNIT_ROWS}"))
@@ -90,17 +108,26 @@ def embeddings_check(lineage: LineageStore) -> dg.AssetCheckResult:
     return _result(checks.check_embeddings(cache, ids))
 
 
-@dg.asset_check(asset="raw_pool", name="every_record_accounted_for", blocking=True,
-                description="Per source read: accepted + rejected + duplicates = records read, matching the pool, "
-                            "pool_rejects and pool_duplicates rows")
+@dg.asset_check(
+    asset="raw_pool",
+    name="every_record_accounted_for",
+    blocking=True,
+    description="Per source read: accepted + rejected + duplicates = records read, matching the pool, "
+    "pool_rejects and pool_duplicates rows",
+)
 def pool_accounting_check(lineage: LineageStore) -> dg.AssetCheckResult:
     with lineage.connect() as con:
         return _result(checks.check_pool_accounting(con))
 
 
-@dg.asset_check(asset="evaluation", name="every_checkpoint_scored_on_same_rows", partitions_def=model_partitions,
-                blocking=True, description="The evaluation scored the base model and every current finetuned "
-                                           "checkpoint, each on the same test rows")
+@dg.asset_check(
+    asset="evaluation",
+    name="every_checkpoint_scored_on_same_rows",
+    partitions_def=model_partitions,
+    blocking=True,
+    description="The evaluation scored the base model and every current finetuned "
+    "checkpoint, each on the same test rows",
+)
 def evaluation_check(context: dg.AssetCheckExecutionContext, lineage: LineageStore) -> dg.AssetCheckResult:
     run_id = _latest_materialization(context).run_id
     with lineage.connect() as con:
@@ -109,5 +136,11 @@ def evaluation_check(context: dg.AssetCheckExecutionContext, lineage: LineageSto
         return _result(checks.check_evaluation(con, context.partition_key, run_id, current))
 
 
-ALL_CHECKS = [*map(selection_check, registry.METHODS), train_features_check, target_features_check,
-              embeddings_check, pool_accounting_check, evaluation_check]
+ALL_CHECKS = [
+    *map(selection_check, registry.METHODS),
+    train_features_check,
+    target_features_check,
+    embeddings_check,
+    pool_accounting_check,
+    evaluation_check,
+]

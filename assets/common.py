@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +63,17 @@ def upstream_data_versions(context: dg.AssetExecutionContext) -> dict[str, Any]:
         partitions = None  # the dep is read whole
         if _is_partitioned(context) and asset_graph.has(dep_key) and asset_graph.get(dep_key).partitions_def:
             # The partitions of the dep this partition reads, by the partition mapping the asset declares.
-            partitions = sorted(asset_graph.get_parent_partition_keys_for_child(
-                context.partition_key, dep_key, context.asset_key).partitions_subset.get_partition_keys())
+            partitions = sorted(
+                asset_graph.get_parent_partition_keys_for_child(
+                    context.partition_key, dep_key, context.asset_key
+                ).partitions_subset.get_partition_keys()
+            )
         if partitions is None or len(partitions) == 1:
             partition = partitions[0] if partitions else None
-            versions[dep_key.to_user_string()] = {"partition": partition,
-                                                  "data_version": _data_version(context, dep_key, partition)}
+            versions[dep_key.to_user_string()] = {
+                "partition": partition,
+                "data_version": _data_version(context, dep_key, partition),
+            }
         else:
             versions[dep_key.to_user_string()] = {
                 "partitions": list(map(str, partitions)),
@@ -83,7 +88,7 @@ class LineageTracker:
     def __init__(self, context: dg.AssetExecutionContext, lineage: LineageStore):
         self.context = context
         self.lineage = lineage
-        self.started_at = datetime.now(timezone.utc)
+        self.started_at = datetime.now(UTC)
         self.inputs = upstream_data_versions(context)
         self.outputs: dict[str, Any] = {}
 
@@ -118,7 +123,7 @@ class LineageTracker:
                 partition_key=context.partition_key if _is_partitioned(context) else None,
                 code_version=context.assets_def.code_versions_by_key.get(context.asset_key),
                 started_at=self.started_at,
-                finished_at=datetime.now(timezone.utc),
+                finished_at=datetime.now(UTC),
                 inputs=self.inputs,
                 outputs={**self.outputs, "data_version": version},
                 metrics=metrics,
@@ -138,4 +143,3 @@ def profile_metadata(context: dg.AssetExecutionContext, profile: dict[str, Any])
     if any(part in why for part in own):
         metadata["why"] = "; ".join(why[part] for part in own if part in why)
     return metadata
-

@@ -11,13 +11,15 @@ from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings
 from selection import kmq, registry, selection_store, selectors
+from selection.common.markdown import bar_chart_markdown, markdown_table
 from selection.data import pool_store
 from selection.diversity import diversity_store, embeddings, kmq_run
-from selection.common.markdown import bar_chart_markdown, markdown_table
 
 
 class EmbeddingsConfig(dg.Config):
-    mode: str = Field(default=embeddings.DEFAULT_EMBEDDING_MODE, description="user_turns (kMQ code default) or conversation")
+    mode: str = Field(
+        default=embeddings.DEFAULT_EMBEDDING_MODE, description="user_turns (kMQ code default) or conversation"
+    )
     model_dir: str | None = Field(default=None, description="A sentence-transformers folder; default all-MiniLM-L6-v2")
     batch_size: int = 64
 
@@ -35,10 +37,13 @@ class KmqConfig(dg.Config):
     quality: str | None = Field(
         default=None,
         description="Quality signal for sampling within clusters: 'ifd' (instruction-following difficulty under the "
-                    "base model, Li et al. 2024; the default without a reward model), 'log_likelihood' (the base "
-                    "model's mean response log-likelihood) or 'reward_model' (the default when reward_model_path is set)")
+        "base model, Li et al. 2024; the default without a reward model), 'log_likelihood' (the base "
+        "model's mean response log-likelihood) or 'reward_model' (the default when reward_model_path is set)",
+    )
     reward_model_path: str | None = Field(
-        default=None, description="Local reward model folder: the paper's quality score and iterative-kMQ feedback judge")
+        default=None,
+        description="Local reward model folder: the paper's quality score and iterative-kMQ feedback judge",
+    )
 
 
 class IterativeKmqConfig(KmqConfig):
@@ -56,7 +61,10 @@ class IterativeKmqConfig(KmqConfig):
     description="Sentence embeddings of the pool, cached by example id and encoder (a refresh embeds only new ids).",
 )
 def embeddings_asset(
-    context: dg.AssetExecutionContext, config: EmbeddingsConfig, settings: StorageSettings, lineage: LineageStore,
+    context: dg.AssetExecutionContext,
+    config: EmbeddingsConfig,
+    settings: StorageSettings,
+    lineage: LineageStore,
     device: DeviceSettings,
 ) -> dg.MaterializeResult:
     tracker = LineageTracker(context, lineage)
@@ -65,29 +73,46 @@ def embeddings_asset(
     encoder = embeddings.SentenceEncoder(config.model_dir, device=device.resolve())
     cache = embeddings.EmbeddingCache(
         embeddings.cache_dir_for(settings.subdir("embeddings"), encoder.fingerprint(), config.mode, encoder.dim),
-        encoder.fingerprint(), config.mode, encoder.dim,
+        encoder.fingerprint(),
+        config.mode,
+        encoder.dim,
     )
     texts = [embeddings.text_for_embedding(messages, config.mode) for messages in conversations]
     started = time.perf_counter()
     n_new = embeddings.fill_cache(
-        cache, ids, texts, lambda batch: encoder.encode(batch, config.batch_size),
+        cache,
+        ids,
+        texts,
+        lambda batch: encoder.encode(batch, config.batch_size),
         on_chunk=lambda done, total: context.log.info(f"embedded {done}/{total} new examples"),
         on_damaged=lambda problem: context.log.warning(f"damaged embedding chunk dropped, re-embedding: {problem}"),
     )
     seconds = time.perf_counter() - started
     with lineage.connect() as con:
         diversity_store.record_embedding_run(
-            con, pool_version,
-            diversity_store.EmbeddingRun(str(cache.path), encoder.fingerprint(), config.mode, encoder.dim), len(ids))
+            con,
+            pool_version,
+            diversity_store.EmbeddingRun(str(cache.path), encoder.fingerprint(), config.mode, encoder.dim),
+            len(ids),
+        )
     tracker.add_table("embeddings", f"{encoder.fingerprint()}/{config.mode}/{pool_version}", n_rows=len(ids))
-    metrics = {"pool_version": pool_version, "encoder": encoder.describe(), "mode": config.mode, "n_rows": len(ids),
-               "n_new": n_new, "seconds": seconds}
+    metrics = {
+        "pool_version": pool_version,
+        "encoder": encoder.describe(),
+        "mode": config.mode,
+        "n_rows": len(ids),
+        "n_new": n_new,
+        "seconds": seconds,
+    }
     data_version = tracker.finish(metrics)
     return dg.MaterializeResult(
         data_version=data_version,
         metadata={
-            "n_rows": dg.MetadataValue.int(len(ids)), "n_new": dg.MetadataValue.int(n_new), "dim": encoder.dim,
-            "mode": config.mode, "encoder": dg.MetadataValue.json(encoder.describe()),
+            "n_rows": dg.MetadataValue.int(len(ids)),
+            "n_new": dg.MetadataValue.int(n_new),
+            "dim": encoder.dim,
+            "mode": config.mode,
+            "encoder": dg.MetadataValue.json(encoder.describe()),
             "texts_per_s": dg.MetadataValue.float(n_new / seconds if n_new and seconds > 0 else 0.0),
             "cache_dir": dg.MetadataValue.path(str(cache.path)),
         },
@@ -100,9 +125,7 @@ def embeddings_asset(
     code_version=code_version("selection.kmq"),
     description="k-means clusters of the pool embeddings, k chosen by silhouette score.",
 )
-def clusters(
-    context: dg.AssetExecutionContext, config: ClustersConfig, lineage: LineageStore
-) -> dg.MaterializeResult:
+def clusters(context: dg.AssetExecutionContext, config: ClustersConfig, lineage: LineageStore) -> dg.MaterializeResult:
     tracker = LineageTracker(context, lineage)
     with lineage.connect() as con:
         pool_version, ids, _ = pool_store.read_pool(con)
@@ -121,9 +144,12 @@ def clusters(
             "k": dg.MetadataValue.int(int(k)),
             "silhouette_curve": dg.MetadataValue.md(
                 bar_chart_markdown({f"k={c}": v for c, v in curve.items()}, "silhouette score by k")
-                if curve else f"k fixed at {k}"),
-            "cluster_sizes": dg.MetadataValue.md(bar_chart_markdown({str(i): float(s) for i, s in enumerate(sizes)},
-                                                                    "examples per cluster")),
+                if curve
+                else f"k fixed at {k}"
+            ),
+            "cluster_sizes": dg.MetadataValue.md(
+                bar_chart_markdown({str(i): float(s) for i, s in enumerate(sizes)}, "examples per cluster")
+            ),
         },
     )
 
@@ -136,38 +162,61 @@ def _read_kmq_pool(lineage: LineageStore) -> kmq_run.KmqPool:
     return kmq_run.KmqPool(pool_version, ids, conversations, [source_of[i] for i in ids], label_of)
 
 
-def _kmq_runtime(context: dg.AssetExecutionContext, lineage: LineageStore, model_store: ModelStore,
-                 device: DeviceSettings) -> kmq_run.KmqRuntime:
+def _kmq_runtime(
+    context: dg.AssetExecutionContext, lineage: LineageStore, model_store: ModelStore, device: DeviceSettings
+) -> kmq_run.KmqRuntime:
     spec = model_store.spec(context.partition_key)
     resolved = device.resolve()
-    return kmq_run.KmqRuntime(spec, lambda: model_store.load(spec, resolved), resolved, device.batch_size,
-                              lineage.connect, context.log)
+    return kmq_run.KmqRuntime(
+        spec, lambda: model_store.load(spec, resolved), resolved, device.batch_size, lineage.connect, context.log
+    )
 
 
 def _quality_metadata(metrics: dict) -> dict:
     """Metadata on the quality signal: per-source distributions and eligibility counts."""
-    return {"quality_by_source": dg.MetadataValue.md(
-                "score = the scorer's output; weight = softmax(quality / T) sampling weight relative to the pool "
-                "mean (1 = average, 0 = not eligible)\n\n" + markdown_table(metrics["quality_by_source"])),
-            "n_ineligible": dg.MetadataValue.int(metrics["n_ineligible"])}
+    return {
+        "quality_by_source": dg.MetadataValue.md(
+            "score = the scorer's output; weight = softmax(quality / T) sampling weight relative to the pool "
+            "mean (1 = average, 0 = not eligible)\n\n" + markdown_table(metrics["quality_by_source"])
+        ),
+        "n_ineligible": dg.MetadataValue.int(metrics["n_ineligible"]),
+    }
 
 
-def write_kmq_selection(context: dg.AssetExecutionContext, lineage: LineageStore, tracker: LineageTracker,
-                        model_name: str, method: str, result: kmq_run.KmqResult,
-                        extra_md: dict) -> dg.MaterializeResult:
+def write_kmq_selection(
+    context: dg.AssetExecutionContext,
+    lineage: LineageStore,
+    tracker: LineageTracker,
+    model_name: str,
+    method: str,
+    result: kmq_run.KmqResult,
+    extra_md: dict,
+) -> dg.MaterializeResult:
     """Write a kMQ run's picks as one `selections` entry of `method` (target `all`), then its lineage row and
     metadata."""
-    selection = selection_store.Selection(model_name, method, selectors.ALL_TARGETS, result.example_ids,
-                                          [float(s) for s in result.scores], result.pool_version, result.budget)
+    selection = selection_store.Selection(
+        model_name,
+        method,
+        selectors.ALL_TARGETS,
+        result.example_ids,
+        [float(s) for s in result.scores],
+        result.pool_version,
+        result.budget,
+    )
     with lineage.connect() as con:
-        selection_store.write_selections(con, [selection], None, context.run.run_id,
-                                         context.assets_def.code_versions_by_key.get(context.asset_key))
+        selection_store.write_selections(
+            con, [selection], None, context.run.run_id, context.assets_def.code_versions_by_key.get(context.asset_key)
+        )
     tracker.add_table("selections", f"{model_name}/{method}/{selection.budget}", rows=selection.budget)
     data_version = tracker.finish(result.metrics)
     return dg.MaterializeResult(
         data_version=data_version,
-        metadata={"budget": dg.MetadataValue.int(selection.budget), "pool_version": result.pool_version,
-                  "scorer": dg.MetadataValue.json(result.metrics["scorer"]), **extra_md},
+        metadata={
+            "budget": dg.MetadataValue.int(selection.budget),
+            "pool_version": result.pool_version,
+            "scorer": dg.MetadataValue.json(result.metrics["scorer"]),
+            **extra_md,
+        },
     )
 
 
@@ -176,7 +225,10 @@ def from_clusters(method: registry.SelectionMethod) -> dg.AssetsDefinition:
 
     @selection_asset(method, deps=["clusters", "raw_pool"], pool="accelerator")
     def _selection(
-        context: dg.AssetExecutionContext, config: KmqConfig, lineage: LineageStore, model_store: ModelStore,
+        context: dg.AssetExecutionContext,
+        config: KmqConfig,
+        lineage: LineageStore,
+        model_store: ModelStore,
         device: DeviceSettings,
     ) -> dg.MaterializeResult:
         tracker = LineageTracker(context, lineage)
@@ -185,9 +237,16 @@ def from_clusters(method: registry.SelectionMethod) -> dg.AssetsDefinition:
         result = method.choose(_read_kmq_pool(lineage), kmq_settings, runtime)
         per_cluster = result.metrics["per_cluster"]
         return write_kmq_selection(
-            context, lineage, tracker, runtime.spec.name, method.name, result,
-            {"per_cluster_budget": dg.MetadataValue.md(bar_chart_markdown(per_cluster, "examples per cluster")),
-             **_quality_metadata(result.metrics)},
+            context,
+            lineage,
+            tracker,
+            runtime.spec.name,
+            method.name,
+            result,
+            {
+                "per_cluster_budget": dg.MetadataValue.md(bar_chart_markdown(per_cluster, "examples per cluster")),
+                **_quality_metadata(result.metrics),
+            },
         )
 
     return _selection
@@ -198,25 +257,45 @@ def from_clusters_with_feedback(method: registry.SelectionMethod) -> dg.AssetsDe
 
     @selection_asset(method, deps=["clusters", "raw_pool"], pool="accelerator")
     def _selection(
-        context: dg.AssetExecutionContext, config: IterativeKmqConfig, settings: StorageSettings, lineage: LineageStore,
-        model_store: ModelStore, device: DeviceSettings,
+        context: dg.AssetExecutionContext,
+        config: IterativeKmqConfig,
+        settings: StorageSettings,
+        lineage: LineageStore,
+        model_store: ModelStore,
+        device: DeviceSettings,
     ) -> dg.MaterializeResult:
         tracker = LineageTracker(context, lineage)
         runtime = _kmq_runtime(context, lineage, model_store, device)
         # A bad setting fails before the pool is read.
         kmq_settings = kmq_run.IterativeKmqSettings(**config.model_dump())
         result = method.choose(
-            _read_kmq_pool(lineage), kmq_settings, runtime, settings.path("models", runtime.spec.name, "kmq_feedback"),
-            context.run.run_id)
-        rounds_table = [{"round": r.round, "new": len(r.new_indices),
-                         "weights": ", ".join(f"{w:.3f}" for w in r.weights)} for r in result.rounds]
+            _read_kmq_pool(lineage),
+            kmq_settings,
+            runtime,
+            settings.path("models", runtime.spec.name, "kmq_feedback"),
+            context.run.run_id,
+        )
+        rounds_table = [
+            {"round": r.round, "new": len(r.new_indices), "weights": ", ".join(f"{w:.3f}" for w in r.weights)}
+            for r in result.rounds
+        ]
         final = result.metrics["final_weights"]
         return write_kmq_selection(
-            context, lineage, tracker, runtime.spec.name, method.name, result,
-            {"rounds": dg.MetadataValue.md(markdown_table(rounds_table)),
-             "final_weights": dg.MetadataValue.md(bar_chart_markdown({str(c): float(w) for c, w in enumerate(final)},
-                                                                     "cluster weights after feedback")),
-             **_quality_metadata(result.metrics)},
+            context,
+            lineage,
+            tracker,
+            runtime.spec.name,
+            method.name,
+            result,
+            {
+                "rounds": dg.MetadataValue.md(markdown_table(rounds_table)),
+                "final_weights": dg.MetadataValue.md(
+                    bar_chart_markdown(
+                        {str(c): float(w) for c, w in enumerate(final)}, "cluster weights after feedback"
+                    )
+                ),
+                **_quality_metadata(result.metrics),
+            },
         )
 
     return _selection

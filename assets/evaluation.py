@@ -3,6 +3,7 @@
 import hashlib
 import json
 import time
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -15,21 +16,22 @@ from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings
 from selection.common import files, progress
-from selection.evaluate import evaluation, evaluation_store, stats
-from selection.train import checkpoints, models
-from selection.data import target_store
-from selection.data.targets import DEFAULT_TEST_PER_TASK
 from selection.common.markdown import markdown_table
 from selection.common.names import path_under
+from selection.data import target_store
+from selection.data.targets import DEFAULT_TEST_PER_TASK
+from selection.evaluate import evaluation, evaluation_store, stats
+from selection.train import checkpoints, models
 
 BASE = "base"
 
 
 class EvaluationConfig(dg.Config):
     max_test_per_task: int | None = Field(
-        default=DEFAULT_TEST_PER_TASK, ge=1,
+        default=DEFAULT_TEST_PER_TASK,
+        ge=1,
         description="Test rows per task, round robin over its subtasks; raised to the task's subtask count when "
-                    "below it, so every subtask is represented. None = every stored test row",
+        "below it, so every subtask is represented. None = every stored test row",
     )
     batch_size: int = 8
 
@@ -42,23 +44,38 @@ class ReportConfig(dg.Config):
 
 
 def _test_rows(con, cap: int | None) -> tuple[list[dict], list[evaluation.TaskCoverage]]:
-    stored = [{"task": task, "subtask": subtask, "example_id": example_id, "messages": messages}
-              for task, subtask, example_id, messages in target_store.read_targets(con, "test")]
+    stored = [
+        {"task": task, "subtask": subtask, "example_id": example_id, "messages": messages}
+        for task, subtask, example_id, messages in target_store.read_targets(con, "test")
+    ]
     return evaluation.stratified_test_rows(stored, cap)
 
 
-def _evaluate(model, tokenizer, spec, row, test_rows: list[dict], config: EvaluationConfig,
-              reporter: progress.ProgressReporter) -> evaluation.EvalResult:
+def _evaluate(
+    model, tokenizer, spec, row, test_rows: list[dict], config: EvaluationConfig, reporter: progress.ProgressReporter
+) -> evaluation.EvalResult:
     """The base model (row None) or the model with a finetuned adapter loaded."""
     if row is None:
-        return evaluation.evaluate_model(model, tokenizer, test_rows, max_length=spec.max_length,
-                                         batch_size=config.batch_size, progress=reporter.update)
+        return evaluation.evaluate_model(
+            model,
+            tokenizer,
+            test_rows,
+            max_length=spec.max_length,
+            batch_size=config.batch_size,
+            progress=reporter.update,
+        )
     evaluated = models.add_lora(model, spec)
     checkpoints.load_adapter_weights(evaluated, row.path, asset="finetuned_checkpoints")
     evaluated.eval()  # new LoRA dropout modules start in training mode
     try:
-        return evaluation.evaluate_model(evaluated, tokenizer, test_rows, max_length=spec.max_length,
-                                         batch_size=config.batch_size, progress=reporter.update)
+        return evaluation.evaluate_model(
+            evaluated,
+            tokenizer,
+            test_rows,
+            max_length=spec.max_length,
+            batch_size=config.batch_size,
+            progress=reporter.update,
+        )
     finally:
         evaluated.unload()
 
@@ -69,13 +86,18 @@ def _evaluate(model, tokenizer, spec, row, test_rows: list[dict], config: Evalua
     deps=["finetuned_checkpoints", "target_tasks"],
     group_name="evaluation",
     pool="accelerator",
-    code_version=code_version("selection.evaluate.evaluation", "selection.diversity.quality",
-                              "selection.train.generation"),
+    code_version=code_version(
+        "selection.evaluate.evaluation", "selection.diversity.quality", "selection.train.generation"
+    ),
     description="Per-task NLL (and MMLU choice accuracy) of the base model and each finetuned checkpoint on test rows.",
 )
 def evaluation_asset(
-    context: dg.AssetExecutionContext, config: EvaluationConfig, settings: StorageSettings, lineage: LineageStore,
-    model_store: ModelStore, device: DeviceSettings,
+    context: dg.AssetExecutionContext,
+    config: EvaluationConfig,
+    settings: StorageSettings,
+    lineage: LineageStore,
+    model_store: ModelStore,
+    device: DeviceSettings,
 ) -> dg.MaterializeResult:
     tracker = LineageTracker(context, lineage)
     spec = model_store.spec(context.partition_key)
@@ -84,24 +106,41 @@ def evaluation_asset(
         finetunes = evaluation_store.current_finetunes(con, spec.name)
     for task in coverage:
         if task.cap_raised:
-            context.log.warning(f"task {task.task!r}: max_test_per_task={config.max_test_per_task} is below its "
-                                f"{task.n_subtasks} subtasks; evaluating {task.n_rows} rows so that each has one")
+            context.log.warning(
+                f"task {task.task!r}: max_test_per_task={config.max_test_per_task} is below its "
+                f"{task.n_subtasks} subtasks; evaluating {task.n_rows} rows so that each has one"
+            )
     model, tokenizer = model_store.load(spec, device.resolve())
     out_dir = settings.subdir("evaluation", spec.name)
     candidates = [(BASE, None)] + [(f"{r.method}/{r.target}", r) for r in finetunes.itertuples()]
-    coverage_rows = [{"task": c.task, "subtasks": c.n_subtasks, "available": c.n_available, "rows": c.n_rows,
-                      "cap": c.cap, "cap_raised": c.cap_raised} for c in coverage]
+    coverage_rows = [
+        {
+            "task": c.task,
+            "subtasks": c.n_subtasks,
+            "available": c.n_available,
+            "rows": c.n_rows,
+            "cap": c.cap,
+            "cap_raised": c.cap_raised,
+        }
+        for c in coverage
+    ]
     summary = []
     rows_key = hashlib.sha256(json.dumps([[r["task"], r["example_id"]] for r in test_rows]).encode()).hexdigest()[:12]
     per_checkpoint = evaluation.n_scored_conversations(test_rows)
-    reporter = progress.ProgressReporter(f"evaluating {len(candidates)} checkpoints",
-                                         per_checkpoint * len(candidates), context.log.info, unit="conversations")
+    reporter = progress.ProgressReporter(
+        f"evaluating {len(candidates)} checkpoints",
+        per_checkpoint * len(candidates),
+        context.log.info,
+        unit="conversations",
+    )
     for name, row in candidates:
         started = time.perf_counter()
         seed = None if row is None or pd.isna(row.seed) else int(row.seed)
         # Results are reused when the checkpoint, the test rows and the settings are unchanged.
-        result_key = hashlib.sha256(json.dumps(
-            [spec.fingerprint(), "base" if row is None else row.run_key, rows_key, config.batch_size]).encode()
+        result_key = hashlib.sha256(
+            json.dumps(
+                [spec.fingerprint(), "base" if row is None else row.run_key, rows_key, config.batch_size]
+            ).encode()
         ).hexdigest()[:16]
         stem = name.replace("/", "-") + ("" if seed is None else f"-seed{seed}")
         path = path_under(out_dir, f"{stem}-{result_key}.json")  # name holds a stored target
@@ -113,20 +152,31 @@ def evaluation_asset(
             result = _evaluate(model, tokenizer, spec, row, test_rows, config, reporter)
             files.write_text(path, json.dumps(result.to_dict()))
         tracker.add_file(name if seed is None else f"{name}/seed-{seed}", path)
-        checkpoint = evaluation_store.EvaluatedCheckpoint(name) if row is None else \
-            evaluation_store.EvaluatedCheckpoint(name, seed, row.run_key, row.method, row.target, int(row.budget))
+        checkpoint = (
+            evaluation_store.EvaluatedCheckpoint(name)
+            if row is None
+            else evaluation_store.EvaluatedCheckpoint(name, seed, row.run_key, row.method, row.target, int(row.budget))
+        )
         with lineage.connect() as con:
             evaluation_store.record_evaluation(con, spec.name, context.run.run_id, checkpoint, str(path), result)
         mean_nll = pd.Series([m.mean_nll for m in result.per_task.values()]).mean()
-        summary.append({"name": name, "seed": seed, "mean_task_nll": round(float(mean_nll), 4),
-                        "seconds": round(time.perf_counter() - started, 1)})
+        summary.append(
+            {
+                "name": name,
+                "seed": seed,
+                "mean_task_nll": round(float(mean_nll), 4),
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+        )
         context.log.info(f"evaluated {name}{'' if seed is None else f' seed {seed}'}: mean task NLL {mean_nll:.4f}")
     data_version = tracker.finish({"evaluated": summary, "n_test_rows": len(test_rows), "test_rows": coverage_rows})
     return dg.MaterializeResult(
         data_version=data_version,
-        metadata={"n_test_rows": dg.MetadataValue.int(len(test_rows)),
-                  "test_rows_per_task": dg.MetadataValue.md(markdown_table(coverage_rows)),
-                  "evaluated": dg.MetadataValue.md(markdown_table(summary, max_rows=100))},
+        metadata={
+            "n_test_rows": dg.MetadataValue.int(len(test_rows)),
+            "test_rows_per_task": dg.MetadataValue.md(markdown_table(coverage_rows)),
+            "evaluated": dg.MetadataValue.md(markdown_table(summary, max_rows=100)),
+        },
     )
 
 
@@ -138,7 +188,10 @@ def evaluation_asset(
     description="Comparison of every method's finetuned checkpoint per task: deltas vs a baseline and average ranks.",
 )
 def comparison_report(
-    context: dg.AssetExecutionContext, config: ReportConfig, settings: StorageSettings, lineage: LineageStore,
+    context: dg.AssetExecutionContext,
+    config: ReportConfig,
+    settings: StorageSettings,
+    lineage: LineageStore,
 ) -> dg.MaterializeResult:
     tracker = LineageTracker(context, lineage)
     model = context.partition_key
@@ -149,11 +202,17 @@ def comparison_report(
     results: dict[str, list[evaluation.EvalResult]] = {}
     for run in runs:  # one result per finetuning seed
         results.setdefault(run.name, []).append(
-            evaluation.EvalResult.from_dict(json.loads(open(run.result_path).read())))
+            evaluation.EvalResult.from_dict(json.loads(Path(run.result_path).read_text()))
+        )
     if config.baseline not in results:
         raise ValueError(f"baseline {config.baseline!r} was not evaluated; evaluated: {sorted(results)}")
-    comparison_frame = evaluation.comparison_table(results, baseline=config.baseline, n_resamples=config.n_resamples,
-                                                   confidence=config.confidence, seed=config.bootstrap_seed)
+    comparison_frame = evaluation.comparison_table(
+        results,
+        baseline=config.baseline,
+        n_resamples=config.n_resamples,
+        confidence=config.confidence,
+        seed=config.bootstrap_seed,
+    )
     report = evaluation.markdown_report(comparison_frame, title=f"Evaluation comparison for {model}")
     profile = profile_of_run(context.run.tags)
     if profile is not None:  # right under the title: these numbers come from a small demo setup
@@ -168,14 +227,20 @@ def comparison_report(
     ranks = evaluation.average_ranks(comparison_frame)
     worst = evaluation.worst_tasks(comparison_frame)
     significant = comparison_frame[comparison_frame["significant"]]
-    data_version = tracker.finish({
-        "baseline": config.baseline, "bootstrap": comparison_frame.attrs["bootstrap"],
-        "average_ranks": ranks.to_dict("records"),
-        "worst_tasks": json.loads(worst.to_json(orient="records")),
-        "significant_primary_deltas": [f"{r.method}/{r.task}" for r in significant.itertuples()],
-    })
+    data_version = tracker.finish(
+        {
+            "baseline": config.baseline,
+            "bootstrap": comparison_frame.attrs["bootstrap"],
+            "average_ranks": ranks.to_dict("records"),
+            "worst_tasks": json.loads(worst.to_json(orient="records")),
+            "significant_primary_deltas": [f"{r.method}/{r.task}" for r in significant.itertuples()],
+        }
+    )
     return dg.MaterializeResult(
         data_version=data_version,
-        metadata={"report": dg.MetadataValue.md(report), "baseline": config.baseline,
-                  "report_path": dg.MetadataValue.path(str(out_dir / "comparison.md"))},
+        metadata={
+            "report": dg.MetadataValue.md(report),
+            "baseline": config.baseline,
+            "report_path": dg.MetadataValue.path(str(out_dir / "comparison.md")),
+        },
     )

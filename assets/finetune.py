@@ -20,39 +20,52 @@ from selection.train import checkpoints, models, training
 
 GPU_DEFAULT_SEEDS = 3
 
+
 class FinetuneConfig(dg.Config):
     """Training defaults are LESS's (4 epochs, lr 2e-5, linear schedule, warmup ratio 0.03, 32 examples per step)."""
 
-    targets: list[str] = Field(default=["all"], description="Which selection targets to finetune on ('all' = multi-target)")
+    targets: list[str] = Field(
+        default=["all"], description="Which selection targets to finetune on ('all' = multi-target)"
+    )
     methods: list[str] | None = Field(default=None, description="Methods to finetune; default every stored method")
     epochs: int = training.LESS_TRAINING_CONFIG.epochs
     learning_rate: float = training.LESS_TRAINING_CONFIG.learning_rate
-    batch_size: int = Field(default=training.LESS_TRAINING_CONFIG.batch_size,
-                            description="Examples per optimizer step, accumulated over micro-batches of the "
-                            "`device` resource's batch_size")
+    batch_size: int = Field(
+        default=training.LESS_TRAINING_CONFIG.batch_size,
+        description="Examples per optimizer step, accumulated over micro-batches of the `device` resource's batch_size",
+    )
     seed: int = 0
     seeds: int | None = Field(
-        default=None, ge=1,
+        default=None,
+        ge=1,
         description="Finetuning runs per selection, with seeds seed, seed+1, ...; the report averages each test "
-                    f"row over them. None = 1 on the CPU, {GPU_DEFAULT_SEEDS} on a GPU",
+        f"row over them. None = 1 on the CPU, {GPU_DEFAULT_SEEDS} on a GPU",
     )
 
     # Targets and methods name checkpoint folders: checked before anything is read or written.
     @field_validator("targets")
     @classmethod
     def _target_names(cls, values: list[str]) -> list[str]:
-        return [v if v == selectors.ALL_TARGETS else names.check_name(v, "task", f"targets[{i}]")
-                for i, v in enumerate(values)]
+        return [
+            v if v == selectors.ALL_TARGETS else names.check_name(v, "task", f"targets[{i}]")
+            for i, v in enumerate(values)
+        ]
 
     @field_validator("methods")
     @classmethod
     def _method_names(cls, values: list[str] | None) -> list[str] | None:
-        return None if values is None else [names.check_name(v, "method", f"methods[{i}]") for i, v in enumerate(values)]
+        return (
+            None if values is None else [names.check_name(v, "method", f"methods[{i}]") for i, v in enumerate(values)]
+        )
 
 
 def _finetune(
-    context: dg.AssetExecutionContext, config: FinetuneConfig, settings: StorageSettings, lineage: LineageStore,
-    model_store: ModelStore, device: DeviceSettings,
+    context: dg.AssetExecutionContext,
+    config: FinetuneConfig,
+    settings: StorageSettings,
+    lineage: LineageStore,
+    model_store: ModelStore,
+    device: DeviceSettings,
 ) -> dg.MaterializeResult:
     tracker = LineageTracker(context, lineage)
     spec = model_store.spec(context.partition_key)
@@ -67,9 +80,11 @@ def _finetune(
     stale = {key: gone for key, picked in chosen.items() if (gone := [i for i in picked if i not in current])}
     if stale:
         first, gone = next(iter(stale.items()))
-        raise ValueError(f"{len(stale)} stored selections hold examples superseded or gone from the pool since they "
-                         f"were made, e.g. {first.method}/{first.target}/{first.budget}: {gone[:3]}; rematerialize "
-                         f"{', '.join(sorted({f'{s.method}_selection' for s in stale}))} for {spec.name!r} first")
+        raise ValueError(
+            f"{len(stale)} stored selections hold examples superseded or gone from the pool since they "
+            f"were made, e.g. {first.method}/{first.target}/{first.budget}: {gone[:3]}; rematerialize "
+            f"{', '.join(sorted({f'{s.method}_selection' for s in stale}))} for {spec.name!r} first"
+        )
     for s in wanted:  # stored names: refuse a folder outside the root before training any
         settings.path("models", spec.name, "finetune", f"{s.method}-{s.target}-{s.budget}")
     by_id = dict(zip(ids, conversations))
@@ -78,17 +93,24 @@ def _finetune(
     n_seeds = config.seeds or (GPU_DEFAULT_SEEDS if device_name.startswith("cuda") else 1)
     seeds = list(range(config.seed, config.seed + n_seeds))
     base_config = training.TrainingConfig(
-        epochs=config.epochs, learning_rate=config.learning_rate, batch_size=config.batch_size,
-        micro_batch_size=min(config.batch_size, device.batch_size), seed=config.seed,
+        epochs=config.epochs,
+        learning_rate=config.learning_rate,
+        batch_size=config.batch_size,
+        micro_batch_size=min(config.batch_size, device.batch_size),
+        seed=config.seed,
     )
     summary = []
     runs = [(selection, seed) for selection in wanted for seed in seeds]
     # Counted before examples without target tokens are dropped: the ETA errs long, never short.
     reporter = progress.ProgressReporter(
-        f"finetuning {len(runs)} LoRAs", sum(training.lr_schedule(len(chosen[selection]), base_config.batch_size,
-                                                                   base_config.epochs, 0.0).total_steps
-                                             for selection, _ in runs),
-        context.log.info, unit="optimizer steps")
+        f"finetuning {len(runs)} LoRAs",
+        sum(
+            training.lr_schedule(len(chosen[selection]), base_config.batch_size, base_config.epochs, 0.0).total_steps
+            for selection, _ in runs
+        ),
+        context.log.info,
+        unit="optimizer steps",
+    )
     for selection, seed in runs:
         method, target, budget = selection.method, selection.target, selection.budget
         example_ids = chosen[selection]
@@ -99,37 +121,67 @@ def _finetune(
         train_config = dataclasses.replace(base_config, seed=seed)
         # The selection's identity is part of the key: two methods may pick the same examples.
         run_key = checkpoints.training_run_key(
-            spec.fingerprint(), {**train_config.to_dict(), "selection": [method, target, budget]}, trained_ids)
+            spec.fingerprint(), {**train_config.to_dict(), "selection": [method, target, budget]}, trained_ids
+        )
         out_dir = settings.subdir("models", spec.name, "finetune", f"{method}-{target}-{budget}-{run_key}")
         started = time.perf_counter()
         peft_model = models.add_lora(model, spec, seed=seed)
-        result = training.train_lora(peft_model, [examples[i] for i in usable], train_config, out_dir,
-                                     tokenizer.pad_token_id, save_moments=False,
-                                     progress_cb=lambda step, name=f"{method}/{target} seed {seed}": reporter.update(
-                                         1, f"{name}, epoch {step.epoch}, loss {step.loss:.4f}"))
+        result = training.train_lora(
+            peft_model,
+            [examples[i] for i in usable],
+            train_config,
+            out_dir,
+            tokenizer.pad_token_id,
+            save_moments=False,
+            progress_cb=lambda step, name=f"{method}/{target} seed {seed}": reporter.update(
+                1, f"{name}, epoch {step.epoch}, loss {step.loss:.4f}"
+            ),
+        )
         peft_model.unload()
         final = result.checkpoints[-1]
         row = checkpoints.CheckpointRow(
-            model=spec.name, stage="finetune", run_key=run_key, epoch=final.epoch, path=str(final.path),
-            avg_lr=final.avg_lr, mean_loss=final.mean_loss, n_examples=len(trained_ids),
+            model=spec.name,
+            stage="finetune",
+            run_key=run_key,
+            epoch=final.epoch,
+            path=str(final.path),
+            avg_lr=final.avg_lr,
+            mean_loss=final.mean_loss,
+            n_examples=len(trained_ids),
             pool_version=selection.pool_version,
-            method=method, target=target, budget=budget, seed=seed,
+            method=method,
+            target=target,
+            budget=budget,
+            seed=seed,
             # `seeds` tells evaluation which seeds make up this materialization.
             config={"training": train_config.to_dict(), "seeds": seeds},
         )
         with lineage.connect() as con:
             checkpoints.record_training_run(con, [row], trained_ids)
         tracker.add_file(f"{method}/{target}/{budget}/seed-{seed}", final.path)
-        summary.append({"method": method, "target": target, "budget": budget, "seed": seed, "trained": len(trained_ids),
-                        "skipped_no_target": len(example_ids) - len(trained_ids), "final_loss": round(final.mean_loss, 4),
-                        "seconds": round(time.perf_counter() - started, 1), "run_key": run_key})
-        context.log.info(f"finetuned on {method}/{target} seed {seed} ({len(trained_ids)} examples): "
-                         f"loss {final.mean_loss:.4f}")
+        summary.append(
+            {
+                "method": method,
+                "target": target,
+                "budget": budget,
+                "seed": seed,
+                "trained": len(trained_ids),
+                "skipped_no_target": len(example_ids) - len(trained_ids),
+                "final_loss": round(final.mean_loss, 4),
+                "seconds": round(time.perf_counter() - started, 1),
+                "run_key": run_key,
+            }
+        )
+        context.log.info(
+            f"finetuned on {method}/{target} seed {seed} ({len(trained_ids)} examples): loss {final.mean_loss:.4f}"
+        )
     data_version = tracker.finish({"finetuned": summary, "training": base_config.to_dict(), "seeds": seeds})
     return dg.MaterializeResult(
         data_version=data_version,
-        metadata={"n_checkpoints": dg.MetadataValue.int(len(summary)),
-                  "checkpoints": dg.MetadataValue.md(markdown_table(summary, max_rows=100))},
+        metadata={
+            "n_checkpoints": dg.MetadataValue.int(len(summary)),
+            "checkpoints": dg.MetadataValue.md(markdown_table(summary, max_rows=100)),
+        },
     )
 
 
@@ -141,10 +193,11 @@ def finetuned_checkpoints_of(methods: Sequence[registry.SelectionMethod]) -> dg.
         deps=[method.asset for method in methods],
         group_name="evaluation",
         pool="accelerator",
-        code_version=code_version("selection.train.training", "selection.train.checkpoints",
-                                  "selection.data.tokenization"),
+        code_version=code_version(
+            "selection.train.training", "selection.train.checkpoints", "selection.data.tokenization"
+        ),
         description="A LoRA finetuned on each selection; `checkpoints`/`checkpoint_examples` say which data trained "
-                    "it.",
+        "it.",
     )(_finetune)
 
 

@@ -24,21 +24,29 @@ from selection.influence import features, projection
 from selection.influence.gradients import DEFAULT_TRAIN_TRANSFORM
 
 GRADIENT_CODE = code_version(
-    "selection.influence.gradients", "selection.influence.projection", "selection.influence.datastore",
-    "selection.data.tokenization", "selection.train.checkpoints", "selection.influence.diagnostics",
-    "selection.influence.features", "selection.common.arrays",
+    "selection.influence.gradients",
+    "selection.influence.projection",
+    "selection.influence.datastore",
+    "selection.data.tokenization",
+    "selection.train.checkpoints",
+    "selection.influence.diagnostics",
+    "selection.influence.features",
+    "selection.common.arrays",
 )
 
 
 class GradientConfig(dg.Config):
     dims: list[int] = Field(default=[projection.DEFAULT_DIM], description="Projection dims (one pass fills all)")
-    mode: str = Field(default=projection.DEFAULT_MODE,
-                      description="'exact' (dense Rademacher from the CPU), 'device' (dense Rademacher generated "
-                      "on the device, for 7B-scale LoRA dims) or 'fast' (sparse sign)")
+    mode: str = Field(
+        default=projection.DEFAULT_MODE,
+        description="'exact' (dense Rademacher from the CPU), 'device' (dense Rademacher generated "
+        "on the device, for 7B-scale LoRA dims) or 'fast' (sparse sign)",
+    )
     seed: int = Field(default=0, description="Projection seed; stores of different seeds never mix")
     chunk_size: int = Field(default=512, description="Examples per chunk read from the pool and per file on disk")
     shard_size: int | None = Field(
-        default=None, description="Deprecated name of chunk_size (a shard is a train_gradients partition)")
+        default=None, description="Deprecated name of chunk_size (a shard is a train_gradients partition)"
+    )
     train_transform: str = Field(
         default=DEFAULT_TRAIN_TRANSFORM,
         description="train_gradients only (target features are always plain gradients): 'adam' (default, "
@@ -56,8 +64,10 @@ class GradientConfig(dg.Config):
         values = dict(values)
         old = values.pop("shard_size")
         if values.setdefault("chunk_size", old) != old:
-            raise ValueError(f"chunk_size {values['chunk_size']} and its deprecated name shard_size {old} differ; "
-                             "give chunk_size only")
+            raise ValueError(
+                f"chunk_size {values['chunk_size']} and its deprecated name shard_size {old} differ; "
+                "give chunk_size only"
+            )
         return values
 
 
@@ -79,13 +89,23 @@ def _result(tracker: LineageTracker, metrics: dict) -> dg.MaterializeResult:
             "examples_per_s": dg.MetadataValue.float(float(metrics["examples_per_s"] or 0.0)),
             "checkpoints": dg.MetadataValue.md(markdown_table(metrics["checkpoints"])),
             "features_collapsed": dg.MetadataValue.bool(metrics["features_collapsed"]),
-            "feature_diagnostics": dg.MetadataValue.md(markdown_table([
-                {"epoch": c["epoch"], "dim": c["dim"], "warmup_steps": c["warmup_steps"], "rows": c["n_rows"],
-                 "mean_feature_norm": _rounded(c["mean_feature_norm"]),
-                 "mean_pairwise_cosine": _rounded(c["mean_pairwise_cosine"]),
-                 "saturated_share": _rounded(c["saturated_share"]), "collapsed": c["collapsed"]}
-                for c in metrics["feature_diagnostics"]
-            ])),
+            "feature_diagnostics": dg.MetadataValue.md(
+                markdown_table(
+                    [
+                        {
+                            "epoch": c["epoch"],
+                            "dim": c["dim"],
+                            "warmup_steps": c["warmup_steps"],
+                            "rows": c["n_rows"],
+                            "mean_feature_norm": _rounded(c["mean_feature_norm"]),
+                            "mean_pairwise_cosine": _rounded(c["mean_pairwise_cosine"]),
+                            "saturated_share": _rounded(c["saturated_share"]),
+                            "collapsed": c["collapsed"],
+                        }
+                        for c in metrics["feature_diagnostics"]
+                    ]
+                )
+            ),
             # Examples tokenized by this run (none when every feature was already stored).
             "truncation": dg.MetadataValue.md(markdown_table(metrics["truncation_by_group"])),
         },
@@ -112,8 +132,11 @@ def _model(context: dg.AssetExecutionContext) -> str:
 
 
 def build_gradient_asset(
-    kind: str, partitions_def: dg.PartitionsDefinition, upstream: str,
-    examples_of: Callable[[dg.AssetExecutionContext, LineageStore], features.FeatureExamples], description: str,
+    kind: str,
+    partitions_def: dg.PartitionsDefinition,
+    upstream: str,
+    examples_of: Callable[[dg.AssetExecutionContext, LineageStore], features.FeatureExamples],
+    description: str,
 ) -> dg.AssetsDefinition:
     """`train_gradients` (Adam features of one pool shard) and `target_gradients` (SGD features of val targets)."""
 
@@ -127,18 +150,34 @@ def build_gradient_asset(
         description=description,
     )
     def _gradients(
-        context: dg.AssetExecutionContext, config: GradientConfig, settings: StorageSettings, lineage: LineageStore,
-        model_store: ModelStore, device: DeviceSettings,
+        context: dg.AssetExecutionContext,
+        config: GradientConfig,
+        settings: StorageSettings,
+        lineage: LineageStore,
+        model_store: ModelStore,
+        device: DeviceSettings,
     ) -> dg.MaterializeResult:
         tracker = LineageTracker(context, lineage)
         examples = examples_of(context, lineage)
-        run = features.compute_gradient_features(features.FeatureRequest(
-            kind=kind, spec=model_store.spec(_model(context)), examples=examples,
-            settings=features.FeatureSettings(dims=list(config.dims), mode=config.mode, seed=config.seed,
-                                              chunk_size=config.chunk_size, train_transform=config.train_transform),
-            root=settings.path("gradients"), models=model_store, device=device, connect=lineage.connect,
-            log=context.log,
-        ))
+        run = features.compute_gradient_features(
+            features.FeatureRequest(
+                kind=kind,
+                spec=model_store.spec(_model(context)),
+                examples=examples,
+                settings=features.FeatureSettings(
+                    dims=list(config.dims),
+                    mode=config.mode,
+                    seed=config.seed,
+                    chunk_size=config.chunk_size,
+                    train_transform=config.train_transform,
+                ),
+                root=settings.path("gradients"),
+                models=model_store,
+                device=device,
+                connect=lineage.connect,
+                log=context.log,
+            )
+        )
         for label, directory in run.files.items():
             tracker.add_file(label, directory)
         return _result(tracker, {**run.as_metrics(), **examples.metrics})
@@ -147,11 +186,17 @@ def build_gradient_asset(
 
 
 train_gradients = build_gradient_asset(
-    "train", model_shard_partitions, "raw_pool", _pool_shard,
+    "train",
+    model_shard_partitions,
+    "raw_pool",
+    _pool_shard,
     "Per-example LoRA gradients of one shard of the pool at every warmup checkpoint, transformed by "
     "`train_transform` (default 'adam': LESS's Adam step), projected. One partition per (model, shard).",
 )
 target_gradients = build_gradient_asset(
-    "target", model_partitions, "target_tasks", _target_val,
+    "target",
+    model_partitions,
+    "target_tasks",
+    _target_val,
     "Plain (SGD) per-example LoRA gradients of the target val examples at every warmup checkpoint, projected.",
 )

@@ -19,18 +19,22 @@ class InfluenceConfig(dg.Config):
     dim: int = Field(default=projection.DEFAULT_DIM, description="Which projection dim of the datastore to use")
     mode: str = Field(default=projection.DEFAULT_MODE, description="Projection mode of the datastore to use")
     seed: int = Field(default=0, description="Projection seed of the datastore to use")
-    train_transform: str = Field(default=DEFAULT_TRAIN_TRANSFORM,
-                                 description="Train-feature transform of the datastore to use (train_gradients' "
-                                 "train_transform)")
+    train_transform: str = Field(
+        default=DEFAULT_TRAIN_TRANSFORM,
+        description="Train-feature transform of the datastore to use (train_gradients' train_transform)",
+    )
 
 
 @dg.asset(
     partitions_def=model_partitions,
     deps=[
         # Every shard of this model's train features.
-        dg.AssetDep("train_gradients",
-                    partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=MODEL_DIMENSION)),
-        "target_gradients", "target_tasks",
+        dg.AssetDep(
+            "train_gradients",
+            partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=MODEL_DIMENSION),
+        ),
+        "target_gradients",
+        "target_tasks",
     ],
     group_name="less",
     code_version=code_version("selection.influence.scores", "selection.less"),
@@ -45,8 +49,9 @@ def influence_scores(
 ) -> dg.MaterializeResult:
     tracker = LineageTracker(context, lineage)
     spec = model_store.spec(context.partition_key)
-    key = influence_store.FeatureKey(mode=config.mode, dim=config.dim, seed=config.seed,
-                                     train_transform=config.train_transform)
+    key = influence_store.FeatureKey(
+        mode=config.mode, dim=config.dim, seed=config.seed, train_transform=config.train_transform
+    )
     with lineage.connect() as con:
         warmup = checkpoints.latest_run_checkpoints(con, spec.name, "warmup")
         run_key = str(warmup["run_key"].iloc[0])
@@ -55,20 +60,34 @@ def influence_scores(
         val_rows = target_store.read_targets(con, "val")
         pool_ids = pool_store.pool_ids(con)
         pool_version = pool_store.latest_pool_version(con)[0]
-    run = scores.score_influence(scores.InfluenceRequest(
-        model=spec.name, key=key, warmup=warmup, train=train, target=target, val_rows=val_rows, pool_ids=pool_ids,
-        pool_version=pool_version, shards=shard_partitions.get_partition_keys(),
-        scores_root=settings.path("scores", spec.name), warn=context.log.warning,
-    ))
+    run = scores.score_influence(
+        scores.InfluenceRequest(
+            model=spec.name,
+            key=key,
+            warmup=warmup,
+            train=train,
+            target=target,
+            val_rows=val_rows,
+            pool_ids=pool_ids,
+            pool_version=pool_version,
+            shards=shard_partitions.get_partition_keys(),
+            scores_root=settings.path("scores", spec.name),
+            warn=context.log.warning,
+        )
+    )
     record = run.record
     with lineage.connect() as con:
         influence_store.record_influence(con, record)
     tracker.add_file("scores", run.scores_path)
     per_task = run.per_task
     metrics = {
-        "warmup_run_key": record.warmup_run_key, "train_transform": config.train_transform,
-        "n_train": record.n_train, "n_val": record.n_val, "checkpoint_weights": record.weights,
-        "pool_version": record.pool_version, "dropped_val_examples": run.dropped_val_ids,
+        "warmup_run_key": record.warmup_run_key,
+        "train_transform": config.train_transform,
+        "n_train": record.n_train,
+        "n_val": record.n_val,
+        "checkpoint_weights": record.weights,
+        "pool_version": record.pool_version,
+        "dropped_val_examples": run.dropped_val_ids,
         "scores_dir": record.scores_dir,
         "mean_influence_by_task": dict(zip(per_task["task"], per_task["mean_influence"])),
     }

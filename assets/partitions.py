@@ -25,5 +25,7 @@ model_shard_partitions = dg.MultiPartitionsDefinition(
 
 def model_shard_keys(model: str) -> list[dg.MultiPartitionKey]:
     """Every shard partition of one model."""
-    return [dg.MultiPartitionKey({MODEL_DIMENSION: model, SHARD_DIMENSION: shard})
-            for shard in shard_partitions.get_partition_keys()]
+    return [
+        dg.MultiPartitionKey({MODEL_DIMENSION: model, SHARD_DIMENSION: shard})
+        for shard in shard_partitions.get_partition_keys()
+    ]

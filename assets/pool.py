@@ -1,6 +1,5 @@
 """Raw pool and target tasks: ingest files into DuckDB, with every record accounted for."""
 
-
 import dagster as dg
 from pydantic import Field
 
@@ -40,7 +39,8 @@ class TargetTasksConfig(dg.Config):
     )
     default_tasks: list[str] | None = Field(
         default=None,
-        description=f"Built-in tasks to use when no files are given; None = all of {list(targets.DEFAULT_TASKS)}")
+        description=f"Built-in tasks to use when no files are given; None = all of {list(targets.DEFAULT_TASKS)}",
+    )
     n_val: int = Field(default=targets.DEFAULT_N_VAL, description="Val (few-shot target) examples per subtask")
     max_test_per_task: int | None = Field(
         default=targets.DEFAULT_TEST_PER_TASK, description="Cap on held-out test examples per task"
@@ -49,8 +49,13 @@ class TargetTasksConfig(dg.Config):
 
 @dg.asset(
     group_name="pool",
-    code_version=code_version("selection.data.formats", "selection.data.ingest", "selection.data.pool_store",
-                              "selection.data.default_data", "selection.common.allocation"),
+    code_version=code_version(
+        "selection.data.formats",
+        "selection.data.ingest",
+        "selection.data.pool_store",
+        "selection.data.default_data",
+        "selection.common.allocation",
+    ),
     description="Instruction pool in DuckDB (`pool`, `pool_rejects`, `pool_duplicates`), append-only and versioned.",
 )
 def raw_pool(
@@ -75,17 +80,28 @@ def raw_pool(
     tracker.add_table("pool", report.pool_version, n_total=report.n_total)
     per_source = [
         {
-            "source": s.source, "status": s.status, "read": s.n_read, "accepted": s.n_accepted,
-            "rejected": s.n_rejected, "duplicates": s.n_duplicates, "superseded": s.n_superseded,
+            "source": s.source,
+            "status": s.status,
+            "read": s.n_read,
+            "accepted": s.n_accepted,
+            "rejected": s.n_rejected,
+            "duplicates": s.n_duplicates,
+            "superseded": s.n_superseded,
         }
         for s in report.sources
     ]
     metrics = {
-        "pool_version": report.pool_version, "n_total": report.n_total, "n_new": report.n_new,
-        "n_read": report.n_read, "n_rejected": report.n_rejected, "n_duplicates": report.n_duplicates,
-        "n_superseded": report.n_superseded, "n_revived": report.n_revived,
+        "pool_version": report.pool_version,
+        "n_total": report.n_total,
+        "n_new": report.n_new,
+        "n_read": report.n_read,
+        "n_rejected": report.n_rejected,
+        "n_duplicates": report.n_duplicates,
+        "n_superseded": report.n_superseded,
+        "n_revived": report.n_revived,
         "n_superseded_total": report.n_superseded_total,
-        "rejects_by_reason": report.rejects_by_reason, "records_per_s": report.records_per_s,
+        "rejects_by_reason": report.rejects_by_reason,
+        "records_per_s": report.records_per_s,
         "sources": per_source,
     }
     data_version = tracker.finish(metrics)
@@ -112,8 +128,13 @@ def raw_pool(
 
 @dg.asset(
     group_name="pool",
-    code_version=code_version("selection.data.formats", "selection.data.ingest", "selection.data.targets",
-                              "selection.data.target_store", "selection.data.default_data"),
+    code_version=code_version(
+        "selection.data.formats",
+        "selection.data.ingest",
+        "selection.data.targets",
+        "selection.data.target_store",
+        "selection.data.default_data",
+    ),
     description="Target tasks (`targets` table): few `val` examples define each target, `test` is held out.",
 )
 def target_tasks(
@@ -129,8 +150,9 @@ def target_tasks(
         wanted = config.default_tasks or targets.DEFAULT_TASKS
         unknown = sorted(set(wanted) - set(targets.DEFAULT_TASKS))
         if unknown:
-            raise ValueError(f"`default_tasks` {unknown} are not built-in tasks; "
-                             f"choose from {list(targets.DEFAULT_TASKS)}")
+            raise ValueError(
+                f"`default_tasks` {unknown} are not built-in tasks; choose from {list(targets.DEFAULT_TASKS)}"
+            )
         files = [targets.TargetFile(**spec) for spec in builtin if spec["task"] in wanted]
         context.log.info(f"No target files configured: using the built-in targets ({len(files)} tasks)")
     target_set = targets.build_targets(files, n_val=config.n_val, max_test_per_task=config.max_test_per_task)

@@ -19,11 +19,12 @@ from assets.partitions import model_partitions
 from resources.lineage import LineageStore
 from resources.settings import StorageSettings
 from selection import registry, selection_store, selectors
+from selection.common.markdown import bar_chart_markdown, markdown_table
 from selection.data import pool_store
-from selection.influence import diagnostics, scores as influence
+from selection.influence import diagnostics
+from selection.influence import scores as influence
 from selection.influence.influence_store import latest_influence
 from selection.train import preflight
-from selection.common.markdown import bar_chart_markdown, markdown_table
 
 
 class SelectionConfig(dg.Config):
@@ -40,9 +41,18 @@ def score_histogram(scores: np.ndarray, bins: int = 10) -> dict[str, float]:
 
 
 def record_picks(
-    context: dg.AssetExecutionContext, tracker: LineageTracker, lineage: LineageStore, settings: StorageSettings,
-    method: str, picks: list[selectors.RankedPicks], row_ids: list[str], pool_version: str, budget: int,
-    scored: selectors.ScoredPool | None = None, extra_metrics: dict | None = None, extra_metadata: dict | None = None,
+    context: dg.AssetExecutionContext,
+    tracker: LineageTracker,
+    lineage: LineageStore,
+    settings: StorageSettings,
+    method: str,
+    picks: list[selectors.RankedPicks],
+    row_ids: list[str],
+    pool_version: str,
+    budget: int,
+    scored: selectors.ScoredPool | None = None,
+    extra_metrics: dict | None = None,
+    extra_metadata: dict | None = None,
 ) -> dg.MaterializeResult:
     """Write selections (+ explanations when the picks came from a score matrix), exports, lineage and metadata."""
     model = context.partition_key
@@ -50,8 +60,9 @@ def record_picks(
     for pick in picks:
         ids = [row_ids[i] for i in pick.indices]
         selections.append(
-            selection_store.Selection(model, method, pick.target, ids, [float(s) for s in pick.scores], pool_version,
-                                      budget)
+            selection_store.Selection(
+                model, method, pick.target, ids, [float(s) for s in pick.scores], pool_version, budget
+            )
         )
         if scored is not None:
             why = selectors.explanations(scored.scores, scored.columns, pick)
@@ -62,7 +73,10 @@ def record_picks(
     export_dir = settings.subdir("selections", model, method)
     with lineage.connect() as con:
         n_rows = selection_store.write_selections(
-            con, selections, pd.concat(explained, ignore_index=True) if explained else None, context.run.run_id,
+            con,
+            selections,
+            pd.concat(explained, ignore_index=True) if explained else None,
+            context.run.run_id,
             context.assets_def.code_versions_by_key.get(context.asset_key),
         )
         for selection, path in zip(selections, exports):
@@ -71,14 +85,20 @@ def record_picks(
     tracker.add_table("selections", f"{model}/{method}/{budget}", rows=n_rows)
     overall = next((p for p in picks if p.target == selectors.ALL_TARGETS), picks[0])
     metadata: dict = {}
-    metrics = {"budget": budget, "pool_version": pool_version, "targets": [p.target for p in picks],
-               **(extra_metrics or {})}
+    metrics = {
+        "budget": budget,
+        "pool_version": pool_version,
+        "targets": [p.target for p in picks],
+        **(extra_metrics or {}),
+    }
     if scored is not None:
         balance = selectors.task_balance(scored.scores, scored.columns, overall.indices)
         top = explained[picks.index(overall)]
         share = top[top["reason_rank"] == 0]["val_task"].value_counts(normalize=True).round(3).to_dict()
         metrics.update({"task_share_by_top_reason": share, "mean_normalized_influence_by_task": balance})
-        metadata["task_share"] = dg.MetadataValue.md(bar_chart_markdown(share, "share of picks by the task that drove them"))
+        metadata["task_share"] = dg.MetadataValue.md(
+            bar_chart_markdown(share, "share of picks by the task that drove them")
+        )
         metadata["balance"] = dg.MetadataValue.md(bar_chart_markdown(balance, "mean normalized influence by task"))
     histogram = score_histogram(np.asarray(overall.scores, dtype=np.float64))
     if histogram:
@@ -102,11 +122,19 @@ def record_picks(
     )
 
 
-def selection_asset(method: registry.SelectionMethod, deps: list[str], **asset_args
-                    ) -> Callable[[Callable[..., dg.MaterializeResult]], dg.AssetsDefinition]:
+def selection_asset(
+    method: registry.SelectionMethod, deps: list[str], **asset_args
+) -> Callable[[Callable[..., dg.MaterializeResult]], dg.AssetsDefinition]:
     """Decorates the body of a method's asset: key, description and code version come from its registry entry."""
-    return dg.asset(name=method.asset, partitions_def=model_partitions, deps=deps, group_name="selections",
-                    code_version=code_version(*method.code), description=method.description, **asset_args)
+    return dg.asset(
+        name=method.asset,
+        partitions_def=model_partitions,
+        deps=deps,
+        group_name="selections",
+        code_version=code_version(*method.code),
+        description=method.description,
+        **asset_args,
+    )
 
 
 def from_influence_scores(method: registry.SelectionMethod) -> dg.AssetsDefinition:
@@ -121,19 +149,25 @@ def from_influence_scores(method: registry.SelectionMethod) -> dg.AssetsDefiniti
             run = latest_influence(con, context.partition_key)
             pool_size = pool_store.pool_version_size(con, run["pool_version"])
             current = set(pool_store.pool_ids(con))
-            informative, why = (diagnostics.collapsed_feature_reason(
-                con, context.partition_key, run["warmup_run_key"], run["mode"], run["dim"], run["seed"])
-                if method.follows_scores else (None, ""))
+            informative, why = (
+                diagnostics.collapsed_feature_reason(
+                    con, context.partition_key, run["warmup_run_key"], run["mode"], run["dim"], run["seed"]
+                )
+                if method.follows_scores
+                else (None, "")
+            )
         scores, train_ids = influence.load_scores(run["scores_dir"])
         # Score rows of examples superseded since the scores were computed are never picked.
         rows = [row for row, example_id in enumerate(train_ids) if example_id in current]
         # Every method's budget is a share of the same pool version (not of the scored subset),
         # refused before anything is chosen or written when it is above what can be picked.
-        budget = preflight.resolve_selection_budget(config.budget, pool_size, len(rows),
-                                                    "current examples with influence scores")
+        budget = preflight.resolve_selection_budget(
+            config.budget, pool_size, len(rows), "current examples with influence scores"
+        )
         if len(rows) < len(train_ids):
-            context.log.warning(f"{len(train_ids) - len(rows)} scored examples are superseded or gone from the pool "
-                                "and are left out")
+            context.log.warning(
+                f"{len(train_ids) - len(rows)} scored examples are superseded or gone from the pool and are left out"
+            )
             scores, train_ids = np.asarray(scores[rows]), [train_ids[row] for row in rows]
         scored = selectors.ScoredPool(scores, run["columns"], config.seed)
         picks = method.choose(scored, budget)
@@ -144,9 +178,19 @@ def from_influence_scores(method: registry.SelectionMethod) -> dg.AssetsDefiniti
                 trust["scores_informative"] = informative
             if informative is False:
                 context.log.warning(f"{method.name} picks follow uninformative influence scores: {why}")
-        return record_picks(context, tracker, lineage, settings, method.name, picks, train_ids, run["pool_version"],
-                            budget, scored, {"scores_dir": run["scores_dir"], **trust},
-                            {key: dg.MetadataValue.bool(value) if isinstance(value, bool) else value
-                             for key, value in trust.items()})
+        return record_picks(
+            context,
+            tracker,
+            lineage,
+            settings,
+            method.name,
+            picks,
+            train_ids,
+            run["pool_version"],
+            budget,
+            scored,
+            {"scores_dir": run["scores_dir"], **trust},
+            {key: dg.MetadataValue.bool(value) if isinstance(value, bool) else value for key, value in trust.items()},
+        )
 
     return _selection

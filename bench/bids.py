@@ -64,15 +64,28 @@ def main() -> None:
 
     print(f"scores {args.n} x {args.m}, budget {budget} ({args.fraction:.0%})")
     print(f"ours (median of {args.repeats}): {ours_s:.2f} s")
-    print(f"naive: {per_step * 1e3:.0f} ms/step over {long} steps -> {naive_s:,.0f} s extrapolated; "
-          f"speedup {naive_s / ours_s:,.0f}x")
-    print(f"first {long} picks equal naive: {prefix_match}; full budget on {args.check_n} x {args.m} equal: {full_match}")
-    print(json.dumps({
-        "n": args.n, "m": args.m, "budget": budget, "ours_seconds": round(ours_s, 3),
-        "naive_seconds_per_step": round(per_step, 4), "naive_seconds_extrapolated": round(naive_s, 1),
-        "speedup_vs_naive": round(naive_s / ours_s, 1), "prefix_equal_naive": prefix_match,
-        "small_full_budget_equal_naive": full_match,
-    }))
+    print(
+        f"naive: {per_step * 1e3:.0f} ms/step over {long} steps -> {naive_s:,.0f} s extrapolated; "
+        f"speedup {naive_s / ours_s:,.0f}x"
+    )
+    print(
+        f"first {long} picks equal naive: {prefix_match}; full budget on {args.check_n} x {args.m} equal: {full_match}"
+    )
+    print(
+        json.dumps(
+            {
+                "n": args.n,
+                "m": args.m,
+                "budget": budget,
+                "ours_seconds": round(ours_s, 3),
+                "naive_seconds_per_step": round(per_step, 4),
+                "naive_seconds_extrapolated": round(naive_s, 1),
+                "speedup_vs_naive": round(naive_s / ours_s, 1),
+                "prefix_equal_naive": prefix_match,
+                "small_full_budget_equal_naive": full_match,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

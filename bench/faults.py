@@ -27,8 +27,19 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 def run_scenarios(keyword: str | None) -> tuple[list[dict], int]:
     with tempfile.TemporaryDirectory(prefix="faults-") as scratch:
         report = Path(scratch) / "faults.xml"
-        command = [sys.executable, "-m", "pytest", "-q", "-m", "faults", "-p", "no:cacheprovider",
-                   f"--junitxml={report}", "-o", "junit_family=xunit1"]
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-m",
+            "faults",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={report}",
+            "-o",
+            "junit_family=xunit1",
+        ]
         if keyword:
             command += ["-k", keyword]
         completed = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
@@ -53,15 +64,17 @@ def parse_report(path: Path) -> list[dict]:
             result, observed = "SKIP", (skipped.get("message") or "")[:160]
         else:
             result, observed = "pass", properties.get("observed", "")
-        rows.append({
-            "scenario": properties.get("scenario") or case.get("name"),
-            "kind": "scenario" if "scenario" in properties else "supporting check",
-            "expected": properties.get("expected", ""),
-            "observed": observed,
-            "result": result,
-            "test": f"{case.get('classname')}::{case.get('name')}",
-            "seconds": round(float(case.get("time") or 0.0), 1),
-        })
+        rows.append(
+            {
+                "scenario": properties.get("scenario") or case.get("name"),
+                "kind": "scenario" if "scenario" in properties else "supporting check",
+                "expected": properties.get("expected", ""),
+                "observed": observed,
+                "result": result,
+                "test": f"{case.get('classname')}::{case.get('name')}",
+                "seconds": round(float(case.get("time") or 0.0), 1),
+            }
+        )
     return rows
 
 

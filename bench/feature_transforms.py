@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import tempfile
 import time
@@ -42,16 +41,16 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from bench.recall import PLANTED_GROUPS, build_pool  # noqa: E402
-from selection import bids, less, training  # noqa: E402
+from bench.recall import PLANTED_GROUPS, build_pool
+from selection import bids, less, training
 from selection.data import tokenization
 from selection.influence import gradients, projection
-from selection.influence.warmup import stable_fraction_sample  # noqa: E402
+from selection.influence.warmup import stable_fraction_sample
 from selection.train import models
-from selection.train.checkpoints import load_adapter_weights  # noqa: E402
+from selection.train.checkpoints import load_adapter_weights
 
 CANDIDATES = ("adam", "adam_bias_corrected", "adam_no_momentum", "sgd", "adam_centered", "sgd_centered")
 BLOCK_ROWS = 32  # rows transformed and projected at a time (a full-size transform is 3.7 MB per row)
@@ -120,8 +119,9 @@ def main() -> int:
     started = time.perf_counter()
     seconds: dict[str, float] = {}
 
-    records, val_by_group, planted = build_pool(args.pool_size, args.planted_share, args.alpaca_share, args.groups,
-                                                args.n_val, args.seed)
+    records, val_by_group, planted = build_pool(
+        args.pool_size, args.planted_share, args.alpaca_share, args.groups, args.n_val, args.seed
+    )
     # build_pool draws n_val + 2 per subject (val plus held-out test rows); the first n_val of each subject are val.
     val_rows = []
     for group in args.groups:
@@ -146,19 +146,30 @@ def main() -> int:
 
         # `make demo`'s warmup settings (DEMO_TRAINING_CONFIG), except the epochs.
         demo = training.DEMO_TRAINING_CONFIG
-        config = training.TrainingConfig(epochs=args.epochs, learning_rate=demo.learning_rate,
-                                         batch_size=demo.batch_size, micro_batch_size=demo.micro_batch_size,
-                                         max_tokens_per_micro_batch=4096, warmup_ratio=demo.warmup_ratio, seed=0)
+        config = training.TrainingConfig(
+            epochs=args.epochs,
+            learning_rate=demo.learning_rate,
+            batch_size=demo.batch_size,
+            micro_batch_size=demo.micro_batch_size,
+            max_tokens_per_micro_batch=4096,
+            warmup_ratio=demo.warmup_ratio,
+            seed=0,
+        )
         warm_ids = set(stable_fraction_sample(ids, args.warmup_fraction, 0))
         warm_examples = [e for i, e in zip(ids, pool_tok) if i in warm_ids]
         peft_model = models.add_lora(model, spec, seed=0)
         t = time.perf_counter()
-        result = training.train_lora(peft_model, warm_examples, config, Path(scratch) / "warmup", tokenizer.pad_token_id)
+        result = training.train_lora(
+            peft_model, warm_examples, config, Path(scratch) / "warmup", tokenizer.pad_token_id
+        )
         seconds["warmup"] = time.perf_counter() - t
         engine = gradients.PerExampleGradients(peft_model)
         projector = projection.make_projector(args.mode, engine.dim, args.dim, 0, engine.names_hash, "cpu")
-        print(f"pool {len(ids)} rows ({len(warm_examples)} warmup examples, {result.total_steps} steps), "
-              f"{len(val_rows)} val rows, gradient dim {engine.dim}", flush=True)
+        print(
+            f"pool {len(ids)} rows ({len(warm_examples)} warmup examples, {result.total_steps} steps), "
+            f"{len(val_rows)} val rows, gradient dim {engine.dim}",
+            flush=True,
+        )
 
         # Per checkpoint: projected unnormalized features of every candidate, and the val SGD features.
         train_feats: dict[str, list[np.ndarray]] = {name: [] for name in CANDIDATES}
@@ -174,16 +185,28 @@ def main() -> int:
             pool_grads = per_example_gradients(engine, pool_tok, tokenizer.pad_token_id, args.batch_size, 2048)
             val_grads = per_example_gradients(engine, val_tok, tokenizer.pad_token_id, args.batch_size, 2048)
             seconds[f"gradients_epoch_{checkpoint.epoch}"] = time.perf_counter() - t
-            print(f"epoch {checkpoint.epoch}: gradients in {seconds[f'gradients_epoch_{checkpoint.epoch}']:.0f} s "
-                  f"(step {checkpoint.global_step}, avg lr {avg_lr:.2e})", flush=True)
+            print(
+                f"epoch {checkpoint.epoch}: gradients in {seconds[f'gradients_epoch_{checkpoint.epoch}']:.0f} s "
+                f"(step {checkpoint.global_step}, avg lr {avg_lr:.2e})",
+                flush=True,
+            )
             grad_norms = pool_grads.norm(dim=1).numpy()
             val_feats.append(projector.project(val_grads).numpy())
             for name in CANDIDATES:
                 if name.endswith("_centered") and name.removesuffix("_centered") in CANDIDATES:
                     continue  # derived below from the uncentered projection (projection is linear)
-                rows = [projector.project(transform_block(name, pool_grads[s:s + BLOCK_ROWS], moments.exp_avg,
-                                                          moments.exp_avg_sq, checkpoint.global_step))
-                        for s in range(0, len(ids), BLOCK_ROWS)]
+                rows = [
+                    projector.project(
+                        transform_block(
+                            name,
+                            pool_grads[s : s + BLOCK_ROWS],
+                            moments.exp_avg,
+                            moments.exp_avg_sq,
+                            checkpoint.global_step,
+                        )
+                    )
+                    for s in range(0, len(ids), BLOCK_ROWS)
+                ]
                 train_feats[name].append(torch.cat(rows).numpy())
             for name in CANDIDATES:
                 if name.endswith("_centered"):
@@ -192,8 +215,13 @@ def main() -> int:
             del pool_grads, val_grads
 
     if args.save:
-        np.savez(args.save, avg_lrs=np.asarray(avg_lrs), val=np.stack(val_feats), grad_norms=grad_norms,
-                 **{name: np.stack(feats) for name, feats in train_feats.items()})
+        np.savez(
+            args.save,
+            avg_lrs=np.asarray(avg_lrs),
+            val=np.stack(val_feats),
+            grad_norms=grad_norms,
+            **{name: np.stack(feats) for name, feats in train_feats.items()},
+        )
     weights = less.checkpoint_weights(avg_lrs)
     k = less.resolve_budget(args.budget, len(ids))
     mmlu = np.array([r["dataset"] == "mmlu" for r in records])
@@ -204,8 +232,7 @@ def main() -> int:
         unit_val = [unit(f).astype(np.float16) for f in val_feats]
         mean_norm, mean_cos = collapse(unit_train[-1].astype(np.float32))
         scores = less.influence_scores(unit_train, unit_val, weights, np.empty((len(ids), len(val_rows)), np.float32))
-        entry: dict = {"mean_feature_norm": round(mean_norm, 3), "mean_pairwise_cos": round(mean_cos, 3),
-                       "groups": {}}
+        entry: dict = {"mean_feature_norm": round(mean_norm, 3), "mean_pairwise_cos": round(mean_cos, 3), "groups": {}}
         for group in args.groups:
             cols = [j for j, r in enumerate(val_rows) if r["task"] == group]
             # build_pool's planted ids are ingested ids; here a planted row is one from the group's subjects
@@ -229,21 +256,39 @@ def main() -> int:
         results[name] = entry
 
     best = 1 / np.mean([results["adam"]["groups"][g]["base_rate"] for g in args.groups])
-    print(f"\nplanted precision over base rate at a {args.budget:.0%} budget ({k} of {len(ids)}); "
-          f"1.00 = chance, {best:.1f} = all planted")
-    header = (f"{'transform':<21}" + "".join(f"{'LESS ' + g[:4]:>11}{'BIDS ' + g[:4]:>11}" for g in args.groups)
-              + f"{'LESS':>7}{'BIDS':>7}{'mmlu%':>7}{'|mean|':>8}{'cos':>7}{'rho(norm)':>11}")
+    print(
+        f"\nplanted precision over base rate at a {args.budget:.0%} budget ({k} of {len(ids)}); "
+        f"1.00 = chance, {best:.1f} = all planted"
+    )
+    header = (
+        f"{'transform':<21}"
+        + "".join(f"{'LESS ' + g[:4]:>11}{'BIDS ' + g[:4]:>11}" for g in args.groups)
+        + f"{'LESS':>7}{'BIDS':>7}{'mmlu%':>7}{'|mean|':>8}{'cos':>7}{'rho(norm)':>11}"
+    )
     print(header)
     for name, entry in results.items():
         groups = entry["groups"]
-        print(f"{name:<21}" + "".join(f"{groups[g]['less']:>10.2f}x{groups[g]['bids']:>10.2f}x" for g in args.groups)
-              + f"{entry['less']:>6.2f}x{entry['bids']:>6.2f}x"
-              + f"{np.mean([groups[g]['less_mmlu_share'] for g in args.groups]):>7.0%}"
-              + f"{entry['mean_feature_norm']:>8.3f}{entry['mean_pairwise_cos']:>7.3f}"
-              + f"{np.mean([groups[g]['spearman_score_vs_grad_norm'] for g in args.groups]):>11.2f}")
+        print(
+            f"{name:<21}"
+            + "".join(f"{groups[g]['less']:>10.2f}x{groups[g]['bids']:>10.2f}x" for g in args.groups)
+            + f"{entry['less']:>6.2f}x{entry['bids']:>6.2f}x"
+            + f"{np.mean([groups[g]['less_mmlu_share'] for g in args.groups]):>7.0%}"
+            + f"{entry['mean_feature_norm']:>8.3f}{entry['mean_pairwise_cos']:>7.3f}"
+            + f"{np.mean([groups[g]['spearman_score_vs_grad_norm'] for g in args.groups]):>11.2f}"
+        )
     seconds["total"] = time.perf_counter() - started
-    print(json.dumps({"results": results, "profile": vars(args), "n_pool": len(ids), "n_val": len(val_rows),
-                      "avg_lrs": avg_lrs, "seconds": {k_: round(v) for k_, v in seconds.items()}}))
+    print(
+        json.dumps(
+            {
+                "results": results,
+                "profile": vars(args),
+                "n_pool": len(ids),
+                "n_val": len(val_rows),
+                "avg_lrs": avg_lrs,
+                "seconds": {k_: round(v) for k_, v in seconds.items()},
+            }
+        )
+    )
     return 0
 
 

@@ -36,27 +36,40 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gradients import POOL_SOURCES, spearman, sync, top_overlap  # noqa: E402  (bench/gradients.py)
+import itertools
 
-from selection import memory  # noqa: E402
-from selection.influence.datastore import FeatureStore, compute_features  # noqa: E402
-from selection.influence.gradients import PerExampleGradients  # noqa: E402
-from selection.train.models import ModelSpec, add_lora  # noqa: E402
-from selection.influence.projection import make_projector  # noqa: E402
-from selection.data.tokenization import IGNORE_INDEX, TokenizedExample, collate, length_sorted_batches  # noqa: E402
+from gradients import POOL_SOURCES, spearman, sync, top_overlap
+
+from selection import memory
+from selection.data.tokenization import IGNORE_INDEX, TokenizedExample, collate, length_sorted_batches
+from selection.influence.datastore import FeatureStore, compute_features
+from selection.influence.gradients import PerExampleGradients
+from selection.influence.projection import make_projector
+from selection.train.models import ModelSpec, add_lora
 
 EXAMPLES_FILE = Path(__file__).with_name("gpu_scale_examples.npz")
-LLAMA_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                intermediate_size=11008)
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128)
+LLAMA_7B = {
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "intermediate_size": 11008,
+}
+TINY = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "intermediate_size": 128,
+}
 
 
 def write_examples(path: Path, count: int, max_length: int) -> None:
     """Tokenize ``count`` default-pool examples (round robin over sources) with the default tokenizer."""
     from resources.settings import default_home
     from selection.data.default_data import pool_side
-    from selection.train.models import default_model_spec, load_model_and_tokenizer
     from selection.data.tokenization import tokenize_conversation
+    from selection.train.models import default_model_spec, load_model_and_tokenizer
 
     _, tokenizer = load_model_and_tokenizer(default_model_spec(), cache_dir=Path(default_home()) / "models")
     iterators = [iter(pool_side(source)) for source in POOL_SOURCES]
@@ -70,14 +83,20 @@ def write_examples(path: Path, count: int, max_length: int) -> None:
     ids = np.concatenate([np.asarray(e.input_ids, np.int32) for e in chosen])
     target = np.concatenate([np.asarray(e.labels) != IGNORE_INDEX for e in chosen])
     offsets = np.cumsum([0] + [len(e.input_ids) for e in chosen]).astype(np.int64)
-    np.savez_compressed(path, input_ids=ids, is_target=target, offsets=offsets,
-                        pad_token_id=np.int64(tokenizer.pad_token_id), vocab_size=np.int64(len(tokenizer)))
+    np.savez_compressed(
+        path,
+        input_ids=ids,
+        is_target=target,
+        offsets=offsets,
+        pad_token_id=np.int64(tokenizer.pad_token_id),
+        vocab_size=np.int64(len(tokenizer)),
+    )
 
 
 def read_examples(path: Path, count: int, max_tokens: int) -> tuple[list[TokenizedExample], int, int]:
     data = np.load(path)
     offsets, examples = data["offsets"], []
-    for start, stop in zip(offsets[:count], offsets[1 : count + 1]):
+    for start, stop in itertools.pairwise(offsets):
         stop = min(stop, start + max_tokens)
         ids = data["input_ids"][start:stop].tolist()
         labels = [i if t else IGNORE_INDEX for i, t in zip(ids, data["is_target"][start:stop])]
@@ -115,16 +134,29 @@ def main() -> None:
     torch.manual_seed(0)
     with device:
         base = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
-    spec = ModelSpec(name="llama2-7b-random", source="random", dtype="bfloat16", max_length=args.max_tokens,
-                     gradient_checkpointing=True)
+    spec = ModelSpec(
+        name="llama2-7b-random",
+        source="random",
+        dtype="bfloat16",
+        max_length=args.max_tokens,
+        gradient_checkpointing=True,
+    )
     model = add_lora(base, spec)
     engine = PerExampleGradients(model)
     sync(device)
-    result = {"bench": "gpu_scale", "tiny": args.tiny, "device": torch.cuda.get_device_name(device)
-              if device.type == "cuda" else "cpu", "config": {**(TINY if args.tiny else LLAMA_7B), "vocab": vocab},
-              "lora_r": spec.lora_r, "lora_dims": engine.dim, "n_examples": len(examples),
-              "tokens": sum(len(e.input_ids) for e in examples), "max_tokens": max(len(e.input_ids) for e in examples),
-              "dim": args.dim, "build_seconds": round(time.perf_counter() - started, 1)}
+    result = {
+        "bench": "gpu_scale",
+        "tiny": args.tiny,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "config": {**(TINY if args.tiny else LLAMA_7B), "vocab": vocab},
+        "lora_r": spec.lora_r,
+        "lora_dims": engine.dim,
+        "n_examples": len(examples),
+        "tokens": sum(len(e.input_ids) for e in examples),
+        "max_tokens": max(len(e.input_ids) for e in examples),
+        "dim": args.dim,
+        "build_seconds": round(time.perf_counter() - started, 1),
+    }
     budget = memory.free_bytes(device)
     estimate = memory.gradient_memory(model, engine.dim)
     batches = length_sorted_batches(examples, 256, None, estimate.max_rows(budget // 2))
@@ -133,19 +165,30 @@ def main() -> None:
     names = engine.names
     moments = {name: torch.rand(slot.shape, device=device) * 1e-3 for name, slot in zip(names, engine.slots)}
     moments_sq = {name: torch.rand(slot.shape, device=device) * 1e-6 for name, slot in zip(names, engine.slots)}
-    projector = make_projector("device", engine.dim, args.dim, 0, engine.names_hash, device,
-                               dtype=args.projection_dtype)
+    projector = make_projector(
+        "device", engine.dim, args.dim, 0, engine.names_hash, device, dtype=args.projection_dtype
+    )
     logged: list[str] = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with tempfile.TemporaryDirectory() as tmp:
-        store = FeatureStore(Path(tmp) / "store", "llama2-7b-random", "random", "train", projector,
-                             chunk_size=len(examples))
+        store = FeatureStore(
+            Path(tmp) / "store", "llama2-7b-random", "random", "train", projector, chunk_size=len(examples)
+        )
         sync(device)
         tick = time.perf_counter()
-        compute_features(model, [(str(i), e) for i, e in enumerate(examples)], projector, store,
-                         exp_avg=moments, exp_avg_sq=moments_sq, pad_token_id=pad, max_batch_size=256,
-                         memory_budget_bytes=budget, oom_log=logged.append)
+        compute_features(
+            model,
+            [(str(i), e) for i, e in enumerate(examples)],
+            projector,
+            store,
+            exp_avg=moments,
+            exp_avg_sq=moments_sq,
+            pad_token_id=pad,
+            max_batch_size=256,
+            memory_budget_bytes=budget,
+            oom_log=logged.append,
+        )
         sync(device)
         ours = time.perf_counter() - tick
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -160,20 +203,31 @@ def main() -> None:
     model.zero_grad(set_to_none=True)
     sync(device)
     floor = time.perf_counter() - tick
-    result.update(examples_per_s=round(len(examples) / ours, 2), ours_seconds=round(ours, 1),
-                  floor_seconds=round(floor, 1), ours_over_floor=round(ours / floor, 2), oom_retries=logged,
-                  peak_gpu_gb=None if peak is None else round(peak / 2**30, 1))
+    result.update(
+        examples_per_s=round(len(examples) / ours, 2),
+        ours_seconds=round(ours, 1),
+        floor_seconds=round(floor, 1),
+        ours_over_floor=round(ours / floor, 2),
+        oom_retries=logged,
+        peak_gpu_gb=None if peak is None else round(peak / 2**30, 1),
+    )
     result["fidelity"] = fidelity(engine, examples[: args.fidelity_sample], pad, device, args)
     result["total_seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result))
 
 
-def fidelity(engine: PerExampleGradients, sample: list[TokenizedExample], pad: int, device: torch.device,
-             args: argparse.Namespace) -> dict:
+def fidelity(
+    engine: PerExampleGradients,
+    sample: list[TokenizedExample],
+    pad: int,
+    device: torch.device,
+    args: argparse.Namespace,
+) -> dict:
     """device vs exact on the first ``slice_dims`` coordinates of the flat layout (see the docstring)."""
     width = min(args.slice_dims, engine.dim)
-    grads = torch.cat([engine(collate([sample[r] for r in rows], pad))[:, :width]
-                       for rows in length_sorted_batches(sample, 4)])
+    grads = torch.cat(
+        [engine(collate([sample[r] for r in rows], pad))[:, :width] for rows in length_sorted_batches(sample, 4)]
+    )
     order = [r for rows in length_sorted_batches(sample, 4) for r in rows]
     grads = grads[torch.argsort(torch.tensor(order, device=grads.device))]
     n_targets = min(8, len(sample) // 2)
@@ -188,12 +242,16 @@ def fidelity(engine: PerExampleGradients, sample: list[TokenizedExample], pad: i
         seconds[f"{mode}{seed}"] = round(time.perf_counter() - tick, 1)
         train, targets = features[:-n_targets], features[-n_targets:]
         scores[f"{mode}{seed}"] = (train @ targets.T).mean(axis=1)
-    return {"slice_dims": width, "n_train": len(sample) - n_targets, "n_targets": n_targets,
-            "device_vs_exact_spearman": spearman(scores["device0"], scores["exact0"]),
-            "device_vs_exact_overlap": top_overlap(scores["device0"], scores["exact0"]),
-            "exact_vs_exact_spearman": spearman(scores["exact1"], scores["exact0"]),
-            "exact_vs_exact_overlap": top_overlap(scores["exact1"], scores["exact0"]),
-            "projection_seconds": seconds}
+    return {
+        "slice_dims": width,
+        "n_train": len(sample) - n_targets,
+        "n_targets": n_targets,
+        "device_vs_exact_spearman": spearman(scores["device0"], scores["exact0"]),
+        "device_vs_exact_overlap": top_overlap(scores["device0"], scores["exact0"]),
+        "exact_vs_exact_spearman": spearman(scores["exact1"], scores["exact0"]),
+        "exact_vs_exact_overlap": top_overlap(scores["exact1"], scores["exact0"]),
+        "projection_seconds": seconds,
+    }
 
 
 if __name__ == "__main__":

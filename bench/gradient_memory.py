@@ -47,11 +47,13 @@ def write_pool(path: Path, size: int) -> None:
 
 
 def run_config(pool_file: Path, size: int) -> dict:
-    return {"ops": {
-        "raw_pool": {"config": {"sources": [{"path": str(pool_file)}]}},
-        "warmup_checkpoints": {"config": {"fraction": WARMUP_EXAMPLES / size, "epochs": 1, "batch_size": 8}},
-        "train_gradients": {"config": {"dims": [DIM], "mode": "fast", "chunk_size": 512}},
-    }}
+    return {
+        "ops": {
+            "raw_pool": {"config": {"sources": [{"path": str(pool_file)}]}},
+            "warmup_checkpoints": {"config": {"fraction": WARMUP_EXAMPLES / size, "epochs": 1, "batch_size": 8}},
+            "train_gradients": {"config": {"dims": [DIM], "mode": "fast", "chunk_size": 512}},
+        }
+    }
 
 
 def phase(name: str, home: Path, size: int) -> dict:
@@ -76,11 +78,20 @@ def _materialize(home: Path, size: int, asset: str, partition: str | None) -> di
     names = {"raw_pool"} if asset == "raw_pool" else {asset}
     rss_before = peak_rss_mb()
     started = time.perf_counter()
-    result = dg.materialize(assets, selection=selection, resources=resources, partition_key=partition,
-                            run_config={"ops": {k: v for k, v in config["ops"].items() if k in names}})
+    result = dg.materialize(
+        assets,
+        selection=selection,
+        resources=resources,
+        partition_key=partition,
+        run_config={"ops": {k: v for k, v in config["ops"].items() if k in names}},
+    )
     metadata = result.asset_materializations_for_node(asset)[0].metadata
-    return {"seconds": time.perf_counter() - started, "rss_before_mb": rss_before, "peak_rss_mb": peak_rss_mb(),
-            **{k: v.value for k, v in metadata.items() if k in ("n_computed", "n_examples", "n_stored")}}
+    return {
+        "seconds": time.perf_counter() - started,
+        "rss_before_mb": rss_before,
+        "peak_rss_mb": peak_rss_mb(),
+        **{k: v.value for k, v in metadata.items() if k in ("n_computed", "n_examples", "n_stored")},
+    }
 
 
 def run_phase(name: str, home: Path, size: int) -> dict:
@@ -105,8 +116,8 @@ def in_memory(home: Path) -> dict:
     from resources.settings import LINEAGE_DB_FILE
     from selection.data import pool_store, tokenization
     from selection.influence import datastore, projection
-    from selection.train import models
     from selection.influence.gradients import PerExampleGradients
+    from selection.train import models
     from tests.fakes import TinyModelStore
 
     torch.set_num_threads(1)
@@ -122,10 +133,15 @@ def in_memory(home: Path) -> dict:
     tokenized, _ = tokenization.tokenize_many(tokenizer, conversations, spec.max_length)
     target = projection.make_projector("fast", engine.dim, DIM, 0, engine.names_hash)
     features = datastore.FeatureStore(home / "in_memory_store", "tiny", "x", "target", target)
-    computed = datastore.compute_features(peft_model, list(zip(ids, tokenized)), target, features,
-                                          pad_token_id=tokenizer.pad_token_id)
-    return {"seconds": time.perf_counter() - started, "rss_before_mb": rss_before, "peak_rss_mb": peak_rss_mb(),
-            "n_computed": computed}
+    computed = datastore.compute_features(
+        peft_model, list(zip(ids, tokenized)), target, features, pad_token_id=tokenizer.pad_token_id
+    )
+    return {
+        "seconds": time.perf_counter() - started,
+        "rss_before_mb": rss_before,
+        "peak_rss_mb": peak_rss_mb(),
+        "n_computed": computed,
+    }
 
 
 def main() -> None:
@@ -149,9 +165,12 @@ def main() -> None:
             streamed = phase("streamed", home, size)
             in_mem = phase("in_memory", home, size)
         rows.append({"size": size, "streamed": streamed, "in_memory": in_mem})
-        print(f"pool {size:>7}: streamed asset peak {streamed['peak_rss_mb']:.0f} MB "
-              f"({streamed['n_computed']} computed, {streamed['seconds']:.0f} s); in-memory peak "
-              f"{in_mem['peak_rss_mb']:.0f} MB ({in_mem['seconds']:.0f} s)", flush=True)
+        print(
+            f"pool {size:>7}: streamed asset peak {streamed['peak_rss_mb']:.0f} MB "
+            f"({streamed['n_computed']} computed, {streamed['seconds']:.0f} s); in-memory peak "
+            f"{in_mem['peak_rss_mb']:.0f} MB ({in_mem['seconds']:.0f} s)",
+            flush=True,
+        )
     first, last = rows[0], rows[-1]
     growth = last["size"] / first["size"]
     result = {
@@ -162,14 +181,22 @@ def main() -> None:
         "streamed_peak_ratio": last["streamed"]["peak_rss_mb"] / first["streamed"]["peak_rss_mb"],
         "in_memory_peak_ratio": last["in_memory"]["peak_rss_mb"] / first["in_memory"]["peak_rss_mb"],
         "streamed_growth_mb_per_10k": (last["streamed"]["peak_rss_mb"] - first["streamed"]["peak_rss_mb"])
-        / (last["size"] - first["size"]) * 10_000 if len(rows) > 1 else 0.0,
+        / (last["size"] - first["size"])
+        * 10_000
+        if len(rows) > 1
+        else 0.0,
         "in_memory_growth_mb_per_10k": (last["in_memory"]["peak_rss_mb"] - first["in_memory"]["peak_rss_mb"])
-        / (last["size"] - first["size"]) * 10_000 if len(rows) > 1 else 0.0,
+        / (last["size"] - first["size"])
+        * 10_000
+        if len(rows) > 1
+        else 0.0,
         "runs": rows,
     }
-    print(f"pool x{growth:.0f}: streamed peak x{result['streamed_peak_ratio']:.2f} "
-          f"({result['streamed_growth_mb_per_10k']:+.0f} MB per 10K examples), in-memory peak "
-          f"x{result['in_memory_peak_ratio']:.2f} ({result['in_memory_growth_mb_per_10k']:+.0f} MB per 10K)")
+    print(
+        f"pool x{growth:.0f}: streamed peak x{result['streamed_peak_ratio']:.2f} "
+        f"({result['streamed_growth_mb_per_10k']:+.0f} MB per 10K examples), in-memory peak "
+        f"x{result['in_memory_peak_ratio']:.2f} ({result['in_memory_growth_mb_per_10k']:+.0f} MB per 10K)"
+    )
     print(json.dumps(result))
 
 

@@ -73,8 +73,9 @@ def main() -> int:
     args = parser.parse_args()
 
     stored = np.load(args.features)
-    records, val_by_group, _ = build_pool(args.pool_size, args.planted_share, args.alpaca_share, args.groups,
-                                          args.n_val, args.seed)
+    records, val_by_group, _ = build_pool(
+        args.pool_size, args.planted_share, args.alpaca_share, args.groups, args.n_val, args.seed
+    )
     val_rows = []
     for group in args.groups:  # the first n_val rows of each subject, as feature_transforms.py takes them
         taken: dict[str, int] = {}
@@ -83,8 +84,10 @@ def main() -> int:
                 taken[row["subtask"]] = taken.get(row["subtask"], 0) + 1
                 val_rows.append(row)
     if stored["val"].shape[1] != len(val_rows) or stored["sgd"].shape[1] != len(records):
-        raise SystemExit(f"{args.features} holds {stored['sgd'].shape[1]} pool and {stored['val'].shape[1]} val rows; "
-                         f"these arguments build {len(records)} and {len(val_rows)}: pass the same pool arguments")
+        raise SystemExit(
+            f"{args.features} holds {stored['sgd'].shape[1]} pool and {stored['val'].shape[1]} val rows; "
+            f"these arguments build {len(records)} and {len(val_rows)}: pass the same pool arguments"
+        )
     pool_letters = np.array([answer_letter(r["messages"]) if r["dataset"] == "mmlu" else "" for r in records])
     val_letters = np.array([answer_letter(r["messages"]) for r in val_rows])
     group_of = {s: g for g, subjects in PLANTED_GROUPS.items() for s in subjects}
@@ -99,8 +102,13 @@ def main() -> int:
         scores = train @ val.T
         letter, letter_base = neighbour_shares(scores, pool_letters, val_letters)
         subject, subject_base = neighbour_shares(scores, pool_groups, val_groups)
-        entry = {"letter": round(letter, 3), "letter_base": round(letter_base, 3),
-                 "subject_group": round(subject, 3), "subject_group_base": round(subject_base, 3), "recall": {}}
+        entry = {
+            "letter": round(letter, 3),
+            "letter_base": round(letter_base, 3),
+            "subject_group": round(subject, 3),
+            "subject_group_base": round(subject_base, 3),
+            "recall": {},
+        }
         for count in DROPPED_COMPONENTS:
             t, v = drop_top_components(train, val, count) if count else (train, val)
             s = unit(t) @ unit(v).T
@@ -115,12 +123,16 @@ def main() -> int:
         results[name] = entry
 
     print(f"{len(records)} pool rows, {len(val_rows)} val rows; {NEIGHBOURS} nearest pool rows per val question")
-    print(f"{'transform':<20}{'same letter':>13}{'(base)':>8}{'same group':>12}{'(base)':>8}  "
-          + "  ".join(f"LESS/BIDS -{c} PCs" if c else "LESS/BIDS as is" for c in DROPPED_COMPONENTS))
+    print(
+        f"{'transform':<20}{'same letter':>13}{'(base)':>8}{'same group':>12}{'(base)':>8}  "
+        + "  ".join(f"LESS/BIDS -{c} PCs" if c else "LESS/BIDS as is" for c in DROPPED_COMPONENTS)
+    )
     for name, e in results.items():
-        print(f"{name:<20}{e['letter']:>13.0%}{e['letter_base']:>8.0%}{e['subject_group']:>12.0%}"
-              f"{e['subject_group_base']:>8.0%}  "
-              + "  ".join(f"{e['recall'][c]['less']:>7.2f}x/{e['recall'][c]['bids']:.2f}x" for c in DROPPED_COMPONENTS))
+        print(
+            f"{name:<20}{e['letter']:>13.0%}{e['letter_base']:>8.0%}{e['subject_group']:>12.0%}"
+            f"{e['subject_group_base']:>8.0%}  "
+            + "  ".join(f"{e['recall'][c]['less']:>7.2f}x/{e['recall'][c]['bids']:.2f}x" for c in DROPPED_COMPONENTS)
+        )
     print(json.dumps({"neighbours": NEIGHBOURS, "results": results, "profile": vars(args)}))
     return 0
 

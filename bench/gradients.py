@@ -49,12 +49,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selection.influence.datastore import FeatureStore, compute_features  # noqa: E402
-from selection.data.default_data import pool_side, target_side  # noqa: E402
-from selection.influence.gradients import AdamMoments, PerExampleGradients, sum_of_example_losses  # noqa: E402
-from selection.train.models import DEMO_SPEC_OVERRIDES, add_lora, default_model_spec, load_model_and_tokenizer  # noqa: E402
-from selection.influence.projection import make_projector  # noqa: E402
-from selection.data.tokenization import TokenizedExample, collate, length_sorted_batches, tokenize_conversation  # noqa: E402
+from selection.data.default_data import pool_side, target_side
+from selection.data.tokenization import TokenizedExample, collate, length_sorted_batches, tokenize_conversation
+from selection.influence.datastore import FeatureStore, compute_features
+from selection.influence.gradients import AdamMoments, PerExampleGradients, sum_of_example_losses
+from selection.influence.projection import make_projector
+from selection.train.models import DEMO_SPEC_OVERRIDES, add_lora, default_model_spec, load_model_and_tokenizer
 
 POOL_SOURCES = ("alpaca_eval", "arena_hard", "mmlu", "humaneval", "champ")
 
@@ -77,7 +77,9 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-def pool_examples(tokenizer, count: int, min_tokens: int, max_tokens: int, skip: int = 0) -> list[tuple[str, TokenizedExample]]:
+def pool_examples(
+    tokenizer, count: int, min_tokens: int, max_tokens: int, skip: int = 0
+) -> list[tuple[str, TokenizedExample]]:
     """Round-robin over the default pool sources, keeping untruncated examples in range."""
     iterators = [iter(pool_side(source)) for source in POOL_SOURCES]
     chosen: list[tuple[str, TokenizedExample]] = []
@@ -100,7 +102,7 @@ def pool_examples(tokenizer, count: int, min_tokens: int, max_tokens: int, skip:
 
 
 def target_examples(tokenizer, count: int, max_tokens: int) -> list[tuple[str, TokenizedExample]]:
-    items = [item for item in target_side("mmlu")][: count * 4]
+    items = list(target_side("mmlu"))[: count * 4]
     tokenized = [(item.example_id, tokenize_conversation(tokenizer, item.messages, max_tokens)) for item in items]
     return [(i, e) for i, e in tokenized if not e.truncated and e.n_target_tokens > 0][:count]
 
@@ -124,8 +126,14 @@ class TrakBasicProjector:
     """LESS's CPU projector (TRAK BasicProjector, rademacher): regenerates each column
     block's grad_dim x block_size matrix with bernoulli_ on every project() call."""
 
-    def __init__(self, grad_dim: int, proj_dim: int, seed: int = 0, block_size: int = 128,
-                 device: torch.device = torch.device("cpu")) -> None:
+    def __init__(
+        self,
+        grad_dim: int,
+        proj_dim: int,
+        seed: int = 0,
+        block_size: int = 128,
+        device: torch.device = torch.device("cpu"),
+    ) -> None:
         self.grad_dim, self.proj_dim, self.block_size = grad_dim, proj_dim, min(block_size, proj_dim)
         self.device = device
         self.matrix = torch.empty(grad_dim, self.block_size, device=device)
@@ -148,8 +156,9 @@ class TrakBasicProjector:
         return sketch
 
 
-def less_loop(model, examples, moments: AdamMoments, projector, project_every: int,
-              device: torch.device) -> tuple[float, float, torch.Tensor]:
+def less_loop(
+    model, examples, moments: AdamMoments, projector, project_every: int, device: torch.device
+) -> tuple[float, float, torch.Tensor]:
     """(seconds total, seconds in projection, the Adam features [n, D] before projection)."""
     model.eval()
     sync(device)
@@ -159,8 +168,10 @@ def less_loop(model, examples, moments: AdamMoments, projector, project_every: i
     started = time.perf_counter()
     for position, (_, example) in enumerate(examples):
         model.zero_grad(set_to_none=True)
-        output = model(input_ids=torch.tensor([example.input_ids], device=device),
-                       labels=torch.tensor([example.labels], device=device))
+        output = model(
+            input_ids=torch.tensor([example.input_ids], device=device),
+            labels=torch.tensor([example.labels], device=device),
+        )
         output.loss.backward()
         flat = torch.cat([p.grad.reshape(-1) for p in names])
         pending.append(moments.transform(flat[None])[0])
@@ -191,11 +202,21 @@ def floor_pass(model, examples, pad_id: int, batch_size: int, device: torch.devi
     return time.perf_counter() - started
 
 
-def ours_pass(model, examples, projector, pad_id: int, batch_size: int, exp_avg, exp_avg_sq, root: Path, tag: str) -> tuple[float, FeatureStore]:
+def ours_pass(
+    model, examples, projector, pad_id: int, batch_size: int, exp_avg, exp_avg_sq, root: Path, tag: str
+) -> tuple[float, FeatureStore]:
     store = FeatureStore(root / tag, "bench-smollm2", "warmup", "train", projector, chunk_size=max(len(examples), 1))
     started = time.perf_counter()
-    compute_features(model, examples, projector, store, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
-                     pad_token_id=pad_id, max_batch_size=batch_size)
+    compute_features(
+        model,
+        examples,
+        projector,
+        store,
+        exp_avg=exp_avg,
+        exp_avg_sq=exp_avg_sq,
+        pad_token_id=pad_id,
+        max_batch_size=batch_size,
+    )
     return time.perf_counter() - started, store
 
 
@@ -204,7 +225,9 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    rank = lambda x: np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(np.float64)
+    def rank(x):
+        return np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(np.float64)
+
     return float(np.corrcoef(rank(a), rank(b))[0, 1])
 
 
@@ -234,8 +257,10 @@ def load(args):
         model, tokenizer = load_model_and_tokenizer(spec, cache_dir=home / "models", device="cpu")
         weights = "real weights"
     model = add_lora(model.float(), spec, seed=args.seed).to(args.device)
-    log(f"model {spec.name} ({weights}, LoRA r={spec.lora_r} on {','.join(spec.lora_target_modules)}) on "
-        f"{args.device} in {time.perf_counter() - started:.1f}s")
+    log(
+        f"model {spec.name} ({weights}, LoRA r={spec.lora_r} on {','.join(spec.lora_target_modules)}) on "
+        f"{args.device} in {time.perf_counter() - started:.1f}s"
+    )
     return model, tokenizer
 
 
@@ -243,9 +268,19 @@ def write_examples(path: Path, sections: dict[str, list[tuple[str, TokenizedExam
     with open(path, "w") as handle:
         handle.write(json.dumps({"pad_token_id": pad_id}) + "\n")
         for section, examples in sections.items():
-            for example_id, e in examples:
-                handle.write(json.dumps({"section": section, "id": example_id, "input_ids": e.input_ids,
-                                         "labels": e.labels, "n_target_tokens": e.n_target_tokens}) + "\n")
+            handle.writelines(
+                json.dumps(
+                    {
+                        "section": section,
+                        "id": example_id,
+                        "input_ids": e.input_ids,
+                        "labels": e.labels,
+                        "n_target_tokens": e.n_target_tokens,
+                    }
+                )
+                + "\n"
+                for example_id, e in examples
+            )
 
 
 def read_examples(path: Path) -> tuple[dict[str, list[tuple[str, TokenizedExample]]], int]:
@@ -264,7 +299,9 @@ def benchmark_examples(args, tokenizer) -> tuple[dict[str, list[tuple[str, Token
     if args.examples_file:
         sections, pad = read_examples(Path(args.examples_file))
         sizes = {"warm": 4 * args.warmup_steps, "train": args.n_examples, "target": args.n_targets}
-        short = {name: len(sections.get(name, [])) for name, size in sizes.items() if len(sections.get(name, [])) < size}
+        short = {
+            name: len(sections.get(name, [])) for name, size in sizes.items() if len(sections.get(name, [])) < size
+        }
         if short:
             raise SystemExit(f"{args.examples_file} has too few examples for the flags: {short} (need {sizes})")
         return {name: sections[name][:size] for name, size in sizes.items()}, pad
@@ -272,8 +309,11 @@ def benchmark_examples(args, tokenizer) -> tuple[dict[str, list[tuple[str, Token
         raise SystemExit("--random-weights has no tokenizer: pass --examples-file (see --export-examples)")
     warm = pool_examples(tokenizer, 4 * args.warmup_steps, args.min_tokens, args.max_tokens)
     train = pool_examples(tokenizer, args.n_examples, args.min_tokens, args.max_tokens, skip=4 * args.warmup_steps)
-    return {"warm": warm, "train": train, "target": target_examples(tokenizer, args.n_targets, args.max_tokens)}, \
-        tokenizer.pad_token_id
+    return {
+        "warm": warm,
+        "train": train,
+        "target": target_examples(tokenizer, args.n_targets, args.max_tokens),
+    }, tokenizer.pad_token_id
 
 
 def fidelity(args) -> dict:
@@ -287,20 +327,35 @@ def fidelity(args) -> dict:
     # Another seed of the same mode shows the noise floor of any 'dim'-dim JL projection.
     other = ("exact", args.seed + 1) if args.exact_noise_baseline else ("fast", args.seed + 1)
     configs = {"fast": ("fast", args.seed), "exact": ("exact", args.seed), "other_seed": other}
-    projectors = {name: make_projector(mode, engine.dim, args.dim, seed, engine.names_hash)
-                  for name, (mode, seed) in configs.items()}
+    projectors = {
+        name: make_projector(mode, engine.dim, args.dim, seed, engine.names_hash)
+        for name, (mode, seed) in configs.items()
+    }
     features = {}
     with tempfile.TemporaryDirectory() as tmp:
         for kind, examples, moments in (("train", train, (exp_avg, exp_avg_sq)), ("target", targets, (None, None))):
-            stores = [FeatureStore(Path(tmp) / kind / name, "bench", "warmup", kind, p, chunk_size=10**6)
-                      for name, p in projectors.items()]
+            stores = [
+                FeatureStore(Path(tmp) / kind / name, "bench", "warmup", kind, p, chunk_size=10**6)
+                for name, p in projectors.items()
+            ]
             started = time.perf_counter()
-            compute_features(model, examples, list(projectors.values()), stores, exp_avg=moments[0],
-                             exp_avg_sq=moments[1], pad_token_id=pad, max_batch_size=args.batch_size,
-                             exact_group_size=10**6,
-                             progress_cb=lambda p: p.done % 64 == 0 and log(f"  {kind}: {p.done}/{p.total} "
-                                                                              f"{p.examples_per_s:.2f} ex/s"))
-            log(f"{kind}: {len(examples)} examples, {len(projectors)} projections, {time.perf_counter() - started:.0f}s")
+            compute_features(
+                model,
+                examples,
+                list(projectors.values()),
+                stores,
+                exp_avg=moments[0],
+                exp_avg_sq=moments[1],
+                pad_token_id=pad,
+                max_batch_size=args.batch_size,
+                exact_group_size=10**6,
+                progress_cb=lambda p: (
+                    p.done % 64 == 0 and log(f"  {kind}: {p.done}/{p.total} {p.examples_per_s:.2f} ex/s")
+                ),
+            )
+            log(
+                f"{kind}: {len(examples)} examples, {len(projectors)} projections, {time.perf_counter() - started:.0f}s"
+            )
             for name, store in zip(projectors, stores):
                 features[(kind, name)] = store.features()
     scores = {name: less_scores(features[("train", name)], features[("target", name)]) for name in projectors}
@@ -315,8 +370,9 @@ def fidelity(args) -> dict:
         "score_std_exact": float(scores["exact"].std()),
         "peak_rss_mb": peak_rss_mb(),
     }
-    result["fidelity_pass"] = (result["fidelity_spearman_fast_vs_exact"] >= 0.95
-                               and result["fidelity_top5pct_overlap_fast_vs_exact"] >= 0.9)
+    result["fidelity_pass"] = (
+        result["fidelity_spearman_fast_vs_exact"] >= 0.95 and result["fidelity_top5pct_overlap_fast_vs_exact"] >= 0.9
+    )
     return result
 
 
@@ -332,25 +388,45 @@ def exact_cost(args) -> dict:
     examples, device = sections["train"], args.device
     exp_avg, exp_avg_sq = warmup_moments(model, sections["warm"], pad, args.warmup_steps, args.warmup_lr, device)
     engine = PerExampleGradients(model)
-    projectors = {mode: make_projector(mode, engine.dim, args.dim, args.seed, engine.names_hash, device)
-                  for mode in ("exact", "fast")}
+    projectors = {
+        mode: make_projector(mode, engine.dim, args.dim, args.seed, engine.names_hash, device)
+        for mode in ("exact", "fast")
+    }
     floor_pass(model, examples[:2], pad, 2, device)
     times: dict[str, list[float]] = {"floor": [], "exact": [], "fast": []}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             times["floor"].append(floor_pass(model, examples, pad, args.batch_size, device))
             for mode, projector in projectors.items():
-                times[mode].append(ours_pass(model, examples, projector, pad, args.batch_size, exp_avg, exp_avg_sq,
-                                             Path(tmp), f"{mode}{repeat}")[0])
+                times[mode].append(
+                    ours_pass(
+                        model,
+                        examples,
+                        projector,
+                        pad,
+                        args.batch_size,
+                        exp_avg,
+                        exp_avg_sq,
+                        Path(tmp),
+                        f"{mode}{repeat}",
+                    )[0]
+                )
             log(f"repeat {repeat}: " + ", ".join(f"{name} {runs[-1]:.1f}s" for name, runs in times.items()))
     median = {name: statistics.median(runs) for name, runs in times.items()}
     n = len(examples)
     return {
-        "n_examples": n, "batch_size": args.batch_size, "dim": args.dim, "repeats": args.repeats,
-        "floor_examples_per_s": n / median["floor"], "ours_exact_examples_per_s": n / median["exact"],
+        "n_examples": n,
+        "batch_size": args.batch_size,
+        "dim": args.dim,
+        "repeats": args.repeats,
+        "floor_examples_per_s": n / median["floor"],
+        "ours_exact_examples_per_s": n / median["exact"],
         "ours_fast_examples_per_s": n / median["fast"],
-        "exact_time_vs_floor": median["exact"] / median["floor"], "fast_time_vs_floor": median["fast"] / median["floor"],
-        "runs_s": times, "peak_rss_mb": peak_rss_mb(), "device": str(device),
+        "exact_time_vs_floor": median["exact"] / median["floor"],
+        "fast_time_vs_floor": median["fast"] / median["floor"],
+        "runs_s": times,
+        "peak_rss_mb": peak_rss_mb(),
+        "device": str(device),
     }
 
 
@@ -364,9 +440,11 @@ def benchmark(args) -> dict:
     warm, examples, targets = sections["warm"], sections["train"], sections["target"]
     device = args.device
     n_tokens = sum(len(e) for _, e in examples)
-    log(f"{len(examples)} examples, {n_tokens} tokens ({min(len(e) for _, e in examples)}-"
+    log(
+        f"{len(examples)} examples, {n_tokens} tokens ({min(len(e) for _, e in examples)}-"
         f"{max(len(e) for _, e in examples)} each), {len(targets)} MMLU targets, dim {args.dim}, "
-        f"batch {args.batch_size}, {torch.get_num_threads()} threads, device {device}")
+        f"batch {args.batch_size}, {torch.get_num_threads()} threads, device {device}"
+    )
     exp_avg, exp_avg_sq = warmup_moments(model, warm, pad, args.warmup_steps, args.warmup_lr, device)
     engine = PerExampleGradients(model)
     moments = AdamMoments.from_named(exp_avg, exp_avg_sq, engine.slots)
@@ -374,18 +452,40 @@ def benchmark(args) -> dict:
     floor_pass(model, examples[:2], pad, 2, device)  # untimed: first-call allocations and thread start-up
     floor_times, ours_times, ours_exact_times = [], [], []
     # On a GPU the whole exact matrix can stay in device memory after its first generation.
-    exact_cached = (make_projector("exact", engine.dim, args.dim, args.seed, engine.names_hash, device,
-                                   cache_bytes=int(args.ours_exact_cache_gb * 2**30))
-                    if args.ours_exact_cache_gb > 0 else None)
+    exact_cached = (
+        make_projector(
+            "exact",
+            engine.dim,
+            args.dim,
+            args.seed,
+            engine.names_hash,
+            device,
+            cache_bytes=int(args.ours_exact_cache_gb * 2**30),
+        )
+        if args.ours_exact_cache_gb > 0
+        else None
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             floor_times.append(floor_pass(model, examples, pad, args.batch_size, device))
-            seconds, ours_store = ours_pass(model, examples, fast, pad, args.batch_size, exp_avg, exp_avg_sq,
-                                            Path(tmp), f"ours{repeat}")
+            seconds, ours_store = ours_pass(
+                model, examples, fast, pad, args.batch_size, exp_avg, exp_avg_sq, Path(tmp), f"ours{repeat}"
+            )
             ours_times.append(seconds)
             if exact_cached is not None:
-                ours_exact_times.append(ours_pass(model, examples, exact_cached, pad, args.batch_size, exp_avg,
-                                                  exp_avg_sq, Path(tmp), f"exact{repeat}")[0])
+                ours_exact_times.append(
+                    ours_pass(
+                        model,
+                        examples,
+                        exact_cached,
+                        pad,
+                        args.batch_size,
+                        exp_avg,
+                        exp_avg_sq,
+                        Path(tmp),
+                        f"exact{repeat}",
+                    )[0]
+                )
                 log(f"repeat {repeat}: ours exact (matrix cached on {device}) {ours_exact_times[-1]:.1f}s")
             gc.collect()
             log(f"repeat {repeat}: floor {floor_times[-1]:.1f}s, ours {ours_times[-1]:.1f}s")
@@ -399,12 +499,16 @@ def benchmark(args) -> dict:
     if args.less_projector == "trak":
         less_projector = TrakBasicProjector(engine.dim, args.dim, args.seed, device=device)
     else:
-        less_projector = make_projector("exact", engine.dim, args.dim, args.seed, engine.names_hash, device,
-                                        cache_bytes=0)
-    less_seconds, less_projection_seconds, less_features = less_loop(model, examples, moments, less_projector,
-                                                                     args.project_every, device)
-    log(f"LESS-style loop ({args.less_projector} projector): {less_seconds:.1f}s, of which projection "
-        f"{less_projection_seconds:.1f}s")
+        less_projector = make_projector(
+            "exact", engine.dim, args.dim, args.seed, engine.names_hash, device, cache_bytes=0
+        )
+    less_seconds, less_projection_seconds, less_features = less_loop(
+        model, examples, moments, less_projector, args.project_every, device
+    )
+    log(
+        f"LESS-style loop ({args.less_projector} projector): {less_seconds:.1f}s, of which projection "
+        f"{less_projection_seconds:.1f}s"
+    )
     # The exact oracle on the same Adam features (and the targets' SGD gradients), one call.
     target_grads = torch.cat([engine(collate([e], pad)) for _, e in targets])
     exact = make_projector("exact", engine.dim, args.dim, args.seed, engine.names_hash, device, cache_bytes=0)
@@ -452,12 +556,18 @@ def benchmark(args) -> dict:
         # The first run includes generating the matrix on the CPU once; later runs reuse it.
         result["ours_exact_cached_s_runs"] = ours_exact_times
         result["ours_exact_cached_examples_per_s"] = n / statistics.median(ours_exact_times[1:] or ours_exact_times)
-        result["ours_exact_cached_time_vs_floor"] = statistics.median(ours_exact_times[1:] or ours_exact_times) / floor_s
-    log(f"examples/s: ours {result['ours_examples_per_s']:.3f}, LESS-style {result['less_loop_examples_per_s']:.3f}, "
-        f"floor {result['floor_examples_per_s']:.3f}")
-    log(f"ours vs LESS-style: {result['speedup_vs_less_loop']:.1f}x faster (target >= 6x); ours/floor time "
+        result["ours_exact_cached_time_vs_floor"] = (
+            statistics.median(ours_exact_times[1:] or ours_exact_times) / floor_s
+        )
+    log(
+        f"examples/s: ours {result['ours_examples_per_s']:.3f}, LESS-style {result['less_loop_examples_per_s']:.3f}, "
+        f"floor {result['floor_examples_per_s']:.3f}"
+    )
+    log(
+        f"ours vs LESS-style: {result['speedup_vs_less_loop']:.1f}x faster (target >= 6x); ours/floor time "
         f"{result['time_vs_floor']:.2f} (target <= 1.2); spearman fast vs exact {result['spearman_vs_exact']:.3f}; "
-        f"peak RSS {result['peak_rss_mb']:.0f} MB")
+        f"peak RSS {result['peak_rss_mb']:.0f} MB"
+    )
     return result
 
 
@@ -471,41 +581,62 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of ours and the floor (median)")
     parser.add_argument("--project-every", type=int, default=16)
-    parser.add_argument("--less-projector", choices=("trak", "exact"), default="trak",
-                        help="trak: LESS's CPU projector procedure; exact: our dense oracle (faster RNG)")
+    parser.add_argument(
+        "--less-projector",
+        choices=("trak", "exact"),
+        default="trak",
+        help="trak: LESS's CPU projector procedure; exact: our dense oracle (faster RNG)",
+    )
     parser.add_argument("--warmup-steps", type=int, default=4)
     parser.add_argument("--warmup-lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", type=torch.device, default=torch.device("cpu"), help="cpu or cuda")
-    parser.add_argument("--random-weights", action="store_true",
-                        help="random weights from --model-config (same architecture and cost; no model package needed)")
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="random weights from --model-config (same architecture and cost; no model package needed)",
+    )
     parser.add_argument("--model-config", help="folder with the model's config.json (for --random-weights)")
     parser.add_argument("--examples-file", help="tokenized warm/train/target examples written by --export-examples")
     parser.add_argument("--export-examples", help="write the tokenized examples to this JSONL file and stop")
-    parser.add_argument("--ours-exact-cache-gb", type=float, default=0.0,
-                        help="also time ours in exact mode with the dense matrix cached up to this size (GPU)")
+    parser.add_argument(
+        "--ours-exact-cache-gb",
+        type=float,
+        default=0.0,
+        help="also time ours in exact mode with the dense matrix cached up to this size (GPU)",
+    )
     parser.add_argument("--fidelity", action="store_true", help="run the fast-vs-exact fidelity check instead")
-    parser.add_argument("--exact-cost", action="store_true",
-                        help="instead time ours in exact (the default) and fast mode against the floor only")
+    parser.add_argument(
+        "--exact-cost",
+        action="store_true",
+        help="instead time ours in exact (the default) and fast mode against the floor only",
+    )
     parser.add_argument("--fidelity-examples", type=int, default=240)
-    parser.add_argument("--exact-noise-baseline", action="store_true",
-                        help="noise baseline from exact with another seed (slow) instead of fast with another seed")
+    parser.add_argument(
+        "--exact-noise-baseline",
+        action="store_true",
+        help="noise baseline from exact with another seed (slow) instead of fast with another seed",
+    )
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     if args.fidelity:
         if args.n_targets == 4:
             args.n_targets = 8
         result = fidelity(args)
-        log(f"fidelity fast vs exact on {result['fidelity_n_train']} examples: spearman "
+        log(
+            f"fidelity fast vs exact on {result['fidelity_n_train']} examples: spearman "
             f"{result['fidelity_spearman_fast_vs_exact']:.3f} (>= 0.95), top-5% overlap "
             f"{result['fidelity_top5pct_overlap_fast_vs_exact']:.2f} (>= 0.9) -> "
             f"{'PASS' if result['fidelity_pass'] else 'FAIL'}; noise baseline ({result['noise_baseline']}): "
             f"spearman {result['fidelity_spearman_other_seed']:.3f}, overlap "
-            f"{result['fidelity_top5pct_overlap_other_seed']:.2f}")
+            f"{result['fidelity_top5pct_overlap_other_seed']:.2f}"
+        )
     elif args.exact_cost:
         result = exact_cost(args)
-        log(f"{result['n_examples']} examples: exact {result['exact_time_vs_floor']:.2f}x the floor's time, "
-            f"fast {result['fast_time_vs_floor']:.2f}x")
+        log(
+            f"{result['n_examples']} examples: exact {result['exact_time_vs_floor']:.2f}x the floor's time, "
+            f"fast {result['fast_time_vs_floor']:.2f}x"
+        )
     else:
         result = benchmark(args)
     print(json.dumps(result))

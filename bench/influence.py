@@ -74,7 +74,9 @@ def run(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_influence_", dir=args.tmp_dir))
     try:
         t0 = time.perf_counter()
-        trains = [write_features(tmp / f"train{c}.npy", args.n_train, args.dim, seed=c) for c in range(args.checkpoints)]
+        trains = [
+            write_features(tmp / f"train{c}.npy", args.n_train, args.dim, seed=c) for c in range(args.checkpoints)
+        ]
         gen_s = time.perf_counter() - t0
         rng = np.random.default_rng(99)
         vals = []
@@ -91,7 +93,11 @@ def run(args: argparse.Namespace) -> None:
 
         check_rows = np.random.default_rng(5).choice(args.n_train, size=64, replace=False)
         expected = sum(
-            w * (tr[check_rows].astype(np.float64) / np.linalg.norm(tr[check_rows].astype(np.float64), axis=1, keepdims=True))
+            w
+            * (
+                tr[check_rows].astype(np.float64)
+                / np.linalg.norm(tr[check_rows].astype(np.float64), axis=1, keepdims=True)
+            )
             @ (va.astype(np.float64) / np.linalg.norm(va.astype(np.float64), axis=1, keepdims=True)).T
             for w, tr, va in zip(weights, trains, vals)
         )
@@ -102,18 +108,33 @@ def run(args: argparse.Namespace) -> None:
 
     floor_s = args.checkpoints * blas_floor_seconds(args.n_train, args.dim, args.n_val, args.chunk_rows, 3)
     per_ckpt = ours_s / args.checkpoints
-    print(f"features: {args.checkpoints} x [{args.n_train} x {args.dim}] fp16 memmap, {args.n_val} val rows "
-          f"(generated in {gen_s:.1f} s, warm page cache)")
-    print(f"ours (median of {args.repeats}): {ours_s:.2f} s total, {per_ckpt:.2f} s per checkpoint, "
-          f"{args.n_train * args.checkpoints / ours_s:,.0f} rows/s")
+    print(
+        f"features: {args.checkpoints} x [{args.n_train} x {args.dim}] fp16 memmap, {args.n_val} val rows "
+        f"(generated in {gen_s:.1f} s, warm page cache)"
+    )
+    print(
+        f"ours (median of {args.repeats}): {ours_s:.2f} s total, {per_ckpt:.2f} s per checkpoint, "
+        f"{args.n_train * args.checkpoints / ours_s:,.0f} rows/s"
+    )
     print(f"fp32 BLAS matmul floor (in RAM, extrapolated): {floor_s:.2f} s -> ours / floor = {ours_s / floor_s:.2f}")
     print(f"max |error| vs float64 on 64 rows: {max_abs_err:.2e}")
-    print(json.dumps({
-        "threads": args.threads, "n_train": args.n_train, "dim": args.dim, "n_val": args.n_val, "checkpoints": args.checkpoints,
-        "chunk_rows": args.chunk_rows, "seconds_per_checkpoint": round(per_ckpt, 3),
-        "seconds_total": round(ours_s, 3), "blas_floor_seconds": round(floor_s, 3),
-        "time_vs_floor": round(ours_s / floor_s, 3), "max_abs_err_vs_float64": max_abs_err,
-    }))
+    print(
+        json.dumps(
+            {
+                "threads": args.threads,
+                "n_train": args.n_train,
+                "dim": args.dim,
+                "n_val": args.n_val,
+                "checkpoints": args.checkpoints,
+                "chunk_rows": args.chunk_rows,
+                "seconds_per_checkpoint": round(per_ckpt, 3),
+                "seconds_total": round(ours_s, 3),
+                "blas_floor_seconds": round(floor_s, 3),
+                "time_vs_floor": round(ours_s / floor_s, 3),
+                "max_abs_err_vs_float64": max_abs_err,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

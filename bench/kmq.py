@@ -38,8 +38,12 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, nargs="+", default=[16, 32, 64])
     ap.add_argument("--fraction", type=float, default=0.05)
     ap.add_argument("--silhouette-sample", type=int, default=5_000)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="cap BLAS/OpenMP threads (OpenMP spin-waits badly when the cores are shared)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="cap BLAS/OpenMP threads (OpenMP spin-waits badly when the cores are shared)",
+    )
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--no-full-kmeans", action="store_true", help="skip the Lloyd k-means comparison")
     args = ap.parse_args()
@@ -55,8 +59,15 @@ def run(args: argparse.Namespace) -> None:
     times, result = [], None
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        result = kmq_select(quality, budget, embeddings=X, k_candidates=args.candidates, seed=0,
-                            silhouette_sample=args.silhouette_sample, n_threads=args.threads)
+        result = kmq_select(
+            quality,
+            budget,
+            embeddings=X,
+            k_candidates=args.candidates,
+            seed=0,
+            silhouette_sample=args.silhouette_sample,
+            n_threads=args.threads,
+        )
         times.append(time.perf_counter() - t0)
     total_s = statistics.median(times)
     t0 = time.perf_counter()
@@ -66,14 +77,23 @@ def run(args: argparse.Namespace) -> None:
     assert result.indices.size == budget and np.unique(result.indices).size == budget
 
     report = {
-        "threads": args.threads, "n": args.n, "dim": args.dim, "planted_k": args.centers, "candidates": args.candidates,
-        "chosen_k": result.k, "budget": budget, "seconds_total": round(total_s, 2),
-        "seconds_allocate_and_sample": round(select_s, 3), "time_vs_60s_target": round(total_s / 60, 3),
+        "threads": args.threads,
+        "n": args.n,
+        "dim": args.dim,
+        "planted_k": args.centers,
+        "candidates": args.candidates,
+        "chosen_k": result.k,
+        "budget": budget,
+        "seconds_total": round(total_s, 2),
+        "seconds_allocate_and_sample": round(select_s, 3),
+        "time_vs_60s_target": round(total_s / 60, 3),
         "silhouette": {str(k): round(v, 4) for k, v in result.silhouette.items()},
     }
     print(f"embeddings {args.n} x {args.dim}, planted k={args.centers}, candidates {args.candidates}")
-    print(f"ours (median of {args.repeats}): {total_s:.2f} s for silhouette search + clustering + selection "
-          f"(allocation + sampling alone {select_s:.3f} s); chosen k={result.k}")
+    print(
+        f"ours (median of {args.repeats}): {total_s:.2f} s for silhouette search + clustering + selection "
+        f"(allocation + sampling alone {select_s:.3f} s); chosen k={result.k}"
+    )
     print("silhouette:", report["silhouette"])
     if not args.no_full_kmeans:
         t0 = time.perf_counter()
@@ -82,10 +102,18 @@ def run(args: argparse.Namespace) -> None:
         lloyd_s = time.perf_counter() - t0
         ari = adjusted_rand_score(lloyd, result.labels)
         per_k = total_s / len(args.candidates)
-        print(f"full k-means (n_init=1) at k={result.k}: {lloyd_s:.2f} s vs ours {per_k:.2f} s per candidate "
-              f"(ratio {lloyd_s / per_k:.1f}x); ARI(ours, full) = {ari:.3f}")
-        report.update({"full_kmeans_seconds": round(lloyd_s, 2), "ours_seconds_per_candidate": round(per_k, 2),
-                       "full_kmeans_vs_ours_per_candidate": round(lloyd_s / per_k, 2), "ari_vs_full_kmeans": round(ari, 4)})
+        print(
+            f"full k-means (n_init=1) at k={result.k}: {lloyd_s:.2f} s vs ours {per_k:.2f} s per candidate "
+            f"(ratio {lloyd_s / per_k:.1f}x); ARI(ours, full) = {ari:.3f}"
+        )
+        report.update(
+            {
+                "full_kmeans_seconds": round(lloyd_s, 2),
+                "ours_seconds_per_candidate": round(per_k, 2),
+                "full_kmeans_vs_ours_per_candidate": round(lloyd_s / per_k, 2),
+                "ari_vs_full_kmeans": round(ari, 4),
+            }
+        )
     print(json.dumps(report))
 
 

@@ -29,15 +29,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gradients import (  # noqa: E402  (bench/gradients.py: same model, examples and metrics)
-    less_scores, log, peak_rss_mb, pool_examples, spearman, target_examples, top_overlap, warmup_moments,
+from gradients import (
+    less_scores,
+    log,
+    peak_rss_mb,
+    pool_examples,
+    spearman,
+    target_examples,
+    top_overlap,
+    warmup_moments,
 )
 
-from selection.influence.gradients import AdamMoments, PerExampleGradients  # noqa: E402
-from selection.train.models import add_lora, default_model_spec, load_model_and_tokenizer  # noqa: E402
-from resources.settings import default_home  # noqa: E402
-from selection.influence.projection import make_projector  # noqa: E402
-from selection.data.tokenization import collate, length_sorted_batches  # noqa: E402
+from resources.settings import default_home
+from selection.data.tokenization import collate, length_sorted_batches
+from selection.influence.gradients import AdamMoments, PerExampleGradients
+from selection.influence.projection import make_projector
+from selection.train.models import add_lora, default_model_spec, load_model_and_tokenizer
 
 
 def gradients_of(engine, examples, pad: int, batch_size: int, moments: AdamMoments | None) -> torch.Tensor:
@@ -71,18 +78,25 @@ def main() -> None:
     exp_avg, exp_avg_sq = warmup_moments(model, warm, pad, args.warmup_steps, args.warmup_lr, args.device)
     engine = PerExampleGradients(model)
     moments = AdamMoments.from_named(exp_avg, exp_avg_sq, engine.slots)
-    features = torch.cat([gradients_of(engine, train, pad, args.batch_size, moments),
-                          gradients_of(engine, targets, pad, args.batch_size, None)])
+    features = torch.cat(
+        [
+            gradients_of(engine, train, pad, args.batch_size, moments),
+            gradients_of(engine, targets, pad, args.batch_size, None),
+        ]
+    )
     gradient_seconds = time.perf_counter() - started
-    log(f"gradients of {len(train)} train + {len(targets)} target examples ({engine.dim} dims): {gradient_seconds:.0f}s")
+    log(
+        f"gradients of {len(train)} train + {len(targets)} target examples ({engine.dim} dims): {gradient_seconds:.0f}s"
+    )
     scores, seconds = {}, {}
     for mode, seed in (("exact", 0), ("exact", 1), ("device", 0), ("device", 1), ("fast", 0)):
-        projector = make_projector(mode, engine.dim, args.dim, seed, engine.names_hash,
-                                   **({"cache_bytes": 0} if mode == "exact" else {}))
+        projector = make_projector(
+            mode, engine.dim, args.dim, seed, engine.names_hash, **({"cache_bytes": 0} if mode == "exact" else {})
+        )
         tick = time.perf_counter()
         projected = torch.nn.functional.normalize(projector.project(features), dim=1).numpy()
         seconds[f"{mode}{seed}"] = round(time.perf_counter() - tick, 1)
-        scores[f"{mode}{seed}"] = less_scores(projected[: len(train)], projected[len(train):])
+        scores[f"{mode}{seed}"] = less_scores(projected[: len(train)], projected[len(train) :])
         log(f"{mode} seed {seed}: {seconds[f'{mode}{seed}']}s")
 
     def agree(a: str, b: str) -> tuple[float, float]:
@@ -92,19 +106,29 @@ def main() -> None:
     bar = agree("exact0", "exact1")
     device_pair, fast = agree("device0", "device1"), agree("fast0", "exact0")
     result = {
-        "bench": "projection_fidelity", "n_train": len(train), "n_targets": len(targets), "input_dim": engine.dim,
-        "dim": args.dim, "top5pct_k": int(np.ceil(0.05 * len(train))),
+        "bench": "projection_fidelity",
+        "n_train": len(train),
+        "n_targets": len(targets),
+        "input_dim": engine.dim,
+        "dim": args.dim,
+        "top5pct_k": int(np.ceil(0.05 * len(train))),
         "device_vs_exact_spearman_mean": float(np.mean([c[0] for c in cross])),
         "device_vs_exact_overlap_mean": float(np.mean([c[1] for c in cross])),
         "device_vs_exact_pairs": [[round(a, 4), round(b, 4)] for a, b in cross],
-        "exact_vs_exact_spearman": bar[0], "exact_vs_exact_overlap": bar[1],
-        "device_vs_device_spearman": device_pair[0], "device_vs_device_overlap": device_pair[1],
-        "fast_vs_exact_spearman": fast[0], "fast_vs_exact_overlap": fast[1],
-        "projection_seconds": seconds, "gradient_seconds": round(gradient_seconds, 1),
-        "peak_rss_mb": round(peak_rss_mb()), "total_seconds": round(time.perf_counter() - started, 1),
+        "exact_vs_exact_spearman": bar[0],
+        "exact_vs_exact_overlap": bar[1],
+        "device_vs_device_spearman": device_pair[0],
+        "device_vs_device_overlap": device_pair[1],
+        "fast_vs_exact_spearman": fast[0],
+        "fast_vs_exact_overlap": fast[1],
+        "projection_seconds": seconds,
+        "gradient_seconds": round(gradient_seconds, 1),
+        "peak_rss_mb": round(peak_rss_mb()),
+        "total_seconds": round(time.perf_counter() - started, 1),
     }
-    result["device_passes"] = (result["device_vs_exact_spearman_mean"] >= bar[0]
-                               and result["device_vs_exact_overlap_mean"] >= bar[1])
+    result["device_passes"] = (
+        result["device_vs_exact_spearman_mean"] >= bar[0] and result["device_vs_exact_overlap_mean"] >= bar[1]
+    )
     print(json.dumps(result))
 
 

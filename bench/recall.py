@@ -38,20 +38,32 @@ os.environ["INSTRUCT_SELECT_GRADIENT_SHARDS"] = "1"
 
 # Related MMLU subjects per planted group. Background MMLU questions never come from any group.
 PLANTED_GROUPS: dict[str, tuple[str, ...]] = {
-    "medicine": ("anatomy", "clinical_knowledge", "college_medicine", "medical_genetics",
-                 "professional_medicine", "nutrition", "virology"),
-    "computing": ("college_computer_science", "high_school_computer_science", "computer_security",
-                  "machine_learning", "electrical_engineering"),
-    "history": ("high_school_european_history", "high_school_us_history", "high_school_world_history",
-                "prehistory"),
+    "medicine": (
+        "anatomy",
+        "clinical_knowledge",
+        "college_medicine",
+        "medical_genetics",
+        "professional_medicine",
+        "nutrition",
+        "virology",
+    ),
+    "computing": (
+        "college_computer_science",
+        "high_school_computer_science",
+        "computer_security",
+        "machine_learning",
+        "electrical_engineering",
+    ),
+    "history": ("high_school_european_history", "high_school_us_history", "high_school_world_history", "prehistory"),
 }
 METHODS = ("less", "bids", "rds", "kmq", "random")
 # Methods whose selection is per target task; the others select once for every target ("all").
 PER_TASK_METHODS = {"less", "rds"}
 
 
-def build_pool(pool_size: int, planted_share: float, alpaca_share: float, groups: list[str],
-               n_val: int, seed: int) -> tuple[list[dict], dict[str, list[dict]], dict[str, set[str]]]:
+def build_pool(
+    pool_size: int, planted_share: float, alpaca_share: float, groups: list[str], n_val: int, seed: int
+) -> tuple[list[dict], dict[str, list[dict]], dict[str, set[str]]]:
     """(pool records, val records per group, planted example ids per group)."""
     from selection.data import default_data
 
@@ -63,20 +75,29 @@ def build_pool(pool_size: int, planted_share: float, alpaca_share: float, groups
     every_planted_subject = {s for g in PLANTED_GROUPS.values() for s in g}
 
     def record(item) -> dict:
-        return {"dataset": item.source, "id": f"{item.source}/{item.ref}", "messages": item.messages,
-                "subject": item.meta.get("subject", "")}
+        return {
+            "dataset": item.source,
+            "id": f"{item.source}/{item.ref}",
+            "messages": item.messages,
+            "subject": item.meta.get("subject", ""),
+        }
 
     mmlu_pool = default_data.pool_side("mmlu")
-    records = [record(i) for i in default_data.sample_items(default_data.pool_side("alpaca_eval"), n_alpaca,
-                                                           salt=f"recall/{seed}/alpaca")]
+    records = [
+        record(i)
+        for i in default_data.sample_items(
+            default_data.pool_side("alpaca_eval"), n_alpaca, salt=f"recall/{seed}/alpaca"
+        )
+    ]
     background = [i for i in mmlu_pool if i.meta["subject"] not in every_planted_subject]
     records += [record(i) for i in default_data.sample_items(background, n_background, salt=f"recall/{seed}/bg")]
     planted: dict[str, set[str]] = {}
     val: dict[str, list[dict]] = {}
     for group in groups:
         subjects = PLANTED_GROUPS[group]
-        chosen = default_data.sample_items([i for i in mmlu_pool if i.meta["subject"] in subjects],
-                                           planted_per_group, salt=f"recall/{seed}/{group}")
+        chosen = default_data.sample_items(
+            [i for i in mmlu_pool if i.meta["subject"] in subjects], planted_per_group, salt=f"recall/{seed}/{group}"
+        )
         if len(chosen) < planted_per_group:
             raise SystemExit(f"group {group}: only {len(chosen)} pool-side questions for {planted_per_group}")
         records += [record(i) for i in chosen]
@@ -85,8 +106,9 @@ def build_pool(pool_size: int, planted_share: float, alpaca_share: float, groups
         val[group] = []
         for subject in subjects:
             # n_val val rows define the target; two more per subject are its held-out test rows.
-            for item in default_data.sample_items([i for i in held_out if i.meta["subject"] == subject],
-                                                  n_val + 2, salt=f"recall/{seed}/val"):
+            for item in default_data.sample_items(
+                [i for i in held_out if i.meta["subject"] == subject], n_val + 2, salt=f"recall/{seed}/val"
+            ):
                 val[group].append({"task": group, "subtask": subject, "messages": item.messages})
     return records, val, planted
 
@@ -99,16 +121,26 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 def run_config(args, pool_file: Path, targets_file: Path) -> dict:
     grad = {"dims": [args.dim], "mode": args.mode, "seed": 0}
     budget = {"budget": args.budget}
-    return {"ops": {
-        "raw_pool": {"config": {"sources": [{"path": str(pool_file), "name": "recall_pool", "format": "messages"}]}},
-        "target_tasks": {"config": {"files": [{"path": str(targets_file)}], "n_val": args.n_val}},
-        "warmup_checkpoints": {"config": {"epochs": args.epochs, "fraction": args.warmup_fraction,
-                                          "learning_rate": args.learning_rate, "batch_size": args.warmup_batch_size}},
-        "train_gradients": {"config": grad},
-        "target_gradients": {"config": grad},
-        "influence_scores": {"config": {"dim": args.dim, "mode": args.mode, "seed": 0}},
-        **{f"{method}_selection": {"config": budget} for method in METHODS},
-    }}
+    return {
+        "ops": {
+            "raw_pool": {
+                "config": {"sources": [{"path": str(pool_file), "name": "recall_pool", "format": "messages"}]}
+            },
+            "target_tasks": {"config": {"files": [{"path": str(targets_file)}], "n_val": args.n_val}},
+            "warmup_checkpoints": {
+                "config": {
+                    "epochs": args.epochs,
+                    "fraction": args.warmup_fraction,
+                    "learning_rate": args.learning_rate,
+                    "batch_size": args.warmup_batch_size,
+                }
+            },
+            "train_gradients": {"config": grad},
+            "target_gradients": {"config": grad},
+            "influence_scores": {"config": {"dim": args.dim, "mode": args.mode, "seed": 0}},
+            **{f"{method}_selection": {"config": budget} for method in METHODS},
+        }
+    }
 
 
 def materialize(assets, resources, instance, names: list[str], config: dict, partition_key: str | None) -> float:
@@ -116,9 +148,15 @@ def materialize(assets, resources, instance, names: list[str], config: dict, par
 
     started = time.perf_counter()
     ops = {name: value for name, value in config["ops"].items() if name in names}
-    result = dg.materialize(assets, selection=dg.AssetSelection.assets(*names), resources=resources,
-                            run_config={"ops": ops}, partition_key=partition_key, instance=instance,
-                            raise_on_error=False)
+    result = dg.materialize(
+        assets,
+        selection=dg.AssetSelection.assets(*names),
+        resources=resources,
+        run_config={"ops": ops},
+        partition_key=partition_key,
+        instance=instance,
+        raise_on_error=False,
+    )
     if not result.success:
         failure = next((e for e in result.all_events if e.event_type_value == "STEP_FAILURE"), None)
         detail = failure.step_failure_data.error.to_string() if failure else "no step failure recorded"
@@ -130,8 +168,10 @@ def materialize(assets, resources, instance, names: list[str], config: dict, par
 
 def selected(con, model: str, method: str, task: str) -> list[str]:
     target = task if method in PER_TASK_METHODS else "all"
-    rows = con.execute("SELECT example_id FROM selections WHERE model = ? AND method = ? AND target = ? "
-                       "ORDER BY rank", [model, method, target]).fetchall()
+    rows = con.execute(
+        "SELECT example_id FROM selections WHERE model = ? AND method = ? AND target = ? ORDER BY rank",
+        [model, method, target],
+    ).fetchall()
     if not rows:
         raise SystemExit(f"no selection stored for {method}/{target}")
     return [r[0] for r in rows]
@@ -172,13 +212,19 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="recall-") as scratch:
         home = Path(args.home or scratch)
         home.mkdir(parents=True, exist_ok=True)
-        records, val, planted = build_pool(args.pool_size, args.planted_share, args.alpaca_share, args.groups,
-                                           args.n_val, args.seed)
-        pool_file = write_jsonl(home / "recall_pool.jsonl", [{k: r[k] for k in ("dataset", "id", "messages")}
-                                                              for r in records])
+        records, val, planted = build_pool(
+            args.pool_size, args.planted_share, args.alpaca_share, args.groups, args.n_val, args.seed
+        )
+        pool_file = write_jsonl(
+            home / "recall_pool.jsonl", [{k: r[k] for k in ("dataset", "id", "messages")} for r in records]
+        )
         resources = build_resources(home=str(home / "store"))
-        resources["model_store"] = ModelStore(cache_dir=resources["model_store"].cache_dir, lora_r=args.lora_r,
-                                              lora_alpha=args.lora_alpha, max_length=args.max_length)
+        resources["model_store"] = ModelStore(
+            cache_dir=resources["model_store"].cache_dir,
+            lora_r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            max_length=args.max_length,
+        )
         assets = [*dg.load_assets_from_modules(ASSET_MODULES), *ALL_CHECKS]
         per_group: dict[str, dict] = {}
         timings: dict[str, float] = {}
@@ -188,39 +234,62 @@ def main() -> int:
                 config = run_config(args, pool_file, write_jsonl(home / f"targets_{group}.jsonl", val[group]))
                 if index == 0:
                     timings["pool"] = materialize(assets, resources, instance, ["raw_pool"], config, None)
-                    timings["warmup"] = materialize(assets, resources, instance, ["warmup_checkpoints"], config,
-                                                    DEFAULT_MODEL)
+                    timings["warmup"] = materialize(
+                        assets, resources, instance, ["warmup_checkpoints"], config, DEFAULT_MODEL
+                    )
                     timings["train_gradients"] = sum(
                         materialize(assets, resources, instance, ["train_gradients"], config, str(key))
-                        for key in model_shard_keys(DEFAULT_MODEL))
-                    timings["clusters"] = materialize(assets, resources, instance, ["embeddings", "clusters"],
-                                                      config, None)
-                    timings["kmq"] = materialize(assets, resources, instance, ["kmq_selection"], config,
-                                                 DEFAULT_MODEL)
+                        for key in model_shard_keys(DEFAULT_MODEL)
+                    )
+                    timings["clusters"] = materialize(
+                        assets, resources, instance, ["embeddings", "clusters"], config, None
+                    )
+                    timings["kmq"] = materialize(assets, resources, instance, ["kmq_selection"], config, DEFAULT_MODEL)
                 timings[f"targets_{group}"] = materialize(assets, resources, instance, ["target_tasks"], config, None)
                 timings[f"scores_{group}"] = materialize(
-                    assets, resources, instance,
-                    ["target_gradients", "influence_scores", "less_selection", "bids_selection", "rds_selection",
-                     "random_selection"], config, DEFAULT_MODEL)
+                    assets,
+                    resources,
+                    instance,
+                    [
+                        "target_gradients",
+                        "influence_scores",
+                        "less_selection",
+                        "bids_selection",
+                        "rds_selection",
+                        "random_selection",
+                    ],
+                    config,
+                    DEFAULT_MODEL,
+                )
                 with duckdb.connect(resources["lineage"].db_path, read_only=True) as con:
                     pool_ids = {r[0] for r in con.execute("SELECT example_id FROM pool").fetchall()}
-                    mmlu_ids = {r[0] for r in con.execute(
-                        "SELECT example_id FROM pool WHERE messages::VARCHAR LIKE '%multiple choice question%'"
-                    ).fetchall()}
+                    mmlu_ids = {
+                        r[0]
+                        for r in con.execute(
+                            "SELECT example_id FROM pool WHERE messages::VARCHAR LIKE '%multiple choice question%'"
+                        ).fetchall()
+                    }
                     base_rate = len(planted[group] & pool_ids) / len(pool_ids)
                     figures = {}
                     for method in METHODS:
                         ids = selected(con, DEFAULT_MODEL, method, group)
                         share = len(set(ids) & planted[group]) / len(ids)
-                        figures[method] = {"n": len(ids), "planted": len(set(ids) & planted[group]),
-                                           "precision_over_base": round(share / base_rate, 3),
-                                           "mmlu_share": round(len(set(ids) & mmlu_ids) / len(ids), 3),
-                                           "sources": dict(Counter("mmlu" if i in mmlu_ids else "alpaca_eval"
-                                                                   for i in ids))}
+                        figures[method] = {
+                            "n": len(ids),
+                            "planted": len(set(ids) & planted[group]),
+                            "precision_over_base": round(share / base_rate, 3),
+                            "mmlu_share": round(len(set(ids) & mmlu_ids) / len(ids), 3),
+                            "sources": dict(Counter("mmlu" if i in mmlu_ids else "alpaca_eval" for i in ids)),
+                        }
                 per_group[group] = {"base_rate": round(base_rate, 4), "methods": figures}
-                print(f"  {group}: base rate {base_rate:.3f}; " + ", ".join(
-                    f"{m} {f['precision_over_base']:.2f}x ({f['planted']}/{f['n']}, mmlu {f['mmlu_share']:.0%})"
-                    for m, f in figures.items()), flush=True)
+                print(
+                    f"  {group}: base rate {base_rate:.3f}; "
+                    + ", ".join(
+                        f"{m} {f['precision_over_base']:.2f}x ({f['planted']}/{f['n']}, mmlu {f['mmlu_share']:.0%})"
+                        for m, f in figures.items()
+                    ),
+                    flush=True,
+                )
 
     print("\nmethod      " + "  ".join(f"{g:>12}" for g in args.groups) + "         mean")
     precision = {}

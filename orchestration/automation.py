@@ -47,8 +47,11 @@ class NewerThanDep(dg.AutomationCondition):
         newer = set()
         for asset_partition in context.candidate_subset.expensively_compute_asset_partitions():
             own = latest(asset_partition)
-            read = view.get_asset_subset_from_asset_partitions(context.key, {asset_partition}).compute_parent_subset(
-                self.dep).expensively_compute_asset_partitions()
+            read = (
+                view.get_asset_subset_from_asset_partitions(context.key, {asset_partition})
+                .compute_parent_subset(self.dep)
+                .expensively_compute_asset_partitions()
+            )
             if own is not None and read and all((dep := latest(p)) is not None and dep < own for p in read):
                 newer.add(asset_partition)
         return dg.AutomationResult(context, view.get_asset_subset_from_asset_partitions(context.key, newer))
@@ -65,21 +68,30 @@ DOWNSTREAM = dg.AutomationCondition.eager() & NO_DEP_FAILED_CHECK
 # Shards run as separate runs, finishing in any order: influence waits until no shard of its model
 # is older than the model's warmup checkpoints.
 SHARDS_CURRENT = ~dg.AutomationCondition.any_deps_match(~NewerThanDep("warmup_checkpoints")).allow(
-    dg.AssetSelection.assets("train_gradients")).with_label("every train_gradients shard newer than warmup")
+    dg.AssetSelection.assets("train_gradients")
+).with_label("every train_gradients shard newer than warmup")
 CONDITIONS = {"raw_pool": ROOTS, "target_tasks": ROOTS, "influence_scores": DOWNSTREAM & SHARDS_CURRENT}
 
 
 def with_automation(assets: list[dg.AssetsDefinition]) -> list[dg.AssetsDefinition]:
     """The assets, each with its automation condition from this module."""
-    return dg.map_asset_specs(lambda spec: spec.replace_attributes(
-        automation_condition=CONDITIONS.get(spec.key.to_user_string(), DOWNSTREAM)), assets)
+    return dg.map_asset_specs(
+        lambda spec: spec.replace_attributes(
+            automation_condition=CONDITIONS.get(spec.key.to_user_string(), DOWNSTREAM)
+        ),
+        assets,
+    )
 
 
 refresh_automation = dg.AutomationConditionSensorDefinition(
-    "refresh_automation", target=dg.AssetSelection.all(), default_status=dg.DefaultSensorStatus.STOPPED,
+    "refresh_automation",
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.STOPPED,
     # NewerThanDep is project code, so the conditions are evaluated in the code location.
     use_user_code_server=True,
-    description="Evaluates every asset's automation condition: the weekly refresh and everything downstream of an update",
+    description=(
+        "Evaluates every asset's automation condition: the weekly refresh and everything downstream of an update"
+    ),
 )
 
 

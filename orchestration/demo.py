@@ -21,9 +21,9 @@ from pathlib import Path
 
 import dagster as dg
 
+from assets.partitions import DEFAULT_MODEL
 from orchestration.definitions import defs
 from orchestration.jobs import refresh_steps
-from assets.partitions import DEFAULT_MODEL
 from orchestration.profiles import DEFAULT_PROFILE, PROFILES, Profile, get_profile
 from orchestration.runs import WORKER_TAG, record_unfinished_assets, release_dead_runs, worker_identity
 from resources import build_resources
@@ -37,7 +37,8 @@ def run_profile(profile: Profile) -> bool:
     resources = build_resources()
     lineage, model_store = resources["lineage"], resources["model_store"]
     store_config = {"cache_dir": model_store.cache_dir} | (
-        {"models_file": model_store.models_file} if model_store.models_file else {})
+        {"models_file": model_store.models_file} if model_store.models_file else {}
+    )
     with dg.DagsterInstance.get() as instance:
         # execute_in_process replaces the job's executor (orchestration/runs.py), so the demo
         # releases runs whose worker died and records failed assets itself.
@@ -46,12 +47,17 @@ def run_profile(profile: Profile) -> bool:
         for job_name, _, partition_key in refresh_steps(DEFAULT_MODEL):
             step_started = time.perf_counter()
             result = defs.resolve_job_def(job_name).execute_in_process(
-                instance=instance, partition_key=partition_key,
+                instance=instance,
+                partition_key=partition_key,
                 run_config={**profile.run_config(job_name, store_config), **QUIET_LOGGER},
-                raise_on_error=False, tags={WORKER_TAG: worker_identity(), **profile.tags()},
+                raise_on_error=False,
+                tags={WORKER_TAG: worker_identity(), **profile.tags()},
             )
-            print(f"== {job_name} [{partition_key}]: {'ok' if result.success else 'FAILED'} "
-                  f"in {time.perf_counter() - step_started:.0f} s", flush=True)
+            print(
+                f"== {job_name} [{partition_key}]: {'ok' if result.success else 'FAILED'} "
+                f"in {time.perf_counter() - step_started:.0f} s",
+                flush=True,
+            )
             if not result.success:
                 record_unfinished_assets(instance, instance.get_run_by_id(result.run_id), lineage, "the run failed")
                 return False
@@ -76,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     success = run_profile(profile)
     elapsed = time.perf_counter() - started
-    print(f"\nDemo ({profile.name} profile) {'succeeded' if success else 'FAILED'} in {elapsed:.0f} s; "
-          f"storage root: {default_home()}")
+    print(
+        f"\nDemo ({profile.name} profile) {'succeeded' if success else 'FAILED'} in {elapsed:.0f} s; "
+        f"storage root: {default_home()}"
+    )
     if success:
         from orchestration.summary import print_next_steps, print_summary
 

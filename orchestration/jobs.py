@@ -55,6 +55,7 @@ select_and_evaluate_job = dg.define_asset_job(
     description="Step 3 of a model refresh: influence, LESS/BIDS, finetuning, evaluation, comparison report",
 )
 
+
 def refresh_steps(model: str) -> list[tuple[str, dg.AssetSelection, str]]:
     """One model refresh in order: (job name, its asset selection, partition key) of each run."""
     return [

@@ -30,10 +30,14 @@ MODEL_STORE = "model_store"
 DEMO_TRAINING = training.DEMO_TRAINING_CONFIG
 
 _CPU = "CPU demo"
-_MODEL_WHY = (f"{_CPU}: LESS's LoRA r=128/alpha=512 and 2048-token max_length cost about 16x the gradient dims and "
-              "8x the tokens; r=8/alpha=32 (alpha/r 4 as LESS) and 256 tokens keep every step to minutes")
-_WARMUP_WHY = (f"{_CPU}: a warmup slice of a small pool cannot fill LESS's 32-example steps (the schedule would give "
-               "epoch 1 an average lr of 0); smaller steps at a higher lr make the adapter move in few steps")
+_MODEL_WHY = (
+    f"{_CPU}: LESS's LoRA r=128/alpha=512 and 2048-token max_length cost about 16x the gradient dims and "
+    "8x the tokens; r=8/alpha=32 (alpha/r 4 as LESS) and 256 tokens keep every step to minutes"
+)
+_WARMUP_WHY = (
+    f"{_CPU}: a warmup slice of a small pool cannot fill LESS's 32-example steps (the schedule would give "
+    "epoch 1 an average lr of 0); smaller steps at a higher lr make the adapter move in few steps"
+)
 _FINETUNE_WHY = f"{_CPU}: one epoch at LESS's warmup step size instead of 4 epochs at lr 2e-5 and 32-example steps"
 
 
@@ -47,8 +51,10 @@ class Profile:
     def run_config(self, job_name: str, model_store_config: dict[str, Any]) -> dict[str, Any]:
         """The run config of one refresh job; `model_store_config` is the resource's own (e.g. `cache_dir`),
         since a run that configures a resource must give all of its fields."""
-        return {"ops": {asset: {"config": values} for asset, values in self.ops.get(job_name, {}).items()},
-                "resources": {MODEL_STORE: {"config": {**model_store_config, **self.model}}}}
+        return {
+            "ops": {asset: {"config": values} for asset, values in self.ops.get(job_name, {}).items()},
+            "resources": {MODEL_STORE: {"config": {**model_store_config, **self.model}}},
+        }
 
     def values(self) -> dict[str, Any]:
         """Every value the profile sets, as `asset.field` (`model_store.field` for the model spec)."""
@@ -111,15 +117,15 @@ PROFILES = {
         why={
             MODEL_STORE: _MODEL_WHY,
             "target_tasks": f"{_CPU}: 2 of the 6 tasks and 1 val example per subtask (LESS: 5) bound the target "
-                            "gradients and the evaluation; no MMLU group, since each has 12-18 subjects and every "
-                            "subject needs a test row, scored over 4 choices, for every checkpoint",
+            "gradients and the evaluation; no MMLU group, since each has 12-18 subjects and every "
+            "subject needs a test row, scored over 4 choices, for every checkpoint",
             "warmup_checkpoints": f"{_WARMUP_WHY}; 2 epochs (LESS: 4) and 10% of the pool (LESS: 5%, 3 examples "
-                                  "here) halve the gradient passes",
+            "here) halve the gradient passes",
             "target_gradients": f"{_CPU}: 1024 projection dims (LESS: 8192) make the dense projection 8x cheaper",
             "train_gradients": f"{_CPU}: 1024 projection dims (LESS: 8192) make the dense projection 8x cheaper",
             "influence_scores": f"{_CPU}: reads the 1024-dim features the gradient assets computed",
             "finetuned_checkpoints": f"{_FINETUNE_WHY}; 2-example steps, since 6 examples make one 8-example step, "
-                                     "the warmup step at lr 0",
+            "the warmup step at lr 0",
             **dict.fromkeys((*_SCORE_SELECTIONS, *_PREPARE_SELECTIONS), _QUICK_BUDGET_WHY),
             **dict.fromkeys(_FEEDBACK_SELECTIONS, f"{_QUICK_BUDGET_WHY}, in 2 rounds of 3"),
         },

@@ -29,7 +29,8 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from pathlib import Path
 
 import dagster as dg
 from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
@@ -44,7 +45,7 @@ IN_PROGRESS = [dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING]
 def _start_ticks(pid: int) -> str | None:
     """The process start time in clock ticks since boot (Linux), which a reused pid does not share."""
     try:
-        stat = open(f"/proc/{pid}/stat").read()
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # Field 22; the command name (field 2) may hold spaces and parentheses, so split after it.
@@ -82,12 +83,18 @@ def tag_worker_run(instance: dg.DagsterInstance, run_id: str) -> None:
 
 def find_dead_runs(instance: dg.DagsterInstance, exclude_run_ids: set[str] = frozenset()) -> list[DagsterRun]:
     runs = instance.get_runs(filters=dg.RunsFilter(statuses=IN_PROGRESS))
-    return [run for run in runs if run.run_id not in exclude_run_ids and worker_alive(run.tags.get(WORKER_TAG)) is False]
+    return [
+        run for run in runs if run.run_id not in exclude_run_ids and worker_alive(run.tags.get(WORKER_TAG)) is False
+    ]
 
 
 def record_unfinished_assets(
-    instance: dg.DagsterInstance, run: DagsterRun, lineage: LineageStore, reason: str,
-    code_versions: Mapping[str, str | None] | None = None, errors_by_step: Mapping[str, str] | None = None,
+    instance: dg.DagsterInstance,
+    run: DagsterRun,
+    lineage: LineageStore,
+    reason: str,
+    code_versions: Mapping[str, str | None] | None = None,
+    errors_by_step: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Write a `failed` lineage row for each asset the run planned and did not materialize.
 
@@ -100,7 +107,7 @@ def record_unfinished_assets(
     }
     record = instance.get_run_record_by_id(run.run_id)
     started = (record.start_time or record.create_timestamp.timestamp()) if record else None
-    started_at = datetime.fromtimestamp(started, timezone.utc) if started else datetime.now(timezone.utc)
+    started_at = datetime.fromtimestamp(started, UTC) if started else datetime.now(UTC)
     written = []
     for event in planned:
         data = event.dagster_event.event_specific_data
@@ -111,24 +118,34 @@ def record_unfinished_assets(
         with lineage.connect() as con:
             if lineage_row_count(con, run.run_id, asset, data.partition):
                 continue
-        lineage.record(LineageRecord(
-            run_id=run.run_id, asset_key=asset, partition_key=data.partition,
-            code_version=(code_versions or {}).get(asset), started_at=started_at,
-            finished_at=datetime.now(timezone.utc), status="failed",
-            metrics={"error": (errors_by_step or {}).get(step_key) or reason, "step_key": step_key},
-        ))
+        lineage.record(
+            LineageRecord(
+                run_id=run.run_id,
+                asset_key=asset,
+                partition_key=data.partition,
+                code_version=(code_versions or {}).get(asset),
+                started_at=started_at,
+                finished_at=datetime.now(UTC),
+                status="failed",
+                metrics={"error": (errors_by_step or {}).get(step_key) or reason, "step_key": step_key},
+            )
+        )
         written.append(asset)
     return written
 
 
 def release_dead_runs(
-    instance: dg.DagsterInstance, lineage: LineageStore | None, exclude_run_ids: set[str] = frozenset(),
+    instance: dg.DagsterInstance,
+    lineage: LineageStore | None,
+    exclude_run_ids: set[str] = frozenset(),
 ) -> list[str]:
     """Fail the runs whose worker process on this host is gone and free their pool slots."""
     released = []
     for run in find_dead_runs(instance, exclude_run_ids):
-        message = (f"run worker {run.tags[WORKER_TAG]} is gone (killed?); marked failed and its pool slots "
-                   f"freed by {worker_identity()}")
+        message = (
+            f"run worker {run.tags[WORKER_TAG]} is gone (killed?); marked failed and its pool slots "
+            f"freed by {worker_identity()}"
+        )
         if lineage is not None:
             record_unfinished_assets(instance, run, lineage, message)
         instance.report_run_failed(run, message)
@@ -198,8 +215,9 @@ def guarded(executor_def: dg.ExecutorDefinition, name: str) -> dg.ExecutorDefini
     """`executor_def` with the same config, plus the dead-run release and failed lineage rows
     described in this module."""
 
-    @dg.executor(name=name, config_schema=executor_def.config_schema.as_field(),
-                 requirements=executor_def.get_requirements)
+    @dg.executor(
+        name=name, config_schema=executor_def.config_schema.as_field(), requirements=executor_def.get_requirements
+    )
     def _guarded(init_context: dg.InitExecutorContext) -> dg.Executor:
         return _GuardedExecutor(executor_def.executor_creation_fn(init_context))
 
@@ -228,7 +246,9 @@ class WorkerCheckingRunLauncher(dg.DefaultRunLauncher):
 
 
 @dg.run_failure_sensor(
-    name="lineage_for_failed_runs", default_status=dg.DefaultSensorStatus.RUNNING, monitor_all_code_locations=False,
+    name="lineage_for_failed_runs",
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    monitor_all_code_locations=False,
     description="Writes a `failed` lineage row for each asset a failed run did not materialize",
 )
 def lineage_for_failed_runs(context: dg.RunFailureSensorContext, lineage: LineageStore) -> None:

@@ -18,9 +18,7 @@ SUMMARY_QUERIES = {
         "SELECT source, split_part(reason, ':', 1) AS reason, count(*) AS n FROM pool_rejects GROUP BY ALL ORDER BY ALL"
     ),
     "targets": "SELECT task, split, count(*) AS examples FROM targets GROUP BY ALL ORDER BY ALL",
-    "selections": (
-        "SELECT model, method, target, count(*) AS examples FROM selections GROUP BY ALL ORDER BY ALL"
-    ),
+    "selections": ("SELECT model, method, target, count(*) AS examples FROM selections GROUP BY ALL ORDER BY ALL"),
     "lineage": (
         "SELECT asset_key, partition_key, code_version, finished_at FROM lineage "
         "QUALIFY row_number() OVER (PARTITION BY asset_key, partition_key ORDER BY finished_at DESC) = 1 "
@@ -53,7 +51,9 @@ def headline(con, model: str) -> list[str]:
     """Per method: its target loss (NLL) delta vs the report's baseline on each task, with the 95% interval."""
     rows = con.execute(
         "SELECT method, task, delta_nll, delta_nll_ci_low, delta_nll_ci_high, delta_nll_significant "
-        "FROM comparison WHERE model = ? ORDER BY method, task", [model]).fetchall()
+        "FROM comparison WHERE model = ? ORDER BY method, task",
+        [model],
+    ).fetchall()
     by_method: dict[str, list[str]] = {}
     for method, task, delta, low, high, significant in rows:
         interval = "" if low is None else f" [{low:+.4f}, {high:+.4f}]{' *' if significant else ''}"
@@ -70,17 +70,25 @@ def print_next_steps(home: Path, model: str) -> None:
         report, baseline = con.execute(
             "SELECT json_extract_string(outputs, '$.report.path'), json_extract_string(metrics, '$.baseline') "
             "FROM lineage WHERE asset_key = 'comparison_report' AND partition_key = ? AND status = 'success' "
-            "ORDER BY finished_at DESC LIMIT 1", [model]).fetchone()
+            "ORDER BY finished_at DESC LIMIT 1",
+            [model],
+        ).fetchone()
         print(f"\n== what to look at ==\nReport: {report}")
-        print(f"Target loss (NLL) delta vs the baseline ({baseline}) per task, 95% bootstrap interval "
-              "(* = excludes 0; lower = better):")
+        print(
+            f"Target loss (NLL) delta vs the baseline ({baseline}) per task, 95% bootstrap interval "
+            "(* = excludes 0; lower = better):"
+        )
         print("\n".join(headline(con, model)))
     print(f"Selections (JSONL, the pool's own format): {home / 'selections' / model}/<method>/<target>-<budget>.jsonl")
     for path in sorted((home / "selections" / model).glob("*/*.jsonl")):
         print(f"  {path}")
     connect = f"duckdb.connect('{db_path}', read_only=True)"
-    print("Lineage, e.g. which pool sources trained each finetuned checkpoint:\n"
-          f"  .venv/bin/python -c \"import duckdb; {connect}.sql(\\\"{LINEAGE_QUERY}\\\").show()\"")
-    print(f"The Dagster UI on this storage (runs launched there use LESS's recipe unless given the profile's config):\n"
-          f"  INSTRUCT_SELECT_HOME={home} DAGSTER_HOME={os.environ.get('DAGSTER_HOME', '')} make dev"
-          "   (then http://127.0.0.1:3000)")
+    print(
+        "Lineage, e.g. which pool sources trained each finetuned checkpoint:\n"
+        f'  .venv/bin/python -c "import duckdb; {connect}.sql(\\"{LINEAGE_QUERY}\\").show()"'
+    )
+    print(
+        f"The Dagster UI on this storage (runs launched there use LESS's recipe unless given the profile's config):\n"
+        f"  INSTRUCT_SELECT_HOME={home} DAGSTER_HOME={os.environ.get('DAGSTER_HOME', '')} make dev"
+        "   (then http://127.0.0.1:3000)"
+    )

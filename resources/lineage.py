@@ -20,7 +20,7 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +48,7 @@ CREATE TABLE IF NOT EXISTS lineage (
 )
 """
 # Files created before a column existed get it here (run once per process, under the init lock).
-LINEAGE_MIGRATIONS = (
-    "ALTER TABLE lineage ADD COLUMN IF NOT EXISTS status VARCHAR DEFAULT 'success'",
-)
+LINEAGE_MIGRATIONS = ("ALTER TABLE lineage ADD COLUMN IF NOT EXISTS status VARCHAR DEFAULT 'success'",)
 LINEAGE_STATUSES = ("success", "failed")
 
 
@@ -60,7 +58,11 @@ def is_lock_error(error: BaseException) -> bool:
 
 @contextlib.contextmanager
 def connect_with_retry(
-    path: Path | str, *, read_only: bool = False, timeout_s: float = 600.0, initial_delay_s: float = 0.05,
+    path: Path | str,
+    *,
+    read_only: bool = False,
+    timeout_s: float = 600.0,
+    initial_delay_s: float = 0.05,
     create_missing: bool = True,
 ) -> Iterator[duckdb.DuckDBPyConnection]:
     """Open `path`, waiting (not failing) while another process holds the write lock.
@@ -164,7 +166,7 @@ def write_lineage(con: duckdb.DuckDBPyConnection, record: LineageRecord) -> None
     """Insert one row; the table must exist (`ensure_lineage_schema`, done by `LineageStore`)."""
     if record.status not in LINEAGE_STATUSES:
         raise ValueError(f"lineage status {record.status!r} is not one of {LINEAGE_STATUSES}")
-    finished = record.finished_at or datetime.now(timezone.utc)
+    finished = record.finished_at or datetime.now(UTC)
     con.execute(
         "INSERT INTO lineage (run_id, asset_key, partition_key, code_version, started_at, finished_at, "
         "inputs, outputs, metrics, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -183,8 +185,9 @@ def write_lineage(con: duckdb.DuckDBPyConnection, record: LineageRecord) -> None
     )
 
 
-def lineage_row_count(con: duckdb.DuckDBPyConnection, run_id: str, asset_key: str, partition_key: str | None,
-                      status: str | None = None) -> int:
+def lineage_row_count(
+    con: duckdb.DuckDBPyConnection, run_id: str, asset_key: str, partition_key: str | None, status: str | None = None
+) -> int:
     """Rows of one (run, asset, partition), optionally of one status."""
     return con.execute(
         "SELECT count(*) FROM lineage WHERE run_id = ? AND asset_key = ? AND partition_key IS NOT DISTINCT FROM ? "
@@ -231,5 +234,7 @@ class LineageStore(dg.ConfigurableResource):
         with self.connect() as con:
             after = lineage_row_count(con, record.run_id, record.asset_key, record.partition_key, record.status)
         if after != before + 1:
-            raise RuntimeError(f"lineage row of run {record.run_id} ({record.asset_key}, {record.partition_key}) "
-                               f"was not stored in {self.db_path}: {before} rows before, {after} after")
+            raise RuntimeError(
+                f"lineage row of run {record.run_id} ({record.asset_key}, {record.partition_key}) "
+                f"was not stored in {self.db_path}: {before} rows before, {after} after"
+            )

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-import dataclasses
-
 import dagster as dg
 from pydantic import Field
 
 from selection.train.models import (
-    ModelSpec, cap_max_length, context_length, default_model_spec, load_model_and_tokenizer, resolve_device,
+    ModelSpec,
+    cap_max_length,
+    context_length,
+    default_model_spec,
+    load_model_and_tokenizer,
+    resolve_device,
 )
 
 MODELS_FILE_ENV = "INSTRUCT_SELECT_MODELS"
@@ -63,8 +67,9 @@ class ModelStore(dg.ConfigurableResource):
     lora_alpha: int | None = Field(default=None, description=OVERRIDE_HELP.format("lora_alpha"))
 
     def overrides(self) -> dict[str, int]:
-        return {key: value for key in ("max_length", "lora_r", "lora_alpha")
-                if (value := getattr(self, key)) is not None}
+        return {
+            key: value for key in ("max_length", "lora_r", "lora_alpha") if (value := getattr(self, key)) is not None
+        }
 
     def spec(self, name: str) -> ModelSpec:
         """The registered spec with this resource's overrides, `max_length` capped by the model's context."""

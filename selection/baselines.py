@@ -56,9 +56,7 @@ def round_robin_select(per_task_rankings: Mapping[str, Sequence[int] | np.ndarra
     return np.asarray(chosen, dtype=np.int64)
 
 
-def cosine_similarity_matrix(
-    pool_emb: np.ndarray, target_emb: np.ndarray, chunk_rows: int = 65536
-) -> np.ndarray:
+def cosine_similarity_matrix(pool_emb: np.ndarray, target_emb: np.ndarray, chunk_rows: int = 65536) -> np.ndarray:
     """[n_pool, n_target] cosine similarities, computed in pool row chunks (float32)."""
     pool = np.asarray(pool_emb)
     target = np.asarray(target_emb, dtype=np.float32)
@@ -77,4 +75,3 @@ def cosine_similarity_matrix(
         block = np.asarray(pool[start : start + chunk_rows], dtype=np.float32)
         out[start : start + block.shape[0]] = unit(block, "pool") @ target_t
     return out
-

@@ -210,9 +210,7 @@ def _greedy(matrix: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
     return picks, gains
 
 
-def bids_select_with_gains(
-    scores: np.ndarray, budget: int, normalize: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
+def bids_select_with_gains(scores: np.ndarray, budget: int, normalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """`bids_select` plus the winning value max_j (A[i, j] - ref[j]) of each step."""
     matrix, count = _prepare(scores, budget, normalize)
     return _greedy(matrix, count)

@@ -69,8 +69,10 @@ def _unit_row_problems(label: str, rows: np.ndarray, dim: int) -> list[str]:
     deviation = np.abs(np.linalg.norm(values[finite], axis=1) - 1.0)
     off = deviation > UNIT_NORM_TOLERANCE
     if off.any():
-        problems.append(f"{label}: {int(off.sum())} rows with L2 norm off 1 by up to {deviation.max():.3g} "
-                        f"(tolerance {UNIT_NORM_TOLERANCE:.3g})")
+        problems.append(
+            f"{label}: {int(off.sum())} rows with L2 norm off 1 by up to {deviation.max():.3g} "
+            f"(tolerance {UNIT_NORM_TOLERANCE:.3g})"
+        )
     return problems
 
 
@@ -98,8 +100,10 @@ def check_feature_stores(stores: Sequence[tuple[str, int]], checked: str) -> Che
         if store.dim != dim:
             problems.append(f"{directory}: manifest dim {store.dim}, recorded dim {dim}")
             continue
-        blocks += [(f"{directory} chunk {chunk}", dim, lambda store=store, chunk=chunk: store.chunk(chunk))
-                   for chunk in range(store.n_chunks)]
+        blocks += [
+            (f"{directory} chunk {chunk}", dim, lambda store=store, chunk=chunk: store.chunk(chunk))
+            for chunk in range(store.n_chunks)
+        ]
     return CheckOutcome(checked, problems + check_unit_rows(blocks, checked).problems)
 
 
@@ -110,8 +114,11 @@ def check_embeddings(cache, ids: Sequence[str], chunk_rows: int = 65536) -> Chec
     missing = cache.missing(ids)
     if missing:
         return CheckOutcome(checked, [f"{len(missing)} pool examples have no embedding, e.g. {missing[:3]}"])
-    blocks = [(f"rows {start}-{start + len(chunk) - 1}", cache.dim, lambda chunk=chunk: cache.load(chunk))
-              for start in range(0, len(ids), chunk_rows) for chunk in [list(ids[start:start + chunk_rows])]]
+    blocks = [
+        (f"rows {start}-{start + len(chunk) - 1}", cache.dim, lambda chunk=chunk: cache.load(chunk))
+        for start in range(0, len(ids), chunk_rows)
+        for chunk in [list(ids[start : start + chunk_rows])]
+    ]
     return check_unit_rows(blocks, checked)
 
 
@@ -126,24 +133,30 @@ def check_pool_accounting(con: duckdb.DuckDBPyConnection) -> CheckOutcome:
     for r in reads:
         where = f"{r.source} (ingest {r.ingest_id[:8]})"
         if r.n_accepted + r.n_rejected + r.n_duplicates != r.n_read:
-            problems.append(f"{where}: accepted {r.n_accepted} + rejected {r.n_rejected} + duplicates "
-                            f"{r.n_duplicates} != read {r.n_read}")
-        for name, recorded, found in (("pool", r.n_accepted, r.rows_in_pool),
-                                      ("pool_rejects", r.n_rejected, r.rows_in_rejects),
-                                      ("pool_duplicates", r.n_duplicates, r.rows_in_duplicates)):
+            problems.append(
+                f"{where}: accepted {r.n_accepted} + rejected {r.n_rejected} + duplicates "
+                f"{r.n_duplicates} != read {r.n_read}"
+            )
+        for name, recorded, found in (
+            ("pool", r.n_accepted, r.rows_in_pool),
+            ("pool_rejects", r.n_rejected, r.rows_in_rejects),
+            ("pool_duplicates", r.n_duplicates, r.rows_in_duplicates),
+        ):
             if recorded != found:
                 problems.append(f"{where}: {found} rows in {name}, {recorded} recorded")
     return CheckOutcome(checked, problems)
 
 
-def check_evaluation(con: duckdb.DuckDBPyConnection, model: str, run_id: str,
-                     current_run_keys: Sequence[str]) -> CheckOutcome:
+def check_evaluation(
+    con: duckdb.DuckDBPyConnection, model: str, run_id: str, current_run_keys: Sequence[str]
+) -> CheckOutcome:
     """The evaluation `run_id` scored the base model and every current finetuned checkpoint
     (`current_run_keys`), each on exactly the same test rows."""
     from selection.evaluate.evaluation_store import scored_test_rows  # imports torch (via checkpoints)
 
-    checked = (f"evaluation run {run_id} of {model}: base and {len(current_run_keys)} current checkpoints, "
-               "same test rows")
+    checked = (
+        f"evaluation run {run_id} of {model}: base and {len(current_run_keys)} current checkpoints, same test rows"
+    )
     scored = scored_test_rows(con, model, run_id)
     problems = [f"checkpoint {key} was not evaluated" for key in ["base", *current_run_keys] if key not in scored]
     base_rows = scored["base"].rows if "base" in scored else None

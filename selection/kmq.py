@@ -76,9 +76,7 @@ def allocate_weighted_budget(
     active = [j for j in range(cap.size) if cap[j] > 0 and weights[j] > 0]
     reachable = int(cap[active].sum()) if active else 0
     if budget > reachable:
-        raise ValueError(
-            f"budget {budget} exceeds the {reachable} examples available in clusters with positive weight"
-        )
+        raise ValueError(f"budget {budget} exceeds the {reachable} examples available in clusters with positive weight")
     alloc = np.zeros(cap.size, dtype=np.int64)
     mass_exact = {j: Fraction(float(weights[j])) for j in active}
     remaining = budget
@@ -357,9 +355,7 @@ def update_cluster_weights(
     return new / new.sum()
 
 
-def cluster_mean_scores(
-    labels: np.ndarray, indices: np.ndarray, scores: np.ndarray, n_clusters: int
-) -> np.ndarray:
+def cluster_mean_scores(labels: np.ndarray, indices: np.ndarray, scores: np.ndarray, n_clusters: int) -> np.ndarray:
     """Mean score per cluster over `indices` (NaN for clusters with none).
 
     A NaN score marks an example whose generation could not be scored
@@ -449,8 +445,13 @@ def run_iterative_kmq(
     records: list[RoundRecord] = []
     for r in range(_as_count(n_rounds, "n_rounds")):
         new = iterative_kmq_round(
-            lab, quality, weights, iterative_round_budget(budget, n_rounds, r), selected,
-            np.random.default_rng([seed, r]), temperature,
+            lab,
+            quality,
+            weights,
+            iterative_round_budget(budget, n_rounds, r),
+            selected,
+            np.random.default_rng([seed, r]),
+            temperature,
         )
         selected = np.concatenate([selected, new])
         record = RoundRecord(r, weights, new, None, None)

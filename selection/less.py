@@ -147,9 +147,7 @@ def aggregate_target_scores(
     arr = _check_scores(scores, 2)
     labels = list(subtask_of_column)
     if len(labels) != arr.shape[1]:
-        raise ValueError(
-            f"subtask_of_column has {len(labels)} labels but scores has {arr.shape[1]} columns"
-        )
+        raise ValueError(f"subtask_of_column has {len(labels)} labels but scores has {arr.shape[1]} columns")
     if not labels:
         raise ValueError("scores must have at least one validation column")
     groups: dict[Hashable, list[int]] = {}
@@ -220,4 +218,3 @@ def multi_target_scores(per_task_scores: Mapping[str, np.ndarray]) -> tuple[np.n
     mat = np.stack([_check_scores(per_task_scores[t], 1) for t in names], axis=1).astype(np.float64)
     best = mat.argmax(axis=1)
     return mat[np.arange(mat.shape[0]), best], np.asarray(names, dtype=object)[best]
-

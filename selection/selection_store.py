@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import duckdb
 import numpy as np
@@ -69,18 +69,40 @@ def write_selections(
 ) -> int:
     """Replace each (model, method, target, budget) selection with the new one, in one transaction."""
     ensure_selection_tables(con)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     frame = pd.DataFrame(
         [
-            (s.model, s.method, s.target, s.budget, example_id, rank,
-             None if score is None or not np.isfinite(score) else float(score), s.pool_version, run_id, code_version, now)
+            (
+                s.model,
+                s.method,
+                s.target,
+                s.budget,
+                example_id,
+                rank,
+                None if score is None or not np.isfinite(score) else float(score),
+                s.pool_version,
+                run_id,
+                code_version,
+                now,
+            )
             for s in selections
             for rank, (example_id, score) in enumerate(zip(s.example_ids, s.scores))
         ],
-        columns=["model", "method", "target", "budget", "example_id", "rank", "score", "pool_version", "run_id",
-                 "code_version", "created_at"],
+        columns=[
+            "model",
+            "method",
+            "target",
+            "budget",
+            "example_id",
+            "rank",
+            "score",
+            "pool_version",
+            "run_id",
+            "code_version",
+            "created_at",
+        ],
     )
-    keys = pd.DataFrame(
+    keys = pd.DataFrame(  # noqa: F841  (DuckDB reads it by name in the SQL)
         [(s.model, s.method, s.target, s.budget) for s in selections], columns=["model", "method", "target", "budget"]
     )
     with transaction(con):
@@ -98,7 +120,6 @@ def write_selections(
     return len(frame)
 
 
-
 @dataclass(frozen=True)
 class StoredSelection:
     """The key of one stored selection, and the pool version it was picked from."""
@@ -109,8 +130,9 @@ class StoredSelection:
     pool_version: str
 
 
-def latest_selections(con: duckdb.DuckDBPyConnection, model: str, targets: Sequence[str],
-                      methods: Sequence[str] | None) -> list[StoredSelection]:
+def latest_selections(
+    con: duckdb.DuckDBPyConnection, model: str, targets: Sequence[str], methods: Sequence[str] | None
+) -> list[StoredSelection]:
     """The most recent selection per (method, target) of a model, among `targets` and `methods` (None: all)."""
     ensure_selection_tables(con)
     rows = con.execute(
@@ -126,9 +148,14 @@ def latest_selections(con: duckdb.DuckDBPyConnection, model: str, targets: Seque
 def selected_ids(con: duckdb.DuckDBPyConnection, model: str, selection: StoredSelection) -> list[str]:
     """The example ids of a stored selection, in selection order."""
     ensure_selection_tables(con)
-    return [r[0] for r in con.execute(
-        "SELECT example_id FROM selections WHERE model = ? AND method = ? AND target = ? AND budget = ? ORDER BY rank",
-        [model, selection.method, selection.target, selection.budget]).fetchall()]
+    return [
+        r[0]
+        for r in con.execute(
+            "SELECT example_id FROM selections WHERE model = ? AND method = ? AND target = ? AND budget = ? "
+            "ORDER BY rank",
+            [model, selection.method, selection.target, selection.budget],
+        ).fetchall()
+    ]
 
 
 @dataclass(frozen=True)
@@ -150,7 +177,7 @@ def run_target_counts(con: duckdb.DuckDBPyConnection, model: str, method: str, r
         f"""SELECT s.target, count(*), count(DISTINCT s.example_id), any_value(s.budget),
                    count(*) FILTER (WHERE NOT EXISTS (
                        SELECT 1 FROM pool p JOIN pool_versions v ON v.pool_version = s.pool_version
-                       WHERE p.example_id = s.example_id AND {pool_store.member_at_seq_sql('p', 'v.seq')}))
+                       WHERE p.example_id = s.example_id AND {pool_store.member_at_seq_sql("p", "v.seq")}))
             FROM selections s WHERE s.model = ? AND s.method = ? AND s.run_id = ? GROUP BY s.target ORDER BY 1""",
         [model, method, run_id],
     ).fetchall()
@@ -159,9 +186,11 @@ def run_target_counts(con: duckdb.DuckDBPyConnection, model: str, method: str, r
 
 def export_jsonl(con: duckdb.DuckDBPyConnection, path, example_ids: Sequence[str]) -> None:
     """Selected examples in selection order, each in its source's own format, with id and source."""
-    frame = pd.DataFrame({"example_id": list(example_ids), "rank": range(len(example_ids))})
-    rows = con.execute("SELECT f.example_id, p.source, p.format, p.messages FROM frame f "
-                       "JOIN pool p USING (example_id) ORDER BY f.rank").fetchall()
+    frame = pd.DataFrame({"example_id": list(example_ids), "rank": range(len(example_ids))})  # noqa: F841  (DuckDB reads it by name in the SQL)
+    rows = con.execute(
+        "SELECT f.example_id, p.source, p.format, p.messages FROM frame f "
+        "JOIN pool p USING (example_id) ORDER BY f.rank"
+    ).fetchall()
     if len(rows) != len(example_ids):
         raise ValueError(f"{len(example_ids) - len(rows)} selected ids are missing from the pool; cannot export")
     with open(path, "w", encoding="utf-8") as handle:

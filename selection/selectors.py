@@ -104,8 +104,11 @@ def explanations(
     return pd.DataFrame(
         [
             {
-                "row": r["row"], "reason_rank": r["rank"], "val_example_id": columns[r["column"]]["val_example_id"],
-                "val_task": columns[r["column"]]["task"], "val_subtask": columns[r["column"]]["subtask"],
+                "row": r["row"],
+                "reason_rank": r["rank"],
+                "val_example_id": columns[r["column"]]["val_example_id"],
+                "val_task": columns[r["column"]]["task"],
+                "val_subtask": columns[r["column"]]["subtask"],
                 "normalized_influence": r["score"],
             }
             for r in records

@@ -10,7 +10,8 @@ from tests import tiny_definitions
 GRADIENT_CONFIG = {"dims": [64], "mode": "fast", "seed": 0, "shard_size": 7}
 
 train_gradients_job = dg.define_asset_job(
-    TRAIN_GRADIENTS_JOB_NAME, selection=TRAIN_GRADIENTS,
+    TRAIN_GRADIENTS_JOB_NAME,
+    selection=TRAIN_GRADIENTS,
     config={"ops": {"train_gradients": {"config": GRADIENT_CONFIG}}},
 )
 

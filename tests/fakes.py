@@ -61,7 +61,10 @@ def run_check(defs, instance, asset: str, check: str, partition: str | None = No
     job = dg.define_asset_job("run_check", selection=dg.AssetSelection.checks(key), partitions_def=partitions_def)
     # By tag: execute_in_process refuses a partition_key for a job that selects no asset.
     tags = {"dagster/partition": partition} if partition else None
-    result = dg.Definitions.merge(defs, dg.Definitions(jobs=[job])).resolve_job_def("run_check").execute_in_process(
-        instance=instance, tags=tags, raise_on_error=False)
+    result = (
+        dg.Definitions.merge(defs, dg.Definitions(jobs=[job]))
+        .resolve_job_def("run_check")
+        .execute_in_process(instance=instance, tags=tags, raise_on_error=False)
+    )
     (evaluation,) = result.get_asset_check_evaluations()
     return evaluation

@@ -17,11 +17,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selection import memory  # noqa: E402
-from selection.influence.gradients import AdamMoments, PerExampleGradients  # noqa: E402
-from selection.train.models import ModelSpec, add_lora  # noqa: E402
-from selection.influence.projection import make_projector  # noqa: E402
-from selection.data.tokenization import TokenizedExample, collate, length_sorted_batches  # noqa: E402
+from selection import memory
+from selection.data.tokenization import TokenizedExample, collate, length_sorted_batches
+from selection.influence.gradients import AdamMoments, PerExampleGradients
+from selection.influence.projection import make_projector
+from selection.train.models import ModelSpec, add_lora
 
 
 def status_mb(field: str) -> float:
@@ -53,18 +53,28 @@ def main() -> None:
 
     budget = int(float(sys.argv[1]) * 2**20)
     torch.set_num_threads(2)
-    config = LlamaConfig(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16,
-                         intermediate_size=2816, vocab_size=32000, max_position_embeddings=4096)
+    config = LlamaConfig(
+        hidden_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        intermediate_size=2816,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    )
     torch.manual_seed(0)
     base = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
-    spec = ModelSpec(name="scale-probe", source="random", dtype="bfloat16", lora_r=128, lora_alpha=512,
-                     gradient_checkpointing=True)
+    spec = ModelSpec(
+        name="scale-probe", source="random", dtype="bfloat16", lora_r=128, lora_alpha=512, gradient_checkpointing=True
+    )
     model = add_lora(base, spec)
     engine = PerExampleGradients(model)
-    result = {"lora_dims": engine.dim,
-              "base_dtypes": sorted({str(p.dtype) for p in model.parameters() if not p.requires_grad}),
-              "lora_dtypes": sorted({str(p.dtype) for p in model.parameters() if p.requires_grad}),
-              "checkpointing": bool(model.get_base_model().is_gradient_checkpointing)}
+    result = {
+        "lora_dims": engine.dim,
+        "base_dtypes": sorted({str(p.dtype) for p in model.parameters() if not p.requires_grad}),
+        "lora_dtypes": sorted({str(p.dtype) for p in model.parameters() if p.requires_grad}),
+        "checkpointing": bool(model.get_base_model().is_gradient_checkpointing),
+    }
     # Moments of a one-step warmup stand-in: the Adam transform's working copies are part of the peak.
     moments = AdamMoments(torch.rand(engine.dim) * 1e-3, torch.rand(engine.dim) * 1e-6)
     pool = examples([384, 360, 320, 300, 256, 200, 128, 64], config.vocab_size)
@@ -80,9 +90,16 @@ def main() -> None:
     result["batch_seconds"] = time.perf_counter() - started
     peak = status_mb("VmHWM") - baseline
     longest = max(len(pool[r].input_ids) for r in rows)
-    result.update(batches=[len(b) for b in batches], budget_mb=budget / 2**20, batch_rows=len(rows),
-                  batch_tokens=longest, peak_mb=peak, estimate_mb=estimate.batch_bytes(len(rows), longest) / 2**20,
-                  finite=bool(torch.isfinite(features).all()), feature_dtype=str(features.dtype))
+    result.update(
+        batches=[len(b) for b in batches],
+        budget_mb=budget / 2**20,
+        batch_rows=len(rows),
+        batch_tokens=longest,
+        peak_mb=peak,
+        estimate_mb=estimate.batch_bytes(len(rows), longest) / 2**20,
+        finite=bool(torch.isfinite(features).all()),
+        feature_dtype=str(features.dtype),
+    )
 
     # 2. The projection at millions of input dims keeps O(block x dim) memory.
     projector = make_projector("device", engine.dim, 256, seed=0)

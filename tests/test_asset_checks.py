@@ -11,10 +11,10 @@ import pytest
 
 from selection import checks, selection_store
 from selection.data import pool_store
-from selection.influence.datastore import FeatureStore
+from selection.data.ingest import SourceSpec
 from selection.diversity.embeddings import EmbeddingCache
 from selection.evaluate.evaluation_store import ensure_evaluation_tables
-from selection.data.ingest import SourceSpec
+from selection.influence.datastore import FeatureStore
 
 
 @pytest.fixture
@@ -30,16 +30,23 @@ def con(tmp_path: Path):
 
 def _select(con, model: str, ids: list[str], budget: int, run_id: str) -> None:
     version = pool_store.latest_pool_version(con)[0]
-    selection_store.write_selections(con, [selection_store.Selection(model, "less", "all", ids, [1.0] * len(ids),
-                                                                     version, budget)], run_id=run_id)
+    selection_store.write_selections(
+        con, [selection_store.Selection(model, "less", "all", ids, [1.0] * len(ids), version, budget)], run_id=run_id
+    )
 
 
-@pytest.mark.parametrize("break_it, problem", [
-    (None, None),
-    ("DELETE FROM selections WHERE rank = 2", "2 rows (stored budget 3), requested budget 3"),
-    ("INSERT INTO selections SELECT * REPLACE (7 AS rank) FROM selections WHERE rank = 0", "1 duplicate example ids"),
-    ("UPDATE selections SET example_id = 'not-in-the-pool' WHERE rank = 1", "1 ids not in the pool version"),
-])
+@pytest.mark.parametrize(
+    "break_it, problem",
+    [
+        (None, None),
+        ("DELETE FROM selections WHERE rank = 2", "2 rows (stored budget 3), requested budget 3"),
+        (
+            "INSERT INTO selections SELECT * REPLACE (7 AS rank) FROM selections WHERE rank = 0",
+            "1 duplicate example ids",
+        ),
+        ("UPDATE selections SET example_id = 'not-in-the-pool' WHERE rank = 1", "1 ids not in the pool version"),
+    ],
+)
 def test_selection_check(con, break_it: str | None, problem: str | None) -> None:
     ids = pool_store.pool_ids(con)
     _select(con, "model-a", ids[:3], 3, "run-a")
@@ -61,8 +68,9 @@ def test_selection_check_compares_with_the_requested_budget_not_the_rows(con) ->
 
 
 def _store(tmp_path: Path, rows: np.ndarray, dim: int = 8) -> str:
-    store = FeatureStore(tmp_path / "store", "model-fp", "run-epoch_1", "train", {"mode": "fast", "dim": dim, "seed": 0},
-                         part="00-of-04")
+    store = FeatureStore(
+        tmp_path / "store", "model-fp", "run-epoch_1", "train", {"mode": "fast", "dim": dim, "seed": 0}, part="00-of-04"
+    )
     store.write_chunk([f"id{i}" for i in range(len(rows))], rows.astype(np.float16))
     return str(store.directory)
 
@@ -114,8 +122,11 @@ def test_evaluation_check(con) -> None:
 
     def scored(run_key: str | None, rows: list[str]) -> None:
         for example_id in rows:
-            con.execute("INSERT INTO evaluation_rows (model, run_id, name, run_key, task, example_id) "
-                        "VALUES ('m', 'run', ?, ?, 't', ?)", [run_key or "base", run_key, example_id])
+            con.execute(
+                "INSERT INTO evaluation_rows (model, run_id, name, run_key, task, example_id) "
+                "VALUES ('m', 'run', ?, ?, 't', ?)",
+                [run_key or "base", run_key, example_id],
+            )
 
     scored(None, ["a", "b"])
     scored("ft1", ["a", "b"])

@@ -13,8 +13,8 @@ import pytest
 
 from assets.evaluation import comparison_report, evaluation_asset
 from assets.finetune import finetuned_checkpoints
-from assets.pool import raw_pool, target_tasks
 from assets.partitions import DEFAULT_MODEL
+from assets.pool import raw_pool, target_tasks
 from resources import build_resources
 from selection import selection_store
 from selection.data import pool_store
@@ -30,25 +30,48 @@ def _write_jsonl(path: Path, records: list[dict]) -> Path:
 
 @pytest.fixture
 def home(tmp_path: Path) -> dict:
-    resources = {**build_resources(home=str(tmp_path / "home"), env="ci"),
-                 "model_store": TinyModelStore(cache_dir=str(tmp_path / "cache"))}
-    pool = _write_jsonl(tmp_path / "pool.jsonl", [
-        {"instruction": f"Question {i} about {topic}", "input": "", "output": f"Answer {i}: {topic} " + "y" * (i % 5)}
-        for i, topic in enumerate(["sums", "poems", "maps", "code", "tea", "ships", "birds", "rain"] * 2)])
+    resources = {
+        **build_resources(home=str(tmp_path / "home"), env="ci"),
+        "model_store": TinyModelStore(cache_dir=str(tmp_path / "cache")),
+    }
+    pool = _write_jsonl(
+        tmp_path / "pool.jsonl",
+        [
+            {
+                "instruction": f"Question {i} about {topic}",
+                "input": "",
+                "output": f"Answer {i}: {topic} " + "y" * (i % 5),
+            }
+            for i, topic in enumerate(["sums", "poems", "maps", "code", "tea", "ships", "birds", "rain"] * 2)
+        ],
+    )
     # math has three subtasks of 4 (1 val + 3 test each), writing one.
-    targets = _write_jsonl(tmp_path / "targets.jsonl", [
-        {"task": task, "subtask": subtask, "prompt": f"{task} {subtask} item {i}", "completion": f"{subtask} {i}"}
-        for task, subtasks in (("math", "abc"), ("writing", "w")) for subtask in subtasks for i in range(4)])
-    config = {"ops": {"raw_pool": {"config": {"sources": [{"path": str(pool)}]}},
-                      "target_tasks": {"config": {"files": [{"path": str(targets)}], "n_val": 1}}}}
+    targets = _write_jsonl(
+        tmp_path / "targets.jsonl",
+        [
+            {"task": task, "subtask": subtask, "prompt": f"{task} {subtask} item {i}", "completion": f"{subtask} {i}"}
+            for task, subtasks in (("math", "abc"), ("writing", "w"))
+            for subtask in subtasks
+            for i in range(4)
+        ],
+    )
+    config = {
+        "ops": {
+            "raw_pool": {"config": {"sources": [{"path": str(pool)}]}},
+            "target_tasks": {"config": {"files": [{"path": str(targets)}], "n_val": 1}},
+        }
+    }
     assert dg.materialize([raw_pool, target_tasks], resources=resources, run_config=config).success
     with duckdb.connect(resources["lineage"].db_path) as con:
         version = pool_store.latest_pool_version(con)[0]
         ids = [r[0] for r in con.execute("SELECT example_id FROM pool ORDER BY example_id").fetchall()]
-        selection_store.write_selections(con, [
-            selection_store.Selection(DEFAULT_MODEL, "random", "all", ids[:4], [None] * 4, version),
-            selection_store.Selection(DEFAULT_MODEL, "less", "all", ids[4:8], [1.0] * 4, version),
-        ])
+        selection_store.write_selections(
+            con,
+            [
+                selection_store.Selection(DEFAULT_MODEL, "random", "all", ids[:4], [None] * 4, version),
+                selection_store.Selection(DEFAULT_MODEL, "less", "all", ids[4:8], [1.0] * 4, version),
+            ],
+        )
     return resources
 
 
@@ -59,15 +82,18 @@ def _materialize(resources: dict, assets: list, config: dict) -> dg.ExecuteInPro
 
 
 def test_seeds_stratified_rows_and_recomputable_intervals(home: dict) -> None:
-    _materialize(home, [finetuned_checkpoints], {"finetuned_checkpoints": {"config": {
-        "epochs": 1, "batch_size": 4, "seeds": 2}}})
+    _materialize(
+        home, [finetuned_checkpoints], {"finetuned_checkpoints": {"config": {"epochs": 1, "batch_size": 4, "seeds": 2}}}
+    )
     evaluated = _materialize(home, [evaluation_asset], {"evaluation": {"config": {"max_test_per_task": 2}}})
-    _materialize(home, [comparison_report],
-                 {"comparison_report": {"config": {"n_resamples": 300, "bootstrap_seed": 5}}})
+    _materialize(
+        home, [comparison_report], {"comparison_report": {"config": {"n_resamples": 300, "bootstrap_seed": 5}}}
+    )
 
     with duckdb.connect(home["lineage"].db_path) as con:
-        finetuned = con.execute("SELECT method, seed, run_key, path FROM checkpoints WHERE stage = 'finetune' "
-                                "ORDER BY method, seed").fetchall()
+        finetuned = con.execute(
+            "SELECT method, seed, run_key, path FROM checkpoints WHERE stage = 'finetune' ORDER BY method, seed"
+        ).fetchall()
         runs = con.execute("SELECT name, seed FROM evaluation_runs ORDER BY name, seed").fetchall()
         rows = con.execute("SELECT name, seed, task, subtask, example_id, nll FROM evaluation_rows").df()
         comparison = con.execute("SELECT * FROM comparison").df().set_index(["method", "task"])
@@ -76,7 +102,8 @@ def test_seeds_stratified_rows_and_recomputable_intervals(home: dict) -> None:
             """WITH per_row AS (SELECT name, task, example_id, avg(nll) AS nll FROM evaluation_rows GROUP BY ALL)
                SELECT m.task, m.example_id, m.nll - b.nll AS difference FROM per_row m JOIN per_row b
                USING (task, example_id) WHERE m.name = 'less/all' AND b.name = 'random/all'
-               ORDER BY m.task, m.example_id""").df()
+               ORDER BY m.task, m.example_id"""
+        ).df()
         current = current_finetunes(con, DEFAULT_MODEL)
 
     # Two seeds per selection: distinct checkpoints, recorded with their seed.
@@ -98,15 +125,17 @@ def test_seeds_stratified_rows_and_recomputable_intervals(home: dict) -> None:
     assert less["delta_nll"] == pytest.approx(interval.mean)
     assert (less["delta_nll_ci_low"], less["delta_nll_ci_high"]) == pytest.approx((interval.low, interval.high))
     assert (less["ci_low"], less["ci_high"], bool(less["significant"])) == pytest.approx(
-        (interval.low, interval.high, interval.significant))
+        (interval.low, interval.high, interval.significant)
+    )
     random = comparison.loc[("random/all", "writing")]
     assert (random["delta_nll"], random["ci_low"], random["ci_high"], bool(random["significant"])) == (0, 0, 0, False)
     report = (Path(home["settings"].home) / "reports" / DEFAULT_MODEL / "comparison.md").read_text()
     assert "## Worst task per method" in report and "2 finetuning seeds" in report
 
     # A later materialization with one seed: evaluation takes only that run's seeds.
-    _materialize(home, [finetuned_checkpoints], {"finetuned_checkpoints": {"config": {
-        "epochs": 1, "batch_size": 4, "seeds": 1}}})
+    _materialize(
+        home, [finetuned_checkpoints], {"finetuned_checkpoints": {"config": {"epochs": 1, "batch_size": 4, "seeds": 1}}}
+    )
     with duckdb.connect(home["lineage"].db_path) as con:
         current = current_finetunes(con, DEFAULT_MODEL)
     assert sorted(zip(current["method"], current["seed"])) == [("less", 0), ("random", 0)]
@@ -114,5 +143,9 @@ def test_seeds_stratified_rows_and_recomputable_intervals(home: dict) -> None:
 
 def test_seed_count_is_validated(home: dict) -> None:
     with pytest.raises(pydantic.ValidationError, match="seeds\n  Input should be greater than or equal to 1"):
-        dg.materialize([finetuned_checkpoints], resources=home, partition_key=DEFAULT_MODEL,
-                       run_config={"ops": {"finetuned_checkpoints": {"config": {"seeds": 0}}}})
+        dg.materialize(
+            [finetuned_checkpoints],
+            resources=home,
+            partition_key=DEFAULT_MODEL,
+            run_config={"ops": {"finetuned_checkpoints": {"config": {"seeds": 0}}}},
+        )

@@ -31,9 +31,11 @@ def test_old_gradient_stores_table_is_migrated_and_unsharded_train_rows_are_not_
     con.execute(  # as created before shards: no `part`, no `n_excluded`
         "CREATE TABLE gradient_stores (model VARCHAR, kind VARCHAR, warmup_run_key VARCHAR, epoch INTEGER, "
         "avg_lr DOUBLE, store_id VARCHAR, directory VARCHAR, mode VARCHAR, dim INTEGER, seed BIGINT, n_rows INTEGER, "
-        "created_at TIMESTAMPTZ)")
-    con.execute("INSERT INTO gradient_stores VALUES ('m', 'train', 'run', 1, 1e-4, 's', '/old', 'exact', 8192, 0, 10, "
-                "now())")
+        "created_at TIMESTAMPTZ)"
+    )
+    con.execute(
+        "INSERT INTO gradient_stores VALUES ('m', 'train', 'run', 1, 1e-4, 's', '/old', 'exact', 8192, 0, 10, now())"
+    )
     frame = latest_stores(con, "m", "run", "train", _key("adam"))
     assert list(frame["shard"]) == [""]
     assert list(latest_stores(con, "m", "run", "train", _key(InfluenceConfig().train_transform))["shard"]) == [""]
@@ -53,9 +55,12 @@ def test_gradient_stores_table_of_the_part_era_keeps_its_rows_under_shard() -> N
     con.execute(  # as created while the shard column was called `part`
         "CREATE TABLE gradient_stores (model VARCHAR, kind VARCHAR, warmup_run_key VARCHAR, epoch INTEGER, "
         "avg_lr DOUBLE, store_id VARCHAR, directory VARCHAR, mode VARCHAR, dim INTEGER, seed BIGINT, n_rows INTEGER, "
-        "created_at TIMESTAMPTZ, part VARCHAR, n_excluded INTEGER, transform VARCHAR)")
-    con.execute("INSERT INTO gradient_stores VALUES ('m', 'train', 'run', 1, 1e-4, 's', '/new/01', 'fast', 16, 0, 10, "
-                "now(), '01-of-04', 0, 'adam')")
+        "created_at TIMESTAMPTZ, part VARCHAR, n_excluded INTEGER, transform VARCHAR)"
+    )
+    con.execute(
+        "INSERT INTO gradient_stores VALUES ('m', 'train', 'run', 1, 1e-4, 's', '/new/01', 'fast', 16, 0, 10, "
+        "now(), '01-of-04', 0, 'adam')"
+    )
     frame = latest_stores(con, "m", "run", "train", _key("adam", dim=16, mode="fast"))
     assert list(frame["shard"]) == ["01-of-04"] and list(frame["directory"]) == ["/new/01"]
     columns = [row[0] for row in con.execute("DESCRIBE gradient_stores").fetchall()]
@@ -76,34 +81,66 @@ def test_gradient_config_reads_the_deprecated_shard_size_as_chunk_size() -> None
 
 def test_train_gradients_of_another_transform_are_computed_afresh_and_never_mixed(tmp_path: Path) -> None:
     pool = tmp_path / "pool.jsonl"
-    pool.write_text("".join(json.dumps({"instruction": f"Question {i} about topic {i % 4}?", "input": "",
-                                        "output": f"Answer {i} " + "y" * (i % 7)}) + "\n" for i in range(16)))
+    pool.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "instruction": f"Question {i} about topic {i % 4}?",
+                    "input": "",
+                    "output": f"Answer {i} " + "y" * (i % 7),
+                }
+            )
+            + "\n"
+            for i in range(16)
+        )
+    )
     targets = tmp_path / "targets.jsonl"
-    targets.write_text("".join(json.dumps({"task": "t", "prompt": f"target question {i}", "completion": f"a {i}"})
-                               + "\n" for i in range(3)))
-    resources = {**build_resources(home=str(tmp_path / "home"), env="ci"),
-                 "model_store": TinyModelStore(cache_dir=str(tmp_path / "cache"))}
+    targets.write_text(
+        "".join(
+            json.dumps({"task": "t", "prompt": f"target question {i}", "completion": f"a {i}"}) + "\n" for i in range(3)
+        )
+    )
+    resources = {
+        **build_resources(home=str(tmp_path / "home"), env="ci"),
+        "model_store": TinyModelStore(cache_dir=str(tmp_path / "cache")),
+    }
     assets = [*dg.load_assets_from_modules(ASSET_MODULES), *ALL_CHECKS]
     grad = {"dims": [16], "mode": "fast", "seed": 0}
 
     def run(names: list[str], ops: dict, key=None) -> dg.ExecuteInProcessResult:
-        result = dg.materialize(assets, selection=dg.AssetSelection.assets(*names), resources=resources,
-                                run_config={"ops": ops}, partition_key=key, instance=instance)
+        result = dg.materialize(
+            assets,
+            selection=dg.AssetSelection.assets(*names),
+            resources=resources,
+            run_config={"ops": ops},
+            partition_key=key,
+            instance=instance,
+        )
         assert result.success
         return result
 
     def train_gradients(transform: str) -> list[dict]:
-        return [run(["train_gradients"], {"train_gradients": {"config": {**grad, "train_transform": transform}}},
-                    key).asset_materializations_for_node("train_gradients")[0].metadata
-                for key in model_shard_keys(DEFAULT_MODEL)]
+        return [
+            run(["train_gradients"], {"train_gradients": {"config": {**grad, "train_transform": transform}}}, key)
+            .asset_materializations_for_node("train_gradients")[0]
+            .metadata
+            for key in model_shard_keys(DEFAULT_MODEL)
+        ]
 
-    OTHER = "adam_no_momentum"  # noqa: N806
+    OTHER = "adam_no_momentum"
     with dg.instance_for_test() as instance:
         run(["raw_pool"], {"raw_pool": {"config": {"sources": [{"path": str(pool)}]}}})
         run(["target_tasks"], {"target_tasks": {"config": {"files": [{"path": str(targets)}], "n_val": 2}}})
-        run(["warmup_checkpoints", "target_gradients"],
-            {"warmup_checkpoints": {"config": {"fraction": 0.5, "epochs": 1, "batch_size": 4, "learning_rate": 1e-3}},
-             "target_gradients": {"config": grad}}, DEFAULT_MODEL)
+        run(
+            ["warmup_checkpoints", "target_gradients"],
+            {
+                "warmup_checkpoints": {
+                    "config": {"fraction": 0.5, "epochs": 1, "batch_size": 4, "learning_rate": 1e-3}
+                },
+                "target_gradients": {"config": grad},
+            },
+            DEFAULT_MODEL,
+        )
         literal = train_gradients("adam")
         assert sum(m["n_computed"].value for m in literal) > 0
         assert {m["transform"].value for m in literal} == {"adam"}
@@ -123,12 +160,23 @@ def test_train_gradients_of_another_transform_are_computed_afresh_and_never_mixe
         assert set(by_transform) == {"adam", OTHER}
         assert not by_transform["adam"] & by_transform[OTHER]
         # Influence reads the stores of the transform it is told (adam's rows were written last, and are not picked).
-        scored = run(["influence_scores"], {"influence_scores": {"config": {"dim": 16, "mode": "fast", "seed": 0,
-                                                                            "train_transform": OTHER}}},
-                     DEFAULT_MODEL).asset_materializations_for_node("influence_scores")[0].metadata
+        scored = (
+            run(
+                ["influence_scores"],
+                {"influence_scores": {"config": {"dim": 16, "mode": "fast", "seed": 0, "train_transform": OTHER}}},
+                DEFAULT_MODEL,
+            )
+            .asset_materializations_for_node("influence_scores")[0]
+            .metadata
+        )
         assert scored["train_transform"].value == OTHER
         assert "differs from LESS" in scored["train_transform_why"].value
         with duckdb.connect(resources["lineage"].db_path) as con:
-            frame = latest_stores(con, DEFAULT_MODEL, con.execute("SELECT max(warmup_run_key) FROM gradient_stores")
-                                  .fetchone()[0], "train", _key(OTHER, dim=16, mode="fast"))
+            frame = latest_stores(
+                con,
+                DEFAULT_MODEL,
+                con.execute("SELECT max(warmup_run_key) FROM gradient_stores").fetchone()[0],
+                "train",
+                _key(OTHER, dim=16, mode="fast"),
+            )
         assert set(frame["directory"]) == by_transform[OTHER]

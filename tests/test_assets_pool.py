@@ -58,7 +58,9 @@ def test_raw_pool_accounts_for_every_record_and_writes_lineage(tmp_path: Path, r
 
 def test_refresh_adds_rows_and_skips_unchanged_sources(tmp_path: Path, resources: dict) -> None:
     first = _write_jsonl(tmp_path / "a.jsonl", [{"prompt": "a", "completion": "b"}])
-    second = _write_jsonl(tmp_path / "b.jsonl", [{"prompt": "c", "completion": "d"}, {"prompt": "a", "completion": "b"}])
+    second = _write_jsonl(
+        tmp_path / "b.jsonl", [{"prompt": "c", "completion": "d"}, {"prompt": "a", "completion": "b"}]
+    )
     one = {"ops": {"raw_pool": {"config": {"sources": [{"path": str(first)}]}}}}
     both = {"ops": {"raw_pool": {"config": {"sources": [{"path": str(first)}, {"path": str(second)}]}}}}
     with dg.instance_for_test() as instance:

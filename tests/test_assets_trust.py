@@ -21,14 +21,35 @@ GRADIENTS = {"dims": [DIM], "mode": "fast", "seed": 0, "shard_size": 8}
 def _files(tmp_path: Path) -> tuple[Path, Path]:
     pool = tmp_path / "pool.jsonl"
     # Every fourth instruction is far longer than the tiny model's max_length (96 tokens).
-    pool.write_text("".join(
-        json.dumps({"instruction": f"Task {i}: " + ("explain " * 40 if i % 4 == 0 else "add"), "input": "",
-                    "output": f"Answer {i} " + "x" * (i % 7)}) + "\n" for i in range(30)))
+    pool.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "instruction": f"Task {i}: " + ("explain " * 40 if i % 4 == 0 else "add"),
+                    "input": "",
+                    "output": f"Answer {i} " + "x" * (i % 7),
+                }
+            )
+            + "\n"
+            for i in range(30)
+        )
+    )
     targets = tmp_path / "targets.jsonl"
-    targets.write_text("".join(
-        json.dumps({"task": task, "subtask": "a", "prompt": f"{task} question {i} " + ("why " * 60 if i == 0 else ""),
-                    "completion": f"{task} answer {i}"}) + "\n"
-        for task in ("math", "writing") for i in range(2)))
+    targets.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "task": task,
+                    "subtask": "a",
+                    "prompt": f"{task} question {i} " + ("why " * 60 if i == 0 else ""),
+                    "completion": f"{task} answer {i}",
+                }
+            )
+            + "\n"
+            for task in ("math", "writing")
+            for i in range(2)
+        )
+    )
     return pool, targets
 
 
@@ -38,8 +59,10 @@ def _metadata(result: dg.ExecuteInProcessResult, node: str) -> dict:
 
 def test_truncation_tables_feature_diagnostics_and_uninformative_scores(tmp_path: Path, monkeypatch) -> None:
     pool, targets = _files(tmp_path)
-    resources = {**build_resources(home=str(tmp_path / "home"), env="ci"),
-                 "model_store": TinyModelStore(cache_dir=str(tmp_path / "cache"))}
+    resources = {
+        **build_resources(home=str(tmp_path / "home"), env="ci"),
+        "model_store": TinyModelStore(cache_dir=str(tmp_path / "cache")),
+    }
     assets = [*dg.load_assets_from_modules(ASSET_MODULES), *ALL_CHECKS]
     ops = {
         "raw_pool": {"config": {"sources": [{"path": str(pool)}]}},
@@ -54,24 +77,35 @@ def test_truncation_tables_feature_diagnostics_and_uninformative_scores(tmp_path
 
     def run(names: tuple[str, ...], key: str) -> dg.ExecuteInProcessResult:
         config = {"ops": {name: ops[name] for name in names}}
-        result = dg.materialize(assets, selection=dg.AssetSelection.assets(*names), resources=resources,
-                                run_config=config, partition_key=key, instance=instance)
+        result = dg.materialize(
+            assets,
+            selection=dg.AssetSelection.assets(*names),
+            resources=resources,
+            run_config=config,
+            partition_key=key,
+            instance=instance,
+        )
         assert result.success
         return result
 
     with dg.instance_for_test() as instance:
         warmup = run(("raw_pool", "target_tasks", "warmup_checkpoints", "target_gradients"), DEFAULT_MODEL)
-        assert "| source | examples | truncated | prompt_truncated |" in _metadata(warmup, "warmup_checkpoints")[
-            "truncation"].value
+        assert (
+            "| source | examples | truncated | prompt_truncated |"
+            in _metadata(warmup, "warmup_checkpoints")["truncation"].value
+        )
         target = _metadata(warmup, "target_gradients")
         # The long val prompts are cut before their answers: no val row is lost to length.
         assert target["n_skipped_no_target"].value == 0 and target["n_stored"].value == 4
         assert target["truncation"].value.splitlines()[2:] == [
-            "| math | 2 | 1 | 1 | 0 | 0 |", "| writing | 2 | 1 | 1 | 0 | 0 |"]
+            "| math | 2 | 1 | 1 | 0 | 0 |",
+            "| writing | 2 | 1 | 1 | 0 | 0 |",
+        ]
         assert "| epoch | dim | warmup_steps |" in target["feature_diagnostics"].value
         assert target["features_collapsed"].value is False
-        shards = [_metadata(run(("train_gradients",), str(key)), "train_gradients")
-                  for key in model_shard_keys(DEFAULT_MODEL)]
+        shards = [
+            _metadata(run(("train_gradients",), str(key)), "train_gradients") for key in model_shard_keys(DEFAULT_MODEL)
+        ]
         assert sum(m["n_skipped_no_target"].value for m in shards) == 0
         prompt_cut = sum(int(line.split("|")[4]) for m in shards for line in m["truncation"].value.splitlines()[2:])
         assert prompt_cut == 8  # the 8 long instructions, all still stored

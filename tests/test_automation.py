@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
 from assets import ALL_CHECKS
-from selection.registry import METHODS
 from assets.partitions import DEFAULT_MODEL, model_shard_keys
 from resources import build_resources
+from selection.registry import METHODS
 from tests.fakes import TinyModelStore, run_check
 from tests.tiny_definitions import ASSETS
 
@@ -21,29 +21,40 @@ SHARDS = {str(key) for key in model_shard_keys(DEFAULT_MODEL)}
 
 @pytest.fixture
 def defs(tmp_path: Path) -> dg.Definitions:
-    resources = {**build_resources(home=str(tmp_path / "home"), env="ci"),
-                 "model_store": TinyModelStore(cache_dir=str(tmp_path / "cache"))}
+    resources = {
+        **build_resources(home=str(tmp_path / "home"), env="ci"),
+        "model_store": TinyModelStore(cache_dir=str(tmp_path / "cache")),
+    }
     return dg.Definitions(assets=ASSETS, asset_checks=ALL_CHECKS, resources=resources)
 
 
 def requested(result) -> dict[str, set]:
-    return {key.to_user_string(): result.get_requested_partitions(key)
-            for key in {r.key for r in result.results} if result.get_num_requested(key)}
+    return {
+        key.to_user_string(): result.get_requested_partitions(key)
+        for key in {r.key for r in result.results}
+        if result.get_num_requested(key)
+    }
 
 
 def _materialize(defs: dg.Definitions, instance, asset: str, config: dict) -> None:
-    assert dg.materialize([*ASSETS, *ALL_CHECKS], selection=dg.AssetSelection.assets(asset),
-                          resources=defs.resources, run_config={"ops": {asset: {"config": config}}},
-                          instance=instance).success
+    assert dg.materialize(
+        [*ASSETS, *ALL_CHECKS],
+        selection=dg.AssetSelection.assets(asset),
+        resources=defs.resources,
+        run_config={"ops": {asset: {"config": config}}},
+        instance=instance,
+    ).success
 
 
 def test_a_new_pool_flows_through_the_graph(defs: dg.Definitions, tmp_path: Path) -> None:
     pool = tmp_path / "pool.jsonl"
-    pool.write_text("".join(json.dumps({"prompt": f"question {i}", "completion": f"answer {i}"}) + "\n"
-                            for i in range(12)))
+    pool.write_text(
+        "".join(json.dumps({"prompt": f"question {i}", "completion": f"answer {i}"}) + "\n" for i in range(12))
+    )
     targets = tmp_path / "targets.jsonl"
-    targets.write_text("".join(json.dumps({"task": "t", "prompt": f"target {i}", "completion": f"a {i}"}) + "\n"
-                               for i in range(3)))
+    targets.write_text(
+        "".join(json.dumps({"task": "t", "prompt": f"target {i}", "completion": f"a {i}"}) + "\n" for i in range(3))
+    )
     with dg.instance_for_test() as instance:
         cursor = None
 
@@ -56,8 +67,12 @@ def test_a_new_pool_flows_through_the_graph(defs: dg.Definitions, tmp_path: Path
         assert tick() == {}  # nothing to start from, and no weekly tick yet
         _materialize(defs, instance, "raw_pool", {"sources": [{"path": str(pool)}]})
         # What reads the pool alone and can run in one run with its parents.
-        assert tick() == {"embeddings": {None}, "clusters": {None}, "warmup_checkpoints": {DEFAULT_MODEL},
-                          "full_selection": {DEFAULT_MODEL}}
+        assert tick() == {
+            "embeddings": {None},
+            "clusters": {None},
+            "warmup_checkpoints": {DEFAULT_MODEL},
+            "full_selection": {DEFAULT_MODEL},
+        }
         assert tick() == {}  # nothing changed since
         _materialize(defs, instance, "target_tasks", {"files": [{"path": str(targets)}], "n_val": 2})
         assert tick() == {"rds_selection": {DEFAULT_MODEL}}  # target_gradients waits for the warmup
@@ -65,8 +80,12 @@ def test_a_new_pool_flows_through_the_graph(defs: dg.Definitions, tmp_path: Path
         for asset in ("embeddings", "clusters"):
             _report(instance, asset)
         _report(instance, "warmup_checkpoints", DEFAULT_MODEL)
-        assert tick() == {"train_gradients": SHARDS, "target_gradients": {DEFAULT_MODEL},
-                          "kmq_selection": {DEFAULT_MODEL}, "kmq_iterative_selection": {DEFAULT_MODEL}}
+        assert tick() == {
+            "train_gradients": SHARDS,
+            "target_gradients": {DEFAULT_MODEL},
+            "kmq_selection": {DEFAULT_MODEL},
+            "kmq_iterative_selection": {DEFAULT_MODEL},
+        }
         _report(instance, "target_gradients", DEFAULT_MODEL)
         for shard in SHARDS:
             _report(instance, "train_gradients", shard)
@@ -74,8 +93,9 @@ def test_a_new_pool_flows_through_the_graph(defs: dg.Definitions, tmp_path: Path
         assert tick() == {name: {DEFAULT_MODEL} for name in ("influence_scores", *scored)}  # one run
         _report(instance, "influence_scores", DEFAULT_MODEL)
         for method in METHODS:
-            instance.report_runless_asset_event(dg.AssetMaterialization(method.asset, partition=DEFAULT_MODEL,
-                                                                        metadata={"budget": 5}))
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization(method.asset, partition=DEFAULT_MODEL, metadata={"budget": 5})
+            )
         downstream = {name: {DEFAULT_MODEL} for name in ("finetuned_checkpoints", "evaluation", "comparison_report")}
         before_check = cursor
         assert tick() == downstream
@@ -87,17 +107,22 @@ def test_a_new_pool_flows_through_the_graph(defs: dg.Definitions, tmp_path: Path
 
 
 def test_the_weekly_tick_refreshes_the_roots_and_what_runs_with_them(defs: dg.Definitions) -> None:
-    saturday = datetime(2026, 3, 7, 12, tzinfo=timezone.utc)
-    sunday = datetime(2026, 3, 8, 3, 1, tzinfo=timezone.utc)  # just past WEEKLY_REFRESH_CRON (Sunday 03:00 UTC)
+    saturday = datetime(2026, 3, 7, 12, tzinfo=UTC)
+    sunday = datetime(2026, 3, 8, 3, 1, tzinfo=UTC)  # just past WEEKLY_REFRESH_CRON (Sunday 03:00 UTC)
     with dg.instance_for_test() as instance:
         first = dg.evaluate_automation_conditions(defs, instance, evaluation_time=saturday)
         assert first.total_requested == 0
         weekly = dg.evaluate_automation_conditions(defs, instance, evaluation_time=sunday, cursor=first.cursor)
         # Unpartitioned like the roots, so in the same run; the per-model assets follow on later ticks.
-        assert requested(weekly) == {"raw_pool": {None}, "target_tasks": {None}, "embeddings": {None},
-                                     "clusters": {None}}
-        later = dg.evaluate_automation_conditions(defs, instance, evaluation_time=sunday + timedelta(hours=1),
-                                                  cursor=weekly.cursor)
+        assert requested(weekly) == {
+            "raw_pool": {None},
+            "target_tasks": {None},
+            "embeddings": {None},
+            "clusters": {None},
+        }
+        later = dg.evaluate_automation_conditions(
+            defs, instance, evaluation_time=sunday + timedelta(hours=1), cursor=weekly.cursor
+        )
         assert later.total_requested == 0
 
 
@@ -119,8 +144,12 @@ def test_influence_waits_until_every_shard_is_newer_than_the_warmup(defs: dg.Def
             return result.get_requested_partitions(dg.AssetKey("influence_scores"))
 
         assert tick() == set()
-        for asset, partition in [("raw_pool", None), ("target_tasks", None), ("warmup_checkpoints", DEFAULT_MODEL),
-                                 ("target_gradients", DEFAULT_MODEL)]:
+        for asset, partition in [
+            ("raw_pool", None),
+            ("target_tasks", None),
+            ("warmup_checkpoints", DEFAULT_MODEL),
+            ("target_gradients", DEFAULT_MODEL),
+        ]:
             _report(instance, asset, partition)
         for _ in range(2):  # a first refresh, then a new warmup that makes every shard stale
             for shard in shards[:-1]:

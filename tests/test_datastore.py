@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,10 +11,11 @@ import torch
 
 from selection.common.arrays import StoreBusyError
 from selection.common.integrity import ArtifactIntegrityError
+from selection.data.tokenization import IGNORE_INDEX, TokenizedExample
 from selection.influence.datastore import (
     FeatureStore,
-    align_stores,
     Progress,
+    align_stores,
     check_compatible,
     compute_features,
     parse_shard_key,
@@ -27,7 +27,6 @@ from selection.influence.datastore import (
 )
 from selection.influence.gradients import PerExampleGradients, lora_slots
 from selection.influence.projection import make_projector
-from selection.data.tokenization import IGNORE_INDEX, TokenizedExample
 from tests.test_gradients import random_examples, tiny_lora_model
 
 PAD = 2
@@ -44,8 +43,16 @@ def examples() -> list:
     return [(f"ex{i}", example) for i, example in enumerate(tokenized)]
 
 
-def make_store(directory: Path, model: torch.nn.Module, kind: str = "target", mode: str = "fast",
-               dim: int = 32, seed: int = 0, checkpoint: str = "epoch_1", chunk_size: int = 3) -> tuple:
+def make_store(
+    directory: Path,
+    model: torch.nn.Module,
+    kind: str = "target",
+    mode: str = "fast",
+    dim: int = 32,
+    seed: int = 0,
+    checkpoint: str = "epoch_1",
+    chunk_size: int = 3,
+) -> tuple:
     engine = PerExampleGradients(model)
     projector = make_projector(mode, engine.dim, dim, seed, engine.names_hash)
     return projector, FeatureStore(directory, "tiny-model", checkpoint, kind, projector, chunk_size=chunk_size)
@@ -65,8 +72,9 @@ def chunk_bytes(directory: Path) -> dict[str, bytes]:
 def test_compute_skip_and_resume_give_identical_bytes(tmp_path: Path, model, examples) -> None:
     projector, store = make_store(tmp_path / "full", model)
     reports: list[Progress] = []
-    assert compute_features(model, examples, projector, store, pad_token_id=PAD, max_batch_size=2,
-                            progress_cb=reports.append) == len(examples)
+    assert compute_features(
+        model, examples, projector, store, pad_token_id=PAD, max_batch_size=2, progress_cb=reports.append
+    ) == len(examples)
     assert reports[-1].done == reports[-1].total == len(examples) and reports[-1].eta_s == 0
     features = store.features()
     assert features.dtype == np.float16 and features.shape == (7, 32)
@@ -92,16 +100,19 @@ def test_chunks_and_batching_do_not_change_features(tmp_path: Path, model, examp
     compute_features(model, examples, projector, many, pad_token_id=PAD, max_batch_size=1)
     assert many.n_chunks == 4
     ids = [example_id for example_id, _ in examples]
-    np.testing.assert_allclose(one.features(ids).astype(np.float32), many.features(ids).astype(np.float32),
-                               atol=2e-3)
+    np.testing.assert_allclose(one.features(ids).astype(np.float32), many.features(ids).astype(np.float32), atol=2e-3)
 
 
 def test_refuses_mixing_other_features(tmp_path: Path, model) -> None:
     directory = tmp_path / "store"
     make_store(directory, model)
-    for change, match in [({"dim": 64}, "dim 32 != 64"), ({"seed": 1}, "seed 0 != 1"),
-                          ({"mode": "exact"}, "mode 'fast' != 'exact'"),
-                          ({"checkpoint": "epoch_2"}, "checkpoint"), ({"kind": "train"}, "kind")]:
+    for change, match in [
+        ({"dim": 64}, "dim 32 != 64"),
+        ({"seed": 1}, "seed 0 != 1"),
+        ({"mode": "exact"}, "mode 'fast' != 'exact'"),
+        ({"checkpoint": "epoch_2"}, "checkpoint"),
+        ({"kind": "train"}, "kind"),
+    ]:
         with pytest.raises(ValueError, match=match):
             make_store(directory, model, **change)
     engine = PerExampleGradients(model)
@@ -118,8 +129,7 @@ def test_train_needs_moments_and_stores_must_match(tmp_path: Path, model, exampl
     compute_features(model, examples[:4], projector, train, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, pad_token_id=PAD)
     _, target = make_store(tmp_path / "target", model, kind="target")
     with pytest.raises(ValueError, match="plain gradients"):
-        compute_features(model, examples, projector, target, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
-                         pad_token_id=PAD)
+        compute_features(model, examples, projector, target, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, pad_token_id=PAD)
     compute_features(model, examples[4:], projector, target, pad_token_id=PAD)
     assert target_scores(train, target).shape == (4, 3)
     _, other_seed = make_store(tmp_path / "target2", model, kind="target", seed=5)
@@ -190,8 +200,10 @@ def test_align_stores_drops_a_half_committed_chunk_and_refuses_a_late_dim(tmp_pa
     projectors = [make_projector("fast", engine.dim, dim, 0, engine.names_hash) for dim in (16, 32)]
 
     def stores(tag: str) -> list[FeatureStore]:
-        return [FeatureStore(tmp_path / tag / str(p.dim), "tiny-model", "epoch_1", "target", p, chunk_size=3)
-                for p in projectors]
+        return [
+            FeatureStore(tmp_path / tag / str(p.dim), "tiny-model", "epoch_1", "target", p, chunk_size=3)
+            for p in projectors
+        ]
 
     reference = stores("reference")
     compute_features(model, examples, projectors, reference, pad_token_id=PAD)
@@ -214,11 +226,14 @@ def test_align_stores_drops_a_half_committed_chunk_and_refuses_a_late_dim(tmp_pa
 
 def test_one_writer_per_store(tmp_path: Path, model) -> None:
     _, store = make_store(tmp_path / "s", model)
-    with store.exclusive():
-        with pytest.raises(StoreBusyError, match="another process is filling"):
-            with FeatureStore(store.directory, "tiny-model", "epoch_1", "target", store.manifest["projection"],
-                              chunk_size=3).exclusive():
-                pass
+    with (
+        store.exclusive(),
+        pytest.raises(StoreBusyError, match="another process is filling"),
+        FeatureStore(
+            store.directory, "tiny-model", "epoch_1", "target", store.manifest["projection"], chunk_size=3
+        ).exclusive(),
+    ):
+        pass
     with store.exclusive():  # released
         pass
 
@@ -228,30 +243,40 @@ def test_train_transform_is_part_of_the_identity_and_of_the_features(tmp_path: P
     projector = make_projector("fast", engine.dim, 32, 0, engine.names_hash)
     exp_avg, exp_avg_sq = moments(model)
     # Every transform has its own canonical folder (LESS's adam keeps the one it always had).
-    folders = {t: store_directory(tmp_path, "tiny-model", "epoch_1", "train", projector, "00-of-01", transform=t)
-               for t in ("adam", "adam_no_momentum", "sgd")}
+    folders = {
+        t: store_directory(tmp_path, "tiny-model", "epoch_1", "train", projector, "00-of-01", transform=t)
+        for t in ("adam", "adam_no_momentum", "sgd")
+    }
     assert len(set(folders.values())) == 3
     assert folders["adam"] == store_directory(tmp_path, "tiny-model", "epoch_1", "train", projector, "00-of-01")
     assert folders["sgd"].parent.name.startswith("sgd-")
-    stores = {t: FeatureStore(folders[t], "tiny-model", "epoch_1", "train", projector, part="00-of-01", transform=t)
-              for t in folders}
+    stores = {
+        t: FeatureStore(folders[t], "tiny-model", "epoch_1", "train", projector, part="00-of-01", transform=t)
+        for t in folders
+    }
     for store in stores.values():
-        compute_features(model, examples[:4], projector, store, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
-                         pad_token_id=PAD)
+        compute_features(
+            model, examples[:4], projector, store, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, pad_token_id=PAD
+        )
     # The features are the store's transform of the plain gradients, projected and normalized.
     target = FeatureStore(tmp_path / "target", "tiny-model", "epoch_1", "target", projector)
     compute_features(model, examples[:4], projector, target, pad_token_id=PAD)
-    np.testing.assert_allclose(stores["sgd"].features().astype(np.float32), target.features().astype(np.float32),
-                               atol=2e-3)
-    assert not np.allclose(stores["adam"].features().astype(np.float32),
-                           stores["adam_no_momentum"].features().astype(np.float32), atol=1e-2)
+    np.testing.assert_allclose(
+        stores["sgd"].features().astype(np.float32), target.features().astype(np.float32), atol=2e-3
+    )
+    assert not np.allclose(
+        stores["adam"].features().astype(np.float32),
+        stores["adam_no_momentum"].features().astype(np.float32),
+        atol=1e-2,
+    )
     # Every transform compares with the same (plain-gradient) target features.
     for store in stores.values():
         check_compatible(store, target)
     # A store never takes features of another transform, nor is it reopened as one.
     with pytest.raises(ValueError, match="transform 'adam_no_momentum' != 'sgd'"):
-        FeatureStore(folders["adam_no_momentum"], "tiny-model", "epoch_1", "train", projector, part="00-of-01",
-                     transform="sgd")
+        FeatureStore(
+            folders["adam_no_momentum"], "tiny-model", "epoch_1", "train", projector, part="00-of-01", transform="sgd"
+        )
     assert stores["adam"].store_id != stores["sgd"].store_id
     with pytest.raises(ValueError, match="target features are plain gradients"):
         FeatureStore(tmp_path / "t2", "tiny-model", "epoch_1", "target", projector, transform="adam")
@@ -278,14 +303,20 @@ def test_bias_corrected_train_features_need_the_step_count(tmp_path: Path, model
     exp_avg, exp_avg_sq = moments(model)
     store = FeatureStore(tmp_path / "bc", "tiny-model", "epoch_1", "train", projector, transform="adam_bias_corrected")
     with pytest.raises(ValueError, match="adam_step"):
-        compute_features(model, examples[:2], projector, store, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
-                         pad_token_id=PAD)
-    assert compute_features(model, examples[:2], projector, store, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
-                            adam_step=3, pad_token_id=PAD) == 2
+        compute_features(
+            model, examples[:2], projector, store, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, pad_token_id=PAD
+        )
+    assert (
+        compute_features(
+            model, examples[:2], projector, store, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, adam_step=3, pad_token_id=PAD
+        )
+        == 2
+    )
 
 
-def test_a_changed_commit_record_is_refused_then_dropped_with_the_chunks_after_it(tmp_path: Path, model,
-                                                                                  examples) -> None:
+def test_a_changed_commit_record_is_refused_then_dropped_with_the_chunks_after_it(
+    tmp_path: Path, model, examples
+) -> None:
     projector, store = make_store(tmp_path / "s", model)
     compute_features(model, examples, projector, store, pad_token_id=PAD)
     original = chunk_bytes(store.directory)

@@ -64,17 +64,36 @@ def test_few_rows_are_not_judged_and_sign_like_rows_are_saturated():
 
 
 def _row(store_id: str, kind: str, epoch: int, collapsed: bool, part: str | None = None) -> dict:
-    return {"store_id": store_id, "model": "m", "kind": kind, "warmup_run_key": "run", "epoch": epoch, "part": part,
-            "mode": "fast", "dim": 64, "seed": 0, "warmup_steps": 3, "n_rows": 100,
-            "mean_feature_norm": 0.83 if collapsed else 0.1, "mean_pairwise_cosine": 0.69 if collapsed else 0.0,
-            "saturated_share": 0.0, "collapsed": collapsed}
+    return {
+        "store_id": store_id,
+        "model": "m",
+        "kind": kind,
+        "warmup_run_key": "run",
+        "epoch": epoch,
+        "part": part,
+        "mode": "fast",
+        "dim": 64,
+        "seed": 0,
+        "warmup_steps": 3,
+        "n_rows": 100,
+        "mean_feature_norm": 0.83 if collapsed else 0.1,
+        "mean_pairwise_cosine": 0.69 if collapsed else 0.0,
+        "saturated_share": 0.0,
+        "collapsed": collapsed,
+    }
 
 
 def test_selections_learn_whether_their_features_collapsed():
     con = duckdb.connect()
     assert collapsed_feature_reason(con, "m", "run", "fast", 64, 0)[0] is None
-    record_diagnostics(con, [_row("a", "train", 1, False, "00-of-02"), _row("b", "train", 1, False, "01-of-02"),
-                             _row("t", "target", 1, False)])
+    record_diagnostics(
+        con,
+        [
+            _row("a", "train", 1, False, "00-of-02"),
+            _row("b", "train", 1, False, "01-of-02"),
+            _row("t", "target", 1, False),
+        ],
+    )
     informative, reason = collapsed_feature_reason(con, "m", "run", "fast", 64, 0)
     assert informative is True and "none of 3" in reason
     record_diagnostics(con, [_row("b", "train", 1, True, "01-of-02")])  # the shard was recomputed: replaced

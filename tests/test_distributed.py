@@ -30,8 +30,8 @@ import numpy as np
 import pytest
 
 from assets import ASSET_MODULES
-from orchestration.jobs import TRAIN_GRADIENTS_JOB_NAME
 from assets.partitions import DEFAULT_MODEL, model_shard_keys
+from orchestration.jobs import TRAIN_GRADIENTS_JOB_NAME
 from resources import build_resources
 from resources.lineage import LOCK_ERROR_MARKERS
 from selection.influence import scores as influence
@@ -59,14 +59,19 @@ def _ensure_services_installed() -> None:
             if done.returncode:
                 pytest.skip(f"{' '.join(command)} failed (no network?): {done.stderr[-500:]}")
     if not (importlib.util.find_spec("dagster_celery") and importlib.util.find_spec("dagster_postgres")):
-        done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{PROJECT_ROOT}[distributed]"],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "-e", f"{PROJECT_ROOT}[distributed]"],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode:
             pytest.skip(f"pip install of the distributed extra failed (no network?): {done.stderr[-500:]}")
         # The extra pins dagster to its own release; this process has the old one loaded.
         if importlib.metadata.version("dagster") != dg.__version__:
-            pytest.skip(f"installing the distributed extra moved dagster from {dg.__version__} to "
-                        f"{importlib.metadata.version('dagster')}; run the test again")
+            pytest.skip(
+                f"installing the distributed extra moved dagster from {dg.__version__} to "
+                f"{importlib.metadata.version('dagster')}; run the test again"
+            )
 
 
 def _free_port() -> int:
@@ -88,7 +93,7 @@ def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout_s: f
 @contextlib.contextmanager
 def _postgres() -> Iterator[str]:
     """A throwaway server on a free loopback port; its URL. Postgres refuses to run as root."""
-    bin_dir = Path(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))[-1]).parent
+    bin_dir = Path(max(glob.glob("/usr/lib/postgresql/*/bin/initdb"))).parent
     as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     data = Path(tempfile.mkdtemp(prefix="instruct-select-pg-"))  # not under pytest's root-only tmp folder
     if as_user:
@@ -96,10 +101,24 @@ def _postgres() -> Iterator[str]:
     port = _free_port()
     pg_ctl = [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data)]
     try:
-        subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"],
-                       check=True, capture_output=True)
-        subprocess.run([*pg_ctl, "-l", str(data / "server.log"), "-w", "start", "-o",
-                        f"-p {port} -k {data} -c listen_addresses=127.0.0.1"], check=True, capture_output=True)
+        subprocess.run(
+            [*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [
+                *pg_ctl,
+                "-l",
+                str(data / "server.log"),
+                "-w",
+                "start",
+                "-o",
+                f"-p {port} -k {data} -c listen_addresses=127.0.0.1",
+            ],
+            check=True,
+            capture_output=True,
+        )
         yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
     finally:
         subprocess.run([*pg_ctl, "-m", "fast", "-w", "stop"], capture_output=True)
@@ -110,8 +129,9 @@ def _postgres() -> Iterator[str]:
 def _process_group(command: list[str], env: dict, log: Path) -> Iterator[subprocess.Popen]:
     """A process in a session of its own, ended with everything it started (run workers, celery)."""
     with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         yield process
     finally:
@@ -128,10 +148,19 @@ def _process_group(command: list[str], env: dict, log: Path) -> Iterator[subproc
 def _materialize(home: Path, names: list[str], ops: dict, partition_key: str) -> None:
     """One in-process run of `names` in the storage root `home`."""
     assets = dg.load_assets_from_modules(ASSET_MODULES)
-    resources = {**build_resources(home=str(home), env="ci"), "model_store": TinyModelStore(cache_dir=str(home / "cache"))}
+    resources = {
+        **build_resources(home=str(home), env="ci"),
+        "model_store": TinyModelStore(cache_dir=str(home / "cache")),
+    }
     with dg.instance_for_test() as instance:
-        result = dg.materialize(assets, selection=names, resources=resources, instance=instance,
-                                run_config={"ops": {name: ops[name] for name in names}}, partition_key=partition_key)
+        result = dg.materialize(
+            assets,
+            selection=names,
+            resources=resources,
+            instance=instance,
+            run_config={"ops": {name: ops[name] for name in names}},
+            partition_key=partition_key,
+        )
     assert result.success, (names, partition_key)
 
 
@@ -146,8 +175,9 @@ def _scores_and_selection(home: Path) -> tuple[list[str], np.ndarray, list[tuple
     (out_dir,) = (home / "scores").glob("*/*")
     scores, ids = influence.load_scores(out_dir)
     with duckdb.connect(str(home / "lineage.duckdb"), read_only=True) as con:
-        selected = con.execute("SELECT method, target, example_id, rank, score FROM selections "
-                               "ORDER BY method, target, rank").fetchall()
+        selected = con.execute(
+            "SELECT method, target, example_id, rank, score FROM selections ORDER BY method, target, rank"
+        ).fetchall()
     return ids, np.asarray(scores), selected
 
 
@@ -174,8 +204,9 @@ def _celery_worker(instance: dg.DagsterInstance, run_id: str) -> str:
     return name
 
 
-def test_backfill_on_two_celery_workers_matches_one_process(tmp_path: Path, monkeypatch, capsys,
-                                                             record_property) -> None:
+def test_backfill_on_two_celery_workers_matches_one_process(
+    tmp_path: Path, monkeypatch, capsys, record_property
+) -> None:
     _ensure_services_installed()
     # Import the Celery integration only now: without the extra the rest of the suite still collects.
     from orchestration.distributed import BROKER_ENV_VAR
@@ -203,40 +234,106 @@ def test_backfill_on_two_celery_workers_matches_one_process(tmp_path: Path, monk
         broker_url = f"redis://127.0.0.1:{redis_port}/0"
         shutil.copy(PROJECT_ROOT / "deploy" / "dagster.yaml", dagster_home / "dagster.yaml")
         workspace = dagster_home / "workspace.yaml"
-        workspace.write_text("load_from:\n  - python_module:\n      module_name: tests.distributed_definitions\n"
-                             f"      working_directory: {PROJECT_ROOT}\n")
-        env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "INSTRUCT_SELECT_HOME": str(home),
-               "DAGSTER_POSTGRES_URL": postgres_url, BROKER_ENV_VAR: broker_url,
-               "PYTHONPATH": str(PROJECT_ROOT), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-               # Two workers share this machine's cores: one thread each, as the tiny tests run.
-               "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        workspace.write_text(
+            "load_from:\n  - python_module:\n      module_name: tests.distributed_definitions\n"
+            f"      working_directory: {PROJECT_ROOT}\n"
+        )
+        env = {
+            **os.environ,
+            "DAGSTER_HOME": str(dagster_home),
+            "INSTRUCT_SELECT_HOME": str(home),
+            "DAGSTER_POSTGRES_URL": postgres_url,
+            BROKER_ENV_VAR: broker_url,
+            "PYTHONPATH": str(PROJECT_ROOT),
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            # Two workers share this machine's cores: one thread each, as the tiny tests run.
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+        }
         # The schema first, once: processes starting together would race to create its tables.
-        subprocess.run([str(BIN / "dagster"), "instance", "migrate"], cwd=PROJECT_ROOT, env=env, check=True,
-                       capture_output=True)
+        subprocess.run(
+            [str(BIN / "dagster"), "instance", "migrate"], cwd=PROJECT_ROOT, env=env, check=True, capture_output=True
+        )
         with contextlib.ExitStack() as stack:
             redis_log = tmp_path / "redis.log"
-            redis = stack.enter_context(_process_group(
-                ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                 "--dir", str(tmp_path)], env, redis_log))
+            redis = stack.enter_context(
+                _process_group(
+                    [
+                        "redis-server",
+                        "--port",
+                        str(redis_port),
+                        "--bind",
+                        "127.0.0.1",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--dir",
+                        str(tmp_path),
+                    ],
+                    env,
+                    redis_log,
+                )
+            )
             _wait_for_port(redis_port, redis, redis_log)
             watched = {}
             for name in WORKERS:
                 log = tmp_path / f"{name}.log"
-                watched[name] = (stack.enter_context(_process_group(
-                    [str(BIN / "dagster-celery"), "worker", "start", "-A", "dagster_celery.app",
-                     "-y", str(PROJECT_ROOT / "deploy" / "celery.yaml"), "-n", name, "--", "--concurrency=1"],
-                    env, log)), log)
+                watched[name] = (
+                    stack.enter_context(
+                        _process_group(
+                            [
+                                str(BIN / "dagster-celery"),
+                                "worker",
+                                "start",
+                                "-A",
+                                "dagster_celery.app",
+                                "-y",
+                                str(PROJECT_ROOT / "deploy" / "celery.yaml"),
+                                "-n",
+                                name,
+                                "--",
+                                "--concurrency=1",
+                            ],
+                            env,
+                            log,
+                        )
+                    ),
+                    log,
+                )
             log = tmp_path / "daemon.log"
-            watched["daemon"] = (stack.enter_context(_process_group(
-                [str(BIN / "dagster-daemon"), "run", "-w", str(workspace)], env, log)), log)
-            backfill = subprocess.run([str(BIN / "dagster"), "job", "backfill", "-w", str(workspace), "-j",
-                                       TRAIN_GRADIENTS_JOB_NAME, "--partitions", ",".join(shards), "--noprompt"],
-                                      cwd=PROJECT_ROOT, env=env, capture_output=True, text=True)
+            watched["daemon"] = (
+                stack.enter_context(
+                    _process_group([str(BIN / "dagster-daemon"), "run", "-w", str(workspace)], env, log)
+                ),
+                log,
+            )
+            backfill = subprocess.run(
+                [
+                    str(BIN / "dagster"),
+                    "job",
+                    "backfill",
+                    "-w",
+                    str(workspace),
+                    "-j",
+                    TRAIN_GRADIENTS_JOB_NAME,
+                    "--partitions",
+                    ",".join(shards),
+                    "--noprompt",
+                ],
+                cwd=PROJECT_ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             assert backfill.returncode == 0, backfill.stdout[-3000:] + backfill.stderr[-3000:]
             with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
                 runs = _wait_for_runs(instance, len(shards), watched)
-                failed = {run.tags["dagster/partition"]: run.status for run in runs
-                          if run.status != dg.DagsterRunStatus.SUCCESS}
+                failed = {
+                    run.tags["dagster/partition"]: run.status
+                    for run in runs
+                    if run.status != dg.DagsterRunStatus.SUCCESS
+                }
                 assert not failed, (failed, [log.read_text()[-3000:] for _, log in watched.values()])
                 ran_on = {run.tags["dagster/partition"]: _celery_worker(instance, run.run_id) for run in runs}
                 run_ids = {run.tags["dagster/partition"]: run.run_id for run in runs}
@@ -251,8 +348,9 @@ def test_backfill_on_two_celery_workers_matches_one_process(tmp_path: Path, monk
         _materialize(root, SELECTIONS, ops, DEFAULT_MODEL)
 
     with duckdb.connect(str(home / "lineage.duckdb"), read_only=True) as con:
-        lineage = con.execute("SELECT partition_key, run_id, status FROM lineage "
-                              "WHERE asset_key = 'train_gradients'").fetchall()
+        lineage = con.execute(
+            "SELECT partition_key, run_id, status FROM lineage WHERE asset_key = 'train_gradients'"
+        ).fetchall()
     shown = "\n".join(f"  {shard}  {ran_on[shard]}  run {run_ids[shard][:8]}" for shard in shards)
     with capsys.disabled():  # shown under -q too: which machine ran which shard
         print(f"\ntrain_gradients backfill on Celery ({distributed_s:.0f} s):\n{shown}")

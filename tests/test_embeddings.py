@@ -20,7 +20,6 @@ from selection.diversity.embeddings import (
     fill_cache,
     text_for_embedding,
 )
-
 from tests.conftest import SAMPLE_CONVERSATION
 
 TEXTS = ["short", "a somewhat longer sentence here", "mid length text", "x", "another one of middling size"]
@@ -29,8 +28,15 @@ TEXTS = ["short", "a somewhat longer sentence here", "mid length text", "x", "an
 def _write_tiny_sentence_model(folder: Path, tokenizer: Any, pooling_key: str = "pooling_mode_mean_tokens") -> Path:
     from transformers import BertConfig, BertModel
 
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -59,8 +65,9 @@ def test_embed_texts_matches_manual_mean_pooling(tiny_sentence_model: Path) -> N
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
 
 
-def test_sentence_encoder_fingerprint_and_pooling_errors(tiny_sentence_model: Path, tmp_path: Path,
-                                                         tiny_tokenizer: Any) -> None:
+def test_sentence_encoder_fingerprint_and_pooling_errors(
+    tiny_sentence_model: Path, tmp_path: Path, tiny_tokenizer: Any
+) -> None:
     encoder = SentenceEncoder(tiny_sentence_model, max_length=8)
     assert encoder.fingerprint() == SentenceEncoder(tiny_sentence_model, max_length=8).fingerprint()
     assert encoder.fingerprint() != SentenceEncoder(tiny_sentence_model, max_length=16).fingerprint()
@@ -165,11 +172,13 @@ def test_fill_cache_resumes_after_a_crash(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_minilm_paraphrase_is_closer_than_unrelated() -> None:
-    vectors = embed_texts([
-        "How do I bake a chocolate cake?",
-        "What is a good recipe for chocolate cake?",
-        "The stock market fell sharply on Tuesday.",
-    ])
+    vectors = embed_texts(
+        [
+            "How do I bake a chocolate cake?",
+            "What is a good recipe for chocolate cake?",
+            "The stock market fell sharply on Tuesday.",
+        ]
+    )
     assert vectors.shape == (3, 384)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.3

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from selection.evaluate import evaluation, stats
 from selection.data.default_data import render_mmlu
+from selection.data.tokenization import TruncationStats
+from selection.diversity.quality import LikelihoodResult, response_log_likelihood
+from selection.evaluate import evaluation, stats
 from selection.evaluate.evaluation import (
     ChoiceParseError,
     ChoiceRow,
@@ -25,14 +27,18 @@ from selection.evaluate.evaluation import (
     stratified_test_rows,
     worst_tasks,
 )
-from selection.diversity.quality import LikelihoodResult, response_log_likelihood
-from selection.data.tokenization import TruncationStats
 
 CHOICES = ("one", "two", "three", "four")
 
 
-def mmlu_row(example_id: str, letter: str, choices: tuple[str, str, str, str] = CHOICES, question: str = "2+2?",
-             task: str = "stem", subtask: str = "math") -> dict[str, Any]:
+def mmlu_row(
+    example_id: str,
+    letter: str,
+    choices: tuple[str, str, str, str] = CHOICES,
+    question: str = "2+2?",
+    task: str = "stem",
+    subtask: str = "math",
+) -> dict[str, Any]:
     user, answer = render_mmlu(question, choices, letter, "math")
     messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     return {"task": task, "subtask": subtask, "example_id": example_id, "messages": messages}
@@ -57,11 +63,14 @@ def test_parse_choices_reads_render_mmlu_back_even_with_lettered_lines_in_questi
     assert parse_choices("Q?\nA. w\nB. x\nC. y\nD. z\n\nAnswer:") == ("w", "x", "y", "z")
 
 
-@pytest.mark.parametrize(("prompt", "gold", "reason"), [
-    ("Q?\nA. w\nB. x\nD. z", "A. w", "no line starting with 'C. '"),
-    ("Q?\nA. w\nB. \nC. y\nD. z", "A. w", "choice(s) B have no text"),
-    ("Q?\nA. w\nB. x\nC. y\nD. z", "B. not x", "is not choice B as parsed"),
-])
+@pytest.mark.parametrize(
+    ("prompt", "gold", "reason"),
+    [
+        ("Q?\nA. w\nB. x\nD. z", "A. w", "no line starting with 'C. '"),
+        ("Q?\nA. w\nB. \nC. y\nD. z", "A. w", "choice(s) B have no text"),
+        ("Q?\nA. w\nB. x\nC. y\nD. z", "B. not x", "is not choice B as parsed"),
+    ],
+)
 def test_malformed_choice_rows_get_a_reject_reason(prompt: str, gold: str, reason: str) -> None:
     plan = plan_choice_row([{"role": "user", "content": prompt}, {"role": "assistant", "content": gold}])
     assert isinstance(plan, str) and reason in plan
@@ -96,10 +105,15 @@ def fake_scorer(preferred: dict[str, float]) -> Any:
 def test_accuracy_counts_gold_with_strictly_highest_likelihood(monkeypatch: pytest.MonkeyPatch) -> None:
     # "B. two" is always the most likely answer; "C. three" ties with it in the last row's variant.
     tie_choices = ("one", "two", "deuce", "four")
-    monkeypatch.setattr(evaluation, "score_response_likelihoods",
-                        fake_scorer({"B. two": -0.5, "C. deuce": -0.5, "D. four": -1.0}))
-    rows = [mmlu_row("r1", "B"), mmlu_row("r2", "D", subtask="algebra"), mmlu_row("r3", "C", tie_choices),
-            plain_row("c1")]
+    monkeypatch.setattr(
+        evaluation, "score_response_likelihoods", fake_scorer({"B. two": -0.5, "C. deuce": -0.5, "D. four": -1.0})
+    )
+    rows = [
+        mmlu_row("r1", "B"),
+        mmlu_row("r2", "D", subtask="algebra"),
+        mmlu_row("r3", "C", tie_choices),
+        plain_row("c1"),
+    ]
     result = evaluate_model(torch.nn.Linear(1, 1), None, rows)
     by_id = {row.example_id: row for row in result.rows}
     assert [by_id[i].correct for i in ("r1", "r2", "r3", "c1")] == [True, False, False, None]
@@ -139,14 +153,16 @@ def test_generation_is_off_by_default_and_matches_first_letter(monkeypatch: pyte
 def test_nll_and_choice_scores_agree_with_quality(tiny_llama: torch.nn.Module, tiny_tokenizer: Any) -> None:
     rows = [mmlu_row("r1", "A"), mmlu_row("r2", "C", ("red", "green", "blue", "cyan")), plain_row("c1")]
     result = evaluate_model(tiny_llama, tiny_tokenizer, rows, max_length=256, batch_size=4)
-    expected = -response_log_likelihood(tiny_llama, tiny_tokenizer, [r["messages"] for r in rows],
-                                        max_length=256, final_turn_only=True)
+    expected = -response_log_likelihood(
+        tiny_llama, tiny_tokenizer, [r["messages"] for r in rows], max_length=256, final_turn_only=True
+    )
     np.testing.assert_allclose([row.nll for row in result.rows], expected, rtol=1e-5)
     for row, source in zip(result.rows[:2], rows[:2]):
         plan = plan_choice_row(source["messages"])
         assert isinstance(plan, ChoiceRow)
-        direct = response_log_likelihood(tiny_llama, tiny_tokenizer, [plan.candidate(i) for i in range(4)],
-                                         max_length=256, final_turn_only=True)
+        direct = response_log_likelihood(
+            tiny_llama, tiny_tokenizer, [plan.candidate(i) for i in range(4)], max_length=256, final_turn_only=True
+        )
         np.testing.assert_allclose(row.choice_log_likelihoods, direct, rtol=1e-5)
         assert row.choice_log_likelihoods[plan.gold_index] == pytest.approx(-row.nll, rel=1e-6)
         assert row.correct == (int(np.argmax(direct)) == plan.gold_index)
@@ -164,8 +180,9 @@ def test_nll_and_choice_scores_agree_with_quality(tiny_llama: torch.nn.Module, t
 
 
 def test_unscorable_rows_are_nan_counted_and_rejected(tiny_llama: torch.nn.Module, tiny_tokenizer: Any) -> None:
-    long_prompt = dict(plain_row("c-long"), messages=[{"role": "user", "content": "x" * 300},
-                                                      {"role": "assistant", "content": "ok"}])
+    long_prompt = dict(
+        plain_row("c-long"), messages=[{"role": "user", "content": "x" * 300}, {"role": "assistant", "content": "ok"}]
+    )
     cut_answer = plain_row("c-cut", answer="z" * 300)
     # Every candidate of "r-cut" fits except the long choice D (scored on a prefix only).
     cut_choice = mmlu_row("r-cut", "A", ("a", "b", "c", "d" * 20), question="y" * 8)
@@ -224,8 +241,14 @@ def test_comparison_table_deltas_ranks_and_report() -> None:
     assert set(table.loc[table["task"] == "stem", "primary_metric"]) == {"accuracy"}
     assert set(table.loc[table["task"] == "code", "primary_metric"]) == {"mean_nll"}
     ranks = {(m, t): r for m, t, r in zip(table["method"], table["task"], table["rank"])}
-    assert ranks == {("less", "stem"): 1, ("random", "stem"): 2, ("base", "stem"): 3,
-                     ("random", "code"): 1, ("less", "code"): 2, ("base", "code"): 3}
+    assert ranks == {
+        ("less", "stem"): 1,
+        ("random", "stem"): 2,
+        ("base", "stem"): 3,
+        ("random", "code"): 1,
+        ("less", "code"): 2,
+        ("base", "code"): 3,
+    }
     report = markdown_report(table)
     assert "Baseline: `base`" in report
     assert "| stem | accuracy | less | 0.75 | 0.5 [0, 1] |" in report
@@ -246,9 +269,21 @@ def test_comparison_table_refuses_unknown_baseline_and_different_rows() -> None:
 
 
 def test_eval_result_round_trips_through_dict() -> None:
-    result = EvalResult((RowResult("m0", "stem", "s", math.nan, gold_letter="A", reject_reason="cut",
-                                   choice_log_likelihoods=(math.nan, -1.0, -2.0, -3.0)),
-                         RowResult("c0", "code", "code", 1.25)), {"max_length": 8})
+    result = EvalResult(
+        (
+            RowResult(
+                "m0",
+                "stem",
+                "s",
+                math.nan,
+                gold_letter="A",
+                reject_reason="cut",
+                choice_log_likelihoods=(math.nan, -1.0, -2.0, -3.0),
+            ),
+            RowResult("c0", "code", "code", 1.25),
+        ),
+        {"max_length": 8},
+    )
     back = EvalResult.from_dict(result.to_dict())
     assert back.to_dict() == result.to_dict() and back.to_dict()["rows"][0]["nll"] is None
     assert back.summary()["stem"]["n_choice_rejects"] == 1 and back.summary()["stem"]["mean_nll"] is None
@@ -261,8 +296,11 @@ def test_eval_result_round_trips_through_dict() -> None:
 
 def stored_rows(sizes: dict[str, int], task: str = "stem") -> list[dict[str, Any]]:
     """Test rows as `read_targets` returns them: by subtask, each subtask in split order."""
-    return [{"task": task, "subtask": subtask, "example_id": f"{subtask}-{k}", "messages": []}
-            for subtask in sorted(sizes) for k in range(sizes[subtask])]
+    return [
+        {"task": task, "subtask": subtask, "example_id": f"{subtask}-{k}", "messages": []}
+        for subtask in sorted(sizes)
+        for k in range(sizes[subtask])
+    ]
 
 
 def test_stratified_rows_go_round_robin_over_subtasks() -> None:
@@ -271,7 +309,9 @@ def test_stratified_rows_go_round_robin_over_subtasks() -> None:
     assert [r["example_id"] for r in kept if r["task"] == "stem"] == ["a-0", "b-0", "c-0", "b-1"]
     assert [r["example_id"] for r in kept if r["task"] == "code"] == ["x-0", "x-1"]
     assert [(c.task, c.n_available, c.n_subtasks, c.n_rows, c.cap, c.cap_raised) for c in coverage] == [
-        ("code", 2, 1, 2, 4, False), ("stem", 6, 3, 4, 4, False)]
+        ("code", 2, 1, 2, 4, False),
+        ("stem", 6, 3, 4, 4, False),
+    ]
     everything, _ = stratified_test_rows(rows, cap=None)
     assert len(everything) == 8 and [r["example_id"] for r in everything][-1] == "b-2"
     with pytest.raises(ValueError, match="positive integer"):
@@ -295,8 +335,11 @@ def nll_result(task_values: dict[str, Sequence[float]], correct: Sequence[bool] 
     for task, values in task_values.items():
         for i, nll in enumerate(values):
             judged = None if correct is None or task != "stem" else correct[i]
-            rows.append(RowResult(f"{task}{i}", task, task, nll, correct=judged,
-                                  gold_letter="A" if judged is not None else None))
+            rows.append(
+                RowResult(
+                    f"{task}{i}", task, task, nll, correct=judged, gold_letter="A" if judged is not None else None
+                )
+            )
     return EvalResult(tuple(rows))
 
 
@@ -305,8 +348,10 @@ def test_seed_averaged_paired_deltas_and_intervals_match_an_independent_computat
     base_nll = rng.uniform(1.0, 3.0, size=(2, 30))  # [seed, row]
     better_nll = base_nll - rng.uniform(0.2, 0.6, size=(2, 30))  # lower on every row of every seed
     mixed_nll = base_nll + rng.normal(0.0, 0.5, size=(2, 30))
-    results = {name: [nll_result({"code": values[s]}) for s in range(2)]
-               for name, values in (("random/all", base_nll), ("bids/all", better_nll), ("kmq/all", mixed_nll))}
+    results = {
+        name: [nll_result({"code": values[s]}) for s in range(2)]
+        for name, values in (("random/all", base_nll), ("bids/all", better_nll), ("kmq/all", mixed_nll))
+    }
     results["base"] = nll_result({"code": base_nll[0] + 1.0})  # one seed only, paired with two-seed methods
     table = comparison_table(results, baseline="random/all", n_resamples=1000, seed=9).set_index("method")
     for name, values in (("bids/all", better_nll), ("kmq/all", mixed_nll)):

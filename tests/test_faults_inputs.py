@@ -16,20 +16,21 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from selection.diversity.diversity_store import CLUSTERS_DDL
 from assets.gradients import target_gradients
-from assets.pool import raw_pool, target_tasks
 from assets.methods import SELECTION_ASSETS
-from assets.warmup import warmup_checkpoints
 from assets.partitions import DEFAULT_MODEL
+from assets.pool import raw_pool, target_tasks
+from assets.warmup import warmup_checkpoints
 from resources import build_resources
 from selection.data import tokenization
+from selection.diversity.diversity_store import CLUSTERS_DDL
 from tests.fakes import TinyModelStore, materialize_error, user_error_text
 
 pytestmark = pytest.mark.faults
 
-kmq_selection, random_selection = (next(a for a in SELECTION_ASSETS if a.key == dg.AssetKey(name))
-                                   for name in ("kmq_selection", "random_selection"))
+kmq_selection, random_selection = (
+    next(a for a in SELECTION_ASSETS if a.key == dg.AssetKey(name)) for name in ("kmq_selection", "random_selection")
+)
 
 
 class NoModelStore(TinyModelStore):
@@ -39,11 +40,10 @@ class NoModelStore(TinyModelStore):
         raise AssertionError("the model was loaded before the refusal")
 
 
-
-
 def _write_pool(path: Path, answers: list[str]) -> Path:
-    path.write_text("".join(json.dumps({"prompt": f"question {i}", "completion": a}) + "\n"
-                            for i, a in enumerate(answers)))
+    path.write_text(
+        "".join(json.dumps({"prompt": f"question {i}", "completion": a}) + "\n" for i, a in enumerate(answers))
+    )
     return path
 
 
@@ -53,8 +53,11 @@ def resources(tmp_path: Path) -> dict:
 
 
 def _ingest(resources: dict, path: Path) -> dg.ExecuteInProcessResult:
-    return dg.materialize([raw_pool], resources=resources,
-                          run_config={"ops": {"raw_pool": {"config": {"sources": [{"path": str(path)}]}}}})
+    return dg.materialize(
+        [raw_pool],
+        resources=resources,
+        run_config={"ops": {"raw_pool": {"config": {"sources": [{"path": str(path)}]}}}},
+    )
 
 
 def _count(resources: dict, query: str) -> int:
@@ -62,12 +65,16 @@ def _count(resources: dict, query: str) -> int:
         return con.execute(query).fetchone()[0]
 
 
-def test_warmup_with_a_zero_lr_epoch_is_refused_before_training(tmp_path: Path, resources: dict,
-                                                                 record_property) -> None:
+def test_warmup_with_a_zero_lr_epoch_is_refused_before_training(
+    tmp_path: Path, resources: dict, record_property
+) -> None:
     _ingest(resources, _write_pool(tmp_path / "p.jsonl", [f"answer {i}" for i in range(100)]))
     # 5 examples at 8 per step: one step per epoch, epoch 1's step is the warmup step at lr 0.
-    config = {"ops": {"warmup_checkpoints": {"config": {"fraction": 0.05, "batch_size": 8, "epochs": 4,
-                                                        "warmup_ratio": 0.03}}}}
+    config = {
+        "ops": {
+            "warmup_checkpoints": {"config": {"fraction": 0.05, "batch_size": 8, "epochs": 4, "warmup_ratio": 0.03}}
+        }
+    }
     observed = materialize_error([warmup_checkpoints], resources, config, DEFAULT_MODEL)
     record_property("scenario", "warmup on a 100-example pool: fraction 0.05, batch 8, warmup ratio 0.03")
     record_property("expected", "refused before the model loads, naming fraction / batch_size / warmup_ratio")
@@ -83,12 +90,19 @@ def test_budget_above_the_pool_is_refused_before_scoring(tmp_path: Path, resourc
     with resources["lineage"].connect() as con:
         (version,) = con.execute("SELECT pool_version FROM pool_versions").fetchone()
         con.execute(CLUSTERS_DDL)
-        frame = pd.DataFrame({"pool_version": version, "encoder_fingerprint": "e", "k": 2,
-                              "example_id": [r[0] for r in con.execute("SELECT example_id FROM pool").fetchall()],
-                              "cluster": [0, 1, 0, 1, 0, 1]})
+        frame = pd.DataFrame(  # noqa: F841  (DuckDB reads it by name in the SQL)
+            {
+                "pool_version": version,
+                "encoder_fingerprint": "e",
+                "k": 2,
+                "example_id": [r[0] for r in con.execute("SELECT example_id FROM pool").fetchall()],
+                "cluster": [0, 1, 0, 1, 0, 1],
+            }
+        )
         con.execute("INSERT INTO clusters SELECT * FROM frame")
-    observed = materialize_error([kmq_selection], resources,
-                                  {"ops": {"kmq_selection": {"config": {"budget": 7}}}}, DEFAULT_MODEL)
+    observed = materialize_error(
+        [kmq_selection], resources, {"ops": {"kmq_selection": {"config": {"budget": 7}}}}, DEFAULT_MODEL
+    )
     record_property("scenario", "kmq_selection with budget 7 on a 6-example pool")
     record_property("expected", "refused before quality scoring, naming `budget` and its largest valid value")
     record_property("observed", user_error_text(observed, 200))
@@ -97,16 +111,26 @@ def test_budget_above_the_pool_is_refused_before_scoring(tmp_path: Path, resourc
     assert _count(resources, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'selections'") == 0
 
 
-def test_val_task_without_target_tokens_is_refused_before_gradients(tmp_path: Path, resources: dict, monkeypatch,
-                                                                    record_property) -> None:
-    lines = [{"task": "short", "prompt": "2+2?", "completion": "4"},
-             {"task": "long", "prompt": "UNUSABLE " * 40, "completion": "cut away by max_length"}]
+def test_val_task_without_target_tokens_is_refused_before_gradients(
+    tmp_path: Path, resources: dict, monkeypatch, record_property
+) -> None:
+    lines = [
+        {"task": "short", "prompt": "2+2?", "completion": "4"},
+        {"task": "long", "prompt": "UNUSABLE " * 40, "completion": "cut away by max_length"},
+    ]
     target_file = tmp_path / "targets.jsonl"
     target_file.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    dg.materialize([target_tasks], resources=resources,
-                   run_config={"ops": {"target_tasks": {"config": {"files": [{"path": str(target_file)}], "n_val": 1}}}})
-    monkeypatch.setattr("selection.train.checkpoints.latest_run_checkpoints", lambda con, model, stage: pd.DataFrame(
-        {"run_key": ["never-read"], "epoch": [1], "path": [str(tmp_path / "none")], "avg_lr": [1.0]}))
+    dg.materialize(
+        [target_tasks],
+        resources=resources,
+        run_config={"ops": {"target_tasks": {"config": {"files": [{"path": str(target_file)}], "n_val": 1}}}},
+    )
+    monkeypatch.setattr(
+        "selection.train.checkpoints.latest_run_checkpoints",
+        lambda con, model, stage: pd.DataFrame(
+            {"run_key": ["never-read"], "epoch": [1], "path": [str(tmp_path / "none")], "avg_lr": [1.0]}
+        ),
+    )
     # Truncation now keeps part of every response, so "no target tokens within max_length" is
     # produced here by the tokenizer wrapper: the check and its place before any gradient are tested.
     real = tokenization.tokenize_many
@@ -129,8 +153,9 @@ def test_val_task_without_target_tokens_is_refused_before_gradients(tmp_path: Pa
     assert computed == []
 
 
-def test_edited_record_is_superseded_and_never_selected(tmp_path: Path, resources: dict, monkeypatch,
-                                                        record_property) -> None:
+def test_edited_record_is_superseded_and_never_selected(
+    tmp_path: Path, resources: dict, monkeypatch, record_property
+) -> None:
     path = _write_pool(tmp_path / "p.jsonl", ["a0", "a1", "a2", "a3"])
     _ingest(resources, path)
     with resources["lineage"].connect() as con:
@@ -144,23 +169,40 @@ def test_edited_record_is_superseded_and_never_selected(tmp_path: Path, resource
             "SELECT n_read, n_accepted, n_rejected, n_duplicates FROM pool_sources ORDER BY ingested_at DESC LIMIT 1"
         ).fetchone()
     # Influence scores computed before the edit still hold the old row.
-    run = {"scores_dir": "unused", "columns": [{"task": "t", "subtask": "s", "val_example_id": "v"}],
-           "n_train": len(old_ids), "n_val": 1, "pool_version": version}
+    run = {
+        "scores_dir": "unused",
+        "columns": [{"task": "t", "subtask": "s", "val_example_id": "v"}],
+        "n_train": len(old_ids),
+        "n_val": 1,
+        "pool_version": version,
+    }
     monkeypatch.setattr("assets.selections.latest_influence", lambda con, model: run)
-    monkeypatch.setattr("assets.selections.influence.load_scores",
-                        lambda _: (np.arange(len(old_ids), dtype=np.float32)[:, None], old_ids))
-    too_many = materialize_error([random_selection], resources,
-                                  {"ops": {"random_selection": {"config": {"budget": 4}}}}, DEFAULT_MODEL)
-    dg.materialize([random_selection], resources=resources,
-                   run_config={"ops": {"random_selection": {"config": {"budget": 3}}}}, partition_key=DEFAULT_MODEL)
+    monkeypatch.setattr(
+        "assets.selections.influence.load_scores",
+        lambda _: (np.arange(len(old_ids), dtype=np.float32)[:, None], old_ids),
+    )
+    too_many = materialize_error(
+        [random_selection], resources, {"ops": {"random_selection": {"config": {"budget": 4}}}}, DEFAULT_MODEL
+    )
+    dg.materialize(
+        [random_selection],
+        resources=resources,
+        run_config={"ops": {"random_selection": {"config": {"budget": 3}}}},
+        partition_key=DEFAULT_MODEL,
+    )
     with resources["lineage"].connect() as con:
         picked = {r[0] for r in con.execute("SELECT example_id FROM selections").fetchall()}
     record_property("scenario", "pool record on line 2 edited, source re-ingested, then random selection")
-    record_property("expected", "old row superseded (counted in raw_pool metadata), never selected; "
-                                "accepted + rejected + duplicates = read")
-    record_property("observed", f"n_superseded={metadata['n_superseded'].value}, old row selected: "
-                                f"{old_ids[1] in picked}; budget 4 of 4 scored rows: "
-                                f"{too_many.split(' | ')[-1][:80] or 'accepted'}")
+    record_property(
+        "expected",
+        "old row superseded (counted in raw_pool metadata), never selected; accepted + rejected + duplicates = read",
+    )
+    record_property(
+        "observed",
+        f"n_superseded={metadata['n_superseded'].value}, old row selected: "
+        f"{old_ids[1] in picked}; budget 4 of 4 scored rows: "
+        f"{too_many.split(' | ')[-1][:80] or 'accepted'}",
+    )
     assert metadata["n_superseded"].value == 1 and metadata["n_total"].value == 4
     assert accepted + rejected + duplicates == read == 4
     assert old_ids[1] not in picked and len(picked) == 3

@@ -17,13 +17,13 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from selection.common import integrity
-from selection.train.checkpoints import load_adapter_weights
-from selection.influence.datastore import FeatureStore, compute_features, repair_stores
-from selection.diversity.embeddings import EmbeddingCache, fill_cache
-from selection.influence.gradients import PerExampleGradients
-from selection.influence.scores import compute_influence, load_scores
 from selection.common.integrity import ArtifactIntegrityError
+from selection.diversity.embeddings import EmbeddingCache, fill_cache
+from selection.influence.datastore import FeatureStore, compute_features, repair_stores
+from selection.influence.gradients import PerExampleGradients
 from selection.influence.projection import make_projector
+from selection.influence.scores import compute_influence, load_scores
+from selection.train.checkpoints import load_adapter_weights
 from selection.train.training import ADAPTER_DIR, TrainingConfig, load_checkpoint, train_lora
 from tests.test_datastore import PAD, moments
 from tests.test_gradients import random_examples, tiny_lora_model
@@ -83,8 +83,9 @@ def test_feature_chunk_rewritten_with_same_shape_is_refused_then_recomputed(tmp_
     damaged(chunk)
 
     with pytest.raises(ArtifactIntegrityError) as error:
-        compute_influence([[FeatureStore(train.directory, **_identity(train))]], [target], [1.0], VAL_IDS,
-                          scores_root / "run")
+        compute_influence(
+            [[FeatureStore(train.directory, **_identity(train))]], [target], [1.0], VAL_IDS, scores_root / "run"
+        )
     message = str(error.value)
     assert str(chunk) in message and "rematerialize train_gradients (shard 00-of-01)" in message
     assert leftovers(scores_root) == ["run"]  # no staging folder; the earlier scores are untouched
@@ -98,16 +99,25 @@ def test_feature_chunk_rewritten_with_same_shape_is_refused_then_recomputed(tmp_
     assert repaired.n_chunks == 4 and chunk.read_bytes() == original
     compute_influence([[repaired]], [target], [1.0], VAL_IDS, scores_root / "run")
     np.testing.assert_array_equal(load_scores(scores_root / "run")[0], good_scores)
-    record(record_property, "feature chunk rewritten with other values of the right shape",
-           "influence refuses naming the chunk; train_gradients rerun recomputes it",
-           f"refused: {message.split(': ', 1)[1][:70]}...; rerun rebuilt identical bytes: "
-           f"{chunk.read_bytes() == original}")
+    record(
+        record_property,
+        "feature chunk rewritten with other values of the right shape",
+        "influence refuses naming the chunk; train_gradients rerun recomputes it",
+        f"refused: {message.split(': ', 1)[1][:70]}...; rerun rebuilt identical bytes: "
+        f"{chunk.read_bytes() == original}",
+    )
 
 
 def _identity(store: FeatureStore) -> dict:
     manifest = store.manifest
-    return {"model_fingerprint": manifest["model"], "checkpoint": manifest["checkpoint"], "kind": manifest["kind"],
-            "projector": manifest["projection"], "chunk_size": store.chunk_size, "part": store.part}
+    return {
+        "model_fingerprint": manifest["model"],
+        "checkpoint": manifest["checkpoint"],
+        "kind": manifest["kind"],
+        "projector": manifest["projection"],
+        "chunk_size": store.chunk_size,
+        "part": store.part,
+    }
 
 
 def test_truncated_chunk_is_named_and_leaves_no_temp_folder(tmp_path, stores, record_property):
@@ -120,13 +130,18 @@ def test_truncated_chunk_is_named_and_leaves_no_temp_folder(tmp_path, stores, re
     scores_root = tmp_path / "scores"
     scores_root.mkdir()
     with pytest.raises(ArtifactIntegrityError) as error:
-        compute_influence([[FeatureStore(train.directory, **_identity(train))]], [target], [1.0], VAL_IDS,
-                          scores_root / "run")
+        compute_influence(
+            [[FeatureStore(train.directory, **_identity(train))]], [target], [1.0], VAL_IDS, scores_root / "run"
+        )
     message = str(error.value)
     assert str(chunk) in message and "truncated" in message and "mmap length" not in message
     assert leftovers(scores_root) == []
-    record(record_property, "feature chunk truncated", "error names the file; nothing left under scores/",
-           f"{chunk.name}: {message.split(': ', 1)[1][:60]}...; left under scores/: {leftovers(scores_root)}")
+    record(
+        record_property,
+        "feature chunk truncated",
+        "error names the file; nothing left under scores/",
+        f"{chunk.name}: {message.split(': ', 1)[1][:60]}...; left under scores/: {leftovers(scores_root)}",
+    )
 
 
 def test_influence_matrix_changed_after_commit_is_refused(tmp_path, stores, record_property):
@@ -145,8 +160,12 @@ def test_influence_matrix_changed_after_commit_is_refused(tmp_path, stores, reco
     with pytest.raises(ArtifactIntegrityError, match="integrity.json: is missing"):
         load_scores(out)
     assert scores.shape == (8, 2)
-    record(record_property, "influence matrix edited after it was written",
-           "selections refuse the matrix, naming it", str(e.value).split("/")[-1][:80])
+    record(
+        record_property,
+        "influence matrix edited after it was written",
+        "selections refuse the matrix, naming it",
+        str(e.value).split("/")[-1][:80],
+    )
 
 
 def test_adapter_scaled_x10_is_refused_and_warmup_rerun_retrains(tmp_path, tokenizer, examples, record_property):
@@ -172,11 +191,14 @@ def test_adapter_scaled_x10_is_refused_and_warmup_rerun_retrains(tmp_path, token
     rebuilt = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert rebuilt == original
     load_adapter_weights(fresh_model(tokenizer), tmp_path / "epoch_1")
-    record(record_property, "warmup adapter of epoch 1 scaled x10",
-           "gradient steps refuse it; warmup_checkpoints rerun retrains epochs 1-2",
-           f"refused ({weights.name}); rerun discarded "
-           f"{len(result.metrics['discarded_damaged_epochs'])} damaged epoch, retrained from epoch "
-           f"{result.resumed_from_epoch + 1}, bytes identical: {rebuilt == original}")
+    record(
+        record_property,
+        "warmup adapter of epoch 1 scaled x10",
+        "gradient steps refuse it; warmup_checkpoints rerun retrains epochs 1-2",
+        f"refused ({weights.name}); rerun discarded "
+        f"{len(result.metrics['discarded_damaged_epochs'])} damaged epoch, retrained from epoch "
+        f"{result.resumed_from_epoch + 1}, bytes identical: {rebuilt == original}",
+    )
 
 
 def test_later_epoch_damaged_keeps_earlier_ones(tmp_path, tokenizer, examples):
@@ -227,11 +249,13 @@ def test_embedding_cache_damage_is_refused_then_reembedded(tmp_path, record_prop
         EmbeddingCache(tmp_path, "fp", "user_turns", 4).load(ids)
     fill_cache(EmbeddingCache(tmp_path, "fp", "user_turns", 4, chunk_rows=3), ids, [str(i) for i in range(5)], embed)
     np.testing.assert_array_equal(EmbeddingCache(tmp_path, "fp", "user_turns", 4).load(ids), vectors)
-    record(record_property, "embedding cache chunk rewritten / ids in its commit record changed",
-           "readers refuse naming the chunk; the embeddings rerun re-embeds its ids",
-           f"refused ({npy.name}); rerun re-embedded {embed_calls[1]} ids; commit-record damage re-embedded "
-           f"{embed_calls[2]}")
-
+    record(
+        record_property,
+        "embedding cache chunk rewritten / ids in its commit record changed",
+        "readers refuse naming the chunk; the embeddings rerun re-embeds its ids",
+        f"refused ({npy.name}); rerun re-embedded {embed_calls[1]} ids; commit-record damage re-embedded "
+        f"{embed_calls[2]}",
+    )
 
 
 def test_assets_refuse_a_bad_adapter_and_reruns_recompute(tmp_path, record_property):
@@ -247,22 +271,31 @@ def test_assets_refuse_a_bad_adapter_and_reruns_recompute(tmp_path, record_prope
     from tests.test_pipeline_tiny import run_config as pipeline_config
 
     config = pipeline_config.__wrapped__(tmp_path)["ops"]
-    resources = {**build_resources(home=str(tmp_path / "home"), env="ci"),
-                 "model_store": TinyModelStore(cache_dir=str(tmp_path / "cache"))}
+    resources = {
+        **build_resources(home=str(tmp_path / "home"), env="ci"),
+        "model_store": TinyModelStore(cache_dir=str(tmp_path / "cache")),
+    }
     assets = dg.load_assets_from_modules(ASSET_MODULES)
 
     def run(*names: str) -> dg.ExecuteInProcessResult:
-        return dg.materialize(assets, selection=dg.AssetSelection.assets(*names), resources=resources,
-                              run_config={"ops": {n: config[n] for n in names}}, partition_key=DEFAULT_MODEL,
-                              instance=instance, raise_on_error=False)
+        return dg.materialize(
+            assets,
+            selection=dg.AssetSelection.assets(*names),
+            resources=resources,
+            run_config={"ops": {n: config[n] for n in names}},
+            partition_key=DEFAULT_MODEL,
+            instance=instance,
+            raise_on_error=False,
+        )
 
     def failure(result: dg.ExecuteInProcessResult) -> str:
         error = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE").step_failure_data.error
         return error.message + (error.cause.message if error.cause else "")
 
     def warmup_sha(con) -> list[str]:
-        rows = con.execute("SELECT outputs FROM lineage WHERE asset_key = 'warmup_checkpoints' "
-                           "ORDER BY finished_at").fetchall()
+        rows = con.execute(
+            "SELECT outputs FROM lineage WHERE asset_key = 'warmup_checkpoints' ORDER BY finished_at"
+        ).fetchall()
         return [json.loads(r[0])["epoch_1"]["sha256"] for r in rows]
 
     with dg.instance_for_test() as instance:
@@ -288,7 +321,10 @@ def test_assets_refuse_a_bad_adapter_and_reruns_recompute(tmp_path, record_prope
     with duckdb.connect(resources["lineage"].db_path) as con:
         shas = warmup_sha(con)
     assert len(shas) == 2 and shas[0] == shas[1]  # retrained to the bytes first recorded, not a new hash
-    record(record_property, "adapter scaled x10, then a target feature chunk rewritten (Dagster runs)",
-           "target_gradients refuses; warmup rerun retrains to the recorded sha256; gradient rerun recomputes",
-           f"refused naming {weights.name}; warmup sha256 before/after equal: {shas[0] == shas[1]}; "
-           f"target_gradients recomputed {computed} examples")
+    record(
+        record_property,
+        "adapter scaled x10, then a target feature chunk rewritten (Dagster runs)",
+        "target_gradients refuses; warmup rerun retrains to the recorded sha256; gradient rerun recomputes",
+        f"refused naming {weights.name}; warmup sha256 before/after equal: {shas[0] == shas[1]}; "
+        f"target_gradients recomputed {computed} examples",
+    )

@@ -20,9 +20,9 @@ import pydantic
 import pytest
 
 from assets.finetune import FinetuneConfig, finetuned_checkpoints
-from assets.pool import raw_pool, target_tasks
 from assets.methods import SELECTION_ASSETS
 from assets.partitions import DEFAULT_MODEL
+from assets.pool import raw_pool, target_tasks
 from resources import build_resources
 from resources.lineage import LineageStore
 from resources.model_store import MODELS_FILE_ENV, registered_models
@@ -57,7 +57,6 @@ INJECTIONS = [
 ]
 
 
-
 def _escaped(tmp_path: Path) -> list[str]:
     """Files or folders named after MARK anywhere near the test (where an escape would land)."""
     found = [str(p) for p in tmp_path.parent.rglob(f"*{MARK}*")] + [str(p) for p in Path("/tmp").glob(f"{MARK}*")]
@@ -79,15 +78,15 @@ def _count(db_path: str, table: str) -> int:
 
 
 def _pool_file(path: Path, n: int = 4) -> Path:
-    path.write_text("".join(json.dumps({"prompt": f"question {i}", "completion": f"answer {i}"}) + "\n"
-                            for i in range(n)))
+    path.write_text(
+        "".join(json.dumps({"prompt": f"question {i}", "completion": f"answer {i}"}) + "\n" for i in range(n))
+    )
     return path
 
 
 @pytest.fixture
 def resources(tmp_path: Path) -> dict:
     return build_resources(home=str(tmp_path / "home"), env="ci")
-
 
 
 @pytest.mark.parametrize("label,value", TRAVERSALS, ids=[t[0] for t in TRAVERSALS])
@@ -129,8 +128,11 @@ def test_bad_names_in_records_become_rejects(tmp_path: Path, record_property) ->
     reasons = {reject.line_no: reject.reason for reject in result.rejects}
     record_property("scenario", "target records with traversal / NUL / overlong task or subtask")
     record_property("expected", "each a recorded bad_name reject naming the field; the good record kept")
-    record_property("observed", f"{len(result.rejects)} rejects: {sorted(set(r.split(':')[0] for r in reasons.values()))}; "
-                                f"{len(result.rows)} row(s) kept")
+    record_property(
+        "observed",
+        f"{len(result.rejects)} rejects: {sorted({r.split(':')[0] for r in reasons.values()})}; "
+        f"{len(result.rows)} row(s) kept",
+    )
     assert sorted(reasons) == [1, 2, 3, 4]
     assert all(reason.startswith(f"{targets.BAD_NAME}: field '") for reason in reasons.values())
     assert "field 'task'" in reasons[1] and all("field 'subtask'" in reasons[n] for n in (2, 3, 4))
@@ -141,8 +143,9 @@ def test_bad_names_in_records_become_rejects(tmp_path: Path, record_property) ->
 def test_pool_source_name_is_refused_before_any_write(
     tmp_path: Path, resources: dict, label: str, value: str, record_property
 ) -> None:
-    config = {"ops": {"raw_pool": {"config": {"sources": [{"path": str(_pool_file(tmp_path / "p.jsonl")),
-                                                           "name": value}]}}}}
+    config = {
+        "ops": {"raw_pool": {"config": {"sources": [{"path": str(_pool_file(tmp_path / "p.jsonl")), "name": value}]}}}
+    }
     observed = materialize_error([raw_pool], resources, config)
     record_property("scenario", f"raw_pool source name = {label} ({value[:24]!r})")
     record_property("expected", "config error naming the source before any write")
@@ -187,10 +190,10 @@ def test_memory_limit_sizes_are_applied(tmp_path: Path) -> None:
             assert con.execute("SELECT current_setting('memory_limit')").fetchone()[0] == shown
 
 
-@pytest.mark.parametrize("label,value", TRAVERSALS + [("pipe", "model|01-of-04")],
-                         ids=[t[0] for t in TRAVERSALS] + ["pipe"])
-def test_model_names_from_env_are_checked(tmp_path: Path, monkeypatch, label: str, value: str,
-                                          record_property) -> None:
+@pytest.mark.parametrize(
+    "label,value", TRAVERSALS + [("pipe", "model|01-of-04")], ids=[t[0] for t in TRAVERSALS] + ["pipe"]
+)
+def test_model_names_from_env_are_checked(tmp_path: Path, monkeypatch, label: str, value: str, record_property) -> None:
     models_file = tmp_path / "models.json"
     models_file.write_text(json.dumps([{"name": "fine-model.v2", "source": "/m"}, {"name": value, "source": "/m"}]))
     monkeypatch.setenv(MODELS_FILE_ENV, str(models_file))
@@ -217,13 +220,17 @@ def test_finetune_config_names_are_checked(field: str, label: str, value: str, r
 
 
 def test_finetune_refuses_a_stored_name_that_would_escape(tmp_path: Path, resources: dict, record_property) -> None:
-    dg.materialize([raw_pool], resources=resources,
-                   run_config={"ops": {"raw_pool": {"config": {"sources": [{"path": str(_pool_file(tmp_path / "p.jsonl"))}]}}}})
+    dg.materialize(
+        [raw_pool],
+        resources=resources,
+        run_config={"ops": {"raw_pool": {"config": {"sources": [{"path": str(_pool_file(tmp_path / "p.jsonl"))}]}}}},
+    )
     with resources["lineage"].connect() as con:
         ids = [row[0] for row in con.execute("SELECT example_id FROM pool ORDER BY example_id").fetchall()]
         (version,) = con.execute("SELECT pool_version FROM pool_versions").fetchone()
         selection_store.write_selections(
-            con, [selection_store.Selection(DEFAULT_MODEL, f"../../../../{MARK}", "all", ids[:2], [1.0, 0.5], version)])
+            con, [selection_store.Selection(DEFAULT_MODEL, f"../../../../{MARK}", "all", ids[:2], [1.0, 0.5], version)]
+        )
     observed = materialize_error([finetuned_checkpoints], resources, partition_key=DEFAULT_MODEL)
     record_property("scenario", "a selection stored with a traversal method name, then finetuned_checkpoints")
     record_property("expected", "refused before any training; no folder outside the root")
@@ -238,17 +245,31 @@ def test_less_export_with_an_escaping_target_writes_nothing(
 ) -> None:
     """The reported chain: a task name reaching the LESS export. Scores are faked; the target is
     the task of the score column, as if an unchecked name had reached the targets table."""
-    dg.materialize([raw_pool], resources=resources,
-                   run_config={"ops": {"raw_pool": {"config": {"sources": [{"path": str(_pool_file(tmp_path / "p.jsonl"))}]}}}})
+    dg.materialize(
+        [raw_pool],
+        resources=resources,
+        run_config={"ops": {"raw_pool": {"config": {"sources": [{"path": str(_pool_file(tmp_path / "p.jsonl"))}]}}}},
+    )
     with resources["lineage"].connect() as con:
         ids = [row[0] for row in con.execute("SELECT example_id FROM pool ORDER BY example_id").fetchall()]
         (version,) = con.execute("SELECT pool_version FROM pool_versions").fetchone()
     columns = [{"task": f"../../../../{MARK}", "subtask": "s", "val_example_id": "v0"}]
-    run = {"scores_dir": str(tmp_path / "scores"), "columns": columns, "n_train": len(ids), "n_val": 1,
-           "pool_version": version, "warmup_run_key": "w", "mode": "fast", "dim": 8, "seed": 0}
+    run = {
+        "scores_dir": str(tmp_path / "scores"),
+        "columns": columns,
+        "n_train": len(ids),
+        "n_val": 1,
+        "pool_version": version,
+        "warmup_run_key": "w",
+        "mode": "fast",
+        "dim": 8,
+        "seed": 0,
+    }
     monkeypatch.setattr("assets.selections.latest_influence", lambda con, model: run)
-    monkeypatch.setattr("assets.selections.influence.load_scores",
-                        lambda _: (np.linspace(0, 1, len(ids), dtype=np.float32)[:, None], ids))
+    monkeypatch.setattr(
+        "assets.selections.influence.load_scores",
+        lambda _: (np.linspace(0, 1, len(ids), dtype=np.float32)[:, None], ids),
+    )
     config = {"ops": {"less_selection": {"config": {"budget": 2}}}}
     observed = materialize_error([less_selection], resources, config, partition_key=DEFAULT_MODEL)
     record_property("scenario", "LESS selection whose target task is '../../../../ESCAPED'")
@@ -259,8 +280,9 @@ def test_less_export_with_an_escaping_target_writes_nothing(
     assert _count(resources["lineage"].db_path, "selections") == 0
 
 
-@pytest.mark.parametrize("parts", [("..",), ("a", "..", "..", MARK), ("/etc",), ("a\\..\\b",), ("a\x00b",), ("",),
-                                   (f"x/../../{MARK}",)])
+@pytest.mark.parametrize(
+    "parts", [("..",), ("a", "..", "..", MARK), ("/etc",), ("a\\..\\b",), ("a\x00b",), ("",), (f"x/../../{MARK}",)]
+)
 def test_path_under_refuses_parts_that_leave_the_root(tmp_path: Path, parts: tuple[str, ...]) -> None:
     settings = StorageSettings(home=str(tmp_path / "home"))
     with pytest.raises(ValueError, match="must be a non-empty relative name"):
@@ -281,11 +303,14 @@ def test_path_under_follows_symlinks_and_keeps_good_paths(tmp_path: Path, record
     assert StorageSettings(home=str(root)).subdir("reports", "m").is_dir()
 
 
-@pytest.mark.parametrize("name,content", [
-    ("fake.jsonl.gz", b'{"prompt": "a", "completion": "b"}\n'),
-    ("fake.json.gz", b'[{"prompt": "a", "completion": "b"}]'),
-    ("garbage.parquet", bytes(range(256)) * 3),
-])
+@pytest.mark.parametrize(
+    "name,content",
+    [
+        ("fake.jsonl.gz", b'{"prompt": "a", "completion": "b"}\n'),
+        ("fake.json.gz", b'[{"prompt": "a", "completion": "b"}]'),
+        ("garbage.parquet", bytes(range(256)) * 3),
+    ],
+)
 def test_unreadable_pool_file_error_names_the_file(tmp_path: Path, name: str, content: bytes, record_property) -> None:
     path = tmp_path / name
     path.write_bytes(content)

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import UTC
 from pathlib import Path
 
 import dagster as dg
@@ -100,15 +101,18 @@ def pooled(lineage: LineageStore) -> None:
     pass
 
 
-def _started_run(instance: dg.DagsterInstance, job: dg.JobDefinition, worker: str, partition: str,
-                 claim: bool = True) -> dg.DagsterRun:
+def _started_run(
+    instance: dg.DagsterInstance, job: dg.JobDefinition, worker: str, partition: str, claim: bool = True
+) -> dg.DagsterRun:
     """A STARTED run of `pooled` whose step holds the pool slot, as a killed run leaves it."""
     from dagster._core.events import DagsterEvent
 
-    run = instance.create_run_for_job(job, tags={WORKER_TAG: worker, "dagster/partition": partition},
-                                      asset_selection=frozenset({pooled.key}))
-    instance.report_dagster_event(DagsterEvent(dg.DagsterEventType.RUN_START.value, job_name=run.job_name),
-                                  run_id=run.run_id)
+    run = instance.create_run_for_job(
+        job, tags={WORKER_TAG: worker, "dagster/partition": partition}, asset_selection=frozenset({pooled.key})
+    )
+    instance.report_dagster_event(
+        DagsterEvent(dg.DagsterEventType.RUN_START.value, job_name=run.job_name), run_id=run.run_id
+    )
     if claim:
         assert instance.event_log_storage.claim_concurrency_slot(POOL, run.run_id, "pooled").is_claimed
     return instance.get_run_by_id(run.run_id)
@@ -136,11 +140,17 @@ def test_dead_run_is_failed_with_its_slot_freed_and_a_failed_lineage_row(tmp_pat
         again = release_dead_runs(instance, lineage)
     with duckdb.connect(lineage.db_path, read_only=True) as con:
         rows = con.execute("SELECT run_id, asset_key, partition_key, status, metrics FROM lineage").fetchall()
-    record_property("observed", f"released {len(released)} of 3 (dead/live/other host); dead run "
-                                f"{status[dead.run_id].value}; slot holders {len(holders)}; lineage {[r[3] for r in rows]}")
+    record_property(
+        "observed",
+        f"released {len(released)} of 3 (dead/live/other host); dead run "
+        f"{status[dead.run_id].value}; slot holders {len(holders)}; lineage {[r[3] for r in rows]}",
+    )
     assert released == [dead.run_id] and again == []
-    assert status == {dead.run_id: dg.DagsterRunStatus.FAILURE, live.run_id: dg.DagsterRunStatus.STARTED,
-                      elsewhere.run_id: dg.DagsterRunStatus.STARTED}
+    assert status == {
+        dead.run_id: dg.DagsterRunStatus.FAILURE,
+        live.run_id: dg.DagsterRunStatus.STARTED,
+        elsewhere.run_id: dg.DagsterRunStatus.STARTED,
+    }
     assert dead.run_id not in holders and live.run_id in holders
     assert not blocked_before and claimed_after  # the rerun waited for the dead run's slot, then got it
     assert [r[:4] for r in rows] == [(dead.run_id, "pooled", "a", "failed")]
@@ -171,8 +181,12 @@ def after_breaks(lineage: LineageStore) -> None:
 
 def failing_job() -> dg.JobDefinition:
     lineage = LineageStore(db_path=os.environ["FAULTS_LINEAGE_DB"])
-    defs = dg.Definitions(assets=[breaks, after_breaks], resources={"lineage": lineage}, executor=guarded_executor,
-                          jobs=[dg.define_asset_job("failing", selection=[breaks, after_breaks])])
+    defs = dg.Definitions(
+        assets=[breaks, after_breaks],
+        resources={"lineage": lineage},
+        executor=guarded_executor,
+        jobs=[dg.define_asset_job("failing", selection=[breaks, after_breaks])],
+    )
     return defs.resolve_job_def("failing")
 
 
@@ -183,8 +197,9 @@ def test_failed_step_gets_a_failed_lineage_row(tmp_path: Path, monkeypatch, reco
     db_path = tmp_path / "lineage.duckdb"
     monkeypatch.setenv("FAULTS_LINEAGE_DB", str(db_path))
     with dg.instance_for_test() as instance:
-        result = dg.execute_job(dg.reconstructable(failing_job), instance,
-                                run_config={"execution": {"config": {"in_process": {}}}})
+        result = dg.execute_job(
+            dg.reconstructable(failing_job), instance, run_config={"execution": {"config": {"in_process": {}}}}
+        )
         assert not result.success
     with duckdb.connect(str(db_path), read_only=True) as con:
         rows = con.execute("SELECT asset_key, status, metrics FROM lineage ORDER BY asset_key").fetchall()
@@ -202,15 +217,20 @@ def _ingest_worker(worker: int, roots, barrier, results) -> None:
 
     for root in iter(roots.get, None):
         pool = Path(root) / f"pool-{worker}.jsonl"
-        pool.write_text("".join(json.dumps({"prompt": f"w{worker} q{i}", "completion": f"a{i}"}) + "\n" for i in range(5)))
+        pool.write_text(
+            "".join(json.dumps({"prompt": f"w{worker} q{i}", "completion": f"a{i}"}) + "\n" for i in range(5))
+        )
         barrier.wait()
         try:
             result = dg.materialize(
-                [raw_pool], resources=build_resources(home=root, env="ci"), instance=dg.DagsterInstance.ephemeral(),
+                [raw_pool],
+                resources=build_resources(home=root, env="ci"),
+                instance=dg.DagsterInstance.ephemeral(),
                 run_config={"ops": {"raw_pool": {"config": {"sources": [{"path": str(pool)}]}}}},
-                raise_on_error=False)
+                raise_on_error=False,
+            )
             results.put((root, worker, result.run_id if result.success else "failed"))
-        except Exception as error:  # reported, so one bad trial does not hang the others on the barrier
+        except Exception as error:  # noqa: BLE001  reported, so one bad trial does not hang the others on the barrier
             results.put((root, worker, f"error: {error!r}"))
 
 
@@ -236,7 +256,9 @@ def test_simultaneous_ingests_on_a_fresh_root_lose_no_lineage_row(tmp_path: Path
             run_ids = {run_id for _, _, run_id in outcomes}
             problems += [o for o in outcomes if o[2] == "failed" or o[2].startswith("error")]
             with duckdb.connect(str(root / "lineage.duckdb"), read_only=True) as con:
-                stored = {r[0] for r in con.execute("SELECT run_id FROM lineage WHERE asset_key = 'raw_pool'").fetchall()}
+                stored = {
+                    r[0] for r in con.execute("SELECT run_id FROM lineage WHERE asset_key = 'raw_pool'").fetchall()
+                }
             found += len(stored & run_ids)
             problems += [("missing lineage", run_id) for run_id in run_ids - stored]
     finally:
@@ -252,18 +274,21 @@ def test_simultaneous_ingests_on_a_fresh_root_lose_no_lineage_row(tmp_path: Path
 def test_old_lineage_file_gets_the_status_column(tmp_path: Path) -> None:
     db_path = tmp_path / "lineage.duckdb"
     with duckdb.connect(str(db_path)) as con:
-        con.execute("CREATE TABLE lineage (run_id VARCHAR NOT NULL, asset_key VARCHAR NOT NULL, partition_key VARCHAR, "
-                    "code_version VARCHAR, started_at TIMESTAMPTZ NOT NULL, finished_at TIMESTAMPTZ NOT NULL, "
-                    "inputs JSON NOT NULL, outputs JSON NOT NULL, metrics JSON NOT NULL)")
+        con.execute(
+            "CREATE TABLE lineage (run_id VARCHAR NOT NULL, asset_key VARCHAR NOT NULL, partition_key VARCHAR, "
+            "code_version VARCHAR, started_at TIMESTAMPTZ NOT NULL, finished_at TIMESTAMPTZ NOT NULL, "
+            "inputs JSON NOT NULL, outputs JSON NOT NULL, metrics JSON NOT NULL)"
+        )
         con.execute("INSERT INTO lineage VALUES ('old', 'raw_pool', NULL, NULL, now(), now(), '{}', '{}', '{}')")
     store = LineageStore(db_path=str(db_path))
     with store.connect() as con:
         assert con.execute("SELECT run_id, status FROM lineage").fetchall() == [("old", "success")]
+    from datetime import datetime
+
     from resources.lineage import LineageRecord
-    from datetime import datetime, timezone
 
     with pytest.raises(ValueError, match="not one of"):
-        store.record(LineageRecord("r", "raw_pool", None, None, datetime.now(timezone.utc), status="oops"))
+        store.record(LineageRecord("r", "raw_pool", None, None, datetime.now(UTC), status="oops"))
 
 
 # --- the whole scenario: kill -9 a shard run from the CLI, rerun it ----------------------
@@ -295,16 +320,33 @@ def _features(home: Path) -> dict[str, bytes]:
     rows = {}
     for ids_file in sorted(folder.glob("shard-*.json")):
         features = np.load(ids_file.with_suffix(".npy"))
-        rows.update({example_id: features[i].tobytes() for i, example_id in enumerate(json.loads(ids_file.read_text())["ids"])})
+        rows.update(
+            {example_id: features[i].tobytes() for i, example_id in enumerate(json.loads(ids_file.read_text())["ids"])}
+        )
     return rows
 
 
 def _materialize_shard_cli(env: dict) -> subprocess.Popen:
     return subprocess.Popen(
-        [str(Path(sys.executable).with_name("dagster")), "asset", "materialize", "-m", "tests.tiny_definitions",
-         "--select", "train_gradients", "--partition", SHARD,
-         "--config-json", json.dumps({"ops": {"train_gradients": {"config": GRADIENT_CONFIG}}})],
-        cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            str(Path(sys.executable).with_name("dagster")),
+            "asset",
+            "materialize",
+            "-m",
+            "tests.tiny_definitions",
+            "--select",
+            "train_gradients",
+            "--partition",
+            SHARD,
+            "--config-json",
+            json.dumps({"ops": {"train_gradients": {"config": GRADIENT_CONFIG}}}),
+        ],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.mark.faults
@@ -312,22 +354,41 @@ def _materialize_shard_cli(env: dict) -> subprocess.Popen:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and PR_SET_PDEATHSIG")
 def test_killed_shard_run_never_blocks_the_rerun(tmp_path: Path, record_property) -> None:
     record_property("scenario", "kill -9 `dagster asset materialize` of a train_gradients shard mid-step, rerun it")
-    record_property("expected", "step dies; rerun starts < 60 s, same bytes as uninterrupted; killed run failed + lineage row")
+    record_property(
+        "expected", "step dies; rerun starts < 60 s, same bytes as uninterrupted; killed run failed + lineage row"
+    )
     home, dagster_home = tmp_path / "home", tmp_path / "dagster_home"
     dagster_home.mkdir()
     shutil.copy(PROJECT_ROOT / "dagster_home" / "dagster.yaml", dagster_home / "dagster.yaml")  # pool limit 1
-    env = {**os.environ, "INSTRUCT_SELECT_HOME": str(home), "DAGSTER_HOME": str(dagster_home),
-           "PYTHONPATH": str(PROJECT_ROOT)}
+    env = {
+        **os.environ,
+        "INSTRUCT_SELECT_HOME": str(home),
+        "DAGSTER_HOME": str(dagster_home),
+        "PYTHONPATH": str(PROJECT_ROOT),
+    }
     pool = tmp_path / "pool.jsonl"
-    pool.write_text("".join(json.dumps({"instruction": f"Task {i}: item {i * 7} " + "y" * (i % 13), "input": "",
-                                        "output": f"Answer {i} " + "x" * (i % 9)}) + "\n" for i in range(400)))
-    setup = ("import dagster as dg, sys; from tests.tiny_definitions import ASSETS, RESOURCES; "
-             "by = {a.key.to_user_string(): a for a in ASSETS}; "
-             "ok = dg.materialize([by['raw_pool'], by['warmup_checkpoints']], resources=RESOURCES, "
-             "instance=dg.DagsterInstance.get(), partition_key='smollm2-135m-instruct', run_config={'ops': {"
-             f"'raw_pool': {{'config': {{'sources': [{{'path': {str(pool)!r}}}]}}}}, "
-             "'warmup_checkpoints': {'config': {'fraction': 0.02, 'epochs': 1, 'batch_size': 4}}}}).success; "
-             "sys.exit(0 if ok else 1)")
+    pool.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "instruction": f"Task {i}: item {i * 7} " + "y" * (i % 13),
+                    "input": "",
+                    "output": f"Answer {i} " + "x" * (i % 9),
+                }
+            )
+            + "\n"
+            for i in range(400)
+        )
+    )
+    setup = (
+        "import dagster as dg, sys; from tests.tiny_definitions import ASSETS, RESOURCES; "
+        "by = {a.key.to_user_string(): a for a in ASSETS}; "
+        "ok = dg.materialize([by['raw_pool'], by['warmup_checkpoints']], resources=RESOURCES, "
+        "instance=dg.DagsterInstance.get(), partition_key='smollm2-135m-instruct', run_config={'ops': {"
+        f"'raw_pool': {{'config': {{'sources': [{{'path': {str(pool)!r}}}]}}}}, "
+        "'warmup_checkpoints': {'config': {'fraction': 0.02, 'epochs': 1, 'batch_size': 4}}}}).success; "
+        "sys.exit(0 if ok else 1)"
+    )
     subprocess.run([sys.executable, "-c", setup], cwd=PROJECT_ROOT, env=env, check=True, capture_output=True)
     reference = tmp_path / "reference"
     shutil.copytree(home, reference)
@@ -364,8 +425,11 @@ def test_killed_shard_run_never_blocks_the_rerun(tmp_path: Path, record_property
     assert rerun.returncode == 0, output[-4000:]
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         killed_run = instance.get_run_by_id(killed_run.run_id)
-        (new_run,) = [r for r in instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": SHARD}))
-                      if r.run_id != killed_run.run_id]
+        (new_run,) = [
+            r
+            for r in instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": SHARD}))
+            if r.run_id != killed_run.run_id
+        ]
         run_start = instance.all_logs(new_run.run_id, of_type=dg.DagsterEventType.RUN_START)[0].timestamp
         step_start = instance.all_logs(new_run.run_id, of_type=dg.DagsterEventType.STEP_START)[0].timestamp
         blocked = [e for e in instance.all_logs(new_run.run_id) if "blocked by limit" in (e.message or "")]
@@ -380,10 +444,15 @@ def test_killed_shard_run_never_blocks_the_rerun(tmp_path: Path, record_property
     resumed, uninterrupted = _features(home), _features(reference)
 
     with duckdb.connect(str(home / "lineage.duckdb"), read_only=True) as con:
-        rows = con.execute("SELECT run_id, partition_key, status FROM lineage WHERE asset_key = 'train_gradients'").fetchall()
-    record_property("observed", f"orphans {len(orphans)}; rerun step started {step_start - run_start:.0f} s after "
-                                f"its run ({rerun_s:.0f} s in all); same bytes {resumed == uninterrupted}; killed run "
-                                f"{killed_run.status.value}; lineage {sorted(r[2] for r in rows)}")
+        rows = con.execute(
+            "SELECT run_id, partition_key, status FROM lineage WHERE asset_key = 'train_gradients'"
+        ).fetchall()
+    record_property(
+        "observed",
+        f"orphans {len(orphans)}; rerun step started {step_start - run_start:.0f} s after "
+        f"its run ({rerun_s:.0f} s in all); same bytes {resumed == uninterrupted}; killed run "
+        f"{killed_run.status.value}; lineage {sorted(r[2] for r in rows)}",
+    )
     assert step_start - run_start < 60 and not blocked
     assert killed_run.status == dg.DagsterRunStatus.FAILURE
     assert sorted(rows) == sorted([(killed_run.run_id, SHARD, "failed"), (new_run.run_id, SHARD, "success")])

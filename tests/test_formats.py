@@ -28,14 +28,17 @@ def rejected(record: object, fmt: str = "auto", **kwargs: int) -> RecordRejected
     return info.value
 
 
-@pytest.mark.parametrize("record, fmt", [
-    ({"messages": QA, "id": "x", "dataset": "tulu"}, "messages"),
-    ({"instruction": "What is 2+2?", "input": "", "output": "4."}, "alpaca"),
-    ({"instruction": "What is 2+2?", "output": "4."}, "alpaca"),
-    ({"conversations": [{"from": "human", "value": "What is 2+2?"}, {"from": "gpt", "value": "4."}]}, "sharegpt"),
-    ({"prompt": "What is 2+2?", "completion": "4."}, "prompt_completion"),
-    ({"prompt": [QA[0]], "completion": [QA[1]]}, "prompt_completion"),
-])
+@pytest.mark.parametrize(
+    "record, fmt",
+    [
+        ({"messages": QA, "id": "x", "dataset": "tulu"}, "messages"),
+        ({"instruction": "What is 2+2?", "input": "", "output": "4."}, "alpaca"),
+        ({"instruction": "What is 2+2?", "output": "4."}, "alpaca"),
+        ({"conversations": [{"from": "human", "value": "What is 2+2?"}, {"from": "gpt", "value": "4."}]}, "sharegpt"),
+        ({"prompt": "What is 2+2?", "completion": "4."}, "prompt_completion"),
+        ({"prompt": [QA[0]], "completion": [QA[1]]}, "prompt_completion"),
+    ],
+)
 def test_every_format_gives_the_same_canonical_conversation(record: dict, fmt: str) -> None:
     assert detect_format(record) == fmt
     assert canonicalize(record) == QA
@@ -47,10 +50,19 @@ def test_alpaca_input_is_appended_after_a_blank_line() -> None:
     assert canonicalize(record, "alpaca")[0] == {"role": "user", "content": "Translate.\n\nBonjour"}
 
 
-@pytest.mark.parametrize("speaker, role", [
-    ("human", "user"), ("user", "user"), ("gpt", "assistant"), ("assistant", "assistant"),
-    ("chatgpt", "assistant"), ("bard", "assistant"), ("model", "assistant"), ("Human", "user"),
-])
+@pytest.mark.parametrize(
+    "speaker, role",
+    [
+        ("human", "user"),
+        ("user", "user"),
+        ("gpt", "assistant"),
+        ("assistant", "assistant"),
+        ("chatgpt", "assistant"),
+        ("bard", "assistant"),
+        ("model", "assistant"),
+        ("Human", "user"),
+    ],
+)
 def test_sharegpt_roles(speaker: str, role: str) -> None:
     first = {"from": "human", "value": "q"}
     turns = [first, {"from": speaker, "value": "a"}, {"from": "gpt", "value": "b"}]
@@ -63,15 +75,25 @@ def test_sharegpt_system_and_role_content_turns() -> None:
 
 
 def test_content_is_stripped_and_empty_system_dropped() -> None:
-    messages = [{"role": "system", "content": "  "}, {"role": "user", "content": "\n What is 2+2?\r\n"},
-                {"role": "assistant", "content": "\t4.  "}]
+    messages = [
+        {"role": "system", "content": "  "},
+        {"role": "user", "content": "\n What is 2+2?\r\n"},
+        {"role": "assistant", "content": "\t4.  "},
+    ]
     assert canonicalize({"messages": messages}) == QA
 
 
 def test_null_columns_count_as_absent() -> None:
     # A Parquet row of a mixed-format file carries every column.
-    row = {"messages": None, "conversations": None, "instruction": "What is 2+2?", "input": None, "output": "4.",
-           "prompt": None, "completion": None}
+    row = {
+        "messages": None,
+        "conversations": None,
+        "instruction": "What is 2+2?",
+        "input": None,
+        "output": "4.",
+        "prompt": None,
+        "completion": None,
+    }
     assert canonicalize(row) == QA
 
 
@@ -100,17 +122,31 @@ REJECT_CASES = [
     ({"prompt": "x", "completion": 1.5}, "auto", "wrong_type", "field 'completion'"),
     ({"messages": [QA[0], {"role": "tool", "content": "x"}]}, "auto", "bad_role", "messages[1].role is 'tool'"),
     ({"conversations": [{"from": "narrator", "value": "x"}]}, "auto", "bad_role", "'narrator'"),
-    ({"messages": [QA[0], {"role": "system", "content": "x"}, QA[1]]}, "auto", "bad_order", "system turn at position 1"),
+    (
+        {"messages": [QA[0], {"role": "system", "content": "x"}, QA[1]]},
+        "auto",
+        "bad_order",
+        "system turn at position 1",
+    ),
     ({"messages": [QA[1], QA[0], QA[1]]}, "auto", "bad_order", "starts with an assistant turn"),
     ({"messages": [{"role": "user", "content": " "}, QA[1], QA[0], QA[1]]}, "auto", "empty_turn", "turn 0 (user)"),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, "auto", "no_user_turn", ""),
     ({"messages": [{"role": "system", "content": "s"}]}, "auto", "no_user_turn", ""),
     ({"messages": []}, "auto", "no_user_turn", "0 turns"),
     ({"messages": [QA[0]]}, "auto", "missing_response", "ends with a user turn"),
-    ({"messages": [QA[0], {"role": "assistant", "content": "  "}]}, "auto", "missing_response", "final assistant turn is empty"),
+    (
+        {"messages": [QA[0], {"role": "assistant", "content": "  "}]},
+        "auto",
+        "missing_response",
+        "final assistant turn is empty",
+    ),
     ({"messages": QA + [QA[0], {"role": "assistant", "content": ""}]}, "auto", "missing_response", "final assistant"),
-    ({"messages": [QA[0], {"role": "assistant", "content": ""}, {"role": "assistant", "content": ""}]},
-     "auto", "missing_response", "last 2 turns are empty"),
+    (
+        {"messages": [QA[0], {"role": "assistant", "content": ""}, {"role": "assistant", "content": ""}]},
+        "auto",
+        "missing_response",
+        "last 2 turns are empty",
+    ),
     ({"instruction": "x"}, "auto", "missing_response", "'output'"),
     ({"instruction": "x", "output": None}, "auto", "missing_response", "'output'"),
     ({"prompt": "x"}, "auto", "missing_response", "'completion'"),

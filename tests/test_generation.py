@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from selection.data.tokenization import render_conversation
+from selection.diversity.quality import LogLikelihoodScorer, response_log_likelihood
 from selection.train.generation import (
     compute_feedback,
     end_of_turn_token_ids,
@@ -16,8 +18,6 @@ from selection.train.generation import (
     render_prompt,
     split_final_turn,
 )
-from selection.diversity.quality import LogLikelihoodScorer, response_log_likelihood
-from selection.data.tokenization import render_conversation
 
 PROMPTS = [
     [{"role": "user", "content": "Hi"}],
@@ -28,8 +28,12 @@ PROMPTS = [
 CONVERSATIONS = [
     [*PROMPTS[0], {"role": "assistant", "content": "Hello! How can I help?"}],
     [*PROMPTS[1], {"role": "assistant", "content": "It is sunny."}],
-    [*PROMPTS[2], {"role": "assistant", "content": "Because."}, {"role": "user", "content": "Really?"},
-     {"role": "assistant", "content": "Yes, really."}],
+    [
+        *PROMPTS[2],
+        {"role": "assistant", "content": "Because."},
+        {"role": "user", "content": "Really?"},
+        {"role": "assistant", "content": "Yes, really."},
+    ],
 ]
 
 
@@ -37,7 +41,7 @@ CONVERSATIONS = [
 def test_render_prompt_is_the_scoring_prefix(tiny_tokenizer: Any, chatml_tokenizer: Any, template: bool) -> None:
     tokenizer = chatml_tokenizer if template else tiny_tokenizer
     for messages in CONVERSATIONS:
-        prompt, gold = split_final_turn(messages)
+        prompt, _gold = split_final_turn(messages)
         full, spans = render_conversation(tokenizer, messages)
         assert full.startswith(render_prompt(tokenizer, prompt))
         assert len(render_prompt(tokenizer, prompt)) == spans[-1][0]
@@ -52,8 +56,9 @@ def test_end_of_turn_ids(tiny_tokenizer: Any, chatml_tokenizer: Any) -> None:
 
 
 @pytest.mark.parametrize("template", [False, True])
-def test_greedy_is_deterministic_and_batch_size_invariant(tiny_llama: torch.nn.Module, tiny_tokenizer: Any,
-                                                          chatml_tokenizer: Any, template: bool) -> None:
+def test_greedy_is_deterministic_and_batch_size_invariant(
+    tiny_llama: torch.nn.Module, tiny_tokenizer: Any, chatml_tokenizer: Any, template: bool
+) -> None:
     tokenizer = chatml_tokenizer if template else tiny_tokenizer
     batched = generate_greedy(tiny_llama, tokenizer, PROMPTS, max_new_tokens=12, batch_size=4)
     assert len(batched) == len(PROMPTS) and all(isinstance(text, str) for text in batched)
@@ -70,10 +75,18 @@ def test_generation_restores_training_mode(tiny_llama: torch.nn.Module, tiny_tok
     assert tiny_llama.training
 
 
-def test_default_feedback_is_generated_minus_gold_log_likelihood(tiny_llama: torch.nn.Module,
-                                                                  chatml_tokenizer: Any) -> None:
-    result = compute_feedback(tiny_llama, chatml_tokenizer, CONVERSATIONS, max_new_tokens=8, max_length=128,
-                              batch_size=2, model_fingerprint="tiny")
+def test_default_feedback_is_generated_minus_gold_log_likelihood(
+    tiny_llama: torch.nn.Module, chatml_tokenizer: Any
+) -> None:
+    result = compute_feedback(
+        tiny_llama,
+        chatml_tokenizer,
+        CONVERSATIONS,
+        max_new_tokens=8,
+        max_length=128,
+        batch_size=2,
+        model_fingerprint="tiny",
+    )
     prompts = [split_final_turn(m)[0] for m in CONVERSATIONS]
     generated = [[*p, {"role": "assistant", "content": g}] for p, g in zip(prompts, result.generations)]
     ll_gen = response_log_likelihood(tiny_llama, chatml_tokenizer, generated, 128, final_turn_only=True)
@@ -105,22 +118,24 @@ class _AnswerLengthJudge:
 
 
 def test_judge_feedback_is_gold_minus_generated(tiny_llama: torch.nn.Module, tiny_tokenizer: Any) -> None:
-    result = compute_feedback(tiny_llama, tiny_tokenizer, CONVERSATIONS, max_new_tokens=6, max_length=128,
-                              scorer=_AnswerLengthJudge())
+    result = compute_feedback(
+        tiny_llama, tiny_tokenizer, CONVERSATIONS, max_new_tokens=6, max_length=128, scorer=_AnswerLengthJudge()
+    )
     gold_lengths = np.array([len(split_final_turn(m)[1]) for m in CONVERSATIONS], dtype=float)
     np.testing.assert_array_equal(result.gold_scores, gold_lengths)
     np.testing.assert_array_equal(result.scores, gold_lengths - [len(g) for g in result.generations])
     assert result.scorer["feedback"] == "score(gold) - score(gen)"
 
 
-def test_feedback_refuses_self_likelihood_judge_and_marks_long_prompts(tiny_llama: torch.nn.Module,
-                                                                       tiny_tokenizer: Any) -> None:
+def test_feedback_refuses_self_likelihood_judge_and_marks_long_prompts(
+    tiny_llama: torch.nn.Module, tiny_tokenizer: Any
+) -> None:
     with pytest.raises(ValueError, match="scorer=None"):
-        compute_feedback(tiny_llama, tiny_tokenizer, CONVERSATIONS,
-                         scorer=LogLikelihoodScorer(tiny_llama, tiny_tokenizer, "tiny"))
+        compute_feedback(
+            tiny_llama, tiny_tokenizer, CONVERSATIONS, scorer=LogLikelihoodScorer(tiny_llama, tiny_tokenizer, "tiny")
+        )
     too_long = [{"role": "user", "content": "y" * 100}, {"role": "assistant", "content": "ok"}]
-    result = compute_feedback(tiny_llama, tiny_tokenizer, [CONVERSATIONS[0], too_long], max_new_tokens=4,
-                              max_length=64)
+    result = compute_feedback(tiny_llama, tiny_tokenizer, [CONVERSATIONS[0], too_long], max_new_tokens=4, max_length=64)
     assert result.unscored_indices == (1,) and result.generations[1] == "" and np.isfinite(result.scores[0])
     with pytest.raises(ValueError, match="no assistant turn"):
         compute_feedback(tiny_llama, tiny_tokenizer, [PROMPTS[0]])

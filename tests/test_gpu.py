@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from selection.data.tokenization import collate
 from selection.influence.datastore import FeatureStore, compute_features
 from selection.influence.gradients import PerExampleGradients
 from selection.influence.projection import make_projector
-from selection.data.tokenization import collate
 from tests.test_gradients import random_examples, tiny_lora_model
 
 pytestmark = [
@@ -37,8 +37,10 @@ def test_cuda_batched_gradients_match_naive_reference_on_cuda() -> None:
     assert batched.device.type == "cuda"
     for row, example in enumerate(examples):
         model.zero_grad(set_to_none=True)
-        output = model(input_ids=torch.tensor([example.input_ids], device="cuda"),
-                       labels=torch.tensor([example.labels], device="cuda"))
+        output = model(
+            input_ids=torch.tensor([example.input_ids], device="cuda"),
+            labels=torch.tensor([example.labels], device="cuda"),
+        )
         output.loss.backward()
         reference = torch.cat([p.grad.reshape(-1) for _, p in model.named_parameters() if p.requires_grad])
         relative = (batched[row] - reference).norm() / reference.norm()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from selection.data.tokenization import IGNORE_INDEX, TokenizedExample, collate
 from selection.influence.gradients import (
     DEFAULT_TRAIN_TRANSFORM,
     TRAIN_TRANSFORMS,
@@ -19,7 +20,6 @@ from selection.influence.gradients import (
     transform_why,
 )
 from selection.train.models import ModelSpec, add_lora, build_tiny_llama
-from selection.data.tokenization import IGNORE_INDEX, TokenizedExample, collate
 
 TINY_SPEC = ModelSpec(name="tiny", source="tiny", lora_r=4, lora_alpha=8, lora_dropout=0.1)
 
@@ -131,8 +131,9 @@ def test_adam_bias_corrected_divides_the_moments_by_the_next_steps_corrections()
 def test_train_feature_dispatches_every_transform() -> None:
     torch.testing.assert_close(train_feature("adam", G, M, V), adam_feature(G, M, V))
     torch.testing.assert_close(train_feature("sgd", G, M, V), G)
-    torch.testing.assert_close(train_feature("adam_bias_corrected", G, M, V, step=2),
-                               adam_bias_corrected_feature(G, M, V, 2))
+    torch.testing.assert_close(
+        train_feature("adam_bias_corrected", G, M, V, step=2), adam_bias_corrected_feature(G, M, V, 2)
+    )
     with pytest.raises(ValueError, match="step count"):
         train_feature("adam_bias_corrected", G, M, V)
     with pytest.raises(ValueError, match="unknown train transform"):

@@ -9,8 +9,8 @@ import pytest
 
 from selection.influence.datastore import FeatureStore, compute_features, shard_key, shard_of
 from selection.influence.gradients import PerExampleGradients
-from selection.influence.scores import ChunkedRows, compute_influence, load_scores
 from selection.influence.projection import make_projector
+from selection.influence.scores import ChunkedRows, compute_influence, load_scores
 from tests.test_datastore import PAD, moments
 from tests.test_gradients import random_examples, tiny_lora_model
 
@@ -31,8 +31,9 @@ def test_parts_give_the_scores_of_one_store(tmp_path: Path) -> None:
     target = FeatureStore(tmp_path / "val", "tiny", "epoch_1", "target", projector)
     compute_features(model, val, projector, target, pad_token_id=PAD)
     whole = train_store(tmp_path / "whole", train, None)
-    parts = [train_store(tmp_path / f"p{k}", [r for r in train if shard_of(r[0], 3) == k], shard_key(k, 3))
-             for k in range(3)]
+    parts = [
+        train_store(tmp_path / f"p{k}", [r for r in train if shard_of(r[0], 3) == k], shard_key(k, 3)) for k in range(3)
+    ]
     assert sum(len(p) for p in parts) == len(whole) and all(len(p) for p in parts)
     assert ChunkedRows(parts).shape == (12, 32)
 

@@ -30,7 +30,7 @@ RECORDS: list[dict[str, Any]] = [
     {"messages": QA},
     {"instruction": "Name a colour.", "input": "", "output": "Blue."},
     {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
-    {"prompt": "Say [x] {y} \"z\"", "completion": "ok ] } ,"},
+    {"prompt": 'Say [x] {y} "z"', "completion": "ok ] } ,"},
 ]
 
 
@@ -66,9 +66,10 @@ def test_detect_file_type(tmp_path: Path) -> None:
     pq.write_table(pa.Table.from_pylist(RECORDS[:1]), tmp_path / "a.parquet")
     (tmp_path / "a.csv").write_text("a,b\n")
     (tmp_path / "plain_dir").mkdir()
-    assert [detect_file_type(tmp_path / name) for name in
-            ("a.jsonl", "a.ndjson", "lines.json", "array.json", "object.json", "a.parquet")] == \
-        ["jsonl", "jsonl", "jsonl", "json", "json", "parquet"]
+    assert [
+        detect_file_type(tmp_path / name)
+        for name in ("a.jsonl", "a.ndjson", "lines.json", "array.json", "object.json", "a.parquet")
+    ] == ["jsonl", "jsonl", "jsonl", "json", "json", "parquet"]
     with pytest.raises(ValueError, match="unsupported file type"):
         detect_file_type(tmp_path / "a.csv")
     with pytest.raises(ValueError, match="without state.json"):
@@ -78,16 +79,38 @@ def test_detect_file_type(tmp_path: Path) -> None:
 
 
 def test_jsonl_mixed_formats_malformed_and_blank_lines(tmp_path: Path) -> None:
-    lines = [json.dumps(RECORDS[0]), "", "   ", "{not json", json.dumps(RECORDS[1]), "[1, 2]",
-             '{"messages": [', json.dumps(RECORDS[2]), "", json.dumps(RECORDS[3])]
+    lines = [
+        json.dumps(RECORDS[0]),
+        "",
+        "   ",
+        "{not json",
+        json.dumps(RECORDS[1]),
+        "[1, 2]",
+        '{"messages": [',
+        json.dumps(RECORDS[2]),
+        "",
+        json.dumps(RECORDS[3]),
+    ]
     results = outcomes(write_jsonl(tmp_path / "mixed.jsonl", lines))
     # Blank lines are skipped and not counted: line_no is the non-blank record number.
-    assert summary(results) == [(1, "ok"), (2, "malformed_json"), (3, "ok"), (4, "not_object"),
-                                (5, "malformed_json"), (6, "ok"), (7, "ok")]
+    assert summary(results) == [
+        (1, "ok"),
+        (2, "malformed_json"),
+        (3, "ok"),
+        (4, "not_object"),
+        (5, "malformed_json"),
+        (6, "ok"),
+        (7, "ok"),
+    ]
     bad = results[1]
     assert isinstance(bad, Rejected) and bad.raw == "{not json" and bad.source == "mixed"
     assert "column" in bad.reason
-    assert [r.format for r in results if isinstance(r, Accepted)] == ["messages", "alpaca", "sharegpt", "prompt_completion"]
+    assert [r.format for r in results if isinstance(r, Accepted)] == [
+        "messages",
+        "alpaca",
+        "sharegpt",
+        "prompt_completion",
+    ]
 
 
 def test_jsonl_invalid_utf8_and_bom(tmp_path: Path) -> None:
@@ -118,12 +141,15 @@ def test_max_chars_is_passed_through(tmp_path: Path) -> None:
 
 
 def json_elements(path: Path, chunk: int, **kwargs: Any) -> list[tuple[int, Any, str | None]]:
-    return [(r.line_no, r.value, r.parse_error and reason_code(r.parse_error)) for r in read_json(path, chunk=chunk, **kwargs)]
+    return [
+        (r.line_no, r.value, r.parse_error and reason_code(r.parse_error))
+        for r in read_json(path, chunk=chunk, **kwargs)
+    ]
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 64, 1 << 20])
 def test_json_array_streams_like_json_load(tmp_path: Path, chunk: int) -> None:
-    values = RECORDS + [12345678, "a string with ] and \\\" inside", [1, [2, {"x": 3}]], None, 1.5e10]
+    values = RECORDS + [12345678, 'a string with ] and \\" inside', [1, [2, {"x": 3}]], None, 1.5e10]
     path = tmp_path / "array.json"
     path.write_text(json.dumps(values, indent=1), encoding="utf-8")
     assert [value for _, value, _ in json_elements(path, chunk)] == json.loads(path.read_text())
@@ -132,13 +158,21 @@ def test_json_array_streams_like_json_load(tmp_path: Path, chunk: int) -> None:
 @pytest.mark.parametrize("chunk", [2, 5, 1 << 20])
 def test_json_array_bad_elements_are_rejected_and_reading_resumes(tmp_path: Path, chunk: int) -> None:
     good = json.dumps(RECORDS[0])
-    text = (f'[{good}, {{"a": tru, "b": "[}}{{"}}, {json.dumps(RECORDS[3])}, {{"k": 1,}}, 7, \n'
-            f"{{'single': 'quotes'}}, , [1, bad], {good}]")
+    text = (
+        f'[{good}, {{"a": tru, "b": "[}}{{"}}, {json.dumps(RECORDS[3])}, {{"k": 1,}}, 7, \n'
+        f"{{'single': 'quotes'}}, , [1, bad], {good}]"
+    )
     path = tmp_path / "bad.json"
     path.write_text(text, encoding="utf-8")
     assert json_elements(path, chunk) == [
-        (1, RECORDS[0], None), (2, None, "malformed_json"), (3, RECORDS[3], None), (4, None, "malformed_json"),
-        (5, 7, None), (6, None, "malformed_json"), (7, None, "malformed_json"), (8, None, "malformed_json"),
+        (1, RECORDS[0], None),
+        (2, None, "malformed_json"),
+        (3, RECORDS[3], None),
+        (4, None, "malformed_json"),
+        (5, 7, None),
+        (6, None, "malformed_json"),
+        (7, None, "malformed_json"),
+        (8, None, "malformed_json"),
         (9, RECORDS[0], None),
     ]
     records = list(read_json(path, chunk=chunk))
@@ -150,7 +184,7 @@ def test_json_array_truncated_file_rejects_the_rest(tmp_path: Path) -> None:
     # Like a dump cut off mid-element: everything before the cut is kept.
     text = json.dumps(RECORDS, indent=1)
     path = tmp_path / "cut.json"
-    path.write_text(text[:text.rindex('"Say')], encoding="utf-8")
+    path.write_text(text[: text.rindex('"Say')], encoding="utf-8")
     records = list(read_json(path, chunk=16))
     assert [r.value for r in records[:3]] == RECORDS[:3]
     assert len(records) == 4 and records[3].line_no == 4
@@ -161,8 +195,11 @@ def test_json_array_not_closed_and_trailing_data(tmp_path: Path) -> None:
     (tmp_path / "open.json").write_text(f"[{json.dumps(RECORDS[0])}, ")
     (tmp_path / "trailing.json").write_text(f"[{json.dumps(RECORDS[0])}] junk")
     (tmp_path / "nocomma.json").write_text(f"[{json.dumps(RECORDS[0])} {json.dumps(RECORDS[1])}]")
-    for name, fragment in [("open", "array is not closed"), ("trailing", "after the closing ']'"),
-                           ("nocomma", "expected ',' or ']' after element 1")]:
+    for name, fragment in [
+        ("open", "array is not closed"),
+        ("trailing", "after the closing ']'"),
+        ("nocomma", "expected ',' or ']' after element 1"),
+    ]:
         records = list(read_json(tmp_path / f"{name}.json", chunk=8))
         assert records[0].value == RECORDS[0]
         assert len(records) == 2 and fragment in records[1].parse_error, name
@@ -221,27 +258,48 @@ def write_hf_dataset(directory: Path, rows: list[dict[str, Any]], shards: int = 
     """The layout datasets' save_to_disk writes: Arrow stream shards, state.json, dataset_info.json."""
     directory.mkdir(parents=True)
     table = pa.Table.from_pylist(rows)
-    features = {"messages": {"feature": {"role": {"dtype": "string", "_type": "Value"},
-                                         "content": {"dtype": "string", "_type": "Value"}}, "_type": "List"}}
+    features = {
+        "messages": {
+            "feature": {
+                "role": {"dtype": "string", "_type": "Value"},
+                "content": {"dtype": "string", "_type": "Value"},
+            },
+            "_type": "List",
+        }
+    }
     schema = table.schema.with_metadata({"huggingface": json.dumps({"info": {"features": features}})})
     per_shard = -(-len(rows) // shards)
     names = []
     for index in range(shards):
         name = f"data-{index:05d}-of-{shards:05d}.arrow"
         with pa.OSFile(str(directory / name), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-            writer.write_table(table.slice(index * per_shard, per_shard).replace_schema_metadata(schema.metadata),
-                               max_chunksize=3)
+            writer.write_table(
+                table.slice(index * per_shard, per_shard).replace_schema_metadata(schema.metadata), max_chunksize=3
+            )
         names.append(name)
     (directory / "dataset_info.json").write_text(json.dumps({"features": features, "citation": "", "description": ""}))
-    (directory / "state.json").write_text(json.dumps({
-        "_data_files": [{"filename": name} for name in names], "_fingerprint": "0123456789abcdef",
-        "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
-        "_split": None}))
+    (directory / "state.json").write_text(
+        json.dumps(
+            {
+                "_data_files": [{"filename": name} for name in names],
+                "_fingerprint": "0123456789abcdef",
+                "_format_columns": None,
+                "_format_kwargs": {},
+                "_format_type": None,
+                "_output_all_columns": False,
+                "_split": None,
+            }
+        )
+    )
     return directory
 
 
-HF_ROWS = [{"messages": QA}, {"messages": [QA[0]]}, {"messages": [QA[1], QA[0], QA[1]]},
-           {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}] * 5
+HF_ROWS = [
+    {"messages": QA},
+    {"messages": [QA[0]]},
+    {"messages": [QA[1], QA[0], QA[1]]},
+    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+] * 5
 
 
 def test_hf_dataset_saved_to_disk_layout(tmp_path: Path) -> None:
@@ -264,10 +322,12 @@ def test_real_datasets_save_to_disk(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
     rows = [{"messages": QA, "n": 1}, {"instruction": "", "messages": [QA[0]], "n": 2}]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "single"))
-    datasets.DatasetDict({
-        "train": datasets.Dataset.from_list([{"prompt": "a", "completion": "b"}] * 3),
-        "test": datasets.Dataset.from_list([{"prompt": "c", "completion": ""}]),
-    }).save_to_disk(str(tmp_path / "splits"))
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list([{"prompt": "a", "completion": "b"}] * 3),
+            "test": datasets.Dataset.from_list([{"prompt": "c", "completion": ""}]),
+        }
+    ).save_to_disk(str(tmp_path / "splits"))
     assert summary(outcomes(tmp_path / "single")) == [(1, "ok"), (2, "missing_response")]
     assert summary(outcomes(tmp_path / "splits")) == [(1, "ok"), (2, "ok"), (3, "ok"), (4, "missing_response")]
 
@@ -284,7 +344,9 @@ def test_records_source() -> None:
 
 
 def test_overlong_jsonl_line_is_rejected_without_stopping(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "long.jsonl", [json.dumps(RECORDS[0]), json.dumps({"prompt": "p" * 500}), json.dumps(RECORDS[1])])
+    path = write_jsonl(
+        tmp_path / "long.jsonl", [json.dumps(RECORDS[0]), json.dumps({"prompt": "p" * 500}), json.dumps(RECORDS[1])]
+    )
     records = list(read_jsonl(path, max_line_bytes=128))
     assert [(r.line_no, r.value is not None) for r in records] == [(1, True), (2, False), (3, True)]
     assert records[1].parse_error == "too_large: the line is longer than 128 bytes"

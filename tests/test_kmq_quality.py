@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import dagster as dg
 import duckdb
@@ -18,6 +18,7 @@ from assets.diversity import KmqConfig
 from assets.partitions import DEFAULT_MODEL
 from resources import build_resources
 from selection.data import pool_store
+from selection.data.tokenization import IGNORE_INDEX, tokenize_conversation
 from selection.diversity import kmq_run, quality
 from selection.diversity.diversity_store import CLUSTERS_DDL
 from selection.diversity.quality import (
@@ -29,7 +30,6 @@ from selection.diversity.quality import (
     sampling_quality,
     summarize_by_group,
 )
-from selection.data.tokenization import IGNORE_INDEX, tokenize_conversation
 from tests.fakes import TinyModelStore
 
 PAIRS = [
@@ -44,8 +44,9 @@ def _conversation(prompt: str, answer: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
 
 
-def _target_log_probs_by_hand(model: torch.nn.Module, tokenizer: Any, messages: list[dict], max_length: int
-                              ) -> tuple[list[int], list[float]]:
+def _target_log_probs_by_hand(
+    model: torch.nn.Module, tokenizer: Any, messages: list[dict], max_length: int
+) -> tuple[list[int], list[float]]:
     """(target token ids, their log-probs), from one unbatched forward pass."""
     example = tokenize_conversation(tokenizer, messages, max_length)
     with torch.no_grad():
@@ -66,8 +67,9 @@ def _ifd_by_hand(model, tokenizer, prompt: str, answer: str, max_length: int) ->
 
 
 @pytest.mark.parametrize("template", [False, True])
-def test_ifd_matches_hand_computation(tiny_llama: torch.nn.Module, tiny_tokenizer: Any, chatml_tokenizer: Any,
-                                      template: bool) -> None:
+def test_ifd_matches_hand_computation(
+    tiny_llama: torch.nn.Module, tiny_tokenizer: Any, chatml_tokenizer: Any, template: bool
+) -> None:
     tokenizer = chatml_tokenizer if template else tiny_tokenizer
     conversations = [_conversation(p, a) for p, a in PAIRS]
     result = instruction_following_difficulty(tiny_llama, tokenizer, conversations, max_length=128, batch_size=3)
@@ -79,14 +81,17 @@ def test_ifd_matches_hand_computation(tiny_llama: torch.nn.Module, tiny_tokenize
     assert result.n_unscored == 0 and (result.n_tokens > 0).all()
 
 
-def test_ifd_compares_the_same_tokens_when_truncation_cuts_the_answer(tiny_llama: torch.nn.Module,
-                                                                     tiny_tokenizer: Any) -> None:
+def test_ifd_compares_the_same_tokens_when_truncation_cuts_the_answer(
+    tiny_llama: torch.nn.Module, tiny_tokenizer: Any
+) -> None:
     prompt, answer = "Explain this at length please: " + "why " * 20, "Because " + "it is so. " * 12
     max_length = 120  # the prompted answer keeps fewer tokens than the answer alone
     result = instruction_following_difficulty(tiny_llama, tiny_tokenizer, [_conversation(prompt, answer)], max_length)
     alone = tokenize_conversation(tiny_tokenizer, _conversation("", answer), max_length)
     assert 0 < result.n_tokens[0] < alone.n_target_tokens
-    assert result.ifd[0] == pytest.approx(_ifd_by_hand(tiny_llama, tiny_tokenizer, prompt, answer, max_length), rel=1e-4)
+    assert result.ifd[0] == pytest.approx(
+        _ifd_by_hand(tiny_llama, tiny_tokenizer, prompt, answer, max_length), rel=1e-4
+    )
     with pytest.raises(ValueError, match="no assistant turn"):
         instruction_following_difficulty(tiny_llama, tiny_tokenizer, [[{"role": "user", "content": "Anyone?"}]])
 
@@ -102,7 +107,9 @@ def test_relative_sampling_weights_by_hand() -> None:
     raw = np.exp(np.array([0.0, 1.0, 0.5]) / 0.5)
     expected = np.array([raw[0], raw[1], 0.0, raw[2]]) / raw.mean()
     np.testing.assert_allclose(relative_sampling_weights(q, 0.5), expected)
-    np.testing.assert_allclose(relative_sampling_weights([-800.0, -801.0], 1.0), [2 / (1 + np.e**-1), 2 * np.e**-1 / (1 + np.e**-1)])
+    np.testing.assert_allclose(
+        relative_sampling_weights([-800.0, -801.0], 1.0), [2 / (1 + np.e**-1), 2 * np.e**-1 / (1 + np.e**-1)]
+    )
     with pytest.raises(ValueError, match="temperature"):
         relative_sampling_weights(q, 0.0)
 
@@ -211,8 +218,10 @@ def test_diversity_store_reads_the_latest_embeddings_and_replaces_clusters_and_r
         store.replace_kmq_rounds(con, "m", 4, [row, store.KmqRoundRow(1, [0.7, 0.3], None, None, ["b"], None)], "r1")
         store.replace_kmq_rounds(con, "m", 6, [row], "r2")
         store.replace_kmq_rounds(con, "m", 4, [row], "r3")
-        stored = con.execute("SELECT budget, round, weights, cluster_scores, updated_weights, new_example_ids, "
-                             "feedback, run_id FROM kmq_rounds ORDER BY budget").fetchall()
+        stored = con.execute(
+            "SELECT budget, round, weights, cluster_scores, updated_weights, new_example_ids, "
+            "feedback, run_id FROM kmq_rounds ORDER BY budget"
+        ).fetchall()
     assert [(budget, run_id) for budget, *_, run_id in stored] == [(4, "r3"), (6, "r2")]
     assert [json.loads(v) for v in stored[0][2:7]] == [[0.5, 0.5], [1.0, None], [0.7, 0.3], ["a"], {"round": 0}]
 
@@ -223,7 +232,7 @@ def test_diversity_store_reads_the_latest_embeddings_and_replaces_clusters_and_r
 class LengthRewardScorer:
     """A fake reward model: the answer's length in characters. Records what it judged."""
 
-    calls: list[list[list[dict]]] = []
+    calls: ClassVar[list[list[list[dict]]]] = []
 
     def __init__(self, path: str, device: str = "cpu", **_: Any) -> None:
         self.path = str(path)
@@ -243,8 +252,10 @@ def _pool_files(folder: Path) -> list[dict]:
     folder.mkdir(parents=True, exist_ok=True)
     specs = []
     for source, make in (("short", lambda i: f"Item {i}."), ("long", lambda i: f"A longer answer number {i} " * 3)):
-        lines = [{"instruction": f"{source} task {i}: describe thing {i * 7}", "input": "", "output": make(i)}
-                 for i in range(12)]
+        lines = [
+            {"instruction": f"{source} task {i}: describe thing {i * 7}", "input": "", "output": make(i)}
+            for i in range(12)
+        ]
         path = folder / f"{source}.jsonl"
         path.write_text("".join(json.dumps(line) + "\n" for line in lines))
         specs.append({"path": str(path), "name": source})
@@ -254,24 +265,37 @@ def _pool_files(folder: Path) -> list[dict]:
 @pytest.fixture
 def kmq_home(tmp_path: Path):
     """A 24-example pool from two sources, with 2 clusters written directly (no embedder)."""
-    resources = {**build_resources(home=str(tmp_path / "home"), env="ci"),
-                 "model_store": TinyModelStore(cache_dir=str(tmp_path / "cache"))}
+    resources = {
+        **build_resources(home=str(tmp_path / "home"), env="ci"),
+        "model_store": TinyModelStore(cache_dir=str(tmp_path / "cache")),
+    }
     assets = dg.load_assets_from_modules(ASSET_MODULES)
     with dg.instance_for_test() as instance:
-        assert dg.materialize(assets, selection=dg.AssetSelection.assets("raw_pool"), resources=resources,
-                              run_config={"ops": {"raw_pool": {"config": {"sources": _pool_files(tmp_path / "in")}}}},
-                              instance=instance).success
+        assert dg.materialize(
+            assets,
+            selection=dg.AssetSelection.assets("raw_pool"),
+            resources=resources,
+            run_config={"ops": {"raw_pool": {"config": {"sources": _pool_files(tmp_path / "in")}}}},
+            instance=instance,
+        ).success
         with duckdb.connect(resources["lineage"].db_path) as con:
             version = pool_store.latest_pool_version(con)[0]
             ids = [r[0] for r in con.execute("SELECT example_id FROM pool ORDER BY example_id").fetchall()]
             con.execute(CLUSTERS_DDL)
-            con.executemany("INSERT INTO clusters VALUES (?, 'fake-encoder', 2, ?, ?)",
-                            [(version, example_id, i % 2) for i, example_id in enumerate(ids)])
+            con.executemany(
+                "INSERT INTO clusters VALUES (?, 'fake-encoder', 2, ?, ?)",
+                [(version, example_id, i % 2) for i, example_id in enumerate(ids)],
+            )
 
         def run(asset: str, config: dict):
-            result = dg.materialize(assets, selection=dg.AssetSelection.assets(asset), resources=resources,
-                                    run_config={"ops": {asset: {"config": config}}}, partition_key=DEFAULT_MODEL,
-                                    instance=instance)
+            result = dg.materialize(
+                assets,
+                selection=dg.AssetSelection.assets(asset),
+                resources=resources,
+                run_config={"ops": {asset: {"config": config}}},
+                partition_key=DEFAULT_MODEL,
+                instance=instance,
+            )
             assert result.success
             return result.asset_materializations_for_node(asset)[0].metadata
 
@@ -287,13 +311,30 @@ def test_kmq_defaults_to_ifd_reports_sources_and_keys_scores_by_scorer(kmq_home)
     assert "| long | 12 |" in table and "| short | 12 |" in table
     run("kmq_selection", {"budget": 4, "quality": "log_likelihood"})
     with duckdb.connect(db_path) as con:
-        kinds = dict(con.execute("SELECT json_extract_string(scorer, '$.kind'), count(*) FROM quality_scores "
-                                 "GROUP BY ALL").fetchall())
-        ifd, loglik = (np.array([r[0] for r in con.execute(
-            "SELECT score FROM quality_scores WHERE json_extract_string(scorer, '$.kind') = ? ORDER BY example_id",
-            [kind]).fetchall()], dtype=float) for kind in ("ifd", "response_log_likelihood"))
-        lineage = json.loads(con.execute("SELECT metrics FROM lineage WHERE asset_key = 'kmq_selection' "
-                                         "ORDER BY finished_at LIMIT 1").fetchone()[0])
+        kinds = dict(
+            con.execute(
+                "SELECT json_extract_string(scorer, '$.kind'), count(*) FROM quality_scores GROUP BY ALL"
+            ).fetchall()
+        )
+        ifd, loglik = (
+            np.array(
+                [
+                    r[0]
+                    for r in con.execute(
+                        "SELECT score FROM quality_scores WHERE json_extract_string(scorer, '$.kind') = ? "
+                        "ORDER BY example_id",
+                        [kind],
+                    ).fetchall()
+                ],
+                dtype=float,
+            )
+            for kind in ("ifd", "response_log_likelihood")
+        )
+        lineage = json.loads(
+            con.execute(
+                "SELECT metrics FROM lineage WHERE asset_key = 'kmq_selection' ORDER BY finished_at LIMIT 1"
+            ).fetchone()[0]
+        )
     # Each scorer scored the pool once; the log-likelihood run did not reuse the IFD scores (or the reverse).
     assert kinds == {"ifd": 24, "response_log_likelihood": 24}
     assert (ifd > 0).all() and (loglik < 0).all()
@@ -306,17 +347,26 @@ def test_iterative_feedback_uses_the_reward_model_and_its_identity_keys_rounds(k
     monkeypatch.setattr(quality, "RewardModelScorer", LengthRewardScorer)
     LengthRewardScorer.calls = []
     # Quality stays IFD (the base model); only the feedback judge is the reward model.
-    config = {"budget": 6, "n_rounds": 3, "max_new_tokens": 4, "quality": "ifd", "reward_model_path": str(home / "rm-a")}
+    config = {
+        "budget": 6,
+        "n_rounds": 3,
+        "max_new_tokens": 4,
+        "quality": "ifd",
+        "reward_model_path": str(home / "rm-a"),
+    }
     metadata = run("kmq_iterative_selection", config)
     assert metadata["scorer"].value["kind"] == "ifd"
     assert len(LengthRewardScorer.calls) == 4  # gold then generated answers, after rounds 0 and 1
     with duckdb.connect(db_path) as con:
-        logs = [json.loads(r[0]) for r in con.execute(
-            "SELECT feedback FROM kmq_rounds WHERE feedback != 'null' ORDER BY round").fetchall()]
+        logs = [
+            json.loads(r[0])
+            for r in con.execute("SELECT feedback FROM kmq_rounds WHERE feedback != 'null' ORDER BY round").fetchall()
+        ]
     assert [log["scorer"]["kind"] for log in logs] == ["fake_length_reward"] * 2
     for log, (gold, generated) in zip(logs, zip(LengthRewardScorer.calls[::2], LengthRewardScorer.calls[1::2])):
-        stored = json.loads((home / "models" / DEFAULT_MODEL / "kmq_feedback" / log["round_key"] /
-                             "feedback.json").read_text())["scores"]
+        stored = json.loads(
+            (home / "models" / DEFAULT_MODEL / "kmq_feedback" / log["round_key"] / "feedback.json").read_text()
+        )["scores"]
         # S = reward(gold) - reward(generated), as in the paper.
         expected = [len(g[-1]["content"]) - len(x[-1]["content"]) for g, x in zip(gold, generated)]
         assert stored == pytest.approx(expected)
@@ -330,8 +380,10 @@ def test_iterative_feedback_uses_the_reward_model_and_its_identity_keys_rounds(k
     run("kmq_iterative_selection", {**config, "reward_model_path": str(home / "rm-b")})
     assert len(LengthRewardScorer.calls) == 4
     with duckdb.connect(db_path) as con:
-        logs_b = [json.loads(r[0]) for r in con.execute(
-            "SELECT feedback FROM kmq_rounds WHERE feedback != 'null' ORDER BY round").fetchall()]
+        logs_b = [
+            json.loads(r[0])
+            for r in con.execute("SELECT feedback FROM kmq_rounds WHERE feedback != 'null' ORDER BY round").fetchall()
+        ]
     assert not any(log.get("reused") for log in logs_b)
     assert {log["round_key"] for log in logs_b}.isdisjoint({log["round_key"] for log in logs})
 
@@ -348,9 +400,9 @@ def test_builtin_pool_sampling_weights_do_not_follow_answer_format(pytestconfig,
     no source's mean IFD sampling weight is over 3x another's; the old default, the mean
     response log-likelihood, fails that bar on the same examples (copy-heavy, predictable
     answers such as HumanEval's get several times the weight of open-ended ones)."""
-    from selection.data.default_data import SOURCE_NAMES, pool_side, sample_items
     import dataclasses
 
+    from selection.data.default_data import SOURCE_NAMES, pool_side, sample_items
     from selection.train.models import DEMO_SPEC_OVERRIDES, default_model_spec, load_model_and_tokenizer
 
     cache = getattr(pytestconfig, "cache", None)
@@ -372,8 +424,10 @@ def test_builtin_pool_sampling_weights_do_not_follow_answer_format(pytestconfig,
         name: summarize_by_group(sources, {"score": values, "weight": relative_sampling_weights(q, 1.0)})
         for name, values, q in (("ifd", ifd, ifd_quality(ifd)), ("log_likelihood", loglik, loglik))
     }
-    spread = {name: max(r["weight_mean"] for r in rows) / min(r["weight_mean"] for r in rows)
-              for name, rows in by_source.items()}
+    spread = {
+        name: max(r["weight_mean"] for r in rows) / min(r["weight_mean"] for r in rows)
+        for name, rows in by_source.items()
+    }
     print(json.dumps({"by_source": by_source, "mean_weight_spread": spread}))
     assert spread["ifd"] <= 3.0, by_source["ifd"]
     assert spread["log_likelihood"] > 3.0, by_source["log_likelihood"]

@@ -40,8 +40,7 @@ def test_influence_scores_match_dense_weighted_cosine(tmp_path):
         vals.append(_unit(rng.standard_normal((n_val, d))).astype(np.float16))
     out = influence_scores(trains, vals, weights, tmp_path / "scores.npy", chunk_rows=8)
     expected = sum(
-        w * _unit(tr.astype(np.float64)) @ _unit(va.astype(np.float64)).T
-        for w, tr, va in zip(weights, trains, vals)
+        w * _unit(tr.astype(np.float64)) @ _unit(va.astype(np.float64)).T for w, tr, va in zip(weights, trains, vals)
     )
     assert out.shape == (n_train, n_val) and out.dtype == np.float32
     np.testing.assert_allclose(out, expected, atol=1e-5)
@@ -116,8 +115,15 @@ def test_resolve_budget_counts_and_fractions():
     assert resolve_budget(0.05, 270_000) == 13_500
     assert resolve_budget(0.29, 100) == 29  # 0.29 * 100 == 28.999... in floating point
     assert resolve_budget(1.0, 7) == 7
-    for bad, match in [(11, "exceeds the pool"), (0, "positive"), (-1, "positive"), (1.5, r"\(0, 1\]"),
-                       (0.0, r"\(0, 1\]"), (0.01, "selects no examples"), (True, "count or a fraction")]:
+    for bad, match in [
+        (11, "exceeds the pool"),
+        (0, "positive"),
+        (-1, "positive"),
+        (1.5, r"\(0, 1\]"),
+        (0.0, r"\(0, 1\]"),
+        (0.01, "selects no examples"),
+        (True, "count or a fraction"),
+    ]:
         with pytest.raises(ValueError, match=match):
             resolve_budget(bad, 10)
 

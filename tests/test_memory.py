@@ -62,12 +62,17 @@ def test_runtime_oom_message_is_recognized_but_other_errors_and_single_rows_rais
 
 
 def test_estimate_at_7b_and_free_memory_budget() -> None:
-    config = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008,
-                         vocab_size=32000)
+    config = LlamaConfig(
+        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008, vocab_size=32000
+    )
     dims = 32 * 4 * 2 * 128 * 4096
     assert dims == 134_217_728
-    model = memory.GradientMemory(dims, memory.activation_bytes_per_token(
-        config, 128, ("q_proj", "k_proj", "v_proj", "o_proj"), weight_bytes=2, checkpointing=True))
+    model = memory.GradientMemory(
+        dims,
+        memory.activation_bytes_per_token(
+            config, 128, ("q_proj", "k_proj", "v_proj", "o_proj"), weight_bytes=2, checkpointing=True
+        ),
+    )
     assert model.bytes_per_example == dims * 4 * memory.GRADIENT_COPIES  # 1.07 GB
     checkpointed = model.bytes_per_token
     full = memory.activation_bytes_per_token(config, 128, ("q_proj", "k_proj", "v_proj", "o_proj"), 2)

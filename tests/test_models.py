@@ -7,8 +7,9 @@ import time
 
 import pytest
 import torch
-from tests.conftest import SAMPLE_CONVERSATION, make_tiny_tokenizer
 
+from selection.common.files import atomic_directory, remove_stale_temp_dirs
+from selection.data.tokenization import IGNORE_INDEX, collate, tokenize_conversation
 from selection.train.models import (
     ModelLoadError,
     ModelSpec,
@@ -19,8 +20,7 @@ from selection.train.models import (
     resolve_gguf_path,
     trainable_parameter_names,
 )
-from selection.data.tokenization import IGNORE_INDEX, collate, tokenize_conversation
-from selection.common.files import atomic_directory, remove_stale_temp_dirs
+from tests.conftest import SAMPLE_CONVERSATION, make_tiny_tokenizer
 
 TINY_SPEC = ModelSpec(name="tiny", source="unused", lora_r=4, lora_alpha=8, lora_dropout=0.0)
 
@@ -34,8 +34,11 @@ def test_fingerprint_is_stable_and_sensitive():
     assert ModelSpec.from_dict(spec.to_dict()) == spec
     as_list = dict(spec.to_dict(), lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     assert ModelSpec.from_dict(as_list).fingerprint() == spec.fingerprint()
-    changed = [spec.with_lora(8, 32), ModelSpec(name="m", source="/models/m", max_length=512),
-               ModelSpec(name="m", source="/models/m", dtype="bfloat16")]
+    changed = [
+        spec.with_lora(8, 32),
+        ModelSpec(name="m", source="/models/m", max_length=512),
+        ModelSpec(name="m", source="/models/m", dtype="bfloat16"),
+    ]
     assert len({spec.fingerprint(), *(other.fingerprint() for other in changed)}) == 4
 
 
@@ -104,10 +107,9 @@ def test_add_lora_is_seeded():
 
 
 def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
-    with pytest.raises(RuntimeError):
-        with atomic_directory(tmp_path / "out") as temp:
-            (temp / "half.bin").write_bytes(b"x")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_directory(tmp_path / "out") as temp:
+        (temp / "half.bin").write_bytes(b"x")
+        raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
     with atomic_directory(tmp_path / "out") as temp:
         (temp / "whole.bin").write_bytes(b"x")
@@ -140,11 +142,14 @@ def test_real_smollm2_from_gguf_cache(pytestconfig):
     templated = tokenizer.apply_chat_template(SAMPLE_CONVERSATION, tokenize=True)
     templated_ids = templated["input_ids"] if hasattr(templated, "keys") else templated
     assert example.input_ids == list(templated_ids)
-    runs = tokenizer.decode([t for t, l in zip(example.input_ids, example.labels) if l != IGNORE_INDEX])
+    runs = tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX])
     assert runs == "4.<|im_end|>6, of course.<|im_end|>"
     # Without a system turn the template injects its default one; still only the answer is labelled.
     no_system = tokenize_conversation(tokenizer, SAMPLE_CONVERSATION[1:3], max_length=256)
-    assert tokenizer.decode([t for t, l in zip(no_system.input_ids, no_system.labels) if l != IGNORE_INDEX]) == "4.<|im_end|>"
+    assert (
+        tokenizer.decode([t for t, label in zip(no_system.input_ids, no_system.labels) if label != IGNORE_INDEX])
+        == "4.<|im_end|>"
+    )
     assert "You are a helpful AI assistant" in tokenizer.decode(no_system.input_ids)
 
     batch = collate([example], tokenizer.pad_token_id)

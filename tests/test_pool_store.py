@@ -28,12 +28,30 @@ from selection.data.pool_store import (
 
 # Columns that other code and users' queries read: a migration may add columns but must keep these.
 STABLE_COLUMNS = {
-    "pool": {"example_id", "source", "messages", "line_no", "n_turns", "n_chars", "first_seen_version", "first_seen_seq"},
+    "pool": {
+        "example_id",
+        "source",
+        "messages",
+        "line_no",
+        "n_turns",
+        "n_chars",
+        "first_seen_version",
+        "first_seen_seq",
+    },
     "pool_rejects": {"source", "line_no", "reason", "raw", "pool_version"},
     "pool_duplicates": {"source", "line_no", "example_id", "pool_version"},
     "pool_versions": {"pool_version", "seq", "created_at", "n_examples", "n_new", "parent_version"},
-    "pool_sources": {"source", "path", "format", "fingerprint", "pool_version", "n_read", "n_accepted",
-                     "n_rejected", "n_duplicates"},
+    "pool_sources": {
+        "source",
+        "path",
+        "format",
+        "fingerprint",
+        "pool_version",
+        "n_read",
+        "n_accepted",
+        "n_rejected",
+        "n_duplicates",
+    },
 }
 
 
@@ -63,9 +81,14 @@ def rows(con: duckdb.DuckDBPyConnection, query: str) -> list[tuple]:
 
 def ids_at(con: duckdb.DuckDBPyConnection, version: str) -> list[str]:
     """Sorted ids of the pool at ``version``, by the membership condition the selection check uses."""
-    return [row[0] for row in con.execute(
-        "SELECT p.example_id FROM pool p JOIN pool_versions v ON v.pool_version = ? "
-        f"WHERE {member_at_seq_sql('p', 'v.seq')} ORDER BY p.example_id", [version]).fetchall()]
+    return [
+        row[0]
+        for row in con.execute(
+            "SELECT p.example_id FROM pool p JOIN pool_versions v ON v.pool_version = ? "
+            f"WHERE {member_at_seq_sql('p', 'v.seq')} ORDER BY p.example_id",
+            [version],
+        ).fetchall()
+    ]
 
 
 def source_counts(report: IngestReport) -> dict[str, tuple[int, int, int, int]]:
@@ -81,7 +104,9 @@ def test_tables_have_stable_columns(con: duckdb.DuckDBPyConnection) -> None:
 
 
 def test_first_ingest_accounts_for_every_record(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
-    first = write_jsonl(tmp_path / "first.jsonl", [qa(1), qa(2), "", "{oops", as_messages(1), qa(3), {"text": "?"}, qa(2)])
+    first = write_jsonl(
+        tmp_path / "first.jsonl", [qa(1), qa(2), "", "{oops", as_messages(1), qa(3), {"text": "?"}, qa(2)]
+    )
     second = write_jsonl(tmp_path / "second.jsonl", [as_messages(3), qa(4), [1], qa(4)])
     report = ingest_sources(con, [first, second], batch_rows=2)
 
@@ -93,21 +118,35 @@ def test_first_ingest_accounts_for_every_record(con: duckdb.DuckDBPyConnection, 
 
     ids = {i: example_id(canonicalize(qa(i))) for i in range(1, 5)}
     assert rows(con, "SELECT example_id, source, line_no FROM pool ORDER BY line_no, source") == [
-        (ids[1], "first", 1), (ids[2], "first", 2), (ids[4], "second", 2), (ids[3], "first", 5)]
+        (ids[1], "first", 1),
+        (ids[2], "first", 2),
+        (ids[4], "second", 2),
+        (ids[3], "first", 5),
+    ]
     # Within a source (messages form of qa(1), repeated qa(2)) and across sources (qa(3)).
     assert rows(con, "SELECT source, line_no, example_id FROM pool_duplicates ORDER BY source, line_no") == [
-        ("first", 4, ids[1]), ("first", 7, ids[2]), ("second", 1, ids[3]), ("second", 4, ids[4])]
+        ("first", 4, ids[1]),
+        ("first", 7, ids[2]),
+        ("second", 1, ids[3]),
+        ("second", 4, ids[4]),
+    ]
     assert rows(con, "SELECT source, line_no, reason_code, raw FROM pool_rejects ORDER BY source, line_no") == [
-        ("first", 3, "malformed_json", "{oops"), ("first", 6, "unknown_schema", '{"text": "?"}'),
-        ("second", 3, "not_object", "[1]")]
+        ("first", 3, "malformed_json", "{oops"),
+        ("first", 6, "unknown_schema", '{"text": "?"}'),
+        ("second", 3, "not_object", "[1]"),
+    ]
     assert rows(con, "SELECT count(*) FROM pool_rejects WHERE reason = '' OR reason IS NULL") == [(0,)]
-    stored = rows(con, "SELECT source, n_read, n_accepted + n_rejected + n_duplicates FROM pool_sources ORDER BY source")
+    stored = rows(
+        con, "SELECT source, n_read, n_accepted + n_rejected + n_duplicates FROM pool_sources ORDER BY source"
+    )
     assert stored == [("first", 7, 7), ("second", 4, 4)]
 
 
 def test_messages_column_is_the_hashed_canonical_json(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
     ingest_sources(con, [write_jsonl(tmp_path / "a.jsonl", [qa(1)])])
-    ((eid, messages, n_turns, n_chars, fmt),) = rows(con, "SELECT example_id, messages, n_turns, n_chars, format FROM pool")
+    ((eid, messages, n_turns, n_chars, fmt),) = rows(
+        con, "SELECT example_id, messages, n_turns, n_chars, format FROM pool"
+    )
     assert eid == hashlib.sha256(messages.encode()).hexdigest()[:32]
     assert json.loads(messages) == canonicalize(qa(1))
     assert (n_turns, n_chars, fmt) == (2, len("Question 1?") + len("Answer 1."), "alpaca")
@@ -126,8 +165,9 @@ def test_refresh_adds_rows_and_skips_unchanged(con: duckdb.DuckDBPyConnection, t
     assert rows(con, "SELECT source, line_no, pool_version FROM pool_duplicates") == [("second", 1, v2.pool_version)]
 
     ids = {i: example_id(canonicalize(qa(i))) for i in range(1, 5)}
-    assert rows(con, "SELECT example_id, first_seen_version, first_seen_seq FROM pool ORDER BY first_seen_seq, line_no") == [
-        (ids[1], v1.pool_version, 1), (ids[2], v1.pool_version, 1), (ids[3], v2.pool_version, 2)]
+    assert rows(
+        con, "SELECT example_id, first_seen_version, first_seen_seq FROM pool ORDER BY first_seen_seq, line_no"
+    ) == [(ids[1], v1.pool_version, 1), (ids[2], v1.pool_version, 1), (ids[3], v2.pool_version, 2)]
     assert ids_at(con, v1.pool_version) == sorted([ids[1], ids[2]])
     assert ids_at(con, v2.pool_version) == sorted(ids[i] for i in (1, 2, 3))
     assert sorted(set(ids_at(con, v2.pool_version)) - set(ids_at(con, v1.pool_version))) == [ids[3]]
@@ -143,8 +183,10 @@ def test_refresh_adds_rows_and_skips_unchanged(con: duckdb.DuckDBPyConnection, t
     assert source_counts(v3)["first"] == (3, 1, 0, 2)
     assert (v3.seq, v3.n_new, v3.n_total) == (3, 1, 4)
     assert rows(con, "SELECT pool_version, seq, n_examples, n_new, parent_version FROM pool_versions ORDER BY seq") == [
-        (v1.pool_version, 1, 2, 2, None), (v2.pool_version, 2, 3, 1, v1.pool_version),
-        (v3.pool_version, 3, 4, 1, v2.pool_version)]
+        (v1.pool_version, 1, 2, 2, None),
+        (v2.pool_version, 2, 3, 1, v1.pool_version),
+        (v3.pool_version, 3, 4, 1, v2.pool_version),
+    ]
     assert latest_pool_version(con) == (v3.pool_version, 3)
 
 
@@ -165,8 +207,12 @@ def test_pool_version_is_the_hash_of_sorted_ids_whatever_the_order(tmp_path: Pat
     report_two = ingest_sources(two, [write_jsonl(tmp_path / "head.jsonl", [as_messages(i) for i in range(5)])])
     expected = pool_version_of_ids(example_id(canonicalize(r)) for r in records)
     assert report_one.pool_version == report_two.pool_version == expected
-    assert expected == hashlib.sha256("".join(f"{i}\n" for i in sorted(
-        example_id(canonicalize(r)) for r in records)).encode()).hexdigest()
+    assert (
+        expected
+        == hashlib.sha256(
+            "".join(f"{i}\n" for i in sorted(example_id(canonicalize(r)) for r in records)).encode()
+        ).hexdigest()
+    )
     one.close()
     two.close()
 
@@ -176,7 +222,13 @@ def test_failed_ingest_leaves_nothing_behind(con: duckdb.DuckDBPyConnection, tmp
     good = write_jsonl(tmp_path / "b.jsonl", [qa(2), "bad"])
     with pytest.raises(FileNotFoundError):
         ingest_sources(con, [good, SourceSpec(tmp_path / "missing.jsonl")])
-    for table, count in [("pool", 1), ("pool_rejects", 0), ("pool_duplicates", 0), ("pool_versions", 1), ("pool_sources", 1)]:
+    for table, count in [
+        ("pool", 1),
+        ("pool_rejects", 0),
+        ("pool_duplicates", 0),
+        ("pool_versions", 1),
+        ("pool_sources", 1),
+    ]:
         assert rows(con, f"SELECT count(*) FROM {table}") == [(count,)], table
     assert latest_pool_version(con) == (v1.pool_version, 1)
     # The connection is usable again and the good source was not marked as ingested.
@@ -247,8 +299,9 @@ def test_edited_record_supersedes_its_old_version(con: duckdb.DuckDBPyConnection
 
     assert (v2.n_new, v2.n_superseded, v2.n_total, v2.n_superseded_total) == (1, 1, 3, 1)
     assert source_counts(v2)["s"] == (3, 1, 0, 2) and v2.sources[0].n_superseded == 1  # accounting unchanged
-    assert con.execute("SELECT superseded_by, superseded_at_version, superseded_at_seq FROM pool WHERE example_id = ?",
-                       [ids[2]]).fetchall() == [(ids[9], v2.pool_version, 2)]
+    assert con.execute(
+        "SELECT superseded_by, superseded_at_version, superseded_at_seq FROM pool WHERE example_id = ?", [ids[2]]
+    ).fetchall() == [(ids[9], v2.pool_version, 2)]
     assert current(con) == {ids[1], ids[3], ids[9]}
     assert sorted(pool_ids(con)) == sorted(current(con))  # the readers leave superseded rows out
     # The version hashes the current ids only, and records how many rows are superseded.
@@ -276,7 +329,10 @@ def test_removed_or_broken_lines_supersede_and_reverts_revive(con: duckdb.DuckDB
     write_jsonl(tmp_path / "s.jsonl", [qa(1), "{broken"])  # line 2 now rejected, line 3 gone
     v2 = ingest_sources(con, [source])
     assert (v2.n_superseded, v2.n_total) == (2, 1) and current(con) == {ids[1]}
-    assert rows(con, f"SELECT superseded_by FROM pool WHERE example_id IN ('{ids[2]}', '{ids[3]}')") == [(None,), (None,)]
+    assert rows(con, f"SELECT superseded_by FROM pool WHERE example_id IN ('{ids[2]}', '{ids[3]}')") == [
+        (None,),
+        (None,),
+    ]
 
     # The original bytes again: not skipped as unchanged (v1's fingerprint is not the latest).
     write_jsonl(tmp_path / "s.jsonl", [qa(1), qa(2), qa(3)])

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from selection.train import preflight, training
 from selection.data.tokenization import tokenize_many
+from selection.train import preflight, training
 from tests.conftest import CHATML_TEMPLATE, make_tiny_tokenizer
 
 
@@ -15,14 +15,19 @@ def test_schedule_ahead_matches_what_train_lora_records(tmp_path) -> None:
     from selection.train.models import ModelSpec, add_lora, build_tiny_llama
 
     tokenizer = make_tiny_tokenizer(chat_template=CHATML_TEMPLATE)
-    conversations = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(5)]
+    conversations = [
+        [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(5)
+    ]
     examples, _ = tokenize_many(tokenizer, conversations, max_length=32)
     config = training.TrainingConfig(epochs=3, learning_rate=1e-3, warmup_ratio=0.2, batch_size=2, micro_batch_size=2)
-    model = add_lora(build_tiny_llama(seed=0, vocab_size=len(tokenizer)),
-                     ModelSpec(name="t", source="unused", lora_r=2, lora_alpha=4, lora_dropout=0.0))
+    model = add_lora(
+        build_tiny_llama(seed=0, vocab_size=len(tokenizer)),
+        ModelSpec(name="t", source="unused", lora_r=2, lora_alpha=4, lora_dropout=0.0),
+    )
     result = training.train_lora(model, examples, config, tmp_path, tokenizer.pad_token_id, save_moments=False)
-    ahead = training.epoch_average_lrs(len(examples), config.batch_size, config.epochs, config.warmup_ratio,
-                                       config.learning_rate)
+    ahead = training.epoch_average_lrs(
+        len(examples), config.batch_size, config.epochs, config.warmup_ratio, config.learning_rate
+    )
     assert [c.avg_lr for c in result.checkpoints] == pytest.approx(ahead, rel=1e-12)
     assert result.metrics["warmup_steps"] == training.lr_schedule(5, 2, 3, 0.2).warmup_steps
 
@@ -50,7 +55,8 @@ def test_warmup_epoch_with_zero_lr_is_refused_with_working_fixes(n, batch, epoch
 def test_valid_warmup_schedules_pass() -> None:
     assert preflight.check_warmup_schedule(9, 8, 4, 0.03)[0] > 0
     assert preflight.check_warmup_schedule(160, 32, 4, 0.03) == pytest.approx(
-        training.epoch_average_lrs(160, 32, 4, 0.03))
+        training.epoch_average_lrs(160, 32, 4, 0.03)
+    )
     assert preflight.check_warmup_schedule(3, 8, 4, 0.0) == pytest.approx([1.0, 0.75, 0.5, 0.25])
     with pytest.raises(ValueError, match="sample is empty; raise `fraction`"):
         preflight.check_warmup_schedule(0, 8, 4, 0.03)
@@ -63,11 +69,17 @@ def test_warmup_field_names_follow_the_caller() -> None:
 
 
 def test_budget_above_pool_or_usable_is_refused_with_the_fix() -> None:
-    with pytest.raises(ValueError, match=r"`budget` 11 is above the pool of 10 current examples; lower `budget` "
-                                         r"to at most 8 \(or a fraction <= 0.8\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"`budget` 11 is above the pool of 10 current examples; lower `budget` "
+        r"to at most 8 \(or a fraction <= 0.8\)",
+    ):
         preflight.resolve_selection_budget(11, 10, 8)
-    with pytest.raises(ValueError, match=r"asks for 9 examples but only 8 of the 10 current pool examples are scored; "
-                                         r"lower `budget` to at most 8"):
+    with pytest.raises(
+        ValueError,
+        match=r"asks for 9 examples but only 8 of the 10 current pool examples are scored; "
+        r"lower `budget` to at most 8",
+    ):
         preflight.resolve_selection_budget(9, 10, 8, "scored")
     with pytest.raises(ValueError, match=r"asks for 9 examples"):
         preflight.resolve_selection_budget(0.9, 10, 8)

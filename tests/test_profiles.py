@@ -7,11 +7,11 @@ import dataclasses
 import dagster as dg
 import pytest
 
+from assets.partitions import DEFAULT_MODEL
+from assets.run_tags import profile_of_run
 from orchestration.definitions import defs
 from orchestration.demo import main as demo_main
 from orchestration.jobs import PREPARE_JOB_NAME, SELECT_AND_EVALUATE_JOB_NAME, refresh_steps
-from assets.partitions import DEFAULT_MODEL
-from assets.run_tags import profile_of_run
 from orchestration.profiles import PROFILES, Profile, get_profile
 from resources import build_resources
 
@@ -37,8 +37,9 @@ def check_profile_run_config(profile: Profile) -> None:
     warmup = WarmupConfig(**profile.ops[PREPARE_JOB_NAME].get("warmup_checkpoints", {}))
     values = profile.values()
     pool_size = values["raw_pool.default_pool_size"]
-    preflight.check_warmup_schedule(round(warmup.fraction * pool_size), warmup.batch_size, warmup.epochs,
-                                    warmup.warmup_ratio, pool_size=pool_size)
+    preflight.check_warmup_schedule(
+        round(warmup.fraction * pool_size), warmup.batch_size, warmup.epochs, warmup.warmup_ratio, pool_size=pool_size
+    )
     # Finetuning on a selection must take a step at lr > 0 too (its first step is a warmup step at lr 0).
     finetune = FinetuneConfig(**profile.ops[SELECT_AND_EVALUATE_JOB_NAME]["finetuned_checkpoints"])
     budget = values.get("less_selection.budget", round(0.05 * pool_size))
@@ -109,7 +110,8 @@ def test_model_store_overrides_change_the_spec_and_cap_at_the_context(tmp_path) 
     models_file.write_text(json.dumps([{"name": "short", "source": str(folder)}]))
     plain = ModelStore(cache_dir=str(tmp_path), models_file=str(models_file)).spec("short")
     assert plain.max_length == 1024  # LESS's 2048, capped by the model's context
-    small = ModelStore(cache_dir=str(tmp_path), models_file=str(models_file), max_length=256, lora_r=8,
-                       lora_alpha=32).spec("short")
+    small = ModelStore(
+        cache_dir=str(tmp_path), models_file=str(models_file), max_length=256, lora_r=8, lora_alpha=32
+    ).spec("short")
     assert (small.max_length, small.lora_r, small.lora_alpha) == (256, 8, 32)
     assert small.fingerprint() != plain.fingerprint()  # its own checkpoints and caches

@@ -69,7 +69,10 @@ def test_fast_agrees_with_exact_on_cosine_rankings() -> None:
     fast = make_projector("fast", input_dim, 1024, seed=0)
     s_exact = scores(exact.project(train), exact.project(target))
     s_fast = scores(fast.project(train), fast.project(target))
-    rank = lambda s: np.argsort(np.argsort(s))
+
+    def rank(s):
+        return np.argsort(np.argsort(s))
+
     assert np.corrcoef(rank(s_exact), rank(s_fast))[0, 1] > 0.95
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from selection.data.tokenization import IGNORE_INDEX, tokenize_conversation
 from selection.diversity.quality import (
     LogLikelihoodScorer,
     ResponseScorer,
@@ -17,15 +18,20 @@ from selection.diversity.quality import (
     response_log_likelihood,
     score_response_likelihoods,
 )
-from selection.data.tokenization import IGNORE_INDEX, tokenize_conversation
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
-     {"role": "assistant", "content": "4."}, {"role": "user", "content": "And 3+3?"},
-     {"role": "assistant", "content": "6, of course."}],
-    [{"role": "user", "content": "Say something long."},
-     {"role": "assistant", "content": "Here is a fairly long answer with several words in it."}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4."},
+        {"role": "user", "content": "And 3+3?"},
+        {"role": "assistant", "content": "6, of course."},
+    ],
+    [
+        {"role": "user", "content": "Say something long."},
+        {"role": "assistant", "content": "Here is a fairly long answer with several words in it."},
+    ],
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there!"}],
 ]
 
@@ -39,8 +45,9 @@ def _manual_mean_log_likelihood(model: torch.nn.Module, input_ids: list[int], la
 
 
 @pytest.mark.parametrize("template", [False, True])
-def test_log_likelihood_matches_manual_per_example(tiny_llama: torch.nn.Module, tiny_tokenizer: Any,
-                                                   chatml_tokenizer: Any, template: bool) -> None:
+def test_log_likelihood_matches_manual_per_example(
+    tiny_llama: torch.nn.Module, tiny_tokenizer: Any, chatml_tokenizer: Any, template: bool
+) -> None:
     tokenizer = chatml_tokenizer if template else tiny_tokenizer
     got = response_log_likelihood(tiny_llama, tokenizer, CONVERSATIONS, max_length=128, batch_size=3)
     for row, messages in enumerate(CONVERSATIONS):
@@ -56,7 +63,7 @@ def test_final_turn_only_scores_the_last_answer(tiny_llama: torch.nn.Module, cha
     got = response_log_likelihood(tiny_llama, chatml_tokenizer, [multi], max_length=128, final_turn_only=True)[0]
     example = tokenize_conversation(chatml_tokenizer, multi, max_length=128)
     first_turn_end = tokenize_conversation(chatml_tokenizer, multi[:3], max_length=128)
-    labels = [IGNORE_INDEX] * len(first_turn_end.input_ids) + example.labels[len(first_turn_end.input_ids):]
+    labels = [IGNORE_INDEX] * len(first_turn_end.input_ids) + example.labels[len(first_turn_end.input_ids) :]
     assert sum(label != IGNORE_INDEX for label in labels) > 0
     assert got == pytest.approx(_manual_mean_log_likelihood(tiny_llama, example.input_ids, labels), rel=1e-4)
     # Truncation cuts the prompt, not the final answer: its start is still what gets scored.
@@ -67,8 +74,9 @@ def test_final_turn_only_scores_the_last_answer(tiny_llama: torch.nn.Module, cha
     final_start = max(i for i in runs if i - 1 not in runs)
     final_labels = [IGNORE_INDEX] * final_start + short.labels[final_start:]
     assert short.prompt_truncated and result.unscored_indices == ()
-    assert result.values[0] == pytest.approx(_manual_mean_log_likelihood(tiny_llama, short.input_ids, final_labels),
-                                             rel=1e-4)
+    assert result.values[0] == pytest.approx(
+        _manual_mean_log_likelihood(tiny_llama, short.input_ids, final_labels), rel=1e-4
+    )
 
 
 def test_no_target_examples_are_nan_and_counted(tiny_llama: torch.nn.Module, tiny_tokenizer: Any) -> None:
@@ -86,8 +94,9 @@ def test_no_target_examples_are_nan_and_counted(tiny_llama: torch.nn.Module, tin
 def test_log_likelihood_scorer_protocol_and_fingerprint(tiny_llama: torch.nn.Module, tiny_tokenizer: Any) -> None:
     scorer = LogLikelihoodScorer(tiny_llama, tiny_tokenizer, "model-a", max_length=128)
     assert isinstance(scorer, ResponseScorer)
-    np.testing.assert_allclose(scorer.score(CONVERSATIONS[:2]),
-                               response_log_likelihood(tiny_llama, tiny_tokenizer, CONVERSATIONS[:2], 128))
+    np.testing.assert_allclose(
+        scorer.score(CONVERSATIONS[:2]), response_log_likelihood(tiny_llama, tiny_tokenizer, CONVERSATIONS[:2], 128)
+    )
     assert scorer.last_result is not None and scorer.last_result.n_unscored == 0
     other = LogLikelihoodScorer(tiny_llama, tiny_tokenizer, "model-b", max_length=128)
     assert scorer.fingerprint() != other.fingerprint()
@@ -99,9 +108,16 @@ def test_log_likelihood_scorer_protocol_and_fingerprint(tiny_llama: torch.nn.Mod
 def _save_tiny_reward_model(folder: Path, tokenizer: Any, num_labels: int = 1) -> Path:
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, num_labels=num_labels,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_labels=num_labels,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     LlamaForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -41,16 +41,17 @@ def test_scaled_down_llama_peak_memory_matches_the_estimate() -> None:
 def test_bf16_base_fp32_lora_and_checkpointing_keep_per_example_gradients() -> None:
     import torch
 
+    from selection.data.tokenization import collate
     from selection.influence.gradients import PerExampleGradients
     from selection.train.models import ModelSpec, add_lora, build_tiny_llama
-    from selection.data.tokenization import collate
     from tests.test_gradients import random_examples
 
     batch = collate(random_examples([9, 14, 6]), pad_token_id=2)
     spec = ModelSpec(name="tiny", source="random", dtype="bfloat16", lora_r=4, lora_alpha=8)
     plain = add_lora(build_tiny_llama().to(torch.bfloat16), spec)
-    checkpointed = add_lora(build_tiny_llama().to(torch.bfloat16), ModelSpec(**{**spec.to_dict(),
-                                                                              "gradient_checkpointing": True}))
+    checkpointed = add_lora(
+        build_tiny_llama().to(torch.bfloat16), ModelSpec(**{**spec.to_dict(), "gradient_checkpointing": True})
+    )
     checkpointed.train()  # e.g. right after warmup: the engine must still run without dropout
     assert checkpointed.get_base_model().is_gradient_checkpointing
     assert {p.dtype for p in checkpointed.parameters() if p.requires_grad} == {torch.float32}
@@ -69,6 +70,7 @@ def test_run_tag_picks_the_device_of_one_run() -> None:
 
     tagged = dg.materialize([chosen], resources={"device": DeviceSettings(device="cuda:7")}, tags={DEVICE_TAG: "cpu"})
     assert tagged.output_for_node("chosen") == "cpu"
-    bad = dg.materialize([chosen], resources={"device": DeviceSettings(device="cpu")}, tags={DEVICE_TAG: "gpu9"},
-                         raise_on_error=False)
+    bad = dg.materialize(
+        [chosen], resources={"device": DeviceSettings(device="cpu")}, tags={DEVICE_TAG: "gpu9"}, raise_on_error=False
+    )
     assert not bad.success

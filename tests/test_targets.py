@@ -40,12 +40,15 @@ def examples(task: str, subtask: str, n: int, prefix: str = "q") -> list[tg.Targ
 
 
 def test_parse_both_formats_subtask_default_and_override(tmp_path: Path) -> None:
-    path = write_lines(tmp_path / "t.jsonl", [
-        {"task": "qa", "subtask": "geo", "messages": conversation("Capital of France?", "Paris.")},
-        {"task": "qa", "prompt": "  2+2?  ", "completion": "4", "id": "extra keys are ignored"},
-        "",
-        {"prompt": "no task here", "completion": "fine with an override"},
-    ])
+    path = write_lines(
+        tmp_path / "t.jsonl",
+        [
+            {"task": "qa", "subtask": "geo", "messages": conversation("Capital of France?", "Paris.")},
+            {"task": "qa", "prompt": "  2+2?  ", "completion": "4", "id": "extra keys are ignored"},
+            "",
+            {"prompt": "no task here", "completion": "fine with an override"},
+        ],
+    )
     plain = tg.build_targets([{"path": path}])
     assert [(r.task, r.subtask) for r in sorted(plain.rows, key=lambda r: r.line_no)] == [("qa", "geo"), ("qa", "qa")]
     # Record numbers, as for pool sources: the blank line is not counted.
@@ -61,24 +64,35 @@ def test_parse_both_formats_subtask_default_and_override(tmp_path: Path) -> None
 
 def test_bad_lines_become_rejects_with_reasons(tmp_path: Path) -> None:
     good = {"task": "t", "messages": conversation("fine")}
-    path = write_lines(tmp_path / "mixed.jsonl", [
-        good,
-        "{not json",
-        "[1, 2]",
-        {"task": 3, "messages": conversation("a")},
-        {"task": "all", "messages": conversation("b")},
-        {"task": "t", "question": "no known record format", "answer": "x"},
-        {"task": "t", "prompt": "no completion"},
-        {"task": "t", "messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]},
-        {"task": "t", "subtask": ["x"], "messages": conversation("c")},
-        good,
-        b"\xff\xfe not utf-8",
-    ])
+    path = write_lines(
+        tmp_path / "mixed.jsonl",
+        [
+            good,
+            "{not json",
+            "[1, 2]",
+            {"task": 3, "messages": conversation("a")},
+            {"task": "all", "messages": conversation("b")},
+            {"task": "t", "question": "no known record format", "answer": "x"},
+            {"task": "t", "prompt": "no completion"},
+            {"task": "t", "messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]},
+            {"task": "t", "subtask": ["x"], "messages": conversation("c")},
+            good,
+            b"\xff\xfe not utf-8",
+        ],
+    )
     result = tg.build_targets([tg.TargetFile(path)])
     codes = {r.line_no: reason_code(r.reason) for r in result.rejects}
     assert codes == {
-        2: "malformed_json", 3: "not_object", 4: "wrong_type", 5: tg.BAD_NAME, 6: "unknown_schema",
-        7: "missing_response", 8: "bad_role", 9: "wrong_type", 10: tg.DUPLICATE, 11: "invalid_utf8",
+        2: "malformed_json",
+        3: "not_object",
+        4: "wrong_type",
+        5: tg.BAD_NAME,
+        6: "unknown_schema",
+        7: "missing_response",
+        8: "bad_role",
+        9: "wrong_type",
+        10: tg.DUPLICATE,
+        11: "invalid_utf8",
     }
     assert all(r.reason.split(": ", 1)[1] and r.file == path for r in result.rejects)
     assert result.rejects[0].raw == "{not json"
@@ -95,8 +109,13 @@ def test_file_level_problems_raise(tmp_path: Path) -> None:
         tg.build_targets([{"path": write_lines(tmp_path / "bad.jsonl", ["a,b", "c,d"])}])
     with pytest.raises(ValueError, match="no target files"):
         tg.build_targets([])
-    for config in ({"file": []}, {"files": [{"task": "x"}]}, {"files": [{"path": "p", "tsk": "x"}]},
-                   {"files": [{"path": "p", "task": "all"}]}, {"files": [{"path": "p", "task": "a b"}]}):
+    for config in (
+        {"file": []},
+        {"files": [{"task": "x"}]},
+        {"files": [{"path": "p", "tsk": "x"}]},
+        {"files": [{"path": "p", "task": "all"}]},
+        {"files": [{"path": "p", "task": "a b"}]},
+    ):
         with pytest.raises(ValueError):
             tg.parse_targets_config(config)
     assert tg.parse_targets_config({"files": [{"path": "p", "task": "x"}]}) == [tg.TargetFile("p", "x")]
@@ -107,8 +126,13 @@ def test_split_sizes_determinism_and_warnings() -> None:
     pool = examples("a", "big", 12) + examples("a", "small", 3, prefix="s") + examples("b", "b", 6, prefix="b")
     rows, warnings = tg.split_targets(pool)
     counts = Counter((r.task, r.subtask, r.split) for r in rows)
-    assert counts == {("a", "big", "val"): 5, ("a", "big", "test"): 7, ("a", "small", "val"): 3,
-                      ("b", "b", "val"): 5, ("b", "b", "test"): 1}
+    assert counts == {
+        ("a", "big", "val"): 5,
+        ("a", "big", "test"): 7,
+        ("a", "small", "val"): 3,
+        ("b", "b", "val"): 5,
+        ("b", "b", "test"): 1,
+    }
     assert len(warnings) == 1 and "'small'" in warnings[0] and "test split is empty" in warnings[0]
     shuffled = pool[:]
     random.Random(1).shuffle(shuffled)
@@ -174,10 +198,13 @@ def test_default_targets_idempotent_and_all_mmlu_subjects_mapped(default_target_
 
 
 def test_duckdb_round_trip_and_atomic_replace(tmp_path: Path) -> None:
-    path = write_lines(tmp_path / "t.jsonl", [
-        *({"task": "qa", "subtask": f"s{i % 2}", "messages": conversation(f"question {i}")} for i in range(14)),
-        "{broken",
-    ])
+    path = write_lines(
+        tmp_path / "t.jsonl",
+        [
+            *({"task": "qa", "subtask": f"s{i % 2}", "messages": conversation(f"question {i}")} for i in range(14)),
+            "{broken",
+        ],
+    )
     result = tg.build_targets([{"path": path}])
     con = duckdb.connect(str(tmp_path / "lineage.duckdb"))
     ensure_target_tables(con)
@@ -211,10 +238,13 @@ def test_duckdb_round_trip_and_atomic_replace(tmp_path: Path) -> None:
 
 
 def test_target_files_are_read_like_pool_sources(tmp_path: Path) -> None:
-    alpaca = write_lines(tmp_path / "alpaca.jsonl", [
-        {"task": "qa", "subtask": "geo", "instruction": "Capital of France?", "output": "Paris."},
-        {"task": "qa", "instruction": "Add:", "input": "2+2", "output": "4"},
-    ])
+    alpaca = write_lines(
+        tmp_path / "alpaca.jsonl",
+        [
+            {"task": "qa", "subtask": "geo", "instruction": "Capital of France?", "output": "Paris."},
+            {"task": "qa", "instruction": "Add:", "input": "2+2", "output": "4"},
+        ],
+    )
     result = tg.build_targets([{"path": alpaca}], n_val=1)
     assert not result.rejects
     by_line = {r.line_no: r for r in result.rows}
@@ -226,10 +256,12 @@ def test_target_files_are_read_like_pool_sources(tmp_path: Path) -> None:
     # ShareGPT records in a JSON array, gzipped: the task comes from the config entry.
     sharegpt = tmp_path / "sharegpt.json.gz"
     with gzip.open(sharegpt, "wt", encoding="utf-8") as handle:
-        json.dump([{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": "a"}]}
-                   for i in range(3)] + [{"conversations": []}], handle)
+        json.dump(
+            [{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": "a"}]} for i in range(3)]
+            + [{"conversations": []}],
+            handle,
+        )
     result = tg.build_targets([{"path": str(sharegpt), "task": "chat"}], n_val=1)
     assert sorted(r.messages[0]["content"] for r in result.rows) == ["q0", "q1", "q2"]
     assert {(r.task, r.subtask) for r in result.rows} == {("chat", "chat")}
-    assert [(r.file, r.line_no, reason_code(r.reason)) for r in result.rejects] == [
-        (str(sharegpt), 4, "no_user_turn")]
+    assert [(r.file, r.line_no, reason_code(r.reason)) for r in result.rejects] == [(str(sharegpt), 4, "no_user_turn")]

@@ -4,10 +4,8 @@ import random
 
 import pytest
 import torch
-from tests.conftest import CHATML_TEMPLATE, SAMPLE_CONVERSATION, make_tiny_tokenizer
 
 from selection.data import tokenization
-from selection.train.models import ModelSpec
 from selection.data.tokenization import (
     IGNORE_INDEX,
     TULU_CHAT_TEMPLATE,
@@ -18,6 +16,8 @@ from selection.data.tokenization import (
     tokenize_conversation,
     tokenize_many,
 )
+from selection.train.models import ModelSpec
+from tests.conftest import CHATML_TEMPLATE, SAMPLE_CONVERSATION, make_tiny_tokenizer
 
 
 def labelled_text(tokenizer, example: TokenizedExample) -> list[str]:
@@ -67,7 +67,11 @@ def test_assistant_text_repeated_in_user_turn_is_not_labelled(chatml_tokenizer):
 
 
 def test_trailing_user_turn_has_no_labels(chatml_tokenizer):
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "?"}]
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "?"},
+    ]
     example = tokenize_conversation(chatml_tokenizer, messages, max_length=512)
     assert labelled_text(chatml_tokenizer, example) == ["yo<|im_end|>"]
 
@@ -75,7 +79,10 @@ def test_trailing_user_turn_has_no_labels(chatml_tokenizer):
 def test_template_that_is_not_prefix_stable_is_refused():
     # Renders the last message differently from earlier ones: spans cannot be located.
     unstable = make_tiny_tokenizer(
-        chat_template="{% for m in messages %}{% if loop.last %}[{{ m['content'] }}]{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+        chat_template=(
+            "{% for m in messages %}{% if loop.last %}[{{ m['content'] }}]{% else %}{{ m['content'] }}"
+            "{% endif %}{% endfor %}"
+        )
     )
     with pytest.raises(ValueError, match="prefix-stable"):
         tokenize_conversation(unstable, SAMPLE_CONVERSATION, max_length=512)
@@ -144,8 +151,11 @@ def test_short_prompt_leaves_the_response_all_the_room(chatml_tokenizer):
 
 
 def test_long_prompt_with_short_response_keeps_the_whole_response(chatml_tokenizer):
-    messages = [{"role": "system", "content": "S" * 10}, {"role": "user", "content": "U" * 300},
-                {"role": "assistant", "content": "yes"}]
+    messages = [
+        {"role": "system", "content": "S" * 10},
+        {"role": "user", "content": "U" * 300},
+        {"role": "assistant", "content": "yes"},
+    ]
     example = tokenize_conversation(chatml_tokenizer, messages, max_length=60)
     before, runs = _decoded_runs(chatml_tokenizer, example)
     assert runs == ["yes<|im_end|>"] and len(example.input_ids) == 60
@@ -154,8 +164,12 @@ def test_long_prompt_with_short_response_keeps_the_whole_response(chatml_tokeniz
 
 
 def test_multi_turn_keeps_the_last_assistant_turn_start(chatml_tokenizer):
-    messages = [*SAMPLE_CONVERSATION[:3], {"role": "user", "content": "Q" * 300},
-                {"role": "assistant", "content": "final " * 40}, {"role": "user", "content": "trailing"}]
+    messages = [
+        *SAMPLE_CONVERSATION[:3],
+        {"role": "user", "content": "Q" * 300},
+        {"role": "assistant", "content": "final " * 40},
+        {"role": "user", "content": "trailing"},
+    ]
     example = tokenize_conversation(chatml_tokenizer, messages, max_length=150)
     before, runs = _decoded_runs(chatml_tokenizer, example)
     # The earlier answer is in the kept start of the prompt and keeps its labels.
@@ -165,8 +179,11 @@ def test_multi_turn_keeps_the_last_assistant_turn_start(chatml_tokenizer):
 
 
 def test_only_the_tail_is_cut_when_prompt_and_response_fit(chatml_tokenizer):
-    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
-                {"role": "user", "content": "T" * 100}]
+    messages = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+        {"role": "user", "content": "T" * 100},
+    ]
     full = tokenize_conversation(chatml_tokenizer, messages, max_length=10_000)
     example = tokenize_conversation(chatml_tokenizer, messages, max_length=30)
     assert example.input_ids == full.input_ids[:30] and example.n_target_tokens == full.n_target_tokens
@@ -205,7 +222,7 @@ def test_truncation_never_removes_the_response(template):
         runs = labelled_text(tokenizer, example)
         assert all(any(run in answer + eos for answer in answers) for run in runs)
         # The last run is the start of the last answer.
-        last_answer = [run for run in labelled_text(tokenizer, full)][-1]
+        last_answer = list(labelled_text(tokenizer, full))[-1]
         assert last_answer.startswith(runs[-1])
         if max_length >= 40:  # room for the template structure before the response
             before, _ = _decoded_runs(tokenizer, example)
@@ -237,10 +254,22 @@ def test_truncation_tally_counts_each_id_once_per_source(chatml_tokenizer):
     tally.add(["a", "b", "c"], ["alpaca", "arena", "arena"], examples)
     tally.add(["b"], ["arena"], examples[1:2])  # the same example again (another checkpoint)
     assert tally.rows() == [
-        {"source": "alpaca", "examples": 1, "truncated": 1, "prompt_truncated": 1, "response_truncated": 0,
-         "no_response_left": 0},
-        {"source": "arena", "examples": 2, "truncated": 1, "prompt_truncated": 0, "response_truncated": 1,
-         "no_response_left": 1},
+        {
+            "source": "alpaca",
+            "examples": 1,
+            "truncated": 1,
+            "prompt_truncated": 1,
+            "response_truncated": 0,
+            "no_response_left": 0,
+        },
+        {
+            "source": "arena",
+            "examples": 2,
+            "truncated": 1,
+            "prompt_truncated": 0,
+            "response_truncated": 1,
+            "no_response_left": 1,
+        },
     ]
     with pytest.raises(ValueError, match="differ in length"):
         tally.add(["a"], [], examples[:1])

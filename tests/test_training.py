@@ -4,12 +4,11 @@ import json
 
 import pytest
 import torch
-from tests.conftest import CHATML_TEMPLATE, make_tiny_tokenizer
 from safetensors.torch import load_file
 from transformers import get_linear_schedule_with_warmup
 
-from selection.train.models import ModelSpec, add_lora, build_tiny_llama, trainable_parameter_names
 from selection.data.tokenization import tokenize_many
+from selection.train.models import ModelSpec, add_lora, build_tiny_llama, trainable_parameter_names
 from selection.train.training import (
     TrainingConfig,
     TrainingProgress,
@@ -18,6 +17,7 @@ from selection.train.training import (
     load_checkpoint,
     train_lora,
 )
+from tests.conftest import CHATML_TEMPLATE, make_tiny_tokenizer
 
 SPEC = ModelSpec(name="tiny", source="unused", lora_r=4, lora_alpha=8, lora_dropout=0.1)
 CONFIG = TrainingConfig(epochs=3, learning_rate=1e-2, warmup_ratio=0.1, batch_size=4, micro_batch_size=4, seed=7)
@@ -61,7 +61,9 @@ def test_saves_moments_keyed_by_trainable_names_and_linear_avg_lr(tokenizer, exa
         hf_lrs.append(reference.get_last_lr()[0])
         reference.optimizer.step()
         reference.step()
-    expected_epoch_lrs = [1e-2 * sum(factors) / 3 for factors in ([0, 1, 7 / 8], [6 / 8, 5 / 8, 4 / 8], [3 / 8, 2 / 8, 1 / 8])]
+    expected_epoch_lrs = [
+        1e-2 * sum(factors) / 3 for factors in ([0, 1, 7 / 8], [6 / 8, 5 / 8, 4 / 8], [3 / 8, 2 / 8, 1 / 8])
+    ]
     for epoch, checkpoint in enumerate(result.checkpoints, start=1):
         adapter_path, exp_avg, exp_avg_sq, avg_lr = load_checkpoint(checkpoint.path, expected_names=names)
         assert (adapter_path / "adapter_model.safetensors").is_file()
@@ -84,7 +86,9 @@ def test_resume_after_killed_epoch_matches_uninterrupted_run(tokenizer, examples
             raise KeyboardInterrupt("simulated kill")
 
     with pytest.raises(KeyboardInterrupt):
-        train_lora(fresh_model(tokenizer), examples, CONFIG, tmp_path / "killed", tokenizer.pad_token_id, kill_in_epoch_3)
+        train_lora(
+            fresh_model(tokenizer), examples, CONFIG, tmp_path / "killed", tokenizer.pad_token_id, kill_in_epoch_3
+        )
     assert complete_epochs(tmp_path / "killed") == [1, 2]
     (tmp_path / "killed" / ".tmp-epoch_3-deadbeef").mkdir()  # a half-written epoch from the kill
 
@@ -121,7 +125,9 @@ def test_micro_batch_size_does_not_change_the_math(tokenizer, examples, tmp_path
         train_lora(model, examples, config, tmp_path / f"micro{micro}", tokenizer.pad_token_id)
         trained.append(dict(model.named_parameters()))
     for name, parameter in trained[0].items():
-        torch.testing.assert_close(parameter, trained[1][name], rtol=1e-4, atol=1e-4)  # Adam amplifies rounding where |g| ~ eps
+        torch.testing.assert_close(
+            parameter, trained[1][name], rtol=1e-4, atol=1e-4
+        )  # Adam amplifies rounding where |g| ~ eps
 
 
 def test_load_checkpoint_validates_moments(tokenizer, examples, tmp_path):
@@ -139,8 +145,9 @@ def test_load_checkpoint_validates_moments(tokenizer, examples, tmp_path):
 
 def test_final_finetune_without_moments_and_input_checks(tokenizer, examples, tmp_path):
     model = fresh_model(tokenizer)
-    result = train_lora(model, examples, TrainingConfig(epochs=1, batch_size=8), tmp_path, tokenizer.pad_token_id,
-                        save_moments=False)
+    result = train_lora(
+        model, examples, TrainingConfig(epochs=1, batch_size=8), tmp_path, tokenizer.pad_token_id, save_moments=False
+    )
     assert (result.checkpoints[0].path / "adapter" / "adapter_model.safetensors").is_file()
     with pytest.raises(ValueError, match="no Adam moments"):
         load_checkpoint(result.checkpoints[0].path)
@@ -148,7 +155,9 @@ def test_final_finetune_without_moments_and_input_checks(tokenizer, examples, tm
     with pytest.raises(ValueError, match="no target tokens"):
         train_lora(model, no_target, CONFIG, tmp_path / "x", tokenizer.pad_token_id)
     with pytest.raises(ValueError, match="expects a peft model"):
-        train_lora(build_tiny_llama(vocab_size=len(tokenizer)), examples, CONFIG, tmp_path / "y", tokenizer.pad_token_id)
+        train_lora(
+            build_tiny_llama(vocab_size=len(tokenizer)), examples, CONFIG, tmp_path / "y", tokenizer.pad_token_id
+        )
     with pytest.raises(ValueError, match="no trainable parameters"):
         train_lora(model.requires_grad_(False), examples, CONFIG, tmp_path / "z", tokenizer.pad_token_id)
 

@@ -8,6 +8,7 @@ Screenshots go to `$UI_ARTIFACTS_DIR` (default tests/artifacts/ui/); with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -52,8 +53,9 @@ def artifacts_dir() -> Path:
 
 
 def graphql(url: str, query: str) -> dict:
-    request = urllib.request.Request(f"{url}/graphql", data=json.dumps({"query": query}).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}/graphql", data=json.dumps({"query": query}).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         body = json.load(response)
     assert not body.get("errors"), body["errors"]
@@ -68,8 +70,10 @@ def free_port() -> int:
 
 def wait_for_location(url: str, server: subprocess.Popen, log: Path, timeout: float = 180) -> None:
     """Until the webserver answers and has loaded the code location; the server log on failure."""
-    query = "{ workspaceOrError { ... on Workspace { locationEntries { name locationOrLoadError { __typename " \
-            "... on PythonError { message } } } } } }"
+    query = (
+        "{ workspaceOrError { ... on Workspace { locationEntries { name locationOrLoadError { __typename "
+        "... on PythonError { message } } } } } }"
+    )
     deadline, state = time.monotonic() + timeout, "no answer"
     while time.monotonic() < deadline:
         assert server.poll() is None, f"dagster-webserver exited ({server.returncode}):\n{log.read_text()[-5000:]}"
@@ -95,7 +99,10 @@ def ui(tmp_path_factory: pytest.TempPathFactory):
     dagster_home.mkdir()
     (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")  # no phone-home from tests
     # The code location's resources, with the root the webserver will get from $INSTRUCT_SELECT_HOME.
-    resources = {**build_resources(home=str(home), env="ci"), "model_store": TinyModelStore(cache_dir=str(home / "cache"))}
+    resources = {
+        **build_resources(home=str(home), env="ci"),
+        "model_store": TinyModelStore(cache_dir=str(home / "cache")),
+    }
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         materialize_refresh([*tiny_definitions.ASSETS, *ALL_CHECKS], resources, run_config.__wrapped__(tmp), instance)
 
@@ -103,9 +110,21 @@ def ui(tmp_path_factory: pytest.TempPathFactory):
     env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "INSTRUCT_SELECT_HOME": str(home)}
     with log.open("w") as out:
         server = subprocess.Popen(
-            [str(Path(sys.executable).with_name("dagster-webserver")), "-h", "127.0.0.1", "-p", url.rsplit(":", 1)[1],
-             "-m", LOCATION, "-d", str(PROJECT_ROOT)],
-            cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            [
+                str(Path(sys.executable).with_name("dagster-webserver")),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                url.rsplit(":", 1)[1],
+                "-m",
+                LOCATION,
+                "-d",
+                str(PROJECT_ROOT),
+            ],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: teardown ends its code server too
         )
     try:
@@ -127,28 +146,40 @@ def test_graphql_lists_every_definition(ui: UI) -> None:
     expected = {
         "assets": {key.to_user_string() for key in graph.get_all_asset_keys()},
         "asset checks": {f"{key.asset_key.to_user_string()}:{key.name}" for key in graph.asset_check_keys},
-        "partitions": {f"{key.to_user_string()} {partition}" for key in graph.get_all_asset_keys()
-                       if graph.get(key).partitions_def
-                       for partition in graph.get(key).partitions_def.get_partition_keys()},
+        "partitions": {
+            f"{key.to_user_string()} {partition}"
+            for key in graph.get_all_asset_keys()
+            if graph.get(key).partitions_def
+            for partition in graph.get(key).partitions_def.get_partition_keys()
+        },
         "jobs": {job.name for job in repo.get_all_jobs()},
         "schedules": {schedule.name for schedule in repo.schedule_defs},
         "sensors": {sensor.name for sensor in repo.sensor_defs},
     }
-    data = graphql(ui.url, """{ repositoriesOrError { __typename ... on RepositoryConnection { nodes {
+    data = graphql(
+        ui.url,
+        """{ repositoriesOrError { __typename ... on RepositoryConnection { nodes {
         location { name } jobs { name } schedules { name } sensors { name }
         assetNodes { assetKey { path } partitionKeys assetChecksOrError { ... on AssetChecks { checks { name } } } }
-    } } } }""")["repositoriesOrError"]
+    } } } }""",
+    )["repositoriesOrError"]
     (repository,) = [r for r in data["nodes"] if r["location"]["name"] == LOCATION]
     nodes = {"/".join(node["assetKey"]["path"]): node for node in repository["assetNodes"]}
     shown = {
         "assets": set(nodes),
-        "asset checks": {f"{key}:{check['name']}" for key, node in nodes.items()
-                         for check in (node["assetChecksOrError"] or {}).get("checks", [])},
+        "asset checks": {
+            f"{key}:{check['name']}"
+            for key, node in nodes.items()
+            for check in (node["assetChecksOrError"] or {}).get("checks", [])
+        },
         "partitions": {f"{key} {partition}" for key, node in nodes.items() for partition in node["partitionKeys"]},
         **{kind: {item["name"] for item in repository[kind]} for kind in ("jobs", "schedules", "sensors")},
     }
-    differences = {kind: {"missing": sorted(expected[kind] - shown[kind]), "unexpected": sorted(shown[kind] - expected[kind])}
-                   for kind in expected if expected[kind] != shown[kind]}
+    differences = {
+        kind: {"missing": sorted(expected[kind] - shown[kind]), "unexpected": sorted(shown[kind] - expected[kind])}
+        for kind in expected
+        if expected[kind] != shown[kind]
+    }
     assert not differences, f"the UI's GraphQL API disagrees with {LOCATION}.defs: {differences}"
     assert expected["assets"] and expected["asset checks"] and expected["partitions"]
 
@@ -174,7 +205,9 @@ def browser(chromium: str):
     playwright = sync_api.sync_playwright().start()
     try:
         # Chromium refuses its sandbox as root; containers often have a tiny /dev/shm.
-        launched = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        launched = playwright.chromium.launch(
+            executable_path=chromium, args=["--no-sandbox", "--disable-dev-shm-usage"]
+        )
     except sync_api.Error as error:
         playwright.stop()
         pytest.skip(f"Playwright cannot start {chromium}: {error}")
@@ -207,14 +240,18 @@ def graph_box(page) -> dict | None:
 
 
 # Every line of text drawn in the graph's nodes and group boxes.
-GRAPH_TEXTS_JS = "[...document.querySelectorAll('svg foreignObject > *')].flatMap(e => e.innerText.split('\\n')).map(s => s.trim())"
+GRAPH_TEXTS_JS = (
+    "[...document.querySelectorAll('svg foreignObject > *')].flatMap(e => e.innerText.split('\\n')).map(s => s.trim())"
+)
 
 
 # `page` before `ui`: without a browser the tests skip before the tiny run.
 def test_asset_graph_page_shows_every_asset(page, ui: UI) -> None:
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-    expected = {key.to_user_string() for key in tiny_definitions.defs.get_repository_def().asset_graph.get_all_asset_keys()}
+    expected = {
+        key.to_user_string() for key in tiny_definitions.defs.get_repository_def().asset_graph.get_all_asset_keys()
+    }
     shot = artifacts_dir() / "asset_graph.png"
     try:
         page.goto(f"{ui.url}/asset-groups")
@@ -225,23 +262,33 @@ def test_asset_graph_page_shows_every_asset(page, ui: UI) -> None:
         # A window large enough for the whole graph at full-node zoom (the page zooms to fit its width);
         # the reload keeps the expanded groups (they are in the URL).
         box = graph_box(page)
-        page.set_viewport_size({"width": int(box["left"] + box["width"] * FULL_NODE_ZOOM) + 40,
-                                "height": int(box["top"] + box["height"] * FULL_NODE_ZOOM) + 80})
+        page.set_viewport_size(
+            {
+                "width": int(box["left"] + box["width"] * FULL_NODE_ZOOM) + 40,
+                "height": int(box["top"] + box["height"] * FULL_NODE_ZOOM) + 80,
+            }
+        )
         page.reload()
         # Every name drawn, and every node's live status loaded (nodes read "Loading..." until then).
-        try:
-            page.wait_for_function(f"names => {{ const shown = {GRAPH_TEXTS_JS}; return names.every(n => shown.includes(n))"
-                                   " && !shown.some(s => s.startsWith('Loading')); }", arg=sorted(expected), timeout=30_000)
-        except PlaywrightTimeout:
-            pass  # the assertions below say what is wrong
+        with contextlib.suppress(PlaywrightTimeout):  # the assertions below say what is wrong
+            page.wait_for_function(
+                f"names => {{ const shown = {GRAPH_TEXTS_JS}; return names.every(n => shown.includes(n))"
+                " && !shown.some(s => s.startsWith('Loading')); }",
+                arg=sorted(expected),
+                timeout=30_000,
+            )
         shown = page.evaluate(f"() => {GRAPH_TEXTS_JS}")
         missing = expected - set(shown)
         assert not missing, f"the asset graph page does not show {sorted(missing)}"
         assert not any(s.startswith("Loading") for s in shown), "the asset graph's nodes never loaded their status"
     finally:
         box = graph_box(page)  # None when the graph never drew: then the whole page
-        clip = box and {"x": box["left"], "y": box["top"], "width": box["right"] - box["left"],
-                        "height": box["bottom"] - box["top"]}
+        clip = box and {
+            "x": box["left"],
+            "y": box["top"],
+            "width": box["right"] - box["left"],
+            "height": box["bottom"] - box["top"],
+        }
         page.screenshot(path=shot, clip=clip if clip and clip["width"] > 0 and clip["height"] > 0 else None)
     if os.environ.get("UPDATE_README_SCREENSHOT") == "1":
         (PROJECT_ROOT / "docs").mkdir(exist_ok=True)
@@ -255,8 +302,11 @@ def test_comparison_report_page_shows_its_report(page, ui: UI) -> None:
     materialization = event.asset_materialization
     markdown = [key for key, value in materialization.metadata.items() if isinstance(value, dg.MarkdownMetadataValue)]
     assert markdown, f"{REPORT_ASSET} has no markdown metadata to show"
-    texts = [value.value for value in materialization.metadata.values()
-             if isinstance(value, (dg.TextMetadataValue, dg.PathMetadataValue))]
+    texts = [
+        value.value
+        for value in materialization.metadata.values()
+        if isinstance(value, (dg.TextMetadataValue, dg.PathMetadataValue))
+    ]
     shots = artifacts_dir()
     try:
         page.goto(f"{ui.url}/assets/{REPORT_ASSET}")
@@ -267,7 +317,7 @@ def test_comparison_report_page_shows_its_report(page, ui: UI) -> None:
 
         page.get_by_text("Show Markdown").first.click()
         dialog = page.get_by_role("dialog")
-        headings = re.findall(r"^#+\s+(.+?)\s*$", materialization.metadata[markdown[0]].value, re.M)
+        headings = re.findall(r"^#+\s+(.+?)\s*$", materialization.metadata[markdown[0]].value, re.MULTILINE)
         dialog.get_by_role("heading", name=headings[-1], exact=True).wait_for()
         shown = {heading.inner_text().strip() for heading in dialog.get_by_role("heading").all()}
         assert not set(headings) - shown, f"the rendered report lacks the headings {sorted(set(headings) - shown)}"

@@ -16,5 +16,6 @@ from tests.fakes import TinyModelStore
 ASSETS = with_automation(dg.load_assets_from_modules(ASSET_MODULES))
 RESOURCES = {**build_resources(env="ci"), "model_store": TinyModelStore(cache_dir=str(Path(default_home()) / "cache"))}
 
-defs = dg.Definitions(assets=ASSETS, asset_checks=ALL_CHECKS, sensors=all_sensors, resources=RESOURCES,
-                      executor=guarded_executor)
+defs = dg.Definitions(
+    assets=ASSETS, asset_checks=ALL_CHECKS, sensors=all_sensors, resources=RESOURCES, executor=guarded_executor
+)

@@ -139,12 +139,15 @@ class ArrayStore:
                 raise TypeError("ids must be strings")
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise integrity.ArtifactIntegrityError(
-                path, f"commit record is unreadable ({error})", self.asset) from error
+                path, f"commit record is unreadable ({error})", self.asset
+            ) from error
         checksum = record.pop("record_sha256", None)
         if checksum is not None and checksum != _record_checksum(record):
             raise integrity.ArtifactIntegrityError(
-                path, "commit record differs from the checksum written with it (it was changed after the commit)",
-                self.asset)
+                path,
+                "commit record differs from the checksum written with it (it was changed after the commit)",
+                self.asset,
+            )
         return Chunk(number, ids, excluded, record.get("sha256"), record.get("size"))
 
     def refresh(self) -> None:
@@ -174,7 +177,8 @@ class ArrayStore:
         previous, self._records = self._records, dict(sorted(records.items()))
         top = max(previous, default=-1)
         if all(records.get(number) is known for number, known in previous.items()) and all(
-                number > top for number in records if number not in previous):
+            number > top for number in records if number not in previous
+        ):
             new = [number for number in self._records if number not in previous]  # only appended: index those
         else:
             self._where, self._excluded = {}, {}
@@ -216,7 +220,8 @@ class ArrayStore:
         expected = (len(chunk.ids), self.width)
         if array.shape != expected or array.dtype != self.dtype:
             raise integrity.ArtifactIntegrityError(
-                path, f"holds {array.dtype} {array.shape}, its commit record says {self.dtype} {expected}", self.asset)
+                path, f"holds {array.dtype} {array.shape}, its commit record says {self.dtype} {expected}", self.asset
+            )
         return array
 
     def problems(self) -> Iterator[tuple[int, str]]:
@@ -260,7 +265,8 @@ class ArrayStore:
         if absent and self._damaged:
             error = next(iter(self._damaged.values()))
             raise integrity.ArtifactIntegrityError(
-                error.path, f"{len(absent)} requested ids may be in a damaged chunk: {error.problem}", self.asset)
+                error.path, f"{len(absent)} requested ids may be in a damaged chunk: {error.problem}", self.asset
+            )
         return absent
 
     def rows(self, ids: Sequence[str]) -> np.ndarray:
@@ -318,8 +324,9 @@ class ArrayStore:
             raise ValueError("a chunk needs at least one stored or excluded id")
         with self.lock():
             incoming = ids + list(excluded)
-            present = [example_id for example_id in incoming
-                       if example_id in self._where or example_id in self._excluded]
+            present = [
+                example_id for example_id in incoming if example_id in self._where or example_id in self._excluded
+            ]
             if present or len(set(incoming)) != len(incoming):
                 raise ValueError(f"ids already stored or repeated: {present[:3] or 'repeated within the chunk'}")
             number = max(self._records, default=-1) + 1

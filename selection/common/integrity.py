@@ -99,13 +99,17 @@ def verify_file(path: str | os.PathLike, *, sha256: str | None, size: int | None
         raise ArtifactIntegrityError(path, "is missing", asset) from None
     if size is not None and actual_size != int(size):
         raise ArtifactIntegrityError(
-            path, f"is {actual_size} bytes but was {int(size)} bytes when committed (truncated or rewritten)", asset)
+            path, f"is {actual_size} bytes but was {int(size)} bytes when committed (truncated or rewritten)", asset
+        )
     if sha256 is not None:
         actual = file_sha256(path)
         if actual != sha256:
             raise ArtifactIntegrityError(
-                path, f"sha256 {actual[:16]}... differs from the {sha256[:16]}... recorded at commit "
-                "(the file was changed after it was written)", asset)
+                path,
+                f"sha256 {actual[:16]}... differs from the {sha256[:16]}... recorded at commit "
+                "(the file was changed after it was written)",
+                asset,
+            )
 
 
 def verify_record(directory: str | os.PathLike, record: Mapping[str, Mapping[str, Any]], *, asset: str | None) -> None:
@@ -150,7 +154,8 @@ def open_npy(
     actual = path.stat().st_size
     if actual != expected:
         raise ArtifactIntegrityError(
-            path, f"is {actual} bytes but its header ({dtype} {shape}) needs {expected} (truncated or damaged)", asset)
+            path, f"is {actual} bytes but its header ({dtype} {shape}) needs {expected} (truncated or damaged)", asset
+        )
     if sha256 is not None:
         verify_file(path, sha256=sha256, asset=asset)
     try:

@@ -9,8 +9,12 @@ from typing import Any
 MAX_CELL_CHARS = 120  # a record cell longer than this is cut, so one long text cannot swamp the table
 
 
-def table(header: Sequence[str], rows: Iterable[Sequence[Any]], cell: Callable[[Any], str] = str,
-          align: Sequence[str] | None = None) -> str:
+def table(
+    header: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    cell: Callable[[Any], str] = str,
+    align: Sequence[str] | None = None,
+) -> str:
     """A markdown table: the `header` line, then one line per row with each value rendered by
     `cell`. `align` holds one marker per column (`---` left, `---:` right); all left by default."""
     markers = align if align is not None else ["---"] * len(header)
@@ -44,6 +48,8 @@ def bar_chart_markdown(values: Mapping[str, float], title: str, width: int = 30)
     if not values:
         return f"**{title}**: _no data_"
     scale = max(abs(v) for v in values.values()) or 1.0
-    rows = [(key, f"{value:.4f}", ("-" if value < 0 else "") + "█" * max(0, round(width * abs(value) / scale)))
-            for key, value in values.items()]
+    rows = [
+        (key, f"{value:.4f}", ("-" if value < 0 else "") + "█" * max(0, round(width * abs(value) / scale)))
+        for key, value in values.items()
+    ]
     return f"**{title}**\n\n" + table(["key", "value", ""], rows, align=["---", "---:", "---"])

@@ -57,16 +57,22 @@ class GradientMemory:
         return lambda tokens: max(1, budget_bytes // (self.bytes_per_example + tokens * self.bytes_per_token))
 
 
-def activation_bytes_per_token(config: Any, lora_r: int, lora_modules: Sequence[str], weight_bytes: int,
-                               checkpointing: bool = False) -> int:
+def activation_bytes_per_token(
+    config: Any, lora_r: int, lora_modules: Sequence[str], weight_bytes: int, checkpointing: bool = False
+) -> int:
     """Estimated activation bytes per token of a Llama-style config (see the module docstring)."""
     hidden, layers = config.hidden_size, config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     kv = head_dim * getattr(config, "num_key_value_heads", config.num_attention_heads)
-    shapes = {"q_proj": (hidden, head_dim * config.num_attention_heads), "k_proj": (hidden, kv),
-              "v_proj": (hidden, kv), "o_proj": (head_dim * config.num_attention_heads, hidden),
-              "gate_proj": (hidden, config.intermediate_size), "up_proj": (hidden, config.intermediate_size),
-              "down_proj": (config.intermediate_size, hidden)}
+    shapes = {
+        "q_proj": (hidden, head_dim * config.num_attention_heads),
+        "k_proj": (hidden, kv),
+        "v_proj": (hidden, kv),
+        "o_proj": (head_dim * config.num_attention_heads, hidden),
+        "gate_proj": (hidden, config.intermediate_size),
+        "up_proj": (hidden, config.intermediate_size),
+        "down_proj": (config.intermediate_size, hidden),
+    }
     capture = sum((shapes[m][0] + lora_r + 2 * shapes[m][1]) * 4 for m in lora_modules)
     per_layer = (HIDDEN_ACTIVATIONS * hidden + MLP_ACTIVATIONS * config.intermediate_size) * weight_bytes
     base = layers * hidden * weight_bytes + per_layer if checkpointing else layers * per_layer
@@ -79,8 +85,10 @@ def gradient_memory(model: Any, lora_dims: int) -> GradientMemory:
     lora = next(iter(model.peft_config.values()))
     weight_bytes = base.get_input_embeddings().weight.element_size()
     checkpointing = bool(getattr(base, "is_gradient_checkpointing", False))
-    return GradientMemory(lora_dims, activation_bytes_per_token(
-        base.config, lora.r, sorted(lora.target_modules), weight_bytes, checkpointing))
+    return GradientMemory(
+        lora_dims,
+        activation_bytes_per_token(base.config, lora.r, sorted(lora.target_modules), weight_bytes, checkpointing),
+    )
 
 
 def free_bytes(device: str | torch.device, budget_bytes: int | None = None) -> int:
@@ -100,11 +108,13 @@ def free_bytes(device: str | torch.device, budget_bytes: int | None = None) -> i
 
 def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "out of memory" in str(error))
+        isinstance(error, RuntimeError) and "out of memory" in str(error)
+    )
 
 
-def run_halving_on_oom(batches: Sequence[Sequence[int]], step: Callable[[list[int]], T],
-                       log: Callable[[str], None] | None = None) -> Iterator[tuple[list[int], T]]:
+def run_halving_on_oom(
+    batches: Sequence[Sequence[int]], step: Callable[[list[int]], T], log: Callable[[str], None] | None = None
+) -> Iterator[tuple[list[int], T]]:
     """Yield ``(rows, step(rows))`` for every batch; a batch that runs out of memory is halved and
     retried, and later batches are capped at the size that worked (``log``, default this module's
     logger, is told). A single row that runs out of memory raises. Rows come back in order."""

@@ -22,8 +22,11 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 LABEL_MAX = 200
 _LABEL_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f-\x9f/\\\u2028\u2029]")
 NAME_KINDS = {
-    "task": "name", "method": "name", "model": "name",
-    "subtask": "label", "source": "label",
+    "task": "name",
+    "method": "name",
+    "model": "name",
+    "subtask": "label",
+    "source": "label",
 }
 RESERVED = {"task": frozenset({"all"})}  # `all` names the multi-target selection
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -43,12 +46,16 @@ def check_name(value: Any, kind: str, where: str) -> str:
         reserved = RESERVED.get(kind, frozenset())
         if not NAME.fullmatch(name) or name in reserved:
             also = f" and not one of {sorted(reserved)}" if reserved else ""
-            raise ValueError(f"{where}: {kind} {shown} must be 1-64 characters of letters, digits, '_', '.', '-' "
-                             f"(starting with a letter or digit){also}")
+            raise ValueError(
+                f"{where}: {kind} {shown} must be 1-64 characters of letters, digits, '_', '.', '-' "
+                f"(starting with a letter or digit){also}"
+            )
         return name
     if not name or len(name) > LABEL_MAX or _LABEL_FORBIDDEN.search(name) or not name.strip("."):
-        raise ValueError(f"{where}: {kind} {shown} must be 1-{LABEL_MAX} printable characters on one line, "
-                         "without '/' or '\\' and not only dots")
+        raise ValueError(
+            f"{where}: {kind} {shown} must be 1-{LABEL_MAX} printable characters on one line, "
+            "without '/' or '\\' and not only dots"
+        )
     return name
 
 
@@ -60,10 +67,17 @@ def path_under(root: str | os.PathLike[str], *parts: str) -> Path:
     """
     base = Path(root).resolve()
     for part in parts:
-        if not isinstance(part, str) or not part or "\x00" in part or "\\" in part or os.path.isabs(part) \
-                or ".." in Path(part).parts:
-            raise ValueError(f"path part {part!r} under {base} must be a non-empty relative name "
-                             "without '..', '\\' or NUL")
+        if (
+            not isinstance(part, str)
+            or not part
+            or "\x00" in part
+            or "\\" in part
+            or os.path.isabs(part)
+            or ".." in Path(part).parts
+        ):
+            raise ValueError(
+                f"path part {part!r} under {base} must be a non-empty relative name without '..', '\\' or NUL"
+            )
     path = base.joinpath(*parts)
     resolved = path.resolve()
     if resolved != base and not resolved.is_relative_to(base):
@@ -81,6 +95,8 @@ def check_identifier(name: Any, where: str) -> str:
 def check_memory_limit(value: Any, where: str = "memory_limit") -> str:
     """A DuckDB memory limit such as ``1GB`` or ``512 MiB``, safe to put in a SET statement."""
     if not isinstance(value, str) or not MEMORY_LIMIT.fullmatch(value.strip()):
-        raise ValueError(f"{where}: {value!r} is not a memory size like '1GB' or '512MiB' "
-                         "(a number then B, KB, MB, GB, TB, KiB, MiB, GiB or TiB)")
+        raise ValueError(
+            f"{where}: {value!r} is not a memory size like '1GB' or '512MiB' "
+            "(a number then B, KB, MB, GB, TB, KiB, MiB, GiB or TiB)"
+        )
     return value.strip()

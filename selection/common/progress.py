@@ -15,8 +15,16 @@ DEFAULT_INTERVAL_S = 30.0
 
 
 class ProgressReporter:
-    def __init__(self, label: str, total: int, emit: Callable[[str], None], *, unit: str = "examples",
-                 min_interval: float = DEFAULT_INTERVAL_S, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        emit: Callable[[str], None],
+        *,
+        unit: str = "examples",
+        min_interval: float = DEFAULT_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.label, self.total, self.emit, self.unit = label, total, emit, unit
         self.min_interval, self.clock = min_interval, clock
         self.done = 0
@@ -37,5 +45,7 @@ class ProgressReporter:
         rate = self.done / elapsed if elapsed > 0 else 0.0
         left = max(self.total - self.done, 0)
         eta = f"{left / rate:.0f} s" if rate > 0 else "unknown"
-        return (f"{self.label}: {self.done}/{self.total} {self.unit}, {rate:.2f} {self.unit}/s, "
-                f"elapsed {elapsed:.0f} s, ETA {eta}")
+        return (
+            f"{self.label}: {self.done}/{self.total} {self.unit}, {rate:.2f} {self.unit}/s, "
+            f"elapsed {elapsed:.0f} s, ETA {eta}"
+        )

@@ -40,7 +40,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -245,7 +245,7 @@ _LOADERS: dict[str, Callable[[], Iterator[SourceItem]]] = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_source(source: str) -> tuple[SourceItem, ...]:
     """All distinct items of a packaged source, in file order (cached per process)."""
     if source not in _LOADERS:

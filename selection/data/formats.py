@@ -56,14 +56,28 @@ NO_USER_TURN = "no_user_turn"
 MISSING_RESPONSE = "missing_response"
 TOO_LARGE = "too_large"
 REASON_CODES: tuple[str, ...] = (
-    MALFORMED_JSON, INVALID_UTF8, NOT_OBJECT, UNKNOWN_SCHEMA, MISSING_FIELD, WRONG_TYPE,
-    BAD_ROLE, BAD_ORDER, EMPTY_TURN, NO_USER_TURN, MISSING_RESPONSE, TOO_LARGE,
+    MALFORMED_JSON,
+    INVALID_UTF8,
+    NOT_OBJECT,
+    UNKNOWN_SCHEMA,
+    MISSING_FIELD,
+    WRONG_TYPE,
+    BAD_ROLE,
+    BAD_ORDER,
+    EMPTY_TURN,
+    NO_USER_TURN,
+    MISSING_RESPONSE,
+    TOO_LARGE,
 )
 
 SHAREGPT_ROLES: dict[str, str] = {
-    "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-    "bard": "assistant", "model": "assistant",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "model": "assistant",
     "system": "system",
 }
 
@@ -190,8 +204,9 @@ def _turn_list(value: Any, field: str) -> list[Any]:
 Turn = tuple[str, Any, str]
 
 
-def _role_content_turns(turns: list[Any], field: str, role_key: str, content_key: str,
-                        role_map: Mapping[str, str] | None) -> list[Turn]:
+def _role_content_turns(
+    turns: list[Any], field: str, role_key: str, content_key: str, role_map: Mapping[str, str] | None
+) -> list[Turn]:
     """Turns from a list of dicts; roles mapped through ``role_map`` if given."""
     out: list[Turn] = []
     for index, turn in enumerate(turns):
@@ -205,10 +220,7 @@ def _role_content_turns(turns: list[Any], field: str, role_key: str, content_key
         if turn.get(role_field) is None:
             raise RecordRejected(MISSING_FIELD, f"{where} has no '{role_field}'")
         role = _require_str(turn[role_field], f"{where}.{role_field}")
-        if role_map is not None:
-            mapped = role_map.get(role.strip().lower())
-        else:
-            mapped = role if role in ROLES else None
+        mapped = role_map.get(role.strip().lower()) if role_map is not None else role if role in ROLES else None
         if mapped is None:
             allowed = sorted(role_map) if role_map is not None else list(ROLES)
             raise RecordRejected(BAD_ROLE, f"{where}.{role_field} is {role!r}, expected one of {allowed}")
@@ -243,8 +255,9 @@ def _prompt_completion_turns(record: Mapping[str, Any]) -> list[Turn]:
     prompt = _require(record, "prompt", "prompt_completion")
     completion = _require(record, "completion", "prompt_completion", missing_code=MISSING_RESPONSE)
     if isinstance(prompt, (list, tuple)) and isinstance(completion, (list, tuple)):
-        return (_role_content_turns(list(prompt), "prompt", "role", "content", None)
-                + _role_content_turns(list(completion), "completion", "role", "content", None))
+        return _role_content_turns(list(prompt), "prompt", "role", "content", None) + _role_content_turns(
+            list(completion), "completion", "role", "content", None
+        )
     return [("user", prompt, "field 'prompt'"), ("assistant", completion, "field 'completion'")]
 
 

@@ -36,6 +36,7 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from selection.common.names import check_name
 from selection.data.formats import (
     DEFAULT_MAX_CHARS,
     FORMATS,
@@ -48,7 +49,6 @@ from selection.data.formats import (
     detect_format,
     example_id_of_json,
 )
-from selection.common.names import check_name
 
 RAW_LIMIT = 2000  # characters of offending text kept with a reject
 ROW_BATCH = 2048  # rows per Arrow/Parquet batch
@@ -152,8 +152,7 @@ Outcome = Accepted | Rejected
 
 def _stem(path: Path) -> str:
     name = path.name
-    if name.endswith(".gz"):
-        name = name[:-3]
+    name = name.removesuffix(".gz")
     return Path(name).stem if Path(name).suffix else name
 
 
@@ -197,11 +196,15 @@ def detect_file_type(path: str | Path) -> str:
         raise FileNotFoundError(f"source {path} does not exist")
     file_type = file_type_of(path)
     if file_type is None and path.is_dir():
-        raise ValueError(f"source {path} is a directory without state.json or dataset_dict.json; "
-                         "only directories written by datasets' save_to_disk are supported")
+        raise ValueError(
+            f"source {path} is a directory without state.json or dataset_dict.json; "
+            "only directories written by datasets' save_to_disk are supported"
+        )
     if file_type is None:
-        raise ValueError(f"source {path}: unsupported file type; expected .jsonl, .ndjson, .json (optionally .gz), "
-                         ".parquet, .arrow, or a directory written by datasets' save_to_disk")
+        raise ValueError(
+            f"source {path}: unsupported file type; expected .jsonl, .ndjson, .json (optionally .gz), "
+            ".parquet, .arrow, or a directory written by datasets' save_to_disk"
+        )
     if file_type == "json":
         try:
             return "jsonl" if _first_line_is_json(path) else "json"
@@ -224,8 +227,7 @@ def _first_line_is_json(path: Path) -> bool:
     """
     with _open_binary(path) as handle:
         line = handle.readline(_SNIFF_BYTES)
-        if line.startswith(codecs.BOM_UTF8):
-            line = line[len(codecs.BOM_UTF8):]
+        line = line.removeprefix(codecs.BOM_UTF8)
         while line and not line.strip():
             line = handle.readline(_SNIFF_BYTES)
     text = line.strip()
@@ -245,8 +247,7 @@ def read_jsonl(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Raw
     line_no = 0
     with _open_binary(path) as handle:
         line = handle.readline(max_line_bytes)
-        if line.startswith(codecs.BOM_UTF8):
-            line = line[len(codecs.BOM_UTF8):]
+        line = line.removeprefix(codecs.BOM_UTF8)
         while line:
             if not line.strip():
                 line = handle.readline(max_line_bytes)
@@ -265,12 +266,17 @@ def _parse_line(handle: IO[bytes], line: bytes, line_no: int, max_line_bytes: in
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as error:
-        return RawRecord(line_no, line.decode("utf-8", "replace").strip()[:RAW_LIMIT],
-                         parse_error=f"{INVALID_UTF8}: byte {error.start} of the line is not valid UTF-8 ({error.reason})")
+        return RawRecord(
+            line_no,
+            line.decode("utf-8", "replace").strip()[:RAW_LIMIT],
+            parse_error=f"{INVALID_UTF8}: byte {error.start} of the line is not valid UTF-8 ({error.reason})",
+        )
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
-        return RawRecord(line_no, text.strip()[:RAW_LIMIT], parse_error=f"{MALFORMED_JSON}: {error.msg} at column {error.colno}")
+        return RawRecord(
+            line_no, text.strip()[:RAW_LIMIT], parse_error=f"{MALFORMED_JSON}: {error.msg} at column {error.colno}"
+        )
     return RawRecord(line_no, text[:RAW_LIMIT].strip(), value)
 
 
@@ -316,7 +322,7 @@ class _JsonStream:
             return
         if self.pos:
             self.offset += self.pos
-            self.buf = self.buf[self.pos:]
+            self.buf = self.buf[self.pos :]
             self.pos = 0
         while not self.eof and len(self.buf) < need:
             data = self.handle.read(max(self.chunk, need - len(self.buf)))
@@ -335,7 +341,7 @@ class _JsonStream:
 
     def take(self, start: int) -> str:
         """The text from absolute position ``start`` to ``pos`` (still in the buffer)."""
-        return self.buf[start - self.offset:self.pos]
+        return self.buf[start - self.offset : self.pos]
 
     def _may_be_cut(self) -> bool:
         return not self.eof and len(self.buf) - self.pos < self.max_element
@@ -396,7 +402,9 @@ class _JsonStream:
 def read_json(path: Path, chunk: int = JSON_CHUNK, max_element: int = MAX_JSON_ELEMENT) -> Iterator[RawRecord]:
     """Elements of a JSON array, or of a whitespace-separated sequence of JSON values."""
     with _open_binary(path) as binary:
-        stream = _JsonStream(io.TextIOWrapper(binary, encoding="utf-8-sig", errors="surrogateescape"), chunk, max_element)
+        stream = _JsonStream(
+            io.TextIOWrapper(binary, encoding="utf-8-sig", errors="surrogateescape"), chunk, max_element
+        )
         in_array = stream.peek() == "["
         if in_array:
             stream.pos += 1
@@ -407,7 +415,9 @@ def read_json(path: Path, chunk: int = JSON_CHUNK, max_element: int = MAX_JSON_E
             if char == "" and not in_array:
                 return
             if char == "":
-                yield _rest_rejected(stream, record_no + 1, f"the array is not closed (the file ends after element {record_no})")
+                yield _rest_rejected(
+                    stream, record_no + 1, f"the array is not closed (the file ends after element {record_no})"
+                )
                 return
             if in_array and char == "]" and (after_element or record_no == 0):
                 stream.pos += 1
@@ -428,16 +438,29 @@ def read_json(path: Path, chunk: int = JSON_CHUNK, max_element: int = MAX_JSON_E
             if ok:
                 raw = stream.take(start)
                 if _ESCAPED_BYTE.search(raw):
-                    yield RawRecord(record_no, _printable(raw[:RAW_LIMIT]),
-                                    parse_error=f"{INVALID_UTF8}: element {record_no} contains bytes that are not valid UTF-8")
+                    yield RawRecord(
+                        record_no,
+                        _printable(raw[:RAW_LIMIT]),
+                        parse_error=f"{INVALID_UTF8}: element {record_no} contains bytes that are not valid UTF-8",
+                    )
                 else:
                     yield RawRecord(record_no, raw[:RAW_LIMIT], value)
             elif stream.skip_malformed(in_array):
                 raw = stream.take(start)
-                detail = f"element {record_no} is not valid JSON" if raw.strip() else f"element {record_no} is empty (stray ',')"
-                yield RawRecord(record_no, _printable(raw[:RAW_LIMIT]), parse_error=f"{MALFORMED_JSON}: {detail} (character {start})")
+                detail = (
+                    f"element {record_no} is not valid JSON"
+                    if raw.strip()
+                    else f"element {record_no} is empty (stray ',')"
+                )
+                yield RawRecord(
+                    record_no,
+                    _printable(raw[:RAW_LIMIT]),
+                    parse_error=f"{MALFORMED_JSON}: {detail} (character {start})",
+                )
             else:
-                yield _rest_rejected(stream, record_no, f"element {record_no} is malformed and its end could not be found")
+                yield _rest_rejected(
+                    stream, record_no, f"element {record_no} is malformed and its end could not be found"
+                )
                 return
 
 
@@ -445,9 +468,12 @@ def _rest_rejected(stream: _JsonStream, record_no: int, why: str) -> RawRecord:
     """One reject standing for the unreadable rest of the file (how many records it held is unknown)."""
     start = stream.position
     stream.fill(RAW_LIMIT)
-    raw = stream.buf[stream.pos:stream.pos + RAW_LIMIT]
-    return RawRecord(record_no, _printable(raw),
-                     parse_error=f"{MALFORMED_JSON}: {why}; the rest of the file from character {start} was not read")
+    raw = stream.buf[stream.pos : stream.pos + RAW_LIMIT]
+    return RawRecord(
+        record_no,
+        _printable(raw),
+        parse_error=f"{MALFORMED_JSON}: {why}; the rest of the file from character {start} was not read",
+    )
 
 
 def _iter_batches_rows(batches: Iterable[pa.RecordBatch], start: int = 0) -> Iterator[RawRecord]:
@@ -511,6 +537,7 @@ def read_hf_dataset(path: Path) -> Iterator[RawRecord]:
     def batches() -> Iterator[pa.RecordBatch]:
         for file in hf_dataset_files(path):
             yield from _arrow_stream_batches(file)
+
     yield from _iter_batches_rows(batches())
 
 

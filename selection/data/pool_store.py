@@ -152,14 +152,27 @@ CURRENT_POOL_SQL = "SELECT * FROM pool WHERE superseded_at_seq IS NULL"
 _STAGE_NEW = "_ingest_new_ids"
 _STAGE_SUPERSEDED = "_ingest_superseded"
 _STAGE_REVIVED = "_ingest_revived"
-_STAGE_ACCEPTED_SCHEMA = pa.schema([
-    ("ord", pa.int64()), ("source", pa.string()), ("line_no", pa.int64()), ("example_id", pa.string()),
-    ("messages", pa.string()), ("n_turns", pa.int32()), ("n_chars", pa.int64()), ("format", pa.string()),
-])
-_STAGE_REJECTS_SCHEMA = pa.schema([
-    ("source", pa.string()), ("line_no", pa.int64()), ("reason", pa.string()), ("reason_code", pa.string()),
-    ("raw", pa.string()),
-])
+_STAGE_ACCEPTED_SCHEMA = pa.schema(
+    [
+        ("ord", pa.int64()),
+        ("source", pa.string()),
+        ("line_no", pa.int64()),
+        ("example_id", pa.string()),
+        ("messages", pa.string()),
+        ("n_turns", pa.int32()),
+        ("n_chars", pa.int64()),
+        ("format", pa.string()),
+    ]
+)
+_STAGE_REJECTS_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("line_no", pa.int64()),
+        ("reason", pa.string()),
+        ("reason_code", pa.string()),
+        ("raw", pa.string()),
+    ]
+)
 
 
 @dataclass
@@ -211,9 +224,11 @@ def ensure_pool_tables(con: duckdb.DuckDBPyConnection) -> None:
 def member_at_seq_sql(alias: str, seq: str) -> str:
     """SQL condition: pool row ``alias`` belonged to the pool at version number ``seq`` (an SQL
     expression), i.e. was added by then and not superseded at that time."""
-    return (f"({alias}.first_seen_seq <= {seq} AND NOT EXISTS (SELECT 1 FROM pool_supersessions h "
-            f"WHERE h.example_id = {alias}.example_id AND h.superseded_seq <= {seq} "
-            f"AND (h.revived_seq IS NULL OR h.revived_seq > {seq})))")
+    return (
+        f"({alias}.first_seen_seq <= {seq} AND NOT EXISTS (SELECT 1 FROM pool_supersessions h "
+        f"WHERE h.example_id = {alias}.example_id AND h.superseded_seq <= {seq} "
+        f"AND (h.revived_seq IS NULL OR h.revived_seq > {seq})))"
+    )
 
 
 def pool_version_of_ids(ids: Iterable[str]) -> str:
@@ -259,15 +274,20 @@ def pool_version_size(con: duckdb.DuckDBPyConnection, version: str) -> int:
 def pool_ids(con: duckdb.DuckDBPyConnection) -> list[str]:
     """Every id of the current pool (superseded rows left out), in first-seen then id order."""
     ensure_pool_tables(con)
-    return [row[0] for row in con.execute(
-        f"SELECT example_id FROM ({CURRENT_POOL_SQL}) ORDER BY first_seen_seq, example_id").fetchall()]
+    return [
+        row[0]
+        for row in con.execute(
+            f"SELECT example_id FROM ({CURRENT_POOL_SQL}) ORDER BY first_seen_seq, example_id"
+        ).fetchall()
+    ]
 
 
 def current_pool_rows(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:
     """(example_id, messages JSON) of the current pool, in first-seen then id order."""
     ensure_pool_tables(con)
     return con.execute(
-        f"SELECT example_id, messages FROM ({CURRENT_POOL_SQL}) ORDER BY first_seen_seq, example_id").fetchall()
+        f"SELECT example_id, messages FROM ({CURRENT_POOL_SQL}) ORDER BY first_seen_seq, example_id"
+    ).fetchall()
 
 
 def read_pool(con: duckdb.DuckDBPyConnection) -> tuple[str, list[str], list[list[dict]]]:
@@ -287,9 +307,13 @@ def superseded_among(con: duckdb.DuckDBPyConnection, example_ids: Sequence[str])
     wanted = pa.table({"example_id": pa.array(list(example_ids), pa.string())})
     con.register("_wanted_ids", wanted)
     try:
-        found = {row[0] for row in con.execute(
-            "SELECT p.example_id FROM pool p JOIN _wanted_ids w USING (example_id) "
-            "WHERE p.superseded_at_seq IS NOT NULL").fetchall()}
+        found = {
+            row[0]
+            for row in con.execute(
+                "SELECT p.example_id FROM pool p JOIN _wanted_ids w USING (example_id) "
+                "WHERE p.superseded_at_seq IS NOT NULL"
+            ).fetchall()
+        }
     finally:
         con.unregister("_wanted_ids")
     return [example_id for example_id in example_ids if example_id in found]
@@ -302,7 +326,8 @@ def pool_conversations(con: duckdb.DuckDBPyConnection, example_ids: Sequence[str
     con.register("_wanted_ids", wanted)
     try:
         rows = con.execute(
-            "SELECT p.example_id, p.messages FROM pool p JOIN _wanted_ids w USING (example_id)").fetchall()
+            "SELECT p.example_id, p.messages FROM pool p JOIN _wanted_ids w USING (example_id)"
+        ).fetchall()
     finally:
         con.unregister("_wanted_ids")
     return {example_id: json.loads(messages) for example_id, messages in rows}
@@ -314,7 +339,8 @@ def example_sources(con: duckdb.DuckDBPyConnection, example_ids: Sequence[str]) 
     con.register("_wanted_source_ids", pa.table({"example_id": pa.array(list(example_ids), pa.string())}))
     try:
         rows = con.execute(
-            "SELECT p.example_id, p.source FROM pool p JOIN _wanted_source_ids w USING (example_id)").fetchall()
+            "SELECT p.example_id, p.source FROM pool p JOIN _wanted_source_ids w USING (example_id)"
+        ).fetchall()
     finally:
         con.unregister("_wanted_source_ids")
     return dict(rows)
@@ -381,8 +407,9 @@ class _StageFile:
         self.batch_rows = batch_rows
         self.columns: dict[str, list[Any]] = {name: [] for name in schema.names}
         # Only the low-cardinality columns are worth dictionary-encoding.
-        self.writer = pq.ParquetWriter(path, schema, compression="zstd", write_statistics=False,
-                                       use_dictionary=["source", "format", "reason_code"])
+        self.writer = pq.ParquetWriter(
+            path, schema, compression="zstd", write_statistics=False, use_dictionary=["source", "format", "reason_code"]
+        )
 
     def add(self, *values: Any) -> None:
         for column, value in zip(self.columns.values(), values):
@@ -414,8 +441,16 @@ class _Stager:
     def add_accepted(self, outcome: Accepted) -> None:
         self.ord += 1
         n_chars = sum(len(turn["content"]) for turn in outcome.messages)
-        self.accepted.add(self.ord, outcome.source, outcome.line_no, outcome.example_id, outcome.messages_json,
-                          len(outcome.messages), n_chars, outcome.format)
+        self.accepted.add(
+            self.ord,
+            outcome.source,
+            outcome.line_no,
+            outcome.example_id,
+            outcome.messages_json,
+            len(outcome.messages),
+            n_chars,
+            outcome.format,
+        )
 
     def add_rejected(self, source: str, line_no: int, reason: str, raw: str) -> None:
         self.rejects.add(source, line_no, reason, reason_code(reason), raw)
@@ -442,8 +477,11 @@ def _stage_source(stager: _Stager, spec: Source, report: SourceReport, max_chars
 def _is_unchanged(con: duckdb.DuckDBPyConnection, report: SourceReport) -> bool:
     # Against the latest read only: bytes reverted to an older version must be read again
     # so that the rows of the version in between are superseded.
-    row = _first_row(con, "SELECT format, fingerprint FROM pool_sources WHERE source = ? "
-                          "ORDER BY ingested_at DESC LIMIT 1", [report.source])
+    row = _first_row(
+        con,
+        "SELECT format, fingerprint FROM pool_sources WHERE source = ? ORDER BY ingested_at DESC LIMIT 1",
+        [report.source],
+    )
     return row == (report.format, report.fingerprint)
 
 
@@ -457,9 +495,14 @@ def _staging_parent(con: duckdb.DuckDBPyConnection) -> str | None:
     return str(Path(row[0]).resolve().parent) if row and row[0] else None
 
 
-def ingest_sources(con: duckdb.DuckDBPyConnection, specs: Sequence[Source], *,
-                   max_chars: int = DEFAULT_MAX_CHARS, batch_rows: int = BATCH_ROWS,
-                   staging_dir: str | Path | None = None) -> IngestReport:
+def ingest_sources(
+    con: duckdb.DuckDBPyConnection,
+    specs: Sequence[Source],
+    *,
+    max_chars: int = DEFAULT_MAX_CHARS,
+    batch_rows: int = BATCH_ROWS,
+    staging_dir: str | Path | None = None,
+) -> IngestReport:
     """Read ``specs`` into the pool in one transaction (the connection must not be in one).
 
     Records are staged in Parquet files in a temporary folder under ``staging_dir``
@@ -475,16 +518,21 @@ def ingest_sources(con: duckdb.DuckDBPyConnection, specs: Sequence[Source], *,
     ingest_id = uuid.uuid4().hex
     ensure_pool_tables(con)
     parent = staging_dir if staging_dir is not None else _staging_parent(con)
-    with tempfile.TemporaryDirectory(prefix=".ingest-", dir=parent) as scratch:
-        with transaction(con):
-            report = _ingest_in_transaction(con, specs, ingest_id, max_chars, _Stager(Path(scratch), batch_rows), started)
+    with tempfile.TemporaryDirectory(prefix=".ingest-", dir=parent) as scratch, transaction(con):
+        report = _ingest_in_transaction(con, specs, ingest_id, max_chars, _Stager(Path(scratch), batch_rows), started)
     return report
 
 
-def _ingest_in_transaction(con: duckdb.DuckDBPyConnection, specs: Sequence[Source], ingest_id: str,
-                           max_chars: int, stager: _Stager, started: float) -> IngestReport:
+def _ingest_in_transaction(
+    con: duckdb.DuckDBPyConnection,
+    specs: Sequence[Source],
+    ingest_id: str,
+    max_chars: int,
+    stager: _Stager,
+    started: float,
+) -> IngestReport:
     parent = latest_pool_version(con)
-    parent_version, parent_seq = parent if parent else (None, 0)
+    parent_version, parent_seq = parent or (None, 0)
     reports: list[SourceReport] = []
     for spec in specs:
         file_type, fingerprint = source_fingerprint(spec)
@@ -507,7 +555,8 @@ def _ingest_in_transaction(con: duckdb.DuckDBPyConnection, specs: Sequence[Sourc
     # no other source's latest read holds either (module docstring: edited records). A source's
     # latest read holds the rows it added (their first_seen_version is that read's version) and
     # the duplicates recorded with that read's ingest_id.
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE {_STAGE_SUPERSEDED} AS
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE {_STAGE_SUPERSEDED} AS
         WITH latest AS (SELECT source, arg_max(ingest_id, ingested_at) AS ingest_id,
                                arg_max(pool_version, ingested_at) AS pool_version FROM pool_sources GROUP BY source),
         held AS (SELECT d.example_id, d.source FROM pool_duplicates d
@@ -523,14 +572,18 @@ def _ingest_in_transaction(con: duckdb.DuckDBPyConnection, specs: Sequence[Sourc
                           AND NOT list_contains($reread, h.source))
           AND (list_contains($reread, p.source) OR NOT EXISTS (
                SELECT 1 FROM latest t WHERE t.source = p.source AND t.pool_version = p.first_seen_version))""",
-                {"reread": reread})
+        {"reread": reread},
+    )
     con.execute(f"""CREATE OR REPLACE TEMP TABLE {_STAGE_REVIVED} AS
         SELECT p.example_id FROM pool p WHERE p.superseded_at_seq IS NOT NULL
           AND EXISTS (SELECT 1 FROM {accepted_rows} s WHERE s.example_id = p.example_id)""")
-    n_new, n_superseded, n_revived, n_current, n_old_superseded = _first_row(con, f"""SELECT
+    n_new, n_superseded, n_revived, n_current, n_old_superseded = _first_row(
+        con,
+        f"""SELECT
         (SELECT count(*) FROM {_STAGE_NEW}), (SELECT count(*) FROM {_STAGE_SUPERSEDED}),
         (SELECT count(*) FROM {_STAGE_REVIVED}), (SELECT count(*) FROM pool WHERE superseded_at_seq IS NULL),
-        (SELECT count(*) FROM pool WHERE superseded_at_seq IS NOT NULL)""")
+        (SELECT count(*) FROM pool WHERE superseded_at_seq IS NOT NULL)""",
+    )
     if n_new or n_superseded or n_revived or parent_version is None:
         seq = parent_seq + 1
         ids_after = f"""SELECT example_id FROM pool
@@ -543,26 +596,45 @@ def _ingest_in_transaction(con: duckdb.DuckDBPyConnection, specs: Sequence[Sourc
     else:
         version, seq = parent_version, parent_seq
 
-    con.execute(f"""UPDATE pool SET superseded_by = s.superseded_by, superseded_at_version = ?, superseded_at_seq = ?
-        FROM {_STAGE_SUPERSEDED} s WHERE pool.example_id = s.example_id""", [version, seq])
-    con.execute(f"""INSERT INTO pool_supersessions (example_id, source, line_no, superseded_by, superseded_version,
-        superseded_seq, ingest_id) SELECT example_id, source, line_no, superseded_by, ?, ?, ? FROM {_STAGE_SUPERSEDED}""",
-                [version, seq, ingest_id])
+    con.execute(
+        f"""UPDATE pool SET superseded_by = s.superseded_by, superseded_at_version = ?, superseded_at_seq = ?
+        FROM {_STAGE_SUPERSEDED} s WHERE pool.example_id = s.example_id""",
+        [version, seq],
+    )
+    con.execute(
+        f"""INSERT INTO pool_supersessions (example_id, source, line_no, superseded_by, superseded_version,
+        superseded_seq, ingest_id)
+        SELECT example_id, source, line_no, superseded_by, ?, ?, ? FROM {_STAGE_SUPERSEDED}""",
+        [version, seq, ingest_id],
+    )
     con.execute(f"""UPDATE pool SET superseded_by = NULL, superseded_at_version = NULL, superseded_at_seq = NULL
         WHERE example_id IN (SELECT example_id FROM {_STAGE_REVIVED})""")
-    con.execute(f"""UPDATE pool_supersessions SET revived_version = ?, revived_seq = ?
-        WHERE revived_seq IS NULL AND example_id IN (SELECT example_id FROM {_STAGE_REVIVED})""", [version, seq])
-    con.execute(f"""INSERT INTO pool (example_id, source, line_no, messages, n_turns, n_chars, format,
+    con.execute(
+        f"""UPDATE pool_supersessions SET revived_version = ?, revived_seq = ?
+        WHERE revived_seq IS NULL AND example_id IN (SELECT example_id FROM {_STAGE_REVIVED})""",
+        [version, seq],
+    )
+    con.execute(
+        f"""INSERT INTO pool (example_id, source, line_no, messages, n_turns, n_chars, format,
         first_seen_version, first_seen_seq)
         SELECT s.example_id, s.source, s.line_no, s.messages, s.n_turns, s.n_chars, s.format, ?, ?
-        FROM {accepted_rows} s SEMI JOIN {_STAGE_NEW} n ON s.ord = n.ord""", [version, seq])
-    con.execute(f"""INSERT INTO pool_duplicates
+        FROM {accepted_rows} s SEMI JOIN {_STAGE_NEW} n ON s.ord = n.ord""",
+        [version, seq],
+    )
+    con.execute(
+        f"""INSERT INTO pool_duplicates
         SELECT s.source, s.line_no, s.example_id, ?, ? FROM {accepted_rows} s
-        ANTI JOIN {_STAGE_NEW} n ON s.ord = n.ord""", [version, ingest_id])
-    con.execute(f"INSERT INTO pool_rejects SELECT source, line_no, reason, reason_code, raw, ?, ? FROM {reject_rows}",
-                [version, ingest_id])
+        ANTI JOIN {_STAGE_NEW} n ON s.ord = n.ord""",
+        [version, ingest_id],
+    )
+    con.execute(
+        f"INSERT INTO pool_rejects SELECT source, line_no, reason, reason_code, raw, ?, ? FROM {reject_rows}",
+        [version, ingest_id],
+    )
 
-    accepted = _count_by_source(con, f"SELECT s.source FROM {accepted_rows} s SEMI JOIN {_STAGE_NEW} n ON s.ord = n.ord")
+    accepted = _count_by_source(
+        con, f"SELECT s.source FROM {accepted_rows} s SEMI JOIN {_STAGE_NEW} n ON s.ord = n.ord"
+    )
     staged = _count_by_source(con, f"SELECT source FROM {accepted_rows}")
     rejected = _count_by_source(con, f"SELECT source FROM {reject_rows}")
     superseded = _count_by_source(con, f"SELECT source FROM {_STAGE_SUPERSEDED}")
@@ -576,21 +648,38 @@ def _ingest_in_transaction(con: duckdb.DuckDBPyConnection, specs: Sequence[Sourc
         report.n_rejected = rejected.get(report.source, 0)
         report.n_superseded = superseded.get(report.source, 0)
         if report.n_accepted + report.n_rejected + report.n_duplicates != report.n_read:
-            raise RuntimeError(f"source {report.source}: accepted {report.n_accepted} + rejected {report.n_rejected} "
-                               f"+ duplicates {report.n_duplicates} != records read {report.n_read}")
-        con.execute("""INSERT INTO pool_sources (source, path, format, file_type, fingerprint, pool_version, n_read,
+            raise RuntimeError(
+                f"source {report.source}: accepted {report.n_accepted} + rejected {report.n_rejected} "
+                f"+ duplicates {report.n_duplicates} != records read {report.n_read}"
+            )
+        con.execute(
+            """INSERT INTO pool_sources (source, path, format, file_type, fingerprint, pool_version, n_read,
             n_accepted, n_rejected, n_duplicates, ingest_id, ingested_at, n_superseded)
             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now(), ?)""",
-                    [report.source, report.path, report.format, report.file_type, report.fingerprint, version,
-                     report.n_read, report.n_accepted, report.n_rejected, report.n_duplicates, ingest_id,
-                     report.n_superseded])
+            [
+                report.source,
+                report.path,
+                report.format,
+                report.file_type,
+                report.fingerprint,
+                version,
+                report.n_read,
+                report.n_accepted,
+                report.n_rejected,
+                report.n_duplicates,
+                ingest_id,
+                report.n_superseded,
+            ],
+        )
 
     n_total = n_current - n_superseded + n_revived + n_new
     n_superseded_total = n_old_superseded + n_superseded - n_revived
     if seq != parent_seq:
-        con.execute("""INSERT INTO pool_versions (pool_version, seq, created_at, n_examples, n_new, parent_version,
+        con.execute(
+            """INSERT INTO pool_versions (pool_version, seq, created_at, n_examples, n_new, parent_version,
             ingest_id, n_superseded) VALUES (?, ?, now(), ?, ?, ?, ?, ?)""",
-                    [version, seq, n_total, n_new, parent_version, ingest_id, n_superseded_total])
+            [version, seq, n_total, n_new, parent_version, ingest_id, n_superseded_total],
+        )
 
     elapsed = time.perf_counter() - started
     n_read = sum(report.n_read for report in reports)
@@ -598,10 +687,20 @@ def _ingest_in_transaction(con: duckdb.DuckDBPyConnection, specs: Sequence[Sourc
     for report in reports:
         reasons.update(report.rejects_by_reason)
     return IngestReport(
-        ingest_id=ingest_id, pool_version=version, parent_version=parent_version, seq=seq, n_new=n_new,
-        n_total=n_total, n_read=n_read, n_rejected=sum(r.n_rejected for r in reports),
-        n_duplicates=sum(r.n_duplicates for r in reports), elapsed_s=round(elapsed, 4),
+        ingest_id=ingest_id,
+        pool_version=version,
+        parent_version=parent_version,
+        seq=seq,
+        n_new=n_new,
+        n_total=n_total,
+        n_read=n_read,
+        n_rejected=sum(r.n_rejected for r in reports),
+        n_duplicates=sum(r.n_duplicates for r in reports),
+        elapsed_s=round(elapsed, 4),
         records_per_s=round(n_read / elapsed, 1) if elapsed > 0 else 0.0,
-        rejects_by_reason=dict(sorted(reasons.items())), sources=reports, n_superseded=n_superseded,
-        n_revived=n_revived, n_superseded_total=n_superseded_total,
+        rejects_by_reason=dict(sorted(reasons.items())),
+        sources=reports,
+        n_superseded=n_superseded,
+        n_revived=n_revived,
+        n_superseded_total=n_superseded_total,
     )

@@ -56,28 +56,69 @@ _SPLIT_SALT = "instruct-select/target-split/v1/"
 # MMLU subject -> group (the four categories of the MMLU paper's categories.py).
 _MMLU_GROUP_SUBJECTS: dict[str, tuple[str, ...]] = {
     "stem": (
-        "abstract_algebra", "astronomy", "college_biology", "college_chemistry",
-        "college_computer_science", "college_mathematics", "college_physics", "computer_security",
-        "conceptual_physics", "electrical_engineering", "elementary_mathematics", "high_school_biology",
-        "high_school_chemistry", "high_school_computer_science", "high_school_mathematics",
-        "high_school_physics", "high_school_statistics", "machine_learning",
+        "abstract_algebra",
+        "astronomy",
+        "college_biology",
+        "college_chemistry",
+        "college_computer_science",
+        "college_mathematics",
+        "college_physics",
+        "computer_security",
+        "conceptual_physics",
+        "electrical_engineering",
+        "elementary_mathematics",
+        "high_school_biology",
+        "high_school_chemistry",
+        "high_school_computer_science",
+        "high_school_mathematics",
+        "high_school_physics",
+        "high_school_statistics",
+        "machine_learning",
     ),
     "humanities": (
-        "formal_logic", "high_school_european_history", "high_school_us_history",
-        "high_school_world_history", "international_law", "jurisprudence", "logical_fallacies",
-        "moral_disputes", "moral_scenarios", "philosophy", "prehistory", "professional_law",
+        "formal_logic",
+        "high_school_european_history",
+        "high_school_us_history",
+        "high_school_world_history",
+        "international_law",
+        "jurisprudence",
+        "logical_fallacies",
+        "moral_disputes",
+        "moral_scenarios",
+        "philosophy",
+        "prehistory",
+        "professional_law",
         "world_religions",
     ),
     "social_sciences": (
-        "econometrics", "high_school_geography", "high_school_government_and_politics",
-        "high_school_macroeconomics", "high_school_microeconomics", "high_school_psychology",
-        "human_sexuality", "professional_psychology", "public_relations", "security_studies",
-        "sociology", "us_foreign_policy",
+        "econometrics",
+        "high_school_geography",
+        "high_school_government_and_politics",
+        "high_school_macroeconomics",
+        "high_school_microeconomics",
+        "high_school_psychology",
+        "human_sexuality",
+        "professional_psychology",
+        "public_relations",
+        "security_studies",
+        "sociology",
+        "us_foreign_policy",
     ),
     "other": (
-        "anatomy", "business_ethics", "clinical_knowledge", "college_medicine", "global_facts",
-        "human_aging", "management", "marketing", "medical_genetics", "miscellaneous", "nutrition",
-        "professional_accounting", "professional_medicine", "virology",
+        "anatomy",
+        "business_ethics",
+        "clinical_knowledge",
+        "college_medicine",
+        "global_facts",
+        "human_aging",
+        "management",
+        "marketing",
+        "medical_genetics",
+        "miscellaneous",
+        "nutrition",
+        "professional_accounting",
+        "professional_medicine",
+        "virology",
     ),
 }
 MMLU_SUBJECT_GROUP: dict[str, str] = {
@@ -192,8 +233,9 @@ def _record_task(record: Mapping[str, Any], override: str | None) -> tuple[str, 
         raise _LineRejected(BAD_NAME, str(error)) from error
 
 
-def _read_file(target_file: TargetFile, first_seen: dict[tuple[str, str], str],
-               examples: list[TargetExample]) -> list[TargetReject]:
+def _read_file(
+    target_file: TargetFile, first_seen: dict[tuple[str, str], str], examples: list[TargetExample]
+) -> list[TargetReject]:
     """Append the accepted examples of one file to `examples`; its rejects. `first_seen` maps
     (task, example id) to where that conversation was first accepted, across files."""
     path = Path(target_file.path)
@@ -241,7 +283,7 @@ def read_target_files(files: Sequence[TargetFile]) -> tuple[list[TargetExample],
 
 def split_order_key(identity: str) -> str:
     """Split order of an example: a salted hash of its id (independent of file order)."""
-    return hashlib.sha256(f"{_SPLIT_SALT}{identity}".encode("utf-8")).hexdigest()
+    return hashlib.sha256(f"{_SPLIT_SALT}{identity}".encode()).hexdigest()
 
 
 def split_targets(
@@ -268,8 +310,14 @@ def split_targets(
             )
         for rank, example in enumerate(members):
             row = TargetRow(
-                task, subtask, "val" if rank < n_val else "test", example.example_id, example.messages,
-                rank, example.file, example.line_no,
+                task,
+                subtask,
+                "val" if rank < n_val else "test",
+                example.example_id,
+                example.messages,
+                rank,
+                example.file,
+                example.line_no,
             )
             if row.split == "val":
                 rows.append(row)
@@ -293,8 +341,7 @@ def build_targets(
 ) -> TargetSet:
     """Read, validate and split target files (entries as in the `target_tasks` config)."""
     specs = [
-        entry if isinstance(entry, TargetFile) else parse_targets_config({"files": [dict(entry)]})[0]
-        for entry in files
+        entry if isinstance(entry, TargetFile) else parse_targets_config({"files": [dict(entry)]})[0] for entry in files
     ]
     if not specs:
         raise ValueError("no target files given")
@@ -314,10 +361,11 @@ def default_target_examples() -> list[TargetExample]:
         if subject not in MMLU_SUBJECT_GROUP:
             raise ValueError(f"MMLU subject {subject!r} has no group in MMLU_SUBJECT_GROUP")
         examples.append(_default_example(MMLU_SUBJECT_GROUP[subject], subject, item))
-    for item in default_data.target_side("humaneval"):
-        examples.append(_default_example("code", "code", item))
-    for item in default_data.target_side("champ"):
-        examples.append(_default_example("math", _champ_subtask(item.meta["category"]), item))
+    examples += [_default_example("code", "code", item) for item in default_data.target_side("humaneval")]
+    examples += [
+        _default_example("math", _champ_subtask(item.meta["category"]), item)
+        for item in default_data.target_side("champ")
+    ]
     return examples
 
 

@@ -231,17 +231,25 @@ def _structure_start(tokenizer: Any, messages: Sequence[dict], turn: int, conten
     while suffix < min(len(prompt_text), len(blank)) - prefix and prompt_text[-1 - suffix] == blank[-1 - suffix]:
         suffix += 1
     content_end = len(prompt_text) - suffix
-    return content_end if content_end <= header_start else header_start
+    return min(content_end, header_start)
 
 
 def _fit(
-    tokenizer: Any, messages: Sequence[dict], input_ids: list[int], labels: list[int],
-    offsets: Sequence[tuple[int, int]], spans: _Spans, max_length: int,
+    tokenizer: Any,
+    messages: Sequence[dict],
+    input_ids: list[int],
+    labels: list[int],
+    offsets: Sequence[tuple[int, int]],
+    spans: _Spans,
+    max_length: int,
 ) -> TokenizedExample:
     """Cut a rendering longer than ``max_length`` by the rule in the module docstring."""
     focus = spans[-1] if spans else None
-    labelled = [] if focus is None else [
-        i for i, (start, _) in enumerate(offsets) if labels[i] != IGNORE_INDEX and focus[0] <= start < focus[1]]
+    labelled = (
+        []
+        if focus is None
+        else [i for i, (start, _) in enumerate(offsets) if labels[i] != IGNORE_INDEX and focus[0] <= start < focus[1]]
+    )
     if not labelled:  # no response to protect: keep the start
         ids, kept_labels = input_ids[:max_length], labels[:max_length]
         n_target = sum(1 for label in kept_labels if label != IGNORE_INDEX)
@@ -271,8 +279,9 @@ def _fit(
     ids = [input_ids[i] for i in keep]
     kept_labels = [labels[i] for i in keep]
     n_target = sum(1 for label in kept_labels if label != IGNORE_INDEX)
-    return TokenizedExample(ids, kept_labels, True, n_target, prompt_truncated=prompt_cut,
-                            response_truncated=response_cut)
+    return TokenizedExample(
+        ids, kept_labels, True, n_target, prompt_truncated=prompt_cut, response_truncated=response_cut
+    )
 
 
 def tokenize_conversation(tokenizer: Any, messages: list[dict], max_length: int) -> TokenizedExample:
@@ -345,8 +354,9 @@ class TruncationTally:
 
     def add(self, example_ids: Sequence[str], groups: Sequence[str], examples: Sequence[TokenizedExample]) -> None:
         if not len(example_ids) == len(groups) == len(examples):
-            raise ValueError(f"ids, groups and examples differ in length: {len(example_ids)}, {len(groups)}, "
-                             f"{len(examples)}")
+            raise ValueError(
+                f"ids, groups and examples differ in length: {len(example_ids)}, {len(groups)}, {len(examples)}"
+            )
         for example_id, group, example in zip(example_ids, groups, examples):
             self._by_id[example_id] = (group, example)
 
@@ -355,8 +365,13 @@ class TruncationTally:
         counts: dict[str, list[int]] = {}
         for group, example in self._by_id.values():
             row = counts.setdefault(group, [0, 0, 0, 0, 0])
-            flags = (True, example.truncated, example.prompt_truncated, example.response_truncated,
-                     example.n_target_tokens == 0)
+            flags = (
+                True,
+                example.truncated,
+                example.prompt_truncated,
+                example.response_truncated,
+                example.n_target_tokens == 0,
+            )
             for column, flag in enumerate(flags):
                 row[column] += int(flag)
         names = ("examples", "truncated", "prompt_truncated", "response_truncated", "no_response_left")
@@ -382,7 +397,9 @@ def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict[str
 
 
 def length_sorted_batches(
-    examples: Sequence[TokenizedExample], max_batch_size: int, max_tokens: int | None = None,
+    examples: Sequence[TokenizedExample],
+    max_batch_size: int,
+    max_tokens: int | None = None,
     max_rows: Callable[[int], int] | None = None,
 ) -> list[list[int]]:
     """Group example indices into batches of similar length, longest first.

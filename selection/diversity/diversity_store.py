@@ -50,8 +50,10 @@ class EmbeddingRun(NamedTuple):
 
 def record_embedding_run(con: duckdb.DuckDBPyConnection, pool_version: str, run: EmbeddingRun, n_rows: int) -> None:
     con.execute(EMBEDDING_RUNS_DDL)
-    con.execute("INSERT INTO embedding_runs VALUES (?, ?, ?, ?, ?, ?, now())",
-                [pool_version, run.cache_dir, run.encoder_fingerprint, run.mode, run.dim, n_rows])
+    con.execute(
+        "INSERT INTO embedding_runs VALUES (?, ?, ?, ?, ?, ?, now())",
+        [pool_version, run.cache_dir, run.encoder_fingerprint, run.mode, run.dim, n_rows],
+    )
 
 
 def latest_embeddings(con: duckdb.DuckDBPyConnection) -> EmbeddingRun:
@@ -67,11 +69,24 @@ def latest_embeddings(con: duckdb.DuckDBPyConnection) -> EmbeddingRun:
 # ------------------------------------------------------------------ clusters
 
 
-def replace_clusters(con: duckdb.DuckDBPyConnection, pool_version: str, encoder_fingerprint: str, k: int,
-                     example_ids: Sequence[str], labels: np.ndarray) -> None:
+def replace_clusters(
+    con: duckdb.DuckDBPyConnection,
+    pool_version: str,
+    encoder_fingerprint: str,
+    k: int,
+    example_ids: Sequence[str],
+    labels: np.ndarray,
+) -> None:
     """The clusters of ``pool_version``, replacing any stored for it."""
-    frame = pd.DataFrame({"pool_version": pool_version, "encoder_fingerprint": encoder_fingerprint, "k": k,
-                          "example_id": list(example_ids), "cluster": np.asarray(labels).astype(int)})
+    frame = pd.DataFrame(
+        {
+            "pool_version": pool_version,
+            "encoder_fingerprint": encoder_fingerprint,
+            "k": k,
+            "example_id": list(example_ids),
+            "cluster": np.asarray(labels).astype(int),
+        }
+    )
     con.execute(CLUSTERS_DDL)
     con.register("_incoming_clusters", frame)
     try:
@@ -85,8 +100,9 @@ def replace_clusters(con: duckdb.DuckDBPyConnection, pool_version: str, encoder_
 def cluster_labels(con: duckdb.DuckDBPyConnection, pool_version: str) -> dict[str, int]:
     """Cluster by example id for ``pool_version`` (empty when it was never clustered)."""
     con.execute(CLUSTERS_DDL)
-    return dict(con.execute("SELECT example_id, cluster FROM clusters WHERE pool_version = ?",
-                            [pool_version]).fetchall())
+    return dict(
+        con.execute("SELECT example_id, cluster FROM clusters WHERE pool_version = ?", [pool_version]).fetchall()
+    )
 
 
 # ------------------------------------------------------------------ quality_scores
@@ -95,15 +111,29 @@ def cluster_labels(con: duckdb.DuckDBPyConnection, pool_version: str) -> dict[st
 def quality_scores(con: duckdb.DuckDBPyConnection, scorer_fingerprint: str) -> dict[str, float | None]:
     """Every stored score of one scorer by example id (None: the scorer could not score it)."""
     con.execute(QUALITY_DDL)
-    return dict(con.execute("SELECT example_id, score FROM quality_scores WHERE scorer_fingerprint = ?",
-                            [scorer_fingerprint]).fetchall())
+    return dict(
+        con.execute(
+            "SELECT example_id, score FROM quality_scores WHERE scorer_fingerprint = ?", [scorer_fingerprint]
+        ).fetchall()
+    )
 
 
-def add_quality_scores(con: duckdb.DuckDBPyConnection, scorer_fingerprint: str, example_ids: Sequence[str],
-                       scores: np.ndarray, scorer_description: dict[str, Any]) -> None:
+def add_quality_scores(
+    con: duckdb.DuckDBPyConnection,
+    scorer_fingerprint: str,
+    example_ids: Sequence[str],
+    scores: np.ndarray,
+    scorer_description: dict[str, Any],
+) -> None:
     """Append one scorer's scores (NaN is stored as NULL)."""
-    frame = pd.DataFrame({"scorer_fingerprint": scorer_fingerprint, "example_id": list(example_ids),
-                          "score": scores, "scorer": json.dumps(scorer_description, default=str)})
+    frame = pd.DataFrame(
+        {
+            "scorer_fingerprint": scorer_fingerprint,
+            "example_id": list(example_ids),
+            "score": scores,
+            "scorer": json.dumps(scorer_description, default=str),
+        }
+    )
     con.execute(QUALITY_DDL)
     con.register("_incoming_scores", frame)
     try:
@@ -127,8 +157,9 @@ class KmqRoundRow:
     feedback: dict[str, Any] | None
 
 
-def replace_kmq_rounds(con: duckdb.DuckDBPyConnection, model: str, budget: int, rows: Sequence[KmqRoundRow],
-                       run_id: str) -> None:
+def replace_kmq_rounds(
+    con: duckdb.DuckDBPyConnection, model: str, budget: int, rows: Sequence[KmqRoundRow], run_id: str
+) -> None:
     """The rounds of one model and budget, replacing the previous run's."""
     con.execute(ROUNDS_DDL)
     with transaction(con):
@@ -136,7 +167,15 @@ def replace_kmq_rounds(con: duckdb.DuckDBPyConnection, model: str, budget: int, 
         for row in rows:
             con.execute(
                 "INSERT INTO kmq_rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
-                [model, budget, row.round, json.dumps(row.weights), json.dumps(row.cluster_scores),
-                 json.dumps(row.updated_weights), json.dumps(row.new_example_ids),
-                 json.dumps(row.feedback, default=str), run_id],
+                [
+                    model,
+                    budget,
+                    row.round,
+                    json.dumps(row.weights),
+                    json.dumps(row.cluster_scores),
+                    json.dumps(row.updated_weights),
+                    json.dumps(row.new_example_ids),
+                    json.dumps(row.feedback, default=str),
+                    run_id,
+                ],
             )

@@ -160,9 +160,12 @@ class SentenceEncoder:
         """
         if self._fingerprint is None:
             files = sorted(
-                path for path in self.model_dir.rglob("*")
-                if path.is_file() and path.suffix in {".json", ".txt", ".safetensors", ".bin", ".model"}
-                and not path.name.startswith(".") and path.name != "README.md"
+                path
+                for path in self.model_dir.rglob("*")
+                if path.is_file()
+                and path.suffix in {".json", ".txt", ".safetensors", ".bin", ".model"}
+                and not path.name.startswith(".")
+                and path.name != "README.md"
             )
             content = _sha256_of_files(files)
             key = f"{content}|pooling={self.pooling}|max_length={self.max_length}|normalized"
@@ -301,8 +304,15 @@ class EmbeddingCache:
     ``asset`` is the asset that fills it, named in integrity errors.
     """
 
-    def __init__(self, path: str | Path, model_fingerprint: str, mode: str, dim: int,
-                 chunk_rows: int = DEFAULT_CHUNK_ROWS, asset: str = "embeddings") -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        model_fingerprint: str,
+        mode: str,
+        dim: int,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        asset: str = "embeddings",
+    ) -> None:
         if not model_fingerprint:
             raise ValueError("model_fingerprint must be non-empty")
         if mode not in EMBEDDING_MODES:
@@ -315,8 +325,9 @@ class EmbeddingCache:
         self.chunk_rows = chunk_rows
         self.asset = asset
         manifest = {"format_version": _FORMAT_VERSION, **self.key, "dtype": "float32"}
-        self.arrays = ArrayStore(self.path, manifest, self._check_manifest, dtype=np.float32, width=self.dim,
-                                 asset=asset)
+        self.arrays = ArrayStore(
+            self.path, manifest, self._check_manifest, dtype=np.float32, width=self.dim, asset=asset
+        )
 
     def _check_manifest(self, manifest: dict[str, Any]) -> None:
         if manifest.get("format_version") != _FORMAT_VERSION:
@@ -326,8 +337,11 @@ class EmbeddingCache:
             )
         stored = {name: manifest.get(name) for name in self.key}
         if stored != self.key:
-            diffs = ", ".join(f"{name}: cached {stored[name]!r} vs requested {self.key[name]!r}"
-                              for name in self.key if stored[name] != self.key[name])
+            diffs = ", ".join(
+                f"{name}: cached {stored[name]!r} vs requested {self.key[name]!r}"
+                for name in self.key
+                if stored[name] != self.key[name]
+            )
             raise EmbeddingCacheMismatch(
                 f"embedding cache {self.path} was built for a different embedder ({diffs}); use another "
                 "folder (selection.diversity.embeddings.cache_dir_for) or delete this one"
@@ -360,8 +374,10 @@ class EmbeddingCache:
         """``[len(ids), dim]`` float32 in the requested order; KeyError if any id is missing."""
         absent = self.arrays.absent(ids)
         if absent:
-            raise KeyError(f"{len(absent)} of {len(ids)} ids are not in the embedding cache {self.path} "
-                           f"(first: {absent[0]!r}); embed them first (missing() + add())")
+            raise KeyError(
+                f"{len(absent)} of {len(ids)} ids are not in the embedding cache {self.path} "
+                f"(first: {absent[0]!r}); embed them first (missing() + add())"
+            )
         return self.arrays.rows(ids)
 
     def add(self, ids: Sequence[str], vectors: np.ndarray) -> None:
@@ -379,8 +395,11 @@ class EmbeddingCache:
             raise ValueError("vectors contain NaN or infinite values")
         if len(set(ids)) != len(ids):
             raise ValueError("ids contain duplicates")
-        bad = [example_id for example_id in ids if not isinstance(example_id, str) or not example_id
-               or "\n" in example_id or "\r" in example_id]
+        bad = [
+            example_id
+            for example_id in ids
+            if not isinstance(example_id, str) or not example_id or "\n" in example_id or "\r" in example_id
+        ]
         if bad:
             raise ValueError(f"{len(bad)} ids are not non-empty single-line strings (first: {bad[0]!r})")
         if not ids:
@@ -389,8 +408,9 @@ class EmbeddingCache:
         with self.arrays.lock():  # rereads the chunks: another process may have committed since we opened
             present = [example_id for example_id in ids if example_id in self.arrays]
             if present:
-                raise ValueError(f"{len(present)} ids are already cached (first: {present[0]!r}); "
-                                 "add only missing(ids)")
+                raise ValueError(
+                    f"{len(present)} ids are already cached (first: {present[0]!r}); add only missing(ids)"
+                )
             for start in range(0, len(ids), self.chunk_rows):
                 self.arrays.commit(ids[start : start + self.chunk_rows], array[start : start + self.chunk_rows])
 

@@ -96,36 +96,52 @@ class KmqInputs:
         rows = quality.summarize_by_group(self.pool.sources, {"score": self.scores, "weight": weights})
         sources = np.asarray(self.pool.sources, dtype=object)
         n_eligible = {s: int(np.isfinite(self.quality[sources == s]).sum()) for s in set(self.pool.sources)}
-        return [{"source": r["source"], "n": r["n"], "n_eligible": n_eligible[r["source"]],
-                 **{k: v for k, v in r.items() if k not in ("source", "n")}} for r in rows]
+        return [
+            {
+                "source": r["source"],
+                "n": r["n"],
+                "n_eligible": n_eligible[r["source"]],
+                **{k: v for k, v in r.items() if k not in ("source", "n")},
+            }
+            for r in rows
+        ]
 
     def quality_metrics(self, temperature: float) -> dict[str, Any]:
         """The quality signal: per-source distributions and eligibility counts."""
         n_unscored = int(np.isnan(self.scores).sum())
-        return {"quality_kind": self.scorer.describe()["kind"], "quality_by_source": self.by_source(temperature),
-                "n_unscored": n_unscored, "n_ineligible": int(len(self.pool.ids) - len(self.eligible) - n_unscored)}
+        return {
+            "quality_kind": self.scorer.describe()["kind"],
+            "quality_by_source": self.by_source(temperature),
+            "n_unscored": n_unscored,
+            "n_ineligible": int(len(self.pool.ids) - len(self.eligible) - n_unscored),
+        }
 
 
 def load_kmq_inputs(pool: KmqPool, settings: KmqSettings, runtime: KmqRuntime) -> KmqInputs:
     """Check the pool's clusters and the budget, then load the model and score the pool's quality."""
     if len(pool.label_of) != len(pool.ids):
-        raise ValueError(f"clusters cover {len(pool.label_of)} of {len(pool.ids)} pool examples; "
-                         "rematerialize clusters")
+        raise ValueError(
+            f"clusters cover {len(pool.label_of)} of {len(pool.ids)} pool examples; rematerialize clusters"
+        )
     # Refused before the model is loaded and the pool scored.
     preflight.resolve_selection_budget(settings.budget, len(pool.ids), len(pool.ids), "current pool examples")
     model, tokenizer = runtime.load_model()
-    scorer = quality.make_scorer(settings.quality_kind, settings.reward_model_path, model, tokenizer, runtime.spec,
-                                 runtime.device)
+    scorer = quality.make_scorer(
+        settings.quality_kind, settings.reward_model_path, model, tokenizer, runtime.spec, runtime.device
+    )
     scores = quality.cached_quality_scores(runtime.connect, scorer, pool.ids, pool.conversations, runtime.log.info)
     sampling = quality.sampling_quality(scorer, scores)
     n_unscored = int(np.isnan(scores).sum())
     n_filtered = int((np.isfinite(scores) & ~np.isfinite(sampling)).sum())
     if n_unscored:
-        runtime.log.warning(f"{n_unscored} examples have no quality score (no response token to score) and are "
-                            "not eligible")
+        runtime.log.warning(
+            f"{n_unscored} examples have no quality score (no response token to score) and are not eligible"
+        )
     if n_filtered:
-        runtime.log.info(f"{n_filtered} examples have IFD >= 1 (the prompt does not help predict the answer) and "
-                         "are not eligible, as in Li et al. 2024")
+        runtime.log.info(
+            f"{n_filtered} examples have IFD >= 1 (the prompt does not help predict the answer) and "
+            "are not eligible, as in Li et al. 2024"
+        )
     return KmqInputs(pool, scorer, scores, sampling, np.flatnonzero(np.isfinite(sampling)), model, tokenizer)
 
 
@@ -151,13 +167,19 @@ def select_kmq(pool: KmqPool, settings: KmqSettings, runtime: KmqRuntime) -> Kmq
     scored = inputs.eligible
     labels = inputs.eligible_labels()
     budget = inputs.eligible_budget(settings.budget)
-    result = kmq.kmq_select(inputs.quality[scored], budget, labels=labels, seed=settings.seed,
-                            temperature=settings.temperature)
+    result = kmq.kmq_select(
+        inputs.quality[scored], budget, labels=labels, seed=settings.seed, temperature=settings.temperature
+    )
     chosen = scored[result.indices]
     per_cluster = {str(c): int(b) for c, b in enumerate(result.per_cluster_budget)}
-    metrics = {"budget": budget, "pool_version": pool.pool_version, "scorer": inputs.scorer.describe(),
-               "per_cluster": per_cluster, "temperature": settings.temperature,
-               **inputs.quality_metrics(settings.temperature)}
+    metrics = {
+        "budget": budget,
+        "pool_version": pool.pool_version,
+        "scorer": inputs.scorer.describe(),
+        "per_cluster": per_cluster,
+        "temperature": settings.temperature,
+        **inputs.quality_metrics(settings.temperature),
+    }
     return KmqResult(pool.pool_version, budget, [pool.ids[i] for i in chosen], inputs.scores[chosen], metrics)
 
 
@@ -170,12 +192,23 @@ class IterativeFeedback:
     one entry per round, in order.
     """
 
-    def __init__(self, inputs: KmqInputs, settings: IterativeKmqSettings, judge: quality.ResponseScorer | None,
-                 runtime: KmqRuntime, feedback_dir: Path) -> None:
+    def __init__(
+        self,
+        inputs: KmqInputs,
+        settings: IterativeKmqSettings,
+        judge: quality.ResponseScorer | None,
+        runtime: KmqRuntime,
+        feedback_dir: Path,
+    ) -> None:
         self.inputs, self.settings, self.judge, self.runtime = inputs, settings, judge, runtime
         self.feedback_dir = feedback_dir
-        self.train_config = training.TrainingConfig(epochs=1, learning_rate=settings.learning_rate, batch_size=8,
-                                                    micro_batch_size=runtime.batch_size, seed=settings.seed)
+        self.train_config = training.TrainingConfig(
+            epochs=1,
+            learning_rate=settings.learning_rate,
+            batch_size=8,
+            micro_batch_size=runtime.batch_size,
+            seed=settings.seed,
+        )
         self.feedback_log: list[dict] = []
 
     def _pool_index(self, selected_local: np.ndarray) -> list[int]:
@@ -188,10 +221,14 @@ class IterativeFeedback:
         chosen_ids, chosen = [ids[i] for i in rows], [conversations[i] for i in rows]
         # Keyed by what determines the feedback, so a rerun reuses trained adapters and scores.
         round_key = checkpoints.training_run_key(
-            spec.fingerprint(), {**self.train_config.to_dict(), "max_new_tokens": self.settings.max_new_tokens,
-                                 "feedback_judge": self.judge.fingerprint() if self.judge is not None
-                                 else "self_likelihood"},
-            chosen_ids)
+            spec.fingerprint(),
+            {
+                **self.train_config.to_dict(),
+                "max_new_tokens": self.settings.max_new_tokens,
+                "feedback_judge": self.judge.fingerprint() if self.judge is not None else "self_likelihood",
+            },
+            chosen_ids,
+        )
         round_dir = self.feedback_dir / round_key
         round_dir.mkdir(parents=True, exist_ok=True)
         cached = round_dir / "feedback.json"
@@ -202,23 +239,44 @@ class IterativeFeedback:
         examples, stats = tokenization.tokenize_many(tokenizer, chosen, spec.max_length)
         usable = stats.usable_indices()
         peft_model = models.add_lora(model, spec, seed=self.settings.seed)
-        training.train_lora(peft_model, [examples[i] for i in usable], self.train_config, round_dir / "adapter_run",
-                            tokenizer.pad_token_id, save_moments=False)
+        training.train_lora(
+            peft_model,
+            [examples[i] for i in usable],
+            self.train_config,
+            round_dir / "adapter_run",
+            tokenizer.pad_token_id,
+            save_moments=False,
+        )
         reporter = progress.ProgressReporter(
             f"iterative kMQ round {len(self.feedback_log) + 1} of {self.settings.n_rounds}: greedy generation",
-            len(chosen), self.runtime.log.info, unit="prompts")
-        result = generation.compute_feedback(peft_model, tokenizer, chosen,
-                                             max_new_tokens=self.settings.max_new_tokens, max_length=spec.max_length,
-                                             batch_size=self.runtime.batch_size, scorer=self.judge,
-                                             model_fingerprint=f"{spec.fingerprint()}-{round_key}",
-                                             progress=reporter.update)
+            len(chosen),
+            self.runtime.log.info,
+            unit="prompts",
+        )
+        result = generation.compute_feedback(
+            peft_model,
+            tokenizer,
+            chosen,
+            max_new_tokens=self.settings.max_new_tokens,
+            max_length=spec.max_length,
+            batch_size=self.runtime.batch_size,
+            scorer=self.judge,
+            model_fingerprint=f"{spec.fingerprint()}-{round_key}",
+            progress=reporter.update,
+        )
         peft_model.unload()  # back to the plain base model for the next round
-        log = {"round": len(self.feedback_log), "round_key": round_key,
-               "n_scored": int(np.isfinite(result.scores).sum()), "n_unscored": len(result.unscored_indices),
-               "scorer": result.scorer}
+        log = {
+            "round": len(self.feedback_log),
+            "round_key": round_key,
+            "n_scored": int(np.isfinite(result.scores).sum()),
+            "n_unscored": len(result.unscored_indices),
+            "scorer": result.scorer,
+        }
         # Written whole or not at all: a half-written file would pass for a finished round.
-        files.write_text(cached, json.dumps(
-            {"log": log, "scores": [None if np.isnan(s) else float(s) for s in result.scores]}, default=str))
+        files.write_text(
+            cached,
+            json.dumps({"log": log, "scores": [None if np.isnan(s) else float(s) for s in result.scores]}, default=str),
+        )
         self.feedback_log.append(log)
         self.runtime.log.info(f"feedback round {len(self.feedback_log)}: mean S {np.nanmean(result.scores):.4f}")
         return result.scores
@@ -226,18 +284,24 @@ class IterativeFeedback:
     def round_rows(self, records: list[kmq.RoundRecord]) -> list[diversity_store.KmqRoundRow]:
         """The `kmq_rounds` rows of a finished run, with each round's feedback entry."""
         ids = self.inputs.pool.ids
-        return [diversity_store.KmqRoundRow(
-            round=record.round, weights=record.weights.tolist(),
-            cluster_scores=None if record.cluster_scores is None else
-            [None if np.isnan(v) else float(v) for v in record.cluster_scores],
-            updated_weights=None if record.updated_weights is None else record.updated_weights.tolist(),
-            new_example_ids=[ids[i] for i in self._pool_index(record.new_indices)],
-            feedback=self.feedback_log[record.round] if record.round < len(self.feedback_log) else None,
-        ) for record in records]
+        return [
+            diversity_store.KmqRoundRow(
+                round=record.round,
+                weights=record.weights.tolist(),
+                cluster_scores=None
+                if record.cluster_scores is None
+                else [None if np.isnan(v) else float(v) for v in record.cluster_scores],
+                updated_weights=None if record.updated_weights is None else record.updated_weights.tolist(),
+                new_example_ids=[ids[i] for i in self._pool_index(record.new_indices)],
+                feedback=self.feedback_log[record.round] if record.round < len(self.feedback_log) else None,
+            )
+            for record in records
+        ]
 
 
-def select_kmq_iterative(pool: KmqPool, settings: IterativeKmqSettings, runtime: KmqRuntime, feedback_dir: Path,
-                         run_id: str) -> IterativeKmqResult:
+def select_kmq_iterative(
+    pool: KmqPool, settings: IterativeKmqSettings, runtime: KmqRuntime, feedback_dir: Path, run_id: str
+) -> IterativeKmqResult:
     """Iterative kMQ: rounds of budget / n_rounds examples; cluster weights follow training feedback
     (gold vs generated). The rounds replace the model's and budget's in `kmq_rounds`; trained
     rounds are cached under ``feedback_dir``."""
@@ -247,16 +311,30 @@ def select_kmq_iterative(pool: KmqPool, settings: IterativeKmqSettings, runtime:
     labels = inputs.eligible_labels()
     budget = inputs.eligible_budget(settings.budget)
     feedback = IterativeFeedback(inputs, settings, judge, runtime, feedback_dir)
-    selected, records = kmq.run_iterative_kmq(labels, inputs.quality[scored], budget, settings.n_rounds, feedback,
-                                              seed=settings.seed, temperature=settings.temperature)
+    selected, records = kmq.run_iterative_kmq(
+        labels,
+        inputs.quality[scored],
+        budget,
+        settings.n_rounds,
+        feedback,
+        seed=settings.seed,
+        temperature=settings.temperature,
+    )
     chosen = scored[selected]
     with runtime.connect() as con:
         diversity_store.replace_kmq_rounds(con, runtime.spec.name, budget, feedback.round_rows(records), run_id)
     final = records[-1].updated_weights if records[-1].updated_weights is not None else records[-1].weights
-    metrics = {"budget": budget, "pool_version": pool.pool_version, "scorer": inputs.scorer.describe(),
-               "n_rounds": settings.n_rounds, "temperature": settings.temperature,
-               "final_weights": [float(w) for w in final], "feedback": feedback.feedback_log,
-               "feedback_judge": judge.describe() if judge is not None else "self_likelihood",
-               **inputs.quality_metrics(settings.temperature)}
-    return IterativeKmqResult(pool.pool_version, budget, [pool.ids[i] for i in chosen],
-                              inputs.scores[chosen], metrics, records)
+    metrics = {
+        "budget": budget,
+        "pool_version": pool.pool_version,
+        "scorer": inputs.scorer.describe(),
+        "n_rounds": settings.n_rounds,
+        "temperature": settings.temperature,
+        "final_weights": [float(w) for w in final],
+        "feedback": feedback.feedback_log,
+        "feedback_judge": judge.describe() if judge is not None else "self_likelihood",
+        **inputs.quality_metrics(settings.temperature),
+    }
+    return IterativeKmqResult(
+        pool.pool_version, budget, [pool.ids[i] for i in chosen], inputs.scores[chosen], metrics, records
+    )

@@ -39,10 +39,6 @@ import duckdb
 import numpy as np
 import torch
 
-from selection.diversity import diversity_store
-from selection.diversity.embeddings import length_order, pad_token_batch
-from selection.train.models import ModelSpec, ensure_pad_token, eval_mode, resolve_device, resolve_dtype
-from selection.train.training import token_losses
 from selection.data.tokenization import (
     IGNORE_INDEX,
     TokenizedExample,
@@ -52,6 +48,10 @@ from selection.data.tokenization import (
     render_conversation,
     tokenize_many,
 )
+from selection.diversity import diversity_store
+from selection.diversity.embeddings import length_order, pad_token_batch
+from selection.train.models import ModelSpec, ensure_pad_token, eval_mode, resolve_device, resolve_dtype
+from selection.train.training import token_losses
 
 Conversation = list[dict[str, str]]
 
@@ -202,8 +202,16 @@ class LogLikelihoodScorer:
     cheaply. After ``score``, ``last_result`` holds the stats (truncations, NaN rows).
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, model_fingerprint: str, max_length: int = 256,
-                 batch_size: int = 8, max_tokens: int | None = None, final_turn_only: bool = False) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        model_fingerprint: str,
+        max_length: int = 256,
+        batch_size: int = 8,
+        max_tokens: int | None = None,
+        final_turn_only: bool = False,
+    ) -> None:
         if not model_fingerprint:
             raise ValueError("model_fingerprint must be non-empty (it identifies the scorer in lineage)")
         self.model = model
@@ -217,8 +225,13 @@ class LogLikelihoodScorer:
 
     def score(self, conversations: Sequence[Conversation]) -> np.ndarray:
         self.last_result = score_response_likelihoods(
-            self.model, self.tokenizer, conversations, self.max_length, self.batch_size,
-            self.max_tokens, self.final_turn_only,
+            self.model,
+            self.tokenizer,
+            conversations,
+            self.max_length,
+            self.batch_size,
+            self.max_tokens,
+            self.final_turn_only,
         )
         return self.last_result.values
 
@@ -234,8 +247,11 @@ class LogLikelihoodScorer:
         return _fingerprint_of(self._settings())
 
     def describe(self) -> dict[str, Any]:
-        return {**self._settings(), "fingerprint": self.fingerprint(),
-                "meaning": "mean per-token log-likelihood of the response (nats); higher = more likely"}
+        return {
+            **self._settings(),
+            "fingerprint": self.fingerprint(),
+            "meaning": "mean per-token log-likelihood of the response (nats); higher = more likely",
+        }
 
 
 # ------------------------------------------------------------------ instruction-following difficulty
@@ -270,8 +286,13 @@ def _target_ids(example: TokenizedExample) -> list[int]:
 
 
 @torch.no_grad()
-def _target_log_probs(model: torch.nn.Module, examples: Sequence[TokenizedExample], pad_token_id: int,
-                      batch_size: int, max_tokens: int | None) -> list[np.ndarray]:
+def _target_log_probs(
+    model: torch.nn.Module,
+    examples: Sequence[TokenizedExample],
+    pad_token_id: int,
+    batch_size: int,
+    max_tokens: int | None,
+) -> list[np.ndarray]:
     """Log-probability of every predicted target token, per example, in token order."""
     out = [np.empty(0, dtype=np.float64) for _ in examples]
     usable = [i for i, example in enumerate(examples) if _predictable_targets(example) > 0]
@@ -356,8 +377,15 @@ class IFDScorer:
     ``model_fingerprint`` identifies the weights as for :class:`LogLikelihoodScorer`.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, model_fingerprint: str, max_length: int = 256,
-                 batch_size: int = 8, max_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        model_fingerprint: str,
+        max_length: int = 256,
+        batch_size: int = 8,
+        max_tokens: int | None = None,
+    ) -> None:
         if not model_fingerprint:
             raise ValueError("model_fingerprint must be non-empty (it identifies the scorer in lineage)")
         self.model, self.tokenizer, self.model_fingerprint = model, tokenizer, model_fingerprint
@@ -366,7 +394,8 @@ class IFDScorer:
 
     def score(self, conversations: Sequence[Conversation]) -> np.ndarray:
         self.last_result = instruction_following_difficulty(
-            self.model, self.tokenizer, conversations, self.max_length, self.batch_size, self.max_tokens)
+            self.model, self.tokenizer, conversations, self.max_length, self.batch_size, self.max_tokens
+        )
         return self.last_result.ifd
 
     @staticmethod
@@ -374,16 +403,23 @@ class IFDScorer:
         return ifd_quality(scores)
 
     def _settings(self) -> dict[str, Any]:
-        return {"kind": "ifd", "variant": "chat template, empty user turn for PPL(y)",
-                "model": self.model_fingerprint, "max_length": self.max_length}
+        return {
+            "kind": "ifd",
+            "variant": "chat template, empty user turn for PPL(y)",
+            "model": self.model_fingerprint,
+            "max_length": self.max_length,
+        }
 
     def fingerprint(self) -> str:
         return _fingerprint_of(self._settings())
 
     def describe(self) -> dict[str, Any]:
-        return {**self._settings(), "fingerprint": self.fingerprint(),
-                "meaning": "IFD = PPL(response | prompt) / PPL(response | empty instruction) (Li et al. 2024)",
-                "quality": "IFD where IFD < 1; IFD >= 1 not eligible"}
+        return {
+            **self._settings(),
+            "fingerprint": self.fingerprint(),
+            "meaning": "IFD = PPL(response | prompt) / PPL(response | empty instruction) (Li et al. 2024)",
+            "quality": "IFD where IFD < 1; IFD >= 1 not eligible",
+        }
 
 
 def sampling_quality(scorer: Any, scores: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -411,8 +447,12 @@ def relative_sampling_weights(quality: Sequence[float] | np.ndarray, temperature
     return weights
 
 
-def summarize_by_group(groups: Sequence[str], named_values: dict[str, Sequence[float] | np.ndarray],
-                       group_name: str = "source", digits: int = 3) -> list[dict[str, Any]]:
+def summarize_by_group(
+    groups: Sequence[str],
+    named_values: dict[str, Sequence[float] | np.ndarray],
+    group_name: str = "source",
+    digits: int = 3,
+) -> list[dict[str, Any]]:
     """One row per group (sorted): n, then mean/median/p10/p90 of each named value over its
     finite entries; ``n_<name>`` counts those, in every row, when any value is NaN."""
     labels = np.asarray(groups, dtype=object)
@@ -428,9 +468,11 @@ def summarize_by_group(groups: Sequence[str], named_values: dict[str, Sequence[f
             v = values[mask]
             v = v[np.isfinite(v)]
             if not np.isfinite(values).all():
-                row[f"n_{name}"] = int(len(v))
+                row[f"n_{name}"] = len(v)
             stats = (v.mean(), np.median(v), *np.percentile(v, [10, 90])) if len(v) else (np.nan,) * 4
-            row.update({f"{name}_{k}": round(float(s), digits) for k, s in zip(("mean", "median", "p10", "p90"), stats)})
+            row.update(
+                {f"{name}_{k}": round(float(s), digits) for k, s in zip(("mean", "median", "p10", "p90"), stats)}
+            )
         rows.append(row)
     return rows
 
@@ -450,8 +492,15 @@ class RewardModelScorer:
     ``last_n_truncated`` counts them.
     """
 
-    def __init__(self, path: str | Path, device: str = "cpu", max_length: int = 1024, batch_size: int = 8,
-                 dtype: str = "float32", label_index: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        device: str = "cpu",
+        max_length: int = 1024,
+        batch_size: int = 8,
+        dtype: str = "float32",
+        label_index: int | None = None,
+    ) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.path = Path(path).expanduser()
@@ -519,8 +568,11 @@ class RewardModelScorer:
         return _fingerprint_of(settings)
 
     def describe(self) -> dict[str, Any]:
-        return {**self._settings(), "fingerprint": self.fingerprint(),
-                "meaning": "reward model score of the conversation; higher = better response"}
+        return {
+            **self._settings(),
+            "fingerprint": self.fingerprint(),
+            "meaning": "reward model score of the conversation; higher = better response",
+        }
 
 
 # ------------------------------------------------------------------ kMQ's scorer and its cache
@@ -539,8 +591,9 @@ def quality_kind(quality: str | None, reward_model_path: str | None) -> str:
     return kind
 
 
-def make_scorer(kind: str, reward_model_path: str | None, model: torch.nn.Module, tokenizer: Any, spec: ModelSpec,
-                device: str) -> ResponseScorer:
+def make_scorer(
+    kind: str, reward_model_path: str | None, model: torch.nn.Module, tokenizer: Any, spec: ModelSpec, device: str
+) -> ResponseScorer:
     """The pool-quality scorer of a :func:`quality_kind` (the LM scorers run the loaded base ``model``)."""
     if kind == "reward_model":
         return RewardModelScorer(reward_model_path, device=device)
@@ -549,8 +602,9 @@ def make_scorer(kind: str, reward_model_path: str | None, model: torch.nn.Module
     return IFDScorer(model, tokenizer, spec.fingerprint(), max_length=spec.max_length)
 
 
-def feedback_judge(kind: str, reward_model_path: str | None, quality_scorer: ResponseScorer,
-                   device: str) -> ResponseScorer | None:
+def feedback_judge(
+    kind: str, reward_model_path: str | None, quality_scorer: ResponseScorer, device: str
+) -> ResponseScorer | None:
     """Iterative kMQ's judge: the reward model when configured (the paper), else None (the trained model's surprise)."""
     if not reward_model_path:
         return None
@@ -559,9 +613,13 @@ def feedback_judge(kind: str, reward_model_path: str | None, quality_scorer: Res
     return RewardModelScorer(reward_model_path, device=device)
 
 
-def cached_quality_scores(connect: Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]],
-                          scorer: ResponseScorer, ids: Sequence[str], conversations: Sequence[Conversation],
-                          log: Callable[[str], None]) -> np.ndarray:
+def cached_quality_scores(
+    connect: Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]],
+    scorer: ResponseScorer,
+    ids: Sequence[str],
+    conversations: Sequence[Conversation],
+    log: Callable[[str], None],
+) -> np.ndarray:
     """Quality per example, cached by scorer fingerprint in `quality_scores`: only unscored ids are computed.
 
     NaN where the scorer could not score an example.

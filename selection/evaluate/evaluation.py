@@ -32,6 +32,7 @@ gives each method's weakest task; :func:`markdown_report` renders them.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections import defaultdict
@@ -45,10 +46,10 @@ import pandas as pd
 import torch
 
 from selection.common import markdown
-from selection.evaluate import stats
 from selection.data.default_data import MMLU_LETTERS
-from selection.train.generation import generate_greedy, split_final_turn
 from selection.diversity.quality import Conversation, score_response_likelihoods
+from selection.evaluate import stats
+from selection.train.generation import generate_greedy, split_final_turn
 
 GOLD_CHOICE = re.compile(r"^([A-D])\. ")
 # The closing line of selection.data.default_data.render_mmlu; text after choice D otherwise ends at a blank line.
@@ -86,7 +87,7 @@ def parse_choices(prompt: str) -> tuple[str, str, str, str]:
     d_text = text[starts[3] + 4 :]
     if not ends_with_instruction:
         d_text = d_text.split("\n\n", 1)[0]
-    choices = [text[start + 4 : next_start] for start, next_start in zip(starts[:3], starts[1:])] + [d_text]
+    choices = [text[start + 4 : next_start] for start, next_start in itertools.pairwise(starts)] + [d_text]
     choices = [choice.strip() for choice in choices]
     empty = [letter for letter, choice in zip(MMLU_LETTERS, choices) if not choice]
     if empty:
@@ -184,10 +185,18 @@ def _aggregate(task: str, subtask: str | None, rows: Sequence[RowResult]) -> Gro
     with np.errstate(over="ignore"):
         perplexity = float(np.exp(mean_nll))
     return GroupMetrics(
-        task=task, subtask=subtask, n=len(rows), n_unscored=len(rows) - len(scored),
-        n_truncated=sum(row.truncated for row in rows), mean_nll=mean_nll, perplexity=perplexity,
-        n_choice=len(choice), n_choice_rejects=len(choice) - len(judged), n_correct=sum(judged),
-        accuracy=_mean([float(c) for c in judged]), n_generated=len(generated),
+        task=task,
+        subtask=subtask,
+        n=len(rows),
+        n_unscored=len(rows) - len(scored),
+        n_truncated=sum(row.truncated for row in rows),
+        mean_nll=mean_nll,
+        perplexity=perplexity,
+        n_choice=len(choice),
+        n_choice_rejects=len(choice) - len(judged),
+        n_correct=sum(judged),
+        accuracy=_mean([float(c) for c in judged]),
+        n_generated=len(generated),
         generation_accuracy=_mean([float(c) for c in generated]),
     )
 
@@ -235,9 +244,14 @@ class EvalResult:
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly per-task metrics (NaN -> None), e.g. for lineage."""
-        return {task: {key: _json_float(value) if isinstance(value, float) else value
-                       for key, value in asdict(group).items() if key not in ("task", "subtask")}
-                for task, group in self.per_task.items()}
+        return {
+            task: {
+                key: _json_float(value) if isinstance(value, float) else value
+                for key, value in asdict(group).items()
+                if key not in ("task", "subtask")
+            }
+            for task, group in self.per_task.items()
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (NaN -> None); :meth:`from_dict` reads it back."""
@@ -258,7 +272,8 @@ class EvalResult:
             record["nll"] = math.nan if record["nll"] is None else float(record["nll"])
             if record.get("choice_log_likelihoods") is not None:
                 record["choice_log_likelihoods"] = tuple(
-                    math.nan if v is None else float(v) for v in record["choice_log_likelihoods"])
+                    math.nan if v is None else float(v) for v in record["choice_log_likelihoods"]
+                )
             rows.append(RowResult(**record))
         return cls(tuple(rows), dict(data.get("settings", {})))
 
@@ -282,8 +297,9 @@ def _check_rows(test_rows: Iterable[Mapping[str, Any]]) -> list[_TestRow]:
             raise ValueError(f"test row {index} lacks {missing} (needs {', '.join(ROW_KEYS)})")
         messages = row["messages"]
         if not messages or messages[-1]["role"] != "assistant":
-            raise ValueError(f"test row {index} ({row['example_id']!r}) does not end with an assistant turn "
-                             "(the gold answer)")
+            raise ValueError(
+                f"test row {index} ({row['example_id']!r}) does not end with an assistant turn (the gold answer)"
+            )
         rows.append(_TestRow(str(row["task"]), str(row["subtask"]), str(row["example_id"]), list(messages)))
     if not rows:
         raise ValueError("no test rows to evaluate")
@@ -341,9 +357,16 @@ def evaluate_model(
         raise ValueError(f"cannot generate for {unknown}; supported: {sorted(GENERATION_KINDS)}")
     rows = _check_rows(test_rows)
     plans, conversations, alternates = _scoring_pass(rows)
-    scored = score_response_likelihoods(model, tokenizer, conversations, max_length=max_length,
-                                        batch_size=batch_size, max_tokens=max_tokens, final_turn_only=True,
-                                        progress=progress)
+    scored = score_response_likelihoods(
+        model,
+        tokenizer,
+        conversations,
+        max_length=max_length,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        final_turn_only=True,
+        progress=progress,
+    )
     gold_log_likelihoods = scored.values[: len(rows)]
     truncated = set(scored.stats.truncated_indices)
     choice_scores: dict[int, np.ndarray] = {}
@@ -361,14 +384,24 @@ def evaluate_model(
     generations: dict[int, str] = {}
     if generate and "mmlu" in generate_for:
         to_generate = [i for i, plan in enumerate(plans) if isinstance(plan, ChoiceRow)]
-        answers = generate_greedy(model, tokenizer, [plans[i].prompt for i in to_generate],  # type: ignore[union-attr]
-                                  max_new_tokens=max_new_tokens, batch_size=batch_size)
+        answers = generate_greedy(
+            model,
+            tokenizer,
+            [plans[i].prompt for i in to_generate],  # type: ignore[union-attr]
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+        )
         generations = dict(zip(to_generate, answers))
 
     results = []
     for index, (row, plan) in enumerate(zip(rows, plans)):
-        record: dict[str, Any] = {"example_id": row.example_id, "task": row.task, "subtask": row.subtask,
-                                  "nll": float(-gold_log_likelihoods[index]), "truncated": index in truncated}
+        record: dict[str, Any] = {
+            "example_id": row.example_id,
+            "task": row.task,
+            "subtask": row.subtask,
+            "nll": float(-gold_log_likelihoods[index]),
+            "truncated": index in truncated,
+        }
         if isinstance(plan, str):
             record["reject_reason"] = plan
         elif isinstance(plan, ChoiceRow):
@@ -377,15 +410,22 @@ def evaluate_model(
                 record["generation"] = generations[index]
                 record["generation_correct"] = _first_letter_matches(generations[index], record["gold_letter"])
         results.append(RowResult(**record))
-    settings = {"max_length": max_length, "generate": generate, "generate_for": sorted(generate_for),
-                "max_new_tokens": max_new_tokens, "choice_score": "mean per-token log-likelihood",
-                "n_scored_conversations": len(conversations)}
+    settings = {
+        "max_length": max_length,
+        "generate": generate,
+        "generate_for": sorted(generate_for),
+        "max_new_tokens": max_new_tokens,
+        "choice_score": "mean per-token log-likelihood",
+        "n_scored_conversations": len(conversations),
+    }
     return EvalResult(tuple(results), settings)
 
 
 def _judge_choices(plan: ChoiceRow, scores: np.ndarray, cut: np.ndarray, max_length: int) -> dict[str, Any]:
-    record: dict[str, Any] = {"gold_letter": MMLU_LETTERS[plan.gold_index],
-                              "choice_log_likelihoods": tuple(float(s) for s in scores)}
+    record: dict[str, Any] = {
+        "gold_letter": MMLU_LETTERS[plan.gold_index],
+        "choice_log_likelihoods": tuple(float(s) for s in scores),
+    }
     # A truncated candidate is scored on a prefix only: not comparable with the others.
     unscorable = [MMLU_LETTERS[i] for i in np.flatnonzero(np.isnan(scores) | cut)]
     if unscorable:
@@ -438,19 +478,44 @@ def stratified_test_rows(
         applied = None if cap is None else max(cap, len(subtasks))
         chosen = interleaved if applied is None else interleaved[:applied]
         kept.extend(chosen)
-        coverage.append(TaskCoverage(task, len(interleaved), len(subtasks), len(chosen), applied,
-                                     cap is not None and applied != cap))
+        coverage.append(
+            TaskCoverage(
+                task, len(interleaved), len(subtasks), len(chosen), applied, cap is not None and applied != cap
+            )
+        )
     return kept, coverage
 
 
 # ------------------------------------------------------------------ comparison
 
-_GROUP_COLUMNS = ("task", "n", "n_unscored", "n_truncated", "mean_nll", "perplexity", "n_choice",
-                  "n_choice_rejects", "accuracy", "generation_accuracy")
-_INTERVAL_COLUMNS = tuple(f"delta_{metric}_{part}" for metric in ("nll", "accuracy")
-                          for part in ("ci_low", "ci_high", "significant"))
-TABLE_COLUMNS = ("method", *_GROUP_COLUMNS, "delta_nll", "delta_accuracy", "primary_metric", "rank",
-                 "n_seeds", *_INTERVAL_COLUMNS, "ci_low", "ci_high", "significant")
+_GROUP_COLUMNS = (
+    "task",
+    "n",
+    "n_unscored",
+    "n_truncated",
+    "mean_nll",
+    "perplexity",
+    "n_choice",
+    "n_choice_rejects",
+    "accuracy",
+    "generation_accuracy",
+)
+_INTERVAL_COLUMNS = tuple(
+    f"delta_{metric}_{part}" for metric in ("nll", "accuracy") for part in ("ci_low", "ci_high", "significant")
+)
+TABLE_COLUMNS = (
+    "method",
+    *_GROUP_COLUMNS,
+    "delta_nll",
+    "delta_accuracy",
+    "primary_metric",
+    "rank",
+    "n_seeds",
+    *_INTERVAL_COLUMNS,
+    "ci_low",
+    "ci_high",
+    "significant",
+)
 
 Results = Mapping[str, "EvalResult | Sequence[EvalResult]"]
 
@@ -475,8 +540,10 @@ def _check_same_rows(results: Mapping[str, Sequence[EvalResult]]) -> None:
                 ids = result.example_ids(task)
                 first = reference.setdefault(task, (method, ids))
                 if first[1] != ids:
-                    raise ValueError(f"task {task!r}: {method!r} was evaluated on different rows than {first[0]!r} "
-                                     f"({len(ids ^ first[1])} ids differ); compare results on the same test rows")
+                    raise ValueError(
+                        f"task {task!r}: {method!r} was evaluated on different rows than {first[0]!r} "
+                        f"({len(ids ^ first[1])} ids differ); compare results on the same test rows"
+                    )
 
 
 def _nan_mean(values: np.ndarray, axis: int) -> np.ndarray:
@@ -503,8 +570,11 @@ def _row_values(seeds: Sequence[EvalResult], task: str, ids: Sequence[str]) -> d
 
 
 def comparison_table(
-    results: Results, baseline: str | None = None, n_resamples: int = stats.DEFAULT_RESAMPLES,
-    confidence: float = stats.DEFAULT_CONFIDENCE, seed: int = 0,
+    results: Results,
+    baseline: str | None = None,
+    n_resamples: int = stats.DEFAULT_RESAMPLES,
+    confidence: float = stats.DEFAULT_CONFIDENCE,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """One row per (method, task), sorted by task then method.
 
@@ -544,7 +614,8 @@ def comparison_table(
                 record["perplexity"] = float(np.exp(record["mean_nll"]))
             record["accuracy"] = _nan_mean(values["accuracy"], axis=0).item()
             record["generation_accuracy"] = _nan_mean(
-                np.array([result.per_task[task].generation_accuracy for result in seeds]), axis=0).item()
+                np.array([result.per_task[task].generation_accuracy for result in seeds]), axis=0
+            ).item()
             record["n_seeds"] = len(seeds)
             if baseline is not None and task in by_method[baseline][0].per_task:
                 base_values = _row_values(by_method[baseline], task, ids)
@@ -556,8 +627,9 @@ def comparison_table(
                     interval = stats.BootstrapInterval(math.nan, math.nan, math.nan, 0)
                 else:
                     difference = values[metric] - base_values[metric]
-                    interval = stats.paired_bootstrap(difference[np.isfinite(difference)], n_resamples,
-                                                      confidence, seed)
+                    interval = stats.paired_bootstrap(
+                        difference[np.isfinite(difference)], n_resamples, confidence, seed
+                    )
                 record[prefix] = interval.mean
                 record[f"{prefix}_ci_low"], record[f"{prefix}_ci_high"] = interval.low, interval.high
                 record[f"{prefix}_significant"] = interval.significant
@@ -585,9 +657,20 @@ def average_ranks(table: pd.DataFrame) -> pd.DataFrame:
     return ranked.sort_values(["average_rank", "method"], kind="stable").reset_index(drop=True)
 
 
-WORST_COLUMNS = ("method", "worst_loss_task", "worst_delta_nll", "worst_delta_nll_ci_low", "worst_delta_nll_ci_high",
-                 "worst_delta_nll_significant", "worst_accuracy_task", "worst_accuracy", "worst_delta_accuracy",
-                 "worst_delta_accuracy_ci_low", "worst_delta_accuracy_ci_high", "worst_delta_accuracy_significant")
+WORST_COLUMNS = (
+    "method",
+    "worst_loss_task",
+    "worst_delta_nll",
+    "worst_delta_nll_ci_low",
+    "worst_delta_nll_ci_high",
+    "worst_delta_nll_significant",
+    "worst_accuracy_task",
+    "worst_accuracy",
+    "worst_delta_accuracy",
+    "worst_delta_accuracy_ci_low",
+    "worst_delta_accuracy_ci_high",
+    "worst_delta_accuracy_significant",
+)
 
 
 def worst_tasks(table: pd.DataFrame) -> pd.DataFrame:
@@ -606,15 +689,17 @@ def worst_tasks(table: pd.DataFrame) -> pd.DataFrame:
         worst = by_loss.loc[by_loss["delta_nll"].idxmax()] if not by_loss.empty else None
         record["worst_loss_task"] = None if worst is None else worst["task"]
         for part in ("", "_ci_low", "_ci_high", "_significant"):
-            record[f"worst_delta_nll{part}"] = (False if part == "_significant" else math.nan) if worst is None \
-                else worst[f"delta_nll{part}"]
+            record[f"worst_delta_nll{part}"] = (
+                (False if part == "_significant" else math.nan) if worst is None else worst[f"delta_nll{part}"]
+            )
         by_accuracy = group.dropna(subset=["accuracy"])
         worst = by_accuracy.loc[by_accuracy["accuracy"].idxmin()] if not by_accuracy.empty else None
         record["worst_accuracy_task"] = None if worst is None else worst["task"]
         record["worst_accuracy"] = math.nan if worst is None else worst["accuracy"]
         for part in ("", "_ci_low", "_ci_high", "_significant"):
-            record[f"worst_delta_accuracy{part}"] = (False if part == "_significant" else math.nan) \
-                if worst is None else worst[f"delta_accuracy{part}"]
+            record[f"worst_delta_accuracy{part}"] = (
+                (False if part == "_significant" else math.nan) if worst is None else worst[f"delta_accuracy{part}"]
+            )
         records.append(record)
     return pd.DataFrame.from_records(records, columns=list(WORST_COLUMNS))
 
@@ -623,9 +708,12 @@ def intervals_note(table: pd.DataFrame) -> str:
     """What the intervals of a :func:`comparison_table` cover, in plain words."""
     settings = table.attrs.get("bootstrap") or {}
     seeds = sorted({int(n) for n in table["n_seeds"]}) if "n_seeds" in table else [1]
-    seed_text = ("one finetuning seed per method" if seeds == [1]
-                 else f"{'/'.join(map(str, seeds))} finetuning seeds per method (each row's value is averaged over "
-                      "the seeds before resampling)")
+    seed_text = (
+        "one finetuning seed per method"
+        if seeds == [1]
+        else f"{'/'.join(map(str, seeds))} finetuning seeds per method (each row's value is averaged over "
+        "the seeds before resampling)"
+    )
     return (
         f"Intervals: {100 * settings.get('confidence', stats.DEFAULT_CONFIDENCE):g}% paired percentile bootstrap of "
         f"the delta over the test rows ({settings.get('n_resamples', stats.DEFAULT_RESAMPLES)} resamples, seed "
@@ -661,13 +749,21 @@ def markdown_report(table: pd.DataFrame, title: str = "Evaluation comparison") -
     baseline = table.attrs.get("baseline")
     lines = [f"# {title}", ""]
     if baseline is not None:
-        lines += [f"Baseline: `{baseline}` (deltas are method minus baseline on the same test rows; "
-                  "lower NLL, higher accuracy = better).", "", intervals_note(table), ""]
+        lines += [
+            (
+                f"Baseline: `{baseline}` (deltas are method minus baseline on the same test rows; "
+                "lower NLL, higher accuracy = better)."
+            ),
+            "",
+            intervals_note(table),
+            "",
+        ]
 
     def delta(row: Any, metric: str) -> str:
         prefix = f"delta_{metric}"
-        return _delta_cell(row[prefix], row[f"{prefix}_ci_low"], row[f"{prefix}_ci_high"],
-                           bool(row[f"{prefix}_significant"]))
+        return _delta_cell(
+            row[prefix], row[f"{prefix}_ci_low"], row[f"{prefix}_ci_high"], bool(row[f"{prefix}_significant"])
+        )
 
     best_rows = []
     for task, group in table.groupby("task", sort=True):
@@ -677,35 +773,93 @@ def markdown_report(table: pd.DataFrame, title: str = "Evaluation comparison") -
             continue
         best = ranked.sort_values(["rank", "method"], kind="stable").iloc[0]
         metric = best["primary_metric"]
-        best_rows.append((task, metric, best["method"], best[metric],
-                          delta(best, "accuracy" if metric == "accuracy" else "nll")))
+        best_rows.append(
+            (task, metric, best["method"], best[metric], delta(best, "accuracy" if metric == "accuracy" else "nll"))
+        )
     lines += ["## Best method per task", ""]
     lines.append(markdown.table(["task", "metric", "best", "value", "delta vs baseline [CI]"], best_rows, cell=_cell))
     lines += ["", "## Average rank across tasks (1 = best)", ""]
-    lines.append(markdown.table(["method", "average rank", "tasks"], average_ranks(table).itertuples(index=False),
-                                cell=_cell))
+    lines.append(
+        markdown.table(["method", "average rank", "tasks"], average_ranks(table).itertuples(index=False), cell=_cell)
+    )
     worst = worst_tasks(table)
     lines += ["", "## Worst task per method", ""]
     worst_rows = [
-        (row["method"], row["worst_loss_task"] or "n/a",
-         _delta_cell(row["worst_delta_nll"], row["worst_delta_nll_ci_low"], row["worst_delta_nll_ci_high"],
-                     bool(row["worst_delta_nll_significant"])),
-         row["worst_accuracy_task"] or "n/a", row["worst_accuracy"],
-         _delta_cell(row["worst_delta_accuracy"], row["worst_delta_accuracy_ci_low"],
-                     row["worst_delta_accuracy_ci_high"], bool(row["worst_delta_accuracy_significant"])))
+        (
+            row["method"],
+            row["worst_loss_task"] or "n/a",
+            _delta_cell(
+                row["worst_delta_nll"],
+                row["worst_delta_nll_ci_low"],
+                row["worst_delta_nll_ci_high"],
+                bool(row["worst_delta_nll_significant"]),
+            ),
+            row["worst_accuracy_task"] or "n/a",
+            row["worst_accuracy"],
+            _delta_cell(
+                row["worst_delta_accuracy"],
+                row["worst_delta_accuracy_ci_low"],
+                row["worst_delta_accuracy_ci_high"],
+                bool(row["worst_delta_accuracy_significant"]),
+            ),
+        )
         for _, row in worst.iterrows()
     ]
-    lines.append(markdown.table(["method", "highest loss delta: task", "delta NLL [CI]", "lowest accuracy: task",
-                                 "accuracy", "delta accuracy [CI]"], worst_rows, cell=_cell))
+    lines.append(
+        markdown.table(
+            [
+                "method",
+                "highest loss delta: task",
+                "delta NLL [CI]",
+                "lowest accuracy: task",
+                "accuracy",
+                "delta accuracy [CI]",
+            ],
+            worst_rows,
+            cell=_cell,
+        )
+    )
     lines += ["", "## All results", ""]
-    detail_rows = [(row["method"], row["task"], row["n_seeds"], row["n"], row["mean_nll"], row["perplexity"],
-                    row["accuracy"], delta(row, "nll"), delta(row, "accuracy")) for _, row in table.iterrows()]
-    lines.append(markdown.table(["method", "task", "seeds", "n", "mean_nll", "perplexity", "accuracy",
-                                 "delta_nll [CI]", "delta_accuracy [CI]"], detail_rows, cell=_cell))
+    detail_rows = [
+        (
+            row["method"],
+            row["task"],
+            row["n_seeds"],
+            row["n"],
+            row["mean_nll"],
+            row["perplexity"],
+            row["accuracy"],
+            delta(row, "nll"),
+            delta(row, "accuracy"),
+        )
+        for _, row in table.iterrows()
+    ]
+    lines.append(
+        markdown.table(
+            [
+                "method",
+                "task",
+                "seeds",
+                "n",
+                "mean_nll",
+                "perplexity",
+                "accuracy",
+                "delta_nll [CI]",
+                "delta_accuracy [CI]",
+            ],
+            detail_rows,
+            cell=_cell,
+        )
+    )
     gap_columns = ["method", "task", "n_unscored", "n_truncated", "n_choice_rejects"]
     gaps = table[(table[gap_columns[2:]] > 0).any(axis=1)]
     if not gaps.empty:
         lines += ["", "## Gaps", ""]
-        lines.append(markdown.table(["method", "task", "unscored (NaN NLL)", "answer truncated", "choice rejects"],
-                                    gaps[gap_columns].itertuples(index=False), cell=_cell))
+        lines.append(
+            markdown.table(
+                ["method", "task", "unscored (NaN NLL)", "answer truncated", "choice rejects"],
+                gaps[gap_columns].itertuples(index=False),
+                cell=_cell,
+            )
+        )
     return "\n".join(lines) + "\n"

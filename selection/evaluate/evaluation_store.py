@@ -53,9 +53,10 @@ def current_finetunes(con: duckdb.DuckDBPyConnection, model: str) -> pd.DataFram
     """
     for ddl in checkpoints.CHECKPOINT_TABLES:
         con.execute(ddl)
-    current = pd.DataFrame([(s.method, s.target, s.budget)
-                            for s in selection_store.latest_selections(con, model, ["all"], None)],
-                           columns=["method", "target", "budget"])
+    current = pd.DataFrame(  # noqa: F841  (DuckDB reads it by name in the SQL)
+        [(s.method, s.target, s.budget) for s in selection_store.latest_selections(con, model, ["all"], None)],
+        columns=["method", "target", "budget"],
+    )
     frame = con.execute(
         """SELECT c.* FROM checkpoints c JOIN current USING (method, target, budget)
            WHERE c.model = ? AND c.stage = 'finetune'
@@ -72,11 +73,17 @@ def current_finetunes(con: duckdb.DuckDBPyConnection, model: str) -> pd.DataFram
             continue
         settings = {k: v for k, v in config.get("training", {}).items() if k != "seed"}
         for seed in seeds:
-            same = [row for _, row in group.iterrows() if row["seed"] == seed and {
-                k: v for k, v in json.loads(row["config"]).get("training", {}).items() if k != "seed"} == settings]
+            same = [
+                row
+                for _, row in group.iterrows()
+                if row["seed"] == seed
+                and {k: v for k, v in json.loads(row["config"]).get("training", {}).items() if k != "seed"} == settings
+            ]
             if not same:
-                raise ValueError(f"{method}/{target}: the latest finetuning (seeds {seeds}) has no checkpoint for "
-                                 f"seed {seed}; rematerialize finetuned_checkpoints")
+                raise ValueError(
+                    f"{method}/{target}: the latest finetuning (seeds {seeds}) has no checkpoint for "
+                    f"seed {seed}; rematerialize finetuned_checkpoints"
+                )
             chosen.append(same[0])
     return pd.DataFrame(chosen, columns=frame.columns).reset_index(drop=True)
 
@@ -100,11 +107,43 @@ class EvaluatedCheckpoint:
 def _row_frame(result: EvalResult, model: str, run_id: str, checkpoint: EvaluatedCheckpoint) -> pd.DataFrame:
     """The `evaluation_rows` of one evaluated checkpoint (an unscored NLL is NULL)."""
     frame = pd.DataFrame.from_records(
-        [(model, run_id, checkpoint.name, checkpoint.seed, checkpoint.run_key, r.task, r.subtask, r.example_id,
-          None if math.isnan(r.nll) else r.nll, r.correct, r.truncated, r.gold_letter, r.predicted_letter,
-          r.reject_reason, r.generation_correct) for r in result.rows],
-        columns=["model", "run_id", "name", "seed", "run_key", "task", "subtask", "example_id", "nll", "correct",
-                 "truncated", "gold_letter", "predicted_letter", "reject_reason", "generation_correct"],
+        [
+            (
+                model,
+                run_id,
+                checkpoint.name,
+                checkpoint.seed,
+                checkpoint.run_key,
+                r.task,
+                r.subtask,
+                r.example_id,
+                None if math.isnan(r.nll) else r.nll,
+                r.correct,
+                r.truncated,
+                r.gold_letter,
+                r.predicted_letter,
+                r.reject_reason,
+                r.generation_correct,
+            )
+            for r in result.rows
+        ],
+        columns=[
+            "model",
+            "run_id",
+            "name",
+            "seed",
+            "run_key",
+            "task",
+            "subtask",
+            "example_id",
+            "nll",
+            "correct",
+            "truncated",
+            "gold_letter",
+            "predicted_letter",
+            "reject_reason",
+            "generation_correct",
+        ],
     )
     frame["seed"] = frame["seed"].astype("Int64")
     frame["nll"] = frame["nll"].astype("float64")
@@ -113,17 +152,34 @@ def _row_frame(result: EvalResult, model: str, run_id: str, checkpoint: Evaluate
     return frame
 
 
-def record_evaluation(con: duckdb.DuckDBPyConnection, model: str, run_id: str, checkpoint: EvaluatedCheckpoint,
-                      result_path: str, result: EvalResult) -> None:
+def record_evaluation(
+    con: duckdb.DuckDBPyConnection,
+    model: str,
+    run_id: str,
+    checkpoint: EvaluatedCheckpoint,
+    result_path: str,
+    result: EvalResult,
+) -> None:
     """One checkpoint's `evaluation_runs` row and its `evaluation_rows`, together."""
     ensure_evaluation_tables(con)
-    row_frame = _row_frame(result, model, run_id, checkpoint)
+    row_frame = _row_frame(result, model, run_id, checkpoint)  # noqa: F841  (DuckDB reads it by name in the SQL)
     with transaction(con):
         con.execute(
             "INSERT INTO evaluation_runs (model, name, stage, run_key, method, target, budget, result_path, "
             "summary, run_id, created_at, seed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now(), ?)",
-            [model, checkpoint.name, checkpoint.stage, checkpoint.run_key, checkpoint.method, checkpoint.target,
-             checkpoint.budget, result_path, json.dumps(result.summary()), run_id, checkpoint.seed],
+            [
+                model,
+                checkpoint.name,
+                checkpoint.stage,
+                checkpoint.run_key,
+                checkpoint.method,
+                checkpoint.target,
+                checkpoint.budget,
+                result_path,
+                json.dumps(result.summary()),
+                run_id,
+                checkpoint.seed,
+            ],
         )
         con.execute("INSERT INTO evaluation_rows BY NAME SELECT * FROM row_frame")
 
@@ -170,8 +226,9 @@ def replace_comparison(con: duckdb.DuckDBPyConnection, model: str, comparison_fr
     """Replace the model's `comparison` rows with `comparison_frame`."""
     con.execute("CREATE TABLE IF NOT EXISTS comparison AS SELECT ''::VARCHAR AS model, * FROM comparison_frame LIMIT 0")
     # A table made by an earlier version lacks the interval columns: add them (older rows read NULL).
-    existing = {r[0] for r in con.execute(
-        "SELECT column_name FROM duckdb_columns() WHERE table_name = 'comparison'").fetchall()}
+    existing = {
+        r[0] for r in con.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = 'comparison'").fetchall()
+    }
     for column, column_type, *_ in con.execute("DESCRIBE SELECT * FROM comparison_frame").fetchall():
         if column not in existing:
             # The frame's columns are interpolated into the statement: each must be a plain identifier.

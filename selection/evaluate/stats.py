@@ -29,7 +29,9 @@ class BootstrapInterval:
 
 
 def paired_bootstrap(
-    differences: np.ndarray, n_resamples: int = DEFAULT_RESAMPLES, confidence: float = DEFAULT_CONFIDENCE,
+    differences: np.ndarray,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    confidence: float = DEFAULT_CONFIDENCE,
     seed: int = 0,
 ) -> BootstrapInterval:
     """Percentile bootstrap interval of the mean of per-row paired differences.

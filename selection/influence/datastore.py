@@ -41,10 +41,15 @@ import numpy as np
 import torch
 
 from selection.common.arrays import ArrayStore
-from selection.influence.gradients import LITERAL_LESS_TRANSFORM, AdamMoments, PerExampleGradients, check_train_transform
 from selection.common.memory import gradient_memory, run_halving_on_oom
-from selection.influence.projection import Projector
 from selection.data.tokenization import TokenizedExample, collate, length_sorted_batches
+from selection.influence.gradients import (
+    LITERAL_LESS_TRANSFORM,
+    AdamMoments,
+    PerExampleGradients,
+    check_train_transform,
+)
+from selection.influence.projection import Projector
 
 KINDS = ("train", "target")
 STORE_FORMAT = 1
@@ -66,10 +71,17 @@ def _store_transform(kind: str, transform: str | None) -> str | None:
 
 
 def store_directory(
-    root: str | Path, model_fingerprint: str, checkpoint: str, kind: str, projector: Projector, part: str | None = None,
+    root: str | Path,
+    model_fingerprint: str,
+    checkpoint: str,
+    kind: str,
+    projector: Projector,
+    part: str | None = None,
     transform: str | None = None,
 ) -> Path:
-    """Canonical place of a store: ``root/<model>/<checkpoint>/<kind>/[<transform>-]<mode>-d<dim>-s<seed>-<hash>[/<part>]``.
+    """Canonical place of a store.
+
+    ``root/<model>/<checkpoint>/<kind>/[<transform>-]<mode>-d<dim>-s<seed>-<hash>[/<shard>]``.
 
     Train stores of a transform other than LESS's own ``adam`` carry it in the folder name, so
     switching transforms opens a new store (``adam`` keeps the folder it always had)."""
@@ -141,8 +153,9 @@ class FeatureStore:
             self.manifest["part"] = part
         if transform is not None:
             self.manifest["transform"] = transform
-        self.arrays = ArrayStore(self.directory, self.manifest, self._check_manifest, dtype=np.float16,
-                                 width=self.dim, asset=self.asset)
+        self.arrays = ArrayStore(
+            self.directory, self.manifest, self._check_manifest, dtype=np.float16, width=self.dim, asset=self.asset
+        )
 
     def _check_manifest(self, existing: dict[str, Any]) -> None:
         if existing.get("kind") == "train":
@@ -362,11 +375,15 @@ def compute_features(
     engine = PerExampleGradients(model)
     for proj, st in zip(projectors, stores):
         if st.manifest["projection"] != proj.fingerprint():
-            raise ValueError(f"projector does not match store {st.directory}: "
-                             f"{describe_mismatch(st.manifest['projection'], proj.fingerprint())}")
+            raise ValueError(
+                f"projector does not match store {st.directory}: "
+                f"{describe_mismatch(st.manifest['projection'], proj.fingerprint())}"
+            )
         if proj.input_dim != engine.dim or proj.names_hash != engine.names_hash:
-            raise ValueError(f"projector was built for {proj.input_dim} inputs / names {proj.names_hash}, "
-                             f"the model has {engine.dim} / {engine.names_hash}")
+            raise ValueError(
+                f"projector was built for {proj.input_dim} inputs / names {proj.names_hash}, "
+                f"the model has {engine.dim} / {engine.names_hash}"
+            )
     kinds = {st.kind for st in stores}
     if len(kinds) != 1:
         raise ValueError(f"all stores must be of one kind, got {sorted(kinds)}")
@@ -412,7 +429,8 @@ def compute_features(
     for chunk_start in range(0, len(todo), chunk_size):
         excluded = {
             example_id: f"no_target_tokens: no assistant token {'left after truncation' if e.truncated else 'to learn'}"
-            for example_id, e in todo[chunk_start : chunk_start + chunk_size] if e.n_target_tokens == 0
+            for example_id, e in todo[chunk_start : chunk_start + chunk_size]
+            if e.n_target_tokens == 0
         }
         chunk = [(i, e) for i, e in todo[chunk_start : chunk_start + chunk_size] if i not in excluded]
         chunk_examples = [example for _, example in chunk]
@@ -442,7 +460,9 @@ def compute_features(
             if progress_cb is not None:
                 elapsed = time.perf_counter() - started
                 rate = done / elapsed if elapsed > 0 else 0.0
-                progress_cb(Progress(done, len(todo), skipped, rate, (len(todo) - done) / rate if rate else float("inf")))
+                progress_cb(
+                    Progress(done, len(todo), skipped, rate, (len(todo) - done) / rate if rate else float("inf"))
+                )
         if pending_rows:
             flush()
         ids = [example_id for example_id, _ in chunk]

@@ -53,8 +53,10 @@ class FeatureDiagnostics:
         if self.mean_feature_norm is None:
             return "no rows"
         cosine = "n/a" if self.mean_pairwise_cosine is None else f"{self.mean_pairwise_cosine:.2f}"
-        return (f"mean-feature norm {self.mean_feature_norm:.2f} over {self.n_rows} rows, mean pairwise cosine "
-                f"{cosine} ({self.n_sampled} sampled), saturated share {self.saturated_share:.2f}")
+        return (
+            f"mean-feature norm {self.mean_feature_norm:.2f} over {self.n_rows} rows, mean pairwise cosine "
+            f"{cosine} ({self.n_sampled} sampled), saturated share {self.saturated_share:.2f}"
+        )
 
 
 def _unit_rows(rows: np.ndarray) -> np.ndarray:
@@ -88,10 +90,14 @@ def feature_diagnostics(
 
     chosen = np.sort(np.random.default_rng(seed).choice(n_rows, size=min(n_rows, sample_size), replace=False))
     offsets = np.cumsum([0] + [part.shape[0] for part in parts])
-    sample = _unit_rows(np.concatenate([
-        np.asarray(part[chosen[(chosen >= lo) & (chosen < hi)] - lo])
-        for part, lo, hi in zip(parts, offsets[:-1], offsets[1:])
-    ]))
+    sample = _unit_rows(
+        np.concatenate(
+            [
+                np.asarray(part[chosen[(chosen >= lo) & (chosen < hi)] - lo])
+                for part, lo, hi in zip(parts, offsets[:-1], offsets[1:])
+            ]
+        )
+    )
     m = sample.shape[0]
     # Sum of all pairwise cosines from the norm of the sum: no m x m matrix.
     summed = sample.sum(axis=0, dtype=np.float64)

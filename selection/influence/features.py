@@ -64,8 +64,9 @@ def pool_shard_examples(connect: Connect, shard: str) -> FeatureExamples:
         with connect() as con:
             return pool_store.example_sources(con, example_ids)
 
-    return FeatureExamples(mine, load_conversations, shard, {"pool_version": latest[0], "pool_size": len(ids)},
-                           groups_of=load_sources)
+    return FeatureExamples(
+        mine, load_conversations, shard, {"pool_version": latest[0], "pool_size": len(ids)}, groups_of=load_sources
+    )
 
 
 def target_val_examples(rows: Sequence[tuple[str, str, str, list[dict]]]) -> FeatureExamples:
@@ -81,13 +82,21 @@ def target_val_examples(rows: Sequence[tuple[str, str, str, list[dict]]]) -> Fea
     def check_usable(tokenizer: Any, max_length: int) -> None:
         ids = list(conversations)
         _, stats = tokenization.tokenize_many(tokenizer, [conversations[i] for i in ids], max_length)
-        preflight.check_val_usable([(task, example_id) for task, _, example_id, _ in rows],
-                                   {ids[i] for i in stats.usable_indices()},
-                                   f"none has target tokens within max_length {max_length}")
+        preflight.check_val_usable(
+            [(task, example_id) for task, _, example_id, _ in rows],
+            {ids[i] for i in stats.usable_indices()},
+            f"none has target tokens within max_length {max_length}",
+        )
 
-    return FeatureExamples(list(conversations), lambda ids: {i: conversations[i] for i in ids if i in conversations},
-                           None, {"n_val_rows": len(rows)}, check_usable,
-                           lambda ids: {i: tasks_of[i] for i in ids if i in tasks_of}, "task")
+    return FeatureExamples(
+        list(conversations),
+        lambda ids: {i: conversations[i] for i in ids if i in conversations},
+        None,
+        {"n_val_rows": len(rows)},
+        check_usable,
+        lambda ids: {i: tasks_of[i] for i in ids if i in tasks_of},
+        "task",
+    )
 
 
 @dataclass(frozen=True)
@@ -146,14 +155,26 @@ class FeatureRun:
     def as_metrics(self) -> dict[str, Any]:
         # The shard keeps its recorded metrics key, "part".
         return {
-            "warmup_run_key": self.warmup_run_key, "kind": self.kind, "part": self.shard, "mode": self.mode,
-            "dims": list(self.dims), "transform": self.transform, "transform_why": self.transform_why,
-            "seed": self.seed, "n_examples": self.n_examples, "n_stored": self.n_stored,
-            "n_skipped_no_target": len(self.excluded), "skipped_ids": sorted(self.excluded)[:50],
-            "n_computed": self.n_computed, "seconds": self.seconds, "examples_per_s": self.examples_per_s,
+            "warmup_run_key": self.warmup_run_key,
+            "kind": self.kind,
+            "part": self.shard,
+            "mode": self.mode,
+            "dims": list(self.dims),
+            "transform": self.transform,
+            "transform_why": self.transform_why,
+            "seed": self.seed,
+            "n_examples": self.n_examples,
+            "n_stored": self.n_stored,
+            "n_skipped_no_target": len(self.excluded),
+            "skipped_ids": sorted(self.excluded)[:50],
+            "n_computed": self.n_computed,
+            "seconds": self.seconds,
+            "examples_per_s": self.examples_per_s,
             # Each checkpoint with work tokenizes its chunks again.
-            "tokenization_this_run_all_checkpoints": self.token_counts, "checkpoints": self.checkpoints,
-            "truncation_by_group": self.truncation_by_group, "feature_diagnostics": self.feature_diagnostics,
+            "tokenization_this_run_all_checkpoints": self.token_counts,
+            "checkpoints": self.checkpoints,
+            "truncation_by_group": self.truncation_by_group,
+            "feature_diagnostics": self.feature_diagnostics,
             "features_collapsed": self.features_collapsed,
         }
 
@@ -177,8 +198,9 @@ def compute_gradient_features(request: FeatureRequest) -> FeatureRun:
     if examples.precheck is not None:
         examples.precheck(tokenizer, spec.max_length)
     # Exact projectors share the cache for the dense matrix (no effect on the numbers, only on speed).
-    projection_options = ({"cache_bytes": device.projection_cache_bytes(resolved) // len(config.dims)}
-                          if config.mode == "exact" else {})
+    projection_options = (
+        {"cache_bytes": device.projection_cache_bytes(resolved) // len(config.dims)} if config.mode == "exact" else {}
+    )
     peft_model = models.add_lora(model, spec)
     engine = PerExampleGradients(peft_model)
     model_fingerprint = f"{spec.name}-{spec.fingerprint()}"
@@ -188,17 +210,25 @@ def compute_gradient_features(request: FeatureRequest) -> FeatureRun:
     started = time.perf_counter()
     # Built once: a cached dense `exact` matrix then serves every checkpoint.
     projectors = [
-        projection.make_projector(config.mode, engine.dim, dim, config.seed, engine.names_hash, resolved,
-                                  **projection_options)
+        projection.make_projector(
+            config.mode, engine.dim, dim, config.seed, engine.names_hash, resolved, **projection_options
+        )
         for dim in config.dims
     ]
     for row in warmup.itertuples():
         checkpoint = f"{run_key}-epoch_{row.epoch}"
         stores = [
             datastore.FeatureStore(
-                datastore.store_directory(request.root, model_fingerprint, checkpoint, kind, p, shard,
-                                          transform=transform),
-                model_fingerprint, checkpoint, kind, p, chunk_size=config.chunk_size, part=shard, transform=transform,
+                datastore.store_directory(
+                    request.root, model_fingerprint, checkpoint, kind, p, shard, transform=transform
+                ),
+                model_fingerprint,
+                checkpoint,
+                kind,
+                p,
+                chunk_size=config.chunk_size,
+                part=shard,
+                transform=transform,
             )
             for p in projectors
         ]
@@ -219,65 +249,115 @@ def compute_gradient_features(request: FeatureRequest) -> FeatureRun:
                 if kind == "train":
                     _, exp_avg, exp_avg_sq, _ = training.load_checkpoint(row.path, expected_names=engine.names)
                 reporter = progress.ProgressReporter(
-                    f"{kind} gradients{f' {shard}' if shard else ''} epoch {row.epoch}", len(todo), log.info)
+                    f"{kind} gradients{f' {shard}' if shard else ''} epoch {row.epoch}", len(todo), log.info
+                )
             for start in range(0, len(todo), config.chunk_size):
                 chunk = todo[start : start + config.chunk_size]
                 chunk_start = reporter.done
                 conversations = examples.load_conversations(chunk)
                 missing = [example_id for example_id in chunk if example_id not in conversations]
                 if missing:
-                    raise ValueError(f"{len(missing)} {kind} examples vanished while computing features, e.g. "
-                                     f"{missing[:3]}; rematerialize {kind}_gradients")
-                tokenized, stats = tokenization.tokenize_many(tokenizer, [conversations[i] for i in chunk],
-                                                              spec.max_length)
+                    raise ValueError(
+                        f"{len(missing)} {kind} examples vanished while computing features, e.g. "
+                        f"{missing[:3]}; rematerialize {kind}_gradients"
+                    )
+                tokenized, stats = tokenization.tokenize_many(
+                    tokenizer, [conversations[i] for i in chunk], spec.max_length
+                )
                 for key, value in stats.as_metrics().items():
                     token_counts[key] = token_counts.get(key, 0) + value
                 groups = examples.groups_of(chunk) if examples.groups_of is not None else {}
                 truncation.add(chunk, [groups.get(i, "all") for i in chunk], tokenized)
                 computed += datastore.compute_features(
-                    peft_model, list(zip(chunk, tokenized)), projectors, stores, exp_avg=exp_avg,
-                    exp_avg_sq=exp_avg_sq, adam_step=_warmup_steps(row.path) if kind == "train" else None,
-                    pad_token_id=tokenizer.pad_token_id, max_batch_size=device.batch_size,
-                    max_tokens=device.max_tokens_per_batch, oom_log=log.warning,
+                    peft_model,
+                    list(zip(chunk, tokenized)),
+                    projectors,
+                    stores,
+                    exp_avg=exp_avg,
+                    exp_avg_sq=exp_avg_sq,
+                    adam_step=_warmup_steps(row.path) if kind == "train" else None,
+                    pad_token_id=tokenizer.pad_token_id,
+                    max_batch_size=device.batch_size,
+                    max_tokens=device.max_tokens_per_batch,
+                    oom_log=log.warning,
                     # On a GPU, batches and dense-projection groups also fit its free memory (selection.common.memory).
                     memory_budget_bytes=memory.free_bytes(resolved) if resolved.startswith("cuda") else None,
                     # Progress.done counts from this chunk's start.
                     progress_cb=lambda p, base=chunk_start: reporter.update(base + p.done - reporter.done),
                 )
         steps = _warmup_steps(row.path)
-        found = [(store, diagnostics.feature_diagnostics([array for _, array in store.iter_chunks()]))
-                 for store in stores]
+        found = [
+            (store, diagnostics.feature_diagnostics([array for _, array in store.iter_chunks()])) for store in stores
+        ]
         with request.connect() as con:
             influence_store.record_stores(
-                con, model=spec.name, kind=kind, warmup_run_key=run_key, epoch=int(row.epoch),
-                avg_lr=float(row.avg_lr), stores=stores, diagnostics=[
-                    {"store_id": store.store_id, "model": spec.name, "kind": kind, "warmup_run_key": run_key,
-                     "epoch": int(row.epoch), "part": shard, "mode": config.mode, "dim": store.dim,
-                     "seed": config.seed, "warmup_steps": steps, **result.as_dict()}
+                con,
+                model=spec.name,
+                kind=kind,
+                warmup_run_key=run_key,
+                epoch=int(row.epoch),
+                avg_lr=float(row.avg_lr),
+                stores=stores,
+                diagnostics=[
+                    {
+                        "store_id": store.store_id,
+                        "model": spec.name,
+                        "kind": kind,
+                        "warmup_run_key": run_key,
+                        "epoch": int(row.epoch),
+                        "part": shard,
+                        "mode": config.mode,
+                        "dim": store.dim,
+                        "seed": config.seed,
+                        "warmup_steps": steps,
+                        **result.as_dict(),
+                    }
                     for store, result in found
-                ])
+                ],
+            )
         for store, result in found:
             checked.append({"epoch": int(row.epoch), "dim": store.dim, "warmup_steps": steps, **result.as_dict()})
             if result.collapsed:
                 log.warning(
                     f"{kind} features of epoch {row.epoch} (d{store.dim}) collapsed onto one direction: "
                     f"{result.describe()}, after {steps} warmup optimizer steps. Influence scores from them rank "
-                    "mostly by that direction; train the warmup longer and recompute the features")
+                    "mostly by that direction; train the warmup longer and recompute the features"
+                )
         for store in stores:
             files[f"{kind}/epoch_{row.epoch}/d{store.dim}"] = store.directory
-        per_checkpoint.append({"epoch": int(row.epoch), "computed": computed, "stored": len(stores[0]),
-                               "excluded": len(stores[0].excluded())})
+        per_checkpoint.append(
+            {
+                "epoch": int(row.epoch),
+                "computed": computed,
+                "stored": len(stores[0]),
+                "excluded": len(stores[0].excluded()),
+            }
+        )
     seconds = time.perf_counter() - started
     excluded = stores[0].excluded()
     if excluded:
-        log.warning(f"{len(excluded)} {kind} examples have no target tokens after truncation and get no "
-                    f"features (recorded in the store), e.g. {sorted(excluded)[:5]}")
+        log.warning(
+            f"{len(excluded)} {kind} examples have no target tokens after truncation and get no "
+            f"features (recorded in the store), e.g. {sorted(excluded)[:5]}"
+        )
     return FeatureRun(
-        warmup_run_key=run_key, kind=kind, shard=shard, mode=config.mode, dims=list(config.dims),
+        warmup_run_key=run_key,
+        kind=kind,
+        shard=shard,
+        mode=config.mode,
+        dims=list(config.dims),
         # Target features are plain per-example gradients whatever train_transform says.
-        transform=transform or "sgd", transform_why=transform_why(transform) if transform else "",
-        seed=config.seed, n_examples=len(examples.example_ids), n_stored=len(stores[0]), excluded=excluded,
-        n_computed=sum(c["computed"] for c in per_checkpoint), seconds=seconds, token_counts=token_counts,
-        checkpoints=per_checkpoint, truncation_by_group=truncation.rows(examples.group_label),
-        feature_diagnostics=checked, files=files,
+        transform=transform or "sgd",
+        transform_why=transform_why(transform) if transform else "",
+        seed=config.seed,
+        n_examples=len(examples.example_ids),
+        n_stored=len(stores[0]),
+        excluded=excluded,
+        n_computed=sum(c["computed"] for c in per_checkpoint),
+        seconds=seconds,
+        token_counts=token_counts,
+        checkpoints=per_checkpoint,
+        truncation_by_group=truncation.rows(examples.group_label),
+        feature_diagnostics=checked,
+        files=files,
     )

@@ -222,8 +222,9 @@ def adam_feature(
     ``[D]``; the moments are ``[D]`` and broadcast over the batch.
     """
     if exp_avg.shape != exp_avg_sq.shape or g.shape[-1] != exp_avg.shape[-1]:
-        raise ValueError(f"shape mismatch: g {tuple(g.shape)}, exp_avg {tuple(exp_avg.shape)}, "
-                         f"exp_avg_sq {tuple(exp_avg_sq.shape)}")
+        raise ValueError(
+            f"shape mismatch: g {tuple(g.shape)}, exp_avg {tuple(exp_avg.shape)}, exp_avg_sq {tuple(exp_avg_sq.shape)}"
+        )
     m = exp_avg.to(g) * beta1 + g * (1 - beta1)
     v = exp_avg_sq.to(g) * beta2 + g.square() * (1 - beta2)
     return m / torch.sqrt(v + eps)
@@ -260,8 +261,9 @@ def adam_bias_corrected_feature(
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     if exp_avg.shape != exp_avg_sq.shape or g.shape[-1] != exp_avg.shape[-1]:
-        raise ValueError(f"shape mismatch: g {tuple(g.shape)}, exp_avg {tuple(exp_avg.shape)}, "
-                         f"exp_avg_sq {tuple(exp_avg_sq.shape)}")
+        raise ValueError(
+            f"shape mismatch: g {tuple(g.shape)}, exp_avg {tuple(exp_avg.shape)}, exp_avg_sq {tuple(exp_avg_sq.shape)}"
+        )
     m = (exp_avg.to(g) * beta1 + g * (1 - beta1)) / (1 - beta1 ** (step + 1))
     v = (exp_avg_sq.to(g) * beta2 + g.square() * (1 - beta2)) / (1 - beta2 ** (step + 1))
     return m / torch.sqrt(v + eps)
@@ -279,8 +281,8 @@ DEFAULT_TRAIN_TRANSFORM = LITERAL_LESS_TRANSFORM
 _TRANSFORM_WHY = {
     "adam": "",
     "adam_no_momentum": "differs from LESS (adam): the momentum b1*m is shared by every example, so after a short "
-                        "warmup it dominates each feature and features collapse onto one direction; dropping it keeps "
-                        "Adam's per-coordinate scaling of each example's own gradient",
+    "warmup it dominates each feature and features collapse onto one direction; dropping it keeps "
+    "Adam's per-coordinate scaling of each example's own gradient",
     "adam_bias_corrected": "differs from LESS (adam): Adam's bias correction at the checkpoint's step count",
     "sgd": "differs from LESS (adam): the raw per-example gradient, the LESS paper's SGD ablation",
 }
@@ -325,7 +327,10 @@ class AdamMoments:
 
     @classmethod
     def from_named(
-        cls, exp_avg: Mapping[str, torch.Tensor], exp_avg_sq: Mapping[str, torch.Tensor], slots: Sequence[LoraSlot],
+        cls,
+        exp_avg: Mapping[str, torch.Tensor],
+        exp_avg_sq: Mapping[str, torch.Tensor],
+        slots: Sequence[LoraSlot],
         step: int | None = None,
     ) -> AdamMoments:
         return cls(flatten_named(exp_avg, slots, "exp_avg"), flatten_named(exp_avg_sq, slots, "exp_avg_sq"), step)

@@ -51,7 +51,9 @@ INFLUENCE_DDL = """CREATE TABLE IF NOT EXISTS influence_runs (
 def _has_column(con: Any, table: str, column: str) -> bool:
     (count,) = con.execute(
         "SELECT count(*) FROM information_schema.columns WHERE table_catalog = current_database() "
-        "AND table_schema = current_schema() AND table_name = ? AND column_name = ?", [table, column]).fetchone()
+        "AND table_schema = current_schema() AND table_name = ? AND column_name = ?",
+        [table, column],
+    ).fetchone()
     return bool(count)
 
 
@@ -71,27 +73,77 @@ def record_diagnostics(con: Any, rows: Sequence[dict[str, Any]]) -> None:
         con.execute("DELETE FROM feature_diagnostics WHERE store_id = ?", [row["store_id"]])
         con.execute(
             "INSERT INTO feature_diagnostics VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
-            [row["store_id"], row["model"], row["kind"], row["warmup_run_key"], row["epoch"], row["part"],
-             row["mode"], row["dim"], row["seed"], row["warmup_steps"], row["n_rows"], row["mean_feature_norm"],
-             row["mean_pairwise_cosine"], row["saturated_share"], row["collapsed"]],
+            [
+                row["store_id"],
+                row["model"],
+                row["kind"],
+                row["warmup_run_key"],
+                row["epoch"],
+                row["part"],
+                row["mode"],
+                row["dim"],
+                row["seed"],
+                row["warmup_steps"],
+                row["n_rows"],
+                row["mean_feature_norm"],
+                row["mean_pairwise_cosine"],
+                row["saturated_share"],
+                row["collapsed"],
+            ],
         )
 
 
 def record_stores(
-    con: Any, *, model: str, kind: str, warmup_run_key: str, epoch: int, avg_lr: float,
-    stores: Sequence[FeatureStore], diagnostics: Sequence[dict[str, Any]],
+    con: Any,
+    *,
+    model: str,
+    kind: str,
+    warmup_run_key: str,
+    epoch: int,
+    avg_lr: float,
+    stores: Sequence[FeatureStore],
+    diagnostics: Sequence[dict[str, Any]],
 ) -> None:
     """Replace the `gradient_stores` rows of one checkpoint's stores and their diagnostics, in one transaction."""
     ensure_store_table(con)
     frame = pd.DataFrame(
         [
-            (model, kind, warmup_run_key, epoch, avg_lr, s.store_id, str(s.directory), s.manifest["projection"]["mode"],
-             s.dim, s.manifest["projection"]["seed"], len(s), pd.Timestamp.now(tz="UTC"), s.part, len(s.excluded()),
-             s.transform)
+            (
+                model,
+                kind,
+                warmup_run_key,
+                epoch,
+                avg_lr,
+                s.store_id,
+                str(s.directory),
+                s.manifest["projection"]["mode"],
+                s.dim,
+                s.manifest["projection"]["seed"],
+                len(s),
+                pd.Timestamp.now(tz="UTC"),
+                s.part,
+                len(s.excluded()),
+                s.transform,
+            )
             for s in stores
         ],
-        columns=["model", "kind", "warmup_run_key", "epoch", "avg_lr", "store_id", "directory", "mode", "dim", "seed",
-                 "n_rows", "created_at", "shard", "n_excluded", "transform"],
+        columns=[
+            "model",
+            "kind",
+            "warmup_run_key",
+            "epoch",
+            "avg_lr",
+            "store_id",
+            "directory",
+            "mode",
+            "dim",
+            "seed",
+            "n_rows",
+            "created_at",
+            "shard",
+            "n_excluded",
+            "transform",
+        ],
     )
     con.register("_gradient_store_rows", frame)
     try:
@@ -141,7 +193,9 @@ def store_dims(con: Any, model: str, kind: str, shard: str | None, warmup_run_ke
     ensure_store_table(con)
     return con.execute(
         "SELECT directory, dim FROM gradient_stores WHERE model = ? AND kind = ? AND coalesce(shard, '') = ? "
-        "AND warmup_run_key = ? ORDER BY directory", [model, kind, shard or "", warmup_run_key]).fetchall()
+        "AND warmup_run_key = ? ORDER BY directory",
+        [model, kind, shard or "", warmup_run_key],
+    ).fetchall()
 
 
 def latest_diagnostics(con: Any, model: str, warmup_run_key: str, mode: str, dim: int, seed: int) -> list[tuple]:
@@ -179,8 +233,19 @@ def record_influence(con: Any, record: InfluenceRecord) -> None:
     con.execute(INFLUENCE_DDL)
     con.execute(
         "INSERT INTO influence_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
-        [record.model, record.scores_dir, record.warmup_run_key, record.mode, record.dim, record.seed, record.n_train,
-         record.n_val, json.dumps(record.columns), json.dumps(record.weights), record.pool_version],
+        [
+            record.model,
+            record.scores_dir,
+            record.warmup_run_key,
+            record.mode,
+            record.dim,
+            record.seed,
+            record.n_train,
+            record.n_val,
+            json.dumps(record.columns),
+            json.dumps(record.weights),
+            record.pool_version,
+        ],
     )
 
 
@@ -194,5 +259,14 @@ def latest_influence(con: Any, model: str) -> dict:
     ).fetchone()
     if row is None:
         raise ValueError(f"no influence scores for model {model!r}; materialize influence_scores first")
-    return {"scores_dir": row[0], "columns": json.loads(row[1]), "n_train": row[2], "n_val": row[3],
-            "pool_version": row[4], "warmup_run_key": row[5], "mode": row[6], "dim": row[7], "seed": row[8]}
+    return {
+        "scores_dir": row[0],
+        "columns": json.loads(row[1]),
+        "n_train": row[2],
+        "n_val": row[3],
+        "pool_version": row[4],
+        "warmup_run_key": row[5],
+        "mode": row[6],
+        "dim": row[7],
+        "seed": row[8],
+    }

@@ -235,8 +235,9 @@ class DeviceProjector(Projector):
         self._torch_dtype = getattr(torch, dtype)
         self._key = _block_seed(seed, "device", 0)
         # Byte value -> its 8 signs (bit 1 -> +1), so one gather turns random bytes into matrix entries.
-        self._signs = (_bits(torch.arange(256, dtype=torch.uint8)).reshape(256, 8).to(self._torch_dtype) * 2 - 1
-                       ).to(self.device)
+        self._signs = (_bits(torch.arange(256, dtype=torch.uint8)).reshape(256, 8).to(self._torch_dtype) * 2 - 1).to(
+            self.device
+        )
         # Rows per generated block: the matrix does not depend on it, only the float summation order.
         self.block_rows = max(1, min(input_dim, block_bytes // (dim * self._torch_dtype.itemsize)))
 

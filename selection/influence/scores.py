@@ -145,7 +145,8 @@ def load_scores(out_dir: str | Path) -> tuple[np.ndarray, list[str]]:
     record_path = out_dir / RECORD_FILE
     if not record_path.is_file():
         raise integrity.ArtifactIntegrityError(
-            record_path, "is missing (scores written without a commit record cannot be checked)", ASSET)
+            record_path, "is missing (scores written without a commit record cannot be checked)", ASSET
+        )
     record = json.loads(record_path.read_text())
     integrity.verify_record(out_dir, {IDS_FILE: record[IDS_FILE]}, asset=ASSET)
     entry = record[SCORES_FILE]
@@ -164,8 +165,15 @@ def open_store(directory: str | Path) -> FeatureStore:
     if not manifest_path.is_file():
         raise ValueError(f"{directory} is not a feature store: {MANIFEST_FILE} is missing")
     manifest = json.loads(manifest_path.read_text())
-    return FeatureStore(directory, manifest["model"], manifest["checkpoint"], manifest["kind"], manifest["projection"],
-                        part=manifest.get("part"), transform=manifest.get("transform"))
+    return FeatureStore(
+        directory,
+        manifest["model"],
+        manifest["checkpoint"],
+        manifest["kind"],
+        manifest["projection"],
+        part=manifest.get("part"),
+        transform=manifest.get("transform"),
+    )
 
 
 def train_shard_directories(
@@ -237,20 +245,27 @@ def score_influence(request: InfluenceRequest) -> InfluenceRun:
             f"checkpoints differ: warmup {epochs}, train {train_epochs}, target {list(target['epoch'])}; "
             "rematerialize the gradient assets"
         )
-    train_stores = [[open_store(d) for d in directories]
-                    for directories in train_shard_directories(train, request.model, epochs, request.shards)]
+    train_stores = [
+        [open_store(d) for d in directories]
+        for directories in train_shard_directories(train, request.model, epochs, request.shards)
+    ]
     _check_pool_covered(train_stores[0], request.pool_ids)
     avg_lrs = [float(train[train["epoch"] == epoch]["avg_lr"].iloc[0]) for epoch in epochs]
     columns = [{"task": t, "subtask": s, "val_example_id": i} for t, s, i, _ in request.val_rows]
     target_stores = [open_store(d) for d in target["directory"]]
     with_features = set(target_stores[0].ids())
     # Refused before any scoring: a task whose val examples all lack features would drop out.
-    preflight.check_val_usable([(c["task"], c["val_example_id"]) for c in columns], with_features,
-                               "none has gradient features in target_gradients")
+    preflight.check_val_usable(
+        [(c["task"], c["val_example_id"]) for c in columns],
+        with_features,
+        "none has gradient features in target_gradients",
+    )
     dropped = [c["val_example_id"] for c in columns if c["val_example_id"] not in with_features]
     if dropped:
-        request.warn(f"{len(dropped)} val examples have no gradient features (no target tokens after "
-                     f"truncation) and are left out: {dropped[:10]}")
+        request.warn(
+            f"{len(dropped)} val examples have no gradient features (no target tokens after "
+            f"truncation) and are left out: {dropped[:10]}"
+        )
         columns = [c for c in columns if c["val_example_id"] in with_features]
     # Only the parent exists: compute_influence moves the finished folder into place.
     # LESS's own transform keeps the folder name it always had; others are named in it.
@@ -260,12 +275,24 @@ def score_influence(request: InfluenceRequest) -> InfluenceRun:
     scores, _ = load_scores(out_dir)
     weights = [float(w) for w in np.asarray(avg_lrs) / np.sum(avg_lrs)]
     per_task = (
-        pd.DataFrame(columns).assign(mean=np.asarray(scores).mean(axis=0)).groupby("task")["mean"]
-        .agg(["count", "mean"]).reset_index().rename(columns={"count": "val_examples", "mean": "mean_influence"})
+        pd.DataFrame(columns)
+        .assign(mean=np.asarray(scores).mean(axis=0))
+        .groupby("task")["mean"]
+        .agg(["count", "mean"])
+        .reset_index()
+        .rename(columns={"count": "val_examples", "mean": "mean_influence"})
     )
     record = InfluenceRecord(
-        model=request.model, scores_dir=str(out_dir), warmup_run_key=run_key, mode=key.mode, dim=key.dim,
-        seed=key.seed, n_train=len(result.train_ids), n_val=result.n_val, columns=columns, weights=weights,
+        model=request.model,
+        scores_dir=str(out_dir),
+        warmup_run_key=run_key,
+        mode=key.mode,
+        dim=key.dim,
+        seed=key.seed,
+        n_train=len(result.train_ids),
+        n_val=result.n_val,
+        columns=columns,
+        weights=weights,
         # Every current example is covered, so the scores cover the latest version (rows superseded
         # since the shards ran may have scores too; selections leave them out).
         pool_version=request.pool_version,

@@ -57,8 +57,9 @@ def train_warmup(request: WarmupRequest) -> WarmupRun:
     sample whose schedule gives some epoch no learning rate. By default a pool refresh keeps the
     earlier sample of the same settings, so checkpoints and every stored gradient stay valid."""
     spec, train_config, pool, log = request.spec, request.training, request.pool, request.log
-    config_key = checkpoints.training_run_key(spec.fingerprint(), train_config.to_dict(),
-                                              [request.fraction, train_config.seed])
+    config_key = checkpoints.training_run_key(
+        spec.fingerprint(), train_config.to_dict(), [request.fraction, train_config.seed]
+    )
     previous = None
     if not request.resample:
         with request.connect() as con:
@@ -67,14 +68,17 @@ def train_warmup(request: WarmupRequest) -> WarmupRun:
         # Rows superseded by an edited source record since are never trained on again.
         warmup_ids = [example_id for example_id in previous if example_id in pool]
         if len(warmup_ids) < len(previous):
-            log.warning(f"{len(previous) - len(warmup_ids)} examples of the earlier warmup sample were "
-                        "superseded by edited source records and are dropped from it (retraining)")
+            log.warning(
+                f"{len(previous) - len(warmup_ids)} examples of the earlier warmup sample were "
+                "superseded by edited source records and are dropped from it (retraining)"
+            )
         log.info(f"reusing the earlier warmup sample ({len(warmup_ids)} examples); set resample=true to redraw")
     else:
         warmup_ids = stable_fraction_sample(list(pool), request.fraction, train_config.seed)
     # Refused before loading the model (all sampled examples usable), then on the usable count.
-    preflight.check_warmup_schedule(len(warmup_ids), train_config.batch_size, train_config.epochs,
-                                    train_config.warmup_ratio, pool_size=len(pool))
+    preflight.check_warmup_schedule(
+        len(warmup_ids), train_config.batch_size, train_config.epochs, train_config.warmup_ratio, pool_size=len(pool)
+    )
     model, tokenizer = request.models.load(spec, request.device.resolve())
     examples, stats = tokenization.tokenize_many(tokenizer, [pool[i] for i in warmup_ids], spec.max_length)
     with request.connect() as con:
@@ -84,17 +88,22 @@ def train_warmup(request: WarmupRequest) -> WarmupRun:
     usable = stats.usable_indices()
     if len(usable) < len(examples):
         log.warning(f"{len(examples) - len(usable)} warmup examples have no target tokens and are skipped")
-    preflight.check_warmup_schedule(len(usable), train_config.batch_size, train_config.epochs,
-                                    train_config.warmup_ratio, pool_size=len(pool))
+    preflight.check_warmup_schedule(
+        len(usable), train_config.batch_size, train_config.epochs, train_config.warmup_ratio, pool_size=len(pool)
+    )
     trained_ids = [warmup_ids[i] for i in usable]
     run_key = checkpoints.training_run_key(spec.fingerprint(), train_config.to_dict(), trained_ids)
     out_dir = request.out_root / run_key
     peft_model = models.add_lora(model, spec, seed=train_config.seed)
     started = time.perf_counter()
     reporter = progress.ProgressReporter(
-        "warmup training", training.lr_schedule(len(usable), train_config.batch_size, train_config.epochs,
-                                                train_config.warmup_ratio).total_steps,
-        log.info, unit="optimizer steps")
+        "warmup training",
+        training.lr_schedule(
+            len(usable), train_config.batch_size, train_config.epochs, train_config.warmup_ratio
+        ).total_steps,
+        log.info,
+        unit="optimizer steps",
+    )
 
     def log_progress(step: training.TrainingProgress) -> None:
         reporter.update(1, f"epoch {step.epoch}, loss {step.loss:.4f}, lr {step.learning_rate:.2e}")
@@ -106,13 +115,32 @@ def train_warmup(request: WarmupRequest) -> WarmupRun:
         log.warning(f"damaged warmup epoch deleted and retrained with the epochs after it: {problem}")
     rows = [
         checkpoints.CheckpointRow(
-            model=spec.name, stage="warmup", run_key=run_key, epoch=c.epoch, path=str(c.path), avg_lr=c.avg_lr,
-            mean_loss=c.mean_loss, n_examples=len(trained_ids), pool_version=request.pool_version,
-            config={"training": train_config.to_dict(), "model": spec.to_dict(), "config_key": config_key,
-                    "fraction": request.fraction, "seed": train_config.seed},
+            model=spec.name,
+            stage="warmup",
+            run_key=run_key,
+            epoch=c.epoch,
+            path=str(c.path),
+            avg_lr=c.avg_lr,
+            mean_loss=c.mean_loss,
+            n_examples=len(trained_ids),
+            pool_version=request.pool_version,
+            config={
+                "training": train_config.to_dict(),
+                "model": spec.to_dict(),
+                "config_key": config_key,
+                "fraction": request.fraction,
+                "seed": train_config.seed,
+            },
         )
         for c in result.checkpoints
     ]
-    return WarmupRun(run_key=run_key, out_dir=out_dir, trained_ids=trained_ids, rows=rows, result=result,
-                     tokenization=stats.as_metrics(), truncation_by_source=truncation.rows(),
-                     seconds=time.perf_counter() - started)
+    return WarmupRun(
+        run_key=run_key,
+        out_dir=out_dir,
+        trained_ids=trained_ids,
+        rows=rows,
+        result=result,
+        tokenization=stats.as_metrics(),
+        truncation_by_source=truncation.rows(),
+        seconds=time.perf_counter() - started,
+    )

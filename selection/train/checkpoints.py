@@ -6,7 +6,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -67,18 +67,48 @@ def record_training_run(
     model, stage, run_key = keys.pop()
     for ddl in CHECKPOINT_TABLES:
         con.execute(ddl)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     checkpoint_frame = pd.DataFrame(
         [
-            (r.model, r.stage, r.run_key, r.epoch, r.path, r.avg_lr, r.mean_loss, r.n_examples, r.pool_version,
-             r.method, r.target, r.budget, json.dumps(r.config or {}, sort_keys=True), now, r.seed)
+            (
+                r.model,
+                r.stage,
+                r.run_key,
+                r.epoch,
+                r.path,
+                r.avg_lr,
+                r.mean_loss,
+                r.n_examples,
+                r.pool_version,
+                r.method,
+                r.target,
+                r.budget,
+                json.dumps(r.config or {}, sort_keys=True),
+                now,
+                r.seed,
+            )
             for r in rows
         ],
-        columns=["model", "stage", "run_key", "epoch", "path", "avg_lr", "mean_loss", "n_examples",
-                 "pool_version", "method", "target", "budget", "config", "created_at", "seed"],
+        columns=[
+            "model",
+            "stage",
+            "run_key",
+            "epoch",
+            "path",
+            "avg_lr",
+            "mean_loss",
+            "n_examples",
+            "pool_version",
+            "method",
+            "target",
+            "budget",
+            "config",
+            "created_at",
+            "seed",
+        ],
     )
     checkpoint_frame["seed"] = checkpoint_frame["seed"].astype("Int64")  # all-None would otherwise be an object column
-    example_frame = pd.DataFrame({"model": model, "stage": stage, "run_key": run_key, "example_id": list(example_ids)})
+    example_frame = pd.DataFrame({"model": model, "stage": stage, "run_key": run_key, "example_id": list(example_ids)})  # noqa: F841  (DuckDB reads it by name in the SQL)
     where = "WHERE model = ? AND stage = ? AND run_key = ?"
     with transaction(con):
         con.execute(f"DELETE FROM checkpoints {where}", [model, stage, run_key])
@@ -92,7 +122,8 @@ def examples_of_latest_run(con: duckdb.DuckDBPyConnection, model: str, stage: st
     for ddl in CHECKPOINT_TABLES:
         con.execute(ddl)
     rows = con.execute(
-        """SELECT run_key FROM checkpoints WHERE model = ? AND stage = ? AND json_extract_string(config, '$.config_key') = ?
+        """SELECT run_key FROM checkpoints
+           WHERE model = ? AND stage = ? AND json_extract_string(config, '$.config_key') = ?
            ORDER BY created_at DESC LIMIT 1""",
         [model, stage, config_key],
     ).fetchall()
@@ -120,9 +151,7 @@ def latest_run_checkpoints(con: duckdb.DuckDBPyConnection, model: str, stage: st
     return frame
 
 
-def load_adapter_weights(
-    peft_model: torch.nn.Module, checkpoint_dir: str | Path, asset: str = WARMUP_ASSET
-) -> None:
+def load_adapter_weights(peft_model: torch.nn.Module, checkpoint_dir: str | Path, asset: str = WARMUP_ASSET) -> None:
     """Put a saved epoch's adapter weights into `peft_model` (same LoRA config), keeping them trainable.
 
     The folder is first checked against its commit record (`ArtifactIntegrityError` naming the file

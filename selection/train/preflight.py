@@ -13,8 +13,7 @@ from selection import selectors
 from selection.train import training
 
 # Config fields of the warmup asset, named in the refusal message.
-WARMUP_FIELDS = {"fraction": "fraction", "epochs": "epochs", "batch_size": "batch_size",
-                 "warmup_ratio": "warmup_ratio"}
+WARMUP_FIELDS = {"fraction": "fraction", "epochs": "epochs", "batch_size": "batch_size", "warmup_ratio": "warmup_ratio"}
 # How far above the current value the epoch search looks for a fix.
 _EPOCH_SEARCH = 8
 
@@ -25,7 +24,12 @@ def _zero_lr_epochs(n_examples: int, batch_size: int, epochs: int, warmup_ratio:
 
 
 def check_warmup_schedule(
-    n_examples: int, batch_size: int, epochs: int, warmup_ratio: float, *, pool_size: int | None = None,
+    n_examples: int,
+    batch_size: int,
+    epochs: int,
+    warmup_ratio: float,
+    *,
+    pool_size: int | None = None,
     fields: Mapping[str, str] = WARMUP_FIELDS,
 ) -> list[float]:
     """Refuse a warmup whose linear schedule gives some epoch an average learning rate of 0.
@@ -38,25 +42,35 @@ def check_warmup_schedule(
     Every fix the message offers is checked to pass.
     """
     if n_examples < 1:
-        raise ValueError(f"the warmup sample is empty; raise `{fields['fraction']}` so it holds at least one "
-                         "example with target tokens")
+        raise ValueError(
+            f"the warmup sample is empty; raise `{fields['fraction']}` so it holds at least one "
+            "example with target tokens"
+        )
     zero = _zero_lr_epochs(n_examples, batch_size, epochs, warmup_ratio)
     if not zero:
         return training.epoch_average_lrs(n_examples, batch_size, epochs, warmup_ratio)
     schedule = training.lr_schedule(n_examples, batch_size, epochs, warmup_ratio)
     fixes = []
     upper = pool_size if pool_size is not None else n_examples + batch_size * epochs
-    need = next((n for n in range(n_examples + 1, upper + 1)
-                 if not _zero_lr_epochs(n, batch_size, epochs, warmup_ratio)), None)
+    need = next(
+        (n for n in range(n_examples + 1, upper + 1) if not _zero_lr_epochs(n, batch_size, epochs, warmup_ratio)), None
+    )
     if need is not None:
         hint = f" (>= {math.ceil(need / pool_size * 1000) / 1000} of the {pool_size}-example pool)" if pool_size else ""
         fixes.append(f"raise `{fields['fraction']}` so the sample holds at least {need} usable examples{hint}")
-    more_epochs = next((e for e in range(epochs + 1, epochs + _EPOCH_SEARCH + 1)
-                        if not _zero_lr_epochs(n_examples, batch_size, e, warmup_ratio)), None)
+    more_epochs = next(
+        (
+            e
+            for e in range(epochs + 1, epochs + _EPOCH_SEARCH + 1)
+            if not _zero_lr_epochs(n_examples, batch_size, e, warmup_ratio)
+        ),
+        None,
+    )
     if more_epochs is not None:
         fixes.append(f"raise `{fields['epochs']}` to {more_epochs}")
-    smaller = next((b for b in range(batch_size - 1, 0, -1)
-                    if not _zero_lr_epochs(n_examples, b, epochs, warmup_ratio)), None)
+    smaller = next(
+        (b for b in range(batch_size - 1, 0, -1) if not _zero_lr_epochs(n_examples, b, epochs, warmup_ratio)), None
+    )
     if smaller is not None:
         fixes.append(f"lower `{fields['batch_size']}` to {smaller} or less")
     if not _zero_lr_epochs(n_examples, batch_size, epochs, 0.0):
@@ -76,17 +90,23 @@ def resolve_selection_budget(budget: float, n_pool: int, n_usable: int, usable: 
     ``n_usable`` (what the method can actually pick from, e.g. examples with scores).
     """
     if n_usable < 1:
-        raise ValueError(f"there are no {usable} to select from (pool of {n_pool}); materialize the upstream "
-                         "assets first or add sources to raw_pool")
+        raise ValueError(
+            f"there are no {usable} to select from (pool of {n_pool}); materialize the upstream "
+            "assets first or add sources to raw_pool"
+        )
     if budget >= 1 and budget == int(budget) and int(budget) > n_pool:
-        raise ValueError(f"`budget` {int(budget)} is above the pool of {n_pool} current examples; lower `budget` "
-                         f"to at most {n_usable} (or a fraction <= {math.floor(n_usable / n_pool * 1000) / 1000}), or add sources "
-                         "to raw_pool")
+        raise ValueError(
+            f"`budget` {int(budget)} is above the pool of {n_pool} current examples; lower `budget` "
+            f"to at most {n_usable} (or a fraction <= {math.floor(n_usable / n_pool * 1000) / 1000}), or add sources "
+            "to raw_pool"
+        )
     count = selectors.resolve_budget_setting(budget, n_pool)
     if count > n_usable:
-        raise ValueError(f"`budget` {budget} asks for {count} examples but only {n_usable} of the {n_pool} current pool "
-                         f"examples are {usable}; lower `budget` to at most {n_usable} "
-                         f"(or a fraction <= {math.floor(n_usable / n_pool * 1000) / 1000})")
+        raise ValueError(
+            f"`budget` {budget} asks for {count} examples but only {n_usable} of the {n_pool} current pool "
+            f"examples are {usable}; lower `budget` to at most {n_usable} "
+            f"(or a fraction <= {math.floor(n_usable / n_pool * 1000) / 1000})"
+        )
     return count
 
 
@@ -103,8 +123,10 @@ def check_val_usable(val_rows: Iterable[tuple[str, str]], usable_ids: Collection
         total[task] = total.get(task, 0) + 1
         usable[task] = usable.get(task, 0) + (example_id in usable_ids)
     if not total:
-        raise ValueError("there are no `val` target rows; materialize target_tasks with target files "
-                         "(`files`) that hold examples, and `n_val` >= 1")
+        raise ValueError(
+            "there are no `val` target rows; materialize target_tasks with target files "
+            "(`files`) that hold examples, and `n_val` >= 1"
+        )
     empty = sorted(task for task, count in usable.items() if count == 0)
     if empty:
         raise ValueError(

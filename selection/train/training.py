@@ -171,8 +171,14 @@ def epoch_average_lrs(
     schedule = lr_schedule(n_examples, batch_size, epochs, warmup_ratio)
     per_epoch = schedule.steps_per_epoch
     return [
-        float(np.mean([linear_warmup_lr(step, schedule.total_steps, schedule.warmup_steps, peak_lr)
-                       for step in range(epoch * per_epoch, (epoch + 1) * per_epoch)]))
+        float(
+            np.mean(
+                [
+                    linear_warmup_lr(step, schedule.total_steps, schedule.warmup_steps, peak_lr)
+                    for step in range(epoch * per_epoch, (epoch + 1) * per_epoch)
+                ]
+            )
+        )
         for epoch in range(epochs)
     ]
 
@@ -182,7 +188,8 @@ def _schedule_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], flo
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # Libraries (HF, peft) draw from the global RNGs, so their state is what a resumed run restores.
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}  # noqa: NPY002
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -190,7 +197,7 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(state["numpy"])  # noqa: NPY002  (libraries draw from the global RNG)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -198,7 +205,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002  (libraries draw from the global RNG)
     torch.manual_seed(seed)
 
 
@@ -238,7 +245,7 @@ def _validate_examples(examples: Sequence[TokenizedExample]) -> None:
     if not examples:
         raise ValueError("no training examples")
     # The first label is never predicted (labels shift by one), so it must not be the only target.
-    unusable = [i for i, e in enumerate(examples) if sum(l != IGNORE_INDEX for l in e.labels[1:]) == 0]
+    unusable = [i for i, e in enumerate(examples) if sum(label != IGNORE_INDEX for label in e.labels[1:]) == 0]
     if unusable:
         raise ValueError(
             f"{len(unusable)} examples have no target tokens (first: index {unusable[0]}); drop them first "
@@ -307,8 +314,9 @@ def verify_checkpoint(checkpoint_dir: str | Path, asset: str = WARMUP_ASSET) -> 
     try:
         info = json.loads(info_path.read_text())
     except FileNotFoundError:
-        raise integrity.ArtifactIntegrityError(info_path, "is missing; not a checkpoint written by train_lora",
-                                               asset) from None
+        raise integrity.ArtifactIntegrityError(
+            info_path, "is missing; not a checkpoint written by train_lora", asset
+        ) from None
     except ValueError as error:
         raise integrity.ArtifactIntegrityError(info_path, f"is unreadable ({error})", asset) from error
     integrity.verify_record(path, info.get("files", {}), asset=asset)
@@ -414,8 +422,9 @@ def train_lora(
         _restore_training_state(out_dir / f"epoch_{start_epoch}", named, optimizer, scheduler)
 
     use_autocast = device.type == "cuda" and config.cuda_autocast_dtype is not None
-    autocast = torch.autocast("cuda", dtype=getattr(torch, config.cuda_autocast_dtype or "bfloat16"),
-                              enabled=use_autocast)
+    autocast = torch.autocast(
+        "cuda", dtype=getattr(torch, config.cuda_autocast_dtype or "bfloat16"), enabled=use_autocast
+    )
     started = time.perf_counter()
     global_step = start_epoch * steps_per_epoch
     model.train()
