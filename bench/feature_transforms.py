@@ -45,11 +45,11 @@ import numpy as np
 import torch
 
 from bench.recall import PLANTED_GROUPS, build_pool
-from selection import bids, less, training
+from selection import bids, less
 from selection.data import tokenization
 from selection.influence import gradients, projection
 from selection.influence.warmup import stable_fraction_sample
-from selection.train import models
+from selection.train import models, training
 from selection.train.checkpoints import load_adapter_weights
 
 CANDIDATES = ("adam", "adam_bias_corrected", "adam_no_momentum", "sgd", "adam_centered", "sgd_centered")

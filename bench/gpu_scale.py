@@ -40,7 +40,7 @@ import itertools
 
 from gradients import POOL_SOURCES, spearman, sync, top_overlap
 
-from selection import memory
+from selection.common import memory
 from selection.data.tokenization import IGNORE_INDEX, TokenizedExample, collate, length_sorted_batches
 from selection.influence.datastore import FeatureStore, compute_features
 from selection.influence.gradients import PerExampleGradients

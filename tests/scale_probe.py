@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selection import memory
+from selection.common import memory
 from selection.data.tokenization import TokenizedExample, collate, length_sorted_batches
 from selection.influence.gradients import AdamMoments, PerExampleGradients
 from selection.influence.projection import make_projector
