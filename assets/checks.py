@@ -69,30 +69,29 @@ def _gradient_stores(lineage: LineageStore, model: str, kind: str, shard: str | 
 UNIT_ROWS = "Rows have the dim recorded for their store, no NaN or inf, and L2 norm 1 within float16 rounding"
 
 
-@dg.asset_check(
-    asset="train_gradients",
-    name="train_features_are_unit_rows",
-    partitions_def=model_shard_partitions,
-    blocking=True,
-    description=UNIT_ROWS,
-)
-def train_features_check(context: dg.AssetCheckExecutionContext, lineage: LineageStore) -> dg.AssetCheckResult:
-    keys = context.partition_key.keys_by_dimension
-    model, shard = keys[MODEL_DIMENSION], keys[SHARD_DIMENSION]
-    stores = _gradient_stores(lineage, model, "train", shard)
-    return _result(checks.check_feature_stores(stores, f"train features of {model} shard {shard}: {UNIT_ROWS}"))
+def _unit_rows_check(kind: str, partitions_def: dg.PartitionsDefinition) -> dg.AssetChecksDefinition:
+    """The blocking check of the `{kind}_gradients` feature stores of the checked model (and shard, if partitioned
+    by one)."""
+
+    @dg.asset_check(
+        asset=f"{kind}_gradients",
+        name=f"{kind}_features_are_unit_rows",
+        partitions_def=partitions_def,
+        blocking=True,
+        description=UNIT_ROWS,
+    )
+    def _check(context: dg.AssetCheckExecutionContext, lineage: LineageStore) -> dg.AssetCheckResult:
+        keys = getattr(context.partition_key, "keys_by_dimension", {MODEL_DIMENSION: context.partition_key})
+        model, shard = keys[MODEL_DIMENSION], keys.get(SHARD_DIMENSION)
+        scope = model if shard is None else f"{model} shard {shard}"
+        stores = _gradient_stores(lineage, model, kind, shard)
+        return _result(checks.check_feature_stores(stores, f"{kind} features of {scope}: {UNIT_ROWS}"))
+
+    return _check
 
 
-@dg.asset_check(
-    asset="target_gradients",
-    name="target_features_are_unit_rows",
-    partitions_def=model_partitions,
-    blocking=True,
-    description=UNIT_ROWS,
-)
-def target_features_check(context: dg.AssetCheckExecutionContext, lineage: LineageStore) -> dg.AssetCheckResult:
-    stores = _gradient_stores(lineage, context.partition_key, "target", None)
-    return _result(checks.check_feature_stores(stores, f"target features of {context.partition_key}: {UNIT_ROWS}"))
+train_features_check = _unit_rows_check("train", model_shard_partitions)
+target_features_check = _unit_rows_check("target", model_partitions)
 
 
 @dg.asset_check(asset="embeddings", name="embeddings_are_unit_rows", blocking=True, description=UNIT_ROWS)

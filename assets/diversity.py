@@ -1,6 +1,7 @@
 """kMQ and iterative kMQ (Yu et al. 2024): embeddings -> clusters -> quality-weighted, cluster-proportional sampling."""
 
 import time
+from collections.abc import Callable
 
 import dagster as dg
 from pydantic import Field
@@ -183,20 +184,24 @@ def _quality_metadata(metrics: dict) -> dict:
     }
 
 
-def write_kmq_selection(
+def run_kmq_selection(
     context: dg.AssetExecutionContext,
     lineage: LineageStore,
-    tracker: LineageTracker,
-    model_name: str,
-    method: str,
-    result: kmq_run.KmqResult,
-    extra_md: dict,
+    model_store: ModelStore,
+    device: DeviceSettings,
+    method: registry.SelectionMethod,
+    choose: Callable[[kmq_run.KmqRuntime], kmq_run.KmqResult],
+    method_metadata: Callable[[kmq_run.KmqResult], dict],
 ) -> dg.MaterializeResult:
-    """Write a kMQ run's picks as one `selections` entry of `method` (target `all`), then its lineage row and
-    metadata."""
+    """Run a kMQ method (``choose``) and write its picks as one `selections` entry of the method (target `all`),
+    then its lineage row and metadata (shared keys, the quality signal's, then ``method_metadata``'s)."""
+    tracker = LineageTracker(context, lineage)
+    runtime = _kmq_runtime(context, lineage, model_store, device)
+    result = choose(runtime)
+    model_name = runtime.spec.name
     selection = selection_store.Selection(
         model_name,
-        method,
+        method.name,
         selectors.ALL_TARGETS,
         result.example_ids,
         [float(s) for s in result.scores],
@@ -207,7 +212,7 @@ def write_kmq_selection(
         selection_store.write_selections(
             con, [selection], None, context.run.run_id, context.assets_def.code_versions_by_key.get(context.asset_key)
         )
-    tracker.add_table("selections", f"{model_name}/{method}/{selection.budget}", rows=selection.budget)
+    tracker.add_table("selections", f"{model_name}/{method.name}/{selection.budget}", rows=selection.budget)
     data_version = tracker.finish(result.metrics)
     return dg.MaterializeResult(
         data_version=data_version,
@@ -215,9 +220,25 @@ def write_kmq_selection(
             "budget": dg.MetadataValue.int(selection.budget),
             "pool_version": result.pool_version,
             "scorer": dg.MetadataValue.json(result.metrics["scorer"]),
-            **extra_md,
+            **method_metadata(result),
+            **_quality_metadata(result.metrics),
         },
     )
+
+
+def _feedback_metadata(result: kmq_run.IterativeKmqResult) -> dict:
+    """Metadata of iterative kMQ's rounds: what each added and the cluster weights it ended with."""
+    rounds_table = [
+        {"round": r.round, "new": len(r.new_indices), "weights": ", ".join(f"{w:.3f}" for w in r.weights)}
+        for r in result.rounds
+    ]
+    final = result.metrics["final_weights"]
+    return {
+        "rounds": dg.MetadataValue.md(markdown_table(rounds_table)),
+        "final_weights": dg.MetadataValue.md(
+            bar_chart_markdown({str(c): float(w) for c, w in enumerate(final)}, "cluster weights after feedback")
+        ),
+    }
 
 
 def from_clusters(method: registry.SelectionMethod) -> dg.AssetsDefinition:
@@ -231,21 +252,18 @@ def from_clusters(method: registry.SelectionMethod) -> dg.AssetsDefinition:
         model_store: ModelStore,
         device: DeviceSettings,
     ) -> dg.MaterializeResult:
-        tracker = LineageTracker(context, lineage)
-        runtime = _kmq_runtime(context, lineage, model_store, device)
         kmq_settings = kmq_run.KmqSettings(**config.model_dump())  # a bad setting fails before the pool is read
-        result = method.choose(_read_kmq_pool(lineage), kmq_settings, runtime)
-        per_cluster = result.metrics["per_cluster"]
-        return write_kmq_selection(
+        return run_kmq_selection(
             context,
             lineage,
-            tracker,
-            runtime.spec.name,
-            method.name,
-            result,
-            {
-                "per_cluster_budget": dg.MetadataValue.md(bar_chart_markdown(per_cluster, "examples per cluster")),
-                **_quality_metadata(result.metrics),
+            model_store,
+            device,
+            method,
+            lambda runtime: method.choose(_read_kmq_pool(lineage), kmq_settings, runtime),
+            lambda result: {
+                "per_cluster_budget": dg.MetadataValue.md(
+                    bar_chart_markdown(result.metrics["per_cluster"], "examples per cluster")
+                )
             },
         )
 
@@ -264,38 +282,13 @@ def from_clusters_with_feedback(method: registry.SelectionMethod) -> dg.AssetsDe
         model_store: ModelStore,
         device: DeviceSettings,
     ) -> dg.MaterializeResult:
-        tracker = LineageTracker(context, lineage)
-        runtime = _kmq_runtime(context, lineage, model_store, device)
         # A bad setting fails before the pool is read.
         kmq_settings = kmq_run.IterativeKmqSettings(**config.model_dump())
-        result = method.choose(
-            _read_kmq_pool(lineage),
-            kmq_settings,
-            runtime,
-            settings.path("models", runtime.spec.name, "kmq_feedback"),
-            context.run.run_id,
-        )
-        rounds_table = [
-            {"round": r.round, "new": len(r.new_indices), "weights": ", ".join(f"{w:.3f}" for w in r.weights)}
-            for r in result.rounds
-        ]
-        final = result.metrics["final_weights"]
-        return write_kmq_selection(
-            context,
-            lineage,
-            tracker,
-            runtime.spec.name,
-            method.name,
-            result,
-            {
-                "rounds": dg.MetadataValue.md(markdown_table(rounds_table)),
-                "final_weights": dg.MetadataValue.md(
-                    bar_chart_markdown(
-                        {str(c): float(w) for c, w in enumerate(final)}, "cluster weights after feedback"
-                    )
-                ),
-                **_quality_metadata(result.metrics),
-            },
-        )
+
+        def choose(runtime: kmq_run.KmqRuntime) -> kmq_run.KmqResult:
+            feedback_dir = settings.path("models", runtime.spec.name, "kmq_feedback")
+            return method.choose(_read_kmq_pool(lineage), kmq_settings, runtime, feedback_dir, context.run.run_id)
+
+        return run_kmq_selection(context, lineage, model_store, device, method, choose, _feedback_metadata)
 
     return _selection

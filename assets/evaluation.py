@@ -55,19 +55,8 @@ def _evaluate(
     model, tokenizer, spec, row, test_rows: list[dict], config: EvaluationConfig, reporter: progress.ProgressReporter
 ) -> evaluation.EvalResult:
     """The base model (row None) or the model with a finetuned adapter loaded."""
-    if row is None:
-        return evaluation.evaluate_model(
-            model,
-            tokenizer,
-            test_rows,
-            max_length=spec.max_length,
-            batch_size=config.batch_size,
-            progress=reporter.update,
-        )
-    evaluated = models.add_lora(model, spec)
-    checkpoints.load_adapter_weights(evaluated, row.path, asset="finetuned_checkpoints")
-    evaluated.eval()  # new LoRA dropout modules start in training mode
-    try:
+
+    def run(evaluated) -> evaluation.EvalResult:
         return evaluation.evaluate_model(
             evaluated,
             tokenizer,
@@ -76,6 +65,14 @@ def _evaluate(
             batch_size=config.batch_size,
             progress=reporter.update,
         )
+
+    if row is None:
+        return run(model)
+    evaluated = models.add_lora(model, spec)
+    checkpoints.load_adapter_weights(evaluated, row.path, asset="finetuned_checkpoints")
+    evaluated.eval()  # new LoRA dropout modules start in training mode
+    try:
+        return run(evaluated)
     finally:
         evaluated.unload()
 

@@ -139,16 +139,13 @@ def _finetune(
         )
         peft_model.unload()
         final = result.checkpoints[-1]
-        row = checkpoints.CheckpointRow(
-            model=spec.name,
-            stage="finetune",
-            run_key=run_key,
-            epoch=final.epoch,
-            path=str(final.path),
-            avg_lr=final.avg_lr,
-            mean_loss=final.mean_loss,
-            n_examples=len(trained_ids),
-            pool_version=selection.pool_version,
+        row = checkpoints.CheckpointRow.of_epoch(
+            final,
+            spec.name,
+            "finetune",
+            run_key,
+            len(trained_ids),
+            selection.pool_version,
             method=method,
             target=target,
             budget=budget,

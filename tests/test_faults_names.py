@@ -89,20 +89,74 @@ def resources(tmp_path: Path) -> dict:
     return build_resources(home=str(tmp_path / "home"), env="ci")
 
 
-@pytest.mark.parametrize("label,value", TRAVERSALS, ids=[t[0] for t in TRAVERSALS])
-def test_target_task_from_config_is_refused_before_any_write(
-    tmp_path: Path, resources: dict, label: str, value: str, record_property
-) -> None:
+def _report_refusal(record_property, scenario: str, expected: str, observed: str) -> None:
+    record_property("scenario", scenario)
+    record_property("expected", expected)
+    record_property("observed", user_error_text(observed, 160))
+
+
+def _assert_nothing_written(tmp_path: Path, resources: dict, table: str) -> None:
+    """Nothing escaped the storage root and ``table`` has no row."""
+    assert _escaped(tmp_path) == []
+    assert _count(resources["lineage"].db_path, table) == 0
+
+
+def _ingest_pool(tmp_path: Path, resources: dict) -> tuple[list[str], str]:
+    """Materialize raw_pool from a small pool file; its example ids (sorted) and pool version."""
+    dg.materialize(
+        [raw_pool],
+        resources=resources,
+        run_config={"ops": {"raw_pool": {"config": {"sources": [{"path": str(_pool_file(tmp_path / "p.jsonl"))}]}}}},
+    )
+    with resources["lineage"].connect() as con:
+        ids = [row[0] for row in con.execute("SELECT example_id FROM pool ORDER BY example_id").fetchall()]
+        (version,) = con.execute("SELECT pool_version FROM pool_versions").fetchone()
+    return ids, version
+
+
+def _target_task_config(tmp_path: Path, task: str) -> dict:
     target_file = tmp_path / "targets.jsonl"
     target_file.write_text(json.dumps({"prompt": "q", "completion": "a"}) + "\n")
-    config = {"ops": {"target_tasks": {"config": {"files": [{"path": str(target_file), "task": value}]}}}}
-    observed = materialize_error([target_tasks], resources, config)
-    record_property("scenario", f"target_tasks config task = {label} ({value[:24]!r})")
-    record_property("expected", "config error naming the task before any write; nothing outside the root")
-    record_property("observed", user_error_text(observed, 160))
-    assert "task" in observed and "must be 1-64 characters" in observed
-    assert _escaped(tmp_path) == []
-    assert _count(resources["lineage"].db_path, "targets") == 0
+    return {"ops": {"target_tasks": {"config": {"files": [{"path": str(target_file), "task": task}]}}}}
+
+
+def _pool_source_config(tmp_path: Path, name: str) -> dict:
+    source = {"path": str(_pool_file(tmp_path / "p.jsonl")), "name": name}
+    return {"ops": {"raw_pool": {"config": {"sources": [source]}}}}
+
+
+# Config names checked before any write: (asset, its config with the name, the table it would write,
+# the scenario's prefix, what is expected, the fragments the error must contain).
+CONFIG_NAMES = {
+    "target_task": (
+        target_tasks,
+        _target_task_config,
+        "targets",
+        "target_tasks config task",
+        "config error naming the task before any write; nothing outside the root",
+        ("task", "must be 1-64 characters"),
+    ),
+    "pool_source": (
+        raw_pool,
+        _pool_source_config,
+        "pool",
+        "raw_pool source name",
+        "config error naming the source before any write",
+        ("source", "printable characters"),
+    ),
+}
+
+
+@pytest.mark.parametrize("field", CONFIG_NAMES)
+@pytest.mark.parametrize("label,value", TRAVERSALS, ids=[t[0] for t in TRAVERSALS])
+def test_name_from_config_is_refused_before_any_write(
+    tmp_path: Path, resources: dict, field: str, label: str, value: str, record_property
+) -> None:
+    asset, config_with, table, scenario, expected, fragments = CONFIG_NAMES[field]
+    observed = materialize_error([asset], resources, config_with(tmp_path, value))
+    _report_refusal(record_property, f"{scenario} = {label} ({value[:24]!r})", expected, observed)
+    assert all(fragment in observed for fragment in fragments)
+    _assert_nothing_written(tmp_path, resources, table)
     assert _count(resources["lineage"].db_path, "lineage") == 0
 
 
@@ -139,23 +193,6 @@ def test_bad_names_in_records_become_rejects(tmp_path: Path, record_property) ->
     assert [(row.task, row.subtask) for row in result.rows] == [("qa", "geo")]
 
 
-@pytest.mark.parametrize("label,value", TRAVERSALS, ids=[t[0] for t in TRAVERSALS])
-def test_pool_source_name_is_refused_before_any_write(
-    tmp_path: Path, resources: dict, label: str, value: str, record_property
-) -> None:
-    config = {
-        "ops": {"raw_pool": {"config": {"sources": [{"path": str(_pool_file(tmp_path / "p.jsonl")), "name": value}]}}}
-    }
-    observed = materialize_error([raw_pool], resources, config)
-    record_property("scenario", f"raw_pool source name = {label} ({value[:24]!r})")
-    record_property("expected", "config error naming the source before any write")
-    record_property("observed", user_error_text(observed, 160))
-    assert "source" in observed and "printable characters" in observed
-    assert _escaped(tmp_path) == []
-    assert _count(resources["lineage"].db_path, "pool") == 0
-    assert _count(resources["lineage"].db_path, "lineage") == 0
-
-
 def test_source_names_that_are_labels_are_kept() -> None:
     assert SourceSpec("/data/My Pool.jsonl").name == "My Pool"
     assert SourceSpec("/data/x.jsonl", name=" alpaca (v2) ").name == "alpaca (v2)"
@@ -175,9 +212,12 @@ def test_memory_limit_injection_fails_before_any_write(tmp_path: Path, value: st
         "resources": {"lineage": {"config": {"db_path": db_path, "memory_limit": value}}},
     }
     observed = materialize_error([raw_pool], resources, config)
-    record_property("scenario", f"LineageStore memory_limit = {value[:40]!r}")
-    record_property("expected", "resource fails to build: no table created, no file written, pool unchanged")
-    record_property("observed", user_error_text(observed, 160))
+    _report_refusal(
+        record_property,
+        f"LineageStore memory_limit = {value[:40]!r}",
+        "resource fails to build: no table created, no file written, pool unchanged",
+        observed,
+    )
     assert "is not a memory size" in observed
     assert not outside.exists() and _escaped(tmp_path) == []
     assert _tables(db_path) == set()
@@ -220,24 +260,20 @@ def test_finetune_config_names_are_checked(field: str, label: str, value: str, r
 
 
 def test_finetune_refuses_a_stored_name_that_would_escape(tmp_path: Path, resources: dict, record_property) -> None:
-    dg.materialize(
-        [raw_pool],
-        resources=resources,
-        run_config={"ops": {"raw_pool": {"config": {"sources": [{"path": str(_pool_file(tmp_path / "p.jsonl"))}]}}}},
-    )
+    ids, version = _ingest_pool(tmp_path, resources)
     with resources["lineage"].connect() as con:
-        ids = [row[0] for row in con.execute("SELECT example_id FROM pool ORDER BY example_id").fetchall()]
-        (version,) = con.execute("SELECT pool_version FROM pool_versions").fetchone()
         selection_store.write_selections(
             con, [selection_store.Selection(DEFAULT_MODEL, f"../../../../{MARK}", "all", ids[:2], [1.0, 0.5], version)]
         )
     observed = materialize_error([finetuned_checkpoints], resources, partition_key=DEFAULT_MODEL)
-    record_property("scenario", "a selection stored with a traversal method name, then finetuned_checkpoints")
-    record_property("expected", "refused before any training; no folder outside the root")
-    record_property("observed", user_error_text(observed, 160))
+    _report_refusal(
+        record_property,
+        "a selection stored with a traversal method name, then finetuned_checkpoints",
+        "refused before any training; no folder outside the root",
+        observed,
+    )
     assert "without '..'" in observed
-    assert _escaped(tmp_path) == []
-    assert _count(resources["lineage"].db_path, "checkpoints") == 0
+    _assert_nothing_written(tmp_path, resources, "checkpoints")
 
 
 def test_less_export_with_an_escaping_target_writes_nothing(
@@ -245,14 +281,7 @@ def test_less_export_with_an_escaping_target_writes_nothing(
 ) -> None:
     """The reported chain: a task name reaching the LESS export. Scores are faked; the target is
     the task of the score column, as if an unchecked name had reached the targets table."""
-    dg.materialize(
-        [raw_pool],
-        resources=resources,
-        run_config={"ops": {"raw_pool": {"config": {"sources": [{"path": str(_pool_file(tmp_path / "p.jsonl"))}]}}}},
-    )
-    with resources["lineage"].connect() as con:
-        ids = [row[0] for row in con.execute("SELECT example_id FROM pool ORDER BY example_id").fetchall()]
-        (version,) = con.execute("SELECT pool_version FROM pool_versions").fetchone()
+    ids, version = _ingest_pool(tmp_path, resources)
     columns = [{"task": f"../../../../{MARK}", "subtask": "s", "val_example_id": "v0"}]
     run = {
         "scores_dir": str(tmp_path / "scores"),
@@ -272,12 +301,14 @@ def test_less_export_with_an_escaping_target_writes_nothing(
     )
     config = {"ops": {"less_selection": {"config": {"budget": 2}}}}
     observed = materialize_error([less_selection], resources, config, partition_key=DEFAULT_MODEL)
-    record_property("scenario", "LESS selection whose target task is '../../../../ESCAPED'")
-    record_property("expected", "refused before any write: no export outside the root, no selection rows")
-    record_property("observed", user_error_text(observed, 160))
+    _report_refusal(
+        record_property,
+        "LESS selection whose target task is '../../../../ESCAPED'",
+        "refused before any write: no export outside the root, no selection rows",
+        observed,
+    )
     assert "without '..'" in observed
-    assert _escaped(tmp_path) == []
-    assert _count(resources["lineage"].db_path, "selections") == 0
+    _assert_nothing_written(tmp_path, resources, "selections")
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import duckdb
 import numpy as np
@@ -70,6 +70,41 @@ class ResponseScorer(Protocol):
 def _fingerprint_of(description: dict[str, Any]) -> str:
     canonical = json.dumps(description, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+class _ScorerLineage:
+    """``fingerprint`` and ``describe`` of a scorer, from its ``_settings`` and ``_meaning``."""
+
+    _meaning: ClassVar[dict[str, str]]  # what the scores mean, appended to describe()
+
+    def _settings(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        return _fingerprint_of(self._settings())
+
+    def describe(self) -> dict[str, Any]:
+        return {**self._settings(), "fingerprint": self.fingerprint(), **self._meaning}
+
+
+class _LanguageModelScorer(_ScorerLineage):
+    """A scorer that runs a loaded causal LM; ``model_fingerprint`` names its weights in lineage.
+
+    Subclasses pass these arguments through (``*args, **kwargs``) and take their own keyword-only."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        model_fingerprint: str,
+        max_length: int = 256,
+        batch_size: int = 8,
+        max_tokens: int | None = None,
+    ) -> None:
+        if not model_fingerprint:
+            raise ValueError("model_fingerprint must be non-empty (it identifies the scorer in lineage)")
+        self.model, self.tokenizer, self.model_fingerprint = model, tokenizer, model_fingerprint
+        self.max_length, self.batch_size, self.max_tokens = max_length, batch_size, max_tokens
 
 
 # ------------------------------------------------------------------ log-likelihood
@@ -194,7 +229,7 @@ def response_log_likelihood(
     ).values
 
 
-class LogLikelihoodScorer:
+class LogLikelihoodScorer(_LanguageModelScorer):
     """:class:`ResponseScorer` from a causal LM's response log-likelihood.
 
     ``model_fingerprint`` identifies the model weights for lineage (e.g.
@@ -202,24 +237,12 @@ class LogLikelihoodScorer:
     cheaply. After ``score``, ``last_result`` holds the stats (truncations, NaN rows).
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        tokenizer: Any,
-        model_fingerprint: str,
-        max_length: int = 256,
-        batch_size: int = 8,
-        max_tokens: int | None = None,
-        final_turn_only: bool = False,
-    ) -> None:
-        if not model_fingerprint:
-            raise ValueError("model_fingerprint must be non-empty (it identifies the scorer in lineage)")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.model_fingerprint = model_fingerprint
-        self.max_length = max_length
-        self.batch_size = batch_size
-        self.max_tokens = max_tokens
+    _meaning: ClassVar[dict[str, str]] = {
+        "meaning": "mean per-token log-likelihood of the response (nats); higher = more likely"
+    }
+
+    def __init__(self, *args: Any, final_turn_only: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.final_turn_only = final_turn_only
         self.last_result: LikelihoodResult | None = None
 
@@ -241,16 +264,6 @@ class LogLikelihoodScorer:
             "model": self.model_fingerprint,
             "max_length": self.max_length,
             "final_turn_only": self.final_turn_only,
-        }
-
-    def fingerprint(self) -> str:
-        return _fingerprint_of(self._settings())
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            **self._settings(),
-            "fingerprint": self.fingerprint(),
-            "meaning": "mean per-token log-likelihood of the response (nats); higher = more likely",
         }
 
 
@@ -368,7 +381,7 @@ def ifd_quality(ifd: Sequence[float] | np.ndarray) -> np.ndarray:
         return np.where(values < 1.0, values, np.nan)
 
 
-class IFDScorer:
+class IFDScorer(_LanguageModelScorer):
     """Scorer of instruction-following difficulty under a causal LM (the kMQ offline default).
 
     ``score`` returns the raw IFD (what is cached; see :func:`instruction_following_difficulty`);
@@ -377,20 +390,11 @@ class IFDScorer:
     ``model_fingerprint`` identifies the weights as for :class:`LogLikelihoodScorer`.
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        tokenizer: Any,
-        model_fingerprint: str,
-        max_length: int = 256,
-        batch_size: int = 8,
-        max_tokens: int | None = None,
-    ) -> None:
-        if not model_fingerprint:
-            raise ValueError("model_fingerprint must be non-empty (it identifies the scorer in lineage)")
-        self.model, self.tokenizer, self.model_fingerprint = model, tokenizer, model_fingerprint
-        self.max_length, self.batch_size, self.max_tokens = max_length, batch_size, max_tokens
-        self.last_result: IFDResult | None = None
+    _meaning: ClassVar[dict[str, str]] = {
+        "meaning": "IFD = PPL(response | prompt) / PPL(response | empty instruction) (Li et al. 2024)",
+        "quality": "IFD where IFD < 1; IFD >= 1 not eligible",
+    }
+    last_result: IFDResult | None = None  # set by score()
 
     def score(self, conversations: Sequence[Conversation]) -> np.ndarray:
         self.last_result = instruction_following_difficulty(
@@ -408,17 +412,6 @@ class IFDScorer:
             "variant": "chat template, empty user turn for PPL(y)",
             "model": self.model_fingerprint,
             "max_length": self.max_length,
-        }
-
-    def fingerprint(self) -> str:
-        return _fingerprint_of(self._settings())
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            **self._settings(),
-            "fingerprint": self.fingerprint(),
-            "meaning": "IFD = PPL(response | prompt) / PPL(response | empty instruction) (Li et al. 2024)",
-            "quality": "IFD where IFD < 1; IFD >= 1 not eligible",
         }
 
 
@@ -482,7 +475,7 @@ def summarize_by_group(
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 
-class RewardModelScorer:
+class RewardModelScorer(_ScorerLineage):
     """:class:`ResponseScorer` from a local reward model folder.
 
     The conversation is rendered with the reward model's chat template (the Tulu format
@@ -491,6 +484,8 @@ class RewardModelScorer:
     than ``max_length`` tokens keep their *last* tokens (the response is what is judged);
     ``last_n_truncated`` counts them.
     """
+
+    _meaning: ClassVar[dict[str, str]] = {"meaning": "reward model score of the conversation; higher = better response"}
 
     def __init__(
         self,
@@ -566,13 +561,6 @@ class RewardModelScorer:
         settings = self._settings()
         del settings["path"]  # the same model copied elsewhere scores the same
         return _fingerprint_of(settings)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            **self._settings(),
-            "fingerprint": self.fingerprint(),
-            "meaning": "reward model score of the conversation; higher = better response",
-        }
 
 
 # ------------------------------------------------------------------ kMQ's scorer and its cache

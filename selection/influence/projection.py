@@ -78,7 +78,15 @@ def _block_seed(seed: int, salt: str, index: int) -> int:
 class Projector:
     mode: str = ""
 
-    def __init__(self, input_dim: int, dim: int, seed: int, names_hash: str, device: str | torch.device) -> None:
+    # Subclasses pass these through (``*args, **kwargs``) and take their own options keyword-only.
+    def __init__(
+        self,
+        input_dim: int,
+        dim: int = DEFAULT_DIM,
+        seed: int = 0,
+        names_hash: str = "",
+        device: str | torch.device = "cpu",
+    ) -> None:
         if input_dim < 1 or dim < 1:
             raise ValueError(f"input_dim and dim must be >= 1, got {input_dim}, {dim}")
         self.input_dim = input_dim
@@ -116,22 +124,13 @@ class Projector:
 class ExactProjector(Projector):
     mode = "exact"
 
-    def __init__(
-        self,
-        input_dim: int,
-        dim: int = DEFAULT_DIM,
-        seed: int = 0,
-        names_hash: str = "",
-        device: str | torch.device = "cpu",
-        block_rows: int = 4096,
-        cache_bytes: int = 256 * 2**20,
-    ) -> None:
-        super().__init__(input_dim, dim, seed, names_hash, device)
+    def __init__(self, *args: Any, block_rows: int = 4096, cache_bytes: int = 256 * 2**20, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         if block_rows < 1:
             raise ValueError(f"block_rows must be >= 1, got {block_rows}")
         self.block_rows = block_rows
-        self.n_blocks = math.ceil(input_dim / block_rows)
-        block_bytes = block_rows * dim * 4
+        self.n_blocks = math.ceil(self.input_dim / block_rows)
+        block_bytes = block_rows * self.dim * 4
         self.n_cached = min(self.n_blocks, cache_bytes // block_bytes)
         self._cache: dict[int, torch.Tensor] = {}
 
@@ -171,16 +170,9 @@ class ExactProjector(Projector):
 class SparseProjector(Projector):
     mode = "fast"
 
-    def __init__(
-        self,
-        input_dim: int,
-        dim: int = DEFAULT_DIM,
-        seed: int = 0,
-        names_hash: str = "",
-        device: str | torch.device = "cpu",
-        nonzeros: int = 4,
-    ) -> None:
-        super().__init__(input_dim, dim, seed, names_hash, device)
+    def __init__(self, *args: Any, nonzeros: int = 4, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        input_dim, dim, seed = self.input_dim, self.dim, self.seed
         if nonzeros < 1 or dim % nonzeros:
             raise ValueError(f"nonzeros must be >= 1 and divide dim={dim}, got {nonzeros}")
         self.nonzeros = nonzeros
@@ -218,28 +210,19 @@ class SparseProjector(Projector):
 class DeviceProjector(Projector):
     mode = "device"
 
-    def __init__(
-        self,
-        input_dim: int,
-        dim: int = DEFAULT_DIM,
-        seed: int = 0,
-        names_hash: str = "",
-        device: str | torch.device = "cpu",
-        dtype: str = "float32",
-        block_bytes: int = 128 * 2**20,
-    ) -> None:
-        super().__init__(input_dim, dim, seed, names_hash, device)
+    def __init__(self, *args: Any, dtype: str = "float32", block_bytes: int = 128 * 2**20, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
         self.dtype = dtype
         self._torch_dtype = getattr(torch, dtype)
-        self._key = _block_seed(seed, "device", 0)
+        self._key = _block_seed(self.seed, "device", 0)
         # Byte value -> its 8 signs (bit 1 -> +1), so one gather turns random bytes into matrix entries.
         self._signs = (_bits(torch.arange(256, dtype=torch.uint8)).reshape(256, 8).to(self._torch_dtype) * 2 - 1).to(
             self.device
         )
         # Rows per generated block: the matrix does not depend on it, only the float summation order.
-        self.block_rows = max(1, min(input_dim, block_bytes // (dim * self._torch_dtype.itemsize)))
+        self.block_rows = max(1, min(self.input_dim, block_bytes // (self.dim * self._torch_dtype.itemsize)))
 
     def params(self) -> dict[str, Any]:
         # bfloat16 rounds the gradients before the product: close to, not equal to, float32 features.
@@ -275,10 +258,7 @@ def make_projector(
     **options: Any,
 ) -> Projector:
     """Build the projector for ``mode`` ('exact', 'fast' or 'device'); anything else is an error."""
-    if mode == "exact":
-        return ExactProjector(input_dim, dim, seed, names_hash, device, **options)
-    if mode == "fast":
-        return SparseProjector(input_dim, dim, seed, names_hash, device, **options)
-    if mode == "device":
-        return DeviceProjector(input_dim, dim, seed, names_hash, device, **options)
-    raise ValueError(f"unknown projection mode {mode!r}; expected one of {MODES}")
+    projectors = {cls.mode: cls for cls in (ExactProjector, SparseProjector, DeviceProjector)}
+    if mode not in projectors:
+        raise ValueError(f"unknown projection mode {mode!r}; expected one of {MODES}")
+    return projectors[mode](input_dim, dim, seed, names_hash, device, **options)

@@ -114,16 +114,13 @@ def train_warmup(request: WarmupRequest) -> WarmupRun:
     for problem in result.metrics["discarded_damaged_epochs"]:
         log.warning(f"damaged warmup epoch deleted and retrained with the epochs after it: {problem}")
     rows = [
-        checkpoints.CheckpointRow(
-            model=spec.name,
-            stage="warmup",
-            run_key=run_key,
-            epoch=c.epoch,
-            path=str(c.path),
-            avg_lr=c.avg_lr,
-            mean_loss=c.mean_loss,
-            n_examples=len(trained_ids),
-            pool_version=request.pool_version,
+        checkpoints.CheckpointRow.of_epoch(
+            c,
+            spec.name,
+            "warmup",
+            run_key,
+            len(trained_ids),
+            request.pool_version,
             config={
                 "training": train_config.to_dict(),
                 "model": spec.to_dict(),

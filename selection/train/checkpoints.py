@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from selection.common.db import transaction
-from selection.train.training import ADAPTER_DIR, WARMUP_ASSET, verify_checkpoint
+from selection.train.training import ADAPTER_DIR, WARMUP_ASSET, EpochCheckpoint, verify_checkpoint
 
 CHECKPOINT_TABLES = (
     """CREATE TABLE IF NOT EXISTS checkpoints (
@@ -48,6 +48,31 @@ class CheckpointRow:
     config: dict[str, Any] | None = None
     seed: int | None = None  # the training seed (finetuning records it; one checkpoint per seed)
 
+    @classmethod
+    def of_epoch(
+        cls,
+        checkpoint: EpochCheckpoint,
+        model: str,
+        stage: str,
+        run_key: str,
+        n_examples: int,
+        pool_version: str,
+        **details: Any,
+    ) -> CheckpointRow:
+        """The row of one saved epoch of a training run; ``details`` sets the optional fields."""
+        return cls(
+            model,
+            stage,
+            run_key,
+            checkpoint.epoch,
+            str(checkpoint.path),
+            checkpoint.avg_lr,
+            checkpoint.mean_loss,
+            n_examples,
+            pool_version,
+            **details,
+        )
+
 
 def training_run_key(model_fingerprint: str, config: dict[str, Any], example_ids: Sequence[str]) -> str:
     """Identity of a training run: the model, the training config and the exact examples."""
@@ -68,44 +93,8 @@ def record_training_run(
     for ddl in CHECKPOINT_TABLES:
         con.execute(ddl)
     now = datetime.now(UTC)
-    checkpoint_frame = pd.DataFrame(
-        [
-            (
-                r.model,
-                r.stage,
-                r.run_key,
-                r.epoch,
-                r.path,
-                r.avg_lr,
-                r.mean_loss,
-                r.n_examples,
-                r.pool_version,
-                r.method,
-                r.target,
-                r.budget,
-                json.dumps(r.config or {}, sort_keys=True),
-                now,
-                r.seed,
-            )
-            for r in rows
-        ],
-        columns=[
-            "model",
-            "stage",
-            "run_key",
-            "epoch",
-            "path",
-            "avg_lr",
-            "mean_loss",
-            "n_examples",
-            "pool_version",
-            "method",
-            "target",
-            "budget",
-            "config",
-            "created_at",
-            "seed",
-        ],
+    checkpoint_frame = pd.DataFrame(  # columns by name: the INSERT below matches them BY NAME
+        [{**asdict(r), "config": json.dumps(r.config or {}, sort_keys=True), "created_at": now} for r in rows]
     )
     checkpoint_frame["seed"] = checkpoint_frame["seed"].astype("Int64")  # all-None would otherwise be an object column
     example_frame = pd.DataFrame({"model": model, "stage": stage, "run_key": run_key, "example_id": list(example_ids)})  # noqa: F841  (DuckDB reads it by name in the SQL)
