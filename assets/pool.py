@@ -8,13 +8,14 @@ from resources.lineage import LineageStore
 from resources.settings import StorageSettings
 from selection.common.markdown import markdown_table
 from selection.data import default_data, pool_store, target_store, targets
+from selection.data.formats import FORMATS
 from selection.data.ingest import SourceSpec
 
 
 class PoolSource(dg.Config):
     path: str = Field(description="JSONL, JSON array, Parquet file, or a `datasets.save_to_disk` folder")
     name: str | None = Field(default=None, description="Source label; defaults to the file or folder name")
-    format: str = Field(default="auto", description="auto | messages | alpaca | sharegpt | prompt_completion")
+    format: str = Field(default="auto", description=" | ".join(("auto", *FORMATS)))
 
 
 class RawPoolConfig(dg.Config):
