@@ -12,6 +12,7 @@ from typing import Any
 import dagster as dg
 
 from assets.run_tags import profile_of_run
+from resources import MODEL_STORE
 from resources.lineage import LineageRecord, LineageStore
 
 _HASH_CHUNK = 1 << 20
@@ -135,8 +136,8 @@ class LineageTracker:
 def profile_metadata(context: dg.AssetExecutionContext, profile: dict[str, Any]) -> dict[str, Any]:
     """The profile values that apply to this asset (its own config, and the model spec if it uses one) and why."""
     own = [context.asset_key.to_user_string()]
-    if "model_store" in context.assets_def.required_resource_keys:
-        own.append("model_store")
+    if MODEL_STORE in context.assets_def.required_resource_keys:
+        own.append(MODEL_STORE)
     why = profile.get("why", {})
     values = {key: value for key, value in profile.get("values", {}).items() if key.split(".")[0] in own}
     metadata = {"profile": profile["name"], "profile_values": dg.MetadataValue.json(values)}

@@ -22,11 +22,11 @@ from typing import Any
 
 from assets.run_tags import PROFILE_TAG, PROFILE_VALUES_TAG, describe_profile
 from orchestration.jobs import PREPARE_JOB_NAME, SELECT_AND_EVALUATE_JOB_NAME, TRAIN_GRADIENTS_JOB_NAME
+from resources import MODEL_STORE
 from selection.registry import METHODS, Input
 from selection.train import training
 from selection.train.models import DEMO_SPEC_OVERRIDES
 
-MODEL_STORE = "model_store"
 DEMO_TRAINING = training.DEMO_TRAINING_CONFIG
 
 _CPU = "CPU demo"

@@ -11,6 +11,8 @@ from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import LINEAGE_DB_FILE, StorageSettings, default_home
 
 ENV_VAR = "INSTRUCT_SELECT_ENV"
+# The model store's resource key: assets take it as their `model_store` parameter.
+MODEL_STORE = "model_store"
 
 
 def build_resources(home: str | None = None, env: str | None = None) -> dict[str, Any]:
@@ -26,6 +28,6 @@ def build_resources(home: str | None = None, env: str | None = None) -> dict[str
     return {
         "settings": settings,
         "lineage": LineageStore(db_path=str(root / LINEAGE_DB_FILE)),
-        "model_store": ModelStore(cache_dir=str(root / "model_cache")),
+        MODEL_STORE: ModelStore(cache_dir=str(root / "model_cache")),
         "device": DeviceSettings(device="cpu") if env == "ci" else DeviceSettings(),
     }

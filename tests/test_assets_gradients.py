@@ -69,6 +69,18 @@ def test_gradient_stores_table_of_the_part_era_keeps_its_rows_under_shard() -> N
     assert [row[0] for row in con.execute("DESCRIBE gradient_stores").fetchall()] == columns
 
 
+def test_gradient_stores_table_with_both_part_and_shard_still_opens() -> None:
+    """An older process re-adding `part` after the rename must not make every later read fail."""
+    con = duckdb.connect()
+    ensure_store_table(con)
+    con.execute("ALTER TABLE gradient_stores ADD COLUMN part VARCHAR")
+    ensure_store_table(con)  # renaming `part` onto the existing `shard` would raise here
+    columns = [row[0] for row in con.execute("DESCRIBE gradient_stores").fetchall()]
+    assert "shard" in columns and "part" in columns
+    with pytest.raises(ValueError, match="no train gradients for model 'm'"):  # the query runs: nothing stored
+        latest_stores(con, "m", "run", "train", _key("adam", dim=16, mode="fast"))
+
+
 def test_gradient_config_reads_the_deprecated_shard_size_as_chunk_size() -> None:
     """Run configs written before `chunk_size` was named so keep their chunk size; a conflict is refused."""
     assert GradientConfig().chunk_size == 512

@@ -9,18 +9,16 @@ round cached on disk), then records the rounds in `kmq_rounds`.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import numpy as np
 
 from selection import kmq
 from selection.common import files, progress
+from selection.common.runtime import Connect, Log
 from selection.data import tokenization
 from selection.diversity import diversity_store, quality
 from selection.train import checkpoints, generation, models, preflight, training
@@ -70,8 +68,8 @@ class KmqRuntime:
     load_model: Callable[[], tuple[Any, Any]]  # (model, tokenizer); called once the inputs pass their checks
     device: str
     batch_size: int
-    connect: Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
-    log: logging.Logger
+    connect: Connect
+    log: Log
 
 
 @dataclass

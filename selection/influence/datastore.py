@@ -195,8 +195,13 @@ class FeatureStore:
 
     @property
     def n_chunks(self) -> int:
-        """Committed chunks, damaged ones included; they are numbered 0 to n_chunks - 1."""
-        return len(self.arrays.numbers())
+        """Committed chunks, damaged ones included, numbered 0 to n_chunks - 1; a chunk after a
+        missing number is not counted (rows are addressed by position across chunks)."""
+        committed = set(self.arrays.numbers())
+        count = 0
+        while count in committed:
+            count += 1
+        return count
 
     def ids(self) -> list[str]:
         return self.arrays.ids()

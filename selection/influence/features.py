@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from selection.common import memory, progress
+from selection.common.runtime import Connect, Device, Log, ModelLoader
 from selection.data import pool_store, tokenization
 from selection.influence import datastore, diagnostics, influence_store, projection
 from selection.influence.gradients import PerExampleGradients, check_train_transform, transform_why
-from selection.influence.runtime import Connect, Device, Log, ModelLoader
 from selection.train import checkpoints, models, preflight, training
 from selection.train.models import ModelSpec
 

@@ -60,7 +60,8 @@ def _has_column(con: Any, table: str, column: str) -> bool:
 def ensure_store_table(con: Any) -> None:
     """`gradient_stores`, created or brought up to the current columns."""
     con.execute(STORE_TABLE_DDL)
-    if _has_column(con, "gradient_stores", "part"):
+    # Only a table from before the rename: one that somehow has both keeps its `shard` column.
+    if _has_column(con, "gradient_stores", "part") and not _has_column(con, "gradient_stores", "shard"):
         con.execute(_RENAME_PART)
     for migration in STORE_TABLE_MIGRATIONS:
         con.execute(migration)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from selection import less
-from selection.common import integrity
+from selection.common import arrays, integrity
 from selection.influence import datastore
 from selection.influence.datastore import FeatureStore, check_compatible
 from selection.influence.gradients import LITERAL_LESS_TRANSFORM
@@ -159,12 +159,9 @@ def load_scores(out_dir: str | Path) -> tuple[np.ndarray, list[str]]:
 
 def open_store(directory: str | Path) -> FeatureStore:
     """Reopen an existing store from its manifest (its identity is re-checked on open)."""
-    from selection.common.arrays import MANIFEST_FILE
-
-    manifest_path = Path(directory) / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise ValueError(f"{directory} is not a feature store: {MANIFEST_FILE} is missing")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = arrays.read_manifest(directory)
+    if manifest is None:
+        raise ValueError(f"{directory} is not a feature store: {arrays.MANIFEST_FILE} is missing")
     return FeatureStore(
         directory,
         manifest["model"],
@@ -267,13 +264,13 @@ def score_influence(request: InfluenceRequest) -> InfluenceRun:
             f"truncation) and are left out: {dropped[:10]}"
         )
         columns = [c for c in columns if c["val_example_id"] in with_features]
-    # Only the parent exists: compute_influence moves the finished folder into place.
+    # Nothing is created here: compute_influence builds the folder aside and moves it into place.
     # LESS's own transform keeps the folder name it always had; others are named in it.
     transform_tag = "" if key.train_transform == LITERAL_LESS_TRANSFORM else f"{key.train_transform}-"
     out_dir = request.scores_root / f"{run_key}-{transform_tag}{key.mode}-d{key.dim}-s{key.seed}"
     result = compute_influence(train_stores, target_stores, avg_lrs, [c["val_example_id"] for c in columns], out_dir)
     scores, _ = load_scores(out_dir)
-    weights = [float(w) for w in np.asarray(avg_lrs) / np.sum(avg_lrs)]
+    weights = less.checkpoint_weights(avg_lrs).tolist()
     per_task = (
         pd.DataFrame(columns)
         .assign(mean=np.asarray(scores).mean(axis=0))

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selection.common import progress
+from selection.common.runtime import Connect, Device, Log, ModelLoader
 from selection.data import pool_store, tokenization
-from selection.influence.runtime import Connect, Device, Log, ModelLoader
 from selection.train import checkpoints, models, preflight, training
 from selection.train.models import ModelSpec
 from selection.train.training import TrainingConfig

@@ -1,4 +1,4 @@
-"""What the long-running influence steps (warmup, gradient features) are handed by their caller.
+"""What the long-running core steps (warmup, gradient features, kMQ runs) are handed by their caller.
 
 They read and record as they go (per chunk, per checkpoint) and load the model only once their
 inputs have passed their checks, so they take these handles rather than their results. The
@@ -8,9 +8,10 @@ orchestration's resources and loggers satisfy them; the core never imports the o
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from selection.train.models import ModelSpec
+if TYPE_CHECKING:  # a type only: common/ must not load the model code (and torch)
+    from selection.train.models import ModelSpec
 
 
 class Connect(Protocol):
