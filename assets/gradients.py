@@ -21,7 +21,7 @@ from resources.settings import StorageSettings
 from selection.common.markdown import markdown_table
 from selection.data import target_store
 from selection.influence import features, projection
-from selection.influence.gradients import DEFAULT_TRAIN_TRANSFORM
+from selection.influence.gradients import DEFAULT_LOSS_TOKENS, DEFAULT_TRAIN_TRANSFORM
 
 GRADIENT_CODE = code_version(
     "selection.influence.gradients",
@@ -49,10 +49,16 @@ class GradientConfig(dg.Config):
     )
     train_transform: str = Field(
         default=DEFAULT_TRAIN_TRANSFORM,
-        description="train_gradients only (target features are always plain gradients): 'adam' (default, "
-        "LESS's literal Adam step), 'adam_no_momentum' (Adam's preconditioner without the shared momentum), "
-        "'adam_bias_corrected' or 'sgd'. Stores of different "
-        "transforms never mix; influence_scores reads the one its own train_transform names.",
+        description="train_gradients only (target features are always plain gradients): 'sgd' (default: the "
+        "raw gradient, the LESS paper's ablation; the metadata says why), 'adam' (LESS's literal Adam step), "
+        "'adam_no_momentum' (Adam's preconditioner without the shared momentum) or 'adam_bias_corrected'. "
+        "Stores of different transforms never mix; influence_scores reads the one its own train_transform names.",
+    )
+    loss_tokens: str = Field(
+        default=DEFAULT_LOSS_TOKENS,
+        description="Whose loss the per-example gradients are of, for train and target alike: 'sequence' "
+        "(default: every token, prompt included; the metadata says why) or 'response' (LESS's: the answer "
+        "only). Give train_gradients, target_gradients and influence_scores the same value.",
     )
 
     # Run configs written before the rename still work: `shard_size` is read as `chunk_size`.
@@ -81,6 +87,8 @@ def _result(tracker: LineageTracker, metrics: dict) -> dg.MaterializeResult:
             "mode": metrics["mode"],
             "transform": metrics["transform"],
             "transform_why": metrics["transform_why"] or "as in LESS",
+            "loss_tokens": metrics["loss_tokens"],
+            "loss_tokens_why": metrics["loss_tokens_why"] or "as in LESS",
             "dims": dg.MetadataValue.json(metrics["dims"]),
             "n_examples": dg.MetadataValue.int(metrics["n_examples"]),
             "n_stored": dg.MetadataValue.int(metrics["n_stored"]),
@@ -170,6 +178,7 @@ def build_gradient_asset(
                     seed=config.seed,
                     chunk_size=config.chunk_size,
                     train_transform=config.train_transform,
+                    loss_tokens=config.loss_tokens,
                 ),
                 root=settings.path("gradients"),
                 models=model_store,
@@ -191,7 +200,8 @@ train_gradients = build_gradient_asset(
     "raw_pool",
     _pool_shard,
     "Per-example LoRA gradients of one shard of the pool at every warmup checkpoint, transformed by "
-    "`train_transform` (default 'adam': LESS's Adam step), projected. One partition per (model, shard).",
+    "`train_transform` (default 'sgd'; 'adam' is LESS's Adam step) of the `loss_tokens` loss, projected. "
+    "One partition per (model, shard).",
 )
 target_gradients = build_gradient_asset(
     "target",

@@ -10,8 +10,8 @@ from resources.model_store import ModelStore
 from resources.settings import StorageSettings
 from selection.common.markdown import markdown_table
 from selection.data import pool_store, target_store
-from selection.influence import influence_store, projection, scores
-from selection.influence.gradients import DEFAULT_TRAIN_TRANSFORM, transform_why
+from selection.influence import directions, influence_store, projection, scores
+from selection.influence.gradients import DEFAULT_LOSS_TOKENS, DEFAULT_TRAIN_TRANSFORM
 from selection.train import checkpoints
 
 
@@ -22,6 +22,15 @@ class InfluenceConfig(dg.Config):
     train_transform: str = Field(
         default=DEFAULT_TRAIN_TRANSFORM,
         description="Train-feature transform of the datastore to use (train_gradients' train_transform)",
+    )
+    loss_tokens: str = Field(
+        default=DEFAULT_LOSS_TOKENS,
+        description="Loss tokens of the datastore to use (the gradient assets' loss_tokens)",
+    )
+    dropped_directions: int = Field(
+        default=directions.DEFAULT_DROPPED_DIRECTIONS,
+        description="Remove the train pool's mean and this many top principal directions from train and val "
+        "features before the cosine (0: LESS's plain cosine); the metadata says why",
     )
 
 
@@ -37,7 +46,7 @@ class InfluenceConfig(dg.Config):
         "target_tasks",
     ],
     group_name="less",
-    code_version=code_version("selection.influence.scores", "selection.less"),
+    code_version=code_version("selection.influence.scores", "selection.influence.directions", "selection.less"),
     description="Score matrix [n_train, n_val] on disk (float32 memmap): sum over checkpoints of lr-weighted cosine.",
 )
 def influence_scores(
@@ -50,7 +59,11 @@ def influence_scores(
     tracker = LineageTracker(context, lineage)
     spec = model_store.spec(context.partition_key)
     key = influence_store.FeatureKey(
-        mode=config.mode, dim=config.dim, seed=config.seed, train_transform=config.train_transform
+        mode=config.mode,
+        dim=config.dim,
+        seed=config.seed,
+        train_transform=config.train_transform,
+        loss_tokens=config.loss_tokens,
     )
     with lineage.connect() as con:
         warmup = checkpoints.latest_run_checkpoints(con, spec.name, "warmup")
@@ -73,6 +86,7 @@ def influence_scores(
             shards=shard_partitions.get_partition_keys(),
             scores_root=settings.path("scores", spec.name),
             warn=context.log.warning,
+            dropped_directions=config.dropped_directions,
         )
     )
     record = run.record
@@ -83,6 +97,8 @@ def influence_scores(
     metrics = {
         "warmup_run_key": record.warmup_run_key,
         "train_transform": config.train_transform,
+        "loss_tokens": config.loss_tokens,
+        "dropped_directions": record.dropped_directions,
         "n_train": record.n_train,
         "n_val": record.n_val,
         "checkpoint_weights": record.weights,
@@ -95,8 +111,9 @@ def influence_scores(
     return dg.MaterializeResult(
         data_version=data_version,
         metadata={
-            "train_transform": config.train_transform,
-            "train_transform_why": transform_why(config.train_transform) or "as in LESS",
+            **scores.feature_recipe(config.train_transform, config.loss_tokens, record.dropped_directions),
+            # What ran: a small pool lowers the configured count (the run's log says so).
+            "dropped_directions": dg.MetadataValue.int(record.dropped_directions),
             "n_train": dg.MetadataValue.int(record.n_train),
             "n_val": dg.MetadataValue.int(record.n_val),
             "checkpoint_weights": dg.MetadataValue.json(record.weights),

@@ -122,6 +122,12 @@ def record_picks(
     )
 
 
+def _metadata_value(value: object) -> object:
+    if isinstance(value, bool):
+        return dg.MetadataValue.bool(value)
+    return dg.MetadataValue.json(value) if isinstance(value, dict) else value
+
+
 def selection_asset(
     method: registry.SelectionMethod, deps: list[str], **asset_args
 ) -> Callable[[Callable[..., dg.MaterializeResult]], dg.AssetsDefinition]:
@@ -151,7 +157,15 @@ def from_influence_scores(method: registry.SelectionMethod) -> dg.AssetsDefiniti
             current = set(pool_store.pool_ids(con))
             informative, why = (
                 diagnostics.collapsed_feature_reason(
-                    con, context.partition_key, run["warmup_run_key"], run["mode"], run["dim"], run["seed"]
+                    con,
+                    context.partition_key,
+                    run["warmup_run_key"],
+                    run["mode"],
+                    run["dim"],
+                    run["seed"],
+                    run["train_transform"],
+                    run["loss_tokens"],
+                    run["dropped_directions"],
                 )
                 if method.follows_scores
                 else (None, "")
@@ -173,6 +187,9 @@ def from_influence_scores(method: registry.SelectionMethod) -> dg.AssetsDefiniti
         picks = method.choose(scored, budget)
         trust: dict = {}
         if method.follows_scores:
+            trust["feature_recipe"] = influence.feature_recipe(
+                run["train_transform"], run["loss_tokens"], run["dropped_directions"]
+            )
             trust["scores_informative_reason"] = why
             if informative is not None:
                 trust["scores_informative"] = informative
@@ -190,7 +207,7 @@ def from_influence_scores(method: registry.SelectionMethod) -> dg.AssetsDefiniti
             budget,
             scored,
             {"scores_dir": run["scores_dir"], **trust},
-            {key: dg.MetadataValue.bool(value) if isinstance(value, bool) else value for key, value in trust.items()},
+            {key: _metadata_value(value) for key, value in trust.items()},
         )
 
     return _selection

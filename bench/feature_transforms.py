@@ -22,7 +22,9 @@ subjects) and for BIDS, the MMLU share of LESS's pick, and how collapsed the sto
 are: the norm of the mean L2-normalized train feature and the mean pairwise cosine (both 0
 for isotropic features, 1 when every feature points the same way), and the Spearman
 correlation of the LESS score with the raw gradient norm (a norm-confounded score is
-strongly negative: small gradients of long answers win). The last line is one JSON object.
+strongly negative: small gradients of long answers win). ``--loss-tokens sequence`` takes
+every gradient (pool and val) of the whole conversation's loss instead of the answer's (the
+warmup trains on answers either way). The last line is one JSON object.
 
     .venv/bin/python bench/feature_transforms.py                  # 480 rows, 1 warmup epoch, ~15 min on 2 cores
     .venv/bin/python bench/feature_transforms.py --pool-size 240 --groups medicine   # quicker
@@ -110,6 +112,13 @@ def main() -> int:
     parser.add_argument("--mode", default="fast", choices=projection.MODES)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4, help="per-example gradient batch (memory bound)")
+    parser.add_argument(
+        "--loss-tokens",
+        default="response",
+        choices=tokenization.LOSS_TOKENS,
+        help="tokens whose loss makes the per-example gradients (pool and val): the answer only (LESS), "
+        "or every token of the rendered conversation",
+    )
     parser.add_argument("--save", help="also write the projected features of every transform to this .npz")
     parser.add_argument("--model-cache", help="folder for the converted model (default: a temporary one)")
     parser.add_argument("--seed", type=int, default=0)
@@ -143,6 +152,9 @@ def main() -> int:
         val_tok, val_stats = tokenization.tokenize_many(tokenizer, [r["messages"] for r in val_rows], spec.max_length)
         val_keep = val_stats.usable_indices()
         val_rows, val_tok = [val_rows[i] for i in val_keep], [val_tok[i] for i in val_keep]
+        # The warmup trains on answers either way; only the measured gradients change.
+        gradient_pool_tok = [tokenization.with_loss_on(e, args.loss_tokens) for e in pool_tok]
+        val_tok = [tokenization.with_loss_on(e, args.loss_tokens) for e in val_tok]
 
         # `make demo`'s warmup settings (DEMO_TRAINING_CONFIG), except the epochs.
         demo = training.DEMO_TRAINING_CONFIG
@@ -182,7 +194,7 @@ def main() -> int:
             moments = gradients.AdamMoments.from_named(exp_avg, exp_avg_sq, engine.slots)
             avg_lrs.append(avg_lr)
             t = time.perf_counter()
-            pool_grads = per_example_gradients(engine, pool_tok, tokenizer.pad_token_id, args.batch_size, 2048)
+            pool_grads = per_example_gradients(engine, gradient_pool_tok, tokenizer.pad_token_id, args.batch_size, 2048)
             val_grads = per_example_gradients(engine, val_tok, tokenizer.pad_token_id, args.batch_size, 2048)
             seconds[f"gradients_epoch_{checkpoint.epoch}"] = time.perf_counter() - t
             print(

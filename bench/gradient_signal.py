@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 from bench.feature_transforms import CANDIDATES, unit  # noqa: E402
 from bench.recall import PLANTED_GROUPS, build_pool  # noqa: E402
 from selection import bids, less  # noqa: E402
+from selection.influence import directions  # noqa: E402
 
 NEIGHBOURS = 20
 DROPPED_COMPONENTS = (0, 4, 8, 16, 32)
@@ -53,11 +54,10 @@ def neighbour_shares(scores: np.ndarray, pool_labels: np.ndarray, val_labels: np
 
 
 def drop_top_components(train: np.ndarray, val: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """Centre on the pool's mean unit feature and remove its top ``count`` principal directions."""
-    mean = train.mean(axis=0)
-    _, _, directions = np.linalg.svd(train - mean, full_matrices=False)
-    top = directions[:count]
-    return tuple((x - mean) - ((x - mean) @ top.T) @ top for x in (train, val))
+    """Centre on the pool's mean unit feature and remove its top ``count`` principal directions,
+    with the pipeline's own code (``influence_scores``' ``dropped_directions``)."""
+    common = directions.fit(train, count)
+    return common.remove(train), common.remove(val)
 
 
 def main() -> int:

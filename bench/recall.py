@@ -185,7 +185,7 @@ def main() -> int:
     parser.add_argument("--alpaca-share", type=float, default=0.25)
     parser.add_argument("--n-val", type=int, default=2, help="val examples per subject of a planted group")
     parser.add_argument("--budget", type=float, default=0.10)
-    parser.add_argument("--epochs", type=int, default=2, help="warmup epochs")
+    parser.add_argument("--epochs", type=int, default=1, help="warmup epochs (1: 40 examples = 5 Adam steps)")
     parser.add_argument("--warmup-fraction", type=float, default=0.05)
     # The CPU profile's warmup and model setup, set explicitly since the assets default to LESS's recipe
     # (lr 2e-5, 32-example steps, LoRA r=128, 2048 tokens), which 40 warmup examples cannot fill.
@@ -281,6 +281,10 @@ def main() -> int:
                             "mmlu_share": round(len(set(ids) & mmlu_ids) / len(ids), 3),
                             "sources": dict(Counter("mmlu" if i in mmlu_ids else "alpaca_eval" for i in ids)),
                         }
+                    recipe = con.execute(
+                        "SELECT train_transform, loss_tokens, dropped_directions FROM influence_runs "
+                        "ORDER BY created_at DESC LIMIT 1"
+                    ).fetchone()
                 per_group[group] = {"base_rate": round(base_rate, 4), "methods": figures}
                 print(
                     f"  {group}: base rate {base_rate:.3f}; "
@@ -303,6 +307,8 @@ def main() -> int:
         "precision_over_base": precision,
         "per_group": per_group,
         "profile": {k: v for k, v in vars(args).items() if k != "home"},
+        # The influence settings that ran (the pipeline's defaults): see the README's gradient features.
+        "feature_recipe": dict(zip(("train_transform", "loss_tokens", "dropped_directions"), recipe)),
         "seconds": {**{k: round(v) for k, v in timings.items()}, "total": round(time.perf_counter() - started)},
     }
     print(json.dumps(summary))

@@ -16,14 +16,23 @@ from assets.gradients import GradientConfig
 from assets.influence import InfluenceConfig
 from assets.partitions import DEFAULT_MODEL, model_shard_keys, shard_partitions
 from resources import build_resources
-from selection.influence.influence_store import FeatureKey, ensure_store_table, latest_stores
+from selection.influence.influence_store import (
+    FeatureKey,
+    InfluenceRecord,
+    ensure_store_table,
+    latest_influence,
+    latest_stores,
+    record_influence,
+)
 from selection.influence.projection import DEFAULT_DIM, DEFAULT_MODE
 from selection.influence.scores import train_shard_directories
 from tests.fakes import TinyModelStore
 
 
-def _key(train_transform: str = "adam", dim: int = DEFAULT_DIM, mode: str = DEFAULT_MODE) -> FeatureKey:
-    return FeatureKey(mode=mode, dim=dim, seed=0, train_transform=train_transform)
+def _key(
+    train_transform: str = "adam", dim: int = DEFAULT_DIM, mode: str = DEFAULT_MODE, loss_tokens: str = "response"
+) -> FeatureKey:
+    return FeatureKey(mode=mode, dim=dim, seed=0, train_transform=train_transform, loss_tokens=loss_tokens)
 
 
 def test_old_gradient_stores_table_is_migrated_and_unsharded_train_rows_are_not_used() -> None:
@@ -38,8 +47,12 @@ def test_old_gradient_stores_table_is_migrated_and_unsharded_train_rows_are_not_
     )
     frame = latest_stores(con, "m", "run", "train", _key("adam"))
     assert list(frame["shard"]) == [""]
-    assert list(latest_stores(con, "m", "run", "train", _key(InfluenceConfig().train_transform))["shard"]) == [""]
-    # Rows from before transforms were recorded hold LESS's adam features: no other transform reads them.
+    # Rows from before transforms were recorded hold LESS's adam features: no other transform reads
+    # them, the default (sgd) included, and no other loss tokens than LESS's response.
+    with pytest.raises(ValueError, match="train transform sgd"):
+        latest_stores(con, "m", "run", "train", _key(InfluenceConfig().train_transform))
+    with pytest.raises(ValueError, match="loss tokens sequence"):
+        latest_stores(con, "m", "run", "train", _key("adam", loss_tokens="sequence"))
     with pytest.raises(ValueError, match="train transform adam_no_momentum"):
         latest_stores(con, "m", "run", "train", _key("adam_no_momentum"))
     # The old single store is not a shard of the current layout: influence asks for the shards instead.
@@ -67,6 +80,49 @@ def test_gradient_stores_table_of_the_part_era_keeps_its_rows_under_shard() -> N
     assert "shard" in columns and "part" not in columns
     ensure_store_table(con)  # a second run finds nothing to migrate
     assert [row[0] for row in con.execute("DESCRIBE gradient_stores").fetchall()] == columns
+
+
+def test_stores_of_other_loss_tokens_never_mix() -> None:
+    con = duckdb.connect()
+    ensure_store_table(con)
+    for loss_tokens, directory in (("sequence", "/seq"), ("response", "/resp"), (None, "/old")):
+        con.execute(
+            "INSERT INTO gradient_stores BY NAME SELECT 'm' AS model, 'target' AS kind, 'run' AS warmup_run_key, "
+            "1 AS epoch, 1e-4 AS avg_lr, ? AS store_id, ? AS directory, 'fast' AS mode, 16 AS dim, 0 AS seed, "
+            "now() AS created_at, ? AS loss_tokens",
+            [directory, directory, loss_tokens],
+        )
+    # The latest response row is the one written before loss tokens were recorded (NULL: response).
+    sequence = latest_stores(con, "m", "run", "target", _key(dim=16, mode="fast", loss_tokens="sequence"))
+    response = latest_stores(con, "m", "run", "target", _key(dim=16, mode="fast"))
+    assert list(sequence["directory"]) == ["/seq"] and list(response["directory"]) == ["/old"]
+
+
+def test_influence_runs_of_before_the_feature_recipe_read_as_lesss_own() -> None:
+    con = duckdb.connect()
+    con.execute(  # as created before the recipe columns
+        "CREATE TABLE influence_runs (model VARCHAR, scores_dir VARCHAR, warmup_run_key VARCHAR, mode VARCHAR, "
+        "dim INTEGER, seed BIGINT, n_train INTEGER, n_val INTEGER, columns JSON, weights JSON, pool_version VARCHAR, "
+        "created_at TIMESTAMPTZ)"
+    )
+    con.execute("INSERT INTO influence_runs VALUES ('m', '/s', 'run', 'fast', 16, 0, 3, 1, '[]', '[1.0]', 'v1', now())")
+    old = latest_influence(con, "m")
+    assert (old["train_transform"], old["loss_tokens"], old["dropped_directions"]) == ("adam", "response", 0)
+    record_influence(
+        con,
+        InfluenceRecord(
+            model="m", scores_dir="/s2", warmup_run_key="run", mode="fast", dim=16, seed=0, n_train=3, n_val=1,
+            columns=[], weights=[1.0], pool_version="v1", train_transform="sgd", loss_tokens="sequence",
+            dropped_directions=8,
+        ),
+    )  # fmt: skip
+    new = latest_influence(con, "m")
+    assert (new["scores_dir"], new["train_transform"], new["loss_tokens"], new["dropped_directions"]) == (
+        "/s2",
+        "sgd",
+        "sequence",
+        8,
+    )
 
 
 def test_gradient_stores_table_with_both_part_and_shard_still_opens() -> None:
@@ -189,6 +245,12 @@ def test_train_gradients_of_another_transform_are_computed_afresh_and_never_mixe
                 DEFAULT_MODEL,
                 con.execute("SELECT max(warmup_run_key) FROM gradient_stores").fetchone()[0],
                 "train",
-                _key(OTHER, dim=16, mode="fast"),
+                _key(OTHER, dim=16, mode="fast", loss_tokens=GradientConfig().loss_tokens),
             )
         assert set(frame["directory"]) == by_transform[OTHER]
+        # The defaults that differ from LESS say so: whole-sequence gradients, common directions removed.
+        assert {m["loss_tokens"].value for m in default} == {"sequence"}
+        assert all("differs from LESS" in m["loss_tokens_why"].value for m in default)
+        # 16 rows of 16 dims: the default 8 is lowered to a quarter of them.
+        assert scored["dropped_directions"].value == 4 < InfluenceConfig().dropped_directions
+        assert "differs from LESS" in scored["dropped_directions_why"].value

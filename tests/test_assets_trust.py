@@ -125,8 +125,17 @@ def test_truncation_tables_feature_diagnostics_and_uninformative_scores(tmp_path
         assert flagged["features_collapsed"].value is True and flagged["n_computed"].value == 0
         warnings = [entry.user_message for entry in instance.all_logs(shard.run_id) if entry.level == logging.WARNING]
         assert any("collapsed onto one direction" in w and "warmup optimizer steps" in w for w in warnings)
+        # The default scores have the pool's common directions removed: the collapse is named, not held against them.
         less = _metadata(run(("less_selection",), DEFAULT_MODEL), "less_selection")
+        assert less["scores_informative"].value is True
+        assert "collapsed onto one direction" in less["scores_informative_reason"].value
+        removed = less["feature_recipe"].value["dropped_directions"]
+        assert int(removed) > 0 and f"top {removed} directions" in less["scores_informative_reason"].value
+        # LESS's plain cosine over the same features is ranked by the collapsed direction.
+        ops["influence_scores"]["config"]["dropped_directions"] = 0
+        less = _metadata(run(("influence_scores", "less_selection"), DEFAULT_MODEL), "less_selection")
         assert less["scores_informative"].value is False
+        assert less["feature_recipe"].value["dropped_directions_why"] == "as in LESS"
         reason = less["scores_informative_reason"].value
         assert "collapsed onto one direction" in reason and "train features of epoch" in reason
         assert "warmup optimizer steps" in reason

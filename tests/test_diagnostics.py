@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from selection.influence.diagnostics import COLLAPSE_MEAN_NORM, collapsed_feature_reason, feature_diagnostics
-from selection.influence.influence_store import record_diagnostics
+from selection.influence.influence_store import ensure_store_table, record_diagnostics
 
 
 def unit(rows: np.ndarray) -> np.ndarray:
@@ -101,5 +101,16 @@ def test_selections_learn_whether_their_features_collapsed():
     assert informative is False
     assert "1 of 3 feature sets collapsed" in reason and "train features of epoch 1 shard 01-of-02" in reason
     assert "0.83" in reason and "3 warmup optimizer steps" in reason
+    # Scores computed without the pool's common directions are not ranked by the collapsed one.
+    informative, reason = collapsed_feature_reason(con, "m", "run", "fast", 64, 0, dropped_directions=8)
+    assert informative is True and "1 of 3 feature sets collapsed" in reason and "top 8 directions" in reason
+    # A collapsed store of other loss tokens does not speak for these features.
+    ensure_store_table(con)
+    con.execute(
+        "INSERT INTO gradient_stores BY NAME SELECT 'b' AS store_id, 'train' AS kind, 'adam' AS transform, "
+        "'sequence' AS loss_tokens"
+    )
+    assert collapsed_feature_reason(con, "m", "run", "fast", 64, 0)[0] is True
+    assert collapsed_feature_reason(con, "m", "run", "fast", 64, 0, "adam", "sequence")[0] is False
     # Other settings are not affected.
     assert collapsed_feature_reason(con, "m", "run", "fast", 128, 0)[0] is None

@@ -310,3 +310,25 @@ def test_length_sorted_batches_respect_limits_and_cover_all():
         assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 18
     # An example longer than max_tokens still gets its own batch.
     assert length_sorted_batches([make_example(50)], max_batch_size=4, max_tokens=10) == [[0]]
+
+
+def test_sequence_loss_labels_every_token_and_response_loss_leaves_the_example_alone(chatml_tokenizer):
+    example = tokenize_conversation(chatml_tokenizer, SAMPLE_CONVERSATION, 512)
+    assert tokenization.with_loss_on(example, "response") is example
+    whole = tokenization.with_loss_on(example, "sequence")
+    assert whole.input_ids == example.input_ids and whole.labels == example.input_ids
+    assert whole.n_target_tokens == len(example.input_ids) - 1 > example.n_target_tokens
+    # The example itself is not changed (the training pass labels the answers only).
+    assert IGNORE_INDEX in example.labels
+
+
+def test_sequence_loss_never_gives_features_to_an_example_without_a_response(chatml_tokenizer):
+    no_answer = tokenize_conversation(chatml_tokenizer, [{"role": "user", "content": "only a question"}], 512)
+    assert no_answer.n_target_tokens == 0
+    assert tokenization.with_loss_on(no_answer, "sequence") is no_answer
+
+
+def test_unknown_loss_tokens_are_refused(chatml_tokenizer):
+    example = tokenize_conversation(chatml_tokenizer, SAMPLE_CONVERSATION, 512)
+    with pytest.raises(ValueError, match="loss_tokens must be one of"):
+        tokenization.with_loss_on(example, "prompt")

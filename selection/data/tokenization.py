@@ -46,7 +46,7 @@ gradient features, scores) is recomputed when it changes.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -343,6 +343,28 @@ def tokenize_many(
         n_target_tokens=sum(e.n_target_tokens for e in examples),
     )
     return examples, stats
+
+
+# Which tokens' loss a per-example gradient is taken of (gradient features only; training always
+# learns the answers). "response": the assistant's tokens, as LESS. "sequence": every token of the
+# rendered conversation, prompt included, so the features carry what the example is about and not
+# only its answer's first tokens (see selection.influence.gradients.LOSS_TOKENS_WHY).
+LOSS_TOKENS = ("response", "sequence")
+
+
+def check_loss_tokens(loss_tokens: str) -> str:
+    if loss_tokens not in LOSS_TOKENS:
+        raise ValueError(f"loss_tokens must be one of {LOSS_TOKENS}, got {loss_tokens!r}")
+    return loss_tokens
+
+
+def with_loss_on(example: TokenizedExample, loss_tokens: str) -> TokenizedExample:
+    """``example`` labelled for a gradient of the ``loss_tokens`` loss. An example without response
+    tokens stays as it is (it has no features either way, so the choice never changes what is covered)."""
+    if check_loss_tokens(loss_tokens) == "response" or example.n_target_tokens == 0:
+        return example
+    # Position 0 has nothing before it to predict it from; the model's shift leaves it out.
+    return replace(example, labels=list(example.input_ids), n_target_tokens=len(example.input_ids) - 1)
 
 
 class TruncationTally:

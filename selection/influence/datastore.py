@@ -6,7 +6,8 @@ Features are kept in a ``selection.common.arrays.ArrayStore`` (its module docstr
 layout, commit, lock and check rules): float16 ``[rows, dim]`` L2-normalized rows in chunks
 of ``chunk_size`` examples. The manifest records the identity: model fingerprint, checkpoint,
 kind, projector fingerprint (mode, dim, seed, input dim, parameter names) and, for train
-stores, the train-feature transform (``adam``, ``sgd``, ...). A chunk's commit record also
+stores, the train-feature transform (``adam``, ``sgd``, ...), and whose loss the gradients are of
+when it is not LESS's response tokens (``loss_tokens``). A chunk's commit record also
 lists as ``excluded`` the examples of that chunk that have no features (no target tokens),
 so that no id is lost silently and a rerun need not look at them again.
 
@@ -42,7 +43,7 @@ import torch
 
 from selection.common.arrays import ArrayStore
 from selection.common.memory import gradient_memory, run_halving_on_oom
-from selection.data.tokenization import TokenizedExample, collate, length_sorted_batches
+from selection.data.tokenization import TokenizedExample, check_loss_tokens, collate, length_sorted_batches
 from selection.influence.gradients import (
     LITERAL_LESS_TRANSFORM,
     AdamMoments,
@@ -78,17 +79,21 @@ def store_directory(
     projector: Projector,
     part: str | None = None,
     transform: str | None = None,
+    loss_tokens: str = "response",
 ) -> Path:
     """Canonical place of a store.
 
-    ``root/<model>/<checkpoint>/<kind>/[<transform>-]<mode>-d<dim>-s<seed>-<hash>[/<shard>]``.
+    ``root/<model>/<checkpoint>/<kind>/[<loss tokens>-][<transform>-]<mode>-d<dim>-s<seed>-<hash>[/<shard>]``.
 
-    Train stores of a transform other than LESS's own ``adam`` carry it in the folder name, so
-    switching transforms opens a new store (``adam`` keeps the folder it always had)."""
+    Train stores of a transform other than LESS's own ``adam``, and stores of gradients of other
+    than the response tokens, carry it in the folder name, so switching opens a new store (LESS's
+    own settings keep the folder they always had)."""
     transform = _store_transform(kind, transform)
     name = f"{projector.mode}-d{projector.dim}-s{projector.seed}-{projector.fingerprint_hash()}"
     if transform is not None and transform != LITERAL_LESS_TRANSFORM:
         name = f"{transform}-{name}"
+    if check_loss_tokens(loss_tokens) != "response":
+        name = f"{loss_tokens}-{name}"
     directory = Path(root) / model_fingerprint / checkpoint / kind / name
     return directory / part if part is not None else directory
 
@@ -128,6 +133,7 @@ class FeatureStore:
         chunk_size: int = 512,
         part: str | None = None,
         transform: str | None = None,
+        loss_tokens: str = "response",
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -153,6 +159,9 @@ class FeatureStore:
             self.manifest["part"] = part
         if transform is not None:
             self.manifest["transform"] = transform
+        # Recorded only when not LESS's response tokens, so stores written before it keep their identity.
+        if check_loss_tokens(loss_tokens) != "response":
+            self.manifest["loss_tokens"] = loss_tokens
         self.arrays = ArrayStore(
             self.directory, self.manifest, self._check_manifest, dtype=np.float16, width=self.dim, asset=self.asset
         )
@@ -183,6 +192,11 @@ class FeatureStore:
     def transform(self) -> str | None:
         """The train-feature transform (``selection.influence.gradients.train_feature``); None for target stores."""
         return self.manifest.get("transform")
+
+    @property
+    def loss_tokens(self) -> str:
+        """Whose loss the gradients are of (``selection.data.tokenization.LOSS_TOKENS``)."""
+        return str(self.manifest.get("loss_tokens", "response"))
 
     @property
     def store_id(self) -> str:

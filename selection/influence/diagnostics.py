@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from selection.influence import influence_store
+from selection.influence.gradients import LITERAL_LESS_TRANSFORM
 
 COLLAPSE_MEAN_NORM = 0.5
 # Isotropic rows have E|mean|^2 = 1 / n: at 16 rows that is 0.25, far below the threshold's 0.5^2.
@@ -113,14 +114,24 @@ def feature_diagnostics(
 
 
 def collapsed_feature_reason(
-    con: Any, model: str, warmup_run_key: str, mode: str, dim: int, seed: int
+    con: Any,
+    model: str,
+    warmup_run_key: str,
+    mode: str,
+    dim: int,
+    seed: int,
+    train_transform: str = LITERAL_LESS_TRANSFORM,
+    loss_tokens: str = "response",
+    dropped_directions: int = 0,
 ) -> tuple[bool | None, str]:
     """Whether the features behind an influence run are informative, with a reason.
 
     ``(False, why)`` when any stored train or target feature set of that (model, warmup run,
-    mode, dim, seed) collapsed; ``(True, ...)`` when all were checked and none did; ``(None, ...)``
-    when no diagnostics were recorded (stores written before diagnostics existed)."""
-    rows = influence_store.latest_diagnostics(con, model, warmup_run_key, mode, dim, seed)
+    mode, dim, seed, train transform, loss tokens) collapsed and the run scored them as stored;
+    ``(True, ...)`` when all were checked and none did, or when the run removed the pool's mean and top
+    directions before the cosine (``dropped_directions``), which takes the shared direction out of the
+    scores; ``(None, ...)`` when no diagnostics were recorded (stores written before diagnostics existed)."""
+    rows = influence_store.latest_diagnostics(con, model, warmup_run_key, mode, dim, seed, train_transform, loss_tokens)
     if not rows:
         return None, "no feature diagnostics recorded for these features; rematerialize train_gradients"
     bad = [row for row in rows if row[7]]
@@ -129,9 +140,18 @@ def collapsed_feature_reason(
     kind, epoch, shard, steps, n_rows, norm, cosine, _ = bad[0]
     where = f"{kind} features of epoch {epoch}{f' shard {shard}' if shard else ''}"
     cosine_text = "n/a" if cosine is None else f"{cosine:.2f}"
-    return False, (
+    found = (
         f"{len(bad)} of {len(rows)} feature sets collapsed onto one direction, e.g. {where}: mean-feature norm "
         f"{norm:.2f} (> {COLLAPSE_MEAN_NORM}), mean pairwise cosine {cosine_text} over {n_rows} rows after "
-        f"{steps} warmup optimizer steps; scores then rank mostly by that shared direction. Train the warmup "
-        "longer (more examples, epochs or a smaller batch_size) and recompute the features"
+        f"{steps} warmup optimizer steps"
+    )
+    if dropped_directions:
+        return True, (
+            f"{found}; the influence run removed the pool's mean and top {dropped_directions} directions "
+            "before the cosine, so that shared direction does not rank the scores"
+        )
+    return False, (
+        f"{found}; scores then rank mostly by that shared direction. Train the warmup longer (more examples, "
+        "epochs or a smaller batch_size) and recompute the features, or remove the common directions "
+        "(influence_scores' dropped_directions)"
     )

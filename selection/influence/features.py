@@ -21,7 +21,7 @@ from selection.common import memory, progress
 from selection.common.runtime import Connect, Device, Log, ModelLoader
 from selection.data import pool_store, tokenization
 from selection.influence import datastore, diagnostics, influence_store, projection
-from selection.influence.gradients import PerExampleGradients, check_train_transform, transform_why
+from selection.influence.gradients import PerExampleGradients, check_train_transform, loss_tokens_why, transform_why
 from selection.train import checkpoints, models, preflight, training
 from selection.train.models import ModelSpec
 
@@ -106,6 +106,7 @@ class FeatureSettings:
     seed: int  # projection seed
     chunk_size: int  # examples per chunk read and per file on disk
     train_transform: str  # train features only; target features are plain gradients
+    loss_tokens: str = "response"  # whose loss the gradients are of (tokenization.LOSS_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ class FeatureRun:
     dims: list[int]
     transform: str  # "sgd" for target features
     transform_why: str  # "" for LESS's own transform and for target features
+    loss_tokens: str
     seed: int
     n_examples: int
     n_stored: int
@@ -162,6 +164,8 @@ class FeatureRun:
             "dims": list(self.dims),
             "transform": self.transform,
             "transform_why": self.transform_why,
+            "loss_tokens": self.loss_tokens,
+            "loss_tokens_why": loss_tokens_why(self.loss_tokens),
             "seed": self.seed,
             "n_examples": self.n_examples,
             "n_stored": self.n_stored,
@@ -190,6 +194,7 @@ def compute_gradient_features(request: FeatureRequest) -> FeatureRun:
     kind, spec, examples, config, log = request.kind, request.spec, request.examples, request.settings, request.log
     shard, device = examples.shard, request.device
     transform = check_train_transform(config.train_transform) if kind == "train" else None
+    loss_tokens = tokenization.check_loss_tokens(config.loss_tokens)
     with request.connect() as con:
         warmup = checkpoints.latest_run_checkpoints(con, spec.name, "warmup")
     run_key = str(warmup["run_key"].iloc[0])
@@ -220,7 +225,7 @@ def compute_gradient_features(request: FeatureRequest) -> FeatureRun:
         stores = [
             datastore.FeatureStore(
                 datastore.store_directory(
-                    request.root, model_fingerprint, checkpoint, kind, p, shard, transform=transform
+                    request.root, model_fingerprint, checkpoint, kind, p, shard, transform, loss_tokens
                 ),
                 model_fingerprint,
                 checkpoint,
@@ -229,6 +234,7 @@ def compute_gradient_features(request: FeatureRequest) -> FeatureRun:
                 chunk_size=config.chunk_size,
                 part=shard,
                 transform=transform,
+                loss_tokens=loss_tokens,
             )
             for p in projectors
         ]
@@ -268,6 +274,7 @@ def compute_gradient_features(request: FeatureRequest) -> FeatureRun:
                     token_counts[key] = token_counts.get(key, 0) + value
                 groups = examples.groups_of(chunk) if examples.groups_of is not None else {}
                 truncation.add(chunk, [groups.get(i, "all") for i in chunk], tokenized)
+                tokenized = [tokenization.with_loss_on(example, loss_tokens) for example in tokenized]
                 computed += datastore.compute_features(
                     peft_model,
                     list(zip(chunk, tokenized)),
@@ -349,6 +356,7 @@ def compute_gradient_features(request: FeatureRequest) -> FeatureRun:
         # Target features are plain per-example gradients whatever train_transform says.
         transform=transform or "sgd",
         transform_why=transform_why(transform) if transform else "",
+        loss_tokens=loss_tokens,
         seed=config.seed,
         n_examples=len(examples.example_ids),
         n_stored=len(stores[0]),

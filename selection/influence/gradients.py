@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from selection.data.tokenization import IGNORE_INDEX
+from selection.data.tokenization import IGNORE_INDEX, check_loss_tokens
 from selection.train.models import eval_mode
 
 LESS_BETA1 = 0.9
@@ -273,19 +273,38 @@ def adam_bias_corrected_feature(
 # "adam" is LESS's own; see DEFAULT_TRAIN_TRANSFORM for the default and why.
 TRAIN_TRANSFORMS = ("adam", "adam_no_momentum", "adam_bias_corrected", "sgd")
 LITERAL_LESS_TRANSFORM = "adam"
-# LESS's own step stays the default. bench/feature_transforms.py (800-row planted pool, 1 warmup
-# epoch = 5 steps): adam features are collapsed (mean unit feature norm 0.85, mean pairwise cosine
-# 0.72; adam_no_momentum 0.22 / 0.05) yet planted recall is the same within noise (LESS 2.00x adam,
-# 1.92x adam_no_momentum, 2.00x sgd), so no variant has earned the default.
-DEFAULT_TRAIN_TRANSFORM = LITERAL_LESS_TRANSFORM
+# The default is "sgd", with gradients of the whole sequence (DEFAULT_LOSS_TOKENS) and the pool's
+# top directions removed at scoring (selection.influence.directions). Measured by
+# bench/gradient_signal.py on an 800-row planted pool (1 warmup epoch = 5 Adam steps), LESS/BIDS
+# planted recall over the base rate with sequence gradients and 8 directions removed: sgd
+# 7.33x/6.33x, adam_no_momentum 4.92x/5.42x, adam 3.33x/3.83x, adam_bias_corrected 3.25x/3.17x.
+# After a short warmup Adam's shared momentum and tiny second moments dominate every feature.
+DEFAULT_TRAIN_TRANSFORM = "sgd"
 _TRANSFORM_WHY = {
     "adam": "",
     "adam_no_momentum": "differs from LESS (adam): the momentum b1*m is shared by every example, so after a short "
     "warmup it dominates each feature and features collapse onto one direction; dropping it keeps "
     "Adam's per-coordinate scaling of each example's own gradient",
     "adam_bias_corrected": "differs from LESS (adam): Adam's bias correction at the checkpoint's step count",
-    "sgd": "differs from LESS (adam): the raw per-example gradient, the LESS paper's SGD ablation",
+    "sgd": "differs from LESS (adam): the raw per-example gradient, the LESS paper's SGD ablation; after a "
+    "warmup of a few optimizer steps Adam's shared momentum and tiny second moments dominate every feature "
+    "(planted recall with sequence loss and 8 directions removed: sgd 7.3x the base rate, adam 3.3x)",
 }
+
+# Loss tokens of the gradient features (selection.data.tokenization.LOSS_TOKENS).
+DEFAULT_LOSS_TOKENS = "sequence"
+_LOSS_TOKENS_WHY = {
+    "response": "",
+    "sequence": "differs from LESS (response tokens): the loss of every token, prompt included. On a "
+    "multiple-choice answer the one token the model cannot copy is the answer letter, so response-only "
+    "gradients match examples by their letter (85-90% of a target's nearest pool rows share it, base rate "
+    "19%) instead of their subject; with the whole sequence, 25-28%",
+}
+
+
+def loss_tokens_why(loss_tokens: str) -> str:
+    """One line on how ``loss_tokens`` differs from the LESS paper ("" for LESS's own)."""
+    return _LOSS_TOKENS_WHY[check_loss_tokens(loss_tokens)]
 
 
 def train_feature(

@@ -24,14 +24,16 @@ from selection.influence.gradients import LITERAL_LESS_TRANSFORM
 STORE_TABLE_DDL = """CREATE TABLE IF NOT EXISTS gradient_stores (
     model VARCHAR, kind VARCHAR, warmup_run_key VARCHAR, epoch INTEGER, avg_lr DOUBLE, store_id VARCHAR,
     directory VARCHAR, mode VARCHAR, dim INTEGER, seed BIGINT, n_rows INTEGER, created_at TIMESTAMPTZ,
-    shard VARCHAR, n_excluded INTEGER, transform VARCHAR
+    shard VARCHAR, n_excluded INTEGER, transform VARCHAR, loss_tokens VARCHAR
 )"""
-# Tables made before stores had shards, excluded counts or transforms.
+# Tables made before stores had shards, excluded counts, transforms or loss tokens.
 STORE_TABLE_MIGRATIONS = (
     "ALTER TABLE gradient_stores ADD COLUMN IF NOT EXISTS shard VARCHAR",
     "ALTER TABLE gradient_stores ADD COLUMN IF NOT EXISTS n_excluded INTEGER",
     # NULL on rows made before the transform was recorded: those train stores hold LESS's `adam`.
     "ALTER TABLE gradient_stores ADD COLUMN IF NOT EXISTS transform VARCHAR",
+    # NULL on rows made before: those stores hold gradients of the response tokens (LESS's).
+    "ALTER TABLE gradient_stores ADD COLUMN IF NOT EXISTS loss_tokens VARCHAR",
 )
 # Tables made while the shard column was called `part` keep their rows under the new name.
 _RENAME_PART = "ALTER TABLE gradient_stores RENAME COLUMN part TO shard"
@@ -44,8 +46,15 @@ DIAGNOSTICS_DDL = """CREATE TABLE IF NOT EXISTS feature_diagnostics (
 
 INFLUENCE_DDL = """CREATE TABLE IF NOT EXISTS influence_runs (
     model VARCHAR, scores_dir VARCHAR, warmup_run_key VARCHAR, mode VARCHAR, dim INTEGER, seed BIGINT,
-    n_train INTEGER, n_val INTEGER, columns JSON, weights JSON, pool_version VARCHAR, created_at TIMESTAMPTZ
+    n_train INTEGER, n_val INTEGER, columns JSON, weights JSON, pool_version VARCHAR, created_at TIMESTAMPTZ,
+    train_transform VARCHAR, loss_tokens VARCHAR, dropped_directions INTEGER
 )"""
+# Runs recorded before the feature recipe was: NULL (LESS's adam, response tokens, nothing removed).
+INFLUENCE_MIGRATIONS = (
+    "ALTER TABLE influence_runs ADD COLUMN IF NOT EXISTS train_transform VARCHAR",
+    "ALTER TABLE influence_runs ADD COLUMN IF NOT EXISTS loss_tokens VARCHAR",
+    "ALTER TABLE influence_runs ADD COLUMN IF NOT EXISTS dropped_directions INTEGER",
+)
 
 
 def _has_column(con: Any, table: str, column: str) -> bool:
@@ -125,6 +134,7 @@ def record_stores(
                 s.part,
                 len(s.excluded()),
                 s.transform,
+                s.loss_tokens,
             )
             for s in stores
         ],
@@ -144,6 +154,7 @@ def record_stores(
             "shard",
             "n_excluded",
             "transform",
+            "loss_tokens",
         ],
     )
     con.register("_gradient_store_rows", frame)
@@ -158,13 +169,14 @@ def record_stores(
 
 @dataclass(frozen=True)
 class FeatureKey:
-    """Which recorded features an influence run reads: projection mode, dim and seed, and the
-    train-feature transform (target features have none)."""
+    """Which recorded features an influence run reads: projection mode, dim and seed, the
+    train-feature transform (target features have none) and whose loss the gradients are of."""
 
     mode: str
     dim: int
     seed: int
     train_transform: str
+    loss_tokens: str = "response"
 
 
 def latest_stores(con: Any, model: str, warmup_run_key: str, kind: str, key: FeatureKey) -> pd.DataFrame:
@@ -176,12 +188,24 @@ def latest_stores(con: Any, model: str, warmup_run_key: str, kind: str, key: Fea
            WHERE model = ? AND warmup_run_key = ? AND kind = ? AND mode = ? AND dim = ? AND seed = ?
              -- train stores of another transform never mix in (NULL: recorded before transforms, LESS's adam)
              AND (kind <> 'train' OR coalesce(transform, ?) = ?)
+             AND coalesce(loss_tokens, 'response') = ?
            QUALIFY row_number() OVER (PARTITION BY epoch, coalesce(shard, '') ORDER BY created_at DESC) = 1
            ORDER BY epoch, shard""",
-        [model, warmup_run_key, kind, key.mode, key.dim, key.seed, LITERAL_LESS_TRANSFORM, key.train_transform],
+        [
+            model,
+            warmup_run_key,
+            kind,
+            key.mode,
+            key.dim,
+            key.seed,
+            LITERAL_LESS_TRANSFORM,
+            key.train_transform,
+            key.loss_tokens,
+        ],
     ).df()
     if frame.empty:
         transform = f", train transform {key.train_transform}" if kind == "train" else ""
+        transform += f", loss tokens {key.loss_tokens}"
         raise ValueError(
             f"no {kind} gradients for model {model!r}, warmup run {warmup_run_key}, mode {key.mode}, dim {key.dim}, "
             f"seed {key.seed}{transform}; materialize {kind}_gradients with the same settings first"
@@ -199,17 +223,31 @@ def store_dims(con: Any, model: str, kind: str, shard: str | None, warmup_run_ke
     ).fetchall()
 
 
-def latest_diagnostics(con: Any, model: str, warmup_run_key: str, mode: str, dim: int, seed: int) -> list[tuple]:
+def latest_diagnostics(
+    con: Any,
+    model: str,
+    warmup_run_key: str,
+    mode: str,
+    dim: int,
+    seed: int,
+    train_transform: str = LITERAL_LESS_TRANSFORM,
+    loss_tokens: str = "response",
+) -> list[tuple]:
     """Latest diagnostics per (kind, epoch, shard) of one feature setting: (kind, epoch, shard or '',
-    warmup_steps, n_rows, mean_feature_norm, mean_pairwise_cosine, collapsed), targets first."""
+    warmup_steps, n_rows, mean_feature_norm, mean_pairwise_cosine, collapsed), targets first. Stores of
+    another train transform or other loss tokens are left out (diagnostics without a store row are kept)."""
     con.execute(DIAGNOSTICS_DDL)
+    ensure_store_table(con)
     return con.execute(
-        """SELECT kind, epoch, coalesce(part, '') AS part, warmup_steps, n_rows, mean_feature_norm,
-                  mean_pairwise_cosine, collapsed FROM feature_diagnostics
-           WHERE model = ? AND warmup_run_key = ? AND mode = ? AND dim = ? AND seed = ?
-           QUALIFY row_number() OVER (PARTITION BY kind, epoch, coalesce(part, '') ORDER BY created_at DESC) = 1
-           ORDER BY kind DESC, epoch, part""",
-        [model, warmup_run_key, mode, dim, seed],
+        """SELECT d.kind, d.epoch, coalesce(d.part, '') AS part, d.warmup_steps, d.n_rows, d.mean_feature_norm,
+                  d.mean_pairwise_cosine, d.collapsed
+           FROM feature_diagnostics d LEFT JOIN gradient_stores s ON s.store_id = d.store_id
+           WHERE d.model = ? AND d.warmup_run_key = ? AND d.mode = ? AND d.dim = ? AND d.seed = ?
+             AND (s.store_id IS NULL OR (
+                 (d.kind <> 'train' OR coalesce(s.transform, ?) = ?) AND coalesce(s.loss_tokens, 'response') = ?))
+           QUALIFY row_number() OVER (PARTITION BY d.kind, d.epoch, coalesce(d.part, '') ORDER BY d.created_at DESC) = 1
+           ORDER BY d.kind DESC, d.epoch, part""",
+        [model, warmup_run_key, mode, dim, seed, LITERAL_LESS_TRANSFORM, train_transform, loss_tokens],
     ).fetchall()
 
 
@@ -228,12 +266,23 @@ class InfluenceRecord:
     columns: list[dict[str, str]]  # per score column: task, subtask, val_example_id
     weights: list[float]  # per checkpoint
     pool_version: str
+    train_transform: str = LITERAL_LESS_TRANSFORM
+    loss_tokens: str = "response"
+    dropped_directions: int = 0  # the pool's top directions removed before the cosine
+
+
+def ensure_influence_table(con: Any) -> None:
+    con.execute(INFLUENCE_DDL)
+    for migration in INFLUENCE_MIGRATIONS:
+        con.execute(migration)
 
 
 def record_influence(con: Any, record: InfluenceRecord) -> None:
-    con.execute(INFLUENCE_DDL)
+    ensure_influence_table(con)
     con.execute(
-        "INSERT INTO influence_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
+        "INSERT INTO influence_runs (model, scores_dir, warmup_run_key, mode, dim, seed, n_train, n_val, columns, "
+        "weights, pool_version, created_at, train_transform, loss_tokens, dropped_directions) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now(), ?, ?, ?)",
         [
             record.model,
             record.scores_dir,
@@ -246,17 +295,21 @@ def record_influence(con: Any, record: InfluenceRecord) -> None:
             json.dumps(record.columns),
             json.dumps(record.weights),
             record.pool_version,
+            record.train_transform,
+            record.loss_tokens,
+            record.dropped_directions,
         ],
     )
 
 
 def latest_influence(con: Any, model: str) -> dict:
     """The most recent influence run of a model, with its score columns (task, subtask, val id)."""
-    con.execute(INFLUENCE_DDL)
+    ensure_influence_table(con)
     row = con.execute(
-        "SELECT scores_dir, columns, n_train, n_val, pool_version, warmup_run_key, mode, dim, seed FROM influence_runs "
-        "WHERE model = ? ORDER BY created_at DESC LIMIT 1",
-        [model],
+        "SELECT scores_dir, columns, n_train, n_val, pool_version, warmup_run_key, mode, dim, seed, "
+        "coalesce(train_transform, ?), coalesce(loss_tokens, 'response'), coalesce(dropped_directions, 0) "
+        "FROM influence_runs WHERE model = ? ORDER BY created_at DESC LIMIT 1",
+        [LITERAL_LESS_TRANSFORM, model],
     ).fetchone()
     if row is None:
         raise ValueError(f"no influence scores for model {model!r}; materialize influence_scores first")
@@ -270,4 +323,7 @@ def latest_influence(con: Any, model: str) -> dict:
         "mode": row[6],
         "dim": row[7],
         "seed": row[8],
+        "train_transform": row[9],
+        "loss_tokens": row[10],
+        "dropped_directions": row[11],
     }

@@ -16,9 +16,9 @@ import pandas as pd
 
 from selection import less
 from selection.common import arrays, integrity
-from selection.influence import datastore
+from selection.influence import datastore, directions
 from selection.influence.datastore import FeatureStore, check_compatible
-from selection.influence.gradients import LITERAL_LESS_TRANSFORM
+from selection.influence.gradients import LITERAL_LESS_TRANSFORM, loss_tokens_why, transform_why
 from selection.influence.influence_store import FeatureKey, InfluenceRecord
 from selection.train import preflight
 
@@ -83,8 +83,12 @@ def compute_influence(
     val_ids: Sequence[str],
     out_dir: str | Path,
     chunk_rows: int = 8192,
+    dropped_directions: int = 0,
 ) -> InfluenceResult:
     """Scores `[n_train, n_val]` = sum_c w_c cos(train_c, val_c), w_c = avg lr normalized (LESS).
+
+    With ``dropped_directions`` > 0, each checkpoint's features lose the train pool's mean and its top
+    principal directions before the cosine (``selection.influence.directions``).
 
     One train store (or the list of its parts, read in that order) and one target store per
     checkpoint. Train rows are read chunk by chunk from disk; the score matrix is a float32 .npy memmap
@@ -113,6 +117,11 @@ def compute_influence(
     # Opening verifies every chunk against its commit record, before anything is written.
     train_rows = [ChunkedRows(p) for p in parts]
     val_features = [s.features(list(val_ids)) for s in target_stores]
+    directions.check_count(dropped_directions, len(train_ids), train_rows[0].shape[1])
+    if dropped_directions:
+        common = [directions.fit(rows, dropped_directions) for rows in train_rows]
+        train_rows = [directions.WithoutDirections(rows, c) for rows, c in zip(train_rows, common)]
+        val_features = [c.remove(val) for val, c in zip(val_features, common)]
     out_dir = Path(out_dir)
     # Scores and their row ids are written side by side in a temporary folder and swapped in
     # together, so a reader never pairs new scores with old ids.
@@ -170,6 +179,7 @@ def open_store(directory: str | Path) -> FeatureStore:
         manifest["projection"],
         part=manifest.get("part"),
         transform=manifest.get("transform"),
+        loss_tokens=manifest.get("loss_tokens", "response"),
     )
 
 
@@ -204,6 +214,18 @@ def _check_pool_covered(stores: Sequence[FeatureStore], pool_ids: Sequence[str])
         )
 
 
+def feature_recipe(train_transform: str, loss_tokens: str, dropped_directions: int) -> dict[str, str]:
+    """How an influence run's features were made, each setting with how it differs from LESS."""
+    return {
+        "train_transform": train_transform,
+        "train_transform_why": transform_why(train_transform) or "as in LESS",
+        "loss_tokens": loss_tokens,
+        "loss_tokens_why": loss_tokens_why(loss_tokens) or "as in LESS",
+        "dropped_directions": str(dropped_directions),
+        "dropped_directions_why": directions.dropped_why(dropped_directions) or "as in LESS",
+    }
+
+
 @dataclass(frozen=True)
 class InfluenceRequest:
     """One influence run of a model: what it was given (read by the caller) and where scores go."""
@@ -219,6 +241,7 @@ class InfluenceRequest:
     shards: Sequence[str]  # the current shard layout
     scores_root: Path  # the model's scores folder
     warn: Callable[[str], None]
+    dropped_directions: int = 0  # the pool's top directions removed before the cosine
 
 
 @dataclass(frozen=True)
@@ -267,8 +290,25 @@ def score_influence(request: InfluenceRequest) -> InfluenceRun:
     # Nothing is created here: compute_influence builds the folder aside and moves it into place.
     # LESS's own transform keeps the folder name it always had; others are named in it.
     transform_tag = "" if key.train_transform == LITERAL_LESS_TRANSFORM else f"{key.train_transform}-"
-    out_dir = request.scores_root / f"{run_key}-{transform_tag}{key.mode}-d{key.dim}-s{key.seed}"
-    result = compute_influence(train_stores, target_stores, avg_lrs, [c["val_example_id"] for c in columns], out_dir)
+    if key.loss_tokens != "response":
+        transform_tag = f"{key.loss_tokens}-{transform_tag}"
+    n_rows = sum(len(store) for store in train_stores[0])
+    removed_directions = directions.usable_count(request.dropped_directions, n_rows, key.dim)
+    if removed_directions < request.dropped_directions:
+        request.warn(
+            f"dropped_directions {request.dropped_directions} lowered to {removed_directions}: at most a quarter "
+            f"of the {n_rows} train rows and of the dim {key.dim}"
+        )
+    dropped_tag = f"-x{removed_directions}" if removed_directions else ""
+    out_dir = request.scores_root / f"{run_key}-{transform_tag}{key.mode}-d{key.dim}-s{key.seed}{dropped_tag}"
+    result = compute_influence(
+        train_stores,
+        target_stores,
+        avg_lrs,
+        [c["val_example_id"] for c in columns],
+        out_dir,
+        dropped_directions=removed_directions,
+    )
     scores, _ = load_scores(out_dir)
     weights = less.checkpoint_weights(avg_lrs).tolist()
     per_task = (
@@ -293,5 +333,8 @@ def score_influence(request: InfluenceRequest) -> InfluenceRun:
         # Every current example is covered, so the scores cover the latest version (rows superseded
         # since the shards ran may have scores too; selections leave them out).
         pool_version=request.pool_version,
+        train_transform=key.train_transform,
+        loss_tokens=key.loss_tokens,
+        dropped_directions=removed_directions,
     )
     return InfluenceRun(record=record, scores_path=result.scores_path, dropped_val_ids=dropped, per_task=per_task)
