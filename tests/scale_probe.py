@@ -1,6 +1,7 @@
 """Subprocess of tests/test_scale.py: a scaled-down random Llama at paper settings, with peak RSS.
 
-Run as ``python tests/scale_probe.py BUDGET_MB``; prints one JSON line. It runs in its own
+Run as ``python tests/scale_probe.py BUDGET_MB [DTYPE]`` (base weights' dtype, default bfloat16);
+prints one JSON line. It runs in its own
 process so that the peak RSS (VmHWM, reset through /proc/self/clear_refs) belongs to the
 measured step alone.
 """
@@ -52,6 +53,7 @@ def main() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     budget = int(float(sys.argv[1]) * 2**20)
+    dtype = sys.argv[2] if len(sys.argv) > 2 else "bfloat16"
     torch.set_num_threads(2)
     config = LlamaConfig(
         hidden_size=1024,
@@ -63,9 +65,9 @@ def main() -> None:
         max_position_embeddings=4096,
     )
     torch.manual_seed(0)
-    base = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+    base = LlamaForCausalLM._from_config(config, dtype=getattr(torch, dtype)).eval()
     spec = ModelSpec(
-        name="scale-probe", source="random", dtype="bfloat16", lora_r=128, lora_alpha=512, gradient_checkpointing=True
+        name="scale-probe", source="random", dtype=dtype, lora_r=128, lora_alpha=512, gradient_checkpointing=True
     )
     model = add_lora(base, spec)
     engine = PerExampleGradients(model)

@@ -293,6 +293,9 @@ def test_less_export_with_an_escaping_target_writes_nothing(
         "mode": "fast",
         "dim": 8,
         "seed": 0,
+        "train_transform": "sgd",
+        "loss_tokens": "sequence",
+        "dropped_directions": 0,
     }
     monkeypatch.setattr("assets.selections.latest_influence", lambda con, model: run)
     monkeypatch.setattr(

@@ -144,7 +144,8 @@ def test_train_feature_dispatches_every_transform() -> None:
     torch.testing.assert_close(moments.transform(G), adam_feature(G, M, V))  # the literal LESS step by default
     # A default other than LESS's own says why.
     assert transform_why("adam") == "" and all(transform_why(t) for t in TRAIN_TRANSFORMS if t != "adam")
-    assert DEFAULT_TRAIN_TRANSFORM == "adam"  # no variant beat LESS's own on planted recall
+    # The measured default (planted recall with sequence loss and 8 directions removed: sgd 7.3x, adam 3.3x).
+    assert DEFAULT_TRAIN_TRANSFORM == "sgd" and transform_why("sgd")
 
 
 def test_moments_flatten_by_name_with_or_without_adapter_name() -> None:

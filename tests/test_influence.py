@@ -43,7 +43,8 @@ def test_parts_give_the_scores_of_one_store(tmp_path: Path) -> None:
     part_scores, part_ids = load_scores(tmp_path / "scores_parts")
     assert sorted(part_ids) == sorted(whole_ids) and part_ids == [i for p in parts for i in p.ids()]
     order = [whole_ids.index(i) for i in part_ids]
-    np.testing.assert_allclose(part_scores, np.asarray(whole_scores)[order], rtol=1e-6)
+    # Cosines: fp32 sums over another chunking may differ by about one ulp.
+    np.testing.assert_allclose(part_scores, np.asarray(whole_scores)[order], rtol=1e-6, atol=1e-7)
 
     with pytest.raises(ValueError, match="other ids or another order"):
         compute_influence([parts, parts[::-1]], [target, target], [1.0, 1.0], ["v0"], tmp_path / "bad")
