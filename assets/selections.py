@@ -23,7 +23,7 @@ from selection.common.markdown import bar_chart_markdown, markdown_table
 from selection.data import pool_store
 from selection.influence import diagnostics
 from selection.influence import scores as influence
-from selection.influence.influence_store import latest_influence
+from selection.influence.influence_store import FeatureKey, latest_influence
 from selection.train import preflight
 
 
@@ -160,11 +160,7 @@ def from_influence_scores(method: registry.SelectionMethod) -> dg.AssetsDefiniti
                     con,
                     context.partition_key,
                     run["warmup_run_key"],
-                    run["mode"],
-                    run["dim"],
-                    run["seed"],
-                    run["train_transform"],
-                    run["loss_tokens"],
+                    FeatureKey(run["mode"], run["dim"], run["seed"], run["train_transform"], run["loss_tokens"]),
                     run["dropped_directions"],
                 )
                 if method.follows_scores

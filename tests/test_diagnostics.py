@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from selection.influence.diagnostics import COLLAPSE_MEAN_NORM, collapsed_feature_reason, feature_diagnostics
-from selection.influence.influence_store import ensure_store_table, record_diagnostics
+from selection.influence.influence_store import FeatureKey, ensure_store_table, record_diagnostics
 
 
 def unit(rows: np.ndarray) -> np.ndarray:
@@ -83,9 +83,13 @@ def _row(store_id: str, kind: str, epoch: int, collapsed: bool, part: str | None
     }
 
 
+def _key(dim: int = 64, loss_tokens: str = "response") -> FeatureKey:
+    return FeatureKey(mode="fast", dim=dim, seed=0, train_transform="adam", loss_tokens=loss_tokens)
+
+
 def test_selections_learn_whether_their_features_collapsed():
     con = duckdb.connect()
-    assert collapsed_feature_reason(con, "m", "run", "fast", 64, 0)[0] is None
+    assert collapsed_feature_reason(con, "m", "run", _key())[0] is None
     record_diagnostics(
         con,
         [
@@ -94,15 +98,15 @@ def test_selections_learn_whether_their_features_collapsed():
             _row("t", "target", 1, False),
         ],
     )
-    informative, reason = collapsed_feature_reason(con, "m", "run", "fast", 64, 0)
+    informative, reason = collapsed_feature_reason(con, "m", "run", _key())
     assert informative is True and "none of 3" in reason
     record_diagnostics(con, [_row("b", "train", 1, True, "01-of-02")])  # the shard was recomputed: replaced
-    informative, reason = collapsed_feature_reason(con, "m", "run", "fast", 64, 0)
+    informative, reason = collapsed_feature_reason(con, "m", "run", _key())
     assert informative is False
     assert "1 of 3 feature sets collapsed" in reason and "train features of epoch 1 shard 01-of-02" in reason
     assert "0.83" in reason and "3 warmup optimizer steps" in reason
     # Scores computed without the pool's common directions are not ranked by the collapsed one.
-    informative, reason = collapsed_feature_reason(con, "m", "run", "fast", 64, 0, dropped_directions=8)
+    informative, reason = collapsed_feature_reason(con, "m", "run", _key(), dropped_directions=8)
     assert informative is True and "1 of 3 feature sets collapsed" in reason and "top 8 directions" in reason
     # A collapsed store of other loss tokens does not speak for these features.
     ensure_store_table(con)
@@ -110,7 +114,7 @@ def test_selections_learn_whether_their_features_collapsed():
         "INSERT INTO gradient_stores BY NAME SELECT 'b' AS store_id, 'train' AS kind, 'adam' AS transform, "
         "'sequence' AS loss_tokens"
     )
-    assert collapsed_feature_reason(con, "m", "run", "fast", 64, 0)[0] is True
-    assert collapsed_feature_reason(con, "m", "run", "fast", 64, 0, "adam", "sequence")[0] is False
+    assert collapsed_feature_reason(con, "m", "run", _key())[0] is True
+    assert collapsed_feature_reason(con, "m", "run", _key(loss_tokens="sequence"))[0] is False
     # Other settings are not affected.
-    assert collapsed_feature_reason(con, "m", "run", "fast", 128, 0)[0] is None
+    assert collapsed_feature_reason(con, "m", "run", _key(dim=128))[0] is None

@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 
 from selection.influence import influence_store
-from selection.influence.gradients import LITERAL_LESS_TRANSFORM
 
 COLLAPSE_MEAN_NORM = 0.5
 # Isotropic rows have E|mean|^2 = 1 / n: at 16 rows that is 0.25, far below the threshold's 0.5^2.
@@ -114,15 +113,7 @@ def feature_diagnostics(
 
 
 def collapsed_feature_reason(
-    con: Any,
-    model: str,
-    warmup_run_key: str,
-    mode: str,
-    dim: int,
-    seed: int,
-    train_transform: str = LITERAL_LESS_TRANSFORM,
-    loss_tokens: str = "response",
-    dropped_directions: int = 0,
+    con: Any, model: str, warmup_run_key: str, key: influence_store.FeatureKey, dropped_directions: int = 0
 ) -> tuple[bool | None, str]:
     """Whether the features behind an influence run are informative, with a reason.
 
@@ -131,7 +122,7 @@ def collapsed_feature_reason(
     ``(True, ...)`` when all were checked and none did, or when the run removed the pool's mean and top
     directions before the cosine (``dropped_directions``), which takes the shared direction out of the
     scores; ``(None, ...)`` when no diagnostics were recorded (stores written before diagnostics existed)."""
-    rows = influence_store.latest_diagnostics(con, model, warmup_run_key, mode, dim, seed, train_transform, loss_tokens)
+    rows = influence_store.latest_diagnostics(con, model, warmup_run_key, key)
     if not rows:
         return None, "no feature diagnostics recorded for these features; rematerialize train_gradients"
     bad = [row for row in rows if row[7]]

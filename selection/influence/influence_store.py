@@ -178,6 +178,11 @@ class FeatureKey:
     train_transform: str
     loss_tokens: str = "response"
 
+    def query_parameters(self) -> list:
+        """Parameters of the store queries' `mode = ? AND dim = ? AND seed = ? AND (... transform ...)
+        AND loss_tokens = ?` conditions, in that order (a NULL transform reads as LESS's)."""
+        return [self.mode, self.dim, self.seed, LITERAL_LESS_TRANSFORM, self.train_transform, self.loss_tokens]
+
 
 def latest_stores(con: Any, model: str, warmup_run_key: str, kind: str, key: FeatureKey) -> pd.DataFrame:
     """Latest store per (epoch, shard) of the given features (epoch, shard, avg_lr, directory); shard is
@@ -191,17 +196,7 @@ def latest_stores(con: Any, model: str, warmup_run_key: str, kind: str, key: Fea
              AND coalesce(loss_tokens, 'response') = ?
            QUALIFY row_number() OVER (PARTITION BY epoch, coalesce(shard, '') ORDER BY created_at DESC) = 1
            ORDER BY epoch, shard""",
-        [
-            model,
-            warmup_run_key,
-            kind,
-            key.mode,
-            key.dim,
-            key.seed,
-            LITERAL_LESS_TRANSFORM,
-            key.train_transform,
-            key.loss_tokens,
-        ],
+        [model, warmup_run_key, kind, *key.query_parameters()],
     ).df()
     if frame.empty:
         transform = f", train transform {key.train_transform}" if kind == "train" else ""
@@ -223,16 +218,7 @@ def store_dims(con: Any, model: str, kind: str, shard: str | None, warmup_run_ke
     ).fetchall()
 
 
-def latest_diagnostics(
-    con: Any,
-    model: str,
-    warmup_run_key: str,
-    mode: str,
-    dim: int,
-    seed: int,
-    train_transform: str = LITERAL_LESS_TRANSFORM,
-    loss_tokens: str = "response",
-) -> list[tuple]:
+def latest_diagnostics(con: Any, model: str, warmup_run_key: str, key: FeatureKey) -> list[tuple]:
     """Latest diagnostics per (kind, epoch, shard) of one feature setting: (kind, epoch, shard or '',
     warmup_steps, n_rows, mean_feature_norm, mean_pairwise_cosine, collapsed), targets first. Stores of
     another train transform or other loss tokens are left out (diagnostics without a store row are kept)."""
@@ -247,7 +233,7 @@ def latest_diagnostics(
                  (d.kind <> 'train' OR coalesce(s.transform, ?) = ?) AND coalesce(s.loss_tokens, 'response') = ?))
            QUALIFY row_number() OVER (PARTITION BY d.kind, d.epoch, coalesce(d.part, '') ORDER BY d.created_at DESC) = 1
            ORDER BY d.kind DESC, d.epoch, part""",
-        [model, warmup_run_key, mode, dim, seed, LITERAL_LESS_TRANSFORM, train_transform, loss_tokens],
+        [model, warmup_run_key, *key.query_parameters()],
     ).fetchall()
 
 
