@@ -348,8 +348,9 @@ def tokenize_many(
 # Which tokens' loss a per-example gradient is taken of (gradient features only; training always
 # learns the answers). "response": the assistant's tokens, as LESS. "sequence": every token of the
 # rendered conversation, prompt included, so the features carry what the example is about and not
-# only its answer's first tokens (see selection.influence.gradients.LOSS_TOKENS_WHY).
+# only its answer's first tokens (see selection.influence.gradients.loss_tokens_why).
 LOSS_TOKENS = ("response", "sequence")
+LESS_LOSS_TOKENS = "response"
 
 
 def check_loss_tokens(loss_tokens: str) -> str:
@@ -361,7 +362,7 @@ def check_loss_tokens(loss_tokens: str) -> str:
 def with_loss_on(example: TokenizedExample, loss_tokens: str) -> TokenizedExample:
     """``example`` labelled for a gradient of the ``loss_tokens`` loss. An example without response
     tokens stays as it is (it has no features either way, so the choice never changes what is covered)."""
-    if check_loss_tokens(loss_tokens) == "response" or example.n_target_tokens == 0:
+    if check_loss_tokens(loss_tokens) == LESS_LOSS_TOKENS or example.n_target_tokens == 0:
         return example
     # Position 0 has nothing before it to predict it from; the model's shift leaves it out.
     return replace(example, labels=list(example.input_ids), n_target_tokens=len(example.input_ids) - 1)

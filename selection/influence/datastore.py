@@ -43,7 +43,13 @@ import torch
 
 from selection.common.arrays import ArrayStore
 from selection.common.memory import gradient_memory, run_halving_on_oom
-from selection.data.tokenization import TokenizedExample, check_loss_tokens, collate, length_sorted_batches
+from selection.data.tokenization import (
+    LESS_LOSS_TOKENS,
+    TokenizedExample,
+    check_loss_tokens,
+    collate,
+    length_sorted_batches,
+)
 from selection.influence.gradients import (
     LITERAL_LESS_TRANSFORM,
     AdamMoments,
@@ -79,7 +85,7 @@ def store_directory(
     projector: Projector,
     part: str | None = None,
     transform: str | None = None,
-    loss_tokens: str = "response",
+    loss_tokens: str = LESS_LOSS_TOKENS,
 ) -> Path:
     """Canonical place of a store.
 
@@ -88,14 +94,17 @@ def store_directory(
     Train stores of a transform other than LESS's own ``adam``, and stores of gradients of other
     than the response tokens, carry it in the folder name, so switching opens a new store (LESS's
     own settings keep the folder they always had)."""
-    transform = _store_transform(kind, transform)
-    name = f"{projector.mode}-d{projector.dim}-s{projector.seed}-{projector.fingerprint_hash()}"
-    if transform is not None and transform != LITERAL_LESS_TRANSFORM:
-        name = f"{transform}-{name}"
-    if check_loss_tokens(loss_tokens) != "response":
-        name = f"{loss_tokens}-{name}"
+    prefix = settings_prefix(_store_transform(kind, transform), loss_tokens)
+    name = f"{prefix}{projector.mode}-d{projector.dim}-s{projector.seed}-{projector.fingerprint_hash()}"
     directory = Path(root) / model_fingerprint / checkpoint / kind / name
     return directory / part if part is not None else directory
+
+
+def settings_prefix(transform: str | None, loss_tokens: str) -> str:
+    """``[<loss tokens>-][<transform>-]`` of store and score folder names: empty for LESS's own settings
+    (and for no transform), so their folders keep the names they always had."""
+    prefix = "" if transform in (None, LITERAL_LESS_TRANSFORM) else f"{transform}-"
+    return prefix if check_loss_tokens(loss_tokens) == LESS_LOSS_TOKENS else f"{loss_tokens}-{prefix}"
 
 
 def shard_of(example_id: str, n_shards: int) -> int:
@@ -133,7 +142,7 @@ class FeatureStore:
         chunk_size: int = 512,
         part: str | None = None,
         transform: str | None = None,
-        loss_tokens: str = "response",
+        loss_tokens: str = LESS_LOSS_TOKENS,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -160,7 +169,7 @@ class FeatureStore:
         if transform is not None:
             self.manifest["transform"] = transform
         # Recorded only when not LESS's response tokens, so stores written before it keep their identity.
-        if check_loss_tokens(loss_tokens) != "response":
+        if check_loss_tokens(loss_tokens) != LESS_LOSS_TOKENS:
             self.manifest["loss_tokens"] = loss_tokens
         self.arrays = ArrayStore(
             self.directory, self.manifest, self._check_manifest, dtype=np.float16, width=self.dim, asset=self.asset
@@ -196,7 +205,7 @@ class FeatureStore:
     @property
     def loss_tokens(self) -> str:
         """Whose loss the gradients are of (``selection.data.tokenization.LOSS_TOKENS``)."""
-        return str(self.manifest.get("loss_tokens", "response"))
+        return str(self.manifest.get("loss_tokens", LESS_LOSS_TOKENS))
 
     @property
     def store_id(self) -> str:

@@ -73,10 +73,6 @@ class CommonDirections:
     mean: np.ndarray  # [dim] float32
     directions: np.ndarray  # [count, dim] float32
 
-    @property
-    def count(self) -> int:
-        return int(self.directions.shape[0])
-
     def remove(self, features: np.ndarray) -> np.ndarray:
         """Features centred on the mean, without their part along the directions (float32, not normalized)."""
         centred = np.asarray(features, dtype=np.float32) - self.mean
@@ -130,7 +126,6 @@ class WithoutDirections:
         self.directions = directions
         self.shape = tuple(rows.shape)
         self.ndim = 2
-        self.dtype = np.float32
 
     def __len__(self) -> int:
         return self.shape[0]

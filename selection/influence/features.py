@@ -106,7 +106,7 @@ class FeatureSettings:
     seed: int  # projection seed
     chunk_size: int  # examples per chunk read and per file on disk
     train_transform: str  # train features only; target features are plain gradients
-    loss_tokens: str = "response"  # whose loss the gradients are of (tokenization.LOSS_TOKENS)
+    loss_tokens: str = tokenization.LESS_LOSS_TOKENS  # whose loss the gradients are of (tokenization.LOSS_TOKENS)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from selection.common.db import transaction
+from selection.data.tokenization import LESS_LOSS_TOKENS
 from selection.influence.datastore import FeatureStore
 from selection.influence.gradients import LITERAL_LESS_TRANSFORM
 
@@ -176,12 +177,20 @@ class FeatureKey:
     dim: int
     seed: int
     train_transform: str
-    loss_tokens: str = "response"
+    loss_tokens: str = LESS_LOSS_TOKENS
 
     def query_parameters(self) -> list:
         """Parameters of the store queries' `mode = ? AND dim = ? AND seed = ? AND (... transform ...)
-        AND loss_tokens = ?` conditions, in that order (a NULL transform reads as LESS's)."""
-        return [self.mode, self.dim, self.seed, LITERAL_LESS_TRANSFORM, self.train_transform, self.loss_tokens]
+        AND coalesce(loss_tokens, ?) = ?` conditions, in that order (NULL reads as LESS's setting)."""
+        return [
+            self.mode,
+            self.dim,
+            self.seed,
+            LITERAL_LESS_TRANSFORM,
+            self.train_transform,
+            LESS_LOSS_TOKENS,
+            self.loss_tokens,
+        ]
 
 
 def latest_stores(con: Any, model: str, warmup_run_key: str, kind: str, key: FeatureKey) -> pd.DataFrame:
@@ -193,7 +202,7 @@ def latest_stores(con: Any, model: str, warmup_run_key: str, kind: str, key: Fea
            WHERE model = ? AND warmup_run_key = ? AND kind = ? AND mode = ? AND dim = ? AND seed = ?
              -- train stores of another transform never mix in (NULL: recorded before transforms, LESS's adam)
              AND (kind <> 'train' OR coalesce(transform, ?) = ?)
-             AND coalesce(loss_tokens, 'response') = ?
+             AND coalesce(loss_tokens, ?) = ?
            QUALIFY row_number() OVER (PARTITION BY epoch, coalesce(shard, '') ORDER BY created_at DESC) = 1
            ORDER BY epoch, shard""",
         [model, warmup_run_key, kind, *key.query_parameters()],
@@ -230,7 +239,7 @@ def latest_diagnostics(con: Any, model: str, warmup_run_key: str, key: FeatureKe
            FROM feature_diagnostics d LEFT JOIN gradient_stores s ON s.store_id = d.store_id
            WHERE d.model = ? AND d.warmup_run_key = ? AND d.mode = ? AND d.dim = ? AND d.seed = ?
              AND (s.store_id IS NULL OR (
-                 (d.kind <> 'train' OR coalesce(s.transform, ?) = ?) AND coalesce(s.loss_tokens, 'response') = ?))
+                 (d.kind <> 'train' OR coalesce(s.transform, ?) = ?) AND coalesce(s.loss_tokens, ?) = ?))
            QUALIFY row_number() OVER (PARTITION BY d.kind, d.epoch, coalesce(d.part, '') ORDER BY d.created_at DESC) = 1
            ORDER BY d.kind DESC, d.epoch, part""",
         [model, warmup_run_key, *key.query_parameters()],
@@ -253,7 +262,7 @@ class InfluenceRecord:
     weights: list[float]  # per checkpoint
     pool_version: str
     train_transform: str = LITERAL_LESS_TRANSFORM
-    loss_tokens: str = "response"
+    loss_tokens: str = LESS_LOSS_TOKENS
     dropped_directions: int = 0  # the pool's top directions removed before the cosine
 
 
@@ -293,9 +302,9 @@ def latest_influence(con: Any, model: str) -> dict:
     ensure_influence_table(con)
     row = con.execute(
         "SELECT scores_dir, columns, n_train, n_val, pool_version, warmup_run_key, mode, dim, seed, "
-        "coalesce(train_transform, ?), coalesce(loss_tokens, 'response'), coalesce(dropped_directions, 0) "
+        "coalesce(train_transform, ?), coalesce(loss_tokens, ?), coalesce(dropped_directions, 0) "
         "FROM influence_runs WHERE model = ? ORDER BY created_at DESC LIMIT 1",
-        [LITERAL_LESS_TRANSFORM, model],
+        [LITERAL_LESS_TRANSFORM, LESS_LOSS_TOKENS, model],
     ).fetchone()
     if row is None:
         raise ValueError(f"no influence scores for model {model!r}; materialize influence_scores first")

@@ -16,9 +16,10 @@ import pandas as pd
 
 from selection import less
 from selection.common import arrays, integrity
+from selection.data.tokenization import LESS_LOSS_TOKENS
 from selection.influence import datastore, directions
 from selection.influence.datastore import FeatureStore, check_compatible
-from selection.influence.gradients import LITERAL_LESS_TRANSFORM, loss_tokens_why, transform_why
+from selection.influence.gradients import loss_tokens_why, transform_why
 from selection.influence.influence_store import FeatureKey, InfluenceRecord
 from selection.train import preflight
 
@@ -179,7 +180,7 @@ def open_store(directory: str | Path) -> FeatureStore:
         manifest["projection"],
         part=manifest.get("part"),
         transform=manifest.get("transform"),
-        loss_tokens=manifest.get("loss_tokens", "response"),
+        loss_tokens=manifest.get("loss_tokens", LESS_LOSS_TOKENS),
     )
 
 
@@ -288,10 +289,8 @@ def score_influence(request: InfluenceRequest) -> InfluenceRun:
         )
         columns = [c for c in columns if c["val_example_id"] in with_features]
     # Nothing is created here: compute_influence builds the folder aside and moves it into place.
-    # LESS's own transform keeps the folder name it always had; others are named in it.
-    transform_tag = "" if key.train_transform == LITERAL_LESS_TRANSFORM else f"{key.train_transform}-"
-    if key.loss_tokens != "response":
-        transform_tag = f"{key.loss_tokens}-{transform_tag}"
+    # LESS's own settings keep the folder name they always had; others are named in it.
+    transform_tag = datastore.settings_prefix(key.train_transform, key.loss_tokens)
     n_rows = sum(len(store) for store in train_stores[0])
     removed_directions = directions.usable_count(request.dropped_directions, n_rows, key.dim)
     if removed_directions < request.dropped_directions:
