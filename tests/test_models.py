@@ -4,12 +4,14 @@ import math
 import os
 import socket
 import time
+import warnings
 
 import pytest
 import torch
 
 from selection.common.files import atomic_directory, remove_stale_temp_dirs
 from selection.data.tokenization import IGNORE_INDEX, collate, tokenize_conversation
+from selection.train import models
 from selection.train.models import (
     ModelLoadError,
     ModelSpec,
@@ -82,6 +84,30 @@ def test_local_folder_loads_and_gets_a_pad_token(tmp_path):
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
     with pytest.raises(ModelLoadError, match="config.json"):
         load_model_and_tokenizer(ModelSpec(name="t", source=str(tmp_path)), tmp_path)
+
+
+def test_half_precision_on_an_emulating_cpu_warns_and_keeps_the_dtype(tmp_path, monkeypatch):
+    tokenizer = make_tiny_tokenizer()
+    build_tiny_llama(seed=3, vocab_size=len(tokenizer)).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    spec = ModelSpec(name="t", source=str(tmp_path / "tiny"), dtype="bfloat16")
+    monkeypatch.setattr(models, "cpu_matmul_slowdown", lambda dtype: 90.0)
+    with pytest.warns(RuntimeWarning, match=r"'t': dtype bfloat16 on this CPU .* 90x slower .*\"dtype\": \"float32\""):
+        loaded, _ = load_model_and_tokenizer(spec, tmp_path)
+    assert loaded.lm_head.weight.dtype == torch.bfloat16  # warned, not silently changed
+    monkeypatch.setattr(models, "cpu_matmul_slowdown", lambda dtype: 1.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        load_model_and_tokenizer(spec, tmp_path)
+    # float32 and GPU runs are never probed.
+    monkeypatch.setattr(models, "cpu_matmul_slowdown", lambda dtype: pytest.fail("probed"))
+    assert models.warn_if_slow_on_cpu(ModelSpec(name="t", source="s"), torch.device("cpu")) is None
+    assert models.warn_if_slow_on_cpu(spec, torch.device("cuda")) is None
+
+
+def test_cpu_matmul_slowdown_measures_a_ratio():
+    # float32 against itself: a ratio near 1 (the machine is noisy, hence the wide band).
+    assert 0.1 < models.cpu_matmul_slowdown.__wrapped__(torch.float32) < 10
 
 
 def test_lora_parameter_names_and_count():

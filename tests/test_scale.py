@@ -13,35 +13,19 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import torch
 
 from resources.model_store import DEVICE_TAG, DeviceSettings
+from selection.train.models import SLOW_CPU_DTYPE_RATIO, cpu_matmul_slowdown
 
 PROBE = Path(__file__).with_name("scale_probe.py")
-
-
-def _bf16_matmul_is_native() -> bool:
-    """False on CPUs without bf16 instructions, where PyTorch's bf16 matmul is ~100x slower than fp32
-    (measured 8.5 s against 0.09 s on a 2-core AMD EPYC without AVX-512): the probe would not finish."""
-    import time
-
-    import torch
-
-    a, b = torch.randn(512, 1024), torch.randn(1024, 1024)
-    seconds = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        x, y = a.to(dtype), b.to(dtype)
-        x @ y
-        started = time.perf_counter()
-        x @ y
-        seconds[dtype] = time.perf_counter() - started
-    return seconds[torch.bfloat16] < 8 * seconds[torch.float32]
 
 
 @pytest.mark.slow
 def test_scaled_down_llama_peak_memory_matches_the_estimate() -> None:
     budget_mb = 1200
     # bf16 base weights where the CPU computes them natively; fp32 otherwise (same estimate, 2x the bytes).
-    dtype = "bfloat16" if _bf16_matmul_is_native() else "float32"
+    dtype = "bfloat16" if cpu_matmul_slowdown(torch.bfloat16) <= SLOW_CPU_DTYPE_RATIO else "float32"
     done = subprocess.run(
         [sys.executable, str(PROBE), str(budget_mb), dtype], capture_output=True, text=True, timeout=600
     )

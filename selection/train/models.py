@@ -20,10 +20,12 @@ That is safe here because ``selection.data.tokenization.collate`` masks pads by 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
 import os
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -166,6 +168,49 @@ def resolve_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+# A CPU without bf16/fp16 instructions emulates them: measured 90x slower than float32 on an
+# AMD EPYC without AVX-512. Past this ratio a half-precision model on the CPU gets a warning.
+SLOW_CPU_DTYPE_RATIO = 8.0
+
+
+@functools.cache
+def cpu_matmul_slowdown(dtype: torch.dtype) -> float:
+    """How many times longer a 256x1024 by 1024x1024 matmul takes in ``dtype`` than in float32 on
+    this CPU (best of 3 each; about 0.3 s where the dtype is emulated, milliseconds otherwise)."""
+    a, b = torch.randn(256, 1024), torch.randn(1024, 1024)
+    seconds = {}
+    for kind in (torch.float32, dtype):
+        x, y = a.to(kind), b.to(kind)
+        x @ y  # the first call pays for allocation and kernel selection
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            x @ y
+            best = min(best, time.perf_counter() - started)
+        seconds[kind] = max(best, 1e-6)
+    return seconds[dtype] / seconds[torch.float32]
+
+
+def warn_if_slow_on_cpu(spec: ModelSpec, device: torch.device) -> float | None:
+    """Warn when ``spec`` puts half-precision base weights on a CPU that emulates that precision
+    (every forward and backward pays the slowdown); returns the measured ratio, None when not probed.
+    The dtype is kept: it is part of the spec's fingerprint, so changing it silently would change
+    which checkpoints and features the run reads."""
+    dtype = resolve_dtype(spec.dtype)
+    if device.type != "cpu" or dtype == torch.float32:
+        return None
+    slowdown = cpu_matmul_slowdown(dtype)
+    if slowdown > SLOW_CPU_DTYPE_RATIO:
+        warnings.warn(
+            f"model {spec.name!r}: dtype {spec.dtype} on this CPU runs matrix products {slowdown:.0f}x slower "
+            f"than float32 (no native {spec.dtype} instructions); for CPU runs register the model with "
+            '"dtype": "float32"',
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return slowdown
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """``auto``: CUDA when present, else the CPU; a CUDA device is refused on a machine without CUDA."""
     if isinstance(device, torch.device):
@@ -278,6 +323,7 @@ def load_model_and_tokenizer(
     """
     dtype = resolve_dtype(spec.dtype)
     target_device = resolve_device(device)
+    warn_if_slow_on_cpu(spec, target_device)
     gguf_path = resolve_gguf_path(spec)
     if gguf_path is not None:
         folder = convert_gguf_to_folder(gguf_path, Path(cache_dir) / "converted")
