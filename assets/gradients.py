@@ -39,8 +39,9 @@ class GradientConfig(dg.Config):
     dims: list[int] = Field(default=[projection.DEFAULT_DIM], description="Projection dims (one pass fills all)")
     mode: str = Field(
         default=projection.DEFAULT_MODE,
-        description="'exact' (dense Rademacher from the CPU), 'device' (dense Rademacher generated "
-        "on the device, for 7B-scale LoRA dims) or 'fast' (sparse sign)",
+        description="'fast' (default: sparse sign, passed the fidelity bar against 'exact'; the metadata "
+        "says why), 'exact' (LESS's dense Rademacher, generated on the CPU) or 'device' (the same dense "
+        "Rademacher generated on the compute device: for 7B-scale LoRA dims)",
     )
     seed: int = Field(default=0, description="Projection seed; stores of different seeds never mix")
     chunk_size: int = Field(default=512, description="Examples per chunk read from the pool and per file on disk")
@@ -85,6 +86,7 @@ def _result(tracker: LineageTracker, metrics: dict) -> dg.MaterializeResult:
             "warmup_run_key": metrics["warmup_run_key"],
             "part": metrics["part"] or "all",
             "mode": metrics["mode"],
+            "mode_why": metrics["mode_why"] or "as in LESS",
             "transform": metrics["transform"],
             "transform_why": metrics["transform_why"] or "as in LESS",
             "loss_tokens": metrics["loss_tokens"],

@@ -111,7 +111,7 @@ def influence_scores(
     return dg.MaterializeResult(
         data_version=data_version,
         metadata={
-            **scores.feature_recipe(config.train_transform, config.loss_tokens, record.dropped_directions),
+            **scores.feature_recipe(config.mode, config.train_transform, config.loss_tokens, record.dropped_directions),
             # What ran: a small pool lowers the configured count (the run's log says so).
             "dropped_directions": dg.MetadataValue.int(record.dropped_directions),
             "n_train": dg.MetadataValue.int(record.n_train),

@@ -184,7 +184,7 @@ def from_influence_scores(method: registry.SelectionMethod) -> dg.AssetsDefiniti
         trust: dict = {}
         if method.follows_scores:
             trust["feature_recipe"] = influence.feature_recipe(
-                run["train_transform"], run["loss_tokens"], run["dropped_directions"]
+                run["mode"], run["train_transform"], run["loss_tokens"], run["dropped_directions"]
             )
             trust["scores_informative_reason"] = why
             if informative is not None:

@@ -24,13 +24,13 @@ from selection.influence.influence_store import (
     latest_stores,
     record_influence,
 )
-from selection.influence.projection import DEFAULT_DIM, DEFAULT_MODE
+from selection.influence.projection import DEFAULT_DIM
 from selection.influence.scores import train_shard_directories
 from tests.fakes import TinyModelStore
 
 
 def _key(
-    train_transform: str = "adam", dim: int = DEFAULT_DIM, mode: str = DEFAULT_MODE, loss_tokens: str = "response"
+    train_transform: str = "adam", dim: int = DEFAULT_DIM, mode: str = "exact", loss_tokens: str = "response"
 ) -> FeatureKey:
     return FeatureKey(mode=mode, dim=dim, seed=0, train_transform=train_transform, loss_tokens=loss_tokens)
 

@@ -114,6 +114,10 @@ def test_truncation_tables_feature_diagnostics_and_uninformative_scores(tmp_path
         selected = run(("influence_scores", "less_selection", "random_selection"), DEFAULT_MODEL)
         less = _metadata(selected, "less_selection")
         assert less["scores_informative"].value is True and "none of" in less["scores_informative_reason"].value
+        # The sparse projection differs from LESS's dense one: the gradients and the picks say so, with the figures.
+        assert less["feature_recipe"].value["projection_mode"] == "fast"
+        assert "sparse sign" in less["feature_recipe"].value["projection_mode_why"]
+        assert "0.92 vs 0.90" in shards[0]["mode_why"].value
         assert "scores_informative" not in _metadata(selected, "random_selection")
 
         # Features judged collapsed (threshold lowered so the tiny shards trip it): flagged at the source and

@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from selection.influence.projection import DeviceProjector, ExactProjector, SparseProjector, make_projector, splitmix64
+from selection.influence.projection import (
+    DEFAULT_MODE,
+    MODES,
+    DeviceProjector,
+    ExactProjector,
+    SparseProjector,
+    make_projector,
+    mode_why,
+    splitmix64,
+)
 
 
 @pytest.mark.parametrize("mode", ["exact", "fast", "device"])
@@ -111,3 +120,11 @@ def test_device_matrix_is_splitmix64_bits_whatever_the_block_size() -> None:
     bf16 = DeviceProjector(1000, 48, seed=7, dtype="bfloat16")
     assert bf16.fingerprint() != one_block.fingerprint()  # rounds differently: never mixed with float32
     torch.testing.assert_close(bf16.project(grads), grads @ matrix, rtol=0.05, atol=0.05)
+
+
+def test_mode_why_names_only_departures_from_less() -> None:
+    assert mode_why("exact") == mode_why("device") == ""  # LESS's dense Rademacher, wherever generated
+    assert "sparse sign" in mode_why("fast") and "'device'" in mode_why("fast")
+    assert DEFAULT_MODE in MODES
+    with pytest.raises(ValueError, match="unknown projection mode 'dense'"):
+        mode_why("dense")

@@ -161,6 +161,7 @@ class FeatureRun:
             "kind": self.kind,
             "part": self.shard,
             "mode": self.mode,
+            "mode_why": projection.mode_why(self.mode),
             "dims": list(self.dims),
             "transform": self.transform,
             "transform_why": self.transform_why,

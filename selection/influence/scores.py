@@ -17,7 +17,7 @@ import pandas as pd
 from selection import less
 from selection.common import arrays, integrity
 from selection.data.tokenization import LESS_LOSS_TOKENS
-from selection.influence import datastore, directions
+from selection.influence import datastore, directions, projection
 from selection.influence.datastore import FeatureStore, check_compatible
 from selection.influence.gradients import loss_tokens_why, transform_why
 from selection.influence.influence_store import FeatureKey, InfluenceRecord
@@ -215,9 +215,11 @@ def _check_pool_covered(stores: Sequence[FeatureStore], pool_ids: Sequence[str])
         )
 
 
-def feature_recipe(train_transform: str, loss_tokens: str, dropped_directions: int) -> dict[str, str]:
+def feature_recipe(mode: str, train_transform: str, loss_tokens: str, dropped_directions: int) -> dict[str, str]:
     """How an influence run's features were made, each setting with how it differs from LESS."""
     return {
+        "projection_mode": mode,
+        "projection_mode_why": projection.mode_why(mode) or "as in LESS",
         "train_transform": train_transform,
         "train_transform_why": transform_why(train_transform) or "as in LESS",
         "loss_tokens": loss_tokens,
