@@ -210,7 +210,13 @@ def comparison_report(
         confidence=config.confidence,
         seed=config.bootstrap_seed,
     )
-    report = evaluation.markdown_report(comparison_frame, title=f"Evaluation comparison for {model}")
+    with lineage.connect() as con:
+        shared = evaluation_store.shared_training_sets(con, model)
+    report = evaluation.markdown_report(
+        comparison_frame,
+        title=f"Evaluation comparison for {model}",
+        shared_training_sets=[(group.names, group.n_examples) for group in shared],
+    )
     profile = profile_of_run(context.run.tags)
     if profile is not None:  # right under the title: these numbers come from a small demo setup
         title, _, rest = report.partition("\n")
@@ -231,6 +237,7 @@ def comparison_report(
             "average_ranks": ranks.to_dict("records"),
             "worst_tasks": json.loads(worst.to_json(orient="records")),
             "significant_primary_deltas": [f"{r.method}/{r.task}" for r in significant.itertuples()],
+            "shared_training_sets": [list(group.names) for group in shared],
         }
     )
     return dg.MaterializeResult(
@@ -238,6 +245,7 @@ def comparison_report(
         metadata={
             "report": dg.MetadataValue.md(report),
             "baseline": config.baseline,
+            "shared_training_sets": dg.MetadataValue.json([list(group.names) for group in shared]),
             "report_path": dg.MetadataValue.path(str(out_dir / "comparison.md")),
         },
     )

@@ -131,6 +131,7 @@ def test_seeds_stratified_rows_and_recomputable_intervals(home: dict) -> None:
     assert (random["delta_nll"], random["ci_low"], random["ci_high"], bool(random["significant"])) == (0, 0, 0, False)
     report = (Path(home["settings"].home) / "reports" / DEFAULT_MODEL / "comparison.md").read_text()
     assert "## Worst task per method" in report and "2 finetuning seeds" in report
+    assert "trained on the same examples" not in report  # random and less picked different examples
 
     # A later materialization with one seed: evaluation takes only that run's seeds.
     _materialize(
@@ -139,6 +140,24 @@ def test_seeds_stratified_rows_and_recomputable_intervals(home: dict) -> None:
     with duckdb.connect(home["lineage"].db_path) as con:
         current = current_finetunes(con, DEFAULT_MODEL)
     assert sorted(zip(current["method"], current["seed"])) == [("less", 0), ("random", 0)]
+
+
+def test_methods_that_picked_the_same_examples_are_named_in_the_report(home: dict) -> None:
+    with duckdb.connect(home["lineage"].db_path) as con:  # round robin picks what `home` gave LESS
+        version = pool_store.latest_pool_version(con)[0]
+        ids = [r[0] for r in con.execute("SELECT example_id FROM pool ORDER BY example_id").fetchall()]
+        selection_store.write_selections(
+            con, [selection_store.Selection(DEFAULT_MODEL, "round_robin", "all", ids[4:8][::-1], [1.0] * 4, version)]
+        )
+    _materialize(home, [finetuned_checkpoints], {"finetuned_checkpoints": {"config": {"epochs": 1, "batch_size": 4}}})
+    _materialize(home, [evaluation_asset], {"evaluation": {"config": {"max_test_per_task": 1}}})
+    reported = _materialize(home, [comparison_report], {"comparison_report": {"config": {"n_resamples": 100}}})
+
+    metadata = reported.asset_materializations_for_node("comparison_report")[0].metadata
+    assert metadata["shared_training_sets"].value == [["less/all", "round_robin/all"]]
+    report = metadata["report"].value
+    assert "## Methods that trained on the same examples" in report
+    assert "- less/all = round_robin/all (4 examples)" in report and "random/all =" not in report
 
 
 def test_seed_count_is_validated(home: dict) -> None:

@@ -739,12 +739,18 @@ def _delta_cell(delta: float, low: float, high: float, significant: bool) -> str
     return f"{delta:.3g}{interval}{' *' if significant else ''}"
 
 
-def markdown_report(table: pd.DataFrame, title: str = "Evaluation comparison") -> str:
+def markdown_report(
+    table: pd.DataFrame,
+    title: str = "Evaluation comparison",
+    shared_training_sets: Sequence[tuple[Sequence[str], int]] = (),
+) -> str:
     """Compact markdown: best method per task, average rank, worst task per method, the full
     table with intervals, and what the intervals cover.
 
     ``table`` is a :func:`comparison_table`; unscored rows and multiple-choice rejects
-    are listed so that no gap in the numbers goes unnoticed.
+    are listed so that no gap in the numbers goes unnoticed. ``shared_training_sets`` are
+    (names, number of examples) of methods that trained on the very same examples: listed
+    so that their equal rows read as one selection, not as two methods agreeing.
     """
     baseline = table.attrs.get("baseline")
     lines = [f"# {title}", ""]
@@ -758,6 +764,18 @@ def markdown_report(table: pd.DataFrame, title: str = "Evaluation comparison") -
             intervals_note(table),
             "",
         ]
+
+    if shared_training_sets:
+        lines += [
+            "## Methods that trained on the same examples",
+            "",
+            "Each line below is one set of examples picked by several methods: their rows differ only by "
+            "finetuning seed (not at all with the same seeds), so a tie between them is one selection, "
+            "not independent agreement.",
+            "",
+        ]
+        lines += [f"- {' = '.join(names)} ({n_examples} examples)" for names, n_examples in shared_training_sets]
+        lines.append("")
 
     def delta(row: Any, metric: str) -> str:
         prefix = f"delta_{metric}"

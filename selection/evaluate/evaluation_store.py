@@ -204,6 +204,42 @@ def latest_evaluation(con: duckdb.DuckDBPyConnection, model: str) -> list[Stored
 
 
 @dataclass(frozen=True)
+class SharedTrainingSet:
+    """Evaluated checkpoints (by name) that were finetuned on exactly the same examples."""
+
+    names: tuple[str, ...]
+    n_examples: int
+
+
+def shared_training_sets(con: duckdb.DuckDBPyConnection, model: str) -> list[SharedTrainingSet]:
+    """Groups of two or more names in the model's latest evaluation whose checkpoints trained on one example set.
+
+    Two methods can pick the same examples (on a small pool, LESS's top-k and its per-task round
+    robin often coincide); their figures then agree by construction, and a reader must be told.
+    """
+    ensure_evaluation_tables(con)
+    for ddl in checkpoints.CHECKPOINT_TABLES:
+        con.execute(ddl)
+    rows = con.execute(
+        """SELECT r.name, list(DISTINCT e.example_id ORDER BY e.example_id)
+           FROM evaluation_runs r JOIN checkpoint_examples e
+             ON e.model = r.model AND e.stage = r.stage AND e.run_key = r.run_key
+           WHERE r.model = ? AND r.run_key IS NOT NULL AND r.run_id = (
+               SELECT run_id FROM evaluation_runs WHERE model = ? ORDER BY created_at DESC LIMIT 1)
+           GROUP BY r.name ORDER BY r.name""",
+        [model, model],
+    ).fetchall()
+    by_examples: dict[tuple[str, ...], list[str]] = {}
+    for name, example_ids in rows:
+        by_examples.setdefault(tuple(example_ids), []).append(name)
+    return [
+        SharedTrainingSet(tuple(names), len(example_ids))
+        for example_ids, names in by_examples.items()
+        if len(names) > 1
+    ]
+
+
+@dataclass(frozen=True)
 class ScoredTestRows:
     """The test rows one checkpoint was scored on in one evaluation run."""
 
