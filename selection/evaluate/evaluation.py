@@ -769,9 +769,11 @@ def markdown_report(
         lines += [
             "## Methods that trained on the same examples",
             "",
-            "Each line below is one set of examples picked by several methods: their rows differ only by "
-            "finetuning seed (not at all with the same seeds), so a tie between them is one selection, "
-            "not independent agreement.",
+            (
+                "Each line below is one set of examples picked by several methods: their rows differ only by "
+                "finetuning seed (not at all with the same seeds), so a tie between them is one selection, "
+                "not independent agreement."
+            ),
             "",
         ]
         lines += [f"- {' = '.join(names)} ({n_examples} examples)" for names, n_examples in shared_training_sets]
