@@ -39,8 +39,11 @@ def test_gpu_scale_tiny_runs_the_whole_check_without_pipeline_only_packages() ->
     assert result["examples_per_s"] > 0 and result["ours_over_floor"] > 0 and not result["oom_retries"]
     assert sum(result["batch_sizes"]) == result["n_examples"] > 0
     fidelity = result["fidelity"]
-    assert set(fidelity["projection_seconds"]) == {"exact0", "exact1", "device0"}
-    assert -1 <= fidelity["device_vs_exact_spearman"] <= 1 and -1 <= fidelity["exact_vs_exact_spearman"] <= 1
+    assert result["projection_mode"] == "device" and set(result["by_mode"]) == {"device", "fast"}
+    assert all(figures["examples_per_s"] > 0 and figures["over_floor"] > 0 for figures in result["by_mode"].values())
+    assert set(fidelity["projection_seconds"]) == {"exact0", "exact1", "device0", "fast0"}
+    for pair in ("device_vs_exact", "fast_vs_exact", "exact_vs_exact"):
+        assert -1 <= fidelity[f"{pair}_spearman"] <= 1 and 0 <= fidelity[f"{pair}_overlap"] <= 1
     assert not imported_top_level(done.stderr) & PIPELINE_ONLY
 
 
