@@ -194,6 +194,8 @@ def comparison_report(
     model = context.partition_key
     with lineage.connect() as con:
         runs = evaluation_store.latest_evaluation(con, model)
+        shared = evaluation_store.shared_training_sets(con, model)
+    shared_names = [list(group.names) for group in shared]
     if not runs:
         raise ValueError(f"no evaluation results for model {model!r}; materialize evaluation first")
     results: dict[str, list[evaluation.EvalResult]] = {}
@@ -210,8 +212,6 @@ def comparison_report(
         confidence=config.confidence,
         seed=config.bootstrap_seed,
     )
-    with lineage.connect() as con:
-        shared = evaluation_store.shared_training_sets(con, model)
     report = evaluation.markdown_report(
         comparison_frame,
         title=f"Evaluation comparison for {model}",
@@ -237,7 +237,7 @@ def comparison_report(
             "average_ranks": ranks.to_dict("records"),
             "worst_tasks": json.loads(worst.to_json(orient="records")),
             "significant_primary_deltas": [f"{r.method}/{r.task}" for r in significant.itertuples()],
-            "shared_training_sets": [list(group.names) for group in shared],
+            "shared_training_sets": shared_names,
         }
     )
     return dg.MaterializeResult(
@@ -245,7 +245,7 @@ def comparison_report(
         metadata={
             "report": dg.MetadataValue.md(report),
             "baseline": config.baseline,
-            "shared_training_sets": dg.MetadataValue.json([list(group.names) for group in shared]),
+            "shared_training_sets": dg.MetadataValue.json(shared_names),
             "report_path": dg.MetadataValue.path(str(out_dir / "comparison.md")),
         },
     )

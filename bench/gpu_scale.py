@@ -205,6 +205,12 @@ def main() -> None:
     print(json.dumps(result))
 
 
+def projector_options(mode: str, args: argparse.Namespace) -> dict:
+    """Per-mode projector options: no dense-matrix cache for exact (it would not fit at 7B), the compute dtype
+    for device."""
+    return {"exact": {"cache_bytes": 0}, "device": {"dtype": args.projection_dtype}}.get(mode, {})
+
+
 def datastore_pass(
     mode: str,
     model: torch.nn.Module,
@@ -217,10 +223,11 @@ def datastore_pass(
     moments_sq: dict[str, torch.Tensor],
 ) -> dict:
     """One checkpoint's pass of ``compute_features`` with projection ``mode``: its time, memory and retries."""
-    options = {"dtype": args.projection_dtype} if mode == "device" else {}
     sync(device)
     tick = time.perf_counter()
-    projector = make_projector(mode, engine.dim, args.dim, 0, engine.names_hash, device, **options)
+    projector = make_projector(
+        mode, engine.dim, args.dim, 0, engine.names_hash, device, **projector_options(mode, args)
+    )
     sync(device)
     build = time.perf_counter() - tick
     budget = memory.free_bytes(device)  # after the projector: fast's index takes GPU memory
@@ -248,7 +255,7 @@ def datastore_pass(
         sync(device)
         seconds = time.perf_counter() - tick
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    del projector
+    del projector, store  # the store holds the projector too: both go before the next mode's budget
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {
@@ -277,8 +284,7 @@ def fidelity(
     n_targets = min(8, len(sample) // 2)
     scores, seconds = {}, {}
     for mode, seed in (("exact", 0), ("exact", 1), ("device", 0), ("fast", 0)):
-        options = {"exact": {"cache_bytes": 0}, "device": {"dtype": args.projection_dtype}}.get(mode, {})
-        projector = make_projector(mode, width, args.dim, seed, "slice", device, **options)
+        projector = make_projector(mode, width, args.dim, seed, "slice", device, **projector_options(mode, args))
         sync(device)
         tick = time.perf_counter()
         features = torch.nn.functional.normalize(projector.project(grads), dim=1).cpu().numpy()

@@ -51,8 +51,7 @@ def current_finetunes(con: duckdb.DuckDBPyConnection, model: str) -> pd.DataFram
     those seeds' latest checkpoint with the same training settings is taken. Checkpoints recorded before seeds
     were (no `seeds` in the config) stand alone.
     """
-    for ddl in checkpoints.CHECKPOINT_TABLES:
-        con.execute(ddl)
+    checkpoints.ensure_checkpoint_tables(con)
     current = pd.DataFrame(  # noqa: F841  (DuckDB reads it by name in the SQL)
         [(s.method, s.target, s.budget) for s in selection_store.latest_selections(con, model, ["all"], None)],
         columns=["method", "target", "budget"],
@@ -218,8 +217,7 @@ def shared_training_sets(con: duckdb.DuckDBPyConnection, model: str) -> list[Sha
     robin often coincide); their figures then agree by construction, and a reader must be told.
     """
     ensure_evaluation_tables(con)
-    for ddl in checkpoints.CHECKPOINT_TABLES:
-        con.execute(ddl)
+    checkpoints.ensure_checkpoint_tables(con)
     rows = con.execute(
         """SELECT r.name, list(DISTINCT e.example_id ORDER BY e.example_id)
            FROM evaluation_runs r JOIN checkpoint_examples e

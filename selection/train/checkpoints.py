@@ -31,6 +31,12 @@ CHECKPOINT_TABLES = (
 )
 
 
+def ensure_checkpoint_tables(con: duckdb.DuckDBPyConnection) -> None:
+    """Create (or bring up to date) `checkpoints` and `checkpoint_examples`."""
+    for ddl in CHECKPOINT_TABLES:
+        con.execute(ddl)
+
+
 @dataclass(frozen=True)
 class CheckpointRow:
     model: str
@@ -90,8 +96,7 @@ def record_training_run(
     if len(keys) != 1:
         raise ValueError(f"rows of several runs given at once: {sorted(keys)}")
     model, stage, run_key = keys.pop()
-    for ddl in CHECKPOINT_TABLES:
-        con.execute(ddl)
+    ensure_checkpoint_tables(con)
     now = datetime.now(UTC)
     checkpoint_frame = pd.DataFrame(  # columns by name: the INSERT below matches them BY NAME
         [{**asdict(r), "config": json.dumps(r.config or {}, sort_keys=True), "created_at": now} for r in rows]
@@ -108,8 +113,7 @@ def record_training_run(
 
 def examples_of_latest_run(con: duckdb.DuckDBPyConnection, model: str, stage: str, config_key: str) -> list[str] | None:
     """Example ids of the latest recorded run of (model, stage) whose config carries `config_key`, if any."""
-    for ddl in CHECKPOINT_TABLES:
-        con.execute(ddl)
+    ensure_checkpoint_tables(con)
     rows = con.execute(
         """SELECT run_key FROM checkpoints
            WHERE model = ? AND stage = ? AND json_extract_string(config, '$.config_key') = ?
@@ -127,8 +131,7 @@ def examples_of_latest_run(con: duckdb.DuckDBPyConnection, model: str, stage: st
 
 def latest_run_checkpoints(con: duckdb.DuckDBPyConnection, model: str, stage: str) -> pd.DataFrame:
     """Checkpoints of the most recently recorded run of `stage` for `model`, by epoch."""
-    for ddl in CHECKPOINT_TABLES:
-        con.execute(ddl)
+    ensure_checkpoint_tables(con)
     frame = con.execute(
         """SELECT * FROM checkpoints WHERE model = ? AND stage = ? AND run_key = (
                SELECT run_key FROM checkpoints WHERE model = ? AND stage = ? ORDER BY created_at DESC LIMIT 1)
