@@ -16,6 +16,11 @@ class PoolSource(dg.Config):
     path: str = Field(description="JSONL, JSON array, Parquet file, or a `datasets.save_to_disk` folder")
     name: str | None = Field(default=None, description="Source label; defaults to the file or folder name")
     format: str = Field(default="auto", description=" | ".join(("auto", *FORMATS)))
+    replaces: bool = Field(
+        default=False,
+        description="This path is the new version of the source already ingested under `name` from another "
+        "path: its rows are compared as edits. Without it, a name already used by another path is refused",
+    )
 
 
 class RawPoolConfig(dg.Config):
@@ -64,18 +69,19 @@ def raw_pool(
 ) -> dg.MaterializeResult:
     tracker = LineageTracker(context, lineage)
     if config.sources:
-        specs = [SourceSpec(path=s.path, name=s.name, format=s.format) for s in config.sources]
+        specs = [SourceSpec(path=s.path, name=s.name, format=s.format, replaces=s.replaces) for s in config.sources]
     else:
         builtin = default_data.write_default_pool(settings.subdir("builtin", "pool"), size=config.default_pool_size)
         specs = [SourceSpec(**spec) for spec in builtin]
         context.log.info(f"No sources configured: using the built-in pool ({len(specs)} packaged sources)")
-    with lineage.connect() as con:
-        report = pool_store.ingest_sources(con, specs)
+    # Sources are read and staged with the database closed; it is opened only to commit.
+    report = pool_store.ingest_with(lineage.connect, specs)
     for source in report.sources:
         context.log.info(
             f"{source.source}: {source.status}, read {source.n_read} = accepted {source.n_accepted} "
             f"+ rejected {source.n_rejected} + duplicates {source.n_duplicates}"
             + (f"; superseded {source.n_superseded} earlier rows (edited records)" if source.n_superseded else "")
+            + (f"; replaces the source read from {source.replaced_path}" if source.replaced_path else "")
         )
     # The data version depends on the pool content only, so an unchanged re-ingest keeps downstream fresh.
     tracker.add_table("pool", report.pool_version, n_total=report.n_total)
@@ -88,6 +94,7 @@ def raw_pool(
             "rejected": s.n_rejected,
             "duplicates": s.n_duplicates,
             "superseded": s.n_superseded,
+            "replaces": s.replaced_path,
         }
         for s in report.sources
     ]

@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 import random
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -52,6 +54,44 @@ LINEAGE_MIGRATIONS = ("ALTER TABLE lineage ADD COLUMN IF NOT EXISTS status VARCH
 LINEAGE_STATUSES = ("success", "failed")
 
 
+# Files DuckDB opens next to the database (its write-ahead log and spill folder), and ours.
+_SIDE_FILES = (".wal", ".init.lock")
+_SIDE_FOLDERS = (".tmp",)
+
+
+def check_database_files(path: Path | str) -> Path:
+    """Refuse a database whose file or side files could send DuckDB's writes elsewhere.
+
+    DuckDB follows a symlink at ``<db>.wal`` and overwrites its target, so the database file,
+    its WAL and our init lock must be regular files (or absent), its spill folder a real folder,
+    and none may resolve outside the storage root; a '?' in the path is refused because DuckDB
+    reads it as the start of connection options. Checked before every connect.
+    """
+    path = Path(path)
+    if "?" in str(path):
+        raise ValueError(
+            f"DuckDB file {path}: the path contains '?', which DuckDB reads as the start of connection "
+            "options; choose a storage root without '?'"
+        )
+    for candidate, kind in (
+        [(path, "file")]
+        + [(Path(f"{path}{s}"), "file") for s in _SIDE_FILES]
+        + [(Path(f"{path}{s}"), "folder") for s in _SIDE_FOLDERS]
+    ):
+        files.confined(candidate)
+        if not os.path.lexists(candidate):
+            continue
+        mode = os.lstat(candidate).st_mode
+        expected = stat.S_ISREG(mode) if kind == "file" else stat.S_ISDIR(mode)
+        if stat.S_ISLNK(mode) or not expected:
+            what = "a symlink" if stat.S_ISLNK(mode) else "not a regular " + kind
+            raise ValueError(
+                f"DuckDB {'file' if candidate == path else 'side ' + kind} {candidate} is {what}; DuckDB would "
+                f"write through it. Remove it (the storage root must hold only the files the pipeline made)"
+            )
+    return path
+
+
 def is_lock_error(error: BaseException) -> bool:
     return isinstance(error, duckdb.Error) and any(m in str(error).lower() for m in LOCK_ERROR_MARKERS)
 
@@ -68,6 +108,7 @@ def connect_with_retry(
     """Open `path`, waiting (not failing) while another process holds the write lock.
 
     A missing file is first created whole (see the module docstring), never opened half-written."""
+    check_database_files(path)
     if create_missing and not read_only:
         create_database(path, timeout_s=timeout_s)
     deadline = time.monotonic() + timeout_s
@@ -91,7 +132,8 @@ def connect_with_retry(
 def init_lock(db_path: Path | str, timeout_s: float = 600.0) -> Iterator[None]:
     """Exclusive lock on `<db>.init.lock`, which serializes creating and migrating the file."""
     lock_path = Path(f"{db_path}.init.lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    check_database_files(db_path)
+    files.make_dirs(lock_path.parent)
     deadline = time.monotonic() + timeout_s
     with open(lock_path, "a+b") as handle:
         while True:
@@ -113,10 +155,10 @@ def create_database(path: Path | str, timeout_s: float = 600.0) -> bool:
 
     Built under a temporary name and renamed into place, so other processes see either no
     file or a complete one."""
-    path = Path(path)
+    path = check_database_files(path)
     if path.exists():  # complete: only ever renamed into place
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
+    files.make_dirs(path.parent)
     with init_lock(path, timeout_s):
         if path.exists():
             return False
@@ -215,11 +257,14 @@ class LineageStore(dg.ConfigurableResource):
         from resources.process import die_with_parent
 
         die_with_parent()
+        files.register_root(Path(self.db_path).parent)
         ensure_lineage_schema(self.db_path, self.lock_timeout_s)
 
     @contextlib.contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        Path(self.db_path).parent.mkdir(parents=True, exist_ok=True)
+        # The database's folder is the storage root: DuckDB's own files are confined to it too.
+        files.register_root(Path(self.db_path).parent)
+        files.make_dirs(Path(self.db_path).parent)
         if not read_only:
             ensure_lineage_schema(self.db_path, self.lock_timeout_s)
         with connect_with_retry(self.db_path, read_only=read_only, timeout_s=self.lock_timeout_s) as con:

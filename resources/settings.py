@@ -7,6 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from selection.common import files
 from selection.common.names import path_under
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +21,16 @@ def default_home() -> str:
     return os.environ.get(HOME_ENV_VAR) or str(PROJECT_ROOT / "storage")
 
 
+def check_root_path(path: Path) -> None:
+    """Refuse a root DuckDB cannot hold: it reads a '?' in a file path as the start of connection
+    options and then opens another file than the one named."""
+    if "?" in str(path):
+        raise ValueError(
+            f"storage root {path} contains '?', which DuckDB reads as the start of connection options; "
+            f"set {HOME_ENV_VAR} (or the `settings` resource's `home`) to a path without '?'"
+        )
+
+
 class StorageSettings(dg.ConfigurableResource):
     """Storage root. Every artifact, cache and the DuckDB file live under `home`."""
 
@@ -27,9 +38,11 @@ class StorageSettings(dg.ConfigurableResource):
 
     @property
     def root(self) -> Path:
+        """The resolved root, created; every later write under it is confined to it (symlinks included)."""
         path = Path(self.home).expanduser().resolve()
+        check_root_path(path)
         path.mkdir(parents=True, exist_ok=True)
-        return path
+        return files.register_root(path)
 
     def path(self, *parts: str) -> Path:
         """`root/parts...`, refused (ValueError) if it would leave the storage root; nothing is created."""
@@ -37,9 +50,7 @@ class StorageSettings(dg.ConfigurableResource):
 
     def subdir(self, *parts: str) -> Path:
         """The folder `root/parts...`, created; refused if it would leave the storage root."""
-        path = self.path(*parts)
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        return files.make_dirs(self.path(*parts))
 
 
 GRADIENT_SHARDS_ENV_VAR = "INSTRUCT_SELECT_GRADIENT_SHARDS"

@@ -15,6 +15,8 @@ from numbers import Integral, Real
 
 import numpy as np
 
+from selection.common import files
+
 DEFAULT_CHUNK_ROWS = 4096
 
 
@@ -48,7 +50,7 @@ def _open_output(out: np.ndarray | str | os.PathLike, shape: tuple[int, int]) ->
         if out.dtype != np.float32:
             raise ValueError(f"output array must be float32, got {out.dtype}")
         return out
-    return np.lib.format.open_memmap(os.fspath(out), mode="w+", dtype=np.float32, shape=shape)
+    return np.lib.format.open_memmap(os.fspath(files.confined(out)), mode="w+", dtype=np.float32, shape=shape)
 
 
 def influence_scores(

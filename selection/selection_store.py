@@ -16,6 +16,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
+from selection.common import files
 from selection.common.db import transaction
 from selection.data import export, pool_store
 
@@ -193,7 +194,7 @@ def export_jsonl(con: duckdb.DuckDBPyConnection, path, example_ids: Sequence[str
     ).fetchall()
     if len(rows) != len(example_ids):
         raise ValueError(f"{len(example_ids) - len(rows)} selected ids are missing from the pool; cannot export")
-    with open(path, "w", encoding="utf-8") as handle:
+    with open(files.confined(path), "w", encoding="utf-8") as handle:
         for example_id, source, fmt, messages in rows:
             record = export.to_source_format(json.loads(messages), fmt)
             handle.write(json.dumps({"id": example_id, "source": source, **record}, ensure_ascii=False) + "\n")

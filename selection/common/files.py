@@ -1,10 +1,19 @@
-"""Atomic writes: a reader sees a file or folder complete, or not at all.
+"""Atomic, confined writes: a reader sees a file or folder complete, or not at all, and no write
+leaves the storage root.
 
 A new version is built under a temporary sibling name, flushed to disk and renamed over the
 final name (a rename within one file system is atomic); on error the temporary is removed.
 Temporary names start with :data:`TEMP_PREFIX` and carry the writer's host and pid, so
 :func:`remove_stale_temp_dirs` can clear what killed writers left without touching a live
 writer's.
+
+Confinement. A storage root registers itself (:func:`register_root`); from then on every file
+or folder this module creates or replaces under it is resolved at the moment of the write and
+refused (:class:`OutsideRootError`) if a symlink at any depth sends it outside that root. A
+path that lies under no registered root (a user's export folder, a test's scratch) is written
+as given. Code that writes by other means (DuckDB, torch, safetensors) first passes its target
+through :func:`confined`, or writes into a folder made by :func:`make_dirs` or
+:func:`atomic_directory`.
 """
 
 from __future__ import annotations
@@ -20,6 +29,47 @@ from pathlib import Path
 from typing import BinaryIO
 
 TEMP_PREFIX = ".tmp-"
+# Resolved storage roots of this process (StorageSettings registers its root when first used).
+_ROOTS: set[Path] = set()
+
+
+class OutsideRootError(ValueError):
+    """A write under the storage root that a symlink would send outside it."""
+
+
+def register_root(root: str | os.PathLike) -> Path:
+    """Confine every later write under ``root`` (resolved) to ``root``; returns the resolved root."""
+    resolved = Path(root).resolve()
+    _ROOTS.add(resolved)
+    return resolved
+
+
+def confined(path: str | os.PathLike) -> Path:
+    """``path``, refused if it lies under a registered root but resolves outside it.
+
+    Checked when called, so call it right before the write: a symlink planted at any depth
+    (the file itself, or any folder between the root and it) that points outside is refused.
+    """
+    path = Path(path)
+    absolute = Path(os.path.abspath(path))
+    owners = [root for root in _ROOTS if absolute == root or absolute.is_relative_to(root)]
+    if owners:
+        root = max(owners, key=lambda r: len(r.parts))  # the innermost root owns it
+        resolved = absolute.resolve()
+        if resolved != root and not resolved.is_relative_to(root):
+            raise OutsideRootError(
+                f"refusing to write {absolute}: a symlink sends it to {resolved}, outside the storage root "
+                f"{root}; remove the symlink (every write must stay under the storage root)"
+            )
+    return path
+
+
+def make_dirs(path: str | os.PathLike) -> Path:
+    """Create the folder ``path`` and its parents, confined to the storage root (checked before
+    and after creating, so a symlink at any depth is refused)."""
+    path = confined(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return confined(path)
 
 
 def temporary_sibling(path: str | os.PathLike) -> Path:
@@ -44,12 +94,12 @@ def _fsync(path: Path) -> None:
 def replacing(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to create the new file at (by any means, e.g. a
     database engine); on success it is synced to disk and renamed over ``path``."""
-    path = Path(path)
-    temporary = temporary_sibling(path)
+    path = confined(path)
+    temporary = confined(temporary_sibling(path))
     try:
         yield temporary
         _fsync(temporary)
-        os.replace(temporary, path)
+        os.replace(temporary, confined(path))
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
@@ -75,14 +125,14 @@ def atomic_directory(final_path: str | os.PathLike) -> Iterator[Path]:
 
     If another process completed ``final_path`` first, its copy wins and ours is discarded.
     """
-    final_path = Path(final_path)
-    final_path.parent.mkdir(parents=True, exist_ok=True)
-    temp_path = temporary_sibling(final_path)
+    final_path = confined(final_path)
+    make_dirs(final_path.parent)
+    temp_path = confined(temporary_sibling(final_path))
     temp_path.mkdir()
     try:
         yield temp_path
         try:
-            os.rename(temp_path, final_path)
+            os.rename(temp_path, confined(final_path))
         except OSError:
             if not final_path.is_dir():
                 raise

@@ -20,7 +20,7 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 # Subtasks and source names are only stored and displayed: free text, but one printable line
 # without path separators, so they stay harmless should one ever be used in a path.
 LABEL_MAX = 200
-_LABEL_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f-\x9f/\\\u2028\u2029]")
+_LABEL_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f-\x9f/\\\u2028\u2029\ud800-\udfff]")
 NAME_KINDS = {
     "task": "name",
     "method": "name",

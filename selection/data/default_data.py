@@ -326,8 +326,7 @@ def write_default_pool(
     (sources left out are not written). Same arguments -> byte-identical files.
     Each line is `{"dataset": source, "id": "<source>/<ref into the package file>", "messages": [...]}`.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = files.make_dirs(out_dir)
     specs = []
     for source, count in plan_pool(size).items():
         if count == 0:

@@ -271,6 +271,15 @@ _TURN_EXTRACTORS = {
 
 def _clean(content: Any, where: str) -> str:
     text = _require_str(content, where)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        # Valid JSON can spell a lone surrogate ("\ud800"); no UTF-8 text can hold it.
+        bad = text[error.start : error.end]
+        raise RecordRejected(
+            INVALID_UTF8,
+            f"{where} holds {bad!r} at character {error.start}, which UTF-8 cannot encode (a lone surrogate)",
+        ) from None
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     return text.strip()

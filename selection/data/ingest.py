@@ -27,6 +27,7 @@ import gzip
 import io
 import json
 import re
+import stat
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -72,6 +73,9 @@ class SourceSpec:
     path: str | Path
     name: str | None = None
     format: str = "auto"
+    # True when this path is the new home of the source already ingested under ``name`` from
+    # another path (its rows are then compared as edits); otherwise that is refused.
+    replaces: bool = False
 
     def __post_init__(self) -> None:
         _check_format(self.format, str(self.path))
@@ -124,9 +128,9 @@ class RawRecord:
     parse_error: str | None = None
 
     def raw_text(self) -> str:
-        if self.raw is not None:
-            return self.raw[:RAW_LIMIT]
-        return json.dumps(self.value, ensure_ascii=False, default=str)[:RAW_LIMIT]
+        text = self.raw if self.raw is not None else json.dumps(self.value, ensure_ascii=False, default=str)
+        # Kept as UTF-8 text: a lone surrogate (valid in JSON, not in UTF-8) is shown escaped.
+        return text[:RAW_LIMIT].encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(slots=True)
@@ -189,11 +193,46 @@ def file_type_of(path: str | Path) -> str | None:
     return None
 
 
+# Kernel pseudo-file systems: their "files" look regular but never end, block or fail on read.
+_PSEUDO_FILE_SYSTEMS = (Path("/proc"), Path("/sys"), Path("/dev"))
+_SPECIAL_KINDS = (
+    (stat.S_ISFIFO, "named pipe (FIFO)"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISSOCK, "socket"),
+)
+
+
+def check_source_path(path: str | Path) -> Path:
+    """``path`` if it is a regular file or a folder; else SourceReadError naming it and the fix.
+
+    Checked before anything opens it, so a FIFO, a device or a /proc file (which may block
+    forever or never end) fails at once instead of hanging a run."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"source {path} does not exist") from None
+    except OSError as error:
+        raise SourceReadError(f"source {path}: cannot be inspected: {error}") from error
+    resolved = path.resolve()
+    if any(resolved == system or resolved.is_relative_to(system) for system in _PSEUDO_FILE_SYSTEMS):
+        raise SourceReadError(
+            f"source {path} (resolves to {resolved}) is a kernel pseudo-file, not a data file; "
+            "write the records to a regular file and ingest that"
+        )
+    for is_kind, kind in _SPECIAL_KINDS:
+        if is_kind(mode):
+            raise SourceReadError(
+                f"source {path} is a {kind}, not a regular file: reading it could block forever or never end; "
+                "write the records to a regular file and ingest that"
+            )
+    return path
+
+
 def detect_file_type(path: str | Path) -> str:
     """The reader for ``path`` (one of :data:`FILE_TYPES`); ``ValueError`` if unsupported."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"source {path} does not exist")
+    path = check_source_path(path)
     file_type = file_type_of(path)
     if file_type is None and path.is_dir():
         raise ValueError(
@@ -527,6 +566,8 @@ def hf_dataset_files(path: Path) -> list[Path]:
         if not isinstance(entry, Mapping) or not isinstance(entry.get("filename"), str):
             raise ValueError(f"{state_path}: bad _data_files entry {entry!r}")
         file = path / entry["filename"]
+        if file.exists():
+            check_source_path(file)
         if not file.is_file():
             raise ValueError(f"{state_path} lists {entry['filename']}, which does not exist")
         files.append(file)
@@ -582,10 +623,13 @@ def outcome(record: RawRecord, source: str, fmt: str = "auto", max_chars: int = 
     try:
         fmt = detect_format(record.value) if fmt == "auto" else fmt
         messages = canonicalize(record.value, fmt, max_chars)
+        messages_json = canonical_json(messages)
+        example_id = example_id_of_json(messages_json)
     except RecordRejected as rejected:
         return Rejected(source, record.line_no, rejected.reason, record.raw_text())
-    messages_json = canonical_json(messages)
-    return Accepted(source, record.line_no, example_id_of_json(messages_json), messages, messages_json, fmt)
+    except UnicodeError as error:  # text no check above foresaw: this record is rejected, not the ingest
+        return Rejected(source, record.line_no, f"{INVALID_UTF8}: {error}", record.raw_text())
+    return Accepted(source, record.line_no, example_id, messages, messages_json, fmt)
 
 
 def iter_outcomes(spec: Source, max_chars: int = DEFAULT_MAX_CHARS) -> Iterator[Outcome]:

@@ -40,13 +40,14 @@ duplicate. Everything happens in one transaction, so a failure leaves no partial
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ from selection.data.ingest import (
     Accepted,
     RecordsSource,
     Source,
+    SourceReadError,
     SourceSpec,
     detect_file_type,
     hf_dataset_files,
@@ -152,6 +154,9 @@ CURRENT_POOL_SQL = "SELECT * FROM pool WHERE superseded_at_seq IS NULL"
 _STAGE_NEW = "_ingest_new_ids"
 _STAGE_SUPERSEDED = "_ingest_superseded"
 _STAGE_REVIVED = "_ingest_revived"
+_STAGE_SKIPPED = "_ingest_skipped"
+_STAGE_ACCEPTED = "_ingest_accepted"
+_STAGE_REJECTS = "_ingest_rejects"
 _STAGE_ACCEPTED_SCHEMA = pa.schema(
     [
         ("ord", pa.int64()),
@@ -188,6 +193,7 @@ class SourceReport:
     n_rejected: int = 0
     n_duplicates: int = 0
     n_superseded: int = 0  # rows of this source whose content this read no longer holds
+    replaced_path: str = ""  # the other path this source was read from before (``replaces: true``)
     rejects_by_reason: dict[str, int] = field(default_factory=dict)
     formats: dict[str, int] = field(default_factory=dict)  # records read as each format (accepted + duplicates)
 
@@ -387,10 +393,48 @@ def source_fingerprint(spec: Source) -> tuple[str, str]:
     for file in files:
         if file_type == "hf_dataset":
             digest.update(f"{file.relative_to(path)}\n".encode())
-        with open(file, "rb") as handle:
-            while chunk := handle.read(_HASH_CHUNK):
-                digest.update(chunk)
+        try:
+            with open(file, "rb") as handle:
+                while chunk := handle.read(_HASH_CHUNK):
+                    digest.update(chunk)
+        except OSError as error:
+            raise SourceReadError(f"source {file}: cannot be read: {error}") from error
     return file_type, f"sha256:{digest.hexdigest()}"
+
+
+@dataclass(frozen=True)
+class _LatestRead:
+    path: str
+    format: str
+    fingerprint: str
+
+
+def _latest_reads(con: duckdb.DuckDBPyConnection) -> dict[str, _LatestRead]:
+    """Each source's latest read: where it came from and what its content was."""
+    rows = con.execute(
+        """SELECT source, arg_max(path, ingested_at), arg_max(format, ingested_at), arg_max(fingerprint, ingested_at)
+        FROM pool_sources GROUP BY source"""
+    ).fetchall()
+    return {source: _LatestRead(path, fmt, fingerprint) for source, path, fmt, fingerprint in rows}
+
+
+def _check_source_homes(
+    specs: Sequence[Source], reports: Sequence[SourceReport], latest: dict[str, _LatestRead]
+) -> None:
+    """A source is its name and its path: the same name from another path is refused unless the
+    spec says it ``replaces`` that source (two files both named ``data.jsonl`` would otherwise
+    read as edits of one source, superseding the first file's rows)."""
+    for spec, report in zip(specs, reports):
+        before = latest.get(report.source)
+        if not isinstance(spec, SourceSpec) or before is None or not before.path or before.path == report.path:
+            continue
+        if not spec.replaces:
+            raise ValueError(
+                f"source name {report.source!r} already names {before.path}; {report.path} would replace it "
+                f"and supersede its rows. Give this source its own `name`, or set `replaces: true` on it if "
+                f"{report.path} is the new version of {before.path}"
+            )
+        report.replaced_path = before.path
 
 
 class _StageFile:
@@ -474,17 +518,6 @@ def _stage_source(stager: _Stager, spec: Source, report: SourceReport, max_chars
     report.formats = dict(sorted(formats.items()))
 
 
-def _is_unchanged(con: duckdb.DuckDBPyConnection, report: SourceReport) -> bool:
-    # Against the latest read only: bytes reverted to an older version must be read again
-    # so that the rows of the version in between are superseded.
-    row = _first_row(
-        con,
-        "SELECT format, fingerprint FROM pool_sources WHERE source = ? ORDER BY ingested_at DESC LIMIT 1",
-        [report.source],
-    )
-    return row == (report.format, report.fingerprint)
-
-
 def _count_by_source(con: duckdb.DuckDBPyConnection, query: str) -> dict[str, int]:
     return dict(con.execute(f"SELECT source, count(*) FROM ({query}) GROUP BY source").fetchall())
 
@@ -495,6 +528,9 @@ def _staging_parent(con: duckdb.DuckDBPyConnection) -> str | None:
     return str(Path(row[0]).resolve().parent) if row and row[0] else None
 
 
+Connect = Callable[[], contextlib.AbstractContextManager[duckdb.DuckDBPyConnection]]
+
+
 def ingest_sources(
     con: duckdb.DuckDBPyConnection,
     specs: Sequence[Source],
@@ -503,12 +539,36 @@ def ingest_sources(
     batch_rows: int = BATCH_ROWS,
     staging_dir: str | Path | None = None,
 ) -> IngestReport:
-    """Read ``specs`` into the pool in one transaction (the connection must not be in one).
+    """:func:`ingest_with` on one open connection (the connection must not be in a transaction).
 
-    Records are staged in Parquet files in a temporary folder under ``staging_dir``
-    (default: the database file's folder), removed afterwards. Python memory is flat in the
-    number of records; DuckDB's own memory is bounded by its ``memory_limit`` setting
-    (default 80% of RAM, which it will use as cache: set it on the connection to bound it).
+    The connection stays open, so its file stays locked while the sources are read; a pipeline
+    step uses :func:`ingest_with` instead, which holds the database only to commit."""
+
+    @contextlib.contextmanager
+    def same_connection() -> Iterator[duckdb.DuckDBPyConnection]:
+        yield con
+
+    return ingest_with(same_connection, specs, max_chars=max_chars, batch_rows=batch_rows, staging_dir=staging_dir)
+
+
+def ingest_with(
+    connect: Connect,
+    specs: Sequence[Source],
+    *,
+    max_chars: int = DEFAULT_MAX_CHARS,
+    batch_rows: int = BATCH_ROWS,
+    staging_dir: str | Path | None = None,
+) -> IngestReport:
+    """Read ``specs`` into the pool: check and stage every source with no database connection
+    open, then write them in one short transaction.
+
+    ``connect()`` opens a connection (each use is a context). The first, brief one reads which
+    sources are already in the pool, so unchanged sources are skipped without being read and a
+    source name already taken by another path is refused before any reading. Records are staged in
+    Parquet files in a temporary folder under ``staging_dir`` (default: the database file's
+    folder), removed afterwards: Python memory is flat in the number of records, and a slow or
+    huge source never holds the database lock, so other runs go on meanwhile. DuckDB's own memory
+    is bounded by its ``memory_limit`` setting.
     """
     names = [spec.source_name for spec in specs]
     repeated = sorted({name for name in names if names.count(name) > 1})
@@ -516,34 +576,65 @@ def ingest_sources(
         raise ValueError(f"source names must be unique within one ingest; repeated: {repeated}")
     started = time.perf_counter()
     ingest_id = uuid.uuid4().hex
-    ensure_pool_tables(con)
-    parent = staging_dir if staging_dir is not None else _staging_parent(con)
-    with tempfile.TemporaryDirectory(prefix=".ingest-", dir=parent) as scratch, transaction(con):
-        report = _ingest_in_transaction(con, specs, ingest_id, max_chars, _Stager(Path(scratch), batch_rows), started)
-    return report
+    with connect() as con:
+        ensure_pool_tables(con)
+        latest = _latest_reads(con)
+        parent = staging_dir if staging_dir is not None else _staging_parent(con)
+    reports = []
+    for spec in specs:
+        file_type, fingerprint = source_fingerprint(spec)
+        path = str(Path(spec.path).resolve()) if isinstance(spec, SourceSpec) else spec.path
+        reports.append(SourceReport(spec.source_name, path, spec.format, file_type, fingerprint, "ingested"))
+    _check_source_homes(specs, reports, latest)
+    with tempfile.TemporaryDirectory(prefix=".ingest-", dir=parent) as scratch:
+        stager = _Stager(Path(scratch), batch_rows)
+        for spec, report in zip(specs, reports):
+            if _is_unchanged(latest, report):
+                report.status = "unchanged"
+            else:
+                _stage_source(stager, spec, report, max_chars)
+        accepted_rows, reject_rows = stager.close()
+        with connect() as con, transaction(con):
+            # Another ingest may have committed since the first look: decide again on its result.
+            latest = _latest_reads(con)
+            _check_source_homes(specs, reports, latest)
+            skipped = [r.source for r in reports if r.status == "ingested" and _is_unchanged(latest, r)]
+            reports = [_unchanged(r) if r.source in skipped else r for r in reports]
+            return _commit_staged(con, reports, accepted_rows, reject_rows, skipped, ingest_id, started)
 
 
-def _ingest_in_transaction(
+def _is_unchanged(latest: dict[str, _LatestRead], report: SourceReport) -> bool:
+    # Against the latest read only: bytes reverted to an older version must be read again
+    # so that the rows of the version in between are superseded.
+    before = latest.get(report.source)
+    return before is not None and (before.format, before.fingerprint) == (report.format, report.fingerprint)
+
+
+def _unchanged(report: SourceReport) -> SourceReport:
+    return SourceReport(report.source, report.path, report.format, report.file_type, report.fingerprint, "unchanged")
+
+
+def _commit_staged(
     con: duckdb.DuckDBPyConnection,
-    specs: Sequence[Source],
+    reports: list[SourceReport],
+    staged_accepted: str,
+    staged_rejects: str,
+    skipped: Sequence[str],
     ingest_id: str,
-    max_chars: int,
-    stager: _Stager,
     started: float,
 ) -> IngestReport:
     parent = latest_pool_version(con)
     parent_version, parent_seq = parent or (None, 0)
-    reports: list[SourceReport] = []
-    for spec in specs:
-        file_type, fingerprint = source_fingerprint(spec)
-        path = str(Path(spec.path).resolve()) if isinstance(spec, SourceSpec) else spec.path
-        report = SourceReport(spec.source_name, path, spec.format, file_type, fingerprint, "ingested")
-        reports.append(report)
-        if _is_unchanged(con, report):
-            report.status = "unchanged"
-            continue
-        _stage_source(stager, spec, report, max_chars)
-    accepted_rows, reject_rows = stager.close()
+    # Staged rows of sources found unchanged at commit time are left out through these views.
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {_STAGE_SKIPPED} (source VARCHAR)")
+    if skipped:
+        con.executemany(f"INSERT INTO {_STAGE_SKIPPED} VALUES (?)", [[source] for source in skipped])
+    accepted_rows, reject_rows = _STAGE_ACCEPTED, _STAGE_REJECTS
+    for view, staged in ((accepted_rows, staged_accepted), (reject_rows, staged_rejects)):
+        con.execute(
+            f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT * FROM {staged} "
+            f"WHERE source NOT IN (SELECT source FROM {_STAGE_SKIPPED})"
+        )
 
     # First occurrence (lowest ord) of every id not already pooled.
     con.execute(f"""CREATE OR REPLACE TEMP TABLE {_STAGE_NEW} AS
@@ -638,7 +729,9 @@ def _ingest_in_transaction(
     staged = _count_by_source(con, f"SELECT source FROM {accepted_rows}")
     rejected = _count_by_source(con, f"SELECT source FROM {reject_rows}")
     superseded = _count_by_source(con, f"SELECT source FROM {_STAGE_SUPERSEDED}")
-    for table in (_STAGE_NEW, _STAGE_SUPERSEDED, _STAGE_REVIVED):
+    for view in (_STAGE_ACCEPTED, _STAGE_REJECTS):
+        con.execute(f"DROP VIEW {view}")
+    for table in (_STAGE_NEW, _STAGE_SUPERSEDED, _STAGE_REVIVED, _STAGE_SKIPPED):
         con.execute(f"DROP TABLE {table}")
     for report in reports:
         if report.status == "unchanged":

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selection.common import names
+from selection.common import files, names
 from selection.data import default_data, ingest
 from selection.data.formats import WRONG_TYPE, reason_code
 
@@ -390,8 +390,7 @@ def write_default_targets(
     by_task: dict[str, list[TargetRow]] = defaultdict(list)
     for row in rows:
         by_task[row.task].append(row)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = files.make_dirs(out_dir)
     specs = []
     for task in DEFAULT_TASKS:
         path = out / f"{task}.jsonl"

@@ -228,7 +228,7 @@ class IterativeFeedback:
             chosen_ids,
         )
         round_dir = self.feedback_dir / round_key
-        round_dir.mkdir(parents=True, exist_ok=True)
+        files.make_dirs(round_dir)
         cached = round_dir / "feedback.json"
         if cached.is_file():
             stored = json.loads(cached.read_text())

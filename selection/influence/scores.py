@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from selection import less
-from selection.common import arrays, integrity
+from selection.common import arrays, files, integrity
 from selection.data.tokenization import LESS_LOSS_TOKENS
 from selection.influence import datastore, directions, projection
 from selection.influence.datastore import FeatureStore, check_compatible
@@ -126,10 +126,11 @@ def compute_influence(
     out_dir = Path(out_dir)
     # Scores and their row ids are written side by side in a temporary folder and swapped in
     # together, so a reader never pairs new scores with old ids.
-    staging = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    staging = files.confined(out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}"))
     if staging.exists():
         shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    files.make_dirs(staging.parent)
+    staging.mkdir()
     try:
         scores = less.influence_scores(train_rows, val_features, weights, staging / SCORES_FILE, chunk_rows=chunk_rows)
         if isinstance(scores, np.memmap):
@@ -138,7 +139,7 @@ def compute_influence(
         (staging / IDS_FILE).write_text(json.dumps(train_ids))
         record = integrity.directory_record(staging, [SCORES_FILE, IDS_FILE])
         (staging / RECORD_FILE).write_text(json.dumps(record, indent=1))
-        if out_dir.exists():
+        if files.confined(out_dir).exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
     finally:

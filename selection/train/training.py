@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from selection.common import integrity
+from selection.common import files, integrity
 from selection.common.files import atomic_directory, remove_stale_temp_dirs
 from selection.data.tokenization import IGNORE_INDEX, TokenizedExample, collate, length_sorted_batches
 
@@ -378,8 +378,7 @@ def train_lora(
     and the run cannot resume mid-way.
     """
     _validate_examples(examples)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = files.make_dirs(out_dir)
     remove_stale_temp_dirs(out_dir)
     named = _named_trainable(model)
     names = [name for name, _ in named]
