@@ -30,6 +30,7 @@ import dagster as dg
 import duckdb
 import pydantic
 
+from resources.settings import HOME_ENV_VAR
 from selection.common import files
 from selection.common.names import check_memory_limit
 
@@ -71,15 +72,15 @@ def check_database_files(path: Path | str) -> Path:
     if "?" in str(path):
         raise ValueError(
             f"DuckDB file {path}: the path contains '?', which DuckDB reads as the start of connection "
-            "options; choose a storage root without '?'"
+            f"options; set {HOME_ENV_VAR} (the storage root) to a path without '?'"
         )
     for candidate, kind in (
         [(path, "file")]
         + [(Path(f"{path}{s}"), "file") for s in _SIDE_FILES]
         + [(Path(f"{path}{s}"), "folder") for s in _SIDE_FOLDERS]
     ):
-        files.confined(candidate)
         if not os.path.lexists(candidate):
+            files.confined(candidate)
             continue
         mode = os.lstat(candidate).st_mode
         expected = stat.S_ISREG(mode) if kind == "file" else stat.S_ISDIR(mode)
@@ -89,6 +90,7 @@ def check_database_files(path: Path | str) -> Path:
                 f"DuckDB {'file' if candidate == path else 'side ' + kind} {candidate} is {what}; DuckDB would "
                 f"write through it. Remove it (the storage root must hold only the files the pipeline made)"
             )
+        files.confined(candidate)
     return path
 
 
@@ -178,7 +180,7 @@ _SCHEMA_READY: set[tuple[str, int]] = set()
 
 def ensure_lineage_schema(path: Path | str, timeout_s: float = 600.0) -> None:
     """Create the file and the `lineage` table and apply migrations, once per process and file."""
-    path = Path(path).resolve()
+    path = check_database_files(path).resolve()  # checked before resolving follows a planted symlink
     created = create_database(path, timeout_s)  # a new file already has the current schema
     if created or (str(path), path.stat().st_ino) in _SCHEMA_READY:
         _SCHEMA_READY.add((str(path), path.stat().st_ino))

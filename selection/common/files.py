@@ -90,6 +90,11 @@ def _fsync(path: Path) -> None:
         os.close(descriptor)
 
 
+def remove_tree(path: str | os.PathLike) -> None:
+    """Delete the folder ``path`` and what it holds, refused if a symlink sends it outside the root."""
+    shutil.rmtree(confined(path))
+
+
 @contextlib.contextmanager
 def replacing(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to create the new file at (by any means, e.g. a

@@ -128,7 +128,7 @@ def compute_influence(
     # together, so a reader never pairs new scores with old ids.
     staging = files.confined(out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}"))
     if staging.exists():
-        shutil.rmtree(staging)
+        files.remove_tree(staging)
     files.make_dirs(staging.parent)
     staging.mkdir()
     try:
@@ -139,8 +139,8 @@ def compute_influence(
         (staging / IDS_FILE).write_text(json.dumps(train_ids))
         record = integrity.directory_record(staging, [SCORES_FILE, IDS_FILE])
         (staging / RECORD_FILE).write_text(json.dumps(record, indent=1))
-        if files.confined(out_dir).exists():
-            shutil.rmtree(out_dir)
+        if out_dir.exists():
+            files.remove_tree(out_dir)
         os.replace(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -158,19 +158,20 @@ def load_scores(out_dir: str | Path) -> tuple[np.ndarray, list[str]]:
         raise integrity.ArtifactIntegrityError(
             record_path, "is missing (scores written without a commit record cannot be checked)", ASSET
         )
-    record = json.loads(record_path.read_text())
-    integrity.verify_record(out_dir, {IDS_FILE: record[IDS_FILE]}, asset=ASSET)
-    entry = record[SCORES_FILE]
-    scores = integrity.open_npy(out_dir / SCORES_FILE, asset=ASSET, sha256=entry["sha256"], size=entry["size"])
-    ids = json.loads((out_dir / IDS_FILE).read_text())
+    record = integrity.read_json(record_path, asset=ASSET)
+    integrity.verify_record(out_dir, {IDS_FILE: record.get(IDS_FILE)}, asset=ASSET)
+    sha256, size = integrity.recorded(out_dir / SCORES_FILE, record.get(SCORES_FILE), ASSET)
+    scores = integrity.open_npy(out_dir / SCORES_FILE, asset=ASSET, sha256=sha256, size=size)
+    ids = integrity.read_json(out_dir / IDS_FILE, asset=ASSET, expect=list)
     if scores.ndim != 2 or scores.shape[0] != len(ids):
         raise ValueError(f"{out_dir}: score matrix {scores.shape} does not match {len(ids)} row ids")
     return scores, ids
 
 
-def open_store(directory: str | Path) -> FeatureStore:
-    """Reopen an existing store from its manifest (its identity is re-checked on open)."""
-    manifest = arrays.read_manifest(directory)
+def open_store(directory: str | Path, asset: str = "the gradient asset that wrote it") -> FeatureStore:
+    """Reopen an existing store from its manifest (its identity is re-checked on open); ``asset``
+    (what rewrites the store) is named if the manifest is unreadable."""
+    manifest = arrays.read_manifest(directory, asset)
     if manifest is None:
         raise ValueError(f"{directory} is not a feature store: {arrays.MANIFEST_FILE} is missing")
     return FeatureStore(
@@ -270,13 +271,13 @@ def score_influence(request: InfluenceRequest) -> InfluenceRun:
             "rematerialize the gradient assets"
         )
     train_stores = [
-        [open_store(d) for d in directories]
+        [open_store(d, "train_gradients") for d in directories]
         for directories in train_shard_directories(train, request.model, epochs, request.shards)
     ]
     _check_pool_covered(train_stores[0], request.pool_ids)
     avg_lrs = [float(train[train["epoch"] == epoch]["avg_lr"].iloc[0]) for epoch in epochs]
     columns = [{"task": t, "subtask": s, "val_example_id": i} for t, s, i, _ in request.val_rows]
-    target_stores = [open_store(d) for d in target["directory"]]
+    target_stores = [open_store(d, "target_gradients") for d in target["directory"]]
     with_features = set(target_stores[0].ids())
     # Refused before any scoring: a task whose val examples all lack features would drop out.
     preflight.check_val_usable(

@@ -36,7 +36,6 @@ import json
 import math
 import random
 import re
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -307,19 +306,23 @@ def verify_checkpoint(checkpoint_dir: str | Path, asset: str = WARMUP_ASSET) -> 
     """Check an ``epoch_k`` folder against the file records in its ``checkpoint.json``.
 
     Raises ``ArtifactIntegrityError`` naming the first file that is missing, truncated or changed,
-    and ``asset``, the one to rematerialize. Folders written before records existed have none to check.
+    and ``asset``, the one to rematerialize. A ``checkpoint.json`` without file records (edited, or
+    written before records existed) is refused too: its files cannot be checked.
     """
     path = Path(checkpoint_dir)
     info_path = path / CHECKPOINT_FILE
     try:
-        info = json.loads(info_path.read_text())
+        info = integrity.read_json(info_path, asset=asset)
     except FileNotFoundError:
         raise integrity.ArtifactIntegrityError(
             info_path, "is missing; not a checkpoint written by train_lora", asset
         ) from None
-    except ValueError as error:
-        raise integrity.ArtifactIntegrityError(info_path, f"is unreadable ({error})", asset) from error
-    integrity.verify_record(path, info.get("files", {}), asset=asset)
+    record = info.get("files")
+    if not isinstance(record, dict) or not record:
+        raise integrity.ArtifactIntegrityError(
+            info_path, "has no sha256 records of the checkpoint's files, so they cannot be checked", asset
+        )
+    integrity.verify_record(path, record, asset=asset)
 
 
 def _discard_damaged_epochs(out_dir: Path, done: list[int]) -> list[str]:
@@ -329,7 +332,7 @@ def _discard_damaged_epochs(out_dir: Path, done: list[int]) -> list[str]:
         problem = integrity.first_problem(lambda epoch=epoch: verify_checkpoint(out_dir / f"epoch_{epoch}"))
         if problem is not None:
             for later in reversed(done[position:]):
-                shutil.rmtree(out_dir / f"epoch_{later}")
+                files.remove_tree(out_dir / f"epoch_{later}")
             return [problem]
     return []
 
@@ -501,7 +504,7 @@ def _read_epoch_info(out_dir: Path, epoch: int, run_fingerprint: str) -> EpochCh
     info_path = path / CHECKPOINT_FILE
     if not info_path.is_file():
         raise ValueError(f"{path} has no {CHECKPOINT_FILE}; not a checkpoint written by train_lora")
-    info = json.loads(info_path.read_text())
+    info = integrity.read_json(info_path, asset=None, fix=f"remove {out_dir} to start the run over")
     if info.get("run_fingerprint") != run_fingerprint:
         raise ValueError(
             f"{path} was written by a different run (config, examples or trainable parameters differ); "
@@ -524,7 +527,7 @@ def load_checkpoint(
     info_path = path / CHECKPOINT_FILE
     if not info_path.is_file():
         raise ValueError(f"{path} is not a training checkpoint: {CHECKPOINT_FILE} is missing")
-    info = json.loads(info_path.read_text())
+    info = integrity.read_json(info_path, asset=WARMUP_ASSET)
     adapter_path = path / ADAPTER_DIR
     if not (adapter_path / "adapter_config.json").is_file():
         raise ValueError(f"{path} has no saved adapter ({ADAPTER_DIR}/adapter_config.json missing)")
