@@ -36,7 +36,10 @@ GRADIENT_CODE = code_version(
 
 
 class GradientConfig(dg.Config):
-    dims: list[int] = Field(default=[projection.DEFAULT_DIM], description="Projection dims (one pass fills all)")
+    dims: list[int] = Field(
+        default=[projection.DEFAULT_DIM],
+        description="Projection dims (one pass fills all): positive, each listed once; multiples of 4 in mode 'fast'",
+    )
     mode: str = Field(
         default=projection.DEFAULT_MODE,
         description="'fast' (default: sparse sign, passed the fidelity bar against 'exact'; the metadata "
@@ -76,6 +79,12 @@ class GradientConfig(dg.Config):
                 "give chunk_size only"
             )
         return values
+
+    # Refused when the config is read, before the model loads (each dim is its own store).
+    @model_validator(mode="after")
+    def _check_projection(self) -> "GradientConfig":
+        projection.check_dims(self.dims, self.mode)
+        return self
 
 
 def _result(tracker: LineageTracker, metrics: dict) -> dg.MaterializeResult:

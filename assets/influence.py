@@ -1,7 +1,7 @@
 """LESS step 3: checkpoint-weighted cosine influence of every pool example on every target val example."""
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from assets.common import LineageTracker, code_version
 from assets.partitions import MODEL_DIMENSION, model_partitions, shard_partitions
@@ -32,6 +32,12 @@ class InfluenceConfig(dg.Config):
         description="Remove the train pool's mean and this many top principal directions from train and val "
         "features before the cosine (0: LESS's plain cosine); the metadata says why",
     )
+
+    # Refused when the config is read: no store of such a dim can exist.
+    @model_validator(mode="after")
+    def _check_projection(self) -> "InfluenceConfig":
+        projection.check_dim(self.dim, self.mode)
+        return self
 
 
 @dg.asset(

@@ -96,7 +96,11 @@ def check_feature_stores(stores: Sequence[tuple[str, int]], checked: str) -> Che
         return CheckOutcome(checked, ["no feature store recorded"])
     problems, blocks = [], []
     for directory, dim in stores:
-        store = open_store(directory)
+        try:
+            store = open_store(directory)
+        except integrity.ArtifactIntegrityError as error:  # a damaged manifest fails the check, not the run
+            problems.append(str(error))
+            continue
         if store.dim != dim:
             problems.append(f"{directory}: manifest dim {store.dim}, recorded dim {dim}")
             continue

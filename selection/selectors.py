@@ -8,8 +8,11 @@ score matrix's columns: one dict per target val example with `task`, `subtask` a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
+from numbers import Real
 
 import numpy as np
 import pandas as pd
@@ -35,12 +38,40 @@ class ScoredPool:
     seed: int = 0  # for methods that sample
 
 
+# The rule of the config `budget`, stated in every refusal of one.
+BUDGET_RULE = (
+    "give a whole count >= 1 (1 means one example) or a fraction of the pool between 0 and 1, exclusive (e.g. 0.05)"
+)
+
+
+def check_budget_setting(budget: float) -> float:
+    """A config ``budget`` (see :func:`resolve_budget_setting`) that can select examples from some pool;
+    anything else (not finite, not positive, a non-whole count) is a ValueError naming the rule."""
+    if isinstance(budget, bool) or not isinstance(budget, Real):
+        raise ValueError(f"`budget` {budget!r} is not a number: {BUDGET_RULE}")
+    if not math.isfinite(budget):
+        raise ValueError(f"`budget` {budget} is not a finite number: {BUDGET_RULE}")
+    if budget <= 0:
+        raise ValueError(f"`budget` {budget} must be positive: {BUDGET_RULE}")
+    if budget >= 1 and budget != int(budget):
+        raise ValueError(
+            f"`budget` {budget} is >= 1, so a count of examples, and must be whole "
+            f"({math.floor(budget)} or {math.ceil(budget)}): {BUDGET_RULE}"
+        )
+    return budget
+
+
 def resolve_budget_setting(budget: float, n_pool: int) -> int:
-    """Config budgets: a value >= 1 is a count (must be whole), a value in (0, 1) a fraction of the pool."""
+    """Config budgets: a value >= 1 is a count (must be whole; 1 is one example), a value in (0, 1)
+    a fraction of the pool (:func:`check_budget_setting` refuses the rest)."""
+    check_budget_setting(budget)
     if budget >= 1:
-        if budget != int(budget):
-            raise ValueError(f"a budget >= 1 is a count of examples and must be whole, got {budget}")
         return less.resolve_budget(int(budget), n_pool)
+    if math.floor(Fraction(repr(float(budget))) * n_pool) == 0:  # as less.resolve_budget rounds
+        raise ValueError(
+            f"`budget` {budget} is a fraction of the pool of {n_pool} examples and selects none: "
+            "give a larger fraction or a count (e.g. 1, one example)"
+        )
     return less.resolve_budget(float(budget), n_pool)
 
 

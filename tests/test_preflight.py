@@ -90,6 +90,23 @@ def test_budget_above_pool_or_usable_is_refused_with_the_fix() -> None:
     assert preflight.resolve_selection_budget(10, 10, 10) == 10
 
 
+def test_budget_rule_is_stated_right_in_every_refusal() -> None:
+    # 1 is a count of one example: no hint offers "a fraction <= 1.0".
+    with pytest.raises(ValueError, match=r"at most 10 \(or a fraction below 1: 1 means one example\)"):
+        preflight.resolve_selection_budget(1e18, 10, 10)
+    # A fraction that selects nothing is not offered: the count only.
+    with pytest.raises(ValueError, match=r"lower `budget` to at most 1$"):
+        preflight.resolve_selection_budget(5, 999, 1)
+    for bad in (float("inf"), float("-inf"), float("nan"), 0, -2, 2.5):
+        with pytest.raises(ValueError, match=r"`budget` .*: give a whole count >= 1 \(1 means one example\)"):
+            preflight.resolve_selection_budget(bad, 10, 10)
+    with pytest.raises(ValueError, match=r"`budget` 0.01 is a fraction of the pool of 10 examples and selects none"):
+        preflight.resolve_selection_budget(0.01, 10, 10)
+    assert preflight.resolve_selection_budget(1, 10, 10) == 1
+    assert preflight.resolve_selection_budget(1.0, 10, 10) == 1
+    assert preflight.resolve_selection_budget(0.999, 10, 10) == 9
+
+
 def test_val_set_without_usable_examples_is_refused() -> None:
     rows = [("code", "a"), ("code", "b"), ("math", "c"), ("mmlu", "d")]
     with pytest.raises(ValueError, match=r"tasks \['code', 'mmlu'\] have no usable val example \(too long; 3 val rows"):

@@ -12,6 +12,8 @@ from selection.influence.projection import (
     DeviceProjector,
     ExactProjector,
     SparseProjector,
+    check_dim,
+    check_dims,
     make_projector,
     mode_why,
     splitmix64,
@@ -128,3 +130,21 @@ def test_mode_why_names_only_departures_from_less() -> None:
     assert DEFAULT_MODE in MODES
     with pytest.raises(ValueError, match="unknown projection mode 'dense'"):
         mode_why("dense")
+
+
+def test_config_dims_are_checked_before_any_store_is_built() -> None:
+    assert check_dims([64, 8192], "fast") == [64, 8192]
+    assert check_dims([30], "exact") == [30]  # only `fast` splits the projection into blocks
+    for dims, message in [
+        ([], "`dims` is empty"),
+        ([64, 64, 32, 32], "`dims` lists 32, 64 more than once"),
+        ([0, -1], "`dims` holds 0, -1: every projection dim must be a positive integer"),
+        ([30], "`dims` holds 30, not a multiple of 4"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            check_dims(dims, "fast")
+    with pytest.raises(ValueError, match="`mode` 'dense' is not a projection mode"):
+        check_dims([64], "dense")
+    with pytest.raises(ValueError, match="`dim` holds 0"):
+        check_dim(0, "exact")
+    assert check_dim(30, "device") == 30

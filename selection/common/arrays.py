@@ -30,10 +30,10 @@ into place only after their ``.npy``.
 
 Checks: a chunk's rows are read only through ``selection.common.integrity.open_npy`` with
 the recorded sha256 and size, and their shape and dtype must match the record. A record that
-cannot be read or fails its own checksum makes its chunk *damaged*: its ids read as not
-stored to writers (who drop the chunk and store those ids again), and a reader asking for
-them gets ``ArtifactIntegrityError`` rather than "not stored". :meth:`ArrayStore.problems`
-lists damaged chunks; :meth:`ArrayStore.drop` removes chunks.
+cannot be read, lacks its checksum or the ``.npy``'s digest, or fails its checksum makes its
+chunk *damaged*: its ids read as not stored to writers (who drop the chunk and store those ids
+again), and a reader asking for them gets ``ArtifactIntegrityError`` rather than "not stored".
+:meth:`ArrayStore.problems` lists damaged chunks; :meth:`ArrayStore.drop` removes chunks.
 """
 
 from __future__ import annotations
@@ -62,10 +62,19 @@ class StoreBusyError(RuntimeError):
     """Another process holds the store's writer lock."""
 
 
-def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
-    """The manifest of the store in ``directory``, None if it has none."""
+def read_manifest(directory: str | os.PathLike, asset: str | None = None) -> dict[str, Any] | None:
+    """The manifest of the store in ``directory``, None if it has none. One that is not a JSON
+    object is an ``ArtifactIntegrityError`` naming it and the fix: the store's identity is lost with
+    it, so the folder is deleted and ``asset`` (what fills the store) rematerialized."""
     path = Path(directory) / MANIFEST_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    return integrity.read_json(path, asset=asset, fix=rebuild_fix(directory, asset))
+
+
+def rebuild_fix(directory: str | os.PathLike, asset: str | None) -> str:
+    """What to do about a damaged manifest: writers never rewrite one, so the folder goes first."""
+    return f"delete {Path(directory)} and rematerialize {asset or 'the asset that filled it'} to rebuild the store"
 
 
 def _record_checksum(fields: Mapping[str, Any]) -> str:
@@ -79,8 +88,8 @@ class Chunk:
     number: int
     ids: tuple[str, ...]
     excluded: Mapping[str, str]
-    sha256: str | None  # None in records written before digests were recorded
-    size: int | None
+    sha256: str  # of the .npy
+    size: int
 
 
 class ArrayStore:
@@ -111,11 +120,11 @@ class ArrayStore:
         self._where: dict[str, tuple[int, int]] = {}  # id -> (chunk number, row)
         self._excluded: dict[str, str] = {}
         self._lock_handle: TextIO | None = None
-        self.directory.mkdir(parents=True, exist_ok=True)
-        existing = read_manifest(self.directory)
+        files.make_dirs(self.directory)
+        existing = read_manifest(self.directory, asset)
         if existing is None:
             with self.lock():
-                existing = read_manifest(self.directory)
+                existing = read_manifest(self.directory, asset)
                 if existing is None:
                     text = json.dumps(dict(manifest), indent=1, sort_keys=True)
                     files.write_text(self.directory / MANIFEST_FILE, text)
@@ -132,23 +141,38 @@ class ArrayStore:
 
     def _read_record(self, number: int, path: Path) -> Chunk:
         try:
-            record = json.loads(path.read_text())
+            record = integrity.read_json(path, asset=self.asset)
             ids = tuple(record["ids"])
             excluded = dict(record.get("excluded", {}))
             if not all(isinstance(example_id, str) for example_id in (*ids, *excluded)):
                 raise TypeError("ids must be strings")
+        except integrity.ArtifactIntegrityError:
+            raise
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise integrity.ArtifactIntegrityError(
                 path, f"commit record is unreadable ({error})", self.asset
             ) from error
+        # Every commit writes the checksum and the .npy's digest: a record without them (edited, or from
+        # before checksums) cannot be told from a forged one, so its chunk is damaged and recomputed.
         checksum = record.pop("record_sha256", None)
-        if checksum is not None and checksum != _record_checksum(record):
+        if checksum is None:
+            raise integrity.ArtifactIntegrityError(
+                path,
+                "commit record has no record_sha256 checksum (edited, or written before records had one), so its "
+                "chunk is not trusted",
+                self.asset,
+            )
+        if checksum != _record_checksum(record):
             raise integrity.ArtifactIntegrityError(
                 path,
                 "commit record differs from the checksum written with it (it was changed after the commit)",
                 self.asset,
             )
-        return Chunk(number, ids, excluded, record.get("sha256"), record.get("size"))
+        if not isinstance(record.get("sha256"), str) or not isinstance(record.get("size"), int):
+            raise integrity.ArtifactIntegrityError(
+                path, "commit record has no sha256 and size of its .npy, so the rows cannot be checked", self.asset
+            )
+        return Chunk(number, ids, excluded, record["sha256"], record["size"])
 
     def refresh(self) -> None:
         """Reread the commit records (only those that changed since the last look)."""
@@ -291,7 +315,7 @@ class ArrayStore:
         if self._lock_handle is not None:
             yield
             return
-        with open(self.directory / LOCK_FILE, "a") as handle:
+        with open(files.confined(self.directory / LOCK_FILE), "a") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError as error:

@@ -15,6 +15,7 @@ commit that just wrote it, pays for one read. Size is checked before hashing (fr
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 from collections.abc import Iterable, Mapping
@@ -26,17 +27,22 @@ import numpy as np
 _HASH_CHUNK = 1 << 22
 _digests: dict[tuple, str] = {}
 _digests_lock = threading.Lock()
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
 
 
 class ArtifactIntegrityError(ValueError):
-    """A stored artifact is missing, truncated, unreadable or differs from its commit record."""
+    """A stored artifact is missing, truncated, unreadable or differs from its commit record.
 
-    def __init__(self, path: str | os.PathLike, problem: str, asset: str | None) -> None:
+    The message names the file, the problem and the fix: ``fix`` when given, else rematerializing
+    ``asset``."""
+
+    def __init__(self, path: str | os.PathLike, problem: str, asset: str | None, fix: str | None = None) -> None:
         self.path = Path(path)
         self.problem = problem
         self.asset = asset
-        fix = f"; rematerialize {asset} to recompute it" if asset else ""
-        super().__init__(f"{self.path}: {problem}{fix}")
+        if fix is None:
+            fix = f"rematerialize {asset} to recompute it" if asset else ""
+        super().__init__(f"{self.path}: {problem}" + (f"; {fix}" if fix else ""))
 
 
 def _cache_key(path: Path, stat: os.stat_result) -> tuple:
@@ -113,9 +119,37 @@ def verify_file(path: str | os.PathLike, *, sha256: str | None, size: int | None
 
 
 def verify_record(directory: str | os.PathLike, record: Mapping[str, Mapping[str, Any]], *, asset: str | None) -> None:
-    """Check every file of a :func:`directory_record` under ``directory``."""
+    """Check every file of a :func:`directory_record` under ``directory``; an entry without its
+    sha256 and size is refused, never trusted unchecked."""
     for name, entry in record.items():
-        verify_file(Path(directory) / name, sha256=entry.get("sha256"), size=entry.get("size"), asset=asset)
+        path = Path(directory) / name
+        sha256, size = recorded(path, entry, asset)
+        verify_file(path, sha256=sha256, size=size, asset=asset)
+
+
+def recorded(path: str | os.PathLike, entry: Any, asset: str | None) -> tuple[str, int]:
+    """``(sha256, size)`` of a :func:`file_record` entry of ``path``; an entry without them (edited, or
+    written before records had them) is an :class:`ArtifactIntegrityError`: never trusted unchecked."""
+    if not (isinstance(entry, Mapping) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("size"), int)):
+        raise ArtifactIntegrityError(path, "its commit record gives no sha256 and size, so it cannot be checked", asset)
+    return entry["sha256"], entry["size"]
+
+
+def read_json(path: str | os.PathLike, *, asset: str | None, fix: str | None = None, expect: type = dict) -> Any:
+    """The JSON value (of type ``expect``) of a metadata file the pipeline wrote. A file that is
+    not valid JSON (truncated, edited) or holds another type is an :class:`ArtifactIntegrityError`
+    naming it and the fix (``fix``, else rematerializing ``asset``); a missing file is left to the
+    caller (``FileNotFoundError``), since what that means differs."""
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ArtifactIntegrityError(path, f"is not valid JSON, truncated or edited ({error})", asset, fix) from error
+    if not isinstance(value, expect):
+        found, wanted = (_JSON_TYPES.get(t, t.__name__) for t in (type(value), expect))
+        raise ArtifactIntegrityError(path, f"holds a JSON {found}, not the {wanted} it was written as", asset, fix)
+    return value
 
 
 def first_problem(check: Any) -> str | None:

@@ -10,14 +10,13 @@ checkpoint its stores and their diagnostics are recorded (``influence_store.reco
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selection.common import memory, progress
+from selection.common import integrity, memory, progress
 from selection.common.runtime import Connect, Device, Log, ModelLoader
 from selection.data import pool_store, tokenization
 from selection.influence import datastore, diagnostics, influence_store, projection
@@ -108,6 +107,10 @@ class FeatureSettings:
     train_transform: str  # train features only; target features are plain gradients
     loss_tokens: str = tokenization.LESS_LOSS_TOKENS  # whose loss the gradients are of (tokenization.LOSS_TOKENS)
 
+    def __post_init__(self) -> None:
+        # Before the model loads: an empty or repeated dim would fail only after it.
+        projection.check_dims(self.dims, self.mode)
+
 
 @dataclass(frozen=True)
 class FeatureRequest:
@@ -187,7 +190,7 @@ class FeatureRun:
 def _warmup_steps(checkpoint_dir: str) -> int | None:
     """Optimizer steps the warmup had taken at this checkpoint (None when its record is gone)."""
     path = Path(checkpoint_dir) / training.CHECKPOINT_FILE
-    return json.loads(path.read_text()).get("global_step") if path.is_file() else None
+    return integrity.read_json(path, asset=training.WARMUP_ASSET).get("global_step") if path.is_file() else None
 
 
 def compute_gradient_features(request: FeatureRequest) -> FeatureRun:

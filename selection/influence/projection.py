@@ -37,6 +37,7 @@ import hashlib
 import json
 import math
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -59,6 +60,63 @@ _MODE_WHY = {
     "faster on a CPU; at 7B-scale LoRA dims its index takes ~20 GB of host memory to build, so use "
     "'device' there",
 }
+
+
+# `fast` splits each projection into this many blocks of dim / nonzeros rows: its dims are multiples of it.
+SPARSE_NONZEROS = 4
+
+
+def check_dims(dims: Sequence[int], mode: str, field: str = "dims") -> list[int]:
+    """The config's projection ``dims`` (config field ``field``) for ``mode``, refused with the fix
+    unless every store can be built: at least one dim, each a positive integer listed once (each
+    dim is its own store, filled by the same gradient pass), and for ``fast`` a multiple of
+    :data:`SPARSE_NONZEROS`."""
+    check_mode(mode)
+    dims = list(dims)
+    example = f"[{DEFAULT_DIM}]"
+    if not dims:
+        raise ValueError(f"`{field}` is empty: give at least one projection dim, e.g. {example}")
+    bad = [d for d in dims if isinstance(d, bool) or not isinstance(d, int) or d < 1]
+    if bad:
+        listed = ", ".join(map(str, bad))
+        raise ValueError(f"`{field}` holds {listed}: every projection dim must be a positive integer, e.g. {example}")
+    repeated = sorted({d for d in dims if dims.count(d) > 1})
+    if repeated:
+        raise ValueError(
+            f"`{field}` lists {', '.join(map(str, repeated))} more than once: each dim is one store, all filled "
+            f"by one gradient pass; list each dim once, e.g. {sorted(set(dims))}"
+        )
+    _check_fast_dims(dims, mode, field)
+    return dims
+
+
+def check_dim(dim: int, mode: str, field: str = "dim") -> int:
+    """One projection ``dim`` of ``mode`` to read (config field ``field``): as :func:`check_dims`."""
+    check_mode(mode)
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(
+            f"`{field}` holds {dim}: a projection dim is a positive integer, one of the gradient assets' "
+            f"`dims` (e.g. {DEFAULT_DIM})"
+        )
+    _check_fast_dims([dim], mode, field)
+    return dim
+
+
+def _check_fast_dims(dims: Sequence[int], mode: str, field: str) -> None:
+    uneven = [d for d in dims if d % SPARSE_NONZEROS] if mode == "fast" else []
+    if uneven:
+        raise ValueError(
+            f"`{field}` holds {', '.join(map(str, uneven))}, not a multiple of {SPARSE_NONZEROS}: mode 'fast' "
+            f"splits each projection into {SPARSE_NONZEROS} equal blocks; use multiples of {SPARSE_NONZEROS} "
+            f"(e.g. {DEFAULT_DIM}) or `mode` 'exact' or 'device'"
+        )
+
+
+def check_mode(mode: str, field: str = "mode") -> str:
+    """``mode`` (config field ``field``) if it is a projection mode, else a ValueError naming the modes."""
+    if mode not in MODES:
+        raise ValueError(f"`{field}` {mode!r} is not a projection mode; give one of {', '.join(MODES)}")
+    return mode
 
 
 def mode_why(mode: str) -> str:
@@ -192,7 +250,7 @@ class ExactProjector(Projector):
 class SparseProjector(Projector):
     mode = "fast"
 
-    def __init__(self, *args: Any, nonzeros: int = 4, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, nonzeros: int = SPARSE_NONZEROS, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         input_dim, dim, seed = self.input_dim, self.dim, self.seed
         if nonzeros < 1 or dim % nonzeros:

@@ -174,6 +174,14 @@ def open_store(directory: str | Path, asset: str = "the gradient asset that wrot
     manifest = arrays.read_manifest(directory, asset)
     if manifest is None:
         raise ValueError(f"{directory} is not a feature store: {arrays.MANIFEST_FILE} is missing")
+    lacking = [key for key in ("model", "checkpoint", "kind", "projection") if key not in manifest]
+    if lacking:
+        raise integrity.ArtifactIntegrityError(
+            Path(directory) / arrays.MANIFEST_FILE,
+            f"lacks {lacking}",
+            asset,
+            arrays.rebuild_fix(directory, asset),
+        )
     return FeatureStore(
         directory,
         manifest["model"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Iterable, Mapping
+from fractions import Fraction
 
 from selection import selectors
 from selection.train import training
@@ -87,27 +88,38 @@ def resolve_selection_budget(budget: float, n_pool: int, n_usable: int, usable: 
     """The config ``budget`` as a count, refused when it is above the pool or above the usable examples.
 
     A fraction is a share of ``n_pool`` (the current pool); the count must then fit within
-    ``n_usable`` (what the method can actually pick from, e.g. examples with scores).
+    ``n_usable`` (what the method can actually pick from, e.g. examples with scores). A value that
+    fits no pool (not finite, not positive, a non-whole count) is refused first.
     """
+    selectors.check_budget_setting(budget)
     if n_usable < 1:
         raise ValueError(
             f"there are no {usable} to select from (pool of {n_pool}); materialize the upstream "
             "assets first or add sources to raw_pool"
         )
-    if budget >= 1 and budget == int(budget) and int(budget) > n_pool:
+    if budget >= 1 and int(budget) > n_pool:
         raise ValueError(
             f"`budget` {int(budget)} is above the pool of {n_pool} current examples; lower `budget` "
-            f"to at most {n_usable} (or a fraction <= {math.floor(n_usable / n_pool * 1000) / 1000}), or add sources "
-            "to raw_pool"
+            f"{_largest_budget(n_usable, n_pool)}, or add sources to raw_pool"
         )
     count = selectors.resolve_budget_setting(budget, n_pool)
     if count > n_usable:
         raise ValueError(
             f"`budget` {budget} asks for {count} examples but only {n_usable} of the {n_pool} current pool "
-            f"examples are {usable}; lower `budget` to at most {n_usable} "
-            f"(or a fraction <= {math.floor(n_usable / n_pool * 1000) / 1000})"
+            f"examples are {usable}; lower `budget` {_largest_budget(n_usable, n_pool)}"
         )
     return count
+
+
+def _largest_budget(n_usable: int, n_pool: int) -> str:
+    """The end of "lower `budget` ...": the largest count, and a fraction of the pool that selects at
+    most that many; a fraction is below 1 (1 is a count of one example)."""
+    if n_usable >= n_pool:
+        return f"to at most {n_usable} (or a fraction below 1: 1 means one example)"
+    fraction = math.floor(n_usable / n_pool * 1000) / 1000
+    if math.floor(Fraction(repr(fraction)) * n_pool) == 0:  # no 3-decimal fraction fits: the count only
+        return f"to at most {n_usable}"
+    return f"to at most {n_usable} (or a fraction <= {fraction})"
 
 
 def check_val_usable(val_rows: Iterable[tuple[str, str]], usable_ids: Collection[str], what: str) -> dict[str, int]:
