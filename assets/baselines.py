@@ -7,7 +7,7 @@ import dagster as dg
 import numpy as np
 
 from assets.common import LineageTracker
-from assets.selections import SelectionConfig, record_picks, selection_asset
+from assets.selections import Decontamination, DecontaminationConfig, SelectionConfig, record_picks, selection_asset
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings
@@ -70,8 +70,14 @@ def from_hidden_states(method: registry.SelectionMethod) -> dg.AssetsDefinition:
         with lineage.connect() as con:
             pool_version, ids, conversations = pool_store.read_pool(con)
             val_rows = target_store.read_targets(con, "val")
+            decontamination = Decontamination.current(con, config.keep_target_overlaps)
+        n_pool = len(ids)
+        kept = decontamination.candidates(ids)
+        ids, conversations = [ids[i] for i in kept], [conversations[i] for i in kept]
         # Refused before the model is loaded and anything embedded.
-        budget = preflight.resolve_selection_budget(config.budget, len(ids), len(ids), "current pool examples")
+        budget = preflight.resolve_selection_budget(
+            config.budget, n_pool, len(ids), decontamination.usable("current pool examples")
+        )
         model, tokenizer = model_store.load(spec, device.resolve())
         cache_root = settings.subdir("rds", spec.name)
         pool_emb = _causal_lm_embeddings(
@@ -119,23 +125,42 @@ def from_hidden_states(method: registry.SelectionMethod) -> dg.AssetsDefinition:
             budget,
             scored,
             {"embedding": "mean last-layer hidden state, whole conversation"},
+            decontamination=decontamination,
         )
 
     return _selection
 
 
 def from_pool(method: registry.SelectionMethod) -> dg.AssetsDefinition:
-    """The asset of a method that takes the whole current pool, scoring nothing."""
+    """The asset of a method that takes the whole current pool, scoring nothing (but the target rows in it)."""
 
     @selection_asset(method, deps=["raw_pool"])
     def _selection(
-        context: dg.AssetExecutionContext, settings: StorageSettings, lineage: LineageStore
+        context: dg.AssetExecutionContext,
+        config: DecontaminationConfig,
+        settings: StorageSettings,
+        lineage: LineageStore,
     ) -> dg.MaterializeResult:
         tracker = LineageTracker(context, lineage)
         with lineage.connect() as con:
             pool_version, ids, _ = pool_store.read_pool(con)
-            budget = pool_store.pool_version_size(con, pool_version)
+            decontamination = Decontamination.current(con, config.keep_target_overlaps)
+        ids = [ids[i] for i in decontamination.candidates(ids)]
+        if not ids:
+            raise ValueError(f"there are no {decontamination.usable('current pool examples')} to select from")
+        # The budget is what is taken: the pool less the target rows in it.
         picks = method.choose(len(ids))
-        return record_picks(context, tracker, lineage, settings, method.name, picks, ids, pool_version, budget)
+        return record_picks(
+            context,
+            tracker,
+            lineage,
+            settings,
+            method.name,
+            picks,
+            ids,
+            pool_version,
+            len(ids),
+            decontamination=decontamination,
+        )
 
     return _selection

@@ -7,7 +7,7 @@ import dagster as dg
 from pydantic import Field
 
 from assets.common import LineageTracker, code_version
-from assets.selections import selection_asset
+from assets.selections import KEEP_TARGET_OVERLAPS_DESCRIPTION, Decontamination, refuse_target_rows, selection_asset
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings
@@ -45,6 +45,11 @@ class KmqConfig(dg.Config):
         default=None,
         description="Local reward model folder: the paper's quality score and iterative-kMQ feedback judge",
     )
+    keep_target_overlaps: bool = Field(default=False, description=KEEP_TARGET_OVERLAPS_DESCRIPTION)
+
+    def settings(self) -> dict:
+        """The fields of the kMQ settings (the rest is the skin's)."""
+        return self.model_dump(exclude={"keep_target_overlaps"})
 
 
 class IterativeKmqConfig(KmqConfig):
@@ -155,12 +160,30 @@ def clusters(context: dg.AssetExecutionContext, config: ClustersConfig, lineage:
     )
 
 
-def _read_kmq_pool(lineage: LineageStore) -> kmq_run.KmqPool:
+def _read_kmq_pool(lineage: LineageStore, keep_target_overlaps: bool) -> tuple[kmq_run.KmqPool, Decontamination]:
+    """The current pool less its target rows (unless kept), with their sources and clusters."""
     with lineage.connect() as con:
         pool_version, ids, conversations = pool_store.read_pool(con)
         source_of = pool_store.example_sources(con, ids)
         label_of = diversity_store.cluster_labels(con, pool_version)
-    return kmq_run.KmqPool(pool_version, ids, conversations, [source_of[i] for i in ids], label_of)
+        decontamination = Decontamination.current(con, keep_target_overlaps)
+    n_pool = len(ids)
+    kept = decontamination.candidates(ids)
+    if decontamination.excluded:
+        ids, conversations = [ids[i] for i in kept], [conversations[i] for i in kept]
+        # Clusters were made on the whole pool: the excluded rows' labels go with them.
+        dropped = set(decontamination.excluded)
+        label_of = {example_id: label for example_id, label in label_of.items() if example_id not in dropped}
+    pool = kmq_run.KmqPool(
+        pool_version,
+        ids,
+        conversations,
+        [source_of[i] for i in ids],
+        label_of,
+        n_pool=n_pool,
+        usable=decontamination.usable("current pool examples"),
+    )
+    return pool, decontamination
 
 
 def _kmq_runtime(
@@ -192,9 +215,13 @@ def run_kmq_selection(
     method: registry.SelectionMethod,
     choose: Callable[[kmq_run.KmqRuntime], kmq_run.KmqResult],
     method_metadata: Callable[[kmq_run.KmqResult], dict],
+    decontamination: Decontamination,
 ) -> dg.MaterializeResult:
     """Run a kMQ method (``choose``) and write its picks as one `selections` entry of the method (target `all`),
-    then its lineage row and metadata (shared keys, the quality signal's, then ``method_metadata``'s)."""
+    then its lineage row and metadata (shared keys, the quality signal's, then ``method_metadata``'s).
+
+    Refused before anything is written when a pick is a target row and ``decontamination`` does not keep them.
+    """
     tracker = LineageTracker(context, lineage)
     runtime = _kmq_runtime(context, lineage, model_store, device)
     result = choose(runtime)
@@ -209,11 +236,12 @@ def run_kmq_selection(
         result.budget,
     )
     with lineage.connect() as con:
+        n_overlapping = refuse_target_rows(con, selection.example_ids, decontamination, f"{method.name} selection")
         selection_store.write_selections(
             con, [selection], None, context.run.run_id, context.assets_def.code_versions_by_key.get(context.asset_key)
         )
     tracker.add_table("selections", f"{model_name}/{method.name}/{selection.budget}", rows=selection.budget)
-    data_version = tracker.finish(result.metrics)
+    data_version = tracker.finish({**result.metrics, **decontamination.metrics(n_overlapping)})
     return dg.MaterializeResult(
         data_version=data_version,
         metadata={
@@ -222,6 +250,7 @@ def run_kmq_selection(
             "scorer": dg.MetadataValue.json(result.metrics["scorer"]),
             **method_metadata(result),
             **_quality_metadata(result.metrics),
+            **decontamination.metadata(n_overlapping),
         },
     )
 
@@ -252,19 +281,21 @@ def from_clusters(method: registry.SelectionMethod) -> dg.AssetsDefinition:
         model_store: ModelStore,
         device: DeviceSettings,
     ) -> dg.MaterializeResult:
-        kmq_settings = kmq_run.KmqSettings(**config.model_dump())  # a bad setting fails before the pool is read
+        kmq_settings = kmq_run.KmqSettings(**config.settings())  # a bad setting fails before the pool is read
+        pool, decontamination = _read_kmq_pool(lineage, config.keep_target_overlaps)
         return run_kmq_selection(
             context,
             lineage,
             model_store,
             device,
             method,
-            lambda runtime: method.choose(_read_kmq_pool(lineage), kmq_settings, runtime),
+            lambda runtime: method.choose(pool, kmq_settings, runtime),
             lambda result: {
                 "per_cluster_budget": dg.MetadataValue.md(
                     bar_chart_markdown(result.metrics["per_cluster"], "examples per cluster")
                 )
             },
+            decontamination,
         )
 
     return _selection
@@ -283,12 +314,15 @@ def from_clusters_with_feedback(method: registry.SelectionMethod) -> dg.AssetsDe
         device: DeviceSettings,
     ) -> dg.MaterializeResult:
         # A bad setting fails before the pool is read.
-        kmq_settings = kmq_run.IterativeKmqSettings(**config.model_dump())
+        kmq_settings = kmq_run.IterativeKmqSettings(**config.settings())
+        pool, decontamination = _read_kmq_pool(lineage, config.keep_target_overlaps)
 
         def choose(runtime: kmq_run.KmqRuntime) -> kmq_run.KmqResult:
             feedback_dir = settings.path("models", runtime.spec.name, "kmq_feedback")
-            return method.choose(_read_kmq_pool(lineage), kmq_settings, runtime, feedback_dir, context.run.run_id)
+            return method.choose(pool, kmq_settings, runtime, feedback_dir, context.run.run_id)
 
-        return run_kmq_selection(context, lineage, model_store, device, method, choose, _feedback_metadata)
+        return run_kmq_selection(
+            context, lineage, model_store, device, method, choose, _feedback_metadata, decontamination
+        )
 
     return _selection

@@ -3,7 +3,6 @@
 import hashlib
 import json
 import time
-from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -15,10 +14,10 @@ from assets.run_tags import describe_profile, profile_of_run
 from resources.lineage import LineageStore
 from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings
-from selection.common import files, progress
+from selection.common import files, integrity, progress
 from selection.common.markdown import markdown_table
 from selection.common.names import path_under
-from selection.data import target_store
+from selection.data import overlap_store, target_store
 from selection.data.targets import DEFAULT_TEST_PER_TASK
 from selection.evaluate import evaluation, evaluation_store, stats
 from selection.train import checkpoints, models
@@ -142,7 +141,10 @@ def evaluation_asset(
         stem = name.replace("/", "-") + ("" if seed is None else f"-seed{seed}")
         path = path_under(out_dir, f"{stem}-{result_key}.json")  # name holds a stored target
         if path.is_file():
-            result = evaluation.EvalResult.from_dict(json.loads(path.read_text()))
+            # A damaged result would be reused by every rerun: the fix deletes it.
+            result = evaluation.EvalResult.from_dict(
+                integrity.read_json(path, asset=None, fix="delete it and rematerialize evaluation to recompute it")
+            )
             context.log.info(f"{name}: reusing {path.name}")
             reporter.total -= per_checkpoint  # nothing to score: out of the ETA
         else:
@@ -195,13 +197,21 @@ def comparison_report(
     with lineage.connect() as con:
         runs = evaluation_store.latest_evaluation(con, model)
         shared = evaluation_store.shared_training_sets(con, model)
+        trained_on = evaluation_store.evaluated_training_examples(con, model)
+        overlaps = overlap_store.current_overlaps(con)
+    trained_overlaps = {name: found for name, ids in trained_on.items() if (found := overlaps.trained(ids))["rows"]}
+    overlap_report = evaluation.TargetOverlapReport(overlaps.counts(), len(overlaps.example_ids), trained_overlaps)
     shared_names = [list(group.names) for group in shared]
     if not runs:
         raise ValueError(f"no evaluation results for model {model!r}; materialize evaluation first")
     results: dict[str, list[evaluation.EvalResult]] = {}
     for run in runs:  # one result per finetuning seed
         results.setdefault(run.name, []).append(
-            evaluation.EvalResult.from_dict(json.loads(Path(run.result_path).read_text()))
+            evaluation.EvalResult.from_dict(
+                integrity.read_json(
+                    run.result_path, asset=None, fix="delete it and rematerialize evaluation to recompute it"
+                )
+            )
         )
     if config.baseline not in results:
         raise ValueError(f"baseline {config.baseline!r} was not evaluated; evaluated: {sorted(results)}")
@@ -216,14 +226,15 @@ def comparison_report(
         comparison_frame,
         title=f"Evaluation comparison for {model}",
         shared_training_sets=[(group.names, group.n_examples) for group in shared],
+        target_overlaps=overlap_report,
     )
     profile = profile_of_run(context.run.tags)
     if profile is not None:  # right under the title: these numbers come from a small demo setup
         title, _, rest = report.partition("\n")
         report = f"{title}\n\n{describe_profile(profile)} (LESS's recipe outside the demo)\n{rest}"
     out_dir = settings.subdir("reports", model)
-    (out_dir / "comparison.md").write_text(report)
-    comparison_frame.to_csv(out_dir / "comparison.csv", index=False)
+    files.write_text(out_dir / "comparison.md", report)
+    files.write_text(out_dir / "comparison.csv", comparison_frame.to_csv(index=False))
     with lineage.connect() as con:
         evaluation_store.replace_comparison(con, model, comparison_frame)
     tracker.add_file("report", out_dir / "comparison.md")
@@ -238,6 +249,7 @@ def comparison_report(
             "worst_tasks": json.loads(worst.to_json(orient="records")),
             "significant_primary_deltas": [f"{r.method}/{r.task}" for r in significant.itertuples()],
             "shared_training_sets": shared_names,
+            "target_overlaps": {**overlaps.summary(), "trained_on": trained_overlaps},
         }
     )
     return dg.MaterializeResult(
@@ -246,6 +258,8 @@ def comparison_report(
             "report": dg.MetadataValue.md(report),
             "baseline": config.baseline,
             "shared_training_sets": dg.MetadataValue.json(shared_names),
+            "n_pool_rows_overlapping_targets": dg.MetadataValue.int(len(overlaps.example_ids)),
+            "n_checkpoints_trained_on_target_rows": dg.MetadataValue.int(len(trained_overlaps)),
             "report_path": dg.MetadataValue.path(str(out_dir / "comparison.md")),
         },
     )

@@ -15,7 +15,7 @@ from resources.settings import StorageSettings
 from selection import registry, selection_store, selectors
 from selection.common import names, progress
 from selection.common.markdown import markdown_table
-from selection.data import pool_store, tokenization
+from selection.data import overlap_store, pool_store, tokenization
 from selection.train import checkpoints, models, training
 
 GPU_DEFAULT_SEEDS = 3
@@ -87,6 +87,18 @@ def _finetune(
         )
     for s in wanted:  # stored names: refuse a folder outside the root before training any
         settings.path("models", spec.name, "finetune", f"{s.method}-{s.target}-{s.budget}")
+    # Not refused: a selection keeps target rows on purpose (`keep_target_overlaps`) or predates
+    # decontamination; either way the reader of the evaluation must know.
+    with lineage.connect() as con:
+        overlaps = overlap_store.current_overlaps(con)
+    overlapping = {key: found for key in wanted if (found := overlaps.among(chosen[key]))}
+    for key, found in overlapping.items():
+        context.log.warning(
+            f"{key.method}/{key.target}/{key.budget} holds {len(found)} pool rows that are target rows "
+            f"({overlaps.describe(set(found))}): it was made with `{overlap_store.KEEP_FIELD}: true` or before they "
+            "were excluded, so its checkpoint trains on target rows and its evaluation on those tasks measures "
+            f"memorisation; rematerialize {key.method}_selection to leave them out"
+        )
     by_id = dict(zip(ids, conversations))
     device_name = device.resolve()
     model, tokenizer = model_store.load(spec, device_name)
@@ -164,6 +176,7 @@ def _finetune(
                 "seed": seed,
                 "trained": len(trained_ids),
                 "skipped_no_target": len(example_ids) - len(trained_ids),
+                "target_rows": len(overlaps.among(trained_ids)),
                 "final_loss": round(final.mean_loss, 4),
                 "seconds": round(time.perf_counter() - started, 1),
                 "run_key": run_key,
@@ -172,11 +185,21 @@ def _finetune(
         context.log.info(
             f"finetuned on {method}/{target} seed {seed} ({len(trained_ids)} examples): loss {final.mean_loss:.4f}"
         )
-    data_version = tracker.finish({"finetuned": summary, "training": base_config.to_dict(), "seeds": seeds})
+    n_target_rows = len({i for found in overlapping.values() for i in found})
+    data_version = tracker.finish(
+        {
+            "finetuned": summary,
+            "training": base_config.to_dict(),
+            "seeds": seeds,
+            "target_rows_in_selections": {f"{k.method}/{k.target}/{k.budget}": len(v) for k, v in overlapping.items()},
+            "target_overlaps": overlaps.summary(),
+        }
+    )
     return dg.MaterializeResult(
         data_version=data_version,
         metadata={
             "n_checkpoints": dg.MetadataValue.int(len(summary)),
+            "n_target_rows_in_selections": dg.MetadataValue.int(n_target_rows),
             "checkpoints": dg.MetadataValue.md(markdown_table(summary, max_rows=100)),
         },
     )

@@ -7,7 +7,7 @@ from assets.common import LineageTracker, code_version
 from resources.lineage import LineageStore
 from resources.settings import StorageSettings
 from selection.common.markdown import markdown_table
-from selection.data import default_data, pool_store, target_store, targets
+from selection.data import default_data, overlap_store, pool_store, target_store, targets
 from selection.data.formats import FORMATS
 from selection.data.ingest import SourceSpec
 
@@ -142,8 +142,11 @@ def raw_pool(
         "selection.data.targets",
         "selection.data.target_store",
         "selection.data.default_data",
+        "selection.data.decontamination",
+        "selection.data.overlap_store",
     ),
-    description="Target tasks (`targets` table): few `val` examples define each target, `test` is held out.",
+    description="Target tasks (`targets` table): few `val` examples define each target, `test` is held out; "
+    "pool rows that are target rows are found (`target_overlaps`) and left out of every selection.",
 )
 def target_tasks(
     context: dg.AssetExecutionContext, config: TargetTasksConfig, settings: StorageSettings, lineage: LineageStore
@@ -168,8 +171,19 @@ def target_tasks(
         context.log.warning(warning)
     with lineage.connect() as con:
         summary = target_store.write_targets(con, target_set.rows, target_set.rejects, target_set.warnings)
+        # Against the pool as it is now; a selection recomputes them for the pool it reads.
+        overlaps = overlap_store.current_overlaps(con)
+    overlap_counts = overlaps.counts()
+    n_overlapping = len(overlaps.example_ids)
+    if overlaps.pool_version is None:
+        context.log.info("No pool yet: target rows in the pool are found when a selection reads it")
+    elif n_overlapping:
+        context.log.warning(
+            f"{n_overlapping} pool rows are target rows ({overlaps.describe()}); every selection leaves them out "
+            f"unless its `{overlap_store.KEEP_FIELD}` is set (table target_overlaps)"
+        )
     tracker.add_table("targets", summary["targets_version"], n_targets=summary["n_targets"])
-    data_version = tracker.finish(summary)
+    data_version = tracker.finish({**summary, "target_overlaps": overlaps.summary()})
     per_task = [{"task": task, **counts} for task, counts in summary["tasks"].items()]
     return dg.MaterializeResult(
         data_version=data_version,
@@ -180,5 +194,12 @@ def target_tasks(
             "n_rejects": dg.MetadataValue.int(summary["n_rejects"]),
             "rejects_by_reason": dg.MetadataValue.json(summary["rejects_by_reason"]),
             "tasks": dg.MetadataValue.md(markdown_table(per_task)),
+            "pool_version": overlaps.pool_version or "",
+            "n_pool_rows_overlapping_targets": dg.MetadataValue.int(n_overlapping),
+            "target_overlaps": dg.MetadataValue.md(
+                markdown_table(overlap_counts)
+                if overlap_counts
+                else ("no pool yet" if overlaps.pool_version is None else "no pool row is a target row")
+            ),
         },
     )

@@ -5,11 +5,16 @@ the input it consumes supplies the body: `from_influence_scores` here, RDS and f
 assets/baselines.py, kMQ in assets/diversity.py; assets/methods.py makes them all). `record_picks`
 writes what a method picked: the `selections` table, the "why was this chosen" explanations and a
 JSONL export per target (asset checks: assets/checks.py).
+
+Decontamination: every skin drops the pool rows that are target rows (`target_overlaps`, see
+`selection.data.decontamination`) from its candidates before choosing, unless the config's
+`keep_target_overlaps` is set; `record_picks` refuses picks that are target rows otherwise.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import dagster as dg
+import duckdb
 import numpy as np
 import pandas as pd
 from pydantic import Field
@@ -20,16 +25,82 @@ from resources.lineage import LineageStore
 from resources.settings import StorageSettings
 from selection import registry, selection_store, selectors
 from selection.common.markdown import bar_chart_markdown, markdown_table
-from selection.data import pool_store
+from selection.data import overlap_store, pool_store
 from selection.influence import diagnostics
 from selection.influence import scores as influence
 from selection.influence.influence_store import FeatureKey, latest_influence
 from selection.train import preflight
 
+KEEP_TARGET_OVERLAPS_DESCRIPTION = (
+    "Keep pool rows that are target val/test rows (exactly or nearly: table `target_overlaps`) among the "
+    "candidates. Off by default: on, target rows can be trained on, and evaluation then measures memorisation"
+)
 
-class SelectionConfig(dg.Config):
+
+class DecontaminationConfig(dg.Config):
+    keep_target_overlaps: bool = Field(default=False, description=KEEP_TARGET_OVERLAPS_DESCRIPTION)
+
+
+class SelectionConfig(DecontaminationConfig):
     budget: float = Field(default=0.05, description="A count (>= 1, whole) or a fraction of the pool (< 1)")
     seed: int = Field(default=0, description="Seed for methods that sample (random)")
+
+
+class Decontamination:
+    """The pool rows a selection leaves out because they are target rows, and what it reports about them."""
+
+    def __init__(self, overlaps: overlap_store.OverlapSet, keep: bool) -> None:
+        self.overlaps = overlaps
+        self.keep = keep
+        self.excluded: list[str] = []  # candidates dropped by `candidates`
+
+    @classmethod
+    def current(cls, con: duckdb.DuckDBPyConnection, keep: bool) -> "Decontamination":
+        """The overlaps of the current pool and targets (computed if they changed)."""
+        return cls(overlap_store.current_overlaps(con), keep)
+
+    def candidates(self, ids: Sequence[str]) -> list[int]:
+        """Positions in ``ids`` to choose from: those that are not target rows (all of them when keeping)."""
+        overlapping = frozenset() if self.keep else self.overlaps.example_ids
+        kept = [i for i, example_id in enumerate(ids) if example_id not in overlapping]
+        self.excluded = [example_id for example_id in ids if example_id in overlapping]
+        return kept
+
+    def usable(self, what: str) -> str:
+        """``what`` the candidates are, for the budget preflight's message."""
+        if not self.excluded:
+            return what
+        return (
+            f"{what} and not target rows ({len(self.excluded)} pool rows overlapping target rows are excluded: "
+            f"{self.overlaps.describe(set(self.excluded))}; `{overlap_store.KEEP_FIELD}: true` keeps them)"
+        )
+
+    def metrics(self, n_picked: int) -> dict:
+        return {
+            overlap_store.KEEP_FIELD: self.keep,
+            "n_target_overlaps_excluded": len(self.excluded),
+            "n_target_overlaps_picked": n_picked,
+            "target_overlaps": self.overlaps.summary(),
+        }
+
+    def metadata(self, n_picked: int) -> dict:
+        return {
+            overlap_store.KEEP_FIELD: dg.MetadataValue.bool(self.keep),
+            "n_target_overlaps_excluded": dg.MetadataValue.int(len(self.excluded)),
+            "n_target_overlaps_picked": dg.MetadataValue.int(n_picked),
+        }
+
+
+def refuse_target_rows(
+    con: duckdb.DuckDBPyConnection, picked: Sequence[str], decontamination: Decontamination, selection: str
+) -> int:
+    """The final guard before a selection is written: picks that are target rows of the current
+    targets are refused unless the selection keeps them; returns how many picks are target rows.
+
+    Read again here rather than trusted from the skin, so a skin that forgot to filter fails loudly.
+    """
+    current = overlap_store.current_overlaps(con)
+    return overlap_store.refuse_overlapping_picks(current, picked, decontamination.keep, selection)
 
 
 def score_histogram(scores: np.ndarray, bins: int = 10) -> dict[str, float]:
@@ -53,8 +124,13 @@ def record_picks(
     scored: selectors.ScoredPool | None = None,
     extra_metrics: dict | None = None,
     extra_metadata: dict | None = None,
+    decontamination: Decontamination | None = None,
 ) -> dg.MaterializeResult:
-    """Write selections (+ explanations when the picks came from a score matrix), exports, lineage and metadata."""
+    """Write selections (+ explanations when the picks came from a score matrix), exports, lineage and metadata.
+
+    Refused, before anything is written, when a pick is a target row and ``decontamination`` does
+    not keep them (None: a skin that does not say keeps nothing).
+    """
     model = context.partition_key
     selections, explained = [], []
     for pick in picks:
@@ -72,6 +148,11 @@ def record_picks(
     exports = [settings.path("selections", model, method, f"{s.target}-{budget}.jsonl") for s in selections]
     export_dir = settings.subdir("selections", model, method)
     with lineage.connect() as con:
+        if decontamination is None:
+            decontamination = Decontamination.current(con, keep=False)
+        n_overlapping = refuse_target_rows(
+            con, [i for s in selections for i in s.example_ids], decontamination, f"{method} selection"
+        )
         n_rows = selection_store.write_selections(
             con,
             selections,
@@ -89,6 +170,7 @@ def record_picks(
         "budget": budget,
         "pool_version": pool_version,
         "targets": [p.target for p in picks],
+        **decontamination.metrics(n_overlapping),
         **(extra_metrics or {}),
     }
     if scored is not None:
@@ -116,6 +198,7 @@ def record_picks(
             "targets": dg.MetadataValue.json([p.target for p in picks]),
             "top_examples": dg.MetadataValue.md(markdown_table(preview)),
             "export_dir": dg.MetadataValue.path(str(export_dir)),
+            **decontamination.metadata(n_overlapping),
             **metadata,
             **(extra_metadata or {}),
         },
@@ -137,7 +220,8 @@ def selection_asset(
         partitions_def=model_partitions,
         deps=deps,
         group_name="selections",
-        code_version=code_version(*method.code),
+        # Which pool rows are target rows decides the candidates of every method.
+        code_version=code_version(*method.code, "selection.data.decontamination"),
         description=method.description,
         **asset_args,
     )
@@ -155,6 +239,7 @@ def from_influence_scores(method: registry.SelectionMethod) -> dg.AssetsDefiniti
             run = latest_influence(con, context.partition_key)
             pool_size = pool_store.pool_version_size(con, run["pool_version"])
             current = set(pool_store.pool_ids(con))
+            decontamination = Decontamination.current(con, config.keep_target_overlaps)
             informative, why = (
                 diagnostics.collapsed_feature_reason(
                     con,
@@ -168,16 +253,21 @@ def from_influence_scores(method: registry.SelectionMethod) -> dg.AssetsDefiniti
             )
         scores, train_ids = influence.load_scores(run["scores_dir"])
         # Score rows of examples superseded since the scores were computed are never picked.
-        rows = [row for row, example_id in enumerate(train_ids) if example_id in current]
+        current_rows = [row for row, example_id in enumerate(train_ids) if example_id in current]
+        rows = [current_rows[i] for i in decontamination.candidates([train_ids[row] for row in current_rows])]
         # Every method's budget is a share of the same pool version (not of the scored subset),
         # refused before anything is chosen or written when it is above what can be picked.
         budget = preflight.resolve_selection_budget(
-            config.budget, pool_size, len(rows), "current examples with influence scores"
+            config.budget, pool_size, len(rows), decontamination.usable("current examples with influence scores")
         )
-        if len(rows) < len(train_ids):
+        if len(current_rows) < len(train_ids):
             context.log.warning(
-                f"{len(train_ids) - len(rows)} scored examples are superseded or gone from the pool and are left out"
+                f"{len(train_ids) - len(current_rows)} scored examples are superseded or gone from the pool and are "
+                "left out"
             )
+        if decontamination.excluded:
+            context.log.info(f"{len(decontamination.excluded)} scored examples are target rows and are left out")
+        if len(rows) < len(train_ids):
             scores, train_ids = np.asarray(scores[rows]), [train_ids[row] for row in rows]
         scored = selectors.ScoredPool(scores, run["columns"], config.seed)
         picks = method.choose(scored, budget)
@@ -204,6 +294,7 @@ def from_influence_scores(method: registry.SelectionMethod) -> dg.AssetsDefiniti
             scored,
             {"scores_dir": run["scores_dir"], **trust},
             {key: _metadata_value(value) for key, value in trust.items()},
+            decontamination,
         )
 
     return _selection

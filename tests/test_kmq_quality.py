@@ -152,7 +152,7 @@ def test_quality_setting_is_checked() -> None:
         _quality_kind(KmqConfig(quality="perplexity"))
     # The core settings refuse a bad setting when they are made, before anything is read or loaded.
     with pytest.raises(ValueError, match="not one of"):
-        kmq_run.KmqSettings(**KmqConfig(quality="perplexity").model_dump())
+        kmq_run.KmqSettings(**KmqConfig(quality="perplexity").settings())
 
 
 # ------------------------------------------------------------------ the diversity store and the score cache

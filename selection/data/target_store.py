@@ -60,10 +60,32 @@ def read_targets(con: duckdb.DuckDBPyConnection, split: str = "val") -> list[tup
     return [(task, subtask, example_id, json.loads(messages)) for task, subtask, example_id, messages in rows]
 
 
+def read_target_rows(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str, str, str, list[dict]]]:
+    """(task, subtask, split, example_id, messages) of every stored target row, both splits (empty if none)."""
+    ensure_target_tables(con)
+    rows = con.execute(
+        "SELECT task, subtask, split, example_id, messages FROM targets ORDER BY task, subtask, split, split_rank"
+    ).fetchall()
+    return [
+        (task, subtask, split, example_id, json.loads(messages)) for task, subtask, split, example_id, messages in rows
+    ]
+
+
+def _version_of_keys(keys: Iterable[tuple[str, str, str, str]]) -> str:
+    lines = sorted("\t".join(key) for key in keys)
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()[:16]
+
+
 def targets_version(rows: Iterable[TargetRow]) -> str:
     """Content version of a target set: hash of its sorted (task, subtask, split, id) rows."""
-    keys = sorted(f"{row.task}\t{row.subtask}\t{row.split}\t{row.example_id}" for row in rows)
-    return hashlib.sha256("\n".join(keys).encode("utf-8")).hexdigest()[:16]
+    return _version_of_keys((row.task, row.subtask, row.split, row.example_id) for row in rows)
+
+
+def stored_targets_version(con: duckdb.DuckDBPyConnection) -> str | None:
+    """:func:`targets_version` of the stored `targets` table, None when it holds no row."""
+    ensure_target_tables(con)
+    keys = con.execute("SELECT task, subtask, split, example_id FROM targets").fetchall()
+    return _version_of_keys(keys) if keys else None
 
 
 def _insert(con: duckdb.DuckDBPyConnection, table: str, columns: Sequence[str], records: list[tuple[Any, ...]]) -> None:

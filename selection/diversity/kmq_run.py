@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from selection import kmq
-from selection.common import files, progress
+from selection import kmq, selectors
+from selection.common import files, integrity, progress
 from selection.common.runtime import Connect, Log
 from selection.data import tokenization
 from selection.diversity import diversity_store, quality
@@ -35,7 +35,9 @@ class KmqSettings:
     reward_model_path: str | None
 
     def __post_init__(self) -> None:
-        quality.quality_kind(self.quality, self.reward_model_path)  # a bad setting fails before anything is loaded
+        # A bad setting fails before anything is read or loaded.
+        quality.quality_kind(self.quality, self.reward_model_path)
+        selectors.check_budget_setting(self.budget)
 
     @property
     def quality_kind(self) -> str:
@@ -51,13 +53,21 @@ class IterativeKmqSettings(KmqSettings):
 
 @dataclass(frozen=True)
 class KmqPool:
-    """The current pool with each example's source and cluster."""
+    """The examples to choose from (the current pool, or part of it) with each one's source and cluster."""
 
     pool_version: str
     ids: list[str]
     conversations: list
     sources: list[str]
     label_of: dict[str, int]
+    # The current pool's size (a fractional budget is a share of it) when ``ids`` are part of it,
+    # and what ``ids`` are (for the budget's error messages).
+    n_pool: int | None = None
+    usable: str = "current pool examples"
+
+    @property
+    def pool_size(self) -> int:
+        return len(self.ids) if self.n_pool is None else self.n_pool
 
 
 @dataclass(frozen=True)
@@ -86,7 +96,9 @@ class KmqInputs:
         return np.array([self.pool.label_of[self.pool.ids[i]] for i in self.eligible])
 
     def eligible_budget(self, budget: float) -> int:
-        return preflight.resolve_selection_budget(budget, len(self.pool.ids), len(self.eligible), ELIGIBLE)
+        part = self.pool.pool_size != len(self.pool.ids)
+        usable = f"{ELIGIBLE} among the {self.pool.usable}" if part else ELIGIBLE
+        return preflight.resolve_selection_budget(budget, self.pool.pool_size, len(self.eligible), usable)
 
     def by_source(self, temperature: float) -> list[dict]:
         """Per-source score and relative sampling weight (mean 1 over the pool, 0 if not eligible)."""
@@ -122,7 +134,7 @@ def load_kmq_inputs(pool: KmqPool, settings: KmqSettings, runtime: KmqRuntime) -
             f"clusters cover {len(pool.label_of)} of {len(pool.ids)} pool examples; rematerialize clusters"
         )
     # Refused before the model is loaded and the pool scored.
-    preflight.resolve_selection_budget(settings.budget, len(pool.ids), len(pool.ids), "current pool examples")
+    preflight.resolve_selection_budget(settings.budget, pool.pool_size, len(pool.ids), pool.usable)
     model, tokenizer = runtime.load_model()
     scorer = quality.make_scorer(
         settings.quality_kind, settings.reward_model_path, model, tokenizer, runtime.spec, runtime.device
@@ -231,7 +243,10 @@ class IterativeFeedback:
         files.make_dirs(round_dir)
         cached = round_dir / "feedback.json"
         if cached.is_file():
-            stored = json.loads(cached.read_text())
+            # Rematerializing would read the same file again: the fix is to delete it.
+            stored = integrity.read_json(
+                cached, asset=None, fix="delete it and rematerialize kmq_iterative_selection to recompute the round"
+            )
             self.feedback_log.append({**stored["log"], "reused": True})
             return np.array([np.nan if s is None else s for s in stored["scores"]], dtype=np.float64)
         examples, stats = tokenization.tokenize_many(tokenizer, chosen, spec.max_length)

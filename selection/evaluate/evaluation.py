@@ -739,10 +739,55 @@ def _delta_cell(delta: float, low: float, high: float, significant: bool) -> str
     return f"{delta:.3g}{interval}{' *' if significant else ''}"
 
 
+@dataclass(frozen=True)
+class TargetOverlapReport:
+    """Pool rows that are target rows, and the evaluated checkpoints that trained on some."""
+
+    counts: Sequence[Mapping[str, Any]]  # {task, split, kind, pool_rows}, distinct pool rows each
+    n_pool_rows: int
+    # Evaluated name -> {"rows": training examples that are target rows, "test_rows": those that
+    # are test rows, "tasks": their tasks}; names that trained on none are absent.
+    trained: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+def target_overlap_lines(report: TargetOverlapReport) -> list[str]:
+    """The report's section on target rows found in the pool and whether training left them out."""
+    lines = ["## Target rows in the pool", ""]
+    if not report.n_pool_rows:
+        return lines + ["No pool row is a target row (same example, or a 13-gram overlap of the prompt).", ""]
+    lines += [
+        (
+            f"{report.n_pool_rows} pool rows are target rows (same example, or a 13-gram overlap of the prompt; "
+            "table `target_overlaps`); selections leave them out unless `keep_target_overlaps` is set."
+        ),
+        "",
+        markdown.table(
+            ["task", "split", "kind", "pool rows"],
+            ((c["task"], c["split"], c["kind"], c["pool_rows"]) for c in report.counts),
+        ),
+        "",
+    ]
+    if not report.trained:
+        return lines + ["Excluded: no evaluated checkpoint trained on any of them.", ""]
+    lines += [
+        (
+            "**Not excluded** from these checkpoints' training data (selected with `keep_target_overlaps: true` "
+            "or before target rows were excluded): their figures on these tasks partly measure memorisation."
+        ),
+        "",
+    ]
+    lines += [
+        f"- {name}: {t['rows']} target rows ({t['test_rows']} test rows; tasks {', '.join(t['tasks'])})"
+        for name, t in sorted(report.trained.items())
+    ]
+    return lines + [""]
+
+
 def markdown_report(
     table: pd.DataFrame,
     title: str = "Evaluation comparison",
     shared_training_sets: Sequence[tuple[Sequence[str], int]] = (),
+    target_overlaps: TargetOverlapReport | None = None,
 ) -> str:
     """Compact markdown: best method per task, average rank, worst task per method, the full
     table with intervals, and what the intervals cover.
@@ -751,6 +796,7 @@ def markdown_report(
     are listed so that no gap in the numbers goes unnoticed. ``shared_training_sets`` are
     (names, number of examples) of methods that trained on the very same examples: listed
     so that their equal rows read as one selection, not as two methods agreeing.
+    ``target_overlaps``: the pool rows that are target rows, and who trained on them.
     """
     baseline = table.attrs.get("baseline")
     lines = [f"# {title}", ""]
@@ -778,6 +824,8 @@ def markdown_report(
         ]
         lines += [f"- {' = '.join(names)} ({n_examples} examples)" for names, n_examples in shared_training_sets]
         lines.append("")
+    if target_overlaps is not None:
+        lines += target_overlap_lines(target_overlaps)
 
     def delta(row: Any, metric: str) -> str:
         prefix = f"delta_{metric}"

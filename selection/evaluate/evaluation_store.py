@@ -202,6 +202,22 @@ def latest_evaluation(con: duckdb.DuckDBPyConnection, model: str) -> list[Stored
     return [StoredResult(*row) for row in rows]
 
 
+def evaluated_training_examples(con: duckdb.DuckDBPyConnection, model: str) -> dict[str, list[str]]:
+    """The examples each finetuned checkpoint of the model's latest evaluation trained on (all seeds), by name."""
+    ensure_evaluation_tables(con)
+    checkpoints.ensure_checkpoint_tables(con)
+    rows = con.execute(
+        """SELECT r.name, list(DISTINCT e.example_id ORDER BY e.example_id)
+           FROM evaluation_runs r JOIN checkpoint_examples e
+             ON e.model = r.model AND e.stage = r.stage AND e.run_key = r.run_key
+           WHERE r.model = ? AND r.run_key IS NOT NULL AND r.run_id = (
+               SELECT run_id FROM evaluation_runs WHERE model = ? ORDER BY created_at DESC LIMIT 1)
+           GROUP BY r.name ORDER BY r.name""",
+        [model, model],
+    ).fetchall()
+    return {name: list(example_ids) for name, example_ids in rows}
+
+
 @dataclass(frozen=True)
 class SharedTrainingSet:
     """Evaluated checkpoints (by name) that were finetuned on exactly the same examples."""
@@ -216,19 +232,8 @@ def shared_training_sets(con: duckdb.DuckDBPyConnection, model: str) -> list[Sha
     Two methods can pick the same examples (on a small pool, LESS's top-k and its per-task round
     robin often coincide); their figures then agree by construction, and a reader must be told.
     """
-    ensure_evaluation_tables(con)
-    checkpoints.ensure_checkpoint_tables(con)
-    rows = con.execute(
-        """SELECT r.name, list(DISTINCT e.example_id ORDER BY e.example_id)
-           FROM evaluation_runs r JOIN checkpoint_examples e
-             ON e.model = r.model AND e.stage = r.stage AND e.run_key = r.run_key
-           WHERE r.model = ? AND r.run_key IS NOT NULL AND r.run_id = (
-               SELECT run_id FROM evaluation_runs WHERE model = ? ORDER BY created_at DESC LIMIT 1)
-           GROUP BY r.name ORDER BY r.name""",
-        [model, model],
-    ).fetchall()
     by_examples: dict[tuple[str, ...], list[str]] = {}
-    for name, example_ids in rows:
+    for name, example_ids in evaluated_training_examples(con, model).items():
         by_examples.setdefault(tuple(example_ids), []).append(name)
     return [
         SharedTrainingSet(tuple(names), len(example_ids))
