@@ -1,8 +1,8 @@
 """Subprocess of tests/test_scale.py: a scaled-down random Llama at paper settings, with peak RSS.
 
-Run as ``python tests/scale_probe.py BUDGET_MB [DTYPE]`` (base weights' dtype, default bfloat16);
-prints one JSON line. It runs in its own
-process so that the peak RSS (VmHWM, reset through /proc/self/clear_refs) belongs to the
+Run as ``python tests/scale_probe.py BUDGET_MB [DTYPE] [LOSS]`` (base weights' dtype, default
+bfloat16; LOSS ``response``, the default, or ``sequence``: every token a target); prints one
+JSON line. It runs in its own process so that the peak RSS (VmHWM, reset through /proc/self/clear_refs) belongs to the
 measured step alone.
 """
 
@@ -39,13 +39,14 @@ def reset_peak() -> float:
     return status_mb("VmRSS")
 
 
-def examples(lengths: list[int], vocab: int) -> list[TokenizedExample]:
+def examples(lengths: list[int], vocab: int, loss: str = "response") -> list[TokenizedExample]:
     generator = torch.Generator().manual_seed(0)
     out = []
     for length in lengths:
         ids = torch.randint(3, vocab, (length,), generator=generator).tolist()
-        prompt = length // 3  # the first third is prompt (no loss), the rest the response
-        out.append(TokenizedExample(ids, [-100] * prompt + ids[prompt:], False, length - prompt - 1))
+        # response: the first third is prompt (no loss), the rest the response; sequence: every token.
+        prompt = length // 3 if loss == "response" else 0
+        out.append(TokenizedExample(ids, [-100] * prompt + ids[prompt:], False, length - max(prompt, 1)))
     return out
 
 
@@ -54,6 +55,7 @@ def main() -> None:
 
     budget = int(float(sys.argv[1]) * 2**20)
     dtype = sys.argv[2] if len(sys.argv) > 2 else "bfloat16"
+    loss = sys.argv[3] if len(sys.argv) > 3 else "response"
     torch.set_num_threads(2)
     config = LlamaConfig(
         hidden_size=1024,
@@ -76,10 +78,11 @@ def main() -> None:
         "base_dtypes": sorted({str(p.dtype) for p in model.parameters() if not p.requires_grad}),
         "lora_dtypes": sorted({str(p.dtype) for p in model.parameters() if p.requires_grad}),
         "checkpointing": bool(model.get_base_model().is_gradient_checkpointing),
+        "loss": loss,
     }
     # Moments of a one-step warmup stand-in: the Adam transform's working copies are part of the peak.
     moments = AdamMoments(torch.rand(engine.dim) * 1e-3, torch.rand(engine.dim) * 1e-6)
-    pool = examples([384, 360, 320, 300, 256, 200, 128, 64], config.vocab_size)
+    pool = examples([384, 360, 320, 300, 256, 200, 128, 64], config.vocab_size, loss)
     estimate = memory.gradient_memory(model, engine.dim)
     batches = length_sorted_batches(pool, max_batch_size=64, max_rows=estimate.max_rows(budget))
     engine(collate(pool[-1:], 2))  # one small batch first: lazy initialization is not the step's memory

@@ -16,6 +16,8 @@ from selection.influence.gradients import (
     adam_no_momentum_feature,
     flatten_named,
     lora_slots,
+    loss_chunk_positions,
+    sum_of_example_losses,
     train_feature,
     transform_why,
 )
@@ -65,6 +67,49 @@ def test_batched_per_example_gradients_match_naive_reference() -> None:
         reference = naive_gradient(model, example)
         relative = (batched[row] - reference).norm() / reference.norm()
         assert relative < 1e-4, (row, relative.item())
+
+
+def sequence_examples(lengths: list[int], seed: int = 0) -> list[TokenizedExample]:
+    """Whole-sequence loss: every token but the first is a target."""
+    return [TokenizedExample(e.input_ids, list(e.input_ids), False, len(e) - 1) for e in random_examples(lengths, seed)]
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunked_linear_cross_entropy_equals_plain_autograd(chunk: int, softcap: float | None) -> None:
+    model = tiny_lora_model()
+    model.get_base_model().config.final_logit_softcapping = softcap
+    batch = collate(sequence_examples([9, 23, 5, 17]), pad_token_id=2)
+    plain = PerExampleGradients(model, loss_chunk_positions=None)(batch)
+    chunked = PerExampleGradients(model, loss_chunk_positions=chunk)(batch)
+    relative = ((chunked - plain).norm(dim=1) / plain.norm(dim=1)).max().item()
+    assert relative < 1e-6, relative
+    model.eval()  # LoRA dropout off, as in the engine
+    with torch.no_grad():
+        plain_loss = sum_of_example_losses(model, batch, None)
+        chunked_loss = sum_of_example_losses(model, batch, chunk)
+    assert torch.allclose(chunked_loss, plain_loss, rtol=1e-6), (chunked_loss, plain_loss)
+
+
+def test_chunked_loss_never_holds_more_than_a_chunk_of_logits(monkeypatch) -> None:
+    """Peak logits are O(chunk x vocab), not O(positions x vocab): every lm_head call is one chunk."""
+    from selection.influence import gradients
+
+    model = tiny_lora_model()
+    batch = collate(sequence_examples([40, 33, 28]), pad_token_id=2)
+    widest: list[int] = []
+    real_linear = gradients.F.linear
+
+    def recording_linear(inputs, weight, bias=None):
+        out = real_linear(inputs, weight, bias)
+        if weight.shape[0] == model.get_base_model().config.vocab_size:
+            widest.append(out.shape[0])
+        return out
+
+    monkeypatch.setattr(gradients.F, "linear", recording_linear)
+    PerExampleGradients(model, loss_chunk_positions=16)(batch)
+    assert widest and max(widest) <= 16 and sum(widest) == 40 + 33 + 28 - 3
+    assert loss_chunk_positions(49152) == 341 and loss_chunk_positions(128256) == 130
 
 
 def test_layout_is_named_parameters_order_and_lora_only() -> None:

@@ -81,3 +81,20 @@ def test_estimate_at_7b_and_free_memory_budget() -> None:
     rows = model.max_rows(60 * 2**30)
     assert 1 <= rows(2048) < rows(256)
     assert memory.free_bytes("cpu", budget_bytes=123) == 123 and memory.free_bytes("cpu") > 0
+
+
+def test_loss_memory_is_one_chunk_per_batch_not_logits_per_token() -> None:
+    """At 7B with a 128K vocabulary, per-token logits would be ~1 MB a token (2 GB for a 2,048-token
+    row); the chunked loss holds one chunk of logits per batch, whatever the length or vocabulary."""
+    shapes = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "intermediate_size": 14336}
+    small, large = LlamaConfig(vocab_size=32000, **shapes), LlamaConfig(vocab_size=128256, **shapes)
+    modules = ("q_proj", "k_proj", "v_proj", "o_proj")
+    per_token = [memory.activation_bytes_per_token(c, 128, modules, 2, checkpointing=True) for c in (small, large)]
+    assert per_token[0] == per_token[1]  # the vocabulary no longer costs per token
+    chunk = memory.loss_chunk_bytes(large, 2)
+    assert memory.loss_chunk_positions(128256) * 128256 * 4 <= memory.LOSS_CHUNK_BYTES and chunk <= 100 * 2**20
+    estimate = memory.GradientMemory(32 * 4 * 2 * 128 * 4096, per_token[1], chunk)
+    # An 80 GB GPU with 70 GB free: several 2,048-token rows per batch, and the chunk counted once.
+    rows = estimate.max_rows(70 * 2**30)(2048)
+    assert rows >= 4 and estimate.batch_bytes(rows, 2048) <= 70 * 2**30
+    assert estimate.batch_bytes(2, 2048) - estimate.batch_bytes(1, 2048) == estimate.batch_bytes(1, 2048) - chunk

@@ -22,12 +22,13 @@ PROBE = Path(__file__).with_name("scale_probe.py")
 
 
 @pytest.mark.slow
-def test_scaled_down_llama_peak_memory_matches_the_estimate() -> None:
+@pytest.mark.parametrize("loss", ["response", "sequence"])
+def test_scaled_down_llama_peak_memory_matches_the_estimate(loss: str) -> None:
     budget_mb = 1200
     # bf16 base weights where the CPU computes them natively; fp32 otherwise (same estimate, 2x the bytes).
     dtype = "bfloat16" if cpu_matmul_slowdown(torch.bfloat16) <= SLOW_CPU_DTYPE_RATIO else "float32"
     done = subprocess.run(
-        [sys.executable, str(PROBE), str(budget_mb), dtype], capture_output=True, text=True, timeout=600
+        [sys.executable, str(PROBE), str(budget_mb), dtype, loss], capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -35,6 +36,7 @@ def test_scaled_down_llama_peak_memory_matches_the_estimate() -> None:
     assert result["lora_dims"] == 8 * 4 * 2 * 128 * 1024
     assert result["base_dtypes"] == [f"torch.{dtype}"] and result["lora_dtypes"] == ["torch.float32"]
     assert result["checkpointing"] and result["feature_dtype"] == "torch.float32" and result["finite"]
+    assert result["loss"] == loss
     # The planner filled the budget with the longest rows first; the measured peak is the estimate's +-25%.
     assert result["batch_rows"] >= 2 and result["estimate_mb"] <= budget_mb
     assert abs(result["peak_mb"] / result["estimate_mb"] - 1) <= 0.25, result

@@ -7,16 +7,22 @@ it is bounded by tokens.
 
 Estimate of one batch of ``n`` examples padded to ``t`` tokens (bytes)::
 
-    n * (lora_dims * 4 * GRADIENT_COPIES + t * bytes_per_token)
+    loss_chunk_bytes + n * (lora_dims * 4 * GRADIENT_COPIES + t * bytes_per_token)
 
-``GRADIENT_COPIES``: the flat fp32 gradient plus the working copies of the Adam transform.
+``GRADIENT_COPIES``: the flat fp32 gradient plus the two working copies of the Adam transform
+(``selection.influence.gradients.adam_feature`` works in place to stay at two).
 ``bytes_per_token`` (``activation_bytes_per_token``): per layer, what the per-example
 capture keeps in fp32 for every LoRA module (input of lora_A, input and output of lora_B,
 output gradient: ``(in + r + 2 out) * 4``), the base model's activations kept for the
 backward pass (``hidden * HIDDEN_ACTIVATIONS + intermediate * MLP_ACTIVATIONS`` values of
 the weight dtype per layer; with gradient checkpointing only the layer inputs plus one
-layer), and fp32 logits with their gradient at every target token (``vocab * 4 * 2``).
-The constants were fitted on the CPU (``tests/test_scale.py``); the budget keeps a margin.
+layer), and the loss's hidden states with their gradient (``hidden * weight_bytes * 2``).
+``loss_chunk_bytes``: the lm_head + cross-entropy run over a chunk of positions at a time
+(``selection.influence.gradients.ChunkedLinearCrossEntropy``), so their fp32 logits (and the
+copy cast for the gradient's matmul) are ``chunk * vocab * (4 + weight_bytes)`` once per batch,
+not per token: with whole-sequence loss at a 128K vocabulary, per-token logits would be
+~1 MB a token. The constants were fitted on the CPU (``tests/test_scale.py``, with both loss
+kinds); the budget keeps a margin.
 """
 
 from __future__ import annotations
@@ -28,10 +34,9 @@ from typing import Any, TypeVar
 
 import torch
 
-GRADIENT_COPIES = 2
+GRADIENT_COPIES = 3
 HIDDEN_ACTIVATIONS = 12
 MLP_ACTIVATIONS = 4
-LOGIT_COPIES = 2
 SAFETY = 0.8  # share of the free memory a batch may plan to use
 
 logger = logging.getLogger(__name__)
@@ -44,17 +49,19 @@ class GradientMemory:
 
     lora_dims: int
     bytes_per_token: int
+    loss_chunk_bytes: int = 0  # once per batch: the loss's logits for one chunk of positions
 
     @property
     def bytes_per_example(self) -> int:
         return self.lora_dims * 4 * GRADIENT_COPIES
 
     def batch_bytes(self, n_examples: int, padded_tokens: int) -> int:
-        return n_examples * (self.bytes_per_example + padded_tokens * self.bytes_per_token)
+        return self.loss_chunk_bytes + n_examples * (self.bytes_per_example + padded_tokens * self.bytes_per_token)
 
     def max_rows(self, budget_bytes: int) -> Callable[[int], int]:
         """Rows a batch may hold when its longest row has ``tokens`` tokens (at least 1)."""
-        return lambda tokens: max(1, budget_bytes // (self.bytes_per_example + tokens * self.bytes_per_token))
+        free = max(0, budget_bytes - self.loss_chunk_bytes)
+        return lambda tokens: max(1, free // (self.bytes_per_example + tokens * self.bytes_per_token))
 
 
 def activation_bytes_per_token(
@@ -76,7 +83,24 @@ def activation_bytes_per_token(
     capture = sum((shapes[m][0] + lora_r + 2 * shapes[m][1]) * 4 for m in lora_modules)
     per_layer = (HIDDEN_ACTIVATIONS * hidden + MLP_ACTIVATIONS * config.intermediate_size) * weight_bytes
     base = layers * hidden * weight_bytes + per_layer if checkpointing else layers * per_layer
-    return layers * capture + base + config.vocab_size * 4 * LOGIT_COPIES
+    return layers * capture + base + hidden * weight_bytes * 2
+
+
+# Logit bytes one chunk of the lm_head + cross-entropy may hold (fp32 logits, overwritten in place
+# by their gradient): 64 MiB is 341 positions at SmolLM2's 49K vocabulary, 130 at a 128K one.
+LOSS_CHUNK_BYTES = 64 << 20
+
+
+def loss_chunk_positions(vocab_size: int, chunk_bytes: int = LOSS_CHUNK_BYTES) -> int:
+    """Positions per chunk of the chunked lm_head + cross-entropy for a vocabulary (at least 1)."""
+    return max(1, chunk_bytes // (4 * vocab_size))
+
+
+def loss_chunk_bytes(config: Any, weight_bytes: int) -> int:
+    """Bytes of one chunk of the chunked lm_head + cross-entropy: fp32 logits (their gradient is
+    built in place) and the copy cast to the weights' dtype for the gradient's matmul."""
+    positions = loss_chunk_positions(config.vocab_size)
+    return positions * config.vocab_size * (4 + weight_bytes)
 
 
 def gradient_memory(model: Any, lora_dims: int) -> GradientMemory:
@@ -88,6 +112,7 @@ def gradient_memory(model: Any, lora_dims: int) -> GradientMemory:
     return GradientMemory(
         lora_dims,
         activation_bytes_per_token(base.config, lora.r, sorted(lora.target_modules), weight_bytes, checkpointing),
+        loss_chunk_bytes(base.config, weight_bytes),
     )
 
 

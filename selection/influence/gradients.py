@@ -17,6 +17,16 @@ Loss (LESS): per example, the mean token cross-entropy over its own target token
 target positions (the prompt's logits are never needed), which saves much of the
 ``lm_head`` cost.
 
+The lm_head and cross-entropy run in chunks of positions (:class:`ChunkedLinearCrossEntropy`):
+with whole-sequence loss every position is a target, and ``[tokens, vocab]`` fp32 logits for
+a batch (8 x 256 x 49K x 4 B = 400 MB for SmolLM2; ~1 GB per 2,048-token example at a 128K
+vocabulary) would cap the batch. Each chunk's logits are turned into the gradient of the loss
+with respect to the hidden states during the forward pass and freed, as fused linear
+cross-entropy losses (Liger Kernel's, for one) do: peak memory is O(chunk x vocab), the
+lm_head matmul runs once forward and once for the gradient (as in plain autograd), nothing is
+recomputed, and the result equals the plain computation up to float rounding. It needs the
+lm_head frozen (LoRA never trains it here); otherwise the plain path runs.
+
 Parameter order (the flattened feature layout, stable for a given model + LoRA config):
 the trainable parameters in ``model.named_parameters()`` order, each flattened
 row-major. Every trainable parameter must be the weight of a LoRA ``lora_A``/``lora_B``
@@ -33,6 +43,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from selection.common.memory import loss_chunk_positions
 from selection.data.tokenization import IGNORE_INDEX, check_loss_tokens
 from selection.train.models import eval_mode
 
@@ -113,11 +124,62 @@ def _target_weights(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return torch.stack([rows, cols]), shifted[rows, cols], weights
 
 
-def sum_of_example_losses(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """sum_i (mean CE over example i's target tokens), logits only at target positions."""
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """``sum_t w_t * CE(softcap(h_t W^T), y_t)`` over positions ``t``, computed ``chunk`` positions
+    at a time; the gradient for ``h`` is formed in the forward pass (see the module docstring),
+    so no ``[positions, vocab]`` tensor outlives its chunk. ``W`` gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, weights, softcap, chunk):
+        needs_grad = ctx.needs_input_grad[0]
+        grad_hidden = torch.empty_like(hidden) if needs_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            end = min(start + chunk, hidden.shape[0])
+            logits = F.linear(hidden[start:end], weight).float()
+            capped = torch.tanh(logits / softcap) if softcap else None
+            if capped is not None:
+                logits = capped * softcap
+            log_norm = torch.logsumexp(logits, dim=1)
+            picked = logits.gather(1, targets[start:end, None])[:, 0]
+            total += ((log_norm - picked) * weights[start:end]).sum()
+            if not needs_grad:
+                continue
+            # d/dlogits of w * CE = w * (softmax - one_hot), built in place over the logits.
+            grad_logits = logits.sub_(log_norm[:, None]).exp_()
+            grad_logits[torch.arange(end - start, device=hidden.device), targets[start:end]] -= 1.0
+            grad_logits *= weights[start:end, None]
+            if capped is not None:
+                grad_logits *= 1.0 - capped * capped
+            grad_hidden[start:end] = grad_logits.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad_hidden if needs_grad else total.new_empty(0))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None, None
+
+
+def sum_of_example_losses(
+    model: nn.Module, batch: Mapping[str, torch.Tensor], chunk_positions: int | None = 0
+) -> torch.Tensor:
+    """sum_i (mean CE over example i's target tokens), logits only at target positions.
+
+    ``chunk_positions``: positions per lm_head + cross-entropy chunk (0: sized by
+    ``selection.common.memory.LOSS_CHUNK_BYTES``; None: the plain, unchunked computation)."""
     body, lm_head, softcap = _split_model(model)
     hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     (rows, cols), targets, weights = _target_weights(batch["labels"])
+    chunkable = (
+        chunk_positions is not None
+        and isinstance(lm_head, nn.Linear)
+        and lm_head.bias is None
+        and not lm_head.weight.requires_grad
+    )
+    if chunkable:
+        chunk = chunk_positions or loss_chunk_positions(lm_head.out_features)
+        return ChunkedLinearCrossEntropy.apply(hidden[rows, cols], lm_head.weight, targets, weights, softcap, chunk)
     logits = lm_head(hidden[rows, cols]).float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
@@ -132,8 +194,9 @@ class PerExampleGradients:
     >>> grads = engine(collate(examples, pad_id))   # float32 [B, engine.dim]
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, loss_chunk_positions: int | None = 0) -> None:
         self.model = model
+        self.loss_chunk_positions = loss_chunk_positions  # see sum_of_example_losses
         self.slots = lora_slots(model)
         self.names = [slot.name for slot in self.slots]
         self.dim = sum(slot.numel for slot in self.slots)
@@ -155,7 +218,7 @@ class PerExampleGradients:
         # (hooks already removed, so the rerun captures nothing), which must match the first one.
         with eval_mode(self.model), torch.enable_grad():
             try:
-                loss = sum_of_example_losses(self.model, batch)
+                loss = sum_of_example_losses(self.model, batch, self.loss_chunk_positions)
             finally:
                 for handle in handles:
                     handle.remove()
@@ -225,9 +288,11 @@ def adam_feature(
         raise ValueError(
             f"shape mismatch: g {tuple(g.shape)}, exp_avg {tuple(exp_avg.shape)}, exp_avg_sq {tuple(exp_avg_sq.shape)}"
         )
-    m = exp_avg.to(g) * beta1 + g * (1 - beta1)
-    v = exp_avg_sq.to(g) * beta2 + g.square() * (1 - beta2)
-    return m / torch.sqrt(v + eps)
+    # In place after the first op: at most three [B, D] tensors (g, v, m) at once, which the memory
+    # planner counts (selection.common.memory.GRADIENT_COPIES); the values are the formula's.
+    v = g.square().mul_(1 - beta2).add_(exp_avg_sq.to(g) * beta2).add_(eps).sqrt_()
+    m = g.mul(1 - beta1).add_(exp_avg.to(g) * beta1)
+    return m.div_(v)
 
 
 def adam_no_momentum_feature(
