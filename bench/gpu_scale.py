@@ -9,11 +9,14 @@ Examples: ``bench/gpu_scale_examples.npz``, 256 default-pool examples tokenized 
 tokens on a CPU machine (``--write-examples``).
 
 Reports, for one checkpoint's pass over the examples with each projection of ``--modes``
-(``device`` then ``fast``, the default mode): examples/s of the pipeline's own
-``compute_features`` (batches planned by ``selection.common.memory`` from the GPU memory free
-once the projector is built, out-of-memory halving, Adam transform, fp16 chunks), the
-projector's build time, the time of a plain forward+backward over the same batches (the
-floor), peak GPU memory, and the fidelity of ``device`` and ``fast`` vs ``exact`` on a sample.
+(``device`` then ``fast``, the default mode) and the pipeline's default feature recipe
+(whole-sequence loss, ``sgd`` features), then with LESS's loss and transform (response-only
+loss, ``adam``) in the first mode: examples/s of the pipeline's own ``compute_features``
+(batches planned by ``selection.common.memory`` from the GPU memory free once the projector is
+built, out-of-memory halving, chunked loss, fp16 chunks), the projector's build time, the time
+of a forward+backward of the summed loss over the same batches and loss positions (the floor,
+per loss kind), peak GPU memory, and the fidelity of ``device`` and ``fast`` vs ``exact`` on a
+sample.
 ``exact`` generates its dense matrix on the CPU, dims x 8192 entries (4.4 TB at 7B), so it is
 feasible only on a slice: fidelity projects the first ``--slice-dims`` coordinates of the flat
 gradient layout (layer 0's LoRA weights) of ``--fidelity-sample`` examples with exact seeds 0
@@ -43,13 +46,32 @@ import itertools
 from gradients import POOL_SOURCES, spearman, sync, top_overlap
 
 from selection.common import memory
-from selection.data.tokenization import IGNORE_INDEX, TokenizedExample, collate, length_sorted_batches
+from selection.data.tokenization import (
+    IGNORE_INDEX,
+    LESS_LOSS_TOKENS,
+    TokenizedExample,
+    collate,
+    length_sorted_batches,
+    with_loss_on,
+)
 from selection.influence.datastore import FeatureStore, compute_features
-from selection.influence.gradients import PerExampleGradients
+from selection.influence.gradients import (
+    DEFAULT_LOSS_TOKENS,
+    DEFAULT_TRAIN_TRANSFORM,
+    LITERAL_LESS_TRANSFORM,
+    PerExampleGradients,
+    sum_of_example_losses,
+)
 from selection.influence.projection import make_projector
 from selection.train.models import ModelSpec, add_lora
 
 EXAMPLES_FILE = Path(__file__).with_name("gpu_scale_examples.npz")
+# (loss tokens, train transform): the pipeline's default features and LESS's (its exact projection
+# does not fit at 7B; the projection is the pass's mode).
+RECIPES = {
+    "default": (DEFAULT_LOSS_TOKENS, DEFAULT_TRAIN_TRANSFORM),
+    "less-paper": (LESS_LOSS_TOKENS, LITERAL_LESS_TRANSFORM),
+}
 LLAMA_7B = {
     "hidden_size": 4096,
     "num_hidden_layers": 32,
@@ -173,32 +195,43 @@ def main() -> None:
     names = engine.names
     moments = {name: torch.rand(slot.shape, device=device) * 1e-3 for name, slot in zip(names, engine.slots)}
     moments_sq = {name: torch.rand(slot.shape, device=device) * 1e-6 for name, slot in zip(names, engine.slots)}
-    by_mode = {}
-    for mode in args.modes:
-        by_mode[mode] = datastore_pass(mode, model, engine, examples, pad, device, args, moments, moments_sq)
-    # The floor: plain forward + backward (HF loss) over the same memory-planned batches.
-    sync(device)
-    tick = time.perf_counter()
-    with torch.enable_grad():
-        for rows in batches:
-            batch = {k: v.to(device) for k, v in collate([examples[r] for r in rows], pad).items()}
-            model.zero_grad(set_to_none=True)
-            model(**batch).loss.backward()
-    model.zero_grad(set_to_none=True)
-    sync(device)
-    floor = time.perf_counter() - tick
-    for figures in by_mode.values():
-        figures["over_floor"] = round(figures["seconds"] / floor, 2)
-    first = by_mode[args.modes[0]]  # the headline figures: the first mode asked for
+    by_loss = {loss: [with_loss_on(e, loss) for e in examples] for loss, _ in RECIPES.values()}
+    passes = [(mode, "default") for mode in args.modes] + [(args.modes[0], "less-paper")]
+    by_pass = {}
+    for mode, recipe in passes:
+        loss, transform = RECIPES[recipe]
+        figures = datastore_pass(
+            mode, model, engine, by_loss[loss], pad, device, args, moments, moments_sq, transform, loss
+        )
+        by_pass[f"{mode}/{recipe}"] = {"loss_tokens": loss, "transform": transform, **figures}
+    # The floor per loss kind: forward + backward of the summed loss over the same planned batches.
+    floors = {}
+    for loss, rows_of_loss in by_loss.items():
+        sync(device)
+        tick = time.perf_counter()
+        with torch.enable_grad():
+            for rows in batches:
+                batch = {k: v.to(device) for k, v in collate([rows_of_loss[r] for r in rows], pad).items()}
+                model.zero_grad(set_to_none=True)
+                sum_of_example_losses(model, batch).backward()
+        model.zero_grad(set_to_none=True)
+        sync(device)
+        floors[loss] = time.perf_counter() - tick
+    for figures in by_pass.values():
+        figures["over_floor"] = round(figures["seconds"] / floors[figures["loss_tokens"]], 2)
+    first = by_pass[f"{args.modes[0]}/default"]  # the headline figures: the first mode, default recipe
     result.update(
         projection_mode=args.modes[0],
+        recipe="default",
         examples_per_s=first["examples_per_s"],
         ours_seconds=first["seconds"],
-        floor_seconds=round(floor, 1),
+        floor_seconds=round(floors[DEFAULT_LOSS_TOKENS], 1),
+        floor_seconds_by_loss={loss: round(seconds, 1) for loss, seconds in floors.items()},
         ours_over_floor=first["over_floor"],
         oom_retries=first["oom_retries"],
         peak_gpu_gb=first["peak_gpu_gb"],
-        by_mode=by_mode,
+        by_mode={key.split("/")[0]: figures for key, figures in by_pass.items() if key.endswith("/default")},
+        by_pass=by_pass,
     )
     result["fidelity"] = fidelity(engine, examples[: args.fidelity_sample], pad, device, args)
     result["total_seconds"] = round(time.perf_counter() - started, 1)
@@ -221,8 +254,11 @@ def datastore_pass(
     args: argparse.Namespace,
     moments: dict[str, torch.Tensor],
     moments_sq: dict[str, torch.Tensor],
+    transform: str = DEFAULT_TRAIN_TRANSFORM,
+    loss_tokens: str = DEFAULT_LOSS_TOKENS,
 ) -> dict:
-    """One checkpoint's pass of ``compute_features`` with projection ``mode``: its time, memory and retries."""
+    """One checkpoint's pass of ``compute_features`` with projection ``mode`` and a feature recipe
+    (``examples`` already labelled for ``loss_tokens``): its time, memory and retries."""
     sync(device)
     tick = time.perf_counter()
     projector = make_projector(
@@ -236,7 +272,14 @@ def datastore_pass(
         torch.cuda.reset_peak_memory_stats(device)
     with tempfile.TemporaryDirectory() as tmp:
         store = FeatureStore(
-            Path(tmp) / "store", "llama2-7b-random", "random", "train", projector, chunk_size=len(examples)
+            Path(tmp) / "store",
+            "llama2-7b-random",
+            "random",
+            "train",
+            projector,
+            chunk_size=len(examples),
+            transform=transform,
+            loss_tokens=loss_tokens,
         )
         sync(device)
         tick = time.perf_counter()

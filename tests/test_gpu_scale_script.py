@@ -41,6 +41,15 @@ def test_gpu_scale_tiny_runs_the_whole_check_without_pipeline_only_packages() ->
     fidelity = result["fidelity"]
     assert result["projection_mode"] == "device" and set(result["by_mode"]) == {"device", "fast"}
     assert all(figures["examples_per_s"] > 0 and figures["over_floor"] > 0 for figures in result["by_mode"].values())
+    # The default recipe in every mode, and LESS's loss and transform in the first.
+    assert result["recipe"] == "default" and set(result["by_pass"]) == {
+        "device/default",
+        "fast/default",
+        "device/less-paper",
+    }
+    assert result["by_pass"]["device/less-paper"]["loss_tokens"] == "response"
+    assert result["by_pass"]["device/default"]["loss_tokens"] == "sequence"
+    assert set(result["floor_seconds_by_loss"]) == {"response", "sequence"}
     assert set(fidelity["projection_seconds"]) == {"exact0", "exact1", "device0", "fast0"}
     for pair in ("device_vs_exact", "fast_vs_exact", "exact_vs_exact"):
         assert -1 <= fidelity[f"{pair}_spearman"] <= 1 and 0 <= fidelity[f"{pair}_overlap"] <= 1
