@@ -109,7 +109,7 @@ def test_chunked_loss_never_holds_more_than_a_chunk_of_logits(monkeypatch) -> No
     monkeypatch.setattr(gradients.F, "linear", recording_linear)
     PerExampleGradients(model, loss_chunk_positions=16)(batch)
     assert widest and max(widest) <= 16 and sum(widest) == 40 + 33 + 28 - 3
-    assert loss_chunk_positions(49152) == 341 and loss_chunk_positions(128256) == 130
+    assert loss_chunk_positions(49152) == 1365 and loss_chunk_positions(128256) == 523
 
 
 def test_layout_is_named_parameters_order_and_lora_only() -> None:

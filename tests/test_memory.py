@@ -91,10 +91,24 @@ def test_loss_memory_is_one_chunk_per_batch_not_logits_per_token() -> None:
     modules = ("q_proj", "k_proj", "v_proj", "o_proj")
     per_token = [memory.activation_bytes_per_token(c, 128, modules, 2, checkpointing=True) for c in (small, large)]
     assert per_token[0] == per_token[1]  # the vocabulary no longer costs per token
-    chunk = memory.loss_chunk_bytes(large, 2)
-    assert memory.loss_chunk_positions(128256) * 128256 * 4 <= memory.LOSS_CHUNK_BYTES and chunk <= 100 * 2**20
-    estimate = memory.GradientMemory(32 * 4 * 2 * 128 * 4096, per_token[1], chunk)
+    positions = memory.loss_chunk_positions(128256)
+    assert positions * 128256 * 4 <= memory.LOSS_CHUNK_BYTES
+    estimate = memory.GradientMemory(
+        32 * 4 * 2 * 128 * 4096, per_token[1], positions, memory.loss_bytes_per_position(large, 2)
+    )
+    chunk = estimate.loss_chunk_bytes
+    assert chunk <= 400 * 2**20
     # An 80 GB GPU with 70 GB free: several 2,048-token rows per batch, and the chunk counted once.
     rows = estimate.max_rows(70 * 2**30)(2048)
     assert rows >= 4 and estimate.batch_bytes(rows, 2048) <= 70 * 2**30
     assert estimate.batch_bytes(2, 2048) - estimate.batch_bytes(1, 2048) == estimate.batch_bytes(1, 2048) - chunk
+
+
+def test_max_rows_is_the_largest_batch_that_fits_around_the_loss_chunk() -> None:
+    estimate = memory.GradientMemory(1000, 10, loss_chunk=500, loss_bytes_per_position=100)
+    for budget in (5_000, 60_000, 123_456, 1_000_000):
+        for tokens in (1, 7, 64, 499, 500, 900):
+            rows = estimate.max_rows(budget)(tokens)
+            fits = estimate.batch_bytes(rows, tokens) <= budget
+            assert fits or rows == 1, (budget, tokens, rows)
+            assert estimate.batch_bytes(rows + 1, tokens) > budget, (budget, tokens, rows)
