@@ -37,7 +37,9 @@ class EvaluationConfig(dg.Config):
 
 class ReportConfig(dg.Config):
     baseline: str = Field(default="random/all", description="Name deltas are computed against ('base' = no finetuning)")
-    n_resamples: int = Field(default=stats.DEFAULT_RESAMPLES, ge=1, description="Bootstrap resamples of the test rows")
+    n_resamples: int = Field(
+        default=stats.DEFAULT_RESAMPLES, ge=1, description="Hierarchical bootstrap resamples (seeds, then test rows)"
+    )
     confidence: float = Field(default=stats.DEFAULT_CONFIDENCE, gt=0, lt=1, description="Interval coverage")
     bootstrap_seed: int = Field(default=0, description="Seed of the bootstrap resampling")
 
@@ -222,16 +224,16 @@ def comparison_report(
         confidence=config.confidence,
         seed=config.bootstrap_seed,
     )
+    profile = profile_of_run(context.run.tags)
+    # Right under the title: whether the numbers can show a winner, and the demo setup they come from.
     report = evaluation.markdown_report(
         comparison_frame,
         title=f"Evaluation comparison for {model}",
         shared_training_sets=[(group.names, group.n_examples) for group in shared],
         target_overlaps=overlap_report,
+        profile=None if profile is None else profile["name"],
+        preface=() if profile is None else [f"{describe_profile(profile)} (LESS's recipe outside the demo)"],
     )
-    profile = profile_of_run(context.run.tags)
-    if profile is not None:  # right under the title: these numbers come from a small demo setup
-        title, _, rest = report.partition("\n")
-        report = f"{title}\n\n{describe_profile(profile)} (LESS's recipe outside the demo)\n{rest}"
     out_dir = settings.subdir("reports", model)
     files.write_text(out_dir / "comparison.md", report)
     files.write_text(out_dir / "comparison.csv", comparison_frame.to_csv(index=False))
@@ -239,12 +241,15 @@ def comparison_report(
         evaluation_store.replace_comparison(con, model, comparison_frame)
     tracker.add_file("report", out_dir / "comparison.md")
     ranks = evaluation.average_ranks(comparison_frame)
+    null_rates = evaluation.null_rates(comparison_frame)  # cached: the report computed them
     worst = evaluation.worst_tasks(comparison_frame)
     significant = comparison_frame[comparison_frame["significant"]]
     data_version = tracker.finish(
         {
             "baseline": config.baseline,
             "bootstrap": comparison_frame.attrs["bootstrap"],
+            "holm_comparisons": comparison_frame.attrs["comparisons"],
+            "null_false_positive_rates": {f"{n} rows x {seeds} seeds": rate for (n, seeds), rate in null_rates.items()},
             "average_ranks": ranks.to_dict("records"),
             "worst_tasks": json.loads(worst.to_json(orient="records")),
             "significant_primary_deltas": [f"{r.method}/{r.task}" for r in significant.itertuples()],

@@ -121,16 +121,24 @@ def test_seeds_stratified_rows_and_recomputable_intervals(home: dict) -> None:
     less = comparison.loc[("less/all", "math")]
     assert less["n_seeds"] == 2 and comparison.loc[("base", "math"), "n_seeds"] == 1
     math_differences = recomputed.loc[recomputed["task"] == "math", "difference"].to_numpy()
-    interval = stats.paired_bootstrap(math_differences, n_resamples=300, seed=5)
+    # The interval from the stored per-seed rows alone: [seed, row] for each side, rows by example id.
+    per_seed = rows[rows["task"] == "math"].pivot_table(index=["name", "seed"], columns="example_id", values="nll")
+    interval = stats.paired_delta(
+        per_seed.loc["less/all"].to_numpy(), per_seed.loc["random/all"].to_numpy(), n_resamples=300, seed=5
+    )
+    assert interval.mean == pytest.approx(math_differences.mean())
     assert less["delta_nll"] == pytest.approx(interval.mean)
     assert (less["delta_nll_ci_low"], less["delta_nll_ci_high"]) == pytest.approx((interval.low, interval.high))
-    assert (less["ci_low"], less["ci_high"], bool(less["significant"])) == pytest.approx(
-        (interval.low, interval.high, interval.significant)
+    assert (less["ci_low"], less["ci_high"], less["p_value"]) == pytest.approx(
+        (interval.low, interval.high, interval.p_value)
     )
+    assert bool(less["significant"]) == bool(less["p_holm"] < 0.05) == bool(less["significant_holm"])
     random = comparison.loc[("random/all", "writing")]
     assert (random["delta_nll"], random["ci_low"], random["ci_high"], bool(random["significant"])) == (0, 0, 0, False)
     report = (Path(home["settings"].home) / "reports" / DEFAULT_MODEL / "comparison.md").read_text()
     assert "## Worst task per method" in report and "2 finetuning seeds" in report
+    # 3 math rows, 2 writing rows: too few to show a winner, said under the title.
+    assert report.split("\n")[2].startswith("**This report has only 2 test rows per task, 2 finetuning seeds")
     assert "trained on the same examples" not in report  # random and less picked different examples
 
     # A later materialization with one seed: evaluation takes only that run's seeds.

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from scipy import stats as scipy_stats
 
 from selection.data.default_data import render_mmlu
 from selection.data.tokenization import TruncationStats
@@ -251,7 +252,9 @@ def test_comparison_table_deltas_ranks_and_report() -> None:
     }
     report = markdown_report(table)
     assert "Baseline: `base`" in report
-    assert "| stem | accuracy | less | 0.75 | 0.5 [0, 1] |" in report
+    # Paired accuracy differences 0, 1, 1, 0: mean 0.5 +- t_3 (3.182) x 0.2887, not significant.
+    assert "| stem | accuracy | less | 0.75 | 0.5 [-0.419, 1.42] |" in report
+    assert report.startswith("# Evaluation comparison\n\n**This report has only 4 test rows per task")
     assert "| code | mean_nll | random | 2 | -1 |" in report  # one scored row: no interval
     assert "| less | 1.5 | 2 |" in report and "| random | 1.5 | 2 |" in report and "| base | 3 | 2 |" in report
     assert "## Gaps" in report
@@ -358,16 +361,40 @@ def test_seed_averaged_paired_deltas_and_intervals_match_an_independent_computat
         # Row order inside the table is by example id; the ids "code0".."code29" sort as strings.
         order = np.argsort([f"code{i}" for i in range(30)])
         differences = (values.mean(axis=0) - base_nll.mean(axis=0))[order]
-        indices = np.random.default_rng(9).integers(0, 30, size=(1000, 30))
-        low, high = np.percentile(differences[indices].mean(axis=1), [2.5, 97.5])
+        # Hierarchical bootstrap by hand: rows, then each side's two seeds, with the table's seed.
+        rng = np.random.default_rng(9)
+        rows = rng.integers(0, 30, size=(1000, 30))
+        sides = []
+        for side in (values[:, order], base_nll[:, order]):
+            seeds = rng.integers(0, 2, size=(1000, 2))
+            sides.append(np.stack([side[seeds[:, k][:, None], rows] for k in range(2)]).mean(axis=0))
+        total = (sides[0] - sides[1]).mean(axis=1).var()
+        row_part = differences.var(ddof=1) / 30
+        # Two seeds: resampling halves their spread; the seed x row residual belongs to the rows.
+        residual = sum(
+            ((side - side.mean(axis=1, keepdims=True) - side.mean(axis=0) + side.mean()) ** 2).sum() / 29 / 60
+            for side in (values, base_nll)
+        )
+        seed_part = max((total - row_part * 29 / 30) * 2 - residual, 0.0)
+        se = np.sqrt(row_part + seed_part)
+        df = (row_part + seed_part) ** 2 / (row_part**2 / 29 + seed_part**2 / 2)
+        low, high = differences.mean() + np.array([-1, 1]) * scipy_stats.t.ppf(0.975, df) * se
         row = table.loc[name]
         assert row["delta_nll"] == pytest.approx(differences.mean())
         assert (row["delta_nll_ci_low"], row["delta_nll_ci_high"]) == pytest.approx((low, high))
         assert (row["ci_low"], row["ci_high"]) == pytest.approx((low, high))  # mean NLL is the primary metric
         assert row["mean_nll"] == pytest.approx(values.mean())
         assert row["n_seeds"] == 2
-    assert table.loc["bids/all", "delta_nll_significant"] and table.loc["bids/all", "significant"]
-    assert table.loc["bids/all", "delta_nll_ci_high"] < 0
+    # Better on every row of every seed, but the two seeds of each side differ a lot (independent draws):
+    # the unadjusted interval excludes zero, Holm over the 3 comparisons (bids, kmq, base) does not mark it.
+    bids = table.loc["bids/all"]
+    assert bids["delta_nll_ci_high"] < 0 and bids["delta_nll_p_value"] < 0.05
+    compared = table.loc[["bids/all", "kmq/all", "base"], "delta_nll_p_value"].to_numpy()
+    assert list(table.loc[["bids/all", "kmq/all", "base"], "delta_nll_p_holm"]) == pytest.approx(
+        list(stats.holm(compared))
+    )
+    assert bids["delta_nll_p_holm"] > 0.05 and not bids["delta_nll_significant"] and not bids["significant_holm"]
+    assert math.isnan(table.loc["random/all", "delta_nll_p_value"])  # the baseline is no comparison
     assert table.loc["base", "n_seeds"] == 1
     assert table.loc["base", "delta_nll"] == pytest.approx(np.mean(base_nll[0] + 1.0 - base_nll.mean(axis=0)))
     baseline = table.loc["random/all"]
@@ -375,10 +402,10 @@ def test_seed_averaged_paired_deltas_and_intervals_match_an_independent_computat
     assert not baseline["significant"]
     assert table.attrs["bootstrap"] == {"n_resamples": 1000, "confidence": 0.95, "seed": 9}
     report = markdown_report(comparison_table(results, baseline="random/all", n_resamples=1000, seed=9))
-    bids = table.loc["bids/all"]
-    assert f"{bids['delta_nll']:.3g} [{bids['delta_nll_ci_low']:.3g}, {bids['delta_nll_ci_high']:.3g}] *" in report
-    assert "1/2 finetuning seeds per method" in report and "not the variance between finetuning seeds" in report
-    assert "not the randomness of the selection itself" in report
+    assert f"{bids['delta_nll']:.3g} [{bids['delta_nll_ci_low']:.3g}, {bids['delta_nll_ci_high']:.3g}] |" in report
+    assert "1/2 finetuning seeds per method" in report and "hierarchical bootstrap (seeds, then rows" in report
+    assert "Not covered: the randomness of the selection itself" in report
+    assert "after Holm's correction over all 3 method x task comparisons" in report
 
 
 def test_accuracy_delta_is_paired_on_rows_both_sides_judged() -> None:
@@ -391,7 +418,8 @@ def test_accuracy_delta_is_paired_on_rows_both_sides_judged() -> None:
     less = table.set_index("method").loc["less"]
     assert less["primary_metric"] == "accuracy" and less["delta_accuracy"] == 1.0
     assert (less["ci_low"], less["ci_high"], less["significant"]) == (1.0, 1.0, True)
-    assert less["delta_nll"] == 0.0 and not less["delta_nll_significant"]
+    assert (less["p_value"], less["p_holm"], less["significant_holm"]) == (0.0, 0.0, True)
+    assert less["delta_nll"] == 0.0 and not less["delta_nll_significant"] and less["delta_nll_p_value"] == 1.0
 
 
 def test_worst_task_per_method() -> None:
@@ -403,12 +431,14 @@ def test_worst_task_per_method() -> None:
     assert worst.loc["bids", "worst_loss_task"] == "code"
     assert worst.loc["bids", "worst_delta_nll"] == pytest.approx(-0.1)
     assert worst.loc["less", "worst_loss_task"] == "math" and worst.loc["less", "worst_delta_nll"] == pytest.approx(0.4)
-    assert worst.loc["less", "worst_delta_nll_significant"]  # +0.5 and +0.3: every resample is above zero
+    # +0.5 and +0.3: mean 0.4, se 0.1 on one degree of freedom (t quantile 12.7): no mark.
+    assert not worst.loc["less", "worst_delta_nll_significant"]
+    assert worst.loc["less", "worst_delta_nll_ci_low"] == pytest.approx(0.4 - 1.27062047)
     assert worst.loc["less", "worst_accuracy_task"] == "stem" and worst.loc["less", "worst_accuracy"] == 0.0
     assert worst.loc["less", "worst_delta_accuracy"] == -0.5
     assert worst.loc["base", "worst_loss_task"] == "code"  # all deltas 0: the first task
     report = markdown_report(comparison_table({"base": base, "bids": bids, "less": less}, baseline="base"))
-    assert "## Worst task per method" in report and "| less | math | 0.4 [0.3, 0.5] * | stem | 0 |" in report
+    assert "## Worst task per method" in report and "| less | math | 0.4 [-0.871, 1.67] | stem | 0 |" in report
 
 
 def test_seeds_must_share_the_rows() -> None:
@@ -419,3 +449,21 @@ def test_seeds_must_share_the_rows() -> None:
     with pytest.raises(ValueError, match="non-empty sequence"):
         comparison_table({"a": []})
     assert stats.DEFAULT_RESAMPLES == 2000
+
+
+def test_report_opens_with_the_quick_profile_caveat_and_states_the_false_positive_rate() -> None:
+    rng = np.random.default_rng(2)
+    results = {name: nll_result({"code": rng.normal(2.0, 0.3, size=5)}) for name in ("random/all", "less/all")}
+    table = comparison_table(results, baseline="random/all")
+    report = markdown_report(table, title="T", profile="quick", preface=["quick profile: evaluation=5"])
+    assert report.startswith(
+        "# T\n\n**This report comes from the quick demo profile (5 test rows per task, one finetuning seed): "
+        "it shows the machinery working, not which method wins.**\n\nquick profile: evaluation=5\n"
+    )
+    rate = stats.null_false_positive_rate(5)
+    assert f"marks {100 * rate:.1f}% at 5 rows." in report and rate <= 0.07
+    assert "Holm's correction over all 1 method x task comparisons" in report
+    # Outside the demo: said only when the rows are too few to show anything but huge effects.
+    many = {name: nll_result({"code": rng.normal(2.0, 0.3, size=20)}) for name in ("random/all", "less/all")}
+    assert evaluation.scope_warning(comparison_table(many, baseline="random/all")) is None
+    assert evaluation.scope_warning(table).startswith("This report has only 5 test rows per task, one finetuning seed")

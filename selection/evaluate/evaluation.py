@@ -26,12 +26,13 @@ the gold answer is the final assistant turn):
 :func:`stratified_test_rows` picks the test rows: per task, round robin over its subtasks,
 so a cap never leaves a subtask out. :func:`comparison_table` lines several
 :class:`EvalResult` (one per finetuning seed) up per (method, task) with paired deltas
-against a baseline, their bootstrap intervals and per-task ranks; :func:`worst_tasks`
+against a baseline, their intervals, Holm-adjusted p-values and per-task ranks; :func:`worst_tasks`
 gives each method's weakest task; :func:`markdown_report` renders them.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import re
@@ -501,7 +502,9 @@ _GROUP_COLUMNS = (
     "generation_accuracy",
 )
 _INTERVAL_COLUMNS = tuple(
-    f"delta_{metric}_{part}" for metric in ("nll", "accuracy") for part in ("ci_low", "ci_high", "significant")
+    f"delta_{metric}_{part}"
+    for metric in ("nll", "accuracy")
+    for part in ("ci_low", "ci_high", "p_value", "p_holm", "significant")
 )
 TABLE_COLUMNS = (
     "method",
@@ -514,7 +517,10 @@ TABLE_COLUMNS = (
     *_INTERVAL_COLUMNS,
     "ci_low",
     "ci_high",
+    "p_value",
+    "p_holm",
     "significant",
+    "significant_holm",
 )
 
 Results = Mapping[str, "EvalResult | Sequence[EvalResult]"]
@@ -555,8 +561,8 @@ def _nan_mean(values: np.ndarray, axis: int) -> np.ndarray:
         return np.where(counts > 0, totals / np.maximum(counts, 1), np.nan)
 
 
-def _row_values(seeds: Sequence[EvalResult], task: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
-    """Per row (in ``ids`` order): NLL and correctness (1/0, NaN when not judged), averaged over seeds."""
+def _seed_row_values(seeds: Sequence[EvalResult], task: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
+    """``[seed, row]`` (rows in ``ids`` order): NLL and correctness (1/0, NaN when not judged)."""
     nll = np.full((len(seeds), len(ids)), np.nan)
     correct = np.full((len(seeds), len(ids)), np.nan)
     for s, result in enumerate(seeds):
@@ -566,7 +572,7 @@ def _row_values(seeds: Sequence[EvalResult], task: str, ids: Sequence[str]) -> d
             nll[s, j] = row.nll
             if row.correct is not None:
                 correct[s, j] = float(row.correct)
-    return {"nll": _nan_mean(nll, axis=0), "accuracy": _nan_mean(correct, axis=0)}
+    return {"nll": nll, "accuracy": correct}
 
 
 def comparison_table(
@@ -584,18 +590,25 @@ def comparison_table(
     that have one (the counting columns come from the first seed: they depend on the rows
     and ``max_length`` only), ``generation_accuracy`` the mean over seeds.
 
-    ``delta_nll`` / ``delta_accuracy``: mean over the rows scored for both of (method minus
-    baseline) on that row (lower NLL / higher accuracy is better; NaN without a baseline or
-    where the baseline lacks the task), with a paired percentile bootstrap interval
-    (:func:`selection.evaluate.stats.paired_bootstrap`: ``n_resamples`` resamples of those rows,
-    ``seed``) in ``delta_<metric>_ci_low/_ci_high``; ``delta_<metric>_significant`` when it
-    excludes zero. The interval covers the sampling of test rows only: not the variance
-    between finetuning seeds (seeds are averaged, not resampled), nor the randomness of
-    the selection. ``ci_low``/``ci_high``/``significant`` repeat those of ``primary_metric``.
+    ``delta_nll`` / ``delta_accuracy``: mean over the rows scored for every seed of both of
+    (method minus baseline, each side averaged over its seeds) on that row (lower NLL /
+    higher accuracy is better; NaN without a baseline or where the baseline lacks the task).
+    :func:`selection.evaluate.stats.paired_delta` gives its ``confidence`` t interval
+    (``delta_<metric>_ci_low/_ci_high``) and two-sided p-value (``delta_<metric>_p_value``):
+    the standard error comes from the rows and, where a side has several finetuning seeds,
+    from a hierarchical bootstrap over seeds then rows (``n_resamples``, ``seed``), so the
+    seed-to-seed variance is in it. ``delta_<metric>_p_holm``: Holm's adjustment over every
+    (method, task) comparison of that metric (the baseline against itself is no comparison);
+    ``delta_<metric>_significant`` when ``p_holm < 1 - confidence``. The interval is not
+    adjusted: one can exclude zero without the mark. Neither covers the randomness of the
+    selection itself (each method selected once). ``ci_low``/``ci_high``/``p_value``/
+    ``p_holm``/``significant`` repeat those of ``primary_metric``; ``significant_holm`` is
+    ``significant`` under its explicit name.
 
     ``rank`` (1 = best, ties averaged) orders methods within a task by ``primary_metric``:
     accuracy when every method has one on that task, else mean NLL.
-    ``table.attrs`` keeps ``baseline`` and ``bootstrap`` (resamples, confidence, seed).
+    ``table.attrs`` keeps ``baseline``, ``bootstrap`` (resamples, confidence, seed) and
+    ``comparisons`` (the Holm family size per metric).
     """
     if not results:
         raise ValueError("no evaluation results to compare")
@@ -607,46 +620,55 @@ def comparison_table(
     for method, seeds in by_method.items():
         for task, group in seeds[0].per_task.items():
             ids = sorted(seeds[0].example_ids(task))
-            values = _row_values(seeds, task, ids)
+            values = _seed_row_values(seeds, task, ids)
+            row_means = {metric: _nan_mean(matrix, axis=0) for metric, matrix in values.items()}
             record: dict[str, Any] = {"method": method, **{column: getattr(group, column) for column in _GROUP_COLUMNS}}
-            record["mean_nll"] = _nan_mean(values["nll"], axis=0).item()
+            record["mean_nll"] = _nan_mean(row_means["nll"], axis=0).item()
             with np.errstate(over="ignore"):
                 record["perplexity"] = float(np.exp(record["mean_nll"]))
-            record["accuracy"] = _nan_mean(values["accuracy"], axis=0).item()
+            record["accuracy"] = _nan_mean(row_means["accuracy"], axis=0).item()
             record["generation_accuracy"] = _nan_mean(
                 np.array([result.per_task[task].generation_accuracy for result in seeds]), axis=0
             ).item()
             record["n_seeds"] = len(seeds)
             if baseline is not None and task in by_method[baseline][0].per_task:
-                base_values = _row_values(by_method[baseline], task, ids)
+                base_values = _seed_row_values(by_method[baseline], task, ids)
             else:
                 base_values = None
             for metric in ("nll", "accuracy"):
                 prefix = f"delta_{metric}"
                 if base_values is None:
-                    interval = stats.BootstrapInterval(math.nan, math.nan, math.nan, 0)
+                    delta = stats.PairedDelta(math.nan, math.nan, math.nan, 0, math.nan, math.nan)
+                elif method == baseline:  # the same checkpoints: resampling their seeds apart would invent a spread
+                    delta = stats.paired_delta(values[metric][:1], base_values[metric][:1])
                 else:
-                    difference = values[metric] - base_values[metric]
-                    interval = stats.paired_bootstrap(
-                        difference[np.isfinite(difference)], n_resamples, confidence, seed
-                    )
-                record[prefix] = interval.mean
-                record[f"{prefix}_ci_low"], record[f"{prefix}_ci_high"] = interval.low, interval.high
-                record[f"{prefix}_significant"] = interval.significant
+                    delta = stats.paired_delta(values[metric], base_values[metric], n_resamples, confidence, seed)
+                record[prefix] = delta.mean
+                record[f"{prefix}_ci_low"], record[f"{prefix}_ci_high"] = delta.low, delta.high
+                # The baseline against itself is no comparison: it stays out of the Holm family.
+                record[f"{prefix}_p_value"] = math.nan if method == baseline else delta.p_value
             records.append(record)
     table = pd.DataFrame.from_records(records)
+    family_sizes = {}
+    for metric in ("nll", "accuracy"):
+        prefix = f"delta_{metric}"
+        table[f"{prefix}_p_holm"] = stats.holm(table[f"{prefix}_p_value"].to_numpy(dtype=np.float64))
+        table[f"{prefix}_significant"] = (table[f"{prefix}_p_holm"] < 1 - confidence).astype(bool)
+        family_sizes[metric] = int(table[f"{prefix}_p_value"].notna().sum())
     has_accuracy = table.groupby("task")["accuracy"].transform(lambda values: bool(values.notna().all()))
     table["primary_metric"] = np.where(has_accuracy, "accuracy", "mean_nll")
     # Rank on a "higher is better" key so one ranking serves both metrics.
     goodness = np.where(has_accuracy, table["accuracy"], -table["mean_nll"])
     table["rank"] = pd.Series(goodness, index=table.index).groupby(table["task"]).rank(ascending=False)
     primary = np.where(has_accuracy, "delta_accuracy", "delta_nll")
-    for part in ("ci_low", "ci_high", "significant"):
+    for part in ("ci_low", "ci_high", "p_value", "p_holm", "significant"):
         table[part] = [table.at[index, f"{prefix}_{part}"] for index, prefix in zip(table.index, primary)]
     table["significant"] = table["significant"].astype(bool)
+    table["significant_holm"] = table["significant"]
     table = table[list(TABLE_COLUMNS)].sort_values(["task", "method"], kind="stable").reset_index(drop=True)
     table.attrs["baseline"] = baseline
     table.attrs["bootstrap"] = {"n_resamples": n_resamples, "confidence": confidence, "seed": seed}
+    table.attrs["comparisons"] = family_sizes
     return table
 
 
@@ -704,26 +726,86 @@ def worst_tasks(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_records(records, columns=list(WORST_COLUMNS))
 
 
+def _compared(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a :func:`comparison_table` that are comparisons (a p-value on some metric)."""
+    columns = [f"delta_{metric}_p_value" for metric in ("nll", "accuracy") if f"delta_{metric}_p_value" in table]
+    return table[table[columns].notna().any(axis=1)] if columns else table.iloc[:0]
+
+
+def null_rates(table: pd.DataFrame) -> dict[tuple[int, int], float]:
+    """(test rows, seeds) -> the rule's false-positive rate at a true zero difference, per comparison.
+
+    One :func:`selection.evaluate.stats.null_false_positive_rate` per distinct pair among the
+    compared rows (seeds: the method's; the baseline is assumed alike), cached.
+    """
+    compared = _compared(table)
+    pairs = sorted({(int(n), int(seeds)) for n, seeds in zip(compared["n"], compared["n_seeds"]) if n >= 2})
+    return {pair: _null_rate(*pair) for pair in pairs}
+
+
+@functools.lru_cache(maxsize=64)
+def _null_rate(n_rows: int, n_seeds: int) -> float:
+    return stats.null_false_positive_rate(n_rows, n_seeds)
+
+
 def intervals_note(table: pd.DataFrame) -> str:
-    """What the intervals of a :func:`comparison_table` cover, in plain words."""
+    """What the intervals and the `*` of a :func:`comparison_table` mean, and how often `*` is wrong."""
     settings = table.attrs.get("bootstrap") or {}
+    confidence = settings.get("confidence", stats.DEFAULT_CONFIDENCE)
     seeds = sorted({int(n) for n in table["n_seeds"]}) if "n_seeds" in table else [1]
     seed_text = (
-        "one finetuning seed per method"
+        "one finetuning seed per method, so the variance between seeds is not in them"
         if seeds == [1]
-        else f"{'/'.join(map(str, seeds))} finetuning seeds per method (each row's value is averaged over "
-        "the seeds before resampling)"
+        else f"{'/'.join(map(str, seeds))} finetuning seeds per method: the standard error adds the seeds' part "
+        f"from a hierarchical bootstrap (seeds, then rows; {settings.get('n_resamples', stats.DEFAULT_RESAMPLES)} "
+        f"resamples, seed {settings.get('seed', 0)})"
+    )
+    families = table.attrs.get("comparisons") or {}
+    family = max(families.values(), default=0)
+    rates = null_rates(table)
+    rate_text = "; ".join(
+        f"{100 * rate:.1f}% at {n} rows" + ("" if n_seeds == 1 else f" and {n_seeds} seeds")
+        for (n, n_seeds), rate in rates.items()
+    )
+    measured = (
+        f" In {stats.NULL_DATASETS} simulated datasets with a true zero difference (Student-t row differences, "
+        f"{stats.NULL_DF} df), the unadjusted rule (interval excludes zero) marks {rate_text}."
+        if rates
+        else ""
     )
     return (
-        f"Intervals: {100 * settings.get('confidence', stats.DEFAULT_CONFIDENCE):g}% paired percentile bootstrap of "
-        f"the delta over the test rows ({settings.get('n_resamples', stats.DEFAULT_RESAMPLES)} resamples, seed "
-        f"{settings.get('seed', 0)}; every method is evaluated on the same rows), with {seed_text}. "
-        "`*` marks an interval that excludes zero. They cover which test rows were drawn, and nothing else: "
-        "not the variance between finetuning seeds (seeds are not resampled, so a seed's effect on all rows "
-        "at once is not in the interval), not the randomness of the selection itself (each method selected "
-        "once: random draws, k-means, kMQ sampling), and not multiple comparisons (at 95%, about one in twenty "
-        "differences that are really zero is still marked)."
+        f"Intervals: {100 * confidence:g}% t intervals of the paired delta over the test rows (every method is "
+        f"evaluated on the same rows; mean +- t quantile x standard error, which stays honest at few rows where a "
+        f"percentile bootstrap is too narrow), with {seed_text}. `*` marks a delta whose p-value (same t "
+        f"statistic) is below {1 - confidence:.2g} after Holm's correction over all {family} method x task "
+        "comparisons of the metric: intervals are not adjusted, so one may exclude zero without `*`."
+        f"{measured} Not covered: the randomness of the selection itself (each method selected once)."
     )
+
+
+def scope_warning(table: pd.DataFrame, profile: str | None = None) -> str | None:
+    """The report's opening caveat when it cannot show which method wins, else None.
+
+    Said for the quick demo profile, and whenever a compared task has fewer than
+    :data:`selection.evaluate.stats.SMALL_ROW_COUNT` test rows: only huge effects are detectable then.
+    """
+    compared = _compared(table)
+    if compared.empty:
+        compared = table
+    rows = int(compared["n"].min()) if len(compared) else 0
+    seeds = int(compared["n_seeds"].max()) if len(compared) else 0  # the base model has one "seed"
+    setup = f"{rows} test rows per task, {'one finetuning seed' if seeds == 1 else f'{seeds} finetuning seeds'}"
+    if profile == "quick":
+        return (
+            f"This report comes from the quick demo profile ({setup}): it shows the machinery working, "
+            "not which method wins."
+        )
+    if rows < stats.SMALL_ROW_COUNT:
+        return (
+            f"This report has only {setup}: only huge differences can be told from zero, so it shows the "
+            "machinery working, not which method wins."
+        )
+    return None
 
 
 def _cell(value: Any) -> str:
@@ -788,10 +870,14 @@ def markdown_report(
     title: str = "Evaluation comparison",
     shared_training_sets: Sequence[tuple[Sequence[str], int]] = (),
     target_overlaps: TargetOverlapReport | None = None,
+    profile: str | None = None,
+    preface: Sequence[str] = (),
 ) -> str:
     """Compact markdown: best method per task, average rank, worst task per method, the full
     table with intervals, and what the intervals cover.
 
+    Under the title: :func:`scope_warning` (``profile`` is the name of the demo profile the
+    run used, if any), then the ``preface`` lines.
     ``table`` is a :func:`comparison_table`; unscored rows and multiple-choice rejects
     are listed so that no gap in the numbers goes unnoticed. ``shared_training_sets`` are
     (names, number of examples) of methods that trained on the very same examples: listed
@@ -800,6 +886,11 @@ def markdown_report(
     """
     baseline = table.attrs.get("baseline")
     lines = [f"# {title}", ""]
+    warning = scope_warning(table, profile)
+    if warning is not None:
+        lines += [f"**{warning}**", ""]
+    for line in preface:
+        lines += [line, ""]
     if baseline is not None:
         lines += [
             (
@@ -899,6 +990,8 @@ def markdown_report(
             row["accuracy"],
             delta(row, "nll"),
             delta(row, "accuracy"),
+            row["p_value"],
+            row["p_holm"],
         )
         for _, row in table.iterrows()
     ]
@@ -914,6 +1007,8 @@ def markdown_report(
                 "accuracy",
                 "delta_nll [CI]",
                 "delta_accuracy [CI]",
+                "p (primary)",
+                "p Holm",
             ],
             detail_rows,
             cell=_cell,
