@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from assets.common import LineageTracker, code_version
 from assets.partitions import MODEL_DIMENSION, SHARD_DIMENSION, model_partitions, model_shard_partitions
@@ -20,8 +20,7 @@ from resources.model_store import DeviceSettings, ModelStore
 from resources.settings import StorageSettings
 from selection.common.markdown import markdown_table
 from selection.data import target_store
-from selection.influence import features, projection
-from selection.influence.gradients import DEFAULT_LOSS_TOKENS, DEFAULT_TRAIN_TRANSFORM
+from selection.influence import features, projection, recipes
 
 GRADIENT_CODE = code_version(
     "selection.influence.gradients",
@@ -32,6 +31,15 @@ GRADIENT_CODE = code_version(
     "selection.influence.diagnostics",
     "selection.influence.features",
     "selection.common.arrays",
+    "selection.influence.recipes",
+)
+
+RECIPE_DESCRIPTION = (
+    "Feature recipe: 'default' (sequence loss, sgd train features, 'fast' projection, 8 common directions "
+    "removed at scoring) or 'less-paper' (LESS's: response loss, adam, 'exact', none removed). A single "
+    "setting given explicitly (loss_tokens, train_transform, mode, dropped_directions) wins over the recipe; "
+    "the metadata records the recipe, the settings that ran and which fields overrode it. Give "
+    "train_gradients, target_gradients and influence_scores the same recipe."
 )
 
 
@@ -40,29 +48,32 @@ class GradientConfig(dg.Config):
         default=[projection.DEFAULT_DIM],
         description="Projection dims (one pass fills all): positive, each listed once; multiples of 4 in mode 'fast'",
     )
-    mode: str = Field(
-        default=projection.DEFAULT_MODE,
-        description="'fast' (default: sparse sign, passed the fidelity bar against 'exact'; the metadata "
-        "says why), 'exact' (LESS's dense Rademacher, generated on the CPU) or 'device' (the same dense "
-        "Rademacher generated on the compute device: for 7B-scale LoRA dims)",
+    recipe: str = Field(default=recipes.DEFAULT_RECIPE, description=RECIPE_DESCRIPTION)
+    mode: str | None = Field(
+        default=None,
+        description="None: the recipe's. 'fast' (the default recipe's: sparse sign, passed the fidelity bar "
+        "against 'exact'; the metadata says why), 'exact' (LESS's dense Rademacher, generated on the CPU) "
+        "or 'device' (the same dense Rademacher generated on the compute device: for 7B-scale LoRA dims)",
     )
     seed: int = Field(default=0, description="Projection seed; stores of different seeds never mix")
     chunk_size: int = Field(default=512, description="Examples per chunk read from the pool and per file on disk")
     shard_size: int | None = Field(
         default=None, description="Deprecated name of chunk_size (a shard is a train_gradients partition)"
     )
-    train_transform: str = Field(
-        default=DEFAULT_TRAIN_TRANSFORM,
-        description="train_gradients only (target features are always plain gradients): 'sgd' (default: the "
-        "raw gradient, the LESS paper's ablation; the metadata says why), 'adam' (LESS's literal Adam step), "
-        "'adam_no_momentum' (Adam's preconditioner without the shared momentum) or 'adam_bias_corrected'. "
-        "Stores of different transforms never mix; influence_scores reads the one its own train_transform names.",
+    train_transform: str | None = Field(
+        default=None,
+        description="None: the recipe's. train_gradients only (target features are always plain gradients): "
+        "'sgd' (the default recipe's: the raw gradient, the LESS paper's ablation; the metadata says why), "
+        "'adam' (LESS's literal Adam step), 'adam_no_momentum' (Adam's preconditioner without the shared "
+        "momentum) or 'adam_bias_corrected'. Stores of different transforms never mix; influence_scores reads "
+        "the one its own (resolved) train_transform names.",
     )
-    loss_tokens: str = Field(
-        default=DEFAULT_LOSS_TOKENS,
-        description="Whose loss the per-example gradients are of, for train and target alike: 'sequence' "
-        "(default: every token, prompt included; the metadata says why) or 'response' (LESS's: the answer "
-        "only). Give train_gradients, target_gradients and influence_scores the same value.",
+    loss_tokens: str | None = Field(
+        default=None,
+        description="None: the recipe's. Whose loss the per-example gradients are of, for train and target "
+        "alike: 'sequence' (the default recipe's: every token, prompt included; the metadata says why) or "
+        "'response' (LESS's: the answer only). Give train_gradients, target_gradients and influence_scores "
+        "the same value.",
     )
 
     # Run configs written before the rename still work: `shard_size` is read as `chunk_size`.
@@ -80,11 +91,22 @@ class GradientConfig(dg.Config):
             )
         return values
 
+    @field_validator("recipe")
+    @classmethod
+    def _check_recipe(cls, recipe: str) -> str:
+        return recipes.check_recipe(recipe)
+
     # Refused when the config is read, before the model loads (each dim is its own store).
     @model_validator(mode="after")
     def _check_projection(self) -> "GradientConfig":
-        projection.check_dims(self.dims, self.mode)
+        projection.check_dims(self.dims, self.resolved().mode)
         return self
+
+    def resolved(self) -> recipes.FeatureRecipe:
+        """The settings this run uses: the recipe's, with the single fields given in their place."""
+        return recipes.resolve(
+            self.recipe, loss_tokens=self.loss_tokens, train_transform=self.train_transform, mode=self.mode
+        )
 
 
 def _result(tracker: LineageTracker, metrics: dict) -> dg.MaterializeResult:
@@ -94,12 +116,18 @@ def _result(tracker: LineageTracker, metrics: dict) -> dg.MaterializeResult:
         metadata={
             "warmup_run_key": metrics["warmup_run_key"],
             "part": metrics["part"] or "all",
+            "recipe": metrics["recipe"],
+            "recipe_overrides": dg.MetadataValue.json(metrics["recipe_overrides"]),
+            "recipe_why": metrics["recipe_why"],
             "mode": metrics["mode"],
             "mode_why": metrics["mode_why"] or "as in LESS",
             "transform": metrics["transform"],
             "transform_why": metrics["transform_why"] or "as in LESS",
             "loss_tokens": metrics["loss_tokens"],
             "loss_tokens_why": metrics["loss_tokens_why"] or "as in LESS",
+            # Removed at scoring (influence_scores), not here: the recipe's count, behind the reasons above.
+            "dropped_directions": dg.MetadataValue.int(metrics["dropped_directions"]),
+            "dropped_directions_why": metrics["dropped_directions_why"] or "as in LESS",
             "dims": dg.MetadataValue.json(metrics["dims"]),
             "n_examples": dg.MetadataValue.int(metrics["n_examples"]),
             "n_stored": dg.MetadataValue.int(metrics["n_stored"]),
@@ -129,6 +157,24 @@ def _result(tracker: LineageTracker, metrics: dict) -> dg.MaterializeResult:
             "truncation": dg.MetadataValue.md(markdown_table(metrics["truncation_by_group"])),
         },
     )
+
+
+def _recipe_metrics(kind: str, recipe: recipes.FeatureRecipe) -> dict[str, Any]:
+    """The recipe, what overrode it and the reasons, built from the settings that ran. Target features are
+    plain gradients whatever the recipe's train transform, so only train features carry its reason; the
+    dropped directions are the recipe's (influence_scores removes them and records the count that ran)."""
+    metadata = recipe.metadata()
+    whys = recipes.whys(recipe.loss_tokens, recipe.train_transform, recipe.mode, recipe.dropped_directions)
+    if kind != "train":
+        metadata["recipe_overrides"] = {k: v for k, v in metadata["recipe_overrides"].items() if k != "train_transform"}
+        whys["transform_why"] = ""
+    return {
+        "recipe": metadata["recipe"],
+        "recipe_overrides": metadata["recipe_overrides"],
+        "recipe_settings": recipe.settings(),
+        "dropped_directions": recipe.dropped_directions,
+        **whys,
+    }
 
 
 def _rounded(value: float | None) -> str:
@@ -178,6 +224,7 @@ def build_gradient_asset(
     ) -> dg.MaterializeResult:
         tracker = LineageTracker(context, lineage)
         examples = examples_of(context, lineage)
+        recipe = config.resolved()
         run = features.compute_gradient_features(
             features.FeatureRequest(
                 kind=kind,
@@ -185,11 +232,11 @@ def build_gradient_asset(
                 examples=examples,
                 settings=features.FeatureSettings(
                     dims=list(config.dims),
-                    mode=config.mode,
+                    mode=recipe.mode,
                     seed=config.seed,
                     chunk_size=config.chunk_size,
-                    train_transform=config.train_transform,
-                    loss_tokens=config.loss_tokens,
+                    train_transform=recipe.train_transform,
+                    loss_tokens=recipe.loss_tokens,
                 ),
                 root=settings.path("gradients"),
                 models=model_store,
@@ -200,7 +247,7 @@ def build_gradient_asset(
         )
         for label, directory in run.files.items():
             tracker.add_file(label, directory)
-        return _result(tracker, {**run.as_metrics(), **examples.metrics})
+        return _result(tracker, {**run.as_metrics(), **examples.metrics, **_recipe_metrics(kind, recipe)})
 
     return _gradients
 

@@ -240,16 +240,17 @@ def from_influence_scores(method: registry.SelectionMethod) -> dg.AssetsDefiniti
             pool_size = pool_store.pool_version_size(con, run["pool_version"])
             current = set(pool_store.pool_ids(con))
             decontamination = Decontamination.current(con, config.keep_target_overlaps)
-            informative, why = (
-                diagnostics.collapsed_feature_reason(
+            collapse = (
+                diagnostics.assess_collapse(
                     con,
                     context.partition_key,
                     run["warmup_run_key"],
                     FeatureKey(run["mode"], run["dim"], run["seed"], run["train_transform"], run["loss_tokens"]),
                     run["dropped_directions"],
+                    run["scored_diagnostics"],
                 )
                 if method.follows_scores
-                else (None, "")
+                else None
             )
         scores, train_ids = influence.load_scores(run["scores_dir"])
         # Score rows of examples superseded since the scores were computed are never picked.
@@ -272,15 +273,22 @@ def from_influence_scores(method: registry.SelectionMethod) -> dg.AssetsDefiniti
         scored = selectors.ScoredPool(scores, run["columns"], config.seed)
         picks = method.choose(scored, budget)
         trust: dict = {}
-        if method.follows_scores:
+        if collapse is not None:
             trust["feature_recipe"] = influence.feature_recipe(
-                run["mode"], run["train_transform"], run["loss_tokens"], run["dropped_directions"]
+                run["mode"],
+                run["train_transform"],
+                run["loss_tokens"],
+                run["dropped_directions"],
+                run["recipe"],
+                run["recipe_overrides"],
             )
-            trust["scores_informative_reason"] = why
-            if informative is not None:
-                trust["scores_informative"] = informative
-            if informative is False:
-                context.log.warning(f"{method.name} picks follow uninformative influence scores: {why}")
+            trust["scores_informative_reason"] = collapse.reason
+            if collapse.informative is not None:
+                trust["scores_informative"] = collapse.informative
+            # Train and target collapse apart: removing the pool's directions only centres the train side.
+            trust.update({name: value for name, value in collapse.metadata().items() if value is not None})
+            if collapse.informative is False:
+                context.log.warning(f"{method.name} picks follow uninformative influence scores: {collapse.reason}")
         return record_picks(
             context,
             tracker,

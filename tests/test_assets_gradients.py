@@ -50,7 +50,7 @@ def test_old_gradient_stores_table_is_migrated_and_unsharded_train_rows_are_not_
     # Rows from before transforms were recorded hold LESS's adam features: no other transform reads
     # them, the default (sgd) included, and no other loss tokens than LESS's response.
     with pytest.raises(ValueError, match="train transform sgd"):
-        latest_stores(con, "m", "run", "train", _key(InfluenceConfig().train_transform))
+        latest_stores(con, "m", "run", "train", _key(InfluenceConfig().resolved().train_transform))
     with pytest.raises(ValueError, match="loss tokens sequence"):
         latest_stores(con, "m", "run", "train", _key("adam", loss_tokens="sequence"))
     with pytest.raises(ValueError, match="train transform adam_no_momentum"):
@@ -245,12 +245,12 @@ def test_train_gradients_of_another_transform_are_computed_afresh_and_never_mixe
                 DEFAULT_MODEL,
                 con.execute("SELECT max(warmup_run_key) FROM gradient_stores").fetchone()[0],
                 "train",
-                _key(OTHER, dim=16, mode="fast", loss_tokens=GradientConfig().loss_tokens),
+                _key(OTHER, dim=16, mode="fast", loss_tokens=GradientConfig().resolved().loss_tokens),
             )
         assert set(frame["directory"]) == by_transform[OTHER]
         # The defaults that differ from LESS say so: whole-sequence gradients, common directions removed.
         assert {m["loss_tokens"].value for m in default} == {"sequence"}
         assert all("differs from LESS" in m["loss_tokens_why"].value for m in default)
         # 16 rows of 16 dims: the default 8 is lowered to a quarter of them.
-        assert scored["dropped_directions"].value == 4 < InfluenceConfig().dropped_directions
+        assert scored["dropped_directions"].value == 4 < InfluenceConfig().resolved().dropped_directions
         assert "differs from LESS" in scored["dropped_directions_why"].value

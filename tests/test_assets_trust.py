@@ -113,7 +113,11 @@ def test_truncation_tables_feature_diagnostics_and_uninformative_scores(tmp_path
         assert "| 1 | 32 | 3 |" in shards[0]["feature_diagnostics"].value
         selected = run(("influence_scores", "less_selection", "random_selection"), DEFAULT_MODEL)
         less = _metadata(selected, "less_selection")
-        assert less["scores_informative"].value is True and "none of" in less["scores_informative_reason"].value
+        # Shards of 8 rows are judged (4 target rows are not): the tiny model's train features collapse as
+        # stored, and are not collapsed as scored, with the pool's common directions removed.
+        assert less["scores_informative"].value is True
+        assert "train features as scored (after removing" in less["scores_informative_reason"].value
+        assert less["train_features_collapsed"].value is False and less["target_features_collapsed"].value is False
         # The sparse projection differs from LESS's dense one: the gradients and the picks say so, with the figures.
         assert less["feature_recipe"].value["projection_mode"] == "fast"
         assert "sparse sign" in less["feature_recipe"].value["projection_mode_why"]
@@ -143,3 +147,82 @@ def test_truncation_tables_feature_diagnostics_and_uninformative_scores(tmp_path
         reason = less["scores_informative_reason"].value
         assert "collapsed onto one direction" in reason and "train features of epoch" in reason
         assert "warmup optimizer steps" in reason
+
+
+def test_less_paper_recipe_runs_lesss_settings_and_records_them(tmp_path: Path) -> None:
+    import duckdb
+
+    pool, targets = _files(tmp_path)
+    resources = {
+        **build_resources(home=str(tmp_path / "home"), env="ci"),
+        "model_store": TinyModelStore(cache_dir=str(tmp_path / "cache")),
+    }
+    assets = [*dg.load_assets_from_modules(ASSET_MODULES), *ALL_CHECKS]
+    gradients = {"dims": [DIM], "seed": 0, "shard_size": 8, "recipe": "less-paper"}
+    ops = {
+        "raw_pool": {"config": {"sources": [{"path": str(pool)}]}},
+        "target_tasks": {"config": {"files": [{"path": str(targets)}], "n_val": 2}},
+        "warmup_checkpoints": {"config": {"fraction": 0.4, "epochs": 1, "batch_size": 4, "learning_rate": 1e-3}},
+        "train_gradients": {"config": gradients},
+        "target_gradients": {"config": gradients},
+        "influence_scores": {"config": {"dim": DIM, "seed": 0, "recipe": "less-paper"}},
+        "less_selection": {"config": {"budget": 4}},
+    }
+    less_settings = {"loss_tokens": "response", "train_transform": "adam", "mode": "exact", "dropped_directions": 0}
+
+    def run(names: tuple[str, ...], key: str) -> dg.ExecuteInProcessResult:
+        result = dg.materialize(
+            assets,
+            selection=dg.AssetSelection.assets(*names),
+            resources=resources,
+            run_config={"ops": {name: ops[name] for name in names}},
+            partition_key=key,
+            instance=instance,
+        )
+        assert result.success
+        return result
+
+    with dg.instance_for_test() as instance:
+        target = _metadata(
+            run(("raw_pool", "target_tasks", "warmup_checkpoints", "target_gradients"), DEFAULT_MODEL),
+            "target_gradients",
+        )
+        assert target["recipe"].value == "less-paper" and target["mode"].value == "exact"
+        assert target["loss_tokens"].value == "response" and target["recipe_overrides"].value == {}
+        assert "all four settings are LESS's own" in target["recipe_why"].value
+        for key in model_shard_keys(DEFAULT_MODEL):
+            shard = _metadata(run(("train_gradients",), str(key)), "train_gradients")
+            assert shard["transform"].value == "adam" and shard["transform_why"].value == "as in LESS"
+        selected = run(("influence_scores", "less_selection"), DEFAULT_MODEL)
+        scored = _metadata(selected, "influence_scores")
+        recipe = _metadata(selected, "less_selection")["feature_recipe"].value
+        assert recipe["recipe"] == "less-paper" and recipe["recipe_overrides"] == {}
+        assert {k: recipe[k if k != "mode" else "projection_mode"] for k in less_settings} == {
+            k: str(v) for k, v in less_settings.items()
+        }
+        assert "target_features_collapsed" in scored and "train_collapse" in scored
+        with duckdb.connect(resources["lineage"].db_path, read_only=True) as con:
+            metrics = {
+                asset: json.loads(m)
+                for asset, m in con.execute(
+                    "SELECT asset_key, metrics FROM lineage WHERE asset_key IN "
+                    "('influence_scores', 'target_gradients', 'train_gradients') ORDER BY finished_at"
+                ).fetchall()
+            }
+            stores = set(con.execute("SELECT kind, mode, transform, loss_tokens FROM gradient_stores").fetchall())
+            run_row = con.execute(
+                "SELECT recipe, train_transform, loss_tokens, mode, dropped_directions FROM influence_runs"
+            ).fetchall()
+        for asset in ("influence_scores", "target_gradients", "train_gradients"):
+            assert metrics[asset]["recipe"] == "less-paper" and metrics[asset]["recipe_overrides"] == {}
+            assert metrics[asset]["recipe_settings"] == less_settings
+        assert "target_collapse" in metrics["influence_scores"]
+        assert stores == {("target", "exact", None, "response"), ("train", "exact", "adam", "response")}
+        assert run_row == [("less-paper", "adam", "response", "exact", 0)]
+
+        # A single field wins over the recipe, and the override is recorded.
+        ops["influence_scores"]["config"]["dropped_directions"] = 4
+        scored = _metadata(run(("influence_scores",), DEFAULT_MODEL), "influence_scores")
+        assert scored["recipe"].value == "less-paper" and scored["dropped_directions"].value == 4
+        assert scored["recipe_overrides"].value == {"dropped_directions": {"recipe": 0, "ran": 4}}
+        assert "dropped_directions" in scored["recipe_why"].value

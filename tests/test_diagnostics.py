@@ -118,3 +118,78 @@ def test_selections_learn_whether_their_features_collapsed():
     assert collapsed_feature_reason(con, "m", "run", _key(loss_tokens="sequence"))[0] is False
     # Other settings are not affected.
     assert collapsed_feature_reason(con, "m", "run", _key(dim=128))[0] is None
+
+
+def _scored(collapsed: bool, n_rows: int = 10) -> dict:
+    return {
+        "epoch": 1,
+        "n_rows": n_rows,
+        "mean_feature_norm": 0.94 if collapsed else 0.2,
+        "mean_pairwise_cosine": 0.9 if collapsed else 0.0,
+        "collapsed": collapsed,
+    }
+
+
+def test_collapsed_targets_are_never_informative_whatever_the_train_side() -> None:
+    con = duckdb.connect()
+    record_diagnostics(con, [_row("a", "train", 1, False, "00-of-01"), _row("t", "target", 1, True)])
+    # Clean train features, collapsed targets: removing the pool's directions (fitted on train rows) does
+    # not take the targets' shared direction out, so the scores are not informative.
+    informative, reason = collapsed_feature_reason(con, "m", "run", _key(), dropped_directions=8)
+    assert informative is False and "target features as stored: collapsed" in reason
+    assert collapsed_feature_reason(con, "m", "run", _key())[0] is False
+    from selection.influence.diagnostics import assess_collapse
+
+    # Measured as scored (after the removal): collapsed there too -> not informative.
+    scored = {"target": [_scored(True)], "train": [_scored(False)]}
+    result = assess_collapse(con, "m", "run", _key(), 8, scored)
+    assert result.informative is False and result.target.collapsed and not result.train.collapsed
+    assert "target features as scored (after removing the pool's mean and top 8 directions)" in result.reason
+    assert result.metadata()["target_features_collapsed"] is True
+    assert result.metadata()["train_features_collapsed"] is False
+    # ... while targets clean as scored are informative, whatever they were as stored.
+    scored = {"target": [_scored(False)], "train": [_scored(False)]}
+    assert assess_collapse(con, "m", "run", _key(), 8, scored).informative is True
+
+
+def test_collapsed_train_features_with_clean_targets() -> None:
+    from selection.influence.diagnostics import assess_collapse
+
+    con = duckdb.connect()
+    record_diagnostics(con, [_row("a", "train", 1, True, "00-of-01"), _row("t", "target", 1, False)])
+    # Scored as stored (no directions removed): the train collapse ranks the scores.
+    result = assess_collapse(con, "m", "run", _key(), 0, {"target": [_scored(False)], "train": []})
+    assert result.informative is False and result.train.collapsed and not result.target.collapsed
+    assert "train features as stored: collapsed in 1 of 1 stores" in result.reason
+    # Directions removed and the train features measured as scored: no longer collapsed.
+    scored = {"target": [_scored(False)], "train": [_scored(False, 100)]}
+    result = assess_collapse(con, "m", "run", _key(), 8, scored)
+    assert result.informative is True and result.train.collapsed is False
+    assert "collapsed onto one direction as stored" in result.reason and "top 8 directions" in result.reason
+    # ... unless they are still collapsed after the removal.
+    scored = {"target": [_scored(False)], "train": [_scored(True, 100)]}
+    assert assess_collapse(con, "m", "run", _key(), 8, scored).informative is False
+
+
+def test_a_small_collapsed_target_set_is_judged() -> None:
+    # 10 val rows: the old 16-row minimum left them unjudged.
+    assert feature_diagnostics(collapsed_features(n=10, dim=64, seed=7)).collapsed
+    assert feature_diagnostics(collapsed_features(n=8, dim=64, seed=7)).collapsed
+    # Isotropic rows of the same count are not flagged (|mean|^2 ~ 1/8, half the threshold's square).
+    for seed in range(20):
+        assert not feature_diagnostics(unit(np.random.default_rng(seed).standard_normal((8, 32)))).collapsed
+
+
+def test_direction_removal_centres_train_features_but_not_collapsed_targets() -> None:
+    from selection.influence import directions
+
+    rng = np.random.default_rng(0)
+    train = collapsed_features(n=200, dim=64, noise=0.6, seed=1)
+    shared = rng.standard_normal(64)
+    val = unit(shared / np.linalg.norm(shared) + 0.6 * rng.standard_normal((10, 64)) / 8)
+    assert feature_diagnostics(train).collapsed and feature_diagnostics(val).collapsed
+    common = directions.fit(train, 8)
+    # The view the scores read (row slices): the train side is centred on its own mean ...
+    assert not feature_diagnostics(directions.WithoutDirections(train, common)).collapsed
+    # ... the targets, centred on the train mean, stay collapsed.
+    assert feature_diagnostics(common.remove(val)).collapsed

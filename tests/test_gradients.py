@@ -19,8 +19,8 @@ from selection.influence.gradients import (
     loss_chunk_positions,
     sum_of_example_losses,
     train_feature,
-    transform_why,
 )
+from selection.influence.recipes import transform_why
 from selection.train.models import ModelSpec, add_lora, build_tiny_llama
 
 TINY_SPEC = ModelSpec(name="tiny", source="tiny", lora_r=4, lora_alpha=8, lora_dropout=0.1)
@@ -188,9 +188,10 @@ def test_train_feature_dispatches_every_transform() -> None:
         torch.testing.assert_close(moments.transform(G, name), train_feature(name, G, M, V, 2))
     torch.testing.assert_close(moments.transform(G), adam_feature(G, M, V))  # the literal LESS step by default
     # A default other than LESS's own says why.
-    assert transform_why("adam") == "" and all(transform_why(t) for t in TRAIN_TRANSFORMS if t != "adam")
+    assert transform_why("adam", "sequence", 8) == ""
+    assert all(transform_why(t, "sequence", 8) for t in TRAIN_TRANSFORMS if t != "adam")
     # The measured default (planted recall with sequence loss and 8 directions removed: sgd 7.3x, adam 3.3x).
-    assert DEFAULT_TRAIN_TRANSFORM == "sgd" and transform_why("sgd")
+    assert DEFAULT_TRAIN_TRANSFORM == "sgd" and "7.33x" in transform_why("sgd", "sequence", 8)
 
 
 def test_moments_flatten_by_name_with_or_without_adapter_name() -> None:

@@ -348,7 +348,7 @@ def tokenize_many(
 # Which tokens' loss a per-example gradient is taken of (gradient features only; training always
 # learns the answers). "response": the assistant's tokens, as LESS. "sequence": every token of the
 # rendered conversation, prompt included, so the features carry what the example is about and not
-# only its answer's first tokens (see selection.influence.gradients.loss_tokens_why).
+# only its answer's first tokens (see selection.influence.recipes.loss_tokens_why).
 LOSS_TOKENS = ("response", "sequence")
 LESS_LOSS_TOKENS = "response"
 

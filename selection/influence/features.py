@@ -20,7 +20,7 @@ from selection.common import integrity, memory, progress
 from selection.common.runtime import Connect, Device, Log, ModelLoader
 from selection.data import pool_store, tokenization
 from selection.influence import datastore, diagnostics, influence_store, projection
-from selection.influence.gradients import PerExampleGradients, check_train_transform, loss_tokens_why, transform_why
+from selection.influence.gradients import PerExampleGradients, check_train_transform
 from selection.train import checkpoints, models, preflight, training
 from selection.train.models import ModelSpec
 
@@ -135,7 +135,6 @@ class FeatureRun:
     mode: str
     dims: list[int]
     transform: str  # "sgd" for target features
-    transform_why: str  # "" for LESS's own transform and for target features
     loss_tokens: str
     seed: int
     n_examples: int
@@ -164,12 +163,9 @@ class FeatureRun:
             "kind": self.kind,
             "part": self.shard,
             "mode": self.mode,
-            "mode_why": projection.mode_why(self.mode),
             "dims": list(self.dims),
             "transform": self.transform,
-            "transform_why": self.transform_why,
             "loss_tokens": self.loss_tokens,
-            "loss_tokens_why": loss_tokens_why(self.loss_tokens),
             "seed": self.seed,
             "n_examples": self.n_examples,
             "n_stored": self.n_stored,
@@ -359,7 +355,6 @@ def compute_gradient_features(request: FeatureRequest) -> FeatureRun:
         dims=list(config.dims),
         # Target features are plain per-example gradients whatever train_transform says.
         transform=transform or "sgd",
-        transform_why=transform_why(transform) if transform else "",
         loss_tokens=loss_tokens,
         seed=config.seed,
         n_examples=len(examples.example_ids),

@@ -44,7 +44,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from selection.common.memory import loss_chunk_positions
-from selection.data.tokenization import IGNORE_INDEX, check_loss_tokens
+from selection.data.tokenization import IGNORE_INDEX
 from selection.train.models import eval_mode
 
 LESS_BETA1 = 0.9
@@ -335,41 +335,21 @@ def adam_bias_corrected_feature(
 
 
 # Train-feature transforms of ``train_gradients`` (target features are always plain gradients).
-# "adam" is LESS's own; see DEFAULT_TRAIN_TRANSFORM for the default and why.
+# "adam" is LESS's own; see DEFAULT_TRAIN_TRANSFORM for the default, and selection.influence.recipes
+# for the reasons given per run.
 TRAIN_TRANSFORMS = ("adam", "adam_no_momentum", "adam_bias_corrected", "sgd")
 LITERAL_LESS_TRANSFORM = "adam"
 # The default is "sgd", with gradients of the whole sequence (DEFAULT_LOSS_TOKENS) and the pool's
 # top directions removed at scoring (selection.influence.directions). Measured by
-# bench/gradient_signal.py on an 800-row planted pool (1 warmup epoch = 5 Adam steps), LESS/BIDS
-# planted recall over the base rate with sequence gradients and 8 directions removed: sgd
-# 7.33x/6.33x, adam_no_momentum 4.92x/5.42x, adam 3.33x/3.83x, adam_bias_corrected 3.25x/3.17x.
+# bench/gradient_signal.py on the tuning pool (medicine, computing; 800 planted rows, 1 warmup
+# epoch = 5 Adam steps), LESS/BIDS planted recall over the base rate with sequence gradients and
+# 8 directions removed: sgd 7.33x/6.33x, adam_no_momentum 4.92x/5.42x, adam 3.33x/3.83x,
+# adam_bias_corrected 3.25x/3.17x.
 # After a short warmup Adam's shared momentum and tiny second moments dominate every feature.
 DEFAULT_TRAIN_TRANSFORM = "sgd"
-_TRANSFORM_WHY = {
-    "adam": "",
-    "adam_no_momentum": "differs from LESS (adam): the momentum b1*m is shared by every example, so after a short "
-    "warmup it dominates each feature and features collapse onto one direction; dropping it keeps "
-    "Adam's per-coordinate scaling of each example's own gradient",
-    "adam_bias_corrected": "differs from LESS (adam): Adam's bias correction at the checkpoint's step count",
-    "sgd": "differs from LESS (adam): the raw per-example gradient, the LESS paper's SGD ablation; after a "
-    "warmup of a few optimizer steps Adam's shared momentum and tiny second moments dominate every feature "
-    "(planted recall with sequence loss and 8 directions removed: sgd 7.3x the base rate, adam 3.3x)",
-}
 
 # Loss tokens of the gradient features (selection.data.tokenization.LOSS_TOKENS).
 DEFAULT_LOSS_TOKENS = "sequence"
-_LOSS_TOKENS_WHY = {
-    "response": "",
-    "sequence": "differs from LESS (response tokens): the loss of every token, prompt included. On a "
-    "multiple-choice answer the one token the model cannot copy is the answer letter, so response-only "
-    "gradients match examples by their letter (85-90% of a target's nearest pool rows share it, base rate "
-    "19%) instead of their subject; with the whole sequence, 25-28%",
-}
-
-
-def loss_tokens_why(loss_tokens: str) -> str:
-    """One line on how ``loss_tokens`` differs from the LESS paper ("" for LESS's own)."""
-    return _LOSS_TOKENS_WHY[check_loss_tokens(loss_tokens)]
 
 
 def train_feature(
@@ -387,11 +367,6 @@ def train_feature(
     if transform == "sgd":
         return g
     raise ValueError(f"unknown train transform {transform!r}; expected one of {TRAIN_TRANSFORMS}")
-
-
-def transform_why(transform: str) -> str:
-    """One line on how ``transform`` differs from the LESS paper ("" for LESS's own)."""
-    return _TRANSFORM_WHY[check_train_transform(transform)]
 
 
 def check_train_transform(transform: str) -> str:

@@ -55,6 +55,10 @@ INFLUENCE_MIGRATIONS = (
     "ALTER TABLE influence_runs ADD COLUMN IF NOT EXISTS train_transform VARCHAR",
     "ALTER TABLE influence_runs ADD COLUMN IF NOT EXISTS loss_tokens VARCHAR",
     "ALTER TABLE influence_runs ADD COLUMN IF NOT EXISTS dropped_directions INTEGER",
+    # NULL on runs recorded before recipes and before features were diagnosed as scored.
+    "ALTER TABLE influence_runs ADD COLUMN IF NOT EXISTS recipe VARCHAR",
+    "ALTER TABLE influence_runs ADD COLUMN IF NOT EXISTS recipe_overrides JSON",
+    "ALTER TABLE influence_runs ADD COLUMN IF NOT EXISTS scored_diagnostics JSON",
 )
 
 
@@ -264,6 +268,10 @@ class InfluenceRecord:
     train_transform: str = LITERAL_LESS_TRANSFORM
     loss_tokens: str = LESS_LOSS_TOKENS
     dropped_directions: int = 0  # the pool's top directions removed before the cosine
+    recipe: str | None = None  # the feature recipe the config named
+    recipe_overrides: dict[str, Any] | None = None  # field -> {"recipe": its value, "ran": the given one}
+    # {"train": [...], "target": [...]}: collapse of the features as scored, per checkpoint
+    scored_diagnostics: dict[str, Any] | None = None
 
 
 def ensure_influence_table(con: Any) -> None:
@@ -276,8 +284,8 @@ def record_influence(con: Any, record: InfluenceRecord) -> None:
     ensure_influence_table(con)
     con.execute(
         "INSERT INTO influence_runs (model, scores_dir, warmup_run_key, mode, dim, seed, n_train, n_val, columns, "
-        "weights, pool_version, created_at, train_transform, loss_tokens, dropped_directions) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now(), ?, ?, ?)",
+        "weights, pool_version, created_at, train_transform, loss_tokens, dropped_directions, recipe, "
+        "recipe_overrides, scored_diagnostics) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now(), ?, ?, ?, ?, ?, ?)",
         [
             record.model,
             record.scores_dir,
@@ -293,6 +301,9 @@ def record_influence(con: Any, record: InfluenceRecord) -> None:
             record.train_transform,
             record.loss_tokens,
             record.dropped_directions,
+            record.recipe,
+            None if record.recipe_overrides is None else json.dumps(record.recipe_overrides),
+            None if record.scored_diagnostics is None else json.dumps(record.scored_diagnostics),
         ],
     )
 
@@ -302,7 +313,8 @@ def latest_influence(con: Any, model: str) -> dict:
     ensure_influence_table(con)
     row = con.execute(
         "SELECT scores_dir, columns, n_train, n_val, pool_version, warmup_run_key, mode, dim, seed, "
-        "coalesce(train_transform, ?), coalesce(loss_tokens, ?), coalesce(dropped_directions, 0) "
+        "coalesce(train_transform, ?), coalesce(loss_tokens, ?), coalesce(dropped_directions, 0), recipe, "
+        "recipe_overrides, scored_diagnostics "
         "FROM influence_runs WHERE model = ? ORDER BY created_at DESC LIMIT 1",
         [LITERAL_LESS_TRANSFORM, LESS_LOSS_TOKENS, model],
     ).fetchone()
@@ -321,4 +333,7 @@ def latest_influence(con: Any, model: str) -> dict:
         "train_transform": row[9],
         "loss_tokens": row[10],
         "dropped_directions": row[11],
+        "recipe": row[12],
+        "recipe_overrides": None if row[13] is None else json.loads(row[13]),
+        "scored_diagnostics": None if row[14] is None else json.loads(row[14]),
     }

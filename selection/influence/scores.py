@@ -17,9 +17,8 @@ import pandas as pd
 from selection import less
 from selection.common import arrays, files, integrity
 from selection.data.tokenization import LESS_LOSS_TOKENS
-from selection.influence import datastore, directions, projection
+from selection.influence import datastore, diagnostics, directions, recipes
 from selection.influence.datastore import FeatureStore, check_compatible
-from selection.influence.gradients import loss_tokens_why, transform_why
 from selection.influence.influence_store import FeatureKey, InfluenceRecord
 from selection.train import preflight
 
@@ -71,6 +70,10 @@ class InfluenceResult:
     scores_path: Path
     train_ids: list[str]
     n_val: int
+    # Per checkpoint, the features as scored: target always, train when directions were removed
+    # (otherwise the stored train features, diagnosed when written, are what was scored).
+    target_diagnostics: list[diagnostics.FeatureDiagnostics]
+    train_diagnostics: list[diagnostics.FeatureDiagnostics]
 
 
 def _parts(stores: FeatureStore | Sequence[FeatureStore]) -> list[FeatureStore]:
@@ -123,6 +126,11 @@ def compute_influence(
         common = [directions.fit(rows, dropped_directions) for rows in train_rows]
         train_rows = [directions.WithoutDirections(rows, c) for rows, c in zip(train_rows, common)]
         val_features = [c.remove(val) for val, c in zip(val_features, common)]
+    # Collapse of what the cosine sees, judged apart: the directions are fitted on train rows only,
+    # so they centre the train features but can leave the target features collapsed.
+    target_diagnostics = [diagnostics.feature_diagnostics(val) for val in val_features]
+    # One more pass over the train rows, only when they differ from the stored (already diagnosed) ones.
+    train_diagnostics = [diagnostics.feature_diagnostics(rows) for rows in train_rows] if dropped_directions else []
     out_dir = Path(out_dir)
     # Scores and their row ids are written side by side in a temporary folder and swapped in
     # together, so a reader never pairs new scores with old ids.
@@ -146,7 +154,13 @@ def compute_influence(
         shutil.rmtree(staging, ignore_errors=True)
     for name, entry in record.items():
         integrity.remember_digest(out_dir / name, entry["sha256"])
-    return InfluenceResult(scores_path=out_dir / SCORES_FILE, train_ids=train_ids, n_val=len(val_ids))
+    return InfluenceResult(
+        scores_path=out_dir / SCORES_FILE,
+        train_ids=train_ids,
+        n_val=len(val_ids),
+        target_diagnostics=target_diagnostics,
+        train_diagnostics=train_diagnostics,
+    )
 
 
 def load_scores(out_dir: str | Path) -> tuple[np.ndarray, list[str]]:
@@ -225,17 +239,29 @@ def _check_pool_covered(stores: Sequence[FeatureStore], pool_ids: Sequence[str])
         )
 
 
-def feature_recipe(mode: str, train_transform: str, loss_tokens: str, dropped_directions: int) -> dict[str, str]:
-    """How an influence run's features were made, each setting with how it differs from LESS."""
+def feature_recipe(
+    mode: str,
+    train_transform: str,
+    loss_tokens: str,
+    dropped_directions: int,
+    recipe: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """How an influence run's features were made: the recipe named (None: recorded before recipes),
+    the settings that ran, which overrode the recipe, and each setting's reason, built from these settings."""
+    whys = recipes.whys(loss_tokens, train_transform, mode, dropped_directions)
     return {
+        "recipe": recipe or "not recorded",
+        "recipe_overrides": overrides or {},
+        "recipe_why": whys["recipe_why"],
         "projection_mode": mode,
-        "projection_mode_why": projection.mode_why(mode) or "as in LESS",
+        "projection_mode_why": whys["mode_why"] or "as in LESS",
         "train_transform": train_transform,
-        "train_transform_why": transform_why(train_transform) or "as in LESS",
+        "train_transform_why": whys["transform_why"] or "as in LESS",
         "loss_tokens": loss_tokens,
-        "loss_tokens_why": loss_tokens_why(loss_tokens) or "as in LESS",
+        "loss_tokens_why": whys["loss_tokens_why"] or "as in LESS",
         "dropped_directions": str(dropped_directions),
-        "dropped_directions_why": directions.dropped_why(dropped_directions) or "as in LESS",
+        "dropped_directions_why": whys["dropped_directions_why"] or "as in LESS",
     }
 
 
@@ -255,6 +281,8 @@ class InfluenceRequest:
     scores_root: Path  # the model's scores folder
     warn: Callable[[str], None]
     dropped_directions: int = 0  # the pool's top directions removed before the cosine
+    recipe: str | None = None  # the feature recipe named by the config (recorded as given)
+    recipe_overrides: dict[str, Any] | None = None  # fields given that differ from the recipe
 
 
 @dataclass(frozen=True)
@@ -347,5 +375,11 @@ def score_influence(request: InfluenceRequest) -> InfluenceRun:
         train_transform=key.train_transform,
         loss_tokens=key.loss_tokens,
         dropped_directions=removed_directions,
+        recipe=request.recipe,
+        recipe_overrides=request.recipe_overrides or {},
+        scored_diagnostics={
+            "target": [diagnostics.scored_entry(e, d) for e, d in zip(epochs, result.target_diagnostics)],
+            "train": [diagnostics.scored_entry(e, d) for e, d in zip(epochs, result.train_diagnostics)],
+        },
     )
     return InfluenceRun(record=record, scores_path=result.scores_path, dropped_val_ids=dropped, per_task=per_task)
