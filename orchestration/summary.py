@@ -75,8 +75,8 @@ def print_next_steps(home: Path, model: str) -> None:
         ).fetchone()
         print(f"\n== what to look at ==\nReport: {report}")
         print(
-            f"Target loss (NLL) delta vs the baseline ({baseline}) per task, 95% bootstrap interval "
-            "(* = excludes 0; lower = better):"
+            f"Target loss (NLL) delta vs the baseline ({baseline}) per task, 95% interval (* = p < 0.05 after "
+            "Holm's correction over every method x task; lower = better; the report says what the row count can show):"
         )
         print("\n".join(headline(con, model)))
     print(f"Selections (JSONL, the pool's own format): {home / 'selections' / model}/<method>/<target>-<budget>.jsonl")

@@ -1,1 +1,2 @@
-"""Stage 4, evaluation: target loss and task metrics of finetuned checkpoints, with bootstrap intervals."""
+"""Stage 4, evaluation: target loss and task metrics of finetuned checkpoints, with intervals and
+Holm-corrected significance."""
