@@ -296,6 +296,9 @@ def test_less_export_with_an_escaping_target_writes_nothing(
         "train_transform": "sgd",
         "loss_tokens": "sequence",
         "dropped_directions": 0,
+        "recipe": None,
+        "recipe_overrides": None,
+        "scored_diagnostics": None,
     }
     monkeypatch.setattr("assets.selections.latest_influence", lambda con, model: run)
     monkeypatch.setattr(
