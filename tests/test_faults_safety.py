@@ -30,12 +30,12 @@ from resources.lineage import LineageStore
 from selection.common import db, files
 from selection.data import pool_store
 from selection.data.ingest import RecordsSource, SourceSpec
-from tests.fakes import TinyModelStore, materialize_error, user_error_text
-from tests.test_assets_trust import DIM, GRADIENTS, _files
+from tests.fakes import TinyModelStore, error_messages, materialize_error, user_error_text
 
 pytestmark = pytest.mark.faults
 
 OUTSIDE_MARKER = "outside the storage root"
+DIM = 32
 
 
 def _report(record_property, scenario: str, expected: str, observed: str) -> None:
@@ -141,116 +141,143 @@ def test_write_primitives_refuse_a_symlink_at_every_depth(tmp_path: Path, depth:
     assert (inner / "ok.txt").read_text() == "fine"
 
 
-STORE_OPS = {
-    "raw_pool": None,  # filled per test (pool file path)
-    "target_tasks": None,
-    "warmup_checkpoints": {"fraction": 0.4, "epochs": 2, "batch_size": 4, "learning_rate": 1e-3},
-    "train_gradients": GRADIENTS,
-    "target_gradients": GRADIENTS,
-    "influence_scores": {"dim": DIM, "mode": "fast", "seed": 0},
-    "less_selection": {"budget": 4},
-}
-
-
 def _owner(relative: Path) -> tuple[str, str | None]:
-    """The asset (and partition) that writes the folder ``relative`` of the tiny run's layout."""
+    """The asset (and partition) that writes the folder ``relative`` of the tiny graph's layout."""
     parts = relative.parts
-    if parts[0] == "models":
-        return "warmup_checkpoints", DEFAULT_MODEL
-    if parts[0] == "scores":
-        return "influence_scores", DEFAULT_MODEL
+    by_top = {
+        "scores": "influence_scores",
+        "embeddings": "embeddings",
+        "evaluation": "evaluation",
+        "rds": "rds_selection",
+        "reports": "comparison_report",
+    }
+    if parts[0] in by_top:
+        return by_top[parts[0]], None if parts[0] == "embeddings" else DEFAULT_MODEL
     if parts[0] == "selections":
-        return "less_selection", DEFAULT_MODEL
+        # selections/<model>/<method>; the model folder is shared, LESS writes through it first.
+        return (f"{parts[2]}_selection" if len(parts) > 2 else "less_selection"), DEFAULT_MODEL
+    if parts[0] == "models":
+        # models/<model>/{warmup,finetune,kmq_feedback}/...; the model folder is the warmup's first.
+        stage = parts[2] if len(parts) > 2 else "warmup"
+        return {
+            "warmup": "warmup_checkpoints",
+            "finetune": "finetuned_checkpoints",
+            "kmq_feedback": "kmq_iterative_selection",
+        }[stage], DEFAULT_MODEL
     # gradients/<model store>/<warmup run>-epoch_<n>/{target,train/<recipe>/<shard>}: the folders
     # above `train` are shared, and target_gradients writes through them first.
     if parts[0] == "gradients" and (len(parts) < 4 or parts[3] == "target"):
         return "target_gradients", DEFAULT_MODEL
     if parts[0] == "gradients":
         shards = model_shard_keys(DEFAULT_MODEL)
-        shard = next((key for key in shards if parts[-1] in key), shards[0])
-        return "train_gradients", shard
+        return "train_gradients", next((key for key in shards if parts[-1] in key), shards[0])
     raise AssertionError(f"no owner for {relative}")
 
 
+def _first_of_siblings(home: Path) -> list[Path]:
+    """Every store folder the run made, keeping one child per parent (every depth of every store,
+    without one case per shard, epoch or finetuned method)."""
+    folders = sorted(p for p in home.rglob("*") if p.is_dir() and not p.name.startswith(files.TEMP_PREFIX))
+    seen_parents: set[Path] = set()
+    kept = []
+    for folder in folders:
+        if folder.parent in seen_parents:
+            continue
+        seen_parents.add(folder.parent)
+        kept.append(folder.relative_to(home))
+    return kept
+
+
 def test_symlink_planted_at_each_depth_of_each_store_never_receives_a_write(tmp_path: Path, record_property) -> None:
-    """The tiny graph once, then every folder it made (warmup run key, epoch, adapter, gradient
-    store, shard, score folder, export folder) swapped for a symlink to an empty folder outside
-    the root, and its asset materialized again: refused, and nothing lands outside."""
-    pool, targets = _files(tmp_path)
+    """The tiny graph once, then each store folder it made (warmup run, epoch, adapter, gradient
+    store, shard, score, embedding, RDS, finetune, kMQ feedback, evaluation, report and export
+    folders, at every depth) swapped for a symlink to an empty folder outside the root, and its
+    asset materialized again: refused, or the planted link removed without being followed; never a
+    write outside."""
+    from tests.test_pipeline_tiny import _pool_file as tiny_pool
+    from tests.test_pipeline_tiny import _targets_file, materialize_refresh
+
+    grad = {"dims": [DIM], "mode": "fast", "seed": 0, "shard_size": 8}
+    ops = {
+        "raw_pool": {"config": {"sources": [{"path": str(tiny_pool(tmp_path / "pool.jsonl", 30))}]}},
+        "target_tasks": {"config": {"files": [{"path": str(_targets_file(tmp_path / "targets.jsonl"))}], "n_val": 2}},
+        "warmup_checkpoints": {"config": {"fraction": 0.4, "epochs": 2, "batch_size": 4, "learning_rate": 1e-3}},
+        "train_gradients": {"config": grad},
+        "target_gradients": {"config": grad},
+        "influence_scores": {"config": {"dim": DIM, "mode": "fast", "seed": 0}},
+        **{
+            f"{m}_selection": {"config": {"budget": 5}} for m in ("less", "bids", "round_robin", "random", "kmq", "rds")
+        },
+        "clusters": {"config": {"k_candidates": [2, 3]}},
+        "finetuned_checkpoints": {"config": {"epochs": 1, "batch_size": 4}},
+        "evaluation": {"config": {"max_test_per_task": 2}},
+        "kmq_iterative_selection": {"config": {"budget": 6, "n_rounds": 2, "max_new_tokens": 4}},
+    }
     home = tmp_path / "home"
     resources = {
         **build_resources(home=str(home), env="ci"),
         "model_store": TinyModelStore(cache_dir=str(tmp_path / "cache")),
     }
     assets = list(dg.load_assets_from_modules(ASSET_MODULES))
-    ops = {
-        **STORE_OPS,
-        "raw_pool": {"sources": [{"path": str(pool)}]},
-        "target_tasks": {"files": [{"path": str(targets)}], "n_val": 2},
-    }
+    with dg.instance_for_test() as instance:
+        materialize_refresh(assets, resources, {"ops": ops}, instance)
 
-    def materialize(names: tuple[str, ...], key: str | None) -> str:
-        try:
-            result = dg.materialize(
-                assets,
-                selection=dg.AssetSelection.assets(*names),
-                resources=resources,
-                run_config={"ops": {name: {"config": ops[name]} for name in names}},
-                partition_key=key,
-            )
-        except Exception as error:  # noqa: BLE001 - the refusal is the expected outcome
-            from tests.fakes import error_messages
+        def materialize(asset: str, key: str | None) -> str:
+            try:
+                result = dg.materialize(
+                    assets,
+                    selection=dg.AssetSelection.assets(asset),
+                    resources=resources,
+                    run_config={"ops": {asset: ops[asset]} if asset in ops else {}},
+                    partition_key=key,
+                    instance=instance,
+                )
+            except Exception as error:  # noqa: BLE001 - the refusal is the expected outcome
+                return " | ".join(error_messages(error))
+            assert result.success
+            return ""
 
-            return " | ".join(error_messages(error))
-        assert result.success
-        return ""
-
-    assert materialize(("raw_pool", "target_tasks"), None) == ""
-    assert materialize(("warmup_checkpoints", "target_gradients"), DEFAULT_MODEL) == ""
-    for shard in model_shard_keys(DEFAULT_MODEL):
-        assert materialize(("train_gradients",), shard) == ""
-    assert materialize(("influence_scores", "less_selection"), DEFAULT_MODEL) == ""
-
-    folders = sorted(
-        p.relative_to(home)
-        for p in home.rglob("*")
-        if p.is_dir() and p.relative_to(home).parts[0] in {"models", "gradients", "scores", "selections"}
-    )
-    assert len(folders) >= 15, folders
-    outside = tmp_path / "outside"
-    refused, replaced = [], []
-    for relative in folders:
-        folder = home / relative
-        backup = tmp_path / "backup"
-        shutil.move(folder, backup)
-        outside.mkdir()
-        folder.symlink_to(outside, target_is_directory=True)
-        asset, key = _owner(relative)
-        try:
-            error = materialize((asset,), key)
-            assert list(outside.rglob("*")) == [], f"{asset} wrote outside the root through {relative}"
-            if error:
-                assert OUTSIDE_MARKER in error, f"{asset} failed otherwise at {relative}: {error}"
-                refused.append(str(relative))
-            else:
-                # Also safe: the writer found the folder damaged and rebuilt it in place, removing
-                # the symlink without following it.
-                assert not folder.is_symlink() and folder.is_dir(), f"{asset} used a symlink at {relative}"
-                replaced.append(str(relative))
-        finally:
-            if folder.is_symlink():
-                folder.unlink()
-            else:
-                shutil.rmtree(folder)
-            shutil.move(backup, folder)
-            shutil.rmtree(outside)
-    assert len(refused) >= len(folders) // 2, replaced
+        folders = _first_of_siblings(home)
+        tops = {folder.parts[0] for folder in folders}
+        assert {"models", "gradients", "scores", "selections", "embeddings", "rds", "evaluation", "reports"} <= tops
+        assert len(folders) >= 25, folders
+        outside = tmp_path / "outside"
+        refused, rebuilt, untouched = [], [], []
+        for relative in folders:
+            folder = home / relative
+            backup = tmp_path / "backup"
+            shutil.move(folder, backup)
+            outside.mkdir()
+            folder.symlink_to(outside, target_is_directory=True)
+            asset, key = _owner(relative)
+            try:
+                error = materialize(asset, key)
+                assert list(outside.rglob("*")) == [], f"{asset} wrote outside the root through {relative}"
+                if error:
+                    assert OUTSIDE_MARKER in error, f"{asset} failed otherwise at {relative}: {error}"
+                    refused.append(str(relative))
+                elif folder.is_symlink():
+                    # Also safe: the run did not need the folder (a cached result above it) and wrote nothing.
+                    untouched.append(str(relative))
+                else:
+                    # Also safe: the writer found the folder damaged or absent and rebuilt it in place,
+                    # removing the symlink without following it.
+                    rebuilt.append(str(relative))
+            finally:
+                if folder.is_symlink():
+                    folder.unlink()
+                else:
+                    shutil.rmtree(folder)
+                shutil.move(backup, folder)
+                shutil.rmtree(outside)
+    assert len(refused) >= len(folders) // 2, (rebuilt, untouched)
     _report(
         record_property,
-        f"symlink to an outside folder planted at each of {len(folders)} store folders (every depth), "
-        "then the owning asset rematerialized",
-        "every write refused naming the symlink; nothing written outside",
-        f"{len(refused)} refused, {len(replaced)} rebuilt in place without following the link, nothing outside",
+        f"symlink to an outside folder planted at each of {len(folders)} store folders (every depth of every "
+        "store), then the owning asset rematerialized",
+        "every write refused naming the symlink, or the link removed unfollowed; nothing written outside",
+        f"{len(refused)} refused, {len(rebuilt)} rebuilt in place without following the link, {len(untouched)} not "
+        "needed by the rerun; nothing outside",
     )
 
 
