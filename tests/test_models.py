@@ -194,3 +194,19 @@ def test_device_settings_resolve_and_projection_cache() -> None:
     assert DeviceSettings(projection_cache_gb=2).projection_cache_bytes("cpu") == 2 * 2**30
     with pytest.raises(ValueError, match="projection_cache_gb"):
         DeviceSettings(projection_cache_gb=-1).projection_cache_bytes("cpu")
+
+
+def test_gguf_conversion_prints_no_progress_bars(capsys):
+    """The conversion's per-tensor bar and the weights bar are off inside the context, back after it."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    from selection.train.models import quiet_gguf_conversion
+
+    bar = gguf_utils.tqdm
+    with quiet_gguf_conversion():
+        assert list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors...")) == [0, 1, 2]
+        assert not hf_logging.is_progress_bar_enabled()
+    captured = capsys.readouterr()
+    assert "Converting" not in captured.err + captured.out
+    assert gguf_utils.tqdm is bar and hf_logging.is_progress_bar_enabled()

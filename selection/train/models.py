@@ -24,6 +24,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import time
 import warnings
@@ -263,6 +264,28 @@ def ensure_pad_token(tokenizer: Any) -> None:
     tokenizer.pad_token = tokenizer.eos_token
 
 
+@contextlib.contextmanager
+def quiet_gguf_conversion() -> Iterator[None]:
+    """Silence transformers' per-tensor "Converting and de-quantizing GGUF tensors" bar (its tqdm
+    takes no setting that turns it off) and its "Loading weights" bar: one conversion is a single
+    step of a run, whose own log says what it is doing."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    bars_on = hf_logging.is_progress_bar_enabled()
+    if bar is not None:
+        gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
+        if bars_on:
+            hf_logging.enable_progress_bar()
+
+
 def convert_gguf_to_folder(gguf_path: Path, cache_dir: Path) -> Path:
     """Convert a GGUF model once into ``cache_dir/<stem>-<sha12>/`` and return that folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -272,10 +295,12 @@ def convert_gguf_to_folder(gguf_path: Path, cache_dir: Path) -> Path:
     if (target / _CONVERTED_MARKER).is_file():
         return target
     remove_stale_temp_dirs(Path(cache_dir))
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    logging.getLogger(__name__).info("converting %s to a plain model folder once (~30 s on 2 cores)", gguf_path.name)
+    with quiet_gguf_conversion():
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     config = gguf_model.config
     # The dequantized weights are plain fp32; a leftover quantization_config would make
     # transformers treat the saved folder as quantized.
