@@ -110,9 +110,10 @@ def connect_with_retry(
     """Open `path`, waiting (not failing) while another process holds the write lock.
 
     A missing file is first created whole (see the module docstring), never opened half-written."""
-    check_database_files(path)
     if create_missing and not read_only:
-        create_database(path, timeout_s=timeout_s)
+        create_database(path, timeout_s=timeout_s)  # checks the database's files first
+    else:
+        check_database_files(path)
     deadline = time.monotonic() + timeout_s
     delay = initial_delay_s
     while True:

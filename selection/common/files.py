@@ -99,8 +99,8 @@ def remove_tree(path: str | os.PathLike) -> None:
 def replacing(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to create the new file at (by any means, e.g. a
     database engine); on success it is synced to disk and renamed over ``path``."""
-    path = confined(path)
-    temporary = confined(temporary_sibling(path))
+    path = confined(path)  # its folder resolved too: the random sibling name cannot be a planted link
+    temporary = temporary_sibling(path)
     try:
         yield temporary
         _fsync(temporary)
@@ -132,7 +132,7 @@ def atomic_directory(final_path: str | os.PathLike) -> Iterator[Path]:
     """
     final_path = confined(final_path)
     make_dirs(final_path.parent)
-    temp_path = confined(temporary_sibling(final_path))
+    temp_path = temporary_sibling(final_path)  # in the folder just confined, under a random name
     temp_path.mkdir()
     try:
         yield temp_path
